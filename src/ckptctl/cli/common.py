@@ -1,0 +1,75 @@
+"""Shared CLI plumbing: the error boundary every command runs inside, and shared options."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from ckptctl.cli import output
+from ckptctl.errors import CkptError
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("CKPTCTL_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(fn: Callable | None = None, *, error_code: int | None = None):
+    """Turn every failure into one line on stderr and an exit code; never a traceback.
+
+    `error_code` overrides the exit code of failures (diff uses 2, like diff(1)).
+    CKPTCTL_DEBUG=1 prints the traceback as well.
+    """
+
+    def deco(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            try:
+                return f(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except CkptError as e:
+                _report(str(e))
+                raise typer.Exit(error_code or e.exit_code) from None
+            except KeyboardInterrupt:
+                _report("interrupted")
+                raise typer.Exit(130) from None
+            except BrokenPipeError:
+                # the reader of our stdout went away (`| head`): stop quietly
+                try:
+                    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+                except OSError:
+                    pass
+                raise typer.Exit(error_code or 1) from None
+            except MemoryError:
+                _report("out of memory")
+                raise typer.Exit(error_code or 1) from None
+            except OSError as e:
+                where = f"{e.filename}: " if e.filename else ""
+                _report(f"{where}{e.strerror or e}")
+                raise typer.Exit(error_code or 1) from None
+            except Exception as e:  # a bug of ours: still one line, and how to see more
+                _report(f"internal error: {type(e).__name__}: {e} (CKPTCTL_DEBUG=1 shows the traceback)")
+                raise typer.Exit(error_code or 1) from None
+
+        return wrapper
+
+    return deco(fn) if fn is not None else deco
+
+
+def _report(msg: str) -> None:
+    if debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+    output.error(msg)
+
+
+FormatOpt = Annotated[
+    output.Fmt,
+    typer.Option("--format", "-f", help="Output format: table, json, csv or markdown.", case_sensitive=False),
+]
+WideOpt = Annotated[bool, typer.Option("--wide", help="Show long names in full instead of eliding them.")]

@@ -1,0 +1,174 @@
+"""`ckptctl inspect PATH`: tensors, metadata and totals of one checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ckptctl.cli import output
+from ckptctl.cli.common import WideOpt, handle_errors
+from ckptctl.cli.output import Column, InspectFmt, clean, human_bytes, human_count
+
+EXAMPLES = (
+    "[bold]Examples[/]\n\n"
+    "  ckptctl inspect model.safetensors\n\n"
+    "  ckptctl inspect last.ckpt --filter 'state_dict/encoder.*' --sort size\n\n"
+    "  ckptctl inspect checkpoint-500/ --format json | jq .num_params"
+)
+
+
+class SortKey(str, Enum):
+    order = "order"
+    name = "name"
+    size = "size"
+
+
+TENSOR_COLUMNS = [
+    Column("name", "name", name_like=True),
+    Column("dtype", "dtype"),
+    Column("shape", "shape", human=lambda s: "[" + ", ".join(map(str, s)) + "]" if s else "[]"),
+    Column("numel", "params", human=human_count, justify="right"),
+    Column("nbytes", "bytes", human=human_bytes, justify="right"),
+    Column("alias_of", "tied to", human=lambda a: clean(a) if a else ""),
+]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        "inspect",
+        help="Show the tensors (name, dtype, shape, bytes), metadata and totals of a checkpoint. "
+        "Reads headers and pickles only: no tensor data, no code from the file.",
+        short_help="Tensors, metadata and totals of one checkpoint.",
+        epilog=EXAMPLES,
+    )
+    @handle_errors
+    def inspect_cmd(
+        path: Annotated[Path, typer.Argument(help="A checkpoint file or folder (sharded, DCP, checkpoint-N/).")],
+        fmt: Annotated[
+            InspectFmt, typer.Option("--format", "-f", help="table, tree, json, csv or markdown.", case_sensitive=False)
+        ] = InspectFmt.table,
+        filters: Annotated[
+            list[str] | None,
+            typer.Option("--filter", "-k", help="Only tensors whose name matches this glob (repeatable)."),
+        ] = None,
+        sort: Annotated[SortKey, typer.Option("--sort", help="order (as stored), name or size.")] = SortKey.order,
+        wide: WideOpt = False,
+    ) -> None:
+        from ckptctl.ops.inspect import inspect
+
+        output.STATE.wide = output.STATE.wide or wide
+        result = inspect(path, filters, sort.value)
+        info = result.info
+        for g in result.dangerous:
+            output.error(
+                f"{info.path}: UNSAFE pickle: it asks for {g}, which can run code when loaded with "
+                "pickle or torch.load. Nothing was run; do not torch.load this file "
+                "(`ckptctl scan` for details, `ckptctl convert` to safetensors to get the weights)."
+            )
+        for w in info.warnings:
+            output.warn(f"{info.path}: {w}")
+        if filters and not result.tensors:
+            output.warn(f"no tensor matches {', '.join(filters)}")
+        rows = [t.to_json() for t in result.tensors]
+        if fmt == InspectFmt.json:
+            doc = info.to_json()
+            doc["tensors"] = rows
+            if filters:
+                doc["filter"] = filters
+            doc["unsafe_globals"] = result.dangerous
+            output.print_json(doc)
+            return
+        if fmt == InspectFmt.csv:
+            output.render_rows(rows, TENSOR_COLUMNS, "csv")
+            return
+        _summary(info, result, markdown=fmt == InspectFmt.markdown)
+        if fmt == InspectFmt.tree:
+            _tree(result)
+        else:
+            output.render_rows(rows, TENSOR_COLUMNS, fmt.value)
+
+
+def _summary(info, result, markdown: bool) -> None:
+    dtype_mix = ", ".join(f"{d} ×{n}" for d, n in info.dtype_mix.items()) or "-"
+    tied = sum(1 for t in info.tensors if t.alias_of)
+    lines = [
+        ("path", info.path),
+        ("format", info.format + (f" ({info.kind})" if info.kind else "")),
+        ("tensors", f"{info.num_tensors}" + (f" ({tied} tied)" if tied else "")),
+        ("params", f"{human_count(info.num_params)} ({info.num_params:,})"),
+        ("size", f"{human_bytes(info.total_bytes)} ({info.total_bytes:,} bytes)"),
+        ("dtypes", dtype_mix),
+    ]
+    if len(info.files) > 1:
+        lines.append(("files", str(len(info.files))))
+    if len(result.tensors) != info.num_tensors:
+        lines.append(("shown", f"{len(result.tensors)} of {info.num_tensors}"))
+    for k, v in info.metadata.items():
+        text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+        if len(text) > 200 and not output.STATE.wide:
+            text = text[:197] + "..."
+        lines.append((f"meta {k}", text))
+    for o in info.objects:
+        lines.append(("object", f"{o.name or '/'}: {o.type}"))
+    width = max(len(k) for k, _ in lines)
+    out = sys.stdout
+    if markdown:
+        for k, v in lines:
+            out.write(f"- **{k}**: {clean(v).replace('|', chr(92) + '|')}\n")
+        out.write("\n")
+        return
+    if output.color_enabled(sys.stdout):
+        con = output.out_console()
+        for k, v in lines:
+            con.print(f"[bold]{k:<{width}}[/]  {output.markup_safe(v)}")
+        con.print()
+        return
+    for k, v in lines:
+        out.write(f"{k:<{width}}  {clean(v)}\n")
+    out.write("\n")
+
+
+def _tree(result) -> None:
+    from ckptctl.ops.inspect import build_tree
+
+    root = build_tree(result.tensors)
+
+    def label(node) -> str:
+        if node.tensor is not None:
+            t = node.tensor
+            shape = "[" + ", ".join(map(str, t.shape)) + "]"
+            return f"{clean(node.name)}  {t.dtype} {shape}  {human_bytes(t.nbytes)}"
+        return f"{clean(node.name)}/  ({node.count} tensors, {human_count(node.numel)} params, {human_bytes(node.nbytes)})"
+
+    if output.color_enabled(sys.stdout):
+        from rich.markup import escape
+        from rich.tree import Tree
+
+        def add(parent, node):
+            for child in node.children.values():
+                style = "" if child.tensor is not None else "bold"
+                text = escape(label(child))
+                sub = parent.add(f"[{style}]{text}[/]" if style else text)
+                add(sub, child)
+
+        tree = Tree(escape(f"{clean(result.info.path)}  ({root.count} tensors, {human_bytes(root.nbytes)})"))
+        add(tree, root)
+        output.out_console().print(tree)
+        return
+
+    lines: list[str] = [f"{clean(result.info.path)}  ({root.count} tensors, {human_bytes(root.nbytes)})"]
+
+    def walk(node, prefix: str) -> None:
+        kids = list(node.children.values())
+        for i, child in enumerate(kids):
+            last = i == len(kids) - 1
+            lines.append(prefix + ("└── " if last else "├── ") + label(child))
+            walk(child, prefix + ("    " if last else "│   "))
+
+    walk(root, "")
+    sys.stdout.write("\n".join(lines) + "\n")

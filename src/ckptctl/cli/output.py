@@ -1,0 +1,300 @@
+"""The one output layer: stdout carries data only; messages, warnings and progress go to stderr.
+
+Tables are Rich tables on a terminal and plain tabulate text when piped (no ANSI codes, no
+elision: `grep` and `awk` see every character). JSON is one object or array, nothing else.
+Names that come from files are escaped before they reach the terminal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Fmt(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+class InspectFmt(str, Enum):
+    table = "table"
+    tree = "tree"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+@dataclass
+class State:
+    quiet: bool = False
+    verbose: bool = False
+    no_color: bool = False
+    wide: bool = False
+
+
+STATE = State()
+
+
+def color_enabled(stream=None) -> bool:
+    stream = stream or sys.stdout
+    if STATE.no_color or os.environ.get("NO_COLOR", "") != "":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _console(stderr: bool):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    tty = color_enabled(stream)
+    return Console(
+        file=stream,
+        force_terminal=tty,
+        no_color=not tty,
+        color_system="auto" if tty else None,
+        highlight=False,
+        soft_wrap=not tty,
+        emoji=False,
+    )
+
+
+def out_console():
+    return _console(False)
+
+
+def err_console():
+    return _console(True)
+
+
+# ---- escaping ---------------------------------------------------------------------------------
+_CTRL = {i: f"\\x{i:02x}" for i in list(range(0x20)) + [0x7F]}
+_CTRL.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"})
+for _c in range(0x80, 0xA0):  # C1 controls (CSI etc.)
+    _CTRL[_c] = f"\\x{_c:02x}"
+
+
+def clean(s: Any) -> str:
+    """A string from a file, made safe for a terminal: control characters shown escaped."""
+    return str(s).translate(_CTRL)
+
+
+def markup_safe(s: Any) -> str:
+    """clean() plus Rich-markup escaping, for text passed to Rich."""
+    from rich.markup import escape
+
+    return escape(clean(s))
+
+
+# ---- human numbers ----------------------------------------------------------------------------
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    step = 1000.0
+    v = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(v) < step or unit == "TB":
+            return f"{int(v)} B" if unit == "B" else f"{v:.1f} {unit}"
+        v /= step
+    return f"{n} B"  # pragma: no cover
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{suffix}"
+    return str(n)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524288000, '1024' -> 1024."""
+    t = text.strip().upper().replace(" ", "")
+    units = {
+        "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+        "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+        "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "B": 1,
+    }
+    for u, mult in units.items():
+        if t.endswith(u):
+            num = t[: -len(u)]
+            return int(float(num) * mult)
+    return int(t)
+
+
+# ---- messages (stderr) ------------------------------------------------------------------------
+def error(msg: str) -> None:
+    err_console().print(f"[bold red]error:[/] {markup_safe(msg)}")
+
+
+def warn(msg: str) -> None:
+    err_console().print(f"[yellow]warning:[/] {markup_safe(msg)}")
+
+
+def note(msg: str) -> None:
+    """Informational line on stderr; silenced by --quiet."""
+    if not STATE.quiet:
+        err_console().print(markup_safe(msg))
+
+
+def debug(msg: str) -> None:
+    if STATE.verbose:
+        err_console().print(f"[dim]{markup_safe(msg)}[/]")
+
+
+# ---- data (stdout) ----------------------------------------------------------------------------
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any):
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if isinstance(o, bytes):
+        return o.hex()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+@dataclass
+class Column:
+    key: str
+    header: str
+    human: Callable[[Any], str] | None = None  # how a table shows the value
+    justify: str = "left"
+    name_like: bool = False  # long names: elide on narrow terminals unless --wide
+
+
+def _cell(col: Column, row: dict, human: bool) -> str:
+    v = row.get(col.key)
+    if human and col.human is not None:
+        return col.human(v)
+    if v is None:
+        return "" if not human else "-"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={val}" for k, val in v.items())
+    return clean(v) if human else str(v)
+
+
+def render_rows(
+    rows: Sequence[dict],
+    columns: Sequence[Column],
+    fmt: str,
+    title: str | None = None,
+    footer: Sequence[str] | None = None,
+) -> None:
+    """Print rows to stdout as table, csv or markdown (json is the caller's own shape)."""
+    fmt = getattr(fmt, "value", fmt)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([c.key for c in columns])
+        for r in rows:
+            w.writerow([_cell(c, r, human=False) for c in columns])
+        sys.stdout.write(buf.getvalue())
+        return
+    if fmt == "markdown":
+        from tabulate import tabulate
+
+        body = [[_cell(c, r, human=True).replace("|", "\\|") for c in columns] for r in rows]
+        sys.stdout.write(
+            tabulate(body, headers=[c.header for c in columns], tablefmt="github",
+                     colalign=[c.justify for c in columns] if rows else None) + "\n"
+        )
+        return
+    if color_enabled(sys.stdout):
+        from rich.table import Table
+
+        table = Table(title=markup_safe(title) if title else None, show_lines=False,
+                      header_style="bold", box=None, pad_edge=False)
+        for c in columns:
+            kw: dict[str, Any] = {"justify": c.justify}
+            if c.name_like and not STATE.wide:
+                kw.update(overflow="ellipsis", no_wrap=True, ratio=1, min_width=12)
+            elif c.name_like:
+                kw.update(overflow="fold")
+            else:
+                kw.update(no_wrap=True)
+            table.add_column(c.header, **kw)
+        for r in rows:
+            table.add_row(*[markup_safe(_cell(c, r, human=True)) for c in columns])
+        con = out_console()
+        con.print(table)
+        for line in footer or ():
+            con.print(markup_safe(line))
+        return
+    from tabulate import tabulate
+
+    if title:
+        sys.stdout.write(clean(title) + "\n")
+    body = [[_cell(c, r, human=True) for c in columns] for r in rows]
+    sys.stdout.write(
+        tabulate(body, headers=[c.header for c in columns], tablefmt="simple",
+                 colalign=[c.justify for c in columns] if rows else None, disable_numparse=True) + "\n"
+    )
+    for line in footer or ():
+        sys.stdout.write(clean(line) + "\n")
+
+
+# ---- progress (stderr, terminals only) --------------------------------------------------------
+class _NoProgress:
+    def advance(self, n: int) -> None:
+        pass
+
+    def set_description(self, text: str) -> None:
+        pass
+
+
+class _RichProgress:
+    def __init__(self, progress, task):
+        self._p = progress
+        self._t = task
+
+    def advance(self, n: int) -> None:
+        self._p.advance(self._t, n)
+
+    def set_description(self, text: str) -> None:
+        self._p.update(self._t, description=markup_safe(text))
+
+
+def progress_enabled() -> bool:
+    if STATE.quiet:
+        return False
+    try:
+        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextmanager
+def progress(total_bytes: int, description: str) -> Iterator[Any]:
+    """A bytes progress bar (throughput, ETA) on stderr when it is a terminal; else a no-op."""
+    if not progress_enabled():
+        yield _NoProgress()
+        return
+    from rich.progress import (
+        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=err_console(), transient=True,
+    ) as p:
+        task = p.add_task(markup_safe(description), total=total_bytes)
+        yield _RichProgress(p, task)

@@ -1,0 +1,12 @@
+"""`ckptctl scan` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("scan", help="(not built yet)")
+    def _stub() -> None:
+        typer.echo("ckptctl scan: not built yet", err=True)
+        raise typer.Exit(2)

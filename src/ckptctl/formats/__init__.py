@@ -1,0 +1,228 @@
+"""Format registry: sniff(path) -> format name; open_reader(path) -> Reader.
+
+Detection goes by content first; the suffix only names what a file that is not a checkpoint
+pretends to be. Format modules are imported lazily so that listing a safetensors file never
+imports torch or h5py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ckptctl.errors import CorruptFile, NotFound, UnknownFormat
+from ckptctl.formats.base import Reader, Writer
+
+# format name -> (module, reader class)
+READERS: dict[str, tuple[str, str]] = {
+    "safetensors": ("ckptctl.formats.safetensors", "SafetensorsReader"),
+    "torch-zip": ("ckptctl.formats.torch_zip", "TorchZipReader"),
+    "torch-legacy": ("ckptctl.formats.torch_legacy", "TorchLegacyReader"),
+    "pickle": ("ckptctl.formats.torch_legacy", "PickleReader"),
+    "hdf5": ("ckptctl.formats.hdf5", "HDF5Reader"),
+    "sharded": ("ckptctl.formats.sharded", "ShardedReader"),
+    "dcp": ("ckptctl.formats.dcp", "DCPReader"),
+}
+
+# target format -> (module, writer class); filled in by the convert work
+WRITERS: dict[str, tuple[str, str]] = {
+    "safetensors": ("ckptctl.formats.write_safetensors", "SafetensorsWriter"),
+    "torch-zip": ("ckptctl.formats.write_torch", "TorchZipWriter"),
+    "hdf5": ("ckptctl.formats.write_hdf5", "HDF5Writer"),
+}
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".pt.index.json")
+# file names inside a folder that make it one checkpoint, best first
+MODEL_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.pt",
+    "model.pth",
+    "tf_model.h5",
+    "model.h5",
+    "model.weights.h5",
+)
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".distcp")
+
+# well-known magics of things people mistake for checkpoints
+_OTHER_MAGIC = [
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ", "an xz archive"),
+    (b"\x7fELF", "an executable (ELF)"),
+    (b"GGUF", "a GGUF model (llama.cpp); not supported"),
+    (b"\x93NUMPY", "a numpy .npy array; not supported"),
+]
+
+
+def _head(path: Path, n: int = 4096) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _describe_unknown(head: bytes) -> str:
+    if not head:
+        return "empty file"
+    for magic, what in _OTHER_MAGIC:
+        if what and head.startswith(magic):
+            return f"not a checkpoint: looks like {what}"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "not a checkpoint: looks like a JSON/text file"
+    return "unknown format: not safetensors, PyTorch, HDF5 or a pickle"
+
+
+def _is_pickle(head: bytes) -> bool:
+    """A pickle of protocol 2+ starts with PROTO; older ones with a handful of opcodes."""
+    if len(head) >= 2 and head[0] == 0x80 and 0 <= head[1] <= 5:
+        return True
+    # protocol 0/1 pickles: GLOBAL 'c', MARK '(', EMPTY_DICT '}', EMPTY_LIST ']', INT 'I' ...
+    if head[:1] in (b"c", b"(", b"}", b"]", b"I", b"L", b"S", b"V", b"N", b"\x8a"):
+        import pickletools
+
+        try:
+            ops = 0
+            for _op, _arg, _pos in pickletools.genops(head):
+                ops += 1
+                if ops >= 3:
+                    return True
+        except Exception:
+            return ops >= 2
+        return ops >= 1
+    return False
+
+
+def _is_legacy_torch(head: bytes) -> bool:
+    """The first pickle of a legacy torch file is the magic number."""
+    import pickletools
+
+    try:
+        for op, arg, _pos in pickletools.genops(head):
+            if op.name in ("PROTO",):
+                continue
+            return arg == LEGACY_MAGIC
+    except Exception:
+        return False
+    return False
+
+
+def _sniff_zip(path: Path) -> str:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CorruptFile(f"corrupt zip archive ({e})", path) from None
+    base = {n.split("/", 1)[-1] for n in names}
+    if "constants.pkl" in base or any(n.endswith("/code/__torch__.py") for n in names):
+        raise UnknownFormat("a TorchScript archive, not a checkpoint: it holds code, not only weights", path)
+    if "data.pkl" in base:
+        return "torch-zip"
+    if "config.json" in names and any(n.endswith(".weights.h5") for n in names):
+        raise UnknownFormat(
+            "a Keras .keras archive; unzip it and inspect its model.weights.h5", path
+        )
+    if any(n.endswith(".pkl") for n in names):
+        raise UnknownFormat("a zip archive holding a pickle, but not PyTorch's layout", path)
+    raise UnknownFormat("a zip archive, but not a PyTorch checkpoint", path)
+
+
+def _sniff_dir(path: Path) -> tuple[str, Path]:
+    """(format, path to open) for a directory."""
+    if (path / ".metadata").is_file():
+        return "dcp", path
+    entries = sorted(p.name for p in path.iterdir())
+    for suffix in INDEX_SUFFIXES:
+        hits = [e for e in entries if e.endswith(suffix)]
+        if hits:
+            return "sharded", path / hits[0]
+    for name in MODEL_FILES:
+        if (path / name).is_file():
+            return sniff(path / name), path / name
+    files = [path / e for e in entries if e.endswith(CHECKPOINT_SUFFIXES) and (path / e).is_file()]
+    if len(files) == 1:
+        return sniff(files[0]), files[0]
+    if not files:
+        raise UnknownFormat("a folder with no checkpoint in it (no index, .metadata or model file)", path)
+    raise UnknownFormat(
+        f"a folder with {len(files)} checkpoint files; name one of them (or use `ckptctl ls` for a run)",
+        path,
+    )
+
+
+def resolve(path: str | os.PathLike) -> tuple[str, Path]:
+    """(format name, the path its reader opens) by content; raises a CkptError otherwise."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return _sniff_dir(p)
+        if not p.exists():
+            raise NotFound("no such file or directory", p)
+        return sniff(p), p
+    except PermissionError:
+        raise NotFound("permission denied", p) from None
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """The format of one file, by its first bytes."""
+    p = Path(path)
+    try:
+        head = _head(p)
+    except FileNotFoundError:
+        raise NotFound("no such file or directory", p) from None
+    except PermissionError:
+        raise NotFound("permission denied", p) from None
+    except IsADirectoryError:
+        return _sniff_dir(p)[0]
+    except OSError as e:
+        raise NotFound(e.strerror or str(e), p) from None
+    if not head:
+        raise UnknownFormat("empty file (0 bytes)", p)
+    if head.startswith(b"PK\x03\x04"):
+        return _sniff_zip(p)
+    for off in (0,):
+        if head[off : off + 8] == HDF5_MAGIC:
+            return "hdf5"
+    if len(head) >= 9 and head[8:9] == b"{":
+        # a u64 header length then '{'; a pickle's first 8 bytes read as u64 are far too big
+        n = int.from_bytes(head[:8], "little")
+        if head[0] != 0x80 or n + 8 <= p.stat().st_size:
+            return "safetensors"
+    if p.name.endswith(INDEX_SUFFIXES) and head.lstrip()[:1] == b"{":
+        return "sharded"
+    if _is_pickle(head):
+        return "torch-legacy" if _is_legacy_torch(head) else "pickle"
+    if len(head) < 8 and p.suffix == ".safetensors":
+        raise CorruptFile(f"file is {len(head)} bytes, too short for a safetensors header", p)
+    # HDF5 files may carry a user block: the superblock then sits at 512, 1024, 2048, ...
+    size = p.stat().st_size
+    off = 512
+    with open(p, "rb") as f:
+        while off + 8 <= size and off <= 1 << 20:
+            f.seek(off)
+            if f.read(8) == HDF5_MAGIC:
+                return "hdf5"
+            off *= 2
+    raise UnknownFormat(_describe_unknown(head), p)
+
+
+def open_reader(path: str | os.PathLike) -> Reader:
+    """Open any checkpoint ckptctl understands; raises NotFound/UnknownFormat/CorruptFile."""
+    fmt, target = resolve(path)
+    module, cls = READERS[fmt]
+    reader_cls = getattr(importlib.import_module(module), cls)
+    return reader_cls(target)
+
+
+def writer_class(fmt: str) -> type[Writer]:
+    module, cls = WRITERS[fmt]
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["Reader", "Writer", "open_reader", "resolve", "sniff", "writer_class", "READERS", "WRITERS"]
+

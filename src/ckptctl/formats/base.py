@@ -1,0 +1,123 @@
+"""The one interface every format implements, and the byte helpers they share.
+
+A Reader lists a checkpoint from metadata alone (`info`) and reads one tensor's bytes on demand
+(`iter_chunks`, `read`), never more than it is asked for. Tensor bytes are always the tensor's
+logical value: C-contiguous, little-endian, exactly `TensorInfo.nbytes` long.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ckptctl import dtypes
+from ckptctl.errors import CorruptFile
+from ckptctl.model import CheckpointInfo, TensorInfo
+
+if TYPE_CHECKING:
+    import numpy as np
+
+CHUNK = 64 * 1024 * 1024  # default streaming chunk: 64 MiB
+
+
+class Reader:
+    """Base class for format readers. Subclasses implement `info` and `iter_chunks`."""
+
+    format: str = "?"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._info: CheckpointInfo | None = None
+
+    # -- metadata ---------------------------------------------------------------------------
+    def info(self) -> CheckpointInfo:
+        """Names, dtypes, shapes, sizes and file metadata; never touches tensor data."""
+        if self._info is None:
+            self._info = self._load_info()
+        return self._info
+
+    def _load_info(self) -> CheckpointInfo:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        try:
+            return self.info().tensor(name)
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in {self.path}") from None
+
+    # -- data -------------------------------------------------------------------------------
+    def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes | memoryview]:
+        """The tensor's logical bytes in pieces of at most `size` bytes (bounded memory)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def byte_range(self, name: str) -> tuple[str, int, int] | None:
+        """(file, offset, length) when the tensor's logical bytes lie contiguous in one file.
+
+        Lets writers copy without going through Python buffers (`os.copy_file_range`).
+        """
+        return None
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole tensor as a numpy array (bf16/fp8 via ml_dtypes; raw bytes otherwise)."""
+        import numpy as np
+
+        t = self.tensor_info(name)
+        buf = bytearray(t.nbytes)
+        pos = 0
+        for chunk in self.iter_chunks(name):
+            n = len(chunk)
+            buf[pos : pos + n] = chunk
+            pos += n
+        if pos != t.nbytes:
+            raise CorruptFile(f"tensor {name!r}: got {pos} bytes, expected {t.nbytes}", self.path)
+        dt = dtypes.numpy_dtype(t.dtype)
+        d = dtypes.BY_NAME[t.dtype]
+        if dt is None or d.bits % 8:
+            return np.frombuffer(buf, dtype=np.uint8)
+        return np.frombuffer(buf, dtype=dt).reshape(t.shape)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Writer:
+    """Base class for streaming writers: add tensors one at a time, then finish (atomic)."""
+
+    format: str = "?"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def add(self, info: TensorInfo, chunks: Iterable[bytes | memoryview]) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def set_metadata(self, meta: dict[str, str]) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def finish(self) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def abort(self) -> None:
+        """Remove every temporary file; the target is left as it was."""
+
+
+def pread_chunks(fd: int, offset: int, length: int, size: int = CHUNK) -> Iterator[bytes]:
+    """Read `length` bytes at `offset` in pieces of at most `size` bytes with os.pread."""
+    end = offset + length
+    pos = offset
+    while pos < end:
+        want = min(size, end - pos)
+        data = os.pread(fd, want, pos)
+        if not data:
+            raise CorruptFile(f"file ends at byte {pos}, expected data up to byte {end}")
+        pos += len(data)
+        yield data

@@ -1,0 +1,115 @@
+"""The one small model of a checkpoint that every command is written against.
+
+Built from metadata alone: nothing here holds tensor data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One named tensor as a file describes it.
+
+    `nbytes` is the size of the tensor's logical (contiguous) value; `loc` is reader-private
+    (where the bytes live); `alias_of` names an earlier tensor that is the very same tensor
+    (tied weights: same storage, offset, shape and strides).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    alias_of: str | None = None
+    loc: Any = field(default=None, compare=False, repr=False, hash=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "numel": self.numel,
+        }
+        if self.alias_of is not None:
+            d["alias_of"] = self.alias_of
+        return d
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A non-tensor object found in a pickle, shown by its class name, never imported."""
+
+    name: str  # '/'-joined path in the checkpoint ('' for the root)
+    type: str  # 'module.Class'
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "type": self.type}
+
+
+@dataclass
+class CheckpointInfo:
+    """What `inspect` shows, and what every other command walks."""
+
+    path: str
+    format: str  # safetensors | torch-zip | torch-legacy | hdf5 | sharded | dcp
+    tensors: list[TensorInfo] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    objects: list[ObjectInfo] = field(default_factory=list)
+    globals: list[str] = field(default_factory=list)  # 'module.name' a pickle asked for
+    kind: str | None = None  # lightning | hf-trainer | keras2 | keras3 | hf-tf | ...
+    files: list[str] = field(default_factory=list)  # every file of a multi-file checkpoint
+    warnings: list[str] = field(default_factory=list)
+
+    def tensor(self, name: str) -> TensorInfo:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def unique_tensors(self) -> list[TensorInfo]:
+        return [t for t in self.tensors if t.alias_of is None]
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_params(self) -> int:
+        """Elements in distinct tensors (tied weights count once)."""
+        return sum(t.numel for t in self.unique_tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of distinct tensors' values (tied weights count once)."""
+        return sum(t.nbytes for t in self.unique_tensors)
+
+    @property
+    def dtype_mix(self) -> dict[str, int]:
+        """dtype -> number of tensors, most common first."""
+        return dict(Counter(t.dtype for t in self.tensors).most_common())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "kind": self.kind,
+            "num_tensors": self.num_tensors,
+            "num_params": self.num_params,
+            "total_bytes": self.total_bytes,
+            "dtypes": self.dtype_mix,
+            "metadata": self.metadata,
+            "objects": [o.to_json() for o in self.objects],
+            "files": self.files,
+            "warnings": self.warnings,
+            "tensors": [t.to_json() for t in self.tensors],
+        }

@@ -1,0 +1,65 @@
+"""Shared test helpers: run the CLI in-process (CliRunner) and as a subprocess; real fixtures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REAL = REPO.parent / "shared" / "fixtures" / "real"
+
+
+def real_files() -> list[Path]:
+    """Every file listed in ../shared/fixtures/real/MANIFEST.tsv (empty when the folder is absent)."""
+    manifest = REAL / "MANIFEST.tsv"
+    if not manifest.is_file():
+        return []
+    rows = manifest.read_text().splitlines()[1:]
+    return [REAL / r.split("\t", 1)[0] for r in rows if r.strip()]
+
+
+def real_manifest() -> dict[str, dict[str, str]]:
+    manifest = REAL / "MANIFEST.tsv"
+    if not manifest.is_file():
+        return {}
+    lines = manifest.read_text().splitlines()
+    head = lines[0].split("\t")
+    return {r.split("\t")[0]: dict(zip(head, r.split("\t"))) for r in lines[1:] if r.strip()}
+
+
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/fixtures/real is absent")
+
+
+@pytest.fixture
+def real_dir() -> Path:
+    if not REAL.is_dir():
+        pytest.skip("../shared/fixtures/real is absent")
+    return REAL
+
+
+def cli(*args: str | os.PathLike, env: dict | None = None):
+    """Run ckptctl in-process; returns click's Result (stdout, stderr, exit_code)."""
+    from typer.testing import CliRunner
+
+    from ckptctl.cli import output
+    from ckptctl.cli.app import app
+
+    output.STATE.__init__()  # global flags do not leak between invocations
+    runner = CliRunner()
+    return runner.invoke(app, [os.fspath(a) for a in args], env=env, catch_exceptions=False)
+
+
+def run(*args: str | os.PathLike, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m ckptctl` as a real process (exit codes, stderr, no tty)."""
+    full_env = dict(os.environ)
+    full_env.pop("CKPTCTL_DEBUG", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptctl", *[os.fspath(a) for a in args]],
+        capture_output=True, text=True, env=full_env, timeout=timeout,
+    )
