@@ -90,17 +90,32 @@ class Reader:
 
 
 class Writer:
-    """Base class for streaming writers: add tensors one at a time, then finish (atomic)."""
+    """Base class for streaming writers.
+
+    Plan first, then stream: the constructor gets every tensor's TensorInfo (name, dtype, shape,
+    nbytes, alias_of) and the file metadata, so that formats whose header comes first
+    (safetensors) can write it; then `add` is called once per tensor, in the planned order, with
+    the tensor's logical bytes in bounded chunks; `finish` writes to a temporary file beside the
+    target, fsyncs and renames it into place; `abort` removes the temporary file and leaves the
+    target as it was. Nothing is ever written to `path` itself before `finish`.
+    """
 
     format: str = "?"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tensors: list[TensorInfo],
+        metadata: dict[str, str] | None = None,
+        *,
+        dedupe_tied: bool = False,
+    ):
         self.path = Path(path)
+        self.tensors = tensors
+        self.metadata = dict(metadata or {})
+        self.dedupe_tied = dedupe_tied
 
     def add(self, info: TensorInfo, chunks: Iterable[bytes | memoryview]) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def set_metadata(self, meta: dict[str, str]) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def finish(self) -> None:
