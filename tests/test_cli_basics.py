@@ -1,0 +1,65 @@
+"""The CLI as a whole: version, help, no arguments, demo."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from conftest import cli, run
+
+from ckptctl import __version__
+
+COMMANDS = ["inspect", "ls", "diff", "convert", "prune", "average", "scan", "demo"]
+
+
+def test_version():
+    r = cli("--version")
+    assert r.exit_code == 0
+    assert r.stdout.strip() == f"ckptctl {__version__}"
+
+
+def test_no_arguments_lists_commands_and_a_tip():
+    r = cli()
+    assert r.exit_code == 0
+    for c in COMMANDS:
+        assert c in r.stdout
+    assert "Tip:" in r.stdout
+
+
+def test_every_command_has_help_with_examples():
+    for c in COMMANDS:
+        r = cli(c, "--help")
+        assert r.exit_code == 0, c
+        assert "Examples" in r.stdout, c
+        assert re.search(rf"ckptctl {c}\b", r.stdout), c
+
+
+def test_python_dash_m_and_unknown_command_exit_2():
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"ckptctl {__version__}"
+    p = run("inspekt", "x")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+
+
+def test_demo_writes_a_sample_every_file_of_which_inspects(tmp_path):
+    out = tmp_path / "demo"
+    r = cli("demo", out)
+    assert r.exit_code == 0, r.output
+    assert "ckptctl ls" in r.stdout
+    assert (out / "hf-run" / "checkpoint-300" / "trainer_state.json").is_file()
+    assert (out / "lightning-run" / "last.ckpt").is_symlink()
+    targets = [out / "model.pt", out / "model-bf16.safetensors", out / "model.h5",
+               out / "lightning-run" / "last.ckpt", out / "hf-run" / "checkpoint-100"]
+    for t in targets:
+        r = cli("inspect", t, "--format", "json")
+        assert r.exit_code == 0, (t, r.output)
+        doc = json.loads(r.stdout)
+        assert doc["num_tensors"] > 0, t
+    # the tied lm_head survives in model.pt as an alias of the embedding
+    doc = json.loads(cli("inspect", out / "model.pt", "--format", "json").stdout)
+    tied = {t["name"]: t.get("alias_of") for t in doc["tensors"]}
+    assert tied["lm_head.weight"] == "embed.weight"
+    # a second demo into the same folder refuses without --force
+    p = run("demo", out)
+    assert p.returncode == 2 and "--force" in p.stderr and "Traceback" not in p.stderr
