@@ -1,0 +1,481 @@
+"""HDF5 (any file, Keras 2 / Keras 3 / HF tf_model.h5 recognised) through h5py, imported lazily.
+
+Every numeric dataset is a tensor named by its path without the leading '/'. Listing reads
+dataset headers and attributes only. Bytes come from os.pread for contiguous, unfiltered,
+little-endian datasets (the common case) and from h5py slices along the leading dimensions
+otherwise, never more than one bounded chunk at a time; big-endian data comes out little-endian.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ckptctl import dtypes
+from ckptctl.errors import CorruptFile, NotFound
+from ckptctl.formats.base import CHUNK, Reader, pread_chunks
+from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
+
+ALIASES_ATTR = "ckptctl.aliases"  # root attribute written by `ckptctl convert --dedupe`
+MAX_LINKS = 2_000_000  # guards a file whose group links make the walk explode
+MAX_ATTR_CHARS = 1000  # longer string attributes are summarised in metadata
+MAX_ATTR_ITEMS = 16  # longer attribute arrays are summarised in metadata
+
+
+@dataclass(frozen=True)
+class _Loc:
+    path: str  # dataset path inside the file ('/'-rooted)
+    np_dtype: Any  # numpy dtype the bytes are produced in (little-endian)
+    offset: int | None  # file offset when the bytes lie contiguous in the file as they are
+    length: int
+
+
+def _natural_key(s: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    return v
+
+
+def _attr_list(obj, name: str) -> list[str]:
+    """A Keras list attribute, merging the name0, name1, ... pieces it is split into past 64 KB."""
+    attrs = obj.attrs
+    if name in attrs:
+        vals = attrs[name]
+    else:
+        vals = []
+        i = 0
+        while f"{name}{i}" in attrs:
+            vals.extend(list(attrs[f"{name}{i}"]))
+            i += 1
+    try:
+        return [str(_decode(v)) for v in list(vals)]
+    except TypeError:  # a scalar attribute
+        return [str(_decode(vals))]
+
+
+def attr_value(v: Any) -> Any:
+    """An attribute as a short JSON-able value: decoded text, small lists, summaries of big ones."""
+    import numpy as np
+
+    v = _decode(v)
+    if isinstance(v, str):
+        return v if len(v) <= MAX_ATTR_CHARS else f"<text of {len(v)} characters>"
+    if isinstance(v, np.ndarray):
+        if v.ndim <= 1 and v.size <= MAX_ATTR_ITEMS:
+            return [attr_value(x) for x in v.tolist()]
+        kind = "text" if v.dtype.kind in "SUO" else str(v.dtype)
+        return f"<{kind} array of shape {list(v.shape)}>"
+    if isinstance(v, np.generic):
+        return attr_value(v.item())
+    if isinstance(v, (int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [attr_value(x) for x in v[:MAX_ATTR_ITEMS]]
+    return str(v)[:MAX_ATTR_CHARS]
+
+
+def _json_attr(attrs, name: str) -> dict | None:
+    if name not in attrs:
+        return None
+    try:
+        v = json.loads(_decode(attrs[name]))
+    except (ValueError, TypeError):
+        return None
+    return v if isinstance(v, dict) else None
+
+
+class HDF5Reader(Reader):
+    format = "hdf5"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._f = None
+        self._fd: int | None = None
+
+    # -- file access ---------------------------------------------------------------------------
+    def _file(self):
+        if self._f is None:
+            import h5py
+
+            if not os.path.exists(self.path):
+                raise NotFound("no such file or directory", self.path)
+            if not os.access(self.path, os.R_OK):
+                raise NotFound("permission denied", self.path)
+            try:
+                self._f = h5py.File(self.path, "r", locking=False)
+            except PermissionError:
+                raise NotFound("permission denied", self.path) from None
+            except OSError as e:
+                if e.errno == errno.EACCES:
+                    raise NotFound("permission denied", self.path) from None
+                raise CorruptFile(f"not a readable HDF5 file ({_h5msg(e)})", self.path) from None
+        return self._f
+
+    def _fdesc(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return self._fd
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            finally:
+                self._f = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    # -- metadata ------------------------------------------------------------------------------
+    def _load_info(self) -> CheckpointInfo:
+        f = self._file()
+        try:
+            return self._build_info(f)
+        except OSError as e:  # h5py reports damaged object headers as OSError/RuntimeError
+            raise CorruptFile(f"damaged HDF5 structure ({_h5msg(e)})", self.path) from None
+        except RuntimeError as e:
+            raise CorruptFile(f"damaged HDF5 structure ({_h5msg(e)})", self.path) from None
+
+    def _build_info(self, f) -> CheckpointInfo:
+        import h5py
+
+        warnings: list[str] = []
+        found: dict[str, Any] = {}  # path -> h5py Dataset, in walk order
+        self._walk(f["/"], "", found, set(), warnings, h5py)
+
+        kind, meta, preferred = self._recognise(f)
+        order = [p for p in preferred if p in found]
+        seen = set(order)
+        order += [p for p in found if p not in seen]
+
+        tensors: list[TensorInfo] = []
+        objects: list[ObjectInfo] = []
+        first_by_addr: dict[Any, str] = {}
+        by_name: dict[str, TensorInfo] = {}
+        for p in order:
+            ds = found[p]
+            addr = _addr(ds, h5py)
+            if addr is not None and addr in first_by_addr:
+                target = by_name.get(first_by_addr[addr])
+                if target is not None:
+                    t = TensorInfo(p, target.dtype, target.shape, target.nbytes, alias_of=target.name, loc=target.loc)
+                    tensors.append(t)
+                    by_name[p] = t
+                continue
+            if addr is not None:
+                first_by_addr[addr] = p
+            t_or_obj = self._describe(ds, p, warnings, h5py)
+            if isinstance(t_or_obj, TensorInfo):
+                tensors.append(t_or_obj)
+                by_name[p] = t_or_obj
+            else:
+                objects.append(t_or_obj)
+
+        root_attrs = f["/"].attrs
+        if ALIASES_ATTR in root_attrs:
+            tensors += self._aliases(root_attrs[ALIASES_ATTR], by_name, warnings)
+        return CheckpointInfo(
+            path=str(self.path), format=self.format, tensors=tensors, metadata=meta, objects=objects,
+            kind=kind, files=[str(self.path)], warnings=warnings,
+        )
+
+    def _walk(self, group, prefix: str, found: dict, ancestors: set, warnings: list[str], h5py) -> None:
+        """Collect every dataset path under `group` (hard and soft links; cycles cut)."""
+        gaddr = _addr(group, h5py)
+        ancestors = ancestors | {gaddr}
+        names = list(group.keys())
+        try:
+            tracked = group.id.get_create_plist().get_link_creation_order() & h5py.h5p.CRT_ORDER_TRACKED
+        except Exception:  # noqa: BLE001 - a plist we cannot read: fall back to names
+            tracked = 0
+        if not tracked:
+            names.sort(key=_natural_key)
+        for name in names:
+            path = f"{prefix}{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                warnings.append(f"{path}: external link to {link.filename}:{link.path} not followed")
+                continue
+            try:
+                obj = group.get(name)
+            except (KeyError, OSError, RuntimeError):
+                obj = None
+            if obj is None:
+                warnings.append(f"{path}: dangling link skipped")
+                continue
+            if isinstance(obj, h5py.Dataset):
+                if len(found) >= MAX_LINKS:
+                    raise CorruptFile(f"more than {MAX_LINKS} dataset links", self.path)
+                found[path] = obj
+            elif isinstance(obj, h5py.Group):
+                if _addr(obj, h5py) in ancestors:
+                    continue  # a link back up the tree
+                self._walk(obj, path + "/", found, ancestors, warnings, h5py)
+
+    def _describe(self, ds, path: str, warnings: list[str], h5py) -> TensorInfo | ObjectInfo:
+        import numpy as np
+
+        if ds.shape is None:
+            return ObjectInfo(path, "hdf5.Empty (null dataspace)")
+        dt = ds.dtype
+        shape = tuple(int(s) for s in ds.shape)
+        d: dtypes.DType | None = None
+        out_dt = None  # numpy dtype of the bytes we produce
+        declared = None
+        if "dtype" in ds.attrs:
+            try:
+                declared = dtypes.BY_NAME.get(str(_decode(ds.attrs["dtype"])))
+            except (OSError, TypeError):
+                declared = None
+        if dt.kind == "V" and dt.fields is None and dt.subdtype is None:  # opaque
+            tag = ""
+            try:
+                tag = _decode(ds.id.get_type().get_tag()) or ""
+            except Exception:  # noqa: BLE001
+                pass
+            tagged = dtypes.BY_NP.get(tag) or dtypes.BY_NAME.get(tag)
+            for cand in (tagged, declared):
+                if cand is not None and cand.bits == dt.itemsize * 8:
+                    d = cand
+                    break
+            if d is None:
+                raw = {1: "bits8", 2: "bits16"}.get(dt.itemsize)
+                if raw is None:
+                    return ObjectInfo(path, f"hdf5.Opaque ({dt.itemsize}-byte elements, dtype unknown)")
+                d = dtypes.BY_NAME[raw]
+                warnings.append(f"{path}: opaque {dt.itemsize}-byte data with no dtype attribute; shown as {raw}")
+            out_dt = np.dtype(f"V{dt.itemsize}")
+        elif dt.kind in "biufc" and dt.subdtype is None:
+            try:
+                d = dtypes.from_numpy(dt)
+            except KeyError:
+                return ObjectInfo(path, f"hdf5.Dataset ({dt}, no torch dtype)")
+            # Keras 3 / ckptctl convention: bf16/fp8 stored as raw uint bits with attr dtype=<name>
+            if declared is not None and declared is not d and dt.kind in "ui" and declared.bits == d.bits:
+                d = declared
+            out_dt = dt.newbyteorder("<") if dt.byteorder == ">" else dt
+        else:
+            if dt.kind in "SUO" or h5py.check_string_dtype(dt) is not None:
+                what = "string"
+            elif dt.fields is not None:
+                what = "compound"
+            elif h5py.check_vlen_dtype(dt) is not None:
+                what = "vlen"
+            elif h5py.check_ref_dtype(dt) is not None:
+                what = "reference"
+            else:
+                what = str(dt)
+            return ObjectInfo(path, f"hdf5.Dataset ({what}, shape {list(shape)})")
+        nbytes = dtypes.nbytes(d, shape)
+        return TensorInfo(path, d.name, shape, nbytes, loc=_Loc("/" + path, out_dt, self._offset(ds, dt, nbytes, h5py), nbytes))
+
+    @staticmethod
+    def _offset(ds, dt, nbytes: int, h5py) -> int | None:
+        """File offset of a contiguous, unfiltered, little-endian dataset's bytes, else None."""
+        if dt.byteorder == ">" and dt.itemsize > 1:
+            return None
+        try:
+            dcpl = ds.id.get_create_plist()
+            if dcpl.get_layout() != h5py.h5d.CONTIGUOUS or dcpl.get_nfilters() or dcpl.get_external_count():
+                return None
+            off = ds.id.get_offset()
+            if off is None or ds.id.get_storage_size() != nbytes:
+                return None
+            return int(off)
+        except Exception:  # noqa: BLE001 - any doubt: read through h5py instead
+            return None
+
+    def _aliases(self, raw, by_name: dict[str, TensorInfo], warnings: list[str]) -> list[TensorInfo]:
+        try:
+            mapping = json.loads(_decode(raw))
+        except (ValueError, TypeError):
+            mapping = None
+        if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in mapping.items()):
+            warnings.append(f"ignored root attribute {ALIASES_ATTR!r}: not a JSON object of names")
+            return []
+        out = []
+        for alias, target in mapping.items():
+            t = by_name.get(target)
+            if alias in by_name:
+                warnings.append(f"ignored tied-weight alias {alias!r}: a dataset of that name is stored")
+            elif t is None:
+                warnings.append(f"ignored tied-weight alias {alias!r}: its target {target!r} is not in the file")
+            else:
+                out.append(TensorInfo(alias, t.dtype, t.shape, t.nbytes, alias_of=t.alias_of or target, loc=t.loc))
+        return out
+
+    # -- Keras / HF recognition ------------------------------------------------------------------
+    def _recognise(self, f) -> tuple[str | None, dict, list[str]]:
+        """(kind, metadata, dataset paths in model order) from the root attributes and layout."""
+        attrs = f["/"].attrs
+        keys = [k for k in attrs.keys() if k != ALIASES_ATTR]
+        meta: dict[str, Any] = {}
+        preferred: list[str] = []
+
+        def layer_names_keys(obj) -> set[str]:
+            return {k for k in obj.attrs.keys() if k == "layer_names" or re.fullmatch(r"layer_names\d+", k)}
+
+        if "model_config" in attrs or "training_config" in attrs:
+            kind = "keras2-model"
+            for k in ("keras_version", "backend"):
+                if k in attrs:
+                    meta[k] = attr_value(attrs[k])
+            cfg = _json_attr(attrs, "model_config") or {}
+            if isinstance(cfg.get("class_name"), str):
+                meta["model_class"] = cfg["class_name"]
+            conf = cfg.get("config")
+            if isinstance(conf, dict) and isinstance(conf.get("name"), str):
+                meta["model_name"] = conf["name"]
+            tcfg = _json_attr(attrs, "training_config") or {}
+            opt = tcfg.get("optimizer_config")
+            if isinstance(opt, dict) and isinstance(opt.get("class_name"), str):
+                meta["optimizer"] = opt["class_name"]
+            loss = tcfg.get("loss")
+            if isinstance(loss, str):
+                meta["loss"] = loss
+            mw = f.get("model_weights")
+            if mw is not None and hasattr(mw, "attrs"):
+                for k in ("keras_version", "backend"):
+                    if k not in meta and k in mw.attrs:
+                        meta[k] = attr_value(mw.attrs[k])
+                names = _attr_list(mw, "layer_names")
+                meta["layers"] = len(names)
+                preferred += _keras2_order(mw, names)
+            ow = f.get("optimizer_weights")
+            if ow is not None and hasattr(ow, "attrs"):
+                preferred += [f"optimizer_weights/{w}" for w in _attr_list(ow, "weight_names")]
+            rest = set(keys) - {"model_config", "training_config", "keras_version", "backend"}
+        elif layer_names_keys(f["/"]):
+            names = _attr_list(f["/"], "layer_names")
+            for k in ("keras_version", "backend"):
+                if k in attrs:
+                    meta[k] = attr_value(attrs[k])
+            meta["layers"] = len(names)
+            preferred += _keras2_order(f["/"], names)
+            # transformers' TF models save Keras 2 weights named '<tf_model_class>/...:0'
+            # (TFBertModel -> 'tf_bert_model/...'); its shards carry no keras_version
+            firsts = {p.split("/")[1] if "/" in p else "" for p in preferred}
+            hf = (
+                "tf_model" in os.path.basename(self.path)
+                or "keras_version" not in attrs
+                or (bool(firsts) and all(x.startswith("tf_") for x in firsts))
+            )
+            kind = "hf-tf" if hf else "keras2"
+            rest = set(keys) - layer_names_keys(f["/"]) - {"keras_version", "backend"}
+        elif _looks_keras3(f):
+            kind = "keras3"
+            rest = set(keys)
+            layers = f.get("layers")
+            if layers is not None and hasattr(layers, "keys"):
+                meta["layers"] = len(layers)
+        else:
+            kind = None
+            rest = set(keys)
+        for k in keys:
+            if k in rest:
+                try:
+                    meta[k] = attr_value(attrs[k])
+                except (OSError, TypeError):
+                    meta[k] = "<unreadable attribute>"
+        return kind, meta, preferred
+
+    # -- data ----------------------------------------------------------------------------------
+    def byte_range(self, name: str) -> tuple[str, int, int] | None:
+        loc: _Loc = self.tensor_info(name).loc
+        if loc.offset is None:
+            return None
+        return (str(self.path), loc.offset, loc.length)
+
+    def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes | memoryview]:
+        t = self.tensor_info(name)
+        loc: _Loc = t.loc
+        if loc.length == 0:
+            return
+        if loc.offset is not None:
+            try:
+                yield from pread_chunks(self._fdesc(), loc.offset, loc.length, size)
+            except CorruptFile as e:
+                raise CorruptFile(f"dataset {loc.path}: {e.message}", self.path) from None
+            return
+        ds = self._file()[loc.path]
+        try:
+            yield from _slices(ds, t.shape, loc.np_dtype, size)
+        except OSError as e:
+            raise CorruptFile(f"dataset {loc.path}: cannot read its data ({_h5msg(e)})", self.path) from None
+
+
+def _slices(ds, shape: tuple[int, ...], out_dt, size: int) -> Iterator[bytes]:
+    """C-order bytes of a dataset, read by h5py slices of at most `size` bytes (one element min)."""
+    import numpy as np
+
+    item = out_dt.itemsize
+    if not shape:
+        yield np.ascontiguousarray(ds[()], dtype=out_dt).tobytes()
+        return
+    # split dimension d: the smallest d whose trailing block (one index of dim d) fits in size
+    d = len(shape) - 1
+    for i in range(len(shape)):
+        if math.prod(shape[i + 1 :]) * item <= size:
+            d = i
+            break
+    block = math.prod(shape[d + 1 :]) * item
+    step = max(1, size // block) if block else shape[d]
+    for outer in np.ndindex(*shape[:d]):
+        for a in range(0, shape[d], step):
+            b = min(shape[d], a + step)
+            arr = ds[tuple(outer) + (slice(a, b),)]
+            if arr.dtype != out_dt:
+                arr = arr.astype(out_dt) if arr.dtype.kind != "V" else arr.view(out_dt)
+            yield np.ascontiguousarray(arr).tobytes()
+
+
+def _keras2_order(group, layer_names: list[str]) -> list[str]:
+    """Dataset paths in a Keras 2 weight group, in layer_names then weight_names order."""
+    out = []
+    prefix = group.name.strip("/")
+    prefix = prefix + "/" if prefix else ""
+    for layer in layer_names:
+        obj = group.get(layer)
+        if obj is None:
+            continue
+        if not hasattr(obj, "keys"):  # transformers' sharded TF files: the name is the dataset
+            out.append(prefix + layer)
+            continue
+        for w in _attr_list(obj, "weight_names"):
+            out.append(f"{prefix}{layer}/{w}")
+    return out
+
+
+def _looks_keras3(f) -> bool:
+    """Keras 3 `.weights.h5`: /layers/<...>/vars/<i>, /optimizer/vars/<i>, /vars."""
+    top = set(f.keys())
+    if not top or not top <= {"layers", "optimizer", "vars", "_layer_checkpoint_dependencies", "metrics"}:
+        return False
+    return "layers" in top or "vars" in top
+
+
+def _addr(obj, h5py):
+    try:
+        info = h5py.h5o.get_info(obj.id)
+        return (info.fileno, info.addr)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _h5msg(e: BaseException) -> str:
+    """h5py's message without its 'Unable to synchronously ...' boilerplate."""
+    text = str(e) or type(e).__name__
+    m = re.search(r"\((.*)\)\s*$", text)
+    inner = m.group(1) if m else text
+    return inner.replace("\n", " ")[:300]

@@ -1,0 +1,241 @@
+"""safetensors: the header is parsed here, in pure Python (no safetensors, numpy or torch import).
+
+Layout: u64 little-endian header length N, N bytes of UTF-8 JSON, then the data buffer. Every
+rule the reference implementation enforces when it opens a file is enforced here too, each as a
+CorruptFile naming what is wrong. Tensor bytes are read with os.pread in bounded chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ckptctl import dtypes
+from ckptctl.errors import CorruptFile, NotFound
+from ckptctl.formats.base import CHUNK, Reader, pread_chunks
+from ckptctl.model import CheckpointInfo, TensorInfo
+
+MAX_HEADER = 100_000_000  # the reference's limit on N
+U64_MAX = (1 << 64) - 1
+ALIASES_KEY = "ckptctl.aliases"  # __metadata__ key written by `ckptctl convert --dedupe`
+
+
+@dataclass(frozen=True)
+class _Loc:
+    offset: int  # absolute file offset of the first byte
+    length: int
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d: dict = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= U64_MAX
+
+
+def _fmt(n: int) -> str:
+    return str(n)
+
+
+def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict[str, str] | None]:
+    """Validate a whole header. `raw` holds at least the first 8 + N bytes of the file.
+
+    Returns (N, {name: entry}, __metadata__). Raises CorruptFile with a precise message.
+    """
+    if file_size < 8:
+        raise CorruptFile(f"file is {file_size} bytes, too short for a safetensors header (8-byte length)", path)
+    n = int.from_bytes(raw[:8], "little")
+    if n > MAX_HEADER:
+        raise CorruptFile(f"header length {_fmt(n)} exceeds the safetensors limit of {_fmt(MAX_HEADER)} bytes", path)
+    if 8 + n > file_size:
+        raise CorruptFile(f"header length {_fmt(n)} runs past the end of the {_fmt(file_size)}-byte file", path)
+    body = raw[8 : 8 + n]
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptFile(f"header is not valid UTF-8 (byte {e.start} of the header)", path) from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CorruptFile(f"header JSON has the key {str(e)!r} twice", path) from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        msg = getattr(e, "msg", "too deeply nested")
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise CorruptFile(f"header is not valid JSON ({msg}{where})", path) from None
+    if not isinstance(header, dict):
+        raise CorruptFile(f"header is a JSON {type(header).__name__}, expected an object", path)
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CorruptFile("__metadata__ must map strings to strings", path)
+
+    entries: dict[str, tuple[dtypes.DType, tuple[int, ...], int, int]] = {}
+    for name, e in header.items():
+        if not isinstance(e, dict):
+            raise CorruptFile(f"tensor {name!r}: entry is not an object", path)
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in e:
+                raise CorruptFile(f"tensor {name!r}: missing {key!r}", path)
+        code = e["dtype"]
+        if not isinstance(code, str) or code not in dtypes.BY_ST:
+            raise CorruptFile(f"tensor {name!r}: unknown dtype {code!r}", path)
+        shape = e["shape"]
+        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+            raise CorruptFile(f"tensor {name!r}: bad shape {shape!r} (expected a list of non-negative integers)", path)
+        offs = e["data_offsets"]
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_uint(o) for o in offs):
+            raise CorruptFile(
+                f"tensor {name!r}: bad data_offsets {offs!r} (expected [begin, end], non-negative integers)", path
+            )
+        entries[name] = (dtypes.BY_ST[code], tuple(shape), offs[0], offs[1])
+
+    # the reference's validate(): sorted by offsets, the tensors must tile the buffer exactly
+    pos = 0
+    for name, (dt, shape, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if b != pos or e < b:
+            if b > pos:
+                what = f"a hole: bytes {_fmt(pos)}..{_fmt(b)} of the data belong to no tensor"
+            elif e < b:
+                what = f"end {_fmt(e)} is before begin {_fmt(b)}"
+            else:
+                what = f"overlaps the previous tensor (begins at {_fmt(b)}, previous ends at {_fmt(pos)})"
+            raise CorruptFile(f"tensor {name!r}: bad data_offsets [{b}, {e}]: {what}", path)
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbits = numel * dt.bits
+        if numel > U64_MAX or nbits > U64_MAX:
+            raise CorruptFile(f"tensor {name!r}: shape {list(shape)} overflows", path)
+        if nbits % 8:
+            raise CorruptFile(
+                f"tensor {name!r}: {numel} elements of {dt.st} is not a whole number of bytes", path
+            )
+        if e - b != nbits // 8:
+            raise CorruptFile(
+                f"tensor {name!r}: data_offsets [{b}, {e}] hold {_fmt(e - b)} bytes, but {dt.st} {list(shape)} "
+                f"needs {_fmt(nbits // 8)}",
+                path,
+            )
+        pos = e
+    if 8 + n + pos != file_size:
+        raise CorruptFile(
+            f"file is {_fmt(file_size)} bytes, but its header describes {_fmt(8 + n + pos)} "
+            f"(8 + {_fmt(n)} header + {_fmt(pos)} data)",
+            path,
+        )
+    return n, entries, metadata
+
+
+class SafetensorsReader(Reader):
+    format = "safetensors"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._fd: int | None = None
+
+    # -- file access ---------------------------------------------------------------------------
+    def _open(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except FileNotFoundError:
+                raise NotFound("no such file or directory", self.path) from None
+            except PermissionError:
+                raise NotFound("permission denied", self.path) from None
+            except IsADirectoryError:
+                raise NotFound("is a directory, expected a .safetensors file", self.path) from None
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    # -- metadata ------------------------------------------------------------------------------
+    def _load_info(self) -> CheckpointInfo:
+        fd = self._open()
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0) if size >= 8 else b""
+        if size < 8:
+            parse_header(head, size, self.path)
+        n = int.from_bytes(head, "little")
+        raw = head
+        if n <= MAX_HEADER and 8 + n <= size:
+            raw = head + self._pread_exact(fd, n, 8)
+        n, entries, metadata = parse_header(raw, size, self.path)
+        base = 8 + n
+        tensors: list[TensorInfo] = []
+        for name, (dt, shape, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            tensors.append(TensorInfo(name, dt.name, shape, e - b, loc=_Loc(base + b, e - b)))
+        meta = dict(metadata or {})
+        warnings: list[str] = []
+        aliases = meta.pop(ALIASES_KEY, None)
+        if aliases is not None:
+            tensors += self._aliases(aliases, tensors, warnings)
+        return CheckpointInfo(
+            path=str(self.path), format=self.format, tensors=tensors, metadata=meta,
+            files=[str(self.path)], warnings=warnings,
+        )
+
+    def _pread_exact(self, fd: int, n: int, offset: int) -> bytes:
+        parts = []
+        pos = offset
+        end = offset + n
+        while pos < end:
+            chunk = os.pread(fd, min(end - pos, CHUNK), pos)
+            if not chunk:
+                raise CorruptFile(f"file ends at byte {pos} while reading the header", self.path)
+            parts.append(chunk)
+            pos += len(chunk)
+        return b"".join(parts)
+
+    def _aliases(self, text: str, tensors: list[TensorInfo], warnings: list[str]) -> list[TensorInfo]:
+        """Tied weights stored once: {alias: target} in __metadata__['ckptctl.aliases']."""
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError:
+            mapping = None
+        if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in mapping.items()):
+            warnings.append(f"ignored __metadata__[{ALIASES_KEY!r}]: not a JSON object of names")
+            return []
+        by_name = {t.name: t for t in tensors}
+        out = []
+        for alias, target in mapping.items():
+            t = by_name.get(target)
+            if alias in by_name:
+                warnings.append(f"ignored tied-weight alias {alias!r}: a tensor of that name is stored")
+            elif t is None:
+                warnings.append(f"ignored tied-weight alias {alias!r}: its target {target!r} is not in the file")
+            else:
+                out.append(TensorInfo(alias, t.dtype, t.shape, t.nbytes, alias_of=target, loc=t.loc))
+        return out
+
+    # -- data ----------------------------------------------------------------------------------
+    def _loc(self, name: str) -> _Loc:
+        return self.tensor_info(name).loc
+
+    def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes]:
+        loc = self._loc(name)
+        fd = self._open()
+        try:
+            yield from pread_chunks(fd, loc.offset, loc.length, size)
+        except CorruptFile as e:
+            raise CorruptFile(f"tensor {name!r}: {e.message} (file truncated?)", e.path or self.path) from None
+
+    def byte_range(self, name: str) -> tuple[str, int, int]:
+        loc = self._loc(name)
+        return (str(self.path), loc.offset, loc.length)

@@ -1,0 +1,190 @@
+"""HF sharded checkpoints: one logical checkpoint from an index json and the shards it names.
+
+`{"metadata": {...}, "weight_map": {tensor name: shard file}}` as written by transformers for
+`model.safetensors.index.json`, `pytorch_model.bin.index.json` and `tf_model.h5.index.json`.
+Each shard is opened with the registry (any format ckptctl reads), lazily and once; data reads
+are delegated to the shard that holds the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from ckptctl.errors import CkptError, CorruptFile, NotFound
+from ckptctl.formats.base import CHUNK, Reader
+from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
+
+MAX_INDEX_BYTES = 256 * 1024 * 1024
+
+
+class ShardedReader(Reader):
+    format = "sharded"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._shards: dict[str, Reader] = {}  # shard file name (as in the index) -> open reader
+        self._where: dict[str, str] = {}  # tensor name -> shard file name
+
+    # -- index ---------------------------------------------------------------------------------
+    def _read_index(self) -> tuple[dict, dict[str, str]]:
+        try:
+            size = os.path.getsize(self.path)
+            if size > MAX_INDEX_BYTES:
+                raise CorruptFile(f"index is {size} bytes; that is not a shard index", self.path)
+            raw = Path(self.path).read_bytes()
+        except FileNotFoundError:
+            raise NotFound("no such file or directory", self.path) from None
+        except PermissionError:
+            raise NotFound("permission denied", self.path) from None
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CorruptFile("index is not UTF-8 text", self.path) from None
+        except json.JSONDecodeError as e:
+            raise CorruptFile(f"index is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                              self.path) from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+            raise CorruptFile('index has no "weight_map" object (expected {"metadata": ..., "weight_map": '
+                              "{tensor: shard file}})", self.path)
+        meta = doc.get("metadata")
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise CorruptFile('index "metadata" is not an object', self.path)
+        wm = doc["weight_map"]
+        for name, shard in wm.items():
+            if not isinstance(shard, str) or not shard:
+                raise CorruptFile(f"weight_map entry {name!r} names no shard file ({shard!r})", self.path)
+            self._check_shard_name(shard)
+        return meta, wm
+
+    def _check_shard_name(self, shard: str) -> None:
+        """Shard names are file names beside the index: no absolute paths, no '..'."""
+        posix, win = PurePosixPath(shard), PureWindowsPath(shard)
+        if posix.is_absolute() or win.is_absolute() or win.drive or shard.startswith(("/", "\\")):
+            raise CorruptFile(f"shard {shard!r} is an absolute path; shards must lie beside the index", self.path)
+        if ".." in posix.parts or ".." in win.parts:
+            raise CorruptFile(f"shard {shard!r} points outside the checkpoint folder ('..')", self.path)
+        if "\x00" in shard:
+            raise CorruptFile(f"shard name {shard!r} holds a NUL byte", self.path)
+
+    def _shard_path(self, shard: str) -> Path:
+        return Path(self.path).parent / shard
+
+    def _shard(self, shard: str) -> Reader:
+        r = self._shards.get(shard)
+        if r is None:
+            from ckptctl.formats import open_reader
+
+            p = self._shard_path(shard)
+            if not p.exists():
+                raise NotFound(f"shard {shard} named in the index is missing", self.path)
+            if p.is_dir():
+                raise CorruptFile(f"shard {shard} named in the index is a folder, not a file", self.path)
+            r = open_reader(p)
+            if isinstance(r, ShardedReader):
+                r.close()
+                raise CorruptFile(f"shard {shard} is itself a shard index", self.path)
+            self._shards[shard] = r
+        return r
+
+    # -- metadata ------------------------------------------------------------------------------
+    def _load_info(self) -> CheckpointInfo:
+        meta, wm = self._read_index()
+        order: list[str] = list(dict.fromkeys(wm.values()))  # shard files, first mention first
+        infos: dict[str, CheckpointInfo] = {}
+        for shard in order:
+            infos[shard] = self._shard(shard).info()
+
+        tensors: list[TensorInfo] = []
+        warnings: list[str] = []
+        objects: list[ObjectInfo] = []
+        glob: list[str] = []
+        for name, shard in wm.items():
+            try:
+                t = infos[shard].tensor(name)
+            except KeyError:
+                raise CorruptFile(f"the index maps {name!r} to {shard}, which does not hold it", self.path) from None
+            tensors.append(replace(t, loc=(shard, t.loc)))
+            self._where[name] = shard
+
+        formats = []
+        shard_meta: list[dict] = []
+        for shard in order:
+            info = infos[shard]
+            formats.append(info.format + (f" ({info.kind})" if info.kind else ""))
+            extra = [t.name for t in info.tensors if wm.get(t.name) != shard]
+            if extra:
+                listed = ", ".join(repr(n) for n in extra[:5]) + (", ..." if len(extra) > 5 else "")
+                warnings.append(f"shard {shard} holds {len(extra)} tensor(s) the index does not map to it: {listed}")
+            warnings += [f"{shard}: {w}" for w in info.warnings]
+            objects += [replace(o, name=f"{shard}:{o.name}" if o.name else shard) for o in info.objects]
+            glob += [g for g in info.globals if g not in glob]
+            shard_meta.append(info.metadata)
+
+        metadata: dict[str, Any] = dict(meta)
+        # what every shard carries alike (safetensors' {"format": "pt"}), when the index lacks it
+        if shard_meta:
+            common = dict(shard_meta[0])
+            for m in shard_meta[1:]:
+                common = {k: v for k, v in common.items() if k in m and m[k] == v}
+            for k, v in common.items():
+                metadata.setdefault(k, v)
+        kinds = sorted(set(formats))
+        total = meta.get("total_size")
+        if isinstance(total, int) and not isinstance(total, bool):
+            stored = sum(t.nbytes for t in tensors if t.alias_of is None)
+            if total < stored:
+                warnings.append(f"index metadata total_size {total} is less than the {stored} bytes of its tensors")
+        return CheckpointInfo(
+            path=str(self.path),
+            format=self.format,
+            tensors=tensors,
+            metadata=metadata,
+            objects=objects,
+            globals=glob,
+            kind=kinds[0] if len(kinds) == 1 else "mixed: " + ", ".join(kinds),
+            files=[str(self._shard_path(s)) for s in order] + [str(self.path)],
+            warnings=warnings,
+        )
+
+    # -- data ----------------------------------------------------------------------------------
+    def _delegate(self, name: str) -> tuple[Reader, str]:
+        self.info()
+        shard = self._where.get(name)
+        if shard is None:
+            raise KeyError(f"no tensor named {name!r} in {self.path}")
+        return self._shard(shard), name
+
+    def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes | memoryview]:
+        reader, n = self._delegate(name)
+        return reader.iter_chunks(n, size)
+
+    def byte_range(self, name: str):
+        reader, n = self._delegate(name)
+        return reader.byte_range(n)
+
+    def read(self, name: str):
+        reader, n = self._delegate(name)
+        return reader.read(n)
+
+    def shard_of(self, name: str) -> Path:
+        """The shard file that holds `name`."""
+        self._delegate(name)
+        return self._shard_path(self._where[name])
+
+    def close(self) -> None:
+        errors: list[CkptError] = []
+        for r in self._shards.values():
+            try:
+                r.close()
+            except CkptError as e:  # pragma: no cover - closing read-only files
+                errors.append(e)
+        self._shards.clear()
+        if errors:
+            raise errors[0]
