@@ -112,7 +112,13 @@ class HDF5Reader(Reader):
             if not os.access(self.path, os.R_OK):
                 raise NotFound("permission denied", self.path)
             try:
-                self._f = h5py.File(self.path, "r", locking=False)
+                try:
+                    self._f = h5py.File(self.path, "r")
+                except OSError as e:
+                    # HDF5 keeps one handle per file in a process: match another opener's flags
+                    if "locking flag" not in str(e):
+                        raise
+                    self._f = h5py.File(self.path, "r", locking=False)
             except PermissionError:
                 raise NotFound("permission denied", self.path) from None
             except OSError as e:
