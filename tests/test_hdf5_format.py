@@ -189,6 +189,25 @@ def test_hard_soft_links_and_alias_attribute(tmp_path):
         assert all_bytes(r, "head/weight") == w.tobytes() == all_bytes(r, "lm_head.weight")
 
 
+def test_writer_style_hard_link_aliases(tmp_path):
+    """ckptctl's writer: hard links plus the attribute; the attribute decides which name is stored,
+    even when the alias sorts first, and no warning is raised."""
+    p = tmp_path / "w.h5"
+    w = np.arange(4, dtype="f4")
+    with h5py.File(p, "w") as f:  # no creation order: names are listed sorted
+        f["z/weight"] = w
+        f["a_tied"] = f["z/weight"]
+        f["m/other"] = np.zeros(2, "f4")
+        f.attrs["ckptctl.aliases"] = json.dumps({"a_tied": "z/weight", "m/other": "z/weight"})
+    with HDF5Reader(p) as r:
+        info = r.info()
+        assert {t.name: t.alias_of for t in info.tensors} == {"z/weight": None, "a_tied": "z/weight",
+                                                              "m/other": None}
+        assert info.tensors[-1].name == "a_tied"
+        assert len(info.warnings) == 1 and "'m/other'" in info.warnings[0]  # a different dataset
+        assert all_bytes(r, "a_tied") == w.tobytes()
+
+
 def test_keras2_save_weights_layout(tmp_path):
     """Keras 2 `save_weights`: layer_names (split past 64 KB into layer_names0, 1, ...)."""
     p = tmp_path / "k2.h5"

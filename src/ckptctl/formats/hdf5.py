@@ -164,32 +164,48 @@ class HDF5Reader(Reader):
         seen = set(order)
         order += [p for p in found if p not in seen]
 
+        # tied weights declared by ckptctl's writer: {alias: target}; the target is the stored one
+        declared: dict[str, str] = {}
+        root_attrs = f["/"].attrs
+        if ALIASES_ATTR in root_attrs:
+            declared = self._declared_aliases(root_attrs[ALIASES_ATTR], warnings)
+        addrs = {p: _addr(ds, h5py) for p, ds in found.items()}
+
         tensors: list[TensorInfo] = []
         objects: list[ObjectInfo] = []
         first_by_addr: dict[Any, str] = {}
         by_name: dict[str, TensorInfo] = {}
         for p in order:
-            ds = found[p]
-            addr = _addr(ds, h5py)
+            target = declared.get(p)
+            if target is not None and target in found and addrs[p] is not None and addrs[p] == addrs[target]:
+                continue  # a hard link the attribute names as an alias: listed below, after its target
+            addr = addrs[p]
             if addr is not None and addr in first_by_addr:
-                target = by_name.get(first_by_addr[addr])
-                if target is not None:
-                    t = TensorInfo(p, target.dtype, target.shape, target.nbytes, alias_of=target.name, loc=target.loc)
+                first = by_name.get(first_by_addr[addr])
+                if first is not None:
+                    t = TensorInfo(p, first.dtype, first.shape, first.nbytes, alias_of=first.name, loc=first.loc)
                     tensors.append(t)
                     by_name[p] = t
                 continue
             if addr is not None:
                 first_by_addr[addr] = p
-            t_or_obj = self._describe(ds, p, warnings, h5py)
+            t_or_obj = self._describe(found[p], p, warnings, h5py)
             if isinstance(t_or_obj, TensorInfo):
                 tensors.append(t_or_obj)
                 by_name[p] = t_or_obj
             else:
                 objects.append(t_or_obj)
 
-        root_attrs = f["/"].attrs
-        if ALIASES_ATTR in root_attrs:
-            tensors += self._aliases(root_attrs[ALIASES_ATTR], by_name, warnings)
+        for alias, target in declared.items():
+            t = by_name.get(target)
+            if alias in by_name:
+                warnings.append(f"ignored tied-weight alias {alias!r}: a separate dataset of that name is stored")
+            elif t is None:
+                warnings.append(f"ignored tied-weight alias {alias!r}: its target {target!r} is not in the file")
+            else:
+                a = TensorInfo(alias, t.dtype, t.shape, t.nbytes, alias_of=t.alias_of or target, loc=t.loc)
+                tensors.append(a)
+                by_name[alias] = a
         return CheckpointInfo(
             path=str(self.path), format=self.format, tensors=tensors, metadata=meta, objects=objects,
             kind=kind, files=[str(self.path)], warnings=warnings,
@@ -301,7 +317,8 @@ class HDF5Reader(Reader):
         except Exception:  # noqa: BLE001 - any doubt: read through h5py instead
             return None
 
-    def _aliases(self, raw, by_name: dict[str, TensorInfo], warnings: list[str]) -> list[TensorInfo]:
+    @staticmethod
+    def _declared_aliases(raw, warnings: list[str]) -> dict[str, str]:
         try:
             mapping = json.loads(_decode(raw))
         except (ValueError, TypeError):
@@ -309,17 +326,8 @@ class HDF5Reader(Reader):
         if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                      for k, v in mapping.items()):
             warnings.append(f"ignored root attribute {ALIASES_ATTR!r}: not a JSON object of names")
-            return []
-        out = []
-        for alias, target in mapping.items():
-            t = by_name.get(target)
-            if alias in by_name:
-                warnings.append(f"ignored tied-weight alias {alias!r}: a dataset of that name is stored")
-            elif t is None:
-                warnings.append(f"ignored tied-weight alias {alias!r}: its target {target!r} is not in the file")
-            else:
-                out.append(TensorInfo(alias, t.dtype, t.shape, t.nbytes, alias_of=t.alias_of or target, loc=t.loc))
-        return out
+            return {}
+        return mapping
 
     # -- Keras / HF recognition ------------------------------------------------------------------
     def _recognise(self, f) -> tuple[str | None, dict, list[str]]:
