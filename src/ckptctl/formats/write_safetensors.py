@@ -1,0 +1,122 @@
+"""Streaming safetensors writer.
+
+Layout as the reference writes it: an u64 header length, compact JSON (`__metadata__` first,
+then the tensors in data order), padded with spaces to a multiple of 8, then the data buffer.
+Data is ordered like the reference (by dtype, then name): for the same tensors and metadata the
+file is byte-identical to `safetensors.torch.save_file`'s, and every tensor is aligned. The header is known from the plan, so it is written first and each tensor's bytes
+go straight to their offset (`pwrite` / `copy_file_range`): any add order works, and memory
+stays bounded.
+
+safetensors forbids aliasing: tied weights are written once per name, unless `dedupe_tied`,
+which writes one copy and records `__metadata__["ckptctl.aliases"] = {alias: target}` (JSON),
+which ckptctl's reader turns back into aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ckptctl import dtypes
+from ckptctl.errors import Incompatible
+from ckptctl.formats.writeutil import AtomicFile, StreamingWriter, copy_range, write_chunks
+from ckptctl.model import TensorInfo
+
+ALIASES_KEY = "ckptctl.aliases"
+MAX_HEADER = 100_000_000  # the reference refuses larger headers
+# the reference's Dtype enum order; it lays data out by dtype (descending), then name, which
+# also puts larger items first so every tensor is aligned to its item size
+ST_ORDER = {code: i for i, code in enumerate(
+    "BOOL F4 F6_E2M3 F6_E3M2 U8 I8 F8_E5M2 F8_E4M3 F8_E8M0 F8_E4M3FNUZ F8_E5M2FNUZ "
+    "I16 U16 F16 BF16 I32 U32 F32 C64 F64 I64 U64".split())}
+
+
+def st_code(t: TensorInfo) -> str:
+    d = dtypes.BY_NAME.get(t.dtype)
+    if d is None or d.st is None:
+        raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}, which safetensors cannot hold")
+    return d.st
+
+
+def header_metadata(metadata: dict | None) -> dict[str, str]:
+    """safetensors metadata is str -> str; transformers wants a "format" entry."""
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+            for k, v in (metadata or {}).items()}
+    meta.setdefault("format", "pt")
+    return meta
+
+
+class SafetensorsWriter(StreamingWriter):
+    format = "safetensors"
+
+    def __init__(self, path, tensors, metadata=None, *, dedupe_tied=False):
+        super().__init__(path, tensors, metadata, dedupe_tied=dedupe_tied)
+        for t in tensors:
+            st_code(t)
+        # what gets bytes in the file: every name, or only primaries when deduplicating
+        stored = [t for t in tensors if not (dedupe_tied and t.alias_of is not None)]
+        order = sorted(stored, key=lambda t: (-ST_ORDER[st_code(t)], t.name))
+        self.offsets: dict[str, int] = {}
+        pos = 0
+        entries: dict[str, dict] = {}
+        for t in order:
+            self.offsets[t.name] = pos
+            entries[t.name] = {"dtype": st_code(t), "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+            pos += t.nbytes
+        self.data_size = pos
+        meta = header_metadata(self.metadata)
+        meta.pop(ALIASES_KEY, None)
+        if dedupe_tied and self.root:
+            meta[ALIASES_KEY] = json.dumps(self.root, ensure_ascii=False, sort_keys=True)
+        doc: dict = {"__metadata__": dict(sorted(meta.items()))}
+        for name, e in entries.items():
+            if name == "__metadata__":
+                raise Incompatible("a tensor named '__metadata__' cannot be stored in safetensors")
+            doc[name] = e
+        head = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        head += b" " * (-len(head) % 8)
+        if len(head) > MAX_HEADER:
+            raise Incompatible(f"safetensors header would be {len(head)} bytes (limit {MAX_HEADER}): "
+                               "too many tensors or too much metadata for one file; use --max-shard-size")
+        self.header = len(head).to_bytes(8, "little") + head
+        self.base = len(self.header)
+        self._file = AtomicFile(self.path)
+        try:
+            os.pwrite(self._file.fd, self.header, 0)
+        except BaseException:
+            self._file.abort()
+            raise
+
+    def add(self, info: TensorInfo, chunks) -> None:
+        t = self._claim(info)
+        if t is None:
+            return
+        write_chunks(self._file.fd, self.base + self.offsets[t.name], chunks, t.nbytes, t.name,
+                     self.on_progress)
+
+    def add_range(self, info: TensorInfo, src, offset: int, length: int) -> None:
+        t = self._claim(info)
+        if t is None:
+            return
+        if length != t.nbytes:
+            raise Incompatible(f"tensor {t.name!r}: source range is {length} bytes, expected {t.nbytes}")
+        copy_range(src, offset, self._file.fd, self.base + self.offsets[t.name], length, self.on_progress)
+
+    def finish(self) -> None:
+        try:
+            self._check_complete()
+            fd = self._file.fd
+            if not self.dedupe_tied:
+                for alias, root in self.root.items():
+                    n = self.by_name[alias].nbytes
+                    copy_range(fd, self.base + self.offsets[root], fd, self.base + self.offsets[alias], n)
+            os.ftruncate(fd, self.base + self.data_size)
+            self._file.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        self._closed = True
+        self._file.abort()

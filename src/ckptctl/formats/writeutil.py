@@ -1,0 +1,272 @@
+"""Byte plumbing the streaming writers share: an atomic temp file and bounded copies.
+
+Every writer writes into a hidden temporary file beside its target
+(`.name.ckptctl-tmp-XXXX`), fsyncs it and renames it into place; `abort` removes it. Tensor bytes
+move either from a reader's chunks (`write_chunks`) or straight from a byte range of the source
+file (`copy_range`: `os.copy_file_range`, zero copy, with a pread/pwrite fallback). No buffer is
+larger than CHUNK (64 MiB), so peak memory does not grow with tensor or checkpoint size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ckptctl.errors import CorruptFile, Incompatible
+from ckptctl.formats.base import Writer
+from ckptctl.model import TensorInfo
+
+CHUNK = 64 * 1024 * 1024
+TMP_TAG = ".ckptctl-tmp-"
+
+Progress = Callable[[int], None] | None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_name(target: Path) -> str:
+    return f".{target.name}{TMP_TAG}"
+
+
+class AtomicFile:
+    """A temporary file beside `target`, renamed over it by `commit`, removed by `abort`."""
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+        parent = self.target.parent
+        if not parent.is_dir():
+            raise Incompatible(f"folder {parent} does not exist")
+        fd, name = tempfile.mkstemp(prefix=temp_name(self.target), dir=parent)
+        self.fd: int | None = fd
+        self.tmp = Path(name)
+
+    def commit(self) -> None:
+        assert self.fd is not None, "commit after close"
+        os.fchmod(self.fd, 0o666 & ~_umask())
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.tmp, self.target)
+        fsync_dir(self.target.parent)
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # pragma: no cover - the kernel reports ENOSPC as an error, not 0
+            raise OSError(28, "No space left on device")
+        view = view[n:]
+        offset += n
+
+
+def write_chunks(
+    fd: int,
+    offset: int,
+    chunks: Iterable[bytes | memoryview],
+    length: int,
+    name: str,
+    progress: Progress = None,
+    crc: bool = False,
+) -> int:
+    """Write exactly `length` bytes from `chunks` at `offset`; returns their CRC-32 (or 0)."""
+    pos = 0
+    value = 0
+    for chunk in chunks:
+        n = len(memoryview(chunk).cast("B")) if not isinstance(chunk, bytes) else len(chunk)
+        if pos + n > length:
+            raise CorruptFile(f"tensor {name!r}: got more than its {length} bytes")
+        if n:
+            pwrite_all(fd, chunk, offset + pos)
+            if crc:
+                value = zlib.crc32(chunk, value)
+            pos += n
+            if progress:
+                progress(n)
+    if pos != length:
+        raise CorruptFile(f"tensor {name!r}: got {pos} bytes, expected {length}")
+    return value
+
+
+_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+
+
+def copy_range(
+    src: str | os.PathLike | int,
+    src_offset: int,
+    fd: int,
+    dst_offset: int,
+    length: int,
+    progress: Progress = None,
+    crc: bool = False,
+) -> int:
+    """Copy `length` bytes of file `src` at `src_offset` to `fd` at `dst_offset`.
+
+    Uses os.copy_file_range (no bytes through Python) and falls back to pread/pwrite in
+    bounded pieces. With `crc`, the bytes are read to compute their CRC-32 (returned).
+    """
+    own = not isinstance(src, int)
+    sfd = os.open(src, os.O_RDONLY) if own else src
+    try:
+        if crc or not _COPY_FILE_RANGE:
+            return _copy_pread(sfd, src_offset, fd, dst_offset, length, progress, crc)
+        done = 0
+        while done < length:
+            want = min(CHUNK, length - done)
+            try:
+                n = os.copy_file_range(sfd, fd, want, src_offset + done, dst_offset + done)
+            except OSError as e:
+                if e.errno in (18, 22, 38, 95, 1):  # EXDEV EINVAL ENOSYS EOPNOTSUPP EPERM
+                    return _copy_pread(sfd, src_offset + done, fd, dst_offset + done,
+                                       length - done, progress, False)
+                raise
+            if n == 0:
+                raise CorruptFile(f"file ends at byte {src_offset + done}, expected data up to byte "
+                                  f"{src_offset + length}")
+            done += n
+            if progress:
+                progress(n)
+        return 0
+    finally:
+        if own:
+            os.close(sfd)
+
+
+def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int,
+                progress: Progress, crc: bool) -> int:
+    buf = bytearray(min(CHUNK, max(length, 1)))
+    view = memoryview(buf)
+    done = 0
+    value = 0
+    while done < length:
+        want = min(len(buf), length - done)
+        n = os.preadv(sfd, [view[:want]], src_offset + done)
+        if n == 0:
+            raise CorruptFile(f"file ends at byte {src_offset + done}, expected data up to byte "
+                              f"{src_offset + length}")
+        pwrite_all(fd, view[:n], dst_offset + done)
+        if crc:
+            value = zlib.crc32(view[:n], value)
+        done += n
+        if progress:
+            progress(n)
+    return value
+
+
+def crc_of_range(fd: int, offset: int, length: int) -> int:
+    """CRC-32 of bytes already in a file (read back in bounded pieces)."""
+    buf = bytearray(min(CHUNK, max(length, 1)))
+    view = memoryview(buf)
+    done = 0
+    value = 0
+    while done < length:
+        want = min(len(buf), length - done)
+        n = os.preadv(fd, [view[:want]], offset + done)
+        if n == 0:
+            raise CorruptFile("temporary file is shorter than written")
+        value = zlib.crc32(view[:n], value)
+        done += n
+    return value
+
+
+# ---- the plan every streaming writer starts from ------------------------------------------------
+
+
+class StreamingWriter(Writer):
+    """Plan bookkeeping shared by the writers.
+
+    `add` must be called once for each tensor whose `alias_of` is None (any order); a call for
+    an alias is accepted and ignored (its chunks are not consumed): the writer writes aliases
+    itself (a copy, a hard link, a pickle memo reference or a metadata entry). `add_range` is the
+    zero-copy variant. `on_progress(nbytes)`, when set, is called as bytes are written.
+    """
+
+    def __init__(self, path, tensors, metadata=None, *, dedupe_tied=False):
+        super().__init__(path, tensors, metadata, dedupe_tied=dedupe_tied)
+        self.on_progress: Progress = None
+        seen: dict[str, TensorInfo] = {}
+        for t in tensors:
+            if t.name in seen:
+                raise Incompatible(f"two tensors are named {t.name!r}")
+            seen[t.name] = t
+        self.by_name = seen
+        self.root: dict[str, str] = {}  # alias -> the primary tensor it shares bytes with
+        for t in tensors:
+            if t.alias_of is None:
+                continue
+            r, hops = t.alias_of, 0
+            while r in seen and seen[r].alias_of is not None and hops < len(tensors):
+                r, hops = seen[r].alias_of, hops + 1
+            if r not in seen or seen[r].alias_of is not None:
+                raise Incompatible(f"tensor {t.name!r} is tied to {t.alias_of!r}, which is not written")
+            p = seen[r]
+            if (p.dtype, tuple(p.shape), p.nbytes) != (t.dtype, tuple(t.shape), t.nbytes):
+                raise Incompatible(f"tensor {t.name!r} is tied to {r!r} but has another dtype or shape")
+            self.root[t.name] = r
+        self.primaries = [t for t in tensors if t.alias_of is None]
+        self._done: set[str] = set()
+        self._closed = False
+
+    # -- the state machine ---------------------------------------------------------------------
+    def _claim(self, info: TensorInfo) -> TensorInfo | None:
+        """The planned TensorInfo for an add() call, or None for an alias (nothing to write)."""
+        if self._closed:
+            raise RuntimeError("writer already finished or aborted")
+        planned = self.by_name.get(info.name)
+        if planned is None:
+            raise Incompatible(f"tensor {info.name!r} was not in the plan")
+        if planned.alias_of is not None:
+            return None
+        if info.name in self._done:
+            raise Incompatible(f"tensor {info.name!r} written twice")
+        self._done.add(info.name)
+        return planned
+
+    def _check_complete(self) -> None:
+        missing = [t.name for t in self.primaries if t.name not in self._done]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise Incompatible(f"tensor {missing[0]!r}{more} never written")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.finish()

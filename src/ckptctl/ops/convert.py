@@ -1,0 +1,586 @@
+"""convert: any checkpoint -> safetensors / PyTorch zip / HDF5, streaming and exact. Pure: no printing.
+
+Two steps, so the CLI can report what will happen before the bytes move:
+`plan_convert(...)` opens the source, selects and renames tensors, checks every tensor against
+the target format and refuses (one CkptError) before anything is written; `run_convert(plan)`
+streams each tensor through a writer (zero copy via `byte_range` when no cast is needed),
+commits atomically (files: temp + rename; shard folders: temp folder + rename) and verifies by
+re-reading the output and comparing every tensor's bytes with the source (cast again when
+--dtype was given).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ckptctl import dtypes
+from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
+from ckptctl.formats import open_reader, resolve, writer_class
+from ckptctl.formats.base import Reader
+from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.ops.inspect import dangerous_globals
+from ckptctl.ops.select import Selection, select
+from ckptctl.formats.writeutil import TMP_TAG
+
+CHUNK = 64 * 1024 * 1024
+CAST_CHUNK = 16 * 1024 * 1024  # source bytes per cast step (a few arrays of this size live at once)
+
+# --to spellings -> writer format
+TARGETS = {
+    "safetensors": "safetensors", "st": "safetensors",
+    "pt": "torch-zip", "pth": "torch-zip", "torch": "torch-zip", "pytorch": "torch-zip", "bin": "torch-zip",
+    "torch-zip": "torch-zip", "ckpt": "torch-zip",
+    "h5": "hdf5", "hdf5": "hdf5", "keras": "hdf5",
+}
+SUFFIXES = {
+    ".safetensors": "safetensors",
+    ".pt": "torch-zip", ".pth": "torch-zip", ".bin": "torch-zip", ".ckpt": "torch-zip",
+    ".h5": "hdf5", ".hdf5": "hdf5",
+}
+# HF names for sharded output: (single file, shard stem, shard suffix)
+SHARD_NAMES = {
+    "safetensors": ("model.safetensors", "model", ".safetensors"),
+    "torch-zip": ("pytorch_model.bin", "pytorch_model", ".bin"),
+    "hdf5": ("tf_model.h5", "tf_model", ".h5"),
+}
+# dtypes --dtype may name, and the floating dtypes that get cast (others are left as they are)
+CAST_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+               "float8_e4m3fnuz", "float8_e5m2fnuz")
+MAX_META_VALUE = 65536  # longer metadata values are not carried over
+
+
+# ---- target -----------------------------------------------------------------------------------
+def target_format(dst: Path, to: str | None, sharded: bool) -> str:
+    if to:
+        fmt = TARGETS.get(to.lower())
+        if fmt is None:
+            raise UsageError(f"unknown target {to!r}: use safetensors, pt or h5")
+        return fmt
+    fmt = SUFFIXES.get(dst.suffix.lower())
+    if fmt:
+        return fmt
+    if sharded:
+        return "safetensors"
+    if dst.is_dir() or str(dst).endswith(os.sep):
+        raise UsageError(f"{dst} is a folder: give an output file (e.g. {dst / 'model.safetensors'}), "
+                         "or --max-shard-size to write shards into it")
+    what = f"unknown suffix {dst.suffix!r}" if dst.suffix else "no suffix"
+    raise UsageError(f"{dst}: {what}; use .safetensors, .pt/.pth/.bin/.ckpt or .h5/.hdf5, or --to")
+
+
+def check_target(fmt: str, tensors: list[TensorInfo]) -> None:
+    """Raise Incompatible naming the first tensor the target format cannot hold."""
+    if fmt == "safetensors":
+        from ckptctl.formats.write_safetensors import st_code
+
+        for t in tensors:
+            st_code(t)
+    elif fmt == "torch-zip":
+        from ckptctl.formats.write_torch import torch_dtype_ok
+
+        for t in tensors:
+            torch_dtype_ok(t)
+    elif fmt == "hdf5":
+        from ckptctl.formats.write_hdf5 import check_paths, storage_dtype
+
+        for t in tensors:
+            storage_dtype(t)
+        check_paths([t.name for t in tensors])
+
+
+# ---- casting ----------------------------------------------------------------------------------
+def cast_target(dtype: str) -> str:
+    try:
+        d = dtypes.get(dtype)
+    except KeyError:
+        raise UsageError(f"--dtype {dtype!r}: unknown dtype") from None
+    if d.name not in CAST_DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: cast targets are {', '.join(CAST_DTYPES)}")
+    return d.name
+
+
+def castable(dtype: str) -> bool:
+    return dtype in CAST_DTYPES
+
+
+def cast_array(x, dst: str):
+    """Cast a numpy array of a floating dtype exactly like torch's `.to(dst)` for every non-NaN value.
+
+    torch rounds to nearest even through float32 (so float64 -> 16/8-bit rounds twice), and
+    saturates float8_e4m3fn at +-448 (inf included) instead of producing NaN. NaN stays NaN;
+    its payload bits are not specified (torch's own differ between code paths).
+    """
+    import numpy as np
+
+    out = dtypes.numpy_dtype(dst)
+    if x.dtype == out:
+        return x
+    with np.errstate(all="ignore"):
+        if dst not in ("float64", "float32") and x.dtype == np.float64:
+            x = x.astype(np.float32)
+        if dst == "float8_e4m3fn":
+            x = np.clip(x.astype(np.float32, copy=False), -448.0, 448.0)
+        return x.astype(out)
+
+
+def aligned_chunks(chunks: Iterable, itemsize: int) -> Iterator[memoryview]:
+    """Re-cut byte chunks so that each holds whole elements."""
+    rest = bytearray()
+    for c in chunks:
+        mv = memoryview(c).cast("B")
+        if rest:
+            need = -len(rest) % itemsize
+            rest += mv[:need]
+            mv = mv[need:]
+            if len(rest) % itemsize:
+                continue
+            yield memoryview(bytes(rest))
+            rest = bytearray()
+        n = len(mv) - len(mv) % itemsize
+        if n:
+            yield mv[:n]
+        rest += mv[n:]
+    if rest:
+        raise CorruptFile(f"tensor data ends in the middle of an element ({len(rest)} stray bytes)")
+
+
+def cast_chunks(chunks: Iterable, src: str, dst: str) -> Iterator[bytes]:
+    import numpy as np
+
+    sdt = dtypes.numpy_dtype(src)
+    for c in aligned_chunks(chunks, sdt.itemsize):
+        yield cast_array(np.frombuffer(c, dtype=sdt), dst).tobytes()
+
+
+# ---- metadata ---------------------------------------------------------------------------------
+def carry_metadata(meta: dict, notes: list[str]) -> dict[str, str]:
+    """Source metadata as str -> str (JSON for other values); ckptctl's own keys are rebuilt."""
+    out: dict[str, str] = {}
+    dropped = []
+    for k, v in meta.items():
+        k = str(k)
+        if k.startswith("ckptctl."):
+            continue
+        s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+        if len(s) > MAX_META_VALUE:
+            dropped.append(k)
+            continue
+        out[k] = s
+    if dropped:
+        notes.append(f"metadata not carried over (values over {MAX_META_VALUE // 1024} KiB): {', '.join(dropped)}")
+    return out
+
+
+# ---- shards -----------------------------------------------------------------------------------
+def plan_shards(sizes: list[int], max_size: int) -> list[list[int]]:
+    """Indexes of items per shard, in order: a new shard starts when the next item would pass
+    max_size (an item larger than max_size gets a shard of its own). Like transformers."""
+    shards: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i, s in enumerate(sizes):
+        if cur and total + s > max_size:
+            shards.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += s
+    if cur or not shards:
+        shards.append(cur)
+    return shards
+
+
+def shard_file_names(fmt: str, n: int) -> tuple[list[str], str | None]:
+    single, stem, suffix = SHARD_NAMES[fmt]
+    if n == 1:
+        return [single], None
+    return [f"{stem}-{i:05d}-of-{n:05d}{suffix}" for i in range(1, n + 1)], single + ".index.json"
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+@dataclass
+class OutputFile:
+    path: Path  # final path (inside the temp folder while writing shards)
+    tensors: list[TensorInfo]  # output infos (dtype after cast), in write order
+    metadata: dict[str, str]
+
+
+@dataclass
+class ConvertPlan:
+    src: Path
+    dst: Path
+    fmt: str
+    reader: Reader
+    info: CheckpointInfo
+    selection: Selection
+    out_dtype: dict[str, str]  # output name -> dtype written
+    files: list[OutputFile]
+    index_name: str | None
+    sharded: bool
+    dedupe_tied: bool
+    verify: bool
+    force: bool
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dangerous: list[str] = field(default_factory=list)
+    cast_to: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for f in self.files for t in f.tensors if t.alias_of is None)
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.selection.pairs)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+@dataclass
+class ConvertResult:
+    dst: Path
+    fmt: str
+    outputs: list[Path]
+    num_tensors: int
+    bytes_written: int
+    verified: bool
+    verified_tensors: int = 0
+    verified_bytes: int = 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_destination(src: Path, src_files: list[Path], dst: Path, sharded: bool, force: bool) -> None:
+    if not dst.parent.is_dir():
+        raise Incompatible(f"folder {dst.parent} does not exist", dst)
+    src_abs = src.resolve()
+    dst_abs = dst.resolve()
+    for f in [src, *src_files]:
+        if _same_file(f, dst) or f.resolve() == dst_abs:
+            raise UsageError(f"{dst} is the source; write the output elsewhere")
+    if src_abs == dst_abs or (sharded or dst.is_dir()) and dst_abs in src_abs.parents:
+        raise UsageError(f"{dst} holds the source; write the output elsewhere")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise Incompatible("already exists (--force to overwrite)", dst)
+        if dst.is_dir() and not sharded:
+            raise Incompatible("is a folder; --force replaces files only (or use --max-shard-size)", dst)
+
+
+def plan_convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str | None = None,
+    key: str | None = None,
+    all_: bool = False,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    strip_prefix: list[str] | None = None,
+    add_prefix: str | None = None,
+    rename: list[str] | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    dedupe_tied: bool = False,
+    verify: bool = True,
+    force: bool = False,
+) -> ConvertPlan:
+    src, dst = Path(src), Path(dst)
+    sharded = max_shard_size is not None
+    if sharded and max_shard_size <= 0:
+        raise UsageError("--max-shard-size must be positive")
+    fmt = target_format(dst, to, sharded)
+    cast_to = cast_target(dtype) if dtype else None
+    reader = open_reader(src)
+    try:
+        info = reader.info()
+        _fmt, opened = resolve(src)
+        src_files = [Path(f) for f in info.files] + [opened]
+        _check_destination(src, src_files, dst, sharded, force)
+        sel = select(info.tensors, key=key, all_=all_, include=include, exclude=exclude,
+                     strip_prefix=strip_prefix, add_prefix=add_prefix, rename=rename)
+        notes = list(sel.notes)
+        warnings = list(info.warnings)
+        scope = [o for o in info.objects
+                 if not sel.root or o.name == sel.root or o.name.startswith(sel.root.rstrip("/") + "/")]
+        if scope:
+            shown = ", ".join(f"{o.name or '/'} ({o.type})" for o in scope[:3])
+            more = f" and {len(scope) - 3} more" if len(scope) > 3 else ""
+            notes.append(f"{len(scope)} non-tensor object(s) not written: {shown}{more}")
+        if not sel.training_default and not key and not all_:
+            tops = top_level_only(info.tensors)
+            if tops:
+                notes.append(f"every tensor is under {tops}/: --key {tops} writes them without that prefix")
+        out_dtype: dict[str, str] = {}
+        kept: list[str] = []
+        outs: list[TensorInfo] = []
+        for s, o in sel.pairs:
+            d = o.dtype
+            if cast_to and dtypes.BY_NAME.get(o.dtype) is not None and dtypes.BY_NAME[o.dtype].is_floating:
+                if castable(o.dtype):
+                    d = cast_to
+                elif o.dtype not in kept:
+                    kept.append(o.dtype)
+            out_dtype[o.name] = d
+            outs.append(o if d == o.dtype else replace(o, dtype=d, nbytes=dtypes.nbytes(d, o.shape)))
+        if kept:
+            notes.append(f"--dtype {cast_to}: tensors of dtype {', '.join(kept)} are not cast (scale/packed formats)")
+        check_target(fmt, outs)
+        metadata = carry_metadata(info.metadata, notes)
+        if fmt == "torch-zip":
+            lost = [k for k in metadata if k != "format"]
+            if lost:
+                notes.append(f"metadata not kept (a PyTorch state dict has no place for it): {', '.join(lost[:6])}"
+                             + (" ..." if len(lost) > 6 else ""))
+        files, index_name = _layout(fmt, dst, outs, metadata, max_shard_size, dedupe_tied)
+        return ConvertPlan(
+            src=src, dst=dst, fmt=fmt, reader=reader, info=info, selection=sel, out_dtype=out_dtype,
+            files=files, index_name=index_name, sharded=sharded, dedupe_tied=dedupe_tied, verify=verify,
+            force=force, notes=notes, warnings=warnings, dangerous=dangerous_globals(info), cast_to=cast_to,
+        )
+    except BaseException:
+        reader.close()
+        raise
+
+
+def top_level_only(tensors: list[TensorInfo]) -> str | None:
+    """The one '/'-part every tensor name starts with, if there is one (e.g. model_state_dict)."""
+    tops = {t.name.split("/", 1)[0] if "/" in t.name else None for t in tensors}
+    if len(tops) == 1:
+        (top,) = tops
+        return top
+    return None
+
+
+def _layout(fmt: str, dst: Path, outs: list[TensorInfo], metadata: dict[str, str],
+            max_shard_size: int | None, dedupe_tied: bool) -> tuple[list[OutputFile], str | None]:
+    if max_shard_size is None:
+        return [OutputFile(dst, outs, metadata)], None
+    # tie groups stay in one shard; a group costs what the writer stores for it
+    groups: dict[str, list[TensorInfo]] = {}
+    for t in outs:
+        groups.setdefault(t.alias_of or t.name, []).append(t)
+    dup = fmt == "safetensors" and not dedupe_tied
+    order = list(groups.values())
+    sizes = [sum(t.nbytes for t in g) if dup else g[0].nbytes for g in order]
+    shards = plan_shards(sizes, max_shard_size)
+    names, index_name = shard_file_names(fmt, len(shards))
+    files = []
+    for name, idx in zip(names, shards):
+        members = [t for i in idx for t in order[i]]
+        files.append(OutputFile(dst / name, members, metadata))
+    return files, index_name
+
+
+# ---- running ----------------------------------------------------------------------------------
+def _source_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo) -> Iterable:
+    if out.dtype == src.dtype:
+        return plan.reader.iter_chunks(src.name, CHUNK)
+    return cast_chunks(plan.reader.iter_chunks(src.name, CAST_CHUNK), src.dtype, out.dtype)
+
+
+def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, TensorInfo],
+                progress: Callable[[int], None] | None) -> None:
+    W = writer_class(plan.fmt)
+    w = W(path, f.tensors, f.metadata, dedupe_tied=plan.dedupe_tied)
+    w.on_progress = progress
+    try:
+        for t in f.tensors:
+            if t.alias_of is not None:
+                continue
+            s = srcs[t.name]
+            rng = plan.reader.byte_range(s.name) if s.dtype == t.dtype else None
+            if rng is not None and hasattr(w, "add_range") and rng[2] == t.nbytes:
+                w.add_range(t, rng[0], rng[1], rng[2])
+            else:
+                w.add(t, _source_chunks(plan, s, t))
+        w.finish()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def run_convert(plan: ConvertPlan, progress: Callable[[int], None] | None = None,
+                verify_progress: Callable[[int], None] | None = None) -> ConvertResult:
+    """Write the output beside DST, verify it (unless plan.verify is False), then move it in."""
+    staged = write_output(plan, progress)
+    try:
+        verified = verify_output(plan, staged.out, verify_progress) if plan.verify else None
+        return commit_output(plan, staged, verified)
+    finally:
+        staged.discard()
+
+
+@dataclass
+class Staged:
+    """The written output in a hidden folder beside DST, not yet at DST."""
+
+    tmp: Path  # the hidden folder
+    out: Path  # what DST will be: tmp/<DST name> for one file, tmp itself for shards
+    committed: bool = False
+
+    def discard(self) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = None) -> Staged:
+    """Write every output file into a hidden folder beside DST; nothing is at DST yet."""
+    srcs = {o.name: s for s, o in plan.selection.pairs}
+    dst = plan.dst
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{TMP_TAG}", dir=dst.parent))
+    staged = Staged(tmp, tmp if plan.sharded else tmp / dst.name)
+    try:
+        if not plan.sharded:
+            _write_file(plan, plan.files[0], staged.out, srcs, progress)
+            return staged
+        for f in plan.files:
+            _write_file(plan, f, tmp / f.path.name, srcs, progress)
+        if plan.index_name:
+            weight_map = {t.name: f.path.name for f in plan.files for t in f.tensors}
+            index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+            with open(tmp / plan.index_name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        return staged
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] | None = None) -> ConvertResult:
+    """Move the staged output to DST (replacing what --force allowed to replace)."""
+    from ckptctl.formats.writeutil import fsync_dir
+
+    dst = plan.dst
+    if plan.sharded:
+        os.chmod(staged.tmp, 0o777 & ~_umask())
+        _swap_in(staged.tmp, dst)
+        outputs = [dst / f.path.name for f in plan.files] + ([dst / plan.index_name] if plan.index_name else [])
+    else:
+        os.replace(staged.out, dst)
+        fsync_dir(dst.parent)
+        outputs = [dst]
+    staged.committed = True
+    if not plan.sharded:
+        shutil.rmtree(staged.tmp, ignore_errors=True)
+    result = ConvertResult(dst=dst, fmt=plan.fmt, outputs=outputs, num_tensors=plan.num_tensors,
+                           bytes_written=sum(p.stat().st_size for p in outputs), verified=verified is not None)
+    if verified is not None:
+        result.verified_tensors, result.verified_bytes = verified
+    return result
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def _swap_in(tmp: Path, dst: Path) -> None:
+    """Put folder `tmp` at `dst`; an existing dst (allowed by --force) is moved away first."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.ckptctl-old-", dir=dst.parent))
+        os.rmdir(old)
+        os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dst)
+        raise
+    from ckptctl.formats.writeutil import fsync_dir
+
+    fsync_dir(dst.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+# ---- verifying --------------------------------------------------------------------------------
+def _equal(a: memoryview, b: memoryview) -> bool:
+    import numpy as np
+
+    if isinstance(a.obj, bytes) and isinstance(b.obj, bytes) and len(a.obj) == len(a) == len(b.obj):
+        return a.obj == b.obj  # memcmp
+    dt = np.uint64 if len(a) % 8 == 0 else np.uint8
+    return bool(np.array_equal(np.frombuffer(a, dt), np.frombuffer(b, dt)))
+
+
+def same_bytes(a: Iterable, b: Iterable) -> int | None:
+    """None when the two byte streams are equal, else the offset of the first difference."""
+    streams = [iter(a), iter(b)]
+    cur: list[memoryview | None] = [memoryview(b""), memoryview(b"")]
+    pos = 0
+    while True:
+        for k in (0, 1):
+            while cur[k] is not None and not cur[k]:
+                x = next(streams[k], None)
+                cur[k] = None if x is None else memoryview(x).cast("B")
+        ca, cb = cur
+        if ca is None or cb is None:
+            return None if ca is None and cb is None else pos
+        n = min(len(ca), len(cb))
+        if not _equal(ca[:n] if n < len(ca) else ca, cb[:n] if n < len(cb) else cb):
+            for i in range(n):  # only on failure
+                if ca[i] != cb[i]:
+                    return pos + i
+        pos += n
+        cur = [ca[n:], cb[n:]]
+
+
+def verify_output(plan: ConvertPlan, at: Path | None = None,
+                  progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Re-read the output (at `at`, default DST) with ckptctl's readers and compare names, dtypes,
+    shapes and every byte with the source (cast again when --dtype was given)."""
+    where = plan.dst
+    at = at or plan.dst
+    srcs = {o.name: s for s, o in plan.selection.pairs}
+    expected = {t.name: t for f in plan.files for t in f.tensors}
+    try:
+        reader = open_reader(at)
+    except CkptError as e:
+        raise CorruptFile(f"verify: cannot read the output back ({e.message})", where) from None
+    with reader:
+        got = {t.name: t for t in reader.info().tensors}
+        missing = [n for n in expected if n not in got]
+        extra = [n for n in got if n not in expected]
+        if missing or extra:
+            what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+            raise CorruptFile(f"verify failed: output has {len(got)} tensors, expected {len(expected)} ({what})",
+                              where)
+        n = nbytes = 0
+        for name, e in expected.items():
+            g = got[name]
+            if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
+                raise CorruptFile(f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, "
+                                  f"expected {e.dtype}{list(e.shape)}", where)
+            if g.alias_of is not None and e.alias_of is not None:
+                n += 1
+                continue  # the same bytes as its target, which is compared
+            s = srcs[name]
+            diff = same_bytes(reader.iter_chunks(name, CHUNK), _source_chunks(plan, s, e))
+            if diff is not None:
+                raise CorruptFile(f"verify failed: tensor {name!r} differs from the source at byte {diff}",
+                                  where)
+            n += 1
+            nbytes += e.nbytes
+            if progress:
+                progress(e.nbytes)
+    return n, nbytes
