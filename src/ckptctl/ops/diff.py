@@ -1,0 +1,1111 @@
+"""diff: compare checkpoints tensor by tensor, streaming. Pure: no printing.
+
+Three modes share one engine:
+  * two checkpoints (`diff_checkpoints`): structure, file metadata and, for tensors present in
+    both with the same shape, value statistics;
+  * two runs (`diff_runs`): checkpoints aligned by step, one summary per common step;
+  * one run (`along_run`): consecutive checkpoints, update size and weight norm per step.
+
+Values are streamed: both tensors are read in lockstep, a bounded chunk at a time at the same
+element offsets, and reduced into float64 accumulators. Identical bytes are identical without
+any arithmetic (the fast path); the arithmetic runs only on chunks whose bytes differ.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptctl import dtypes
+from ckptctl.errors import CkptError, CorruptFile, UsageError
+from ckptctl.formats import open_reader
+from ckptctl.model import CheckpointInfo, TensorInfo
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ckptctl.formats.base import Reader
+
+READ_BYTES = 16 * 1024 * 1024  # bytes read from a file per call, per side
+BLOCK = 1 << 17  # elements per arithmetic block (fits the L2 cache as float64)
+Progress = Callable[[int], None] | None
+
+
+# ---- names: --key / --strip-prefix (ops/select.py does the work) ----------------------------------
+def has_key(info: CheckpointInfo, key: str) -> bool:
+    from ckptctl.ops.select import under
+
+    return any(under(t.name, key.strip("/")) is not None for t in info.tensors)
+
+
+def select(
+    info: CheckpointInfo, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
+    filters: list[str] | None = None,
+) -> dict[str, TensorInfo]:
+    """Aligned name -> source TensorInfo (whose .name is the name in the file), in file order.
+
+    Everything by default (no training-checkpoint default here: diff shows what is there);
+    `key` takes that sub-tree; `strip` removes the first matching prefix; `filters` are globs
+    on the aligned names.
+    """
+    from ckptctl.ops.inspect import match_any
+    from ckptctl.ops.select import select as select_tensors
+
+    if not info.tensors:
+        return {}
+    sel = select_tensors(info.tensors, key=key, all_=key is None, strip_prefix=list(strip))
+    return {out.name: src for src, out in sel.pairs if not filters or match_any(out.name, filters)}
+
+
+def _candidate_prefixes(names: list[str], depth: int = 2, top: int = 6) -> list[str]:
+    c: Counter[str] = Counter()
+    for n in names:
+        seen = 0
+        for i, ch in enumerate(n):
+            if ch in "./" and i + 1 < len(n):
+                c[n[: i + 1]] += 1
+                seen += 1
+                if seen >= depth:
+                    break
+    return [p for p, _ in c.most_common(top)]
+
+
+def _strip_set(names: list[str], prefix: str, subtree: bool) -> set[str]:
+    if not prefix:
+        return set(names)
+    if subtree:
+        return {n[len(prefix):] for n in names if n.startswith(prefix)}
+    return {n[len(prefix):] if n.startswith(prefix) else n for n in names}
+
+
+def name_hint(names_a: list[str], names_b: list[str]) -> str | None:
+    """A suggestion when the two key sets match (much) better after removing a common prefix."""
+    base = len(set(names_a) & set(names_b))
+    if not names_a or not names_b or base == min(len(set(names_a)), len(set(names_b))):
+        return None
+    best = (base, "", "")
+    ca = [""] + _candidate_prefixes(names_a)
+    cb = [""] + _candidate_prefixes(names_b)
+    for pa in ca:
+        sa = _strip_set(names_a, pa, pa.endswith("/"))
+        for pb in cb:
+            if not pa and not pb:
+                continue
+            sb = _strip_set(names_b, pb, pb.endswith("/"))
+            m = len(sa & sb)
+            if m > best[0]:
+                best = (m, pa, pb)
+    matched, pa, pb = best
+    if matched <= base or matched * 2 < min(len(set(names_a)), len(set(names_b))):
+        return None
+    opts: list[str] = []
+    for p in dict.fromkeys(x for x in (pa, pb) if x):
+        opts.append(f"--key {p.rstrip('/')}" if p.endswith("/") else f"--strip-prefix {p}")
+    where = []
+    if pa:
+        where.append(f"{pa!r} in A")
+    if pb:
+        where.append(f"{pb!r} in B")
+    return (f"{matched} tensor names match after removing {' and '.join(where)}: "
+            f"try {' '.join(opts)}")
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+def numeric_kind(dtype: str) -> str:
+    """'float' | 'complex' | 'int' | 'bool' | 'bytes' (no arithmetic: compare bytes only)."""
+    d = dtypes.BY_NAME[dtype]
+    if d.kind in ("float", "complex", "int", "uint", "bool") and d.bits % 8 == 0:
+        dt = dtypes.numpy_dtype(dtype)
+        if dt is not None and dt.itemsize * 8 == d.bits:
+            return {"uint": "int"}.get(d.kind, d.kind)
+    return "bytes"
+
+
+def itemsize(dtype: str) -> int:
+    return dtypes.BY_NAME[dtype].itemsize
+
+
+class ChunkSource:
+    """Read one tensor's logical bytes in chunks of a fixed size (the last may be shorter).
+
+    Uses pread into one reused buffer when the reader names a contiguous byte range (no
+    allocation per chunk); otherwise regroups the reader's `iter_chunks` pieces.
+    The yielded buffer is only valid until the next one is requested.
+    """
+
+    def __init__(self, reader: Reader, t: TensorInfo, chunk_bytes: int, buf: bytearray | None = None):
+        self.reader = reader
+        self.t = t
+        self.chunk_bytes = max(1, chunk_bytes)
+        self.buf = buf
+
+    def __iter__(self) -> Iterator[memoryview | bytes]:
+        t = self.t
+        if t.nbytes == 0:
+            return
+        rng = None
+        try:
+            rng = self.reader.byte_range(t.name)
+        except Exception:  # noqa: BLE001 - fall back to the generic path
+            rng = None
+        if rng is not None and rng[2] == t.nbytes:
+            yield from self._pread(*rng)
+            return
+        yield from self._regroup()
+
+    def _pread(self, file: str, offset: int, length: int) -> Iterator[memoryview]:
+        size = min(self.chunk_bytes, length)
+        if self.buf is None or len(self.buf) < size:
+            self.buf = bytearray(size)
+        view = memoryview(self.buf)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            pos = 0
+            while pos < length:
+                want = min(size, length - pos)
+                got = 0
+                while got < want:
+                    n = os.preadv(fd, [view[got:want]], offset + pos + got)
+                    if n == 0:
+                        raise CorruptFile(
+                            f"tensor {self.t.name!r}: file ends at byte {offset + pos + got}, "
+                            f"expected data up to byte {offset + length}", file,
+                        )
+                    got += n
+                pos += want
+                yield view[:want]
+        finally:
+            os.close(fd)
+
+    def _regroup(self) -> Iterator[bytes | memoryview]:
+        size = self.chunk_bytes
+        total = 0
+        pending = bytearray()
+        for piece in self.reader.iter_chunks(self.t.name, size):
+            mv = memoryview(piece).cast("B")
+            total += len(mv)
+            if total > self.t.nbytes:
+                break
+            if not pending and len(mv) == size:
+                yield mv
+                continue
+            pending += mv
+            while len(pending) >= size:
+                yield bytes(pending[:size])
+                del pending[:size]
+        if total != self.t.nbytes:
+            raise CorruptFile(
+                f"tensor {self.t.name!r}: got {total} bytes, expected {self.t.nbytes}", self.reader.path
+            )
+        if pending:
+            yield bytes(pending)
+
+
+def as_array(buf, dtype: str) -> np.ndarray:
+    """A flat numpy view of raw little-endian bytes (bool as uint8, bf16/fp8 via ml_dtypes)."""
+    import numpy as np
+
+    kind = numeric_kind(dtype)
+    if kind == "bool":
+        return np.frombuffer(buf, dtype=np.uint8)
+    if kind == "bytes":
+        return np.frombuffer(buf, dtype=np.uint8)
+    return np.frombuffer(buf, dtype=dtypes.numpy_dtype(dtype))
+
+
+def _uint_view(x: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.itemsize]) if x.itemsize <= 8 \
+        else x.view(np.uint64)
+
+
+_MEMCMP: Any = None
+
+
+def _memcmp():
+    global _MEMCMP
+    if _MEMCMP is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None).memcmp
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            fn.restype = ctypes.c_int
+            _MEMCMP = fn
+        except (OSError, AttributeError):
+            _MEMCMP = False
+    return _MEMCMP
+
+
+def _same_bytes(a, b) -> bool:
+    """memcmp of two buffers without copying them (memoryview == memoryview compares item by
+    item in Python's struct machinery: far slower)."""
+    if isinstance(a, bytes) and isinstance(b, bytes):
+        return a == b
+    if len(a) != len(b):
+        return False
+    if not len(a):
+        return True
+    fn = _memcmp()
+    if fn:
+        import numpy as np
+
+        pa = np.frombuffer(a, np.uint8).ctypes.data
+        pb = np.frombuffer(b, np.uint8).ctypes.data
+        return fn(pa, pb, len(a)) == 0
+    return bytes(a) == bytes(b)
+
+
+# ---- per-tensor statistics -----------------------------------------------------------------------
+@dataclass
+class _Acc:
+    numel: int = 0
+    n_diff: int = 0
+    n_finite: int = 0  # element pairs where both sides are finite (the statistics' population)
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    ssq_d: float = 0.0
+    ssq_a: float = 0.0
+    ssq_b: float = 0.0
+    dot_ab: float = 0.0
+    nan_a: int = 0
+    nan_b: int = 0
+    inf_a: int = 0
+    inf_b: int = 0
+    arith: bool = False  # any arithmetic done (False: every chunk was byte-identical)
+
+
+class _Buffers:
+    """float64 work buffers reused across blocks (no allocation in the hot loop)."""
+
+    def __init__(self, n: int = BLOCK):
+        import numpy as np
+
+        self.X = np.empty(n)
+        self.Y = np.empty(n)
+        self.D = np.empty(n)
+        self.T = np.empty(n)
+        self.B = np.empty(n, dtype=bool)
+        self.C = np.empty(n, dtype=bool)
+
+
+class Comparer:
+    """Compare tensor values in float64 accumulators.
+
+    Equality: bit-exact when atol and rtol are None (same dtype: the bits; different dtypes:
+    the values, NaN equal to NaN); otherwise |a - b| <= atol + rtol * |b| for floating tensors.
+    Integer and bool tensors are always compared exactly.
+    """
+
+    def __init__(self, atol: float | None = None, rtol: float | None = None):
+        self.tol = atol is not None or rtol is not None
+        self.atol = float(atol or 0.0)
+        self.rtol = float(rtol or 0.0)
+        self._bufs: _Buffers | None = None
+        self._rbuf_a: bytearray | None = None
+        self._rbuf_b: bytearray | None = None
+
+    @property
+    def bufs(self) -> _Buffers:
+        if self._bufs is None:
+            self._bufs = _Buffers()
+        return self._bufs
+
+    # -- one tensor pair ---------------------------------------------------------------------------
+    def compare(self, ra: Reader, ta: TensorInfo, rb: Reader, tb: TensorInfo, progress: Progress = None) -> _Acc:
+        """Stream both tensors (same numel) and return the filled accumulator."""
+        ka, kb = numeric_kind(ta.dtype), numeric_kind(tb.dtype)
+        acc = _Acc(numel=ta.numel)
+        same = ta.dtype == tb.dtype
+        if "bytes" in (ka, kb) and not same:
+            raise ValueError("cannot compare values of these dtypes")
+        elems = max(1, READ_BYTES // max(itemsize(ta.dtype), itemsize(tb.dtype)))
+        elems -= elems % BLOCK if elems > BLOCK else 0
+        if self._rbuf_a is None:
+            self._rbuf_a, self._rbuf_b = bytearray(READ_BYTES), bytearray(READ_BYTES)
+        if ka == "bytes":  # same dtype: bytes only
+            src_a = ChunkSource(ra, ta, READ_BYTES, self._rbuf_a)
+            src_b = ChunkSource(rb, tb, READ_BYTES, self._rbuf_b)
+            for ca, cb in _lockstep(src_a, src_b, ta, tb):
+                if not _same_bytes(ca, cb):
+                    x, y = memoryview(ca).cast("B"), memoryview(cb).cast("B")
+                    import numpy as np
+
+                    acc.n_diff += int(np.count_nonzero(np.frombuffer(x, np.uint8) != np.frombuffer(y, np.uint8)))
+                if progress:
+                    progress(len(ca) + len(cb))
+            return acc
+        src_a = ChunkSource(ra, ta, elems * itemsize(ta.dtype), self._rbuf_a)
+        src_b = ChunkSource(rb, tb, elems * itemsize(tb.dtype), self._rbuf_b)
+        fast = same  # identical bytes are identical values: skip the arithmetic
+        differs = False
+        eq_prefix = 0  # elements of byte-identical chunks before the first difference
+        for ca, cb in _lockstep(src_a, src_b, ta, tb):
+            x, y = as_array(ca, ta.dtype), as_array(cb, tb.dtype)
+            if fast and _same_bytes(ca, cb):
+                if differs:
+                    self._self_stats(acc, x)
+                else:
+                    eq_prefix += len(x)
+            else:
+                if not differs and eq_prefix:
+                    self._prefix_stats(acc, ra, ta, eq_prefix)
+                differs = True
+                self._values(acc, x, y, ka, kb, same)
+            if progress:
+                progress(len(ca) + len(cb))
+        return acc
+
+    def _prefix_stats(self, acc: _Acc, ra: Reader, ta: TensorInfo, n: int) -> None:
+        """Statistics of the byte-identical leading elements, read again from side A only."""
+        done = 0
+        for chunk in ChunkSource(ra, ta, READ_BYTES - READ_BYTES % itemsize(ta.dtype)):
+            x = as_array(chunk, ta.dtype)
+            take = min(len(x), n - done)
+            self._self_stats(acc, x[:take])
+            done += take
+            if done >= n:
+                break
+
+    def _self_stats(self, acc: _Acc, x: np.ndarray) -> None:
+        """Accumulate a chunk that is the same on both sides (d = 0)."""
+        import numpy as np
+
+        b = self.bufs
+        acc.arith = True
+        for i in range(0, len(x), BLOCK):
+            xs = x[i: i + BLOCK]
+            k = len(xs)
+            if np.iscomplexobj(xs):
+                X = xs.astype(np.complex128)
+                fin = np.isfinite(X)
+                nan = int(np.count_nonzero(np.isnan(X)))
+                X = X[fin]
+                s = float(np.vdot(X, X).real)
+            else:
+                X = b.X[:k]
+                np.copyto(X, xs, casting="unsafe")
+                s = float(X @ X)
+                nan = 0
+                fin = None
+                if not math.isfinite(s):
+                    fin = np.isfinite(X)
+                    nan = int(np.count_nonzero(np.isnan(X)))
+                    Xf = X[fin]
+                    s = float(Xf @ Xf)
+            nf = k if fin is None else int(np.count_nonzero(fin))
+            inf = k - nf - nan
+            acc.n_finite += nf
+            acc.ssq_a += s
+            acc.ssq_b += s
+            acc.dot_ab += s
+            acc.nan_a += nan
+            acc.nan_b += nan
+            acc.inf_a += inf
+            acc.inf_b += inf
+
+    def _values(self, acc: _Acc, x: np.ndarray, y: np.ndarray, ka: str, kb: str, same: bool) -> None:
+        import numpy as np
+
+        acc.arith = True
+        if "complex" in (ka, kb):
+            self._complex(acc, x, y, same)
+            return
+        exact_ints = ka in ("int", "bool") and kb in ("int", "bool")
+        b = self.bufs
+        with np.errstate(all="ignore"):
+            for i in range(0, len(x), BLOCK):
+                xs, ys = x[i: i + BLOCK], y[i: i + BLOCK]
+                k = len(xs)
+                X, Y, D, B = b.X[:k], b.Y[:k], b.D[:k], b.B[:k]
+                np.copyto(X, xs, casting="unsafe")
+                np.copyto(Y, ys, casting="unsafe")
+                np.subtract(X, Y, out=D)
+                sa, sb = float(X @ X), float(Y @ Y)
+                finite = math.isfinite(sa) and math.isfinite(sb)
+                # -- how many elements differ
+                if same and (exact_ints or not self.tol):
+                    np.not_equal(_uint_view(xs), _uint_view(ys), out=B)
+                    n_diff = int(np.count_nonzero(B))
+                elif exact_ints:
+                    np.not_equal(xs, ys, out=B)
+                    n_diff = int(np.count_nonzero(B))
+                elif not self.tol:
+                    np.not_equal(X, Y, out=B)
+                    if not finite:
+                        B &= ~(np.isnan(X) & np.isnan(Y))
+                    n_diff = int(np.count_nonzero(B))
+                else:
+                    T, C = b.T[:k], b.C[:k]
+                    np.abs(Y, out=T)
+                    T *= self.rtol
+                    T += self.atol
+                    np.abs(D, out=D)
+                    np.less_equal(D, T, out=B)
+                    if not finite:
+                        np.equal(X, Y, out=C)
+                        B |= C
+                        B |= np.isnan(X) & np.isnan(Y)
+                        np.subtract(X, Y, out=D)
+                    n_diff = k - int(np.count_nonzero(B))
+                    if finite:
+                        np.subtract(X, Y, out=D)
+                acc.n_diff += n_diff
+                # -- statistics over the pairs where both sides are finite
+                if finite:
+                    Xf, Yf, Df = X, Y, D
+                    nf = k
+                else:
+                    nan_x, nan_y = np.isnan(X), np.isnan(Y)
+                    fx, fy = np.isfinite(X), np.isfinite(Y)
+                    acc.nan_a += int(np.count_nonzero(nan_x))
+                    acc.nan_b += int(np.count_nonzero(nan_y))
+                    acc.inf_a += k - int(np.count_nonzero(fx)) - int(np.count_nonzero(nan_x))
+                    acc.inf_b += k - int(np.count_nonzero(fy)) - int(np.count_nonzero(nan_y))
+                    both = fx & fy
+                    Xf, Yf = X[both], Y[both]
+                    Df = Xf - Yf
+                    nf = len(Xf)
+                    sa, sb = float(Xf @ Xf), float(Yf @ Yf)
+                acc.n_finite += nf
+                if nf:
+                    acc.ssq_d += float(Df @ Df)
+                    acc.ssq_a += sa
+                    acc.ssq_b += sb
+                    acc.dot_ab += float(Xf @ Yf)
+                    np.abs(Df, out=Df)
+                    acc.max_abs = max(acc.max_abs, float(Df.max()))
+                    acc.sum_abs += float(Df.sum())
+
+    def _complex(self, acc: _Acc, x: np.ndarray, y: np.ndarray, same: bool) -> None:
+        import numpy as np
+
+        with np.errstate(all="ignore"):
+            for i in range(0, len(x), BLOCK):
+                xs, ys = x[i: i + BLOCK], y[i: i + BLOCK]
+                X, Y = xs.astype(np.complex128), ys.astype(np.complex128)
+                D = X - Y
+                nan_x, nan_y = np.isnan(X), np.isnan(Y)
+                if same and not self.tol:
+                    raw_x = np.frombuffer(xs.tobytes(), np.uint8).reshape(len(xs), -1)
+                    raw_y = np.frombuffer(ys.tobytes(), np.uint8).reshape(len(ys), -1)
+                    neq = (raw_x != raw_y).any(axis=1)
+                elif not self.tol:
+                    neq = (X != Y) & ~(nan_x & nan_y)
+                else:
+                    close = (np.abs(D) <= self.atol + self.rtol * np.abs(Y)) | (X == Y) | (nan_x & nan_y)
+                    neq = ~close
+                acc.n_diff += int(np.count_nonzero(neq))
+                fx, fy = np.isfinite(X), np.isfinite(Y)
+                acc.nan_a += int(np.count_nonzero(nan_x))
+                acc.nan_b += int(np.count_nonzero(nan_y))
+                acc.inf_a += len(X) - int(np.count_nonzero(fx)) - int(np.count_nonzero(nan_x))
+                acc.inf_b += len(Y) - int(np.count_nonzero(fy)) - int(np.count_nonzero(nan_y))
+                both = fx & fy
+                Xf, Yf, Df = X[both], Y[both], D[both]
+                acc.n_finite += len(Xf)
+                if len(Xf):
+                    acc.ssq_d += float(np.vdot(Df, Df).real)
+                    acc.ssq_a += float(np.vdot(Xf, Xf).real)
+                    acc.ssq_b += float(np.vdot(Yf, Yf).real)
+                    acc.dot_ab += float(np.vdot(Xf, Yf).real)
+                    ad = np.abs(Df)
+                    acc.max_abs = max(acc.max_abs, float(ad.max()))
+                    acc.sum_abs += float(ad.sum())
+
+
+def _lockstep(src_a, src_b, ta: TensorInfo, tb: TensorInfo) -> Iterator[tuple[Any, Any]]:
+    ia, ib = iter(src_a), iter(src_b)
+    while True:
+        ca = next(ia, None)
+        cb = next(ib, None)
+        if ca is None and cb is None:
+            return
+        if ca is None or cb is None:
+            raise CorruptFile(f"tensor {ta.name!r}: the two sides hold different amounts of data")
+        yield ca, cb
+
+
+# ---- results ------------------------------------------------------------------------------------
+@dataclass
+class TensorDiff:
+    name: str
+    dtype_a: str
+    dtype_b: str
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    compared: bool = False  # values were compared
+    numel: int = 0
+    num_diff: int | None = None
+    max_abs_diff: float | None = None
+    mean_abs_diff: float | None = None
+    rel_l2: float | None = None
+    cosine: float | None = None
+    norm_a: float | None = None
+    norm_b: float | None = None
+    nan_a: int = 0
+    nan_b: int = 0
+    inf_a: int = 0
+    inf_b: int = 0
+    error: str | None = None
+
+    @property
+    def dtype_changed(self) -> bool:
+        return self.dtype_a != self.dtype_b
+
+    @property
+    def shape_changed(self) -> bool:
+        return tuple(self.shape_a) != tuple(self.shape_b)
+
+    @property
+    def values_differ(self) -> bool:
+        return bool(self.num_diff)
+
+    @property
+    def identical(self) -> bool:
+        return (not self.dtype_changed and not self.shape_changed and self.error is None
+                and (not self.compared or not self.num_diff))
+
+    @property
+    def nonfinite(self) -> bool:
+        return bool(self.nan_a or self.nan_b or self.inf_a or self.inf_b)
+
+    @property
+    def change(self) -> str:
+        parts = []
+        if self.shape_changed:
+            parts.append(f"shape {list(self.shape_a)} -> {list(self.shape_b)}")
+        if self.dtype_changed:
+            parts.append(f"dtype {self.dtype_a} -> {self.dtype_b}")
+        if self.compared and self.num_diff:
+            parts.append("values")
+        if self.error:
+            parts.append(f"unreadable: {self.error}")
+        return ", ".join(parts) or "identical"
+
+    @classmethod
+    def from_acc(cls, name: str, ta: TensorInfo, tb: TensorInfo, acc: _Acc) -> TensorDiff:
+        d = cls(name, ta.dtype, tb.dtype, tuple(ta.shape), tuple(tb.shape), compared=True, numel=acc.numel,
+                num_diff=acc.n_diff, nan_a=acc.nan_a, nan_b=acc.nan_b, inf_a=acc.inf_a, inf_b=acc.inf_b)
+        if numeric_kind(ta.dtype) == "bytes":
+            return d  # raw bytes: equal or not, no arithmetic
+        if not acc.arith:
+            # identical through the fast path: no arithmetic was needed
+            d.max_abs_diff, d.mean_abs_diff, d.rel_l2, d.cosine = 0.0, 0.0, 0.0, 1.0
+            return d
+        d.norm_a = math.sqrt(acc.ssq_a)
+        d.norm_b = math.sqrt(acc.ssq_b)
+        d.max_abs_diff = acc.max_abs
+        d.mean_abs_diff = acc.sum_abs / acc.n_finite if acc.n_finite else (0.0 if not acc.numel else None)
+        nd = math.sqrt(acc.ssq_d)
+        if d.norm_a > 0:
+            d.rel_l2 = nd / d.norm_a
+        else:
+            d.rel_l2 = 0.0 if nd == 0 else math.inf
+        if d.norm_a > 0 and d.norm_b > 0:
+            d.cosine = max(-1.0, min(1.0, acc.dot_ab / (d.norm_a * d.norm_b)))
+        else:
+            d.cosine = 1.0 if d.norm_a == d.norm_b else 0.0
+        return d
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "change": self.change,
+            "dtype_a": self.dtype_a,
+            "dtype_b": self.dtype_b,
+            "shape_a": list(self.shape_a),
+            "shape_b": list(self.shape_b),
+            "numel": self.numel,
+            "num_diff": self.num_diff,
+            "frac_diff": (self.num_diff / self.numel) if self.num_diff is not None and self.numel else None,
+            "max_abs_diff": _jf(self.max_abs_diff),
+            "mean_abs_diff": _jf(self.mean_abs_diff),
+            "rel_l2": _jf(self.rel_l2),
+            "cosine": _jf(self.cosine),
+            "nan_a": self.nan_a,
+            "nan_b": self.nan_b,
+            "inf_a": self.inf_a,
+            "inf_b": self.inf_b,
+            "error": self.error,
+        }
+
+
+def _jf(v: float | None) -> float | str | None:
+    """JSON has no inf/nan: show them as strings."""
+    if v is None or math.isfinite(v):
+        return v
+    return str(v)
+
+
+def _rel_key(d: TensorDiff) -> tuple:
+    """Sort changed tensors: structural changes first, then new NaN/Inf, then by relative change."""
+    structural = d.shape_changed or d.error is not None
+    nonfinite_changed = (d.nan_a, d.inf_a) != (d.nan_b, d.inf_b)
+    r = d.rel_l2
+    if r is None or math.isnan(r):
+        r = math.inf
+    return (not structural, not nonfinite_changed, -r, -(d.num_diff or 0), d.name)
+
+
+@dataclass
+class DiffResult:
+    path_a: str
+    path_b: str
+    format_a: str
+    format_b: str
+    values: bool  # were values compared
+    atol: float | None
+    rtol: float | None
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+    changed: list[TensorDiff] = field(default_factory=list)
+    identical: list[str] = field(default_factory=list)
+    metadata_changes: list[dict[str, Any]] = field(default_factory=list)
+    hint: str | None = None
+    key_a: str | None = None
+    key_b: str | None = None
+    bytes_compared: int = 0
+
+    @property
+    def equal(self) -> bool:
+        """Same tensor names, dtypes, shapes and (when compared) values. File metadata is shown
+        but does not count: a .pt and its safetensors conversion are equal."""
+        return not (self.only_in_a or self.only_in_b or self.changed)
+
+    @property
+    def nonfinite(self) -> list[str]:
+        return [d.name for d in self.changed if d.nonfinite]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.path_a,
+            "b": self.path_b,
+            "format_a": self.format_a,
+            "format_b": self.format_b,
+            "equal": self.equal,
+            "values_compared": self.values,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "key_a": self.key_a,
+            "key_b": self.key_b,
+            "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b,
+            "changed": [d.to_json() for d in self.changed],
+            "num_identical": len(self.identical),
+            "num_changed": len(self.changed),
+            "metadata_changes": self.metadata_changes,
+            "hint": self.hint,
+        }
+
+
+def metadata_changes(ma: dict[str, Any], mb: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for k in list(ma) + [k for k in mb if k not in ma]:
+        va, vb = ma.get(k, None), mb.get(k, None)
+        if k not in mb or k not in ma or _plain(va) != _plain(vb):
+            out.append({"key": k, "a": _plain(va) if k in ma else None, "b": _plain(vb) if k in mb else None,
+                        "only_in": "a" if k not in mb else ("b" if k not in ma else None)})
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return str(v)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Reader:
+    """open_reader, plus the model file of a trainer folder that holds several files."""
+    try:
+        return open_reader(path)
+    except CkptError:
+        p = Path(path)
+        if p.is_dir():
+            from ckptctl.ops import runs
+
+            try:
+                c = runs.scan_run(p, read_info=False).checkpoints
+            except CkptError:
+                c = []
+            primary = getattr(runs, "_primary_file", None)
+            if len(c) == 1 and primary is not None:
+                alt = primary(c[0])
+                if alt is not None:
+                    return open_reader(alt)
+        raise
+
+
+def _resolve_key(info: CheckpointInfo, key: str | None) -> str | None:
+    """--key applies to each side that has that sub-tree."""
+    if key and has_key(info, key):
+        return key
+    return None
+
+
+def diff_checkpoints(
+    path_a: str | os.PathLike,
+    path_b: str | os.PathLike,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    values: bool = True,
+    key: str | None = None,
+    strip: tuple[str, ...] | list[str] = (),
+    filters: list[str] | None = None,
+    progress_factory: Callable[[int], Any] | None = None,
+    readers: tuple[Reader, Reader] | None = None,
+) -> DiffResult:
+    """Compare two checkpoints of any formats.
+
+    `progress_factory(total_bytes)` may return a context manager yielding an object with
+    `advance(n)`; it is called once the amount of data to compare is known.
+    """
+    ra = rb = None
+    try:
+        ra, rb = readers if readers else (open_checkpoint(path_a), None)
+        if rb is None:
+            rb = open_checkpoint(path_b)
+        ia, ib = ra.info(), rb.info()
+        ka, kb = _resolve_key(ia, key), _resolve_key(ib, key)
+        if key and ka is None and kb is None:
+            raise UsageError(f"--key {key}: neither checkpoint has tensors under {key.rstrip('/')}/")
+        sa = select(ia, ka, strip, filters)
+        sb = select(ib, kb, strip, filters)
+        res = DiffResult(str(path_a), str(path_b), ia.format, ib.format, values, atol, rtol, key_a=ka, key_b=kb)
+        res.only_in_a = [n for n in sa if n not in sb]
+        res.only_in_b = [n for n in sb if n not in sa]
+        res.metadata_changes = metadata_changes(ia.metadata, ib.metadata)
+        if res.only_in_a or res.only_in_b:
+            res.hint = name_hint(list(sa), list(sb))
+        common = [n for n in sa if n in sb]
+        todo: list[tuple[str, TensorInfo, TensorInfo]] = []
+        results: dict[str, TensorDiff] = {}
+        for n in common:
+            ta, tb = sa[n], sb[n]
+            d = TensorDiff(n, ta.dtype, tb.dtype, tuple(ta.shape), tuple(tb.shape), numel=ta.numel)
+            results[n] = d
+            if not values or d.shape_changed:
+                continue
+            if numeric_kind(ta.dtype) == "bytes" or numeric_kind(tb.dtype) == "bytes":
+                if ta.dtype != tb.dtype:
+                    continue
+            todo.append((n, ta, tb))
+        if values and todo:
+            _compare_all(ra, rb, sa, sb, todo, results, atol, rtol, progress_factory, res)
+        for n in common:
+            d = results[n]
+            if d.identical:
+                res.identical.append(n)
+            else:
+                res.changed.append(d)
+        res.changed.sort(key=_rel_key)
+        return res
+    finally:
+        for r in (ra, rb):
+            if r is not None and not readers:
+                r.close()
+
+
+def _compare_all(ra, rb, sa, sb, todo, results, atol, rtol, progress_factory, res: DiffResult) -> None:
+    from contextlib import nullcontext
+
+    cmp = Comparer(atol, rtol)
+    # tied weights: when both sides tie a name to the same partner, reuse that result
+    names_a = {t.name: n for n, t in sa.items()}
+    names_b = {t.name: n for n, t in sb.items()}
+    total = sum(ta.nbytes + tb.nbytes for _, ta, tb in todo
+                if not _tied_twin(ta, tb, names_a, names_b))
+    ctx = progress_factory(total) if progress_factory else nullcontext(None)
+    with ctx as bar:
+        adv = bar.advance if bar is not None else None
+        for n, ta, tb in todo:
+            twin = _tied_twin(ta, tb, names_a, names_b)
+            if twin is not None and twin in results and results[twin].compared:
+                src = results[twin]
+                d = TensorDiff(**{**src.__dict__, "name": n})
+                results[n] = d
+                continue
+            try:
+                acc = cmp.compare(ra, ta, rb, tb, adv)
+            except CorruptFile as e:
+                results[n].error = e.message
+                continue
+            results[n] = TensorDiff.from_acc(n, ta, tb, acc)
+            res.bytes_compared += ta.nbytes + tb.nbytes
+
+
+def _tied_twin(ta: TensorInfo, tb: TensorInfo, names_a: dict[str, str], names_b: dict[str, str]) -> str | None:
+    if ta.alias_of and tb.alias_of:
+        na, nb = names_a.get(ta.alias_of), names_b.get(tb.alias_of)
+        if na is not None and na == nb:
+            return na
+    return None
+
+
+# ---- two runs --------------------------------------------------------------------------------------
+@dataclass
+class StepDiff:
+    step: int
+    path_a: str
+    path_b: str
+    equal: bool | None = None
+    num_changed: int = 0
+    num_identical: int = 0
+    only_in_a: int = 0
+    only_in_b: int = 0
+    max_rel_l2: float | None = None
+    max_rel_name: str | None = None
+    nonfinite: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "a": self.path_a, "b": self.path_b, "equal": self.equal,
+            "num_changed": self.num_changed, "num_identical": self.num_identical,
+            "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
+            "max_rel_l2": _jf(self.max_rel_l2), "max_rel_l2_tensor": self.max_rel_name,
+            "nonfinite": self.nonfinite, "error": self.error,
+        }
+
+
+@dataclass
+class RunDiff:
+    run_a: str
+    run_b: str
+    steps: list[StepDiff] = field(default_factory=list)
+    missing_in_a: list[int] = field(default_factory=list)  # steps only B has
+    missing_in_b: list[int] = field(default_factory=list)  # steps only A has
+    unstepped_a: list[str] = field(default_factory=list)
+    unstepped_b: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        return (not self.missing_in_a and not self.missing_in_b
+                and all(s.equal for s in self.steps))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_a": self.run_a, "run_b": self.run_b, "equal": self.equal,
+            "steps": [s.to_json() for s in self.steps],
+            "missing_in_a": self.missing_in_a, "missing_in_b": self.missing_in_b,
+            "unstepped_a": self.unstepped_a, "unstepped_b": self.unstepped_b,
+        }
+
+
+def _run_checkpoints(run_dir: str | os.PathLike):
+    from ckptctl.ops.runs import discover
+
+    cks = discover(run_dir)
+    by_step: dict[int, Any] = {}
+    unstepped: list[str] = []
+    for c in cks:
+        if c.step is None:
+            unstepped.append(c.path.name)
+        elif c.step not in by_step:  # first by the runs module's order
+            by_step[c.step] = c
+    return by_step, unstepped
+
+
+def diff_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, *, on_step: Callable[[StepDiff], None] | None = None,
+              **kw: Any) -> RunDiff:
+    """Align two runs by step and diff each common step's checkpoints."""
+    a, ua = _run_checkpoints(run_a)
+    b, ub = _run_checkpoints(run_b)
+    res = RunDiff(str(run_a), str(run_b), unstepped_a=ua, unstepped_b=ub)
+    res.missing_in_b = sorted(s for s in a if s not in b)
+    res.missing_in_a = sorted(s for s in b if s not in a)
+    for step in sorted(s for s in a if s in b):
+        ca, cb = a[step], b[step]
+        sd = StepDiff(step, str(ca.path), str(cb.path))
+        try:
+            d = diff_checkpoints(ca.path, cb.path, **kw)
+        except CkptError as e:
+            sd.error = str(e)
+            sd.equal = False
+        else:
+            sd.equal = d.equal
+            sd.num_changed = len(d.changed)
+            sd.num_identical = len(d.identical)
+            sd.only_in_a, sd.only_in_b = len(d.only_in_a), len(d.only_in_b)
+            rels = [(x.rel_l2, x.name) for x in d.changed if x.rel_l2 is not None]
+            if rels:
+                sd.max_rel_l2, sd.max_rel_name = max(rels, key=lambda r: math.inf if math.isnan(r[0]) else r[0])
+            sd.nonfinite = d.nonfinite
+        res.steps.append(sd)
+        if on_step:
+            on_step(sd)
+    return res
+
+
+# ---- along one run -----------------------------------------------------------------------------------
+@dataclass
+class AlongStep:
+    step: int | None
+    path: str
+    weight_norm: float = 0.0
+    update_rel_l2: float | None = None  # ||w_i - w_{i-1}|| / ||w_{i-1}||
+    update_norm: float | None = None
+    nonfinite: int = 0  # NaN/Inf elements in this checkpoint
+    nonfinite_tensors: list[str] = field(default_factory=list)
+    top_tensor: str | None = None  # tensor with the largest relative update
+    top_rel_l2: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "path": self.path, "weight_norm": _jf(self.weight_norm),
+            "update_rel_l2": _jf(self.update_rel_l2), "update_norm": _jf(self.update_norm),
+            "nonfinite": self.nonfinite, "nonfinite_tensors": self.nonfinite_tensors[:20],
+            "top_tensor": self.top_tensor, "top_rel_l2": _jf(self.top_rel_l2), "error": self.error,
+        }
+
+
+@dataclass
+class Along:
+    run: str
+    steps: list[AlongStep] = field(default_factory=list)
+    num_tensors: int = 0
+    not_in_all: list[str] = field(default_factory=list)  # tensors some checkpoints lack (skipped)
+    skipped: list[str] = field(default_factory=list)  # checkpoints that could not be read
+
+    @property
+    def first_nonfinite(self) -> AlongStep | None:
+        for s in self.steps:
+            if s.nonfinite:
+                return s
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        f = self.first_nonfinite
+        return {
+            "run": self.run,
+            "num_checkpoints": len(self.steps),
+            "num_tensors": self.num_tensors,
+            "first_nonfinite_step": f.step if f else None,
+            "first_nonfinite_path": f.path if f else None,
+            "steps": [s.to_json() for s in self.steps],
+            "not_in_all": self.not_in_all,
+            "skipped": self.skipped,
+        }
+
+
+ALONG_BUDGET = 128 * 1024 * 1024  # bytes of raw chunks held at once across all checkpoints
+
+
+def along_run(
+    run_dir: str | os.PathLike, *, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
+    filters: list[str] | None = None, progress_factory: Callable[[int], Any] | None = None,
+) -> Along:
+    """Walk a run's checkpoints in step order: update size, weight norm, first NaN/Inf.
+
+    Each file is read once: for each tensor, the same chunk of every checkpoint is read in step
+    order and compared with the previous step's chunk (the only one kept, as float64).
+    """
+    import numpy as np
+    from contextlib import nullcontext
+
+    from ckptctl.ops.runs import discover
+
+    cks = discover(run_dir)
+    res = Along(str(run_dir))
+    readers: list[Reader] = []
+    sels: list[dict[str, TensorInfo]] = []
+    try:
+        for c in cks:
+            if c.error and c.info is None:
+                res.skipped.append(f"{c.path.name}: {c.error}")
+                continue
+            try:
+                r = open_checkpoint(c.path)
+                info = r.info()
+            except CkptError as e:
+                res.skipped.append(f"{c.path.name}: {e.message}")
+                continue
+            k = key if key is not None else ("state_dict" if has_key(info, "state_dict") else None)
+            k = _resolve_key(info, k)
+            readers.append(r)
+            sels.append(select(info, k, strip, filters))
+            res.steps.append(AlongStep(c.step, str(c.path)))
+        if len(readers) < 1:
+            raise UsageError("no readable checkpoint in this run folder", run_dir)
+        first = sels[0]
+        names = [n for n in first if all(n in s for s in sels[1:])
+                 and numeric_kind(first[n].dtype) in ("float", "complex")
+                 and all(s[n].shape == first[n].shape for s in sels[1:])
+                 and first[n].alias_of is None]
+        every = set().union(*[set(s) for s in sels])
+        res.not_in_all = sorted(n for n in every if not all(n in s for s in sels))
+        res.num_tensors = len(names)
+        n_ck = len(readers)
+        ssq_w = [0.0] * n_ck
+        ssq_d = [0.0] * n_ck
+        ssq_p = [0.0] * n_ck
+        top: list[tuple[float, str | None]] = [(-1.0, None)] * n_ck
+        total = sum(s[n].nbytes for s in sels for n in names)
+        ctx = progress_factory(total) if progress_factory else nullcontext(None)
+        with ctx as bar, np.errstate(all="ignore"):
+            for n in names:
+                isz = max(itemsize(s[n].dtype) for s in sels)
+                elems = max(BLOCK, ALONG_BUDGET // (n_ck * isz))
+                elems -= elems % BLOCK
+                its = [iter(ChunkSource(r, s[n], elems * itemsize(s[n].dtype))) for r, s in zip(readers, sels)]
+                t_d = [0.0] * n_ck
+                t_p = [0.0] * n_ck
+                while True:
+                    prev = None
+                    done = False
+                    for i, (it, s) in enumerate(zip(its, sels)):
+                        chunk = next(it, None)
+                        if chunk is None:
+                            done = True
+                            break
+                        x = as_array(chunk, s[n].dtype)
+                        X = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+                        fin = np.isfinite(X)
+                        bad = X.size - int(np.count_nonzero(fin))
+                        if bad:
+                            res.steps[i].nonfinite += bad
+                            if n not in res.steps[i].nonfinite_tensors:
+                                res.steps[i].nonfinite_tensors.append(n)
+                            X = np.where(fin, X, 0)
+                        ssq_w[i] += float(np.vdot(X, X).real)
+                        if prev is not None:
+                            D = X - prev
+                            dd = float(np.vdot(D, D).real)
+                            pp = float(np.vdot(prev, prev).real)
+                            ssq_d[i] += dd
+                            ssq_p[i] += pp
+                            t_d[i] += dd
+                            t_p[i] += pp
+                        prev = X
+                        if bar is not None:
+                            bar.advance(len(chunk))
+                    if done:
+                        break
+                for i in range(1, n_ck):
+                    rel = math.sqrt(t_d[i]) / math.sqrt(t_p[i]) if t_p[i] > 0 else (0.0 if t_d[i] == 0 else math.inf)
+                    if rel > top[i][0]:
+                        top[i] = (rel, n)
+        for i, s in enumerate(res.steps):
+            s.weight_norm = math.sqrt(ssq_w[i])
+            if i > 0:
+                s.update_norm = math.sqrt(ssq_d[i])
+                s.update_rel_l2 = (s.update_norm / math.sqrt(ssq_p[i]) if ssq_p[i] > 0
+                                   else (0.0 if ssq_d[i] == 0 else math.inf))
+                if top[i][1] is not None:
+                    s.top_rel_l2, s.top_tensor = top[i]
+        return res
+    finally:
+        for r in readers:
+            r.close()
