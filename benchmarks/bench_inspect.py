@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Benchmark `ckptctl inspect` against loading with torch / safetensors / h5py.
+
+Generates a ~4 GB checkpoint (about 300 fp32 tensors, the largest ~10% of the total) in each
+format under /tmp — safetensors, torch zip, torch legacy, HDF5 — with little memory: the
+safetensors data is a sparse file, the torch files are saved from tensors that map it, the HDF5
+datasets are allocated without being filled. Then every candidate runs as a fresh process
+(best of --repeat runs for wall time, the largest peak RSS seen) and a markdown table is printed.
+
+    python benchmarks/bench_inspect.py                 # 4 GB per format
+    python benchmarks/bench_inspect.py --size-gb 0.5   # quick
+    python benchmarks/bench_inspect.py --keep --dir /tmp/bench
+
+The data is deleted at the end unless --keep is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import mmap
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+PY = sys.executable
+
+# every candidate is one fresh Python process; {path} is the checkpoint
+INSPECT = "ckptctl inspect --format json"
+SNIPPETS = {
+    "torch.load(weights_only=True)": (
+        "import torch; sd = torch.load({path!r}, weights_only=True, map_location='cpu'); print(len(sd))"
+    ),
+    "torch.load(mmap=True, weights_only=True)": (
+        "import torch; sd = torch.load({path!r}, mmap=True, weights_only=True, map_location='cpu'); print(len(sd))"
+    ),
+    "safetensors.safe_open (list keys)": (
+        "from safetensors import safe_open\n"
+        "with safe_open({path!r}, 'np') as f:\n"
+        "    print(len([(k, f.get_slice(k).get_shape()) for k in f.keys()]))"
+    ),
+    "h5py (list datasets)": (
+        "import h5py\nout = []\n"
+        "with h5py.File({path!r}, 'r') as f:\n"
+        "    f.visititems(lambda n, o: out.append((n, o.shape, o.dtype)) if isinstance(o, h5py.Dataset) else None)\n"
+        "print(len(out))"
+    ),
+}
+BASELINES = {
+    "safetensors": ["safetensors.safe_open (list keys)"],
+    "torch-zip": ["torch.load(weights_only=True)", "torch.load(mmap=True, weights_only=True)"],
+    "torch-legacy": ["torch.load(weights_only=True)", "torch.load(mmap=True, weights_only=True)"],
+    "hdf5": ["h5py (list datasets)"],
+}
+# wrapped around `ckptctl inspect` once (not timed) to learn whether it imported torch / h5py
+IMPORT_PROBE = (
+    "import sys\nfrom ckptctl.cli.app import app\n"
+    "try:\n    app(['inspect', sys.argv[1], '--format', 'json'])\nexcept SystemExit as e:\n    code = e.code\n"
+    "sys.stderr.write('IMPORTED=' + ','.join(m for m in ('torch', 'h5py', 'numpy') if m in sys.modules) + '\\n')\n"
+    "sys.exit(code)\n"
+)
+
+
+# ---- data -------------------------------------------------------------------------------------
+def plan(size_gb: float) -> list[tuple[str, tuple[int, ...]]]:
+    """~300 fp32 tensors totalling size_gb GB: an embedding of ~10%, 24 transformer-ish layers."""
+    total = size_gb * 1e9
+    layers = 24
+    d = max(8, int(math.sqrt(0.9 * total / (layers * 12 * 4))) // 8 * 8)
+    vocab = max(8, int(0.1 * total / (4 * d)))
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, d))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out.append((p + f"self_attn.{n}.weight", (d, d)))
+            out.append((p + f"self_attn.{n}.bias", (d,)))
+        out.append((p + "mlp.up_proj.weight", (4 * d, d)))
+        out.append((p + "mlp.up_proj.bias", (4 * d,)))
+        out.append((p + "mlp.down_proj.weight", (d, 4 * d)))
+        out.append((p + "mlp.down_proj.bias", (d,)))
+        out.append((p + "input_layernorm.weight", (d,)))
+        out.append((p + "post_attention_layernorm.weight", (d,)))
+    out.append(("model.norm.weight", (d,)))
+    out.append(("lm_head.bias", (vocab,)))
+    return out
+
+
+def write_safetensors(path: str, tensors) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Header + a sparse data buffer (f.truncate): no data is written. Returns name -> (offset, shape)."""
+    header, offsets, pos = {}, {}, 0
+    for name, shape in tensors:
+        n = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [pos, pos + n]}
+        offsets[name] = (pos, shape)
+        pos += n
+    header["__metadata__"] = {"format": "pt"}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
+        f.truncate(8 + len(hb) + pos)
+    base = 8 + len(hb)
+    return {k: (base + off, shape) for k, (off, shape) in offsets.items()}
+
+
+def write_torch(st_path: str, layout, path: str, legacy: bool) -> None:
+    """torch.save of tensors that map the (sparse) safetensors file: pages, not copies."""
+    import torch
+
+    with open(st_path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    sd = {}
+    for name, (off, shape) in layout.items():
+        sd[name] = torch.frombuffer(mm, dtype=torch.float32, count=math.prod(shape), offset=off).view(shape)
+    torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
+    del sd
+
+
+def write_hdf5(path: str, tensors) -> None:
+    """Contiguous fp32 datasets allocated at creation and never filled (fast, sparse where the FS allows)."""
+    import h5py
+
+    with h5py.File(path, "w", track_order=True) as f:
+        f.attrs["framework"] = "bench"
+        for name, shape in tensors:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            f.create_dataset(name, shape=shape, dtype="<f4", dcpl=dcpl)
+
+
+# ---- measuring --------------------------------------------------------------------------------
+TIME = shutil.which("time", path="/usr/bin:/bin")
+
+
+def measure(cmd: list[str]) -> tuple[float, float, int, str]:
+    """(wall seconds, peak RSS MiB, exit code, last stderr line) of one fresh process.
+
+    Peak RSS comes from /usr/bin/time when present: a child's ru_maxrss counts the RSS of the
+    process that forked it, so measuring from this (larger) Python process would inflate it.
+    """
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as rss:
+        full = [TIME, "-q", "-f", "%M", "-o", rss.name, *cmd] if TIME else cmd
+        t0 = time.perf_counter()
+        p = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err)
+        _pid, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        lines = err.read().decode(errors="replace").strip().splitlines()
+        kb = ru.ru_maxrss
+        if TIME:
+            text = open(rss.name).read().split()
+            kb = int(text[-1]) if text and text[-1].isdigit() else kb
+    return wall, kb / 1024, code, lines[-1] if lines else ""
+
+
+def run_candidate(cmd: list[str], repeat: int) -> dict:
+    runs = [measure(cmd) for _ in range(repeat)]
+    ok = [r for r in runs if r[2] == 0]
+    if not ok:
+        return {"ok": False, "error": runs[-1][3].replace("|", "\\|")[:100]}
+    return {"ok": True, "wall": min(r[0] for r in ok), "rss": max(r[1] for r in ok)}
+
+
+def imported(path: str) -> str:
+    res = subprocess.run([PY, "-c", IMPORT_PROBE, path], capture_output=True, text=True)
+    for line in res.stderr.splitlines():
+        if line.startswith("IMPORTED="):
+            return line.removeprefix("IMPORTED=") or "-"
+    return "?"
+
+
+def generate(spec: dict) -> None:
+    tensors = plan(spec["size_gb"])
+    files, formats = spec["files"], spec["formats"]
+    layout = write_safetensors(files["safetensors"], tensors)
+    if "torch-zip" in formats:
+        write_torch(files["safetensors"], layout, files["torch-zip"], legacy=False)
+    if "torch-legacy" in formats:
+        write_torch(files["safetensors"], layout, files["torch-legacy"], legacy=True)
+    if "hdf5" in formats:
+        write_hdf5(files["hdf5"], tensors)
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--generate":
+        generate(json.loads(sys.argv[2]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=4.0, help="size of each checkpoint in GB (default 4)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per candidate; best wall time is kept (default 3)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument("--dir", default=None, help="where to write the data (default: a new folder in /tmp)")
+    ap.add_argument("--formats", default="safetensors,torch-zip,torch-legacy,hdf5")
+    args = ap.parse_args()
+
+    base = args.dir or tempfile.mkdtemp(prefix="ckptctl-bench-", dir="/tmp")
+    os.makedirs(base, exist_ok=True)
+    formats = args.formats.split(",")
+    tensors = plan(args.size_gb)
+    files = {
+        "safetensors": os.path.join(base, "model.safetensors"),
+        "torch-zip": os.path.join(base, "model.pt"),
+        "torch-legacy": os.path.join(base, "model_legacy.pt"),
+        "hdf5": os.path.join(base, "model.h5"),
+    }
+    try:
+        t0 = time.perf_counter()
+        # generate in a child process: torch's 400 MB would otherwise stay in this one
+        subprocess.run([PY, __file__, "--generate", json.dumps({"size_gb": args.size_gb, "files": files,
+                                                                "formats": formats})], check=True)
+        largest = max(4 * math.prod(s) for _, s in tensors)
+        print(f"generated {len(tensors)} fp32 tensors per file (largest {largest / 1e6:.0f} MB) "
+              f"in {time.perf_counter() - t0:.1f} s under {base}\n", file=sys.stderr, flush=True)
+
+        rows = []
+        for fmt in formats:
+            path = files[fmt]
+            size = os.path.getsize(path)
+            subprocess.run(["cat", path], stdout=subprocess.DEVNULL)  # warm page cache, like the others
+            ins = run_candidate([PY, "-m", "ckptctl", *INSPECT.split()[1:], path], args.repeat)
+            rows.append((fmt, size, "`ckptctl inspect`", ins, imported(path), None))
+            for name in BASELINES[fmt]:
+                res = run_candidate([PY, "-c", SNIPPETS[name].format(path=path)], args.repeat)
+                uses = "torch" if name.startswith("torch") else name.split(".")[0].split(" ")[0]
+                rows.append((fmt, size, f"`{name}`", res, uses, ins))
+
+        print("| format | file | command | wall | peak RSS | imports | time vs inspect | RSS vs inspect |")
+        print("|---|---|---|---|---|---|---|---|")
+        for fmt, size, name, r, imp, ref in rows:
+            if not r["ok"]:
+                print(f"| {fmt} | {size / 1e9:.2f} GB | {name} | failed: {r['error']} | | {imp} | | |")
+                continue
+            tr = rr = ""
+            if ref is not None and ref["ok"]:
+                tr = f"{r['wall'] / ref['wall']:.1f}×"
+                rr = f"{r['rss'] / ref['rss']:.1f}×"
+            print(f"| {fmt} | {size / 1e9:.2f} GB | {name} | {r['wall']:.3f} s | {r['rss']:.0f} MiB | {imp} "
+                  f"| {tr} | {rr} |")
+        print(f"\n{len(tensors)} tensors per file; best of {args.repeat} runs (wall), largest peak RSS; "
+              "each a fresh process with a warm page cache. Targets for inspect: < 0.5 s, < 100 MB.")
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
