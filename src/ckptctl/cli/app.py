@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from ckptctl import __version__
 from ckptctl.cli import output
@@ -16,7 +18,101 @@ HELP = (
     "from the files."
 )
 
+# Global flags also accepted after the command (`ckptctl convert ... -q`), unless that command
+# has an option of the same name.
+GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose",
+                "--no-color": "no_color"}
+# words people type for a command that is called something else here
+SYNONYMS = {
+    "list": "ls", "info": "inspect", "show": "inspect", "stat": "inspect", "cat": "inspect",
+    "compare": "diff", "cmp": "diff", "export": "convert", "save": "convert", "mean": "average",
+    "avg": "average", "merge": "average", "soup": "average", "rm": "prune", "clean": "prune",
+    "gc": "prune", "check": "scan", "audit": "scan", "sample": "demo",
+}
+_GLOBAL_META = "ckptctl.global_flags"
+
+
+class CkptctlGroup(TyperGroup):
+    """Typer's group plus: global flags after the command, synonyms in "did you mean", and
+    --no-color reaching Typer's own help and error panels."""
+
+    def main(self, *args, **kwargs):
+        saved = os.environ.get("NO_COLOR")
+        try:
+            return super().main(*args, **kwargs)
+        finally:  # --no-color sets NO_COLOR for this invocation only (matters in-process)
+            if saved is None:
+                os.environ.pop("NO_COLOR", None)
+            else:
+                os.environ["NO_COLOR"] = saved
+
+    def resolve_command(self, ctx, args):
+        try:
+            name, cmd, rest = super().resolve_command(ctx, args)
+        except Exception as e:
+            _suggest_synonym(e, args, self.commands)
+            raise
+        if cmd is not None and not ctx.resilient_parsing:
+            rest, found = hoist_global_flags(cmd, rest)
+            if found:
+                ctx.meta[_GLOBAL_META] = found
+                if "no_color" in found:
+                    os.environ["NO_COLOR"] = "1"
+        return name, cmd, rest
+
+
+def hoist_global_flags(cmd, args: list[str]) -> tuple[list[str], set[str]]:
+    """Take the global flags out of a command's arguments (stopping at `--`).
+
+    A flag the command defines itself stays with the command, and the word after an option that
+    takes a value is that option's value, never a flag.
+    """
+    own: set[str] = set()
+    takes_value: set[str] = set()
+    for p in getattr(cmd, "params", ()):
+        opts = [*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ())]
+        own.update(opts)
+        if getattr(p, "param_type_name", "") == "option" and not getattr(p, "is_flag", False) \
+                and not getattr(p, "count", False):
+            takes_value.update(getattr(p, "opts", ()))
+    rest: list[str] = []
+    found: set[str] = set()
+    skip = False
+    for i, tok in enumerate(args):
+        if skip:
+            rest.append(tok)
+            skip = False
+            continue
+        if tok == "--":
+            rest.extend(args[i:])
+            break
+        if tok in GLOBAL_FLAGS and tok not in own:
+            found.add(GLOBAL_FLAGS[tok])
+            continue
+        if tok in takes_value:
+            skip = True
+        rest.append(tok)
+    return rest, found
+
+
+def _suggest_synonym(e: Exception, args: list[str], commands) -> None:
+    msg = getattr(e, "message", None)
+    if not isinstance(msg, str) or not args or "No such command" not in msg or "Did you mean" in msg:
+        return
+    target = SYNONYMS.get(args[0].lower())
+    if target and target in commands:
+        e.message = f"{msg.rstrip('.')}. Did you mean {target!r}?"
+
+
+def _no_color(value: bool) -> bool:
+    # eager, so that `ckptctl --no-color --help` is plain too
+    if value:
+        os.environ["NO_COLOR"] = "1"
+    return value
+
+
 app = typer.Typer(
+    cls=CkptctlGroup,
     name="ckptctl",
     help=HELP,
     pretty_exceptions_enable=False,
@@ -39,13 +135,16 @@ def main_callback(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
-    no_color: Annotated[bool, typer.Option("--no-color", help="No colour (also: NO_COLOR=1).")] = False,
+    no_color: Annotated[
+        bool, typer.Option("--no-color", callback=_no_color, is_eager=True, help="No colour (also: NO_COLOR=1).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")] = False,
 ) -> None:
-    output.STATE.no_color = no_color
-    output.STATE.quiet = quiet
-    output.STATE.verbose = verbose
+    after = ctx.meta.get(_GLOBAL_META, set())  # the same flags given after the command
+    output.STATE.no_color = no_color or "no_color" in after
+    output.STATE.quiet = quiet or "quiet" in after
+    output.STATE.verbose = verbose or "verbose" in after
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
         typer.echo("\nTip: `ckptctl demo ./demo-run` writes a small sample run to try every command on.")
@@ -63,4 +162,5 @@ _register()
 
 
 def main() -> None:
-    app()
+    # prog_name: `python -m ckptctl` shows and completes as `ckptctl` (_CKPTCTL_COMPLETE)
+    app(prog_name="ckptctl")

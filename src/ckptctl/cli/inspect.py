@@ -12,6 +12,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.cli.common import WideOpt, handle_errors
+from ckptctl.cli.complete import complete_tensor_names
 from ckptctl.cli.output import Column, InspectFmt, clean, human_bytes, human_count
 
 EXAMPLES = (
@@ -54,7 +55,8 @@ def register(app: typer.Typer) -> None:
         ] = InspectFmt.table,
         filters: Annotated[
             list[str] | None,
-            typer.Option("--filter", "-k", help="Only tensors whose name matches this glob (repeatable)."),
+            typer.Option("--filter", "-k", help="Only tensors whose name matches this glob (repeatable).",
+                         autocompletion=complete_tensor_names),
         ] = None,
         sort: Annotated[SortKey, typer.Option("--sort", help="order (as stored), name or size.")] = SortKey.order,
         wide: WideOpt = False,
@@ -115,6 +117,7 @@ def _summary(info, result, markdown: bool) -> None:
         lines.append((f"meta {k}", text))
     for o in info.objects:
         lines.append(("object", f"{o.name or '/'}: {o.type}"))
+    lines = [(clean(k), v) for k, v in lines]  # metadata keys come from the file too
     width = max(len(k) for k, _ in lines)
     out = sys.stdout
     if markdown:
@@ -125,7 +128,7 @@ def _summary(info, result, markdown: bool) -> None:
     if output.color_enabled(sys.stdout):
         con = output.out_console()
         for k, v in lines:
-            con.print(f"[bold]{k:<{width}}[/]  {output.markup_safe(v)}")
+            con.print(f"[bold]{output.markup_safe(f'{k:<{width}}')}[/]  {output.markup_safe(v)}")
         con.print()
         return
     for k, v in lines:

@@ -45,6 +45,13 @@ class State:
 STATE = State()
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def color_enabled(stream=None) -> bool:
     stream = stream or sys.stdout
     if STATE.no_color or os.environ.get("NO_COLOR", "") != "":
@@ -156,8 +163,14 @@ def debug(msg: str) -> None:
 
 
 # ---- data (stdout) ----------------------------------------------------------------------------
+# json escapes C0 controls itself; DEL and the C1 controls (U+009B is a CSI) it leaves raw.
+# They can only occur inside JSON strings, so escaping them keeps the document's meaning.
+_JSON_CTRL = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default)
+    sys.stdout.write(text.translate(_JSON_CTRL) + "\n")
 
 
 def _json_default(o: Any):
@@ -192,6 +205,61 @@ def _cell(col: Column, row: dict, human: bool) -> str:
     return clean(v) if human else str(v)
 
 
+NAME_MIN_WIDTH = 12
+
+
+def fit_widths(columns: Sequence[Column], cells: Sequence[Sequence[str]], total: int,
+               wide: bool = False) -> list[int]:
+    """Column widths for a terminal `total` cells wide: every column gets its natural width,
+    except name-like columns, which share what is left (at least NAME_MIN_WIDTH each) and are
+    elided with '…'. With `wide`, nothing is cut."""
+    from rich.cells import cell_len
+
+    nat = [max([cell_len(c.header)] + [cell_len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    names = [i for i, c in enumerate(columns) if c.name_like]
+    if wide or not names:
+        return nat
+    gaps = 2 * (len(columns) - 1)  # Table(box=None, pad_edge=False): two spaces between columns
+    room = total - gaps - sum(w for i, w in enumerate(nat) if i not in names)
+    need = sum(nat[i] for i in names)
+    if need <= room:
+        return nat
+    out = list(nat)
+    left, todo = max(room, 0), sorted(names, key=lambda i: nat[i])
+    while todo:  # narrow names keep their width; the rest share equally
+        share = left // len(todo)
+        i = todo.pop(0)
+        out[i] = max(NAME_MIN_WIDTH, min(nat[i], share))
+        left -= out[i]
+    return out
+
+
+def elide_middle(text: str, width: int) -> str:
+    """`text` in at most `width` terminal cells, keeping its start and its end:
+    'encoder.layers.0.attention.self.query.weight' -> 'encoder.layers.0…self.query.weight'."""
+    from rich.cells import cell_len
+
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    tail_room = (width - 1) // 2
+    head_room = width - 1 - tail_room
+    head, used = [], 0
+    for ch in text:
+        if used + cell_len(ch) > head_room:
+            break
+        head.append(ch)
+        used += cell_len(ch)
+    tail, used = [], 0
+    for ch in reversed(text):
+        if used + cell_len(ch) > tail_room:
+            break
+        tail.append(ch)
+        used += cell_len(ch)
+    return "".join(head) + "…" + "".join(reversed(tail))
+
+
 def render_rows(
     rows: Sequence[dict],
     columns: Sequence[Column],
@@ -205,8 +273,10 @@ def render_rows(
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow([c.key for c in columns])
+        # exact strings for programs; on a terminal, control characters are shown escaped
+        raw = not _isatty(sys.stdout)
         for r in rows:
-            w.writerow([_cell(c, r, human=False) for c in columns])
+            w.writerow([v if raw else clean(v) for v in (_cell(c, r, human=False) for c in columns)])
         sys.stdout.write(buf.getvalue())
         return
     if fmt == "markdown":
@@ -221,20 +291,21 @@ def render_rows(
     if color_enabled(sys.stdout):
         from rich.table import Table
 
+        con = out_console()
+        cells = [[_cell(c, r, human=True) for c in columns] for r in rows]
+        widths = fit_widths(columns, cells, con.width, wide=STATE.wide)
         table = Table(title=markup_safe(title) if title else None, show_lines=False,
                       header_style="bold", box=None, pad_edge=False)
-        for c in columns:
+        for c, w in zip(columns, widths):
             kw: dict[str, Any] = {"justify": c.justify}
-            if c.name_like and not STATE.wide:
-                kw.update(overflow="ellipsis", no_wrap=True, ratio=1, min_width=12)
-            elif c.name_like:
-                kw.update(overflow="fold")
+            if c.name_like and STATE.wide:
+                kw.update(overflow="fold")  # all of it, wrapped
             else:
-                kw.update(no_wrap=True)
+                kw.update(no_wrap=True, overflow="ellipsis", width=w)
             table.add_column(c.header, **kw)
-        for r in rows:
-            table.add_row(*[markup_safe(_cell(c, r, human=True)) for c in columns])
-        con = out_console()
+        cut = [c.name_like and not STATE.wide for c in columns]
+        for row in cells:
+            table.add_row(*[markup_safe(elide_middle(v, w) if k else v) for v, w, k in zip(row, widths, cut)])
         con.print(table)
         for line in footer or ():
             con.print(markup_safe(line))
