@@ -136,11 +136,6 @@ class ShardedReader(Reader):
             for k, v in common.items():
                 metadata.setdefault(k, v)
         kinds = sorted(set(formats))
-        total = meta.get("total_size")
-        if isinstance(total, int) and not isinstance(total, bool):
-            stored = sum(t.nbytes for t in tensors if t.alias_of is None)
-            if total < stored:
-                warnings.append(f"index metadata total_size {total} is less than the {stored} bytes of its tensors")
         return CheckpointInfo(
             path=str(self.path),
             format=self.format,
