@@ -4,8 +4,9 @@ Shared by convert, diff and average:
 - the sub-tree: `--key PATH` (names under PATH/, with PATH/ removed), `--all` (every tensor under
   its '/'-joined name) or, by default, the model weights of a training checkpoint (names under
   `state_dict/`, with their original keys) and everything otherwise;
-- `--include GLOB` / `--exclude GLOB` on those names (a pattern without wildcards also matches
-  as a module prefix, like `inspect --filter`);
+- `--include GLOB` / `--exclude GLOB` on the names before renaming, relative to the sub-tree or
+  in full (`model.enc` and `state_dict/model.enc` both work); a pattern without wildcards also
+  matches as a module prefix, like `inspect --filter`;
 - renaming: `--strip-prefix P` (the first that matches), `--rename OLD=NEW` (Python regex,
   `re.sub`, in the order given; NEW may use \\1 or \\g<name>), then `--add-prefix P`;
 - collisions after renaming are errors that name both sources;
@@ -169,10 +170,10 @@ def select(
         if rel is None:
             outside += 1
             continue
-        if include and not match_any(rel, include):
+        if include and not (match_any(rel, include) or match_any(t.name, include)):
             filtered += 1
             continue
-        if exclude and match_any(rel, exclude):
+        if exclude and (match_any(rel, exclude) or match_any(t.name, exclude)):
             filtered += 1
             continue
         new = rename_one(rel, strip_prefix, patterns, add_prefix)
