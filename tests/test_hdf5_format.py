@@ -263,11 +263,20 @@ def test_keras3_weights_layout(tmp_path):
         f["layers/dense"].attrs["name"] = "dense"
         f["optimizer/vars/0"] = np.int64(3)
         f.create_group("vars")
+        d = f.create_dataset("layers/functional/layers/dense_1/vars/0",
+                             data=np.array([1.0, 2.0], dtype=ml_dtypes.bfloat16))  # h5py: OPAQUE
+        d.attrs["dtype"] = "bfloat16"  # what Keras 3 writes for bf16 variables
     info = HDF5Reader(p).info()
-    assert info.kind == "keras3" and info.metadata == {"layers": 1}
+    assert info.kind == "keras3" and info.metadata == {"layers": 2}
     names = [t.name for t in info.tensors]
     assert names[:12] == [f"layers/dense/vars/{i}" for i in range(12)]  # 2 before 10 (natural order)
-    assert names[12] == "optimizer/vars/0"
+    assert names[12:] == ["layers/functional/layers/dense_1/vars/0", "optimizer/vars/0"]
+    assert info.tensor("layers/functional/layers/dense_1/vars/0").dtype == "bfloat16"
+    assert not info.warnings
+    q = tmp_path / "not_keras.h5"
+    with h5py.File(q, "w") as f:
+        f["layers/conv/weight"] = np.ones(2)
+    assert HDF5Reader(q).info().kind is None
 
 
 def test_hf_tf_shard_layout(tmp_path):

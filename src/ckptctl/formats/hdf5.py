@@ -159,7 +159,7 @@ class HDF5Reader(Reader):
         found: dict[str, Any] = {}  # path -> h5py Dataset, in walk order
         self._walk(f["/"], "", found, set(), warnings, h5py)
 
-        kind, meta, preferred = self._recognise(f)
+        kind, meta, preferred = self._recognise(f, found)
         order = [p for p in preferred if p in found]
         seen = set(order)
         order += [p for p in found if p not in seen]
@@ -339,7 +339,7 @@ class HDF5Reader(Reader):
         return mapping
 
     # -- Keras / HF recognition ------------------------------------------------------------------
-    def _recognise(self, f) -> tuple[str | None, dict, list[str]]:
+    def _recognise(self, f, found) -> tuple[str | None, dict, list[str]]:
         """(kind, metadata, dataset paths in model order) from the root attributes and layout."""
         attrs = f["/"].attrs
         keys = [k for k in attrs.keys() if k != ALIASES_ATTR]
@@ -396,7 +396,7 @@ class HDF5Reader(Reader):
             )
             kind = "hf-tf" if hf else "keras2"
             rest = set(keys) - layer_names_keys(f["/"]) - {"keras_version", "backend"}
-        elif _looks_keras3(f):
+        elif _looks_keras3(f, found):
             kind = "keras3"
             rest = set(keys)
             layers = f.get("layers")
@@ -480,12 +480,12 @@ def _keras2_order(group, layer_names: list[str]) -> list[str]:
     return out
 
 
-def _looks_keras3(f) -> bool:
-    """Keras 3 `.weights.h5`: /layers/<...>/vars/<i>, /optimizer/vars/<i>, /vars."""
+def _looks_keras3(f, paths) -> bool:
+    """Keras 3 `.weights.h5`: every dataset at <object path>/vars/<i> (layers/..., optimizer/, vars/)."""
     top = set(f.keys())
-    if not top or not top <= {"layers", "optimizer", "vars", "_layer_checkpoint_dependencies", "metrics"}:
+    if not top & {"layers", "vars", "optimizer"}:
         return False
-    return "layers" in top or "vars" in top
+    return all(re.search(r"(^|/)vars/[^/]+$", p) for p in paths)
 
 
 def _addr(obj, h5py):
