@@ -28,6 +28,8 @@ EXAMPLES = (
 def _g(v, digits: int = 4) -> str:
     if v is None:
         return "-"
+    if isinstance(v, str):  # JSON's spelling of inf/nan
+        return v
     if isinstance(v, float) and math.isnan(v):
         return "nan"
     if isinstance(v, float) and math.isinf(v):
@@ -36,7 +38,7 @@ def _g(v, digits: int = 4) -> str:
 
 
 def _cos(v) -> str:
-    return "-" if v is None else f"{v:.6f}"
+    return "-" if v is None else v if isinstance(v, str) else f"{v:.6f}"
 
 
 def _nonfinite(r: dict) -> str:

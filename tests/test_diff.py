@@ -1,0 +1,486 @@
+"""`ckptctl diff`: structure, exact statistics, NaN/Inf, tolerances, name alignment, formats, runs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 for safetensors.numpy)
+import numpy as np
+import pytest
+from conftest import REAL, cli, needs_real, real_manifest, run
+
+from ckptctl.ops import diff as ops
+
+HAVE_TORCH_READER = importlib.util.find_spec("ckptctl.formats.torch_zip") is not None
+needs_torch_reader = pytest.mark.skipif(not HAVE_TORCH_READER, reason="torch zip reader not built yet")
+
+
+def save(path, tensors, metadata=None):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def ref_stats(a, b):
+    """What diff must report, computed here with plain numpy float64 over both-finite pairs."""
+    with np.errstate(all="ignore"):
+        return _ref_stats(a, b)
+
+
+def _ref_stats(a, b):
+    x = np.asarray(a).astype(np.float64).ravel()
+    y = np.asarray(b).astype(np.float64).ravel()
+    m = np.isfinite(x) & np.isfinite(y)
+    x, y = x[m], y[m]
+    d = x - y
+    na, nb = np.linalg.norm(x), np.linalg.norm(y)
+    return {
+        "max_abs_diff": float(np.abs(d).max()) if d.size else 0.0,
+        "mean_abs_diff": float(np.abs(d).mean()) if d.size else 0.0,
+        "rel_l2": float(np.linalg.norm(d) / na),
+        "cosine": float(x @ y / (na * nb)),
+    }
+
+
+def jdiff(*args):
+    r = cli("diff", *args, "--format", "json")
+    assert r.exit_code in (0, 1), r.output
+    return r, json.loads(r.stdout)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    rng = np.random.default_rng(0)
+    a = {
+        "enc.w": rng.standard_normal((64, 48)).astype(np.float32),
+        "enc.b": rng.standard_normal(48).astype(np.float32),
+        "emb": rng.standard_normal((30, 8)).astype(ml_dtypes.bfloat16),
+        "steps": np.arange(12, dtype=np.int64),
+        "mask": np.array([True, False, True, True]),
+        "same": rng.standard_normal(100).astype(np.float16),
+        "scalar": np.array(3.5, dtype=np.float64),
+        "empty": np.zeros((0, 3), np.float32),
+        "to_half": rng.standard_normal(16).astype(np.float32),
+        "reshaped": np.zeros((4, 6), np.float32),
+        "gone": np.ones(5, np.float32),
+    }
+    b = {k: v.copy() for k, v in a.items() if k != "gone"}
+    b["enc.w"] = a["enc.w"] * np.float32(1.001)
+    b["enc.w"][3, 4] = np.nan
+    b["enc.w"][5, 6] = np.inf
+    b["enc.b"][7] += np.float32(0.5)
+    b["emb"] = (a["emb"].astype(np.float32) + 0.25).astype(ml_dtypes.bfloat16)
+    b["steps"][3] = 1000
+    b["mask"][1] = True
+    b["to_half"] = a["to_half"].astype(np.float16)
+    b["reshaped"] = np.zeros((6, 4), np.float32)
+    b["new"] = np.zeros(2, np.int32)
+    pa = save(tmp_path / "a.safetensors", a, {"format": "pt", "lr": "0.1"})
+    pb = save(tmp_path / "b.safetensors", b, {"format": "pt", "lr": "0.2"})
+    return pa, pb, a, b
+
+
+def test_json_reports_structure_and_exact_statistics(pair):
+    pa, pb, a, b = pair
+    r, doc = jdiff(pa, pb)
+    assert r.exit_code == 1
+    assert doc["only_in_a"] == ["gone"] and doc["only_in_b"] == ["new"]
+    assert doc["num_identical"] == 3  # same, scalar, empty
+    ch = {c["name"]: c for c in doc["changed"]}
+    assert set(ch) == {"enc.w", "enc.b", "emb", "steps", "mask", "to_half", "reshaped"}
+    for key in ("name", "dtype_a", "dtype_b", "shape_a", "shape_b", "max_abs_diff", "rel_l2", "cosine"):
+        assert key in ch["enc.w"]
+    for name in ("enc.w", "enc.b", "emb", "steps", "to_half"):
+        exp = ref_stats(a[name], b[name])
+        for k, v in exp.items():
+            assert ch[name][k] == pytest.approx(v, rel=1e-12, abs=1e-15), (name, k)
+    w = ch["enc.w"]
+    assert (w["nan_a"], w["nan_b"], w["inf_a"], w["inf_b"]) == (0, 1, 0, 1)
+    assert w["num_diff"] == int(np.count_nonzero(a["enc.w"].view(np.uint32) != b["enc.w"].view(np.uint32)))
+    assert ch["enc.b"]["num_diff"] == 1 and ch["enc.b"]["max_abs_diff"] == pytest.approx(0.5, rel=1e-6)
+    assert ch["emb"]["dtype_a"] == "bfloat16" and ch["emb"]["num_diff"] > 0
+    assert ch["steps"]["num_diff"] == 1 and ch["steps"]["max_abs_diff"] == 997.0
+    assert ch["mask"]["num_diff"] == 1
+    assert ch["to_half"]["dtype_a"] == "float32" and ch["to_half"]["dtype_b"] == "float16"
+    assert "dtype float32 -> float16" in ch["to_half"]["change"]
+    assert ch["reshaped"]["shape_a"] == [4, 6] and ch["reshaped"]["max_abs_diff"] is None
+    # structural first, then new NaN/Inf, then by relative change
+    order = [c["name"] for c in doc["changed"]]
+    assert order[0] == "reshaped" and order[1] == "enc.w"
+    rels = [c["rel_l2"] for c in doc["changed"][2:]]
+    assert rels == sorted(rels, reverse=True)
+    meta = {m["key"]: m for m in doc["metadata_changes"]}
+    assert meta["lr"]["a"] == "0.1" and meta["lr"]["b"] == "0.2" and "format" not in meta
+
+
+def test_identical_files_exit_0_and_self_diff_needs_no_arithmetic(pair, monkeypatch):
+    pa, _pb, _a, _b = pair
+    calls = []
+    monkeypatch.setattr(ops.Comparer, "_values", lambda self, *a: calls.append(a))
+    r = cli("diff", pa, pa)
+    assert r.exit_code == 0, r.output
+    assert "equal (bit-exact)" in r.stdout
+    assert calls == []  # identical bytes are identical without math
+
+
+def test_multi_chunk_streaming_matches_reference(tmp_path, monkeypatch):
+    """Small chunks: differences only in a late chunk use the re-read identical prefix too."""
+    monkeypatch.setattr(ops, "READ_BYTES", 4096)
+    monkeypatch.setattr(ops, "BLOCK", 256)
+    rng = np.random.default_rng(3)
+    a = {"w": rng.standard_normal(10_000).astype(np.float32),
+         "h": rng.standard_normal(5_003).astype(ml_dtypes.bfloat16),
+         "c": (rng.standard_normal(777) + 1j * rng.standard_normal(777)).astype(np.complex64)}
+    b = {k: v.copy() for k, v in a.items()}
+    b["w"][9_000:9_010] += np.float32(1.0)  # chunks 0..8 identical, then a difference
+    b["w"][9_500] = np.nan
+    b["h"][5_000] = ml_dtypes.bfloat16(7.0)
+    b["c"][700] += np.complex64(1 + 1j)
+    pa, pb = save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b)
+    res = ops.diff_checkpoints(pa, pb)
+    by = {d.name: d for d in res.changed}
+    for name in ("w", "h"):
+        exp = ref_stats(a[name], b[name])
+        assert by[name].max_abs_diff == pytest.approx(exp["max_abs_diff"], rel=1e-12)
+        assert by[name].rel_l2 == pytest.approx(exp["rel_l2"], rel=1e-9)
+        assert by[name].cosine == pytest.approx(exp["cosine"], rel=1e-12)
+    assert by["w"].num_diff == 11 and by["w"].nan_b == 1
+    x, y = a["c"].astype(np.complex128), b["c"].astype(np.complex128)
+    assert by["c"].rel_l2 == pytest.approx(np.linalg.norm(x - y) / np.linalg.norm(x), rel=1e-9)
+    assert by["c"].num_diff == 1
+
+
+def test_tolerances_and_integers_stay_exact(tmp_path):
+    a = {"f": np.array([1.0, 2.0, 3.0], np.float32), "i": np.array([1, 2, 3], np.int32)}
+    b = {"f": np.array([1.0, 2.0 + 1e-4, 3.0], np.float32), "i": np.array([1, 2, 3], np.int32)}
+    pa, pb = save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b)
+    assert cli("diff", pa, pb).exit_code == 1
+    assert cli("diff", pa, pb, "--atol", "1e-3").exit_code == 0
+    assert cli("diff", pa, pb, "--rtol", "1e-3").exit_code == 0
+    assert cli("diff", pa, pb, "--atol", "1e-6").exit_code == 1
+    b["i"][0] = 2
+    pb = save(tmp_path / "b.safetensors", b)
+    r, doc = jdiff(pa, pb, "--atol", "10")
+    assert r.exit_code == 1 and [c["name"] for c in doc["changed"]] == ["i"]
+
+
+def test_nan_equal_nan_and_signed_zero_is_a_bit_difference(tmp_path):
+    a = {"x": np.array([np.nan, 0.0, 1.0], np.float32)}
+    b = {"x": np.array([np.nan, -0.0, 1.0], np.float32)}
+    pa, pb = save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b)
+    r, doc = jdiff(pa, pb)
+    assert r.exit_code == 1 and doc["changed"][0]["num_diff"] == 1  # -0.0 differs bit for bit
+    assert cli("diff", pa, pb, "--atol", "0").exit_code == 0  # but equal as a value, NaN == NaN
+
+
+def test_no_values_is_structure_only(pair):
+    pa, pb, _a, _b = pair
+    r, doc = jdiff(pa, pb, "--no-values")
+    assert doc["values_compared"] is False
+    assert {c["name"] for c in doc["changed"]} == {"to_half", "reshaped"}
+    assert all(c["max_abs_diff"] is None for c in doc["changed"])
+    same = {"w": np.ones(3, np.float32)}
+    other = {"w": np.zeros(3, np.float32)}
+    d = pa.parent
+    assert cli("diff", save(d / "s.safetensors", same), save(d / "o.safetensors", other), "--no-values").exit_code == 0
+
+
+def test_prefix_hint_and_alignment(tmp_path):
+    w = {"layer.weight": np.ones((2, 2), np.float32), "layer.bias": np.zeros(2, np.float32)}
+    plain = save(tmp_path / "plain.safetensors", w)
+    ddp = save(tmp_path / "ddp.safetensors", {"module." + k: v for k, v in w.items()})
+    r = cli("diff", ddp, plain)
+    assert r.exit_code == 1
+    assert "--strip-prefix module." in r.stderr
+    assert cli("diff", ddp, plain, "--strip-prefix", "module.").exit_code == 0
+    lit = {"state_dict/" + k: v for k, v in w.items()}
+    lit["optimizer_states/0/state/0/exp_avg"] = np.zeros(3, np.float32)
+    ckpt = save(tmp_path / "lit.safetensors", lit)
+    r, doc = jdiff(ckpt, plain)
+    assert "--key state_dict" in doc["hint"]
+    r, doc = jdiff(ckpt, plain, "--key", "state_dict")
+    assert r.exit_code == 0 and doc["key_a"] == "state_dict" and doc["key_b"] is None
+    assert cli("diff", ckpt, plain, "--key", "nothing_here").exit_code == 2
+    # both prefixes at once
+    hf = save(tmp_path / "hf.safetensors", {"model." + k: v for k, v in w.items()})
+    r, doc = jdiff(ddp, hf)
+    assert "module." in doc["hint"] and "model." in doc["hint"]
+    assert cli("diff", ddp, hf, "--strip-prefix", "module.", "--strip-prefix", "model.").exit_code == 0
+
+
+def test_filter_restricts_the_comparison(pair):
+    pa, pb, _a, _b = pair
+    r, doc = jdiff(pa, pb, "--filter", "same", "--filter", "scalar")
+    assert r.exit_code == 0 and doc["num_identical"] == 2
+
+
+def test_hdf5_and_safetensors_of_the_same_weights_are_equal(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(5)
+    w = {"dense/kernel": rng.standard_normal((5, 3)).astype(np.float32), "dense/bias": np.arange(3, dtype=np.int64)}
+    h5 = tmp_path / "w.h5"
+    with h5py.File(h5, "w") as f:
+        for k, v in w.items():
+            f.create_dataset(k, data=v)
+    st = save(tmp_path / "w.safetensors", w)
+    r, doc = jdiff(h5, st)
+    assert r.exit_code == 0, doc
+    assert doc["format_a"] == "hdf5" and doc["num_identical"] == 2
+
+
+@needs_torch_reader
+def test_pt_and_its_safetensors_conversion_compare_equal(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    emb = torch.randn(10, 4)
+    sd = {
+        "emb.weight": emb, "head.weight": emb,  # tied
+        "ln.weight": torch.randn(4).to(torch.bfloat16),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "mask": torch.tensor([True, False]),
+        "fp8": torch.randn(6).to(torch.float8_e4m3fn),
+        "view": torch.arange(20, dtype=torch.float32)[5:9],
+    }
+    pt = tmp_path / "m.pt"
+    torch.save(sd, pt)
+    st = tmp_path / "m.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in sd.items()}, st)
+    r = cli("diff", pt, st)
+    assert r.exit_code == 0, r.output
+    p = run("diff", pt, st)
+    assert p.returncode == 0, p.stderr
+    sd2 = dict(sd)
+    sd2["view"] = sd["view"] + 1
+    torch.save(sd2, tmp_path / "m2.pt")
+    r, doc = jdiff(pt, tmp_path / "m2.pt")
+    assert r.exit_code == 1 and [c["name"] for c in doc["changed"]] == ["view"]
+    assert doc["changed"][0]["max_abs_diff"] == 1.0
+
+
+def test_table_csv_markdown_outputs(pair):
+    pa, pb, _a, _b = pair
+    p = run("diff", pa, pb)
+    assert p.returncode == 1
+    assert "\x1b[" not in p.stdout
+    lines = p.stdout.splitlines()
+    assert lines[0].split()[:2] == ["name", "change"]
+    first = [ln.split()[0] for ln in lines[2:9]]
+    assert first[:2] == ["reshaped", "enc.w"]
+    assert "gone" in p.stdout and "only in A" in p.stdout and "only in B" in p.stdout
+    assert "3 identical tensors" in p.stdout and "different (bit-exact)" in p.stdout
+    assert "metadata lr: 0.1 -> 0.2" in p.stdout
+    rows = list(csv.DictReader(io.StringIO(cli("diff", pa, pb, "-f", "csv").stdout)))
+    by = {r["name"]: r for r in rows}
+    assert by["gone"]["change"] == "only in A" and by["new"]["change"] == "only in B"
+    assert float(by["enc.b"]["max_abs_diff"]) == pytest.approx(0.5, rel=1e-6)
+    md = cli("diff", pa, pb, "-f", "markdown").stdout
+    assert md.startswith("| name") and "|---" in md.replace(":", "-")
+    assert all(ln.count("|") == md.splitlines()[0].count("|") for ln in md.splitlines() if ln.startswith("|"))
+
+
+def test_hostile_names_are_escaped(tmp_path):
+    evil = "x\x1b[31mred"
+    pa = save(tmp_path / "a.safetensors", {evil: np.zeros(2, np.float32)})
+    pb = save(tmp_path / "b.safetensors", {evil: np.ones(2, np.float32)})
+    p = run("diff", pa, pb)
+    assert p.returncode == 1 and "\x1b" not in p.stdout and "\\x1b" in p.stdout
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, pair):
+    pa, _pb, _a, _b = pair
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(pa.read_bytes()[:-10])
+    for args in [(pa, tmp_path / "missing.safetensors"), (pa, bad), (pa,), (pa, pa, "--along")]:
+        p = run("diff", *args)
+        assert p.returncode == 2, (args, p.stderr)
+        assert "Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    # truncated in the data region: the header is valid but a tensor is cut short
+    short = tmp_path / "short.safetensors"
+    data = pa.read_bytes()
+    short.write_bytes(data)
+    with open(short, "r+b") as f:
+        f.truncate(len(data) - 4)
+    p = run("diff", pa, short)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_help_and_json_help_work():
+    r = cli("diff", "--help")
+    assert r.exit_code == 0 and "--along" in r.stdout and "--strip-prefix" in r.stdout
+
+
+# ---- runs ------------------------------------------------------------------------------------------
+def make_run(folder, steps, seed=0, nan_at=None, tweak=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w = {"a.weight": rng.standard_normal((16, 8)).astype(np.float32),
+         "a.bias": rng.standard_normal(8).astype(np.float32),
+         "count": np.array(0, np.int64)}
+    states = {}
+    for s in steps:
+        w = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * np.float32(0.01 * s / 100)
+                 if v.dtype == np.float32 else np.asarray(v + 1)) for k, v in w.items()}
+        if nan_at is not None and s >= nan_at:
+            w["a.bias"] = w["a.bias"].copy()
+            w["a.bias"][2] = np.nan
+        if tweak and s in tweak:
+            w = tweak[s](w)
+        states[s] = w
+        save(folder / f"step_{s}.safetensors", w)
+    return states
+
+
+def test_two_runs_align_by_step(tmp_path):
+    make_run(tmp_path / "ra", [100, 200, 300, 400], seed=1)
+    make_run(tmp_path / "rb", [100, 200, 300, 400], seed=1,
+             tweak={300: lambda w: {**w, "a.bias": w["a.bias"] * np.float32(2)}})
+    (tmp_path / "rb" / "step_400.safetensors").unlink()
+    save(tmp_path / "rb" / "step_500.safetensors", {"a.weight": np.zeros((16, 8), np.float32)})
+    r = cli("diff", tmp_path / "ra", tmp_path / "rb", "-f", "json")
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.stdout)
+    by = {s["step"]: s for s in doc["steps"]}
+    assert sorted(by) == [100, 200, 300]
+    assert by[100]["equal"] and by[200]["equal"] and not by[300]["equal"]
+    assert by[300]["max_rel_l2_tensor"] == "a.bias" and by[300]["max_rel_l2"] == pytest.approx(1.0)
+    assert by[300]["num_changed"] == 1
+    assert doc["missing_in_b"] == [400] and doc["missing_in_a"] == [500]
+    p = run("diff", tmp_path / "ra", tmp_path / "rb")
+    assert p.returncode == 1
+    assert "steps only in A: 400" in p.stdout and "steps only in B: 500" in p.stdout
+    make_run(tmp_path / "rc", [100, 200], seed=2)
+    make_run(tmp_path / "rd", [100, 200], seed=2)
+    assert cli("diff", tmp_path / "rc", tmp_path / "rd").exit_code == 0
+    p = run("diff", tmp_path / "ra", tmp_path / "ra" / "step_100.safetensors")
+    assert p.returncode == 2 and "run folder" in p.stderr
+
+
+def test_along_a_run(tmp_path, monkeypatch):
+    states = make_run(tmp_path / "run", [10, 20, 30, 40, 50], seed=3, nan_at=40)
+    monkeypatch.setattr(ops, "ALONG_BUDGET", 4096)  # several chunks per tensor
+    r = cli("diff", tmp_path / "run", "--along", "-f", "json")
+    assert r.exit_code == 1, r.output  # a checkpoint holds NaN
+    doc = json.loads(r.stdout)
+    assert doc["first_nonfinite_step"] == 40 and doc["num_tensors"] == 2
+    steps = doc["steps"]
+    assert [s["step"] for s in steps] == [10, 20, 30, 40, 50]
+    assert steps[0]["update_rel_l2"] is None
+    assert steps[3]["nonfinite"] == 1 and steps[3]["nonfinite_tensors"] == ["a.bias"]
+
+    def flat(s):
+        v = np.concatenate([states[s][k].astype(np.float64).ravel() for k in ("a.weight", "a.bias")])
+        return np.where(np.isfinite(v), v, 0.0)
+
+    for i, s in enumerate([10, 20, 30, 40, 50]):
+        assert steps[i]["weight_norm"] == pytest.approx(np.linalg.norm(flat(s)), rel=1e-12)
+        if i:
+            prev = flat([10, 20, 30, 40, 50][i - 1])
+            exp = np.linalg.norm(flat(s) - prev) / np.linalg.norm(prev)
+            assert steps[i]["update_rel_l2"] == pytest.approx(exp, rel=1e-9)
+    p = run("diff", tmp_path / "run", "--along")
+    assert p.returncode == 1 and "#" in p.stdout and "first NaN/Inf at step 40" in p.stdout
+    make_run(tmp_path / "ok", [1, 2, 3], seed=4)
+    p = run("diff", tmp_path / "ok", "--along")
+    assert p.returncode == 0 and "no NaN/Inf" in p.stdout
+    rows = list(csv.DictReader(io.StringIO(cli("diff", tmp_path / "ok", "--along", "-f", "csv").stdout)))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+
+
+def test_lockstep_reads_stay_bounded(tmp_path, monkeypatch):
+    """No read asks for more than READ_BYTES, whatever the tensor size."""
+    monkeypatch.setattr(ops, "READ_BYTES", 1 << 16)
+    big = {"w": np.arange(100_000, dtype=np.float32)}
+    pa, pb = save(tmp_path / "a.safetensors", big), save(tmp_path / "b.safetensors", {"w": big["w"] + 1})
+    sizes = []
+    real_pread = ops.ChunkSource._pread
+
+    def spy(self, file, offset, length):
+        for v in real_pread(self, file, offset, length):
+            sizes.append(len(v))
+            yield v
+
+    monkeypatch.setattr(ops.ChunkSource, "_pread", spy)
+    res = ops.diff_checkpoints(pa, pb)
+    assert res.changed[0].max_abs_diff == 1.0
+    assert sizes and max(sizes) <= 1 << 16 and sum(sizes) == 2 * 400_000
+
+
+# ---- real files ---------------------------------------------------------------------------------------
+@needs_real
+@pytest.mark.parametrize("name", [n for n, row in real_manifest().items()
+                                  if "MALICIOUS" not in row.get("format", "") and "malicious" not in n
+                                  and "MALFORMED" not in row.get("format", "")] or ["none"])
+def test_real_files_equal_themselves(name):
+    if name == "none":
+        pytest.skip("no real fixtures")
+    path = REAL / name
+    r = cli("diff", path, path, "--format", "json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["equal"] and not doc["changed"] and not doc["only_in_a"] and doc["num_identical"] > 0
+
+
+@needs_real
+def test_real_malformed_file_is_a_clean_error():
+    bad = REAL / "safetensors_malformed" / "syoyo_abuse_attempt_1.safetensors"
+    p = run("diff", bad, bad)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def flip_first_bit_copy(src, dst):
+    """Every tensor of a real file, written again with bit 0 of its first byte flipped."""
+    from ckptctl.formats import open_reader
+    from ckptctl.formats.write_safetensors import SafetensorsWriter
+
+    with open_reader(src) as r:
+        info = r.info()
+        tensors = [t for t in info.tensors if t.alias_of is None]
+        raw = {t.name: bytearray(b"".join(bytes(c) for c in r.iter_chunks(t.name))) for t in tensors}
+    for t in tensors:
+        if raw[t.name]:
+            raw[t.name][0] ^= 1
+    w = SafetensorsWriter(dst, tensors, {})
+    for t in tensors:
+        w.add(t, [bytes(raw[t.name])])
+    w.finish()
+    return info, raw
+
+
+@needs_real
+def test_real_all_dtypes_file_against_a_bit_flipped_copy(tmp_path):
+    from ckptctl.formats import open_reader
+
+    src = REAL / "safetensors" / "fluxml_torch_alldtypes.safetensors"
+    info, raw = flip_first_bit_copy(src, tmp_path / "flipped.safetensors")
+    r, doc = jdiff(src, tmp_path / "flipped.safetensors")
+    assert r.exit_code == 1
+    ch = {c["name"]: c for c in doc["changed"]}
+    nonempty = [t for t in info.tensors if t.nbytes]
+    assert set(ch) == {t.name for t in nonempty}
+    with open_reader(src) as ra, open_reader(tmp_path / "flipped.safetensors") as rb:
+        for t in nonempty:
+            c = ch[t.name]
+            assert c["num_diff"] == 1, t.name
+            a, b = ra.read(t.name), rb.read(t.name)
+            if a.dtype == np.bool_:
+                a, b = a.astype(np.uint8), b.astype(np.uint8)
+            exp = ref_stats(a, b)
+            got = c["max_abs_diff"]
+            if isinstance(got, str) or not np.isfinite(exp["max_abs_diff"]):
+                continue  # a flipped bit can make a NaN; NaN pairs are left out of the statistics
+            assert got == pytest.approx(exp["max_abs_diff"], rel=1e-12), t.name
+
+
+@needs_real
+def test_real_sharded_folder_equals_itself():
+    folder = REAL / "safetensors_sharded" / "fluxml"
+    p = run("diff", folder, folder)
+    assert p.returncode == 0, p.stderr
