@@ -631,4 +631,28 @@ def test_dangerous_pickle_converts_with_warning(tmp_path):
     if r.returncode == 0:
         assert "UNSAFE" in r.stderr or "system" in r.stderr
     else:
-        assert "no tensor" in r.stderr  # a payload without weights: nothing to convert
+        assert "no tensors in this checkpoint" in r.stderr  # a payload without weights: nothing to convert
+        assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+class _Evil:
+    """Pickles as a call to os.system; never unpickled here (ckptctl's reader runs nothing)."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@needs_reader("torch-zip", "safetensors")
+def test_dangerous_pickle_with_weights_converts_and_warns(tmp_path):
+    from safetensors.torch import load_file
+
+    w = torch.randn(4, 4)
+    src = tmp_path / "trojan.pt"
+    torch.save({"w": w, "evil": _Evil()}, src)  # saving runs nothing
+    out = tmp_path / "clean.safetensors"
+    r = run("convert", src, out)
+    assert r.returncode == 0, r.stderr
+    assert "UNSAFE" in r.stderr and "system" in r.stderr and "Traceback" not in r.stderr
+    assert "non-tensor object" in r.stderr  # the payload is dropped, with a note
+    got = load_file(out)
+    assert set(got) == {"w"} and raw(got["w"]) == raw(w)

@@ -99,10 +99,11 @@ def register(app: typer.Typer) -> None:
                 staged.discard()
         files = f" in {len(plan.files)} shards" if len(plan.files) > 1 else ""
         cast = f", cast to {plan.cast_to}" if plan.cast_to else ""
-        msg = (f"wrote {dst}: {result.num_tensors} tensors, {human_bytes(plan.total_bytes)}{cast}, "
+        plural = "" if result.num_tensors == 1 else "s"
+        msg = (f"wrote {dst}: {result.num_tensors} tensor{plural}, {human_bytes(plan.total_bytes)}{cast}, "
                f"{result.fmt}{files}")
         if result.verified:
-            msg += f"; verified {result.verified_tensors} tensors bit-exact"
+            msg += f"; verified {result.verified_tensors} tensor{plural} bit-exact"
             if plan.cast_to:
                 msg += " (against the cast source)"
         else:

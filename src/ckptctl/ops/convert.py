@@ -308,6 +308,11 @@ def plan_convert(
         _fmt, opened = resolve(src)
         src_files = [Path(f) for f in info.files] + [opened]
         _check_destination(src, src_files, dst, sharded, force)
+        if not info.tensors:
+            danger = dangerous_globals(info)
+            why = (f"; it is a pickle that asks for {', '.join(danger[:3])}, which runs code when loaded: "
+                   "do not load it" if danger else "")
+            raise Incompatible(f"no tensors in this checkpoint, nothing to convert{why}", src)
         sel = select(info.tensors, key=key, all_=all_, include=include, exclude=exclude,
                      strip_prefix=strip_prefix, add_prefix=add_prefix, rename=rename)
         notes = list(sel.notes)
