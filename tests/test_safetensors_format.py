@@ -282,6 +282,15 @@ def test_registry_sniffs_safetensors_whatever_the_name(tmp_path, st_file):
         assert isinstance(r, SafetensorsReader)
 
 
+def test_registry_sniffs_leading_whitespace_header(tmp_path):
+    p = tmp_path / "ws.bin"
+    write_raw(p, b'\n  {"a":' + json.dumps(E4).encode() + b"}", b"\0" * 4)
+    assert sniff(p) == "safetensors"
+    res = run("inspect", p, "-f", "json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tensors"][0]["name"] == "a"
+
+
 def test_cli_inspect_json(st_file):
     p, tensors = st_file
     for res in (cli("inspect", p, "--format", "json"), run("inspect", p, "--format", "json")):

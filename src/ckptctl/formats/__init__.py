@@ -193,6 +193,11 @@ def sniff(path: str | os.PathLike) -> str:
         n = int.from_bytes(head[:8], "little")
         if head[0] != 0x80 or n + 8 <= p.stat().st_size:
             return "safetensors"
+    if len(head) >= 10 and head[8:9] in (b" ", b"\t", b"\n", b"\r") and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
+        # JSON may start with whitespace (the reference accepts it): then N must fit the file
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n and n + 8 <= p.stat().st_size:
+            return "safetensors"
     if p.name.endswith(INDEX_SUFFIXES) and head.lstrip()[:1] == b"{":
         return "sharded"
     if _is_pickle(head):
