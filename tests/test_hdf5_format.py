@@ -124,6 +124,21 @@ def test_generic_bytes_exact(generic):
         assert r.read("empty").shape == (0, 3)
 
 
+def test_user_block_offsets(tmp_path):
+    """A file with a 512-byte user block: byte_range offsets are absolute file offsets."""
+    p = tmp_path / "ub.h5"
+    a = np.arange(10, dtype="f4")
+    with h5py.File(p, "w", userblock_size=512) as f:
+        f["a"] = a
+    assert sniff(p) == "hdf5"
+    with open_reader(p) as r:
+        f_, off, n = r.byte_range("a")
+        assert off > 512
+        with open(f_, "rb") as fh:
+            fh.seek(off)
+            assert fh.read(n) == a.tobytes() == all_bytes(r, "a")
+
+
 def test_chunks_are_bounded_for_big_rows(tmp_path):
     p = tmp_path / "rows.h5"
     a = np.arange(3 * 50 * 40, dtype="f8").reshape(3, 50, 40)

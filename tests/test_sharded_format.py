@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -91,6 +93,14 @@ def test_cli_inspect_sharded(tmp_path):
         assert doc["num_params"] == sum(t.numel() for t in sd.values())
     res = cli("inspect", tmp_path / "ck")
     assert res.exit_code == 0 and "sharded (safetensors)" in res.stdout and "files" in res.stdout
+    code = (
+        "import sys\nfrom ckptctl.cli.app import app\n"
+        "try:\n    app(['inspect', sys.argv[1]])\nexcept SystemExit as e:\n    c = e.code\n"
+        "sys.stderr.write('TORCH=%s\\n' % ('torch' in sys.modules))\nsys.exit(c)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "TORCH=False" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("bad, message", [
