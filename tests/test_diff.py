@@ -21,7 +21,7 @@ needs_torch_reader = pytest.mark.skipif(not HAVE_TORCH_READER, reason="torch zip
 def save(path, tensors, metadata=None):
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({k: np.array(v, copy=True, order="C") for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
 
 
