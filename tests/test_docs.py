@@ -66,17 +66,24 @@ def test_snapshots_are_plain_and_fixed_width(generated):
         assert "Usage: ckptctl" in text, name
 
 
-def test_check_names_every_stale_file_and_write_repairs_them(tmp_path, generated):
+def docs_main(capsys, *args) -> SimpleNamespace:
+    """`python -m ckptctl.docs ARGS` in-process (the subprocess form is tested above)."""
+    rc = docs.main([*map(os.fspath, args)])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
+def test_check_names_every_stale_file_and_write_repairs_them(tmp_path, generated, capsys):
     docs.write(tmp_path, generated)
     assert docs.stale(tmp_path, generated) == []
-    p = py("-m", "ckptctl.docs", "--check", "--root", tmp_path)
+    p = docs_main(capsys, "--check", "--root", tmp_path)
     assert p.returncode == 0, p.stderr
 
     (tmp_path / "man/ckptctl.1").write_text(generated["man/ckptctl.1"].replace("EXIT STATUS", "EXIT"))
     (tmp_path / docs.snapshot_name("ckptctl inspect")).unlink()
     (tmp_path / docs.SNAPSHOT_DIR / "help_ckptctl_gone.txt").write_text("old\n")
     (tmp_path / "completions/ckptctl.fish").write_text("# hand-edited\n")
-    p = py("-m", "ckptctl.docs", "--check", "--root", tmp_path)
+    p = py("-m", "ckptctl.docs", "--check", "--root", tmp_path)  # the real exit code, from a process
     assert p.returncode == 1
     assert "man/ckptctl.1: out of date" in p.stderr
     assert "help_ckptctl_inspect.txt: missing" in p.stderr
@@ -85,13 +92,13 @@ def test_check_names_every_stale_file_and_write_repairs_them(tmp_path, generated
     assert "4 generated file(s) out of date" in p.stderr
     assert (tmp_path / "completions/ckptctl.fish").read_text() == "# hand-edited\n"  # --check writes nothing
 
-    p = py("-m", "ckptctl.docs", "--check", "--diff", "--root", tmp_path)
+    p = docs_main(capsys, "--check", "--diff", "--root", tmp_path)
     assert p.returncode == 1 and "\n-.SH EXIT\n" in p.stdout and "\n+.SH EXIT STATUS\n" in p.stdout
 
-    p = py("-m", "ckptctl.docs", "--root", tmp_path)
+    p = docs_main(capsys, "--root", tmp_path)
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / docs.SNAPSHOT_DIR / "help_ckptctl_gone.txt").exists()
-    assert py("-m", "ckptctl.docs", "--check", "--root", tmp_path).returncode == 0
+    assert docs_main(capsys, "--check", "--root", tmp_path).returncode == 0
 
 
 # ---- the man page -----------------------------------------------------------------------------------
@@ -154,7 +161,8 @@ def toy_app() -> typer.Typer:
     @app.command(
         "paint",
         help="Paint a [bold]checkpoint[/] — fast.\n\n.dotfiles are fine; so is \\backslash and `--colour`.",
-        epilog="[bold]Examples[/]\n\n  ckptctl paint a.pt --colour green\n\n"
+        epilog="[bold]Examples[/]\n\n  ckptctl paint a.pt --colour green    # the green one\n"
+               "  ckptctl paint 'x  # y.pt'\n\n"
                "Keep the old one:\n\n  ckptctl paint a.pt -n 3\n\nA closing note.",
     )
     def paint(
@@ -186,9 +194,11 @@ def test_generator_on_a_toy_app(tmp_path):
     assert by["n"].metavar == "N" and by["n"].default == "1"
     assert by["tag"].multiple and by["tag"].default is None
     assert by["dry"].metavar is None and by["dry"].secondary_opts == ["--no-dry-run"]
+    assert by["dry"].default == "--dry-run"
     notes, examples = docs.split_epilog(paint.epilog)
-    assert [e.command for e in examples] == ["ckptctl paint a.pt --colour green", "ckptctl paint a.pt -n 3"]
-    assert examples[1].description == "Keep the old one:"
+    assert [e.command for e in examples] == [
+        "ckptctl paint a.pt --colour green", "ckptctl paint 'x  # y.pt'", "ckptctl paint a.pt -n 3"]
+    assert [e.description for e in examples] == ["the green one", "", "Keep the old one:"]
     assert [docs.plain(n) for n in notes] == ["A closing note."]
 
     man = docs.render_man(tree, "9.9")
@@ -205,7 +215,8 @@ def test_generator_on_a_toy_app(tmp_path):
     md = docs.render_markdown(tree, "9.9")
     assert "**checkpoint**" in md and "*source*" in md and "[bold]" not in md
     assert "| `-c`, `--colour` `red\\|green` | Which colour. Default: `red`. |" in md
-    assert "```sh\nckptctl paint a.pt --colour green\n# Keep the old one:\nckptctl paint a.pt -n 3\n```" in md
+    assert ("```sh\n# the green one\nckptctl paint a.pt --colour green\nckptctl paint 'x  # y.pt'\n"
+            "# Keep the old one:\nckptctl paint a.pt -n 3\n```") in md
 
 
 def test_markup_helpers():
@@ -341,6 +352,10 @@ def test_tensor_completer_direct(model, tmp_path):
     assert sorted(keys) == ["optimizer_states", "optimizer_states/0", "optimizer_states/0/state",
                             "optimizer_states/0/state/1", "state_dict"]
     assert complete.complete_key_paths(ctx(path=tmp_path / "k.safetensors"), [], "st") == ["state_dict"]
+    # --strip-prefix: the next prefix level
+    assert complete.complete_name_prefixes(ctx(path=model), [], "") == ["decoder.", "encoder."]
+    assert complete.complete_name_prefixes(ctx(path=model), [], "encoder.") == ["encoder.layer."]
+    assert complete.complete_name_prefixes(ctx(path=model), [], "encoder.layer.1.") == []
 
 
 def test_completers_never_crash(tmp_path):
@@ -354,7 +369,7 @@ def test_completers_never_crash(tmp_path):
              ctx(path=123), ctx(path=True), ctx(paths=[junk, None]), None, SimpleNamespace()]
     for c in cases:
         for fn in (complete.complete_tensor_names, complete.complete_key_paths, complete.complete_metric_names,
-                   complete.metric_completer("step")):
+                   complete.complete_name_prefixes, complete.metric_completer("step")):
             got = fn(c, ["--weird", str(junk)], "")
             assert isinstance(got, list)
     assert complete.metric_completer("step", "size")(None, [], "s") == ["step", "size"]

@@ -333,6 +333,16 @@ def test_global_flags_work_after_the_command(hostile):
     assert p.returncode == 0 and "No such option" not in p.stderr
 
 
+def test_quiet_leaves_only_errors_on_stderr(hostile, tmp_path):
+    p = run_piped("inspect", hostile, "--filter", "nomatch")
+    assert p.returncode == 0 and "warning: no tensor matches nomatch" in p.stderr  # the control
+    for args in (("-q", "inspect", hostile, "--filter", "nomatch"), ("inspect", hostile, "--filter", "nomatch", "-q")):
+        p = run_piped(*args)
+        assert p.returncode == 0 and p.stderr == "", (args, p.stderr)
+    p = run_piped("inspect", tmp_path / "missing.pt", "-q")
+    assert p.returncode == 1 and "error:" in p.stderr  # errors still show
+
+
 def test_hoist_global_flags_respects_the_commands_own_options():
     from ckptctl.cli.app import hoist_global_flags
 

@@ -146,6 +146,10 @@ def _param_doc(p) -> ParamDoc | None:
             metavar = longest.lstrip("-").replace("-", "_").upper()
     default = None
     d = getattr(p, "default", None)
+    if is_flag and getattr(p, "secondary_opts", None) and isinstance(d, bool):
+        # --verify/--no-verify: say which one holds when neither is given
+        longest = lambda opts: max(opts, key=len)  # noqa: E731
+        default = longest(p.opts) if d else longest(p.secondary_opts)
     if (not getattr(p, "required", False) and getattr(p, "show_default", True) is not False
             and not callable(d) and d not in (None, False, (), []) and not is_flag):
         d = getattr(d, "value", d)
@@ -253,7 +257,12 @@ def split_epilog(epilog: str) -> tuple[list[str], list[Example]]:
                 if c.startswith("#"):
                     desc = c.lstrip("# ").strip()
                     continue
-                examples.append(Example(c, desc))
+                cmd = c
+                m = re.match(r"(.*?\S)\s{2,}#\s*(\S.*)$", c)
+                if m and m.group(1).count("'") % 2 == 0 and m.group(1).count('"') % 2 == 0:
+                    # `ckptctl diff a b    # exit 0: equal` -> the comment describes the command
+                    cmd, desc = m.group(1), (desc + " " if desc else "") + m.group(2)
+                examples.append(Example(cmd, desc))
                 desc = ""
             pending = ""
             continue
@@ -454,7 +463,7 @@ def render_man(tree: CommandDoc, version: str) -> str:
         for _c, ex in examples:
             if ex.description:
                 L.append(".PP")
-                L += _roff_lines(roff_markup(ex.description))
+                L += _roff_lines(roff_markup(ex.description[:1].upper() + ex.description[1:]))
                 L += [".RS 4", ".nf", "\\&" + roff_text(ex.command, dashes=True), ".fi", ".RE"]
             else:
                 L += [".PP", ".RS 4", ".nf", "\\&" + roff_text(ex.command, dashes=True), ".fi", ".RE"]

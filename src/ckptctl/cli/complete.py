@@ -89,6 +89,18 @@ def complete_key_paths(ctx: typer.Context, args: list[str], incomplete: str) -> 
         return []
 
 
+def complete_name_prefixes(ctx: typer.Context, args: list[str], incomplete: str) -> list[str]:
+    """Name prefixes ending at a separator (`model.`, `module.encoder.`, `state_dict/`), for
+    `--strip-prefix`: the next level after what is typed."""
+    try:
+        names: list[str] = []
+        for path in _candidate_paths(ctx, args, want_dir=False)[:MAX_PATHS]:
+            names.extend(tensor_names(path))
+        return [p for p in narrow(names, incomplete or "", limit=0) if p and p[-1] in _SEPARATORS]
+    except Exception:
+        return []
+
+
 # ---- the pieces, testable on their own ----------------------------------------------------------
 def tensor_names(path: str | os.PathLike) -> list[str]:
     """Every tensor name of one checkpoint, from its metadata only; [] on any error."""

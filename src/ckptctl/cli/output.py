@@ -148,7 +148,9 @@ def error(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    err_console().print(f"[yellow]warning:[/] {markup_safe(msg)}")
+    """A warning on stderr; silenced by --quiet ("only errors on stderr")."""
+    if not STATE.quiet:
+        err_console().print(f"[yellow]warning:[/] {markup_safe(msg)}")
 
 
 def note(msg: str) -> None:
