@@ -11,7 +11,8 @@ datasets are allocated without being filled. Then every candidate runs as a fres
     python benchmarks/bench_inspect.py --size-gb 0.5   # quick
     python benchmarks/bench_inspect.py --keep --dir /tmp/bench
 
-The data is deleted at the end unless --keep is given.
+The data is deleted at the end unless --keep is given. The machine should be otherwise idle:
+the figures are wall times of whole processes.
 """
 
 from __future__ import annotations
@@ -181,10 +182,9 @@ def generate(spec: dict) -> None:
     tensors = plan(spec["size_gb"])
     files, formats = spec["files"], spec["formats"]
     layout = write_safetensors(files["safetensors"], tensors)
-    if "torch-zip" in formats:
-        write_torch(files["safetensors"], layout, files["torch-zip"], legacy=False)
-    if "torch-legacy" in formats:
-        write_torch(files["safetensors"], layout, files["torch-legacy"], legacy=True)
+    for fmt, legacy in (("torch-zip", False), ("torch-legacy", True)):
+        if fmt in formats and not os.path.exists(files[fmt]):  # kept from an earlier --keep run
+            write_torch(files["safetensors"], layout, files[fmt], legacy=legacy)
     if "hdf5" in formats:
         write_hdf5(files["hdf5"], tensors)
 
@@ -197,7 +197,8 @@ def main() -> int:
     ap.add_argument("--size-gb", type=float, default=4.0, help="size of each checkpoint in GB (default 4)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per candidate; best wall time is kept (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
-    ap.add_argument("--dir", default=None, help="where to write the data (default: a new folder in /tmp)")
+    ap.add_argument("--dir", default=None, help="where to write the data (default: a new folder in /tmp); "
+                    "torch files already there from a --keep run of the same size are reused")
     ap.add_argument("--formats", default="safetensors,torch-zip,torch-legacy,hdf5")
     args = ap.parse_args()
 
