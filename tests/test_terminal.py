@@ -129,9 +129,9 @@ def visible(text: str) -> str:
 
 # ---- piped output ---------------------------------------------------------------------------------
 def test_piped_output_has_no_escape_codes(hostile, tmp_path):
+    # (table, tree, markdown, json and csv of the same file: test_hostile_names_*)
     cases = [
-        (), ("--help",), ("inspect", "--help"), ("inspect", hostile), ("inspect", hostile, "-f", "tree"),
-        ("inspect", hostile, "-f", "markdown"), ("inspect", hostile, "-f", "json"),
+        (), ("inspect", "--help"), ("inspect", hostile, "-f", "tree"),
         ("inspect", tmp_path / "missing.safetensors"), ("inspet",), ("inspect", hostile, "--sort", "sideways"),
     ]
     for args in cases:
@@ -139,8 +139,8 @@ def test_piped_output_has_no_escape_codes(hostile, tmp_path):
         assert "\x1b" not in p.stdout and "\x1b" not in p.stderr, (args, p.stdout, p.stderr)
         assert "\x9b" not in p.stdout and "\x9b" not in p.stderr, args
         assert "Traceback" not in p.stderr, args
-    p = run_piped("inspect", tmp_path / "missing.safetensors")
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        if args and args[-1] == tmp_path / "missing.safetensors":
+            assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):
@@ -264,12 +264,17 @@ def test_wide_tables_fit_the_terminal(long_names):
     assert rc == 0, err
     lines = visible(out).splitlines()
     assert all(len(line.rstrip()) <= 70 for line in lines), "\n".join(lines)
-    rows = [line for line in lines if "float32" in line and "[4, 4]" in line]
-    assert len(rows) == 3
-    assert sum("…" in r for r in rows) == 2  # long names elided in the middle ...
-    assert any(r.startswith("model.layers.0") and "more.words " in r for r in rows)  # ... head and tail kept
-    assert any(r.startswith("model.embed_tokens.weight ") for r in rows)  # short names whole
-    assert all(r.rstrip().endswith("64 B") for r in rows)  # the size column kept its width
+    rows = [line.split("  ")[0] for line in lines if "float32" in line and "[4, 4]" in line]
+    assert len(rows) == 3 and len(set(rows)) == 3, rows  # shortened, still told apart
+    assert "model.embed_tokens.weight" in rows  # a name that fits stays whole
+    long_rows = sorted(r for r in rows if r.startswith("m.l.0.s."))  # leading components shrink first
+    assert len(long_rows) == 2 and long_rows[0].endswith(".bias") and long_rows[1].endswith(".words")
+    assert "tied to" not in out  # an empty column gives its room to the names on a terminal
+
+    rc, out, err = run_tty("inspect", long_names, columns=50)
+    text = visible(out)
+    assert rc == 0 and all(len(line.rstrip()) <= 50 for line in text.splitlines()), text
+    assert sum("…" in line for line in text.splitlines()) == 2  # then elided in the middle
 
     rc, out, err = run_tty("inspect", long_names, "--wide", columns=60)
     assert rc == 0, err
@@ -279,7 +284,47 @@ def test_wide_tables_fit_the_terminal(long_names):
     assert LONG[0] in "".join(line.split("  ")[0] for line in text.splitlines())  # all of it, folded
 
     p = run_piped("inspect", long_names, COLUMNS="60")  # piped: whole names for grep and awk
-    assert all(n in p.stdout for n in LONG)
+    assert all(n in p.stdout for n in LONG) and "tied to" in p.stdout
+
+
+def test_shorten_names_keeps_rows_apart():
+    paths = ["demo-run/hf-run/checkpoint-100/optimizer.pt", "demo-run/hf-run/checkpoint-200/optimizer.pt",
+             "demo-run/hf-run/checkpoint-100/trainer_state.json", "demo-run/hf-run/checkpoint-100/training_args.bin",
+             "demo-run/lightning-run/last.ckpt"]
+    short = output.shorten_names(paths, 28)
+    assert short[:2] == ["d/h/checkpoint-100/o.pt", "d/h/checkpoint-200/o.pt"]  # not 'd/h/c/o.pt' twice
+    assert short[4] == "d/lightning-run/last.ckpt"
+    # trainer_state/training_args may not shrink to 't': elided in the middle, still apart
+    assert all(len(x) <= 28 for x in short) and short[2].endswith("er_state.json")
+    assert len(set(short)) == len(paths)
+    # with siblings that share first letters, the distinguishing components stay whole
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+             "model.layers.0.shortcut.weight"]
+    short = output.shorten_names(names, 30)
+    assert short[0] == "m.l.0.self_attn.q_proj.weight" and short[1] == "m.l.0.self_attn.k_proj.weight"
+
+
+def test_fit_widths_keeps_short_columns_and_names_whole_when_prose_can_give():
+    cols = [output.Column("step", "step", justify="right"), output.Column("path", "path", name_like=True),
+            output.Column("size", "size"), output.Column("metrics", "metrics")]
+    cells = [["100", "checkpoint-100/", "829.5 kB", "eval_loss=2.31 loss=2.51"]]
+    assert output.fit_widths(cols, cells, 80) == [4, 15, 8, 24]
+    w = output.fit_widths(cols, cells, 50)
+    assert w[:3] == [4, 15, 8] and sum(w) + 6 == 50  # the prose column gave way
+    w = output.fit_widths(cols, cells, 30)  # cannot fit: nothing squeezed to nothing
+    assert w == [4, 12, 8, 7]
+
+
+def test_shorten_name():
+    assert output.shorten_name("model.layers.0.self_attn.q_proj.weight", 40) == \
+        "model.layers.0.self_attn.q_proj.weight"
+    assert output.shorten_name("model.layers.0.self_attn.q_proj.weight", 34) == "m.layers.0.self_attn.q_proj.weight"
+    assert output.shorten_name("model.layers.0.self_attn.q_proj.weight", 21) == "m.l.0.s.q_proj.weight"
+    assert output.shorten_name("optimizer_states/0/state/123/exp_avg_sq", 22) == "o/0/s/123/exp_avg_sq"
+    assert output.shorten_name("kept: alias target of last.ckpt", 20) == "kept: alias target…"
+    assert output.elide_end("abcdef", 4) == "abc…"
+    s = output.shorten_name("model.layers.0.self_attn.q_proj.weight", 12)
+    assert len(s) <= 12 and "…" in s and s.startswith("m.l.")
 
 
 def test_elide_middle_and_fit_widths():

@@ -210,29 +210,47 @@ def _cell(col: Column, row: dict, human: bool) -> str:
 NAME_MIN_WIDTH = 12
 
 
+NAME_KEEP_WIDTH = 24  # names shrink below this only when nothing else can give
+SHORT_COLUMN = 10  # columns this narrow (numbers, sizes, dtypes) are cut last
+
+
 def fit_widths(columns: Sequence[Column], cells: Sequence[Sequence[str]], total: int,
                wide: bool = False) -> list[int]:
-    """Column widths for a terminal `total` cells wide: every column gets its natural width,
-    except name-like columns, which share what is left (at least NAME_MIN_WIDTH each) and are
-    elided with '…'. With `wide`, nothing is cut."""
+    """Column widths for a terminal `total` cells wide: the widest columns give way first.
+
+    1. Long columns shrink, widest first: prose-like ones down to their header (min 6), name-like
+       ones down to NAME_KEEP_WIDTH; short columns (<= SHORT_COLUMN) keep their width.
+    2. Then name-like columns go down to NAME_MIN_WIDTH.
+    3. Then short columns down to their header (min 6), if that makes it fit.
+    If it still does not fit, the widths stay there (the caller prints wider and the terminal
+    wraps) rather than squeezing every column to nothing. Name-like cells are shortened by
+    shorten_names(), the others cut with '…'. With `wide`, every column keeps its width.
+    """
     from rich.cells import cell_len
 
     nat = [max([cell_len(c.header)] + [cell_len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    names = [i for i, c in enumerate(columns) if c.name_like]
-    if wide or not names:
-        return nat
-    gaps = 2 * (len(columns) - 1)  # Table(box=None, pad_edge=False): two spaces between columns
-    room = total - gaps - sum(w for i, w in enumerate(nat) if i not in names)
-    need = sum(nat[i] for i in names)
-    if need <= room:
+    avail = total - 2 * (len(columns) - 1)  # Table(box=None, pad_edge=False): two spaces between columns
+    if wide or sum(nat) <= avail:
         return nat
     out = list(nat)
-    left, todo = max(room, 0), sorted(names, key=lambda i: nat[i])
-    while todo:  # narrow names keep their width; the rest share equally
-        share = left // len(todo)
-        i = todo.pop(0)
-        out[i] = max(NAME_MIN_WIDTH, min(nat[i], share))
-        left -= out[i]
+    header = [max(cell_len(c.header), 6) for c in columns]
+    stages = [
+        [min(n, NAME_KEEP_WIDTH) if c.name_like else n if n <= SHORT_COLUMN else min(n, h)
+         for c, n, h in zip(columns, nat, header)],
+        [min(n, NAME_MIN_WIDTH) if c.name_like else n if n <= SHORT_COLUMN else min(n, h)
+         for c, n, h in zip(columns, nat, header)],
+        [min(n, NAME_MIN_WIDTH) if c.name_like else min(n, h) for c, n, h in zip(columns, nat, header)],
+    ]
+    excess = sum(out) - avail
+    for n, floor in enumerate(stages):
+        if n == 2 and excess > sum(o - f for o, f in zip(out, floor)):
+            break  # it will not fit anyway: keep the short columns whole
+        while excess > 0:  # shave the widest column that may still give, one cell at a time
+            i = max((j for j in range(len(out)) if out[j] > floor[j]), key=lambda j: out[j], default=None)
+            if i is None:
+                break
+            out[i] -= 1
+            excess -= 1
     return out
 
 
@@ -260,6 +278,67 @@ def elide_middle(text: str, width: int) -> str:
         tail.append(ch)
         used += cell_len(ch)
     return "".join(head) + "…" + "".join(reversed(tail))
+
+
+def elide_end(text: str, width: int) -> str:
+    from rich.cells import cell_len
+
+    if cell_len(text) <= width:
+        return text
+    out, used = [], 0
+    for ch in text:
+        if used + cell_len(ch) > width - 1:
+            break
+        out.append(ch)
+        used += cell_len(ch)
+    return "".join(out).rstrip() + "…" if width > 0 else ""
+
+
+def shorten_names(names: Sequence[str], width: int) -> list[str]:
+    """Names (tensor names, paths) in at most `width` cells each, still telling rows apart.
+
+    Leading components of a dotted or slashed name shrink to their first letter, as logback
+    does ('model.layers.0.self_attn.q_proj.weight' -> 'm.l.0.s.q_proj.weight'), but only where
+    no other name in `names` has a different component there with the same first letter (so
+    'checkpoint-100/' and 'checkpoint-200/' stay whole); numbers and the last component stay
+    whole. What still does not fit is elided in the middle. Text with spaces is prose: cut at
+    the end."""
+    import re
+
+    from rich.cells import cell_len
+
+    split = [None if any(ch.isspace() for ch in n) else re.split(r"([./])", n) for n in names]
+    siblings: dict[tuple[str, ...], set[str]] = {}
+    for t in split:
+        for i in range(0, len(t or ()), 2):
+            siblings.setdefault(tuple(t[:i]), set()).add(t[i])
+    out = []
+    for n, t in zip(names, split):
+        if cell_len(n) <= width:
+            out.append(n)
+            continue
+        if t is None:
+            out.append(elide_end(n, width))
+            continue
+        parts = list(t)
+        last = max((i for i in range(0, len(t), 2) if t[i]), default=-1)
+        for i in range(0, len(t), 2):
+            comp = t[i]
+            if i == last or len(comp) <= 1 or comp.isdigit():
+                continue
+            if any(o != comp and o[:1] == comp[:1] for o in siblings[tuple(t[:i])]):
+                continue  # shrinking it would make two rows look alike
+            parts[i] = comp[0]
+            if cell_len("".join(parts)) <= width:
+                break
+        short = "".join(parts)
+        out.append(short if cell_len(short) <= width else elide_middle(short, width))
+    return out
+
+
+def shorten_name(text: str, width: int) -> str:
+    """shorten_names() of one name."""
+    return shorten_names([text], width)[0]
 
 
 def render_rows(
@@ -295,7 +374,15 @@ def render_rows(
 
         con = out_console()
         cells = [[_cell(c, r, human=True) for c in columns] for r in rows]
+        if rows:  # on a terminal, a column with nothing in it ("tied to" with no ties) gives its room away
+            keep = [i for i in range(len(columns)) if any(row[i].strip() not in ("", "-") for row in cells)
+                    or columns[i].name_like]
+            columns = [columns[i] for i in keep]
+            cells = [[row[i] for i in keep] for row in cells]
         widths = fit_widths(columns, cells, con.width, wide=STATE.wide)
+        need = sum(widths) + 2 * (len(columns) - 1)
+        if need > con.width and not STATE.wide:
+            con.width = need  # too many columns for this terminal even cut down: Rich must not squeeze
         table = Table(title=markup_safe(title) if title else None, show_lines=False,
                       header_style="bold", box=None, pad_edge=False)
         for c, w in zip(columns, widths):
@@ -305,9 +392,13 @@ def render_rows(
             else:
                 kw.update(no_wrap=True, overflow="ellipsis", width=w)
             table.add_column(c.header, **kw)
-        cut = [c.name_like and not STATE.wide for c in columns]
+        if not STATE.wide:
+            for i, c in enumerate(columns):
+                if c.name_like:
+                    for row, short in zip(cells, shorten_names([row[i] for row in cells], widths[i])):
+                        row[i] = short
         for row in cells:
-            table.add_row(*[markup_safe(elide_middle(v, w) if k else v) for v, w, k in zip(row, widths, cut)])
+            table.add_row(*[markup_safe(v) for v in row])
         con.print(table)
         for line in footer or ():
             con.print(markup_safe(line))
