@@ -169,7 +169,7 @@ def test_cast_chunks_is_chunk_independent():
     x = _sample("float32")
     b = x.tobytes()
     pieces = [b[i:i + 1001] for i in range(0, len(b), 1001)]  # cuts through elements
-    out = b"".join(cv.cast_chunks(pieces, "float32", "bfloat16"))
+    out = b"".join(bytes(c) for c in cv.cast_chunks(pieces, "float32", "bfloat16"))
     assert out == cv.cast_array(x, "bfloat16").tobytes()
 
 

@@ -19,7 +19,8 @@ from ckptctl.errors import CorruptFile, Incompatible
 from ckptctl.formats.base import Writer
 from ckptctl.model import TensorInfo
 
-CHUNK = 64 * 1024 * 1024
+CHUNK = 64 * 1024 * 1024  # bytes per copy_file_range call (no user memory involved)
+BUF = 16 * 1024 * 1024  # Python-side buffers (<= 32 MiB: glibc reuses them instead of re-mapping)
 TMP_TAG = ".ckptctl-tmp-"
 
 Progress = Callable[[int], None] | None
@@ -168,7 +169,7 @@ def copy_range(
 
 def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int,
                 progress: Progress, crc: bool) -> int:
-    buf = bytearray(min(CHUNK, max(length, 1)))
+    buf = bytearray(min(BUF, max(length, 1)))
     view = memoryview(buf)
     done = 0
     value = 0
@@ -189,7 +190,7 @@ def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int
 
 def crc_of_range(fd: int, offset: int, length: int) -> int:
     """CRC-32 of bytes already in a file (read back in bounded pieces)."""
-    buf = bytearray(min(CHUNK, max(length, 1)))
+    buf = bytearray(min(BUF, max(length, 1)))
     view = memoryview(buf)
     done = 0
     value = 0
