@@ -265,6 +265,7 @@ class Machine:
         persistent_load=None,
         encoding: str = "latin1",
         path=None,
+        preload: bytes = b"",
     ):
         self.path = path
         self.persistent_load = persistent_load
@@ -280,7 +281,7 @@ class Machine:
             self._end = start + len(self._data)
         else:
             self._file = source
-            self._data = b""
+            self._data = bytes(preload)  # bytes of the file from `start` on, already read
             self._base = start
             if end is None:
                 source.seek(0, os.SEEK_END)
@@ -535,6 +536,7 @@ class Machine:
                 append(self._global(module, name))
             elif op == 0x2E:  # STOP
                 self.pos = self._base + pos
+                self._data = data
                 if not stack:
                     self._fail("empty stack at STOP", self._base + pos - 1)
                 return stack.pop()
@@ -756,6 +758,10 @@ class Machine:
                 pass
             else:
                 self._fail(f"unknown opcode 0x{op:02x}", self._base + pos - 1)
+
+    def leftover(self) -> bytes:
+        """Bytes already read past this pickle's STOP (the next pickle's preload)."""
+        return self._data[self.pos - self._base :] if self._file is not None else b""
 
     def _fill_or_fail(self, data: bytes, pos: int, ln: int) -> tuple[bytes, int]:
         try:
@@ -1130,6 +1136,18 @@ def _h_np_scalar(m: Machine, g: Global, a: tuple, kw) -> Any:
     return NumpyScalar(dt, raw if isinstance(raw, (bytes, bytearray)) else None)
 
 
+def _h_np_frombuffer(m: Machine, g: Global, a: tuple, kw) -> Any:
+    """numpy's protocol-5 reduce: _frombuffer(buffer, dtype, shape, order)."""
+    if len(a) != 4 or not isinstance(a[1], NumpyDtype):
+        return Opaque(g.full, a)
+    buf = a[0]
+    if isinstance(buf, bytearray):
+        buf = bytes(buf)
+    if not isinstance(buf, (bytes, Span)):
+        return Opaque(g.full, a)
+    return NumpyArray(_ints(a[2], "numpy shape", m), a[1], a[3] == "F", buf)
+
+
 def _numpy_build(m: Machine, arr: NumpyArray, state: Any) -> None:
     if not isinstance(state, tuple) or len(state) not in (4, 5):
         m._fail("numpy array BUILD state is not (version, shape, dtype, fortran, data)")
@@ -1183,6 +1201,8 @@ _HANDLERS: dict[str, Any] = {
     "numpy.core.multiarray._reconstruct": _h_np_reconstruct,
     "numpy._core.multiarray._reconstruct": _h_np_reconstruct,
     "numpy.dtype": _h_np_dtype,
+    "numpy.core.numeric._frombuffer": _h_np_frombuffer,
+    "numpy._core.numeric._frombuffer": _h_np_frombuffer,
     "numpy.core.multiarray.scalar": _h_np_scalar,
     "numpy._core.multiarray.scalar": _h_np_scalar,
 }

@@ -44,10 +44,11 @@ class TorchLegacyReader(PickleBasedReader):
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             pos = 0
+            ahead = b""  # read past the previous pickle's end: where the next one starts
 
             def one(what: str, pl=None) -> Any:
-                nonlocal pos
-                m = pickles.Machine(f, start=pos, end=size, persistent_load=pl, path=self.path)
+                nonlocal pos, ahead
+                m = pickles.Machine(f, start=pos, end=size, persistent_load=pl, path=self.path, preload=ahead)
                 try:
                     obj = m.load()
                 except pickles.PickleError as e:
@@ -57,6 +58,7 @@ class TorchLegacyReader(PickleBasedReader):
                     globals_.extend(g for g in m.globals if g not in globals_)
                 warnings.extend(m.warnings)
                 pos = m.pos
+                ahead = m.leftover()
                 return obj
 
             magic = one("magic number")
