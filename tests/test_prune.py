@@ -407,3 +407,53 @@ def test_table_and_help(strun):
     assert "would delete 6" in r.stdout and "frees" in r.stdout
     h = run("prune", "--help")
     assert h.returncode == 0 and "Examples" in h.stdout and "--keep-best" in h.stdout
+
+
+def test_multi_file_layouts_deleted_whole(tmp_path):
+    from run_builders import dcp_run, orbax_run
+
+    dcp = dcp_run(tmp_path / "dcp", steps=(100, 200, 300))
+    orbax = orbax_run(tmp_path / "orbax", steps=(1000, 2000))
+    tf = tmp_path / "tf"
+    tf.mkdir()
+    for s in (1, 2, 3):
+        (tf / f"ckpt-{s}.index").write_bytes(b"i" * 10)
+        (tf / f"ckpt-{s}.data-00000-of-00001").write_bytes(b"d" * 100)
+    (tf / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    for d in (dcp, orbax, tf):
+        age_tree(d)
+    for d in (dcp, orbax, tf):
+        r = cli("prune", d, "--keep-last", "1", "--yes")
+        assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(dcp)) == ["step_300"]
+    assert sorted(os.listdir(orbax)) == ["2000"]
+    assert sorted(os.listdir(tf)) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index",
+                                      "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+
+
+def test_sharded_group_into_trash(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    root = st_run(tmp_path / "run", steps=(10, 20))
+    save_file({"a": np.ones(3, np.float32)}, str(root / "model-00001-of-00002.safetensors"))
+    save_file({"b": np.ones(5, np.float32)}, str(root / "model-00002-of-00002.safetensors"))
+    index = {"metadata": {"total_size": 32}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                          "b": "model-00002-of-00002.safetensors"}}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    age_tree(root)
+    doc = plan_json(root, "--keep-last", "1")
+    row = [c for c in doc["checkpoints"] if c["step"] is None][0]
+    assert row["action"] == "keep" and "step unknown" in row["reasons"][0] and len(row["files"]) == 3
+    index["metadata"]["step"] = 5  # now it has a step, and goes like any other checkpoint
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    set_mtime(root / "model.safetensors.index.json", time.time() - 7200)
+    trash = tmp_path / "trash"
+    r = cli("prune", root, "--keep-last", "1", "--trash", trash, "--yes", "-f", "json")
+    assert r.exit_code == 0, r.output
+    assert sorted(d for d in json.loads(r.stdout)["result"]["moved_to"]) == sorted(
+        os.fspath(root / n) for n in ("model.safetensors.index.json", "model_00000010.safetensors"))
+    moved = trash / "run" / "model"
+    assert sorted(os.listdir(moved)) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                         "model.safetensors.index.json"]
+    assert sorted(os.listdir(root)) == ["model_00000020.safetensors"]

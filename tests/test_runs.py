@@ -372,3 +372,32 @@ def test_no_tensor_data_read(tmp_path):
     read = rchar() - before
     assert len(cks) == 20 and all(c.error is None and c.num_params == n for c in cks)
     assert read < 2_000_000, f"read {read} bytes to list 1 GB of checkpoints"
+
+
+def test_parallel_discovery_matches_serial(tmp_path):
+    """Many pickled checkpoints are parsed in forked workers; the result is the same as serially."""
+    import subprocess
+    import sys
+
+    import torch
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(runs.PARALLEL_MIN + 6):
+        torch.save({"global_step": 10 * i, "epoch": i, "val_loss": 1.0 / (i + 1),
+                    "state_dict": {"w": torch.full((3,), float(i))}}, root / f"ckpt_{i:03d}.pt")
+    code = ("import json, sys; from ckptctl.ops.runs import discover, POOL_STATE; "
+            "print(json.dumps([c.to_json() for c in discover(sys.argv[1])])); "
+            "print('torch' in sys.modules, POOL_STATE['used'], POOL_STATE['error'], file=sys.stderr)")
+    outs = []
+    for jobs in ("1", "2"):
+        env = dict(os.environ, CKPTCTL_JOBS=jobs)
+        p = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert p.stderr.strip() == ("False False None" if jobs == "1" else "False True None")
+        outs.append(json.loads(p.stdout))
+    serial, parallel = outs
+    assert serial == parallel
+    assert [r["step"] for r in serial] == [10 * i for i in range(runs.PARALLEL_MIN + 6)]
+    assert serial[3]["metrics"] == {"val_loss": 0.25} and serial[3]["num_params"] == 3

@@ -277,8 +277,8 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
         for c in ranked:
             if c.step == top:
                 protect[id(c)].append("newest")
-    if healthy:
-        newest_m = max(healthy, key=lambda c: (c.mtime, c.step is not None, c.step or 0))
+    if ranked:  # a run resumed from an earlier step writes lower steps last: keep its latest too
+        newest_m = max(ranked, key=lambda c: (c.mtime, c.step))
         if not protect[id(newest_m)]:
             protect[id(newest_m)].append("newest (modified last)")
     for c in group:
