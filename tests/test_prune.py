@@ -153,6 +153,7 @@ def test_young_checkpoints_protected(tmp_path):
     doc = plan_json(root, "--keep-last", "1")
     assert deleted(doc) == []
     assert all("under --min-age 2m" in " ".join(c["protected_by"]) for c in doc["checkpoints"])
+    assert "3 checkpoint(s) kept only because" in cli("prune", root, "--keep-last", "1").stderr
     assert deleted(plan_json(root, "--keep-last", "1", "--min-age", "0")) == [1, 2, 3]
     age_tree(root, 600)
     assert deleted(plan_json(root, "--keep-last", "1", "--min-age", "1h")) == []

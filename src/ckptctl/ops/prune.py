@@ -203,6 +203,11 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
             groups.setdefault(c.run, []).append(c)
         for group in groups.values():
             plan.decisions.extend(_decide_group(group, run.path, policy, now))
+    young_only = [d for d in plan.decisions if d.keep and not d.kept_by and len(d.protected_by) == 1
+                  and "--min-age" in d.protected_by[0]]
+    if young_only:
+        plan.notes.append(f"{len(young_only)} checkpoint(s) kept only because they were modified within "
+                          f"--min-age {policy.min_age_text} (a save may be in progress); --min-age 0 includes them")
     if policy.keep_steps:
         present = {c.step for c in all_ckpts}
         absent = [s for s in policy.keep_steps if s not in present]
