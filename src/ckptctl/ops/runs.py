@@ -88,7 +88,7 @@ class RunCheckpoint:
     mtime: float  # newest modification time among its files and folders
     metrics: dict[str, float] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)  # symlinks / copies / `latest` files naming it
-    info: CheckpointInfo | None = None
+    info: CheckpointInfo | None = None  # metadata only; TensorInfo.loc may be None: open a reader to read
     error: str | None = None  # one-line reason if broken or incomplete
     incomplete: bool = False
     # beyond the shared API
@@ -558,7 +558,6 @@ def scan_run(run_dir: str | os.PathLike, recursive: bool = False, read_info: boo
 
 PARALLEL_MIN = 24  # checkpoints that need a pickle parsed before a process pool pays off
 POOL_STATE: dict[str, Any] = {"used": False, "error": None}  # what the last discovery did (for tests)
-_PICKLED = ("torch-zip", "torch-legacy", "pickle", "dcp")
 
 
 def _jobs() -> int:
@@ -575,8 +574,8 @@ def _jobs() -> int:
 def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
     """Read every checkpoint's step, metrics and info. Parsing pickles is CPU-bound pure Python
     (~5 ms for a Lightning .ckpt): with many of them, forked workers share it across cores."""
-    heavy = [c for c in cks if read_info and c.layout not in ("orbax", "tf") and c.path.suffix in (
-        ".ckpt", ".pt", ".pth", ".bin", ".pkl") or c.layout in ("dcp", "deepspeed")]
+    heavy = [c for c in cks if read_info and c.layout not in ("orbax", "tf") and (
+        c.path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl") or c.layout in ("dcp", "deepspeed"))]
     jobs = _jobs()
     if jobs < 2 or len(heavy) < PARALLEL_MIN or "torch" in sys.modules or not hasattr(os, "fork"):
         for c in cks:
@@ -585,19 +584,22 @@ def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    light = [c for c in cks if not any(c is h for h in heavy)]
+    heavy_ids = {id(c) for c in heavy}
+    light = [c for c in cks if id(c) not in heavy_ids]
     size = max(4, -(-len(heavy) // (jobs * 4)))
     batches = [heavy[i:i + size] for i in range(0, len(heavy), size)]
+    finished: set[int] = set()
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             futures = [pool.submit(_enrich_batch, b) for b in batches]
             for c in light:  # meanwhile, here
                 _enrich(c, read_info)
+                finished.add(id(c))
             done = [f.result() for f in futures]
     except Exception as e:  # noqa: BLE001 - no pool (sandbox, pickling): do it here instead
         POOL_STATE.update(used=False, error=f"{type(e).__name__}: {e}")
         for c in cks:
-            if not c.format and c.info is None and c.error is None:
+            if id(c) not in finished:
                 _enrich(c, read_info)
         return
     POOL_STATE.update(used=True, error=None)
