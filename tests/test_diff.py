@@ -312,6 +312,19 @@ def test_errors_are_one_line_and_exit_2(tmp_path, pair):
     assert p.returncode == 2 and "Traceback" not in p.stderr
 
 
+def test_diff_of_safetensors_never_imports_torch(pair):
+    import subprocess
+    import sys
+
+    pa, pb, _a, _b = pair
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom ckptctl.cli.app import app\n"
+            f"r = CliRunner().invoke(app, ['diff', {str(pa)!r}, {str(pb)!r}])\n"
+            "assert r.exit_code == 1, r.output\nprint('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"
+
+
 def test_help_and_json_help_work():
     r = cli("diff", "--help")
     assert r.exit_code == 0 and "--along" in r.stdout and "--strip-prefix" in r.stdout

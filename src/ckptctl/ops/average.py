@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ckptctl import dtypes
 from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
 from ckptctl.model import TensorInfo
-from ckptctl.ops.diff import BLOCK, ChunkSource, as_array, itemsize, numeric_kind, open_checkpoint
+from ckptctl.ops.diff import BLOCK, Cursor, as_array, itemsize, numeric_kind, open_checkpoint
 
 if TYPE_CHECKING:
     from ckptctl.formats.base import Reader
@@ -401,7 +402,6 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
 
     W = writer_class(plan.fmt)
     w = W(plan.dst, [t.out for t in plan.tensors], plan.metadata)
-    shared = bytearray(0)
     try:
         for t in plan.tensors:
             if t.mode == "alias":
@@ -409,7 +409,7 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
             if t.mode == "copy":
                 _copy_last(w, plan, t, progress)
             else:
-                w.add(t.out, _mean_chunks(plan, t, shared, progress))
+                w.add(t.out, _mean_chunks(plan, t, progress))
         w.finish()
     except BaseException:
         w.abort()
@@ -439,76 +439,147 @@ def _copy_last(w, plan: AveragePlan, t: AvgTensor, progress) -> None:
     w.add(t.out, chunks())
 
 
-def _mean_chunks(plan: AveragePlan, t: AvgTensor, shared: bytearray, progress) -> Iterator[memoryview]:
-    """The averaged tensor's bytes in the output dtype, one chunk at a time."""
+def _mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryview]:
+    """The averaged tensor's bytes in the output dtype, one chunk at a time.
+
+    Pipeline: the main thread reads chunk c+1 of every input (pread into the other of two
+    buffer sets) while worker threads combine chunk c block by block (a block of every input
+    at a time, so the accumulator stays in cache; each element's operations run in input
+    order in one thread, so the result does not depend on the threads); the writer writes
+    chunk c while chunk c+1 is being combined.
+    """
     import numpy as np
 
-    from ckptctl.ops.convert import cast_array
-
     n = len(plan.inputs)
-    complex_ = numeric_kind(t.out.dtype) == "complex"
-    adt = np.dtype(np.complex128) if complex_ else np.dtype(plan.accumulate)
+    numel = t.out.numel
+    if numel == 0:
+        return
     isz = max(itemsize(s.dtype) for s in t.srcs)
-    elems = max(BLOCK, min(CHUNK_ELEMS, READ_BUDGET // isz))
-    if len(shared) < elems * isz:
-        shared.extend(bytes(elems * isz - len(shared)))
-    srcs = [iter(ChunkSource(i.reader, s, elems * itemsize(s.dtype), shared)) for i, s in zip(plan.inputs, t.srcs)]
-    A = np.empty(min(elems, max(t.out.numel, 1)), dtype=adt)
-    T = np.empty_like(A)
-    ws = plan.raw_weights
-    d = plan.decay
-    if d is not None:
-        keep, take = adt.type(d), adt.type(1.0 - d)
-    total = math.fsum(ws) if ws is not None else None
-    out_dt = t.out.dtype
-    done = 0
-    with np.errstate(all="ignore"):
-        while done < t.out.numel:
-            m = None
-            for k, (it, s) in enumerate(zip(srcs, t.srcs)):
-                chunk = next(it, None)
-                if chunk is None:
+    elems = max(BLOCK, min(CHUNK_ELEMS, READ_BUDGET // (2 * n * isz)))
+    elems -= elems % BLOCK
+    elems = min(elems, numel)
+    cursors = [Cursor(i.reader, s, elems * itemsize(s.dtype)) for i, s in zip(plan.inputs, t.srcs)]
+    try:
+        bufsets = [[bytearray(elems * itemsize(s.dtype)) for s in t.srcs] for _ in range(2)]
+        out_np = dtypes.numpy_dtype(t.out.dtype)
+        outs = [np.empty(elems, dtype=out_np) for _ in range(2)]
+        combine = _Combiner(plan, t)
+        threads = _threads()
+        nchunks = -(-numel // elems)
+
+        def read(c: int) -> list:
+            xs = []
+            for k, (cur, s) in enumerate(zip(cursors, t.srcs)):
+                v = cur.read_into(bufsets[c % 2][k])
+                if v is None:
                     raise CorruptFile(f"tensor {s.name!r}: data ends early", plan.inputs[k].path)
-                x = as_array(chunk, s.dtype)
-                if m is None:
-                    m = len(x)
-                elif len(x) != m:
-                    raise CorruptFile(f"tensor {s.name!r}: inputs hold different amounts of data")
-                a, tmp = A[:m], T[:m]
-                if plan.method == "ema":
-                    if k == 0:
-                        np.copyto(a, x, casting="unsafe")
-                    else:
-                        a *= keep
-                        np.copyto(tmp, x, casting="unsafe")
-                        tmp *= take
-                        a += tmp
-                elif plan.method == "weighted":
-                    np.copyto(tmp, x, casting="unsafe")
-                    tmp *= adt.type(ws[k])
-                    if k == 0:
-                        a[...] = tmp
-                    else:
-                        a += tmp
-                else:
-                    if k == 0:
-                        np.copyto(a, x, casting="unsafe")
-                    else:
-                        np.copyto(tmp, x, casting="unsafe")
-                        a += tmp
+                xs.append(as_array(v, s.dtype))
                 if progress:
-                    progress(len(chunk))
-            a = A[:m]
-            if plan.method == "mean":
-                a /= adt.type(n)
-            elif plan.method == "weighted":
-                a /= adt.type(total)
-            if complex_:
-                res = a.astype(dtypes.numpy_dtype(out_dt))
-            else:
-                res = cast_array(a, out_dt)
-            done += m
-            yield memoryview(np.ascontiguousarray(res).view(np.uint8))
-    for k, it in enumerate(srcs):
-        if next(it, None) is not None:
-            raise CorruptFile(f"tensor {t.srcs[k].name!r}: more data than its shape", plan.inputs[k].path)
+                    progress(len(v))
+            m = len(xs[0])
+            if any(len(x) != m for x in xs):
+                raise CorruptFile(f"tensor {t.out.name!r}: inputs hold different amounts of data")
+            return xs
+
+        def submit(xs: list, out) -> list:
+            m = len(xs[0])
+            per = -(-m // threads)
+            per += -per % BLOCK
+            return [_pool_submit(combine.run, xs, out, lo, min(m, lo + per)) for lo in range(0, m, per)]
+
+        xs = read(0)
+        futs = submit(xs, outs[0])
+        for c in range(nchunks):
+            m = len(xs[0])
+            nxt = read(c + 1) if c + 1 < nchunks else None  # overlaps the arithmetic of chunk c
+            for f in futs:
+                f.result()
+            if nxt is not None:
+                futs = submit(nxt, outs[(c + 1) % 2])
+            yield memoryview(outs[c % 2][:m].view(np.uint8))
+            xs = nxt
+        for k, cur in enumerate(cursors):
+            if cur.read_into(bufsets[0][k]) is not None:
+                raise CorruptFile(f"tensor {t.srcs[k].name!r}: more data than its shape", plan.inputs[k].path)
+    finally:
+        for cur in cursors:
+            cur.close()
+
+
+class _Combiner:
+    """The per-element arithmetic of one tensor, on a block range of one chunk."""
+
+    def __init__(self, plan: AveragePlan, t: AvgTensor):
+        import numpy as np
+
+        self.method = plan.method
+        self.n = len(plan.inputs)
+        complex_ = numeric_kind(t.out.dtype) == "complex"
+        self.adt = np.dtype(np.complex128) if complex_ else np.dtype(plan.accumulate)
+        self.complex = complex_
+        at = self.adt.type
+        self.ws = [at(w) for w in plan.raw_weights] if plan.raw_weights is not None else None
+        self.total = at(math.fsum(plan.raw_weights)) if plan.raw_weights is not None else None
+        self.keep = at(plan.decay) if plan.decay is not None else None
+        self.take = at(1.0 - plan.decay) if plan.decay is not None else None
+        self.count = at(self.n)
+        self.out_dtype = t.out.dtype
+        self._local = threading.local()
+
+    def _bufs(self):
+        import numpy as np
+
+        b = getattr(self._local, "b", None)
+        if b is None:
+            b = self._local.b = (np.empty(BLOCK, self.adt), np.empty(BLOCK, self.adt))
+        return b
+
+    def run(self, xs: list, out, lo: int, hi: int) -> None:
+        import numpy as np
+
+        from ckptctl.ops.convert import cast_array
+
+        A0, T0 = self._bufs()
+        with np.errstate(all="ignore"):
+            for b in range(lo, hi, BLOCK):
+                e = min(hi, b + BLOCK)
+                A, T = A0[: e - b], T0[: e - b]
+                if self.method == "mean":
+                    np.copyto(A, xs[0][b:e], casting="unsafe")
+                    for x in xs[1:]:
+                        np.add(A, x[b:e], out=A, casting="unsafe")
+                    A /= self.count
+                elif self.method == "weighted":
+                    np.multiply(xs[0][b:e], self.ws[0], out=A, casting="unsafe")
+                    for x, w in zip(xs[1:], self.ws[1:]):
+                        np.multiply(x[b:e], w, out=T, casting="unsafe")
+                        A += T
+                    A /= self.total
+                else:  # ema, oldest first
+                    np.copyto(A, xs[0][b:e], casting="unsafe")
+                    for x in xs[1:]:
+                        A *= self.keep
+                        np.multiply(x[b:e], self.take, out=T, casting="unsafe")
+                        A += T
+                if self.complex:
+                    out[b:e] = A
+                else:
+                    out[b:e] = cast_array(A, self.out_dtype)
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _pool_submit(fn, *args):
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(_threads(), thread_name_prefix="ckptctl-average")
+    return _POOL.submit(fn, *args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -133,16 +134,18 @@ def itemsize(dtype: str) -> int:
 class ChunkSource:
     """Read one tensor's logical bytes in chunks of a fixed size (the last may be shorter).
 
-    Uses pread into one reused buffer when the reader names a contiguous byte range (no
-    allocation per chunk); otherwise regroups the reader's `iter_chunks` pieces.
-    The yielded buffer is only valid until the next one is requested.
+    Uses pread into reused buffers when the reader names a contiguous byte range (no allocation
+    per chunk); otherwise regroups the reader's `iter_chunks` pieces. With one buffer, a yielded
+    chunk is valid until the next is requested; with `bufs` of two, chunk k stays valid until
+    chunk k+2 is requested (so it can be worked on while the next one is read).
     """
 
-    def __init__(self, reader: Reader, t: TensorInfo, chunk_bytes: int, buf: bytearray | None = None):
+    def __init__(self, reader: Reader, t: TensorInfo, chunk_bytes: int, buf: bytearray | None = None,
+                 bufs: list[bytearray] | None = None):
         self.reader = reader
         self.t = t
         self.chunk_bytes = max(1, chunk_bytes)
-        self.buf = buf
+        self.bufs = bufs if bufs else [buf if buf is not None else bytearray(0)]
 
     def __iter__(self) -> Iterator[memoryview | bytes]:
         t = self.t
@@ -160,13 +163,17 @@ class ChunkSource:
 
     def _pread(self, file: str, offset: int, length: int) -> Iterator[memoryview]:
         size = min(self.chunk_bytes, length)
-        if self.buf is None or len(self.buf) < size:
-            self.buf = bytearray(size)
-        view = memoryview(self.buf)
+        for i, b in enumerate(self.bufs):
+            if len(b) < size:
+                self.bufs[i] = bytearray(size)
+        views = [memoryview(b) for b in self.bufs]
         fd = os.open(file, os.O_RDONLY)
         try:
             pos = 0
+            k = 0
             while pos < length:
+                view = views[k % len(views)]
+                k += 1
                 want = min(size, length - pos)
                 got = 0
                 while got < want:
@@ -186,13 +193,14 @@ class ChunkSource:
         size = self.chunk_bytes
         total = 0
         pending = bytearray()
+        stable = len(self.bufs) > 1  # the consumer keeps a chunk across one more read
         for piece in self.reader.iter_chunks(self.t.name, size):
             mv = memoryview(piece).cast("B")
             total += len(mv)
             if total > self.t.nbytes:
                 break
             if not pending and len(mv) == size:
-                yield mv
+                yield bytes(mv) if stable and not isinstance(piece, bytes) else mv
                 continue
             pending += mv
             while len(pending) >= size:
@@ -206,6 +214,56 @@ class ChunkSource:
             yield bytes(pending)
 
 
+class Cursor:
+    """Reads one tensor's bytes, chunk after chunk, into buffers the caller provides."""
+
+    def __init__(self, reader: Reader, t: TensorInfo, chunk_bytes: int):
+        self.t = t
+        self.chunk_bytes = max(1, chunk_bytes)
+        self.fd: int | None = None
+        self.gen: Iterator | None = None
+        rng = None
+        try:
+            rng = reader.byte_range(t.name)
+        except Exception:  # noqa: BLE001 - fall back to the generic path
+            rng = None
+        if rng is not None and rng[2] == t.nbytes:
+            self.file, self.offset, self.length = rng
+            self.fd = os.open(rng[0], os.O_RDONLY)
+            self.pos = 0
+        else:
+            self.gen = iter(ChunkSource(reader, t, self.chunk_bytes))
+
+    def read_into(self, buf: bytearray) -> memoryview | None:
+        """The next chunk, in `buf` (at least chunk_bytes long); None at the end."""
+        view = memoryview(buf)
+        if self.gen is not None:
+            c = next(self.gen, None)
+            if c is None:
+                return None
+            n = len(c)
+            view[:n] = c
+            return view[:n]
+        if self.pos >= self.length:
+            return None
+        want = min(self.chunk_bytes, self.length - self.pos)
+        got = 0
+        while got < want:
+            n = os.preadv(self.fd, [view[got:want]], self.offset + self.pos + got)
+            if n == 0:
+                raise CorruptFile(f"tensor {self.t.name!r}: file ends at byte {self.offset + self.pos + got}, "
+                                  f"expected data up to byte {self.offset + self.length}", self.file)
+            got += n
+        self.pos += want
+        return view[:want]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.gen = None
+
+
 def as_array(buf, dtype: str) -> np.ndarray:
     """A flat numpy view of raw little-endian bytes (bool as uint8, bf16/fp8 via ml_dtypes)."""
     import numpy as np
@@ -216,6 +274,17 @@ def as_array(buf, dtype: str) -> np.ndarray:
     if kind == "bytes":
         return np.frombuffer(buf, dtype=np.uint8)
     return np.frombuffer(buf, dtype=dtypes.numpy_dtype(dtype))
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    """Re(sum(conj(x) * y)) in numpy's own single-threaded loop (einsum), not BLAS: OpenBLAS's
+    threaded ddot (behind `@`, np.dot and np.vecdot) spins for idle cores and ran 3-40x slower
+    than this on a busy 2-core machine."""
+    import numpy as np
+
+    if np.iscomplexobj(x):
+        return float(np.einsum("i,i->", np.conj(x), y).real)
+    return float(np.einsum("i,i->", x, y))
 
 
 def _uint_view(x: np.ndarray) -> np.ndarray:
@@ -281,6 +350,22 @@ class _Acc:
     arith: bool = False  # any arithmetic done (False: every chunk was byte-identical)
 
 
+def _merge(acc: _Acc, part: _Acc) -> None:
+    acc.arith = acc.arith or part.arith
+    acc.n_diff += part.n_diff
+    acc.n_finite += part.n_finite
+    acc.max_abs = max(acc.max_abs, part.max_abs)
+    acc.sum_abs += part.sum_abs
+    acc.ssq_d += part.ssq_d
+    acc.ssq_a += part.ssq_a
+    acc.ssq_b += part.ssq_b
+    acc.dot_ab += part.dot_ab
+    acc.nan_a += part.nan_a
+    acc.nan_b += part.nan_b
+    acc.inf_a += part.inf_a
+    acc.inf_b += part.inf_b
+
+
 class _Buffers:
     """float64 work buffers reused across blocks (no allocation in the hot loop)."""
 
@@ -303,23 +388,57 @@ class Comparer:
     Integer and bool tensors are always compared exactly.
     """
 
-    def __init__(self, atol: float | None = None, rtol: float | None = None):
+    def __init__(self, atol: float | None = None, rtol: float | None = None, threads: int | None = None):
         self.tol = atol is not None or rtol is not None
         self.atol = float(atol or 0.0)
         self.rtol = float(rtol or 0.0)
-        self._bufs: _Buffers | None = None
-        self._rbuf_a: bytearray | None = None
-        self._rbuf_b: bytearray | None = None
+        self.threads = max(1, threads if threads is not None else min(2, os.cpu_count() or 1))
+        self._pool = None
+        self._local = threading.local()
+        self._rbufs_a: list[bytearray] = []
+        self._rbufs_b: list[bytearray] = []
 
     @property
     def bufs(self) -> _Buffers:
-        if self._bufs is None:
-            self._bufs = _Buffers()
-        return self._bufs
+        b = getattr(self._local, "bufs", None)
+        if b is None:
+            b = self._local.bufs = _Buffers()
+        return b
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _submit(self, fn, *args):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckptctl-diff")
+        return self._pool.submit(fn, *args)
+
+    def _values_async(self, x, y, ka: str, kb: str, same: bool) -> list:
+        """Split one chunk into `threads` parts (whole blocks) and start their arithmetic."""
+        n = len(x)
+        per = -(-n // self.threads)
+        per += -per % BLOCK
+        futs = []
+        for lo in range(0, n, per):
+            futs.append(self._submit(self._values_part, x[lo: lo + per], y[lo: lo + per], ka, kb, same))
+        return futs
+
+    def _values_part(self, x, y, ka: str, kb: str, same: bool) -> _Acc:
+        part = _Acc()
+        self._values(part, x, y, ka, kb, same)
+        return part
 
     # -- one tensor pair ---------------------------------------------------------------------------
     def compare(self, ra: Reader, ta: TensorInfo, rb: Reader, tb: TensorInfo, progress: Progress = None) -> _Acc:
-        """Stream both tensors (same numel) and return the filled accumulator."""
+        """Stream both tensors (same numel) and return the filled accumulator.
+
+        While the arithmetic of chunk k runs in worker threads (numpy releases the GIL), the
+        main thread reads chunk k+1 into the other of two buffers per side.
+        """
         ka, kb = numeric_kind(ta.dtype), numeric_kind(tb.dtype)
         acc = _Acc(numel=ta.numel)
         same = ta.dtype == tb.dtype
@@ -327,11 +446,12 @@ class Comparer:
             raise ValueError("cannot compare values of these dtypes")
         elems = max(1, READ_BYTES // max(itemsize(ta.dtype), itemsize(tb.dtype)))
         elems -= elems % BLOCK if elems > BLOCK else 0
-        if self._rbuf_a is None:
-            self._rbuf_a, self._rbuf_b = bytearray(READ_BYTES), bytearray(READ_BYTES)
+        if not self._rbufs_a:
+            self._rbufs_a = [bytearray(0), bytearray(0)]
+            self._rbufs_b = [bytearray(0), bytearray(0)]
         if ka == "bytes":  # same dtype: bytes only
-            src_a = ChunkSource(ra, ta, READ_BYTES, self._rbuf_a)
-            src_b = ChunkSource(rb, tb, READ_BYTES, self._rbuf_b)
+            src_a = ChunkSource(ra, ta, READ_BYTES, self._rbufs_a[0])
+            src_b = ChunkSource(rb, tb, READ_BYTES, self._rbufs_b[0])
             for ca, cb in _lockstep(src_a, src_b, ta, tb):
                 if not _same_bytes(ca, cb):
                     x, y = memoryview(ca).cast("B"), memoryview(cb).cast("B")
@@ -341,25 +461,55 @@ class Comparer:
                 if progress:
                     progress(len(ca) + len(cb))
             return acc
-        src_a = ChunkSource(ra, ta, elems * itemsize(ta.dtype), self._rbuf_a)
-        src_b = ChunkSource(rb, tb, elems * itemsize(tb.dtype), self._rbuf_b)
+        threaded = self.threads > 1 and "complex" not in (ka, kb) and ta.numel > 2 * BLOCK
+        nb = 2 if threaded else 1
+        src_a = ChunkSource(ra, ta, elems * itemsize(ta.dtype), bufs=self._rbufs_a[:nb])
+        src_b = ChunkSource(rb, tb, elems * itemsize(tb.dtype), bufs=self._rbufs_b[:nb])
         fast = same  # identical bytes are identical values: skip the arithmetic
         differs = False
         eq_prefix = 0  # elements of byte-identical chunks before the first difference
-        for ca, cb in _lockstep(src_a, src_b, ta, tb):
-            x, y = as_array(ca, ta.dtype), as_array(cb, tb.dtype)
-            if fast and _same_bytes(ca, cb):
-                if differs:
-                    self._self_stats(acc, x)
+        inflight: list[list] = []  # futures per chunk, oldest first
+
+        def drain(keep: int) -> None:
+            while len(inflight) > keep:
+                for f in inflight.pop(0):
+                    _merge(acc, f.result())
+
+        ia, ib = iter(src_a), iter(src_b)
+        try:
+            while True:
+                drain(nb - 1)  # the buffer the next read fills is no longer in use
+                ca, cb = next(ia, None), next(ib, None)
+                if ca is None or cb is None:
+                    if ca is not None or cb is not None:
+                        raise CorruptFile(f"tensor {ta.name!r}: the two sides hold different amounts of data")
+                    break
+                x, y = as_array(ca, ta.dtype), as_array(cb, tb.dtype)
+                if fast and _same_bytes(ca, cb):
+                    if differs:
+                        drain(0)
+                        self._self_stats(acc, x)
+                    else:
+                        eq_prefix += len(x)
                 else:
-                    eq_prefix += len(x)
-            else:
-                if not differs and eq_prefix:
-                    self._prefix_stats(acc, ra, ta, eq_prefix)
-                differs = True
-                self._values(acc, x, y, ka, kb, same)
-            if progress:
-                progress(len(ca) + len(cb))
+                    if not differs and eq_prefix:
+                        self._prefix_stats(acc, ra, ta, eq_prefix)
+                    differs = True
+                    if threaded:
+                        inflight.append(self._values_async(x, y, ka, kb, same))
+                    else:
+                        self._values(acc, x, y, ka, kb, same)
+                if progress:
+                    progress(len(ca) + len(cb))
+            drain(0)
+        finally:
+            for futs in inflight:  # an error: let running work finish before buffers go away
+                for f in futs:
+                    f.cancel()
+                    try:
+                        f.result()
+                    except Exception:  # noqa: BLE001
+                        pass
         return acc
 
     def _prefix_stats(self, acc: _Acc, ra: Reader, ta: TensorInfo, n: int) -> None:
@@ -387,18 +537,18 @@ class Comparer:
                 fin = np.isfinite(X)
                 nan = int(np.count_nonzero(np.isnan(X)))
                 X = X[fin]
-                s = float(np.vdot(X, X).real)
+                s = _dot(X, X)
             else:
                 X = b.X[:k]
                 np.copyto(X, xs, casting="unsafe")
-                s = float(X @ X)
+                s = _dot(X, X)
                 nan = 0
                 fin = None
                 if not math.isfinite(s):
                     fin = np.isfinite(X)
                     nan = int(np.count_nonzero(np.isnan(X)))
                     Xf = X[fin]
-                    s = float(Xf @ Xf)
+                    s = _dot(Xf, Xf)
             nf = k if fin is None else int(np.count_nonzero(fin))
             inf = k - nf - nan
             acc.n_finite += nf
@@ -427,7 +577,7 @@ class Comparer:
                 np.copyto(X, xs, casting="unsafe")
                 np.copyto(Y, ys, casting="unsafe")
                 np.subtract(X, Y, out=D)
-                sa, sb = float(X @ X), float(Y @ Y)
+                sa, sb = _dot(X, X), _dot(Y, Y)
                 finite = math.isfinite(sa) and math.isfinite(sb)
                 # -- how many elements differ
                 if same and (exact_ints or not self.tol):
@@ -472,13 +622,13 @@ class Comparer:
                     Xf, Yf = X[both], Y[both]
                     Df = Xf - Yf
                     nf = len(Xf)
-                    sa, sb = float(Xf @ Xf), float(Yf @ Yf)
+                    sa, sb = _dot(Xf, Xf), _dot(Yf, Yf)
                 acc.n_finite += nf
                 if nf:
-                    acc.ssq_d += float(Df @ Df)
+                    acc.ssq_d += _dot(Df, Df)
                     acc.ssq_a += sa
                     acc.ssq_b += sb
-                    acc.dot_ab += float(Xf @ Yf)
+                    acc.dot_ab += _dot(Xf, Yf)
                     np.abs(Df, out=Df)
                     acc.max_abs = max(acc.max_abs, float(Df.max()))
                     acc.sum_abs += float(Df.sum())
@@ -511,10 +661,10 @@ class Comparer:
                 Xf, Yf, Df = X[both], Y[both], D[both]
                 acc.n_finite += len(Xf)
                 if len(Xf):
-                    acc.ssq_d += float(np.vdot(Df, Df).real)
-                    acc.ssq_a += float(np.vdot(Xf, Xf).real)
-                    acc.ssq_b += float(np.vdot(Yf, Yf).real)
-                    acc.dot_ab += float(np.vdot(Xf, Yf).real)
+                    acc.ssq_d += _dot(Df, Df)
+                    acc.ssq_a += _dot(Xf, Xf)
+                    acc.ssq_b += _dot(Yf, Yf)
+                    acc.dot_ab += _dot(Xf, Yf)
                     ad = np.abs(Df)
                     acc.max_abs = max(acc.max_abs, float(ad.max()))
                     acc.sum_abs += float(ad.sum())
@@ -828,21 +978,22 @@ def _compare_all(ra, rb, sa, sb, todo, results, atol, rtol, progress_factory, re
                 if not _tied_twin(ta, tb, names_a, names_b))
     ctx = progress_factory(total) if progress_factory else nullcontext(None)
     with ctx as bar:
-        adv = bar.advance if bar is not None else None
-        for n, ta, tb in todo:
-            twin = _tied_twin(ta, tb, names_a, names_b)
-            if twin is not None and twin in results and results[twin].compared:
-                src = results[twin]
-                d = TensorDiff(**{**src.__dict__, "name": n})
-                results[n] = d
-                continue
-            try:
-                acc = cmp.compare(ra, ta, rb, tb, adv)
-            except CorruptFile as e:
-                results[n].error = e.message
-                continue
-            results[n] = TensorDiff.from_acc(n, ta, tb, acc)
-            res.bytes_compared += ta.nbytes + tb.nbytes
+        try:
+            _compare_each(cmp, ra, rb, todo, results, names_a, names_b, bar, res)
+        finally:
+            cmp.close()
+
+
+def _compare_each(cmp, ra, rb, todo, results, names_a, names_b, bar, res: DiffResult) -> None:
+    adv = bar.advance if bar is not None else None
+    for n, ta, tb in todo:
+        twin = _tied_twin(ta, tb, names_a, names_b)
+        if twin is not None and twin in results and results[twin].compared:
+            results[n] = TensorDiff(**{**results[twin].__dict__, "name": n})
+            continue
+        acc = cmp.compare(ra, ta, rb, tb, adv)  # a read error is an error (exit 2), not a difference
+        results[n] = TensorDiff.from_acc(n, ta, tb, acc)
+        res.bytes_compared += ta.nbytes + tb.nbytes
 
 
 def _tied_twin(ta: TensorInfo, tb: TensorInfo, names_a: dict[str, str], names_b: dict[str, str]) -> str | None:
@@ -1001,6 +1152,7 @@ class Along:
 
 
 ALONG_BUDGET = 128 * 1024 * 1024  # bytes of raw chunks held at once across all checkpoints
+ALONG_CHUNK = 1 << 21  # at most this many elements per chunk (a few float64 copies live at once)
 
 
 def along_run(
@@ -1057,7 +1209,7 @@ def along_run(
         with ctx as bar, np.errstate(all="ignore"):
             for n in names:
                 isz = max(itemsize(s[n].dtype) for s in sels)
-                elems = max(BLOCK, ALONG_BUDGET // (n_ck * isz))
+                elems = max(BLOCK, min(ALONG_CHUNK, ALONG_BUDGET // (n_ck * isz)))
                 elems -= elems % BLOCK
                 its = [iter(ChunkSource(r, s[n], elems * itemsize(s[n].dtype))) for r, s in zip(readers, sels)]
                 t_d = [0.0] * n_ck
@@ -1079,11 +1231,11 @@ def along_run(
                             if n not in res.steps[i].nonfinite_tensors:
                                 res.steps[i].nonfinite_tensors.append(n)
                             X = np.where(fin, X, 0)
-                        ssq_w[i] += float(np.vdot(X, X).real)
+                        ssq_w[i] += _dot(X, X)
                         if prev is not None:
                             D = X - prev
-                            dd = float(np.vdot(D, D).real)
-                            pp = float(np.vdot(prev, prev).real)
+                            dd = _dot(D, D)
+                            pp = _dot(prev, prev)
                             ssq_d[i] += dd
                             ssq_p[i] += pp
                             t_d[i] += dd
