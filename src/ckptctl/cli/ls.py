@@ -199,8 +199,16 @@ def _render(rows: list[dict], fmt: str, multi: bool) -> None:
         Column("metrics_text", "metrics"),
         Column("modified", "modified"),
     ]
-    if fmt == "csv":
-        cols += [Column("mtime", "mtime"), Column("notes", "notes"), Column("error", "error")]
+    if fmt == "csv":  # machine-readable: exact values, one key per column
+        for d in rows:
+            d["dtypes"] = " ".join(f"{k}={v}" for k, v in d["dtypes"].items())
+            d["metrics"] = " ".join(f"{k}={v!r}" for k, v in d["metrics"].items())
+            d["aliases"] = " ".join(d["aliases"])
+            d["best"] = "yes" if d["best_of_run"] else ""
+        cols = ([Column("run", "run")] if multi else []) + [
+            Column(k, k) for k in ("step", "path", "format", "total_bytes", "num_files", "num_tensors", "num_params",
+                                   "dtypes", "has_optimizer", "metrics", "mtime", "aliases", "role", "best",
+                                   "incomplete", "error")]
         output.render_rows(rows, cols, "csv")
         return
     if any(d["notes"] for d in rows):
