@@ -272,16 +272,16 @@ def _steps(steps: list[int]) -> str:
 # ---- along one run -------------------------------------------------------------------------------------
 ALONG_COLUMNS = [
     Column("step", "step", justify="right"),
-    Column("name", "checkpoint", name_like=True),
-    Column("update_rel_l2", "update (rel L2)", human=_g, justify="right"),
+    Column("update_rel_l2", "rel update", human=_g, justify="right"),
     Column("bar", ""),
     Column("weight_norm", "weight norm", human=lambda v: _g(v, 6), justify="right"),
     Column("nonfinite", "NaN/Inf", human=lambda v: str(v) if v else "", justify="right"),
     Column("top_tensor", "largest update", name_like=True),
+    Column("name", "checkpoint", name_like=True),
 ]
 
 
-def _bar_text(v, vmax: float, width: int = 20) -> str:
+def _bar_text(v, vmax: float, width: int = 12) -> str:
     if v is None or vmax <= 0 or not math.isfinite(v):
         return "" if v is None else ("!" * 3)
     tty = output.color_enabled(sys.stdout)
@@ -314,6 +314,8 @@ def _show_along(res, fmt: Fmt) -> None:
                                                          "weight_norm", "nonfinite", "top_tensor")], "csv")
         return
     cols = ALONG_COLUMNS if fmt == Fmt.table else [c for c in ALONG_COLUMNS if c.key != "bar"]
+    if all(s.step is not None for s in res.steps) and output.color_enabled(sys.stdout) and not output.STATE.wide:
+        cols = [c for c in cols if c.key != "name"]  # the step says which; keep the bar readable
     output.render_rows(rows, cols, fmt.value)
     lines = [f"{len(res.steps)} checkpoints, {res.num_tensors} floating-point tensors compared"]
     if res.not_in_all:
