@@ -56,6 +56,9 @@ SHARD_NAMES = {
 CAST_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
                "float8_e4m3fnuz", "float8_e5m2fnuz")
 MAX_META_VALUE = 65536  # longer metadata values are not carried over
+# metadata keys that describe the source container, not the weights: not carried over
+CONTAINER_KEYS = {"byteorder", ".format_version", ".storage_alignment", "archive", "version",
+                  ".data/serialization_id", "serialization_id", "total_size", "protocol"}
 
 
 # ---- target -----------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ def carry_metadata(meta: dict, notes: list[str]) -> dict[str, str]:
     dropped = []
     for k, v in meta.items():
         k = str(k)
-        if k.startswith("ckptctl."):
+        if k.startswith("ckptctl.") or k in CONTAINER_KEYS:
             continue
         s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
         if len(s) > MAX_META_VALUE:
@@ -465,6 +468,9 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
                 fh.flush()
                 os.fsync(fh.fileno())
         return staged
+    except OSError as e:
+        staged.discard()
+        raise CkptError(f"cannot write the output: {e.strerror or e}; nothing was written", dst) from None
     except BaseException:
         staged.discard()
         raise

@@ -193,7 +193,8 @@ def select(
     clashes = find_collisions([(s.name, o.name) for s, o in pairs])
     if clashes:
         new, srcs = clashes[0]
-        more = f" (and {len(clashes) - 1} more clashes)" if len(clashes) > 1 else ""
+        k = len(clashes) - 1
+        more = f" (and {k} more clash{'es' if k > 1 else ''})" if k else ""
         raise Incompatible(f"tensors {srcs[0]!r} and {srcs[1]!r} would both be named {new!r} after renaming{more}")
     sel.pairs = retie(pairs, tensors)
     if training:
