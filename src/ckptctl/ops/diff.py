@@ -276,12 +276,63 @@ def as_array(buf, dtype: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtypes.numpy_dtype(dtype))
 
 
+_BLAS_LOCAL: Any = None  # openblas_set_num_threads_local, False when not available
+_TLS = threading.local()
+
+
+def _blas_one_thread() -> bool:
+    """Make BLAS single-threaded for the calling thread only (OpenBLAS >= 0.3.27).
+
+    OpenBLAS's threaded ddot spins waiting for idle cores; on a busy 2-core machine it ran
+    3-40x slower than one thread. `openblas_set_num_threads_local` changes the calling thread
+    alone, so nothing else in the process is affected. False when numpy's BLAS is not an
+    OpenBLAS we can find: callers then use numpy's own loop (einsum), about 2x slower.
+    """
+    global _BLAS_LOCAL
+    done = getattr(_TLS, "blas1", None)
+    if done is not None:
+        return done
+    if _BLAS_LOCAL is None:
+        _BLAS_LOCAL = False
+        try:
+            import ctypes
+            import glob
+
+            import numpy as np
+
+            base = os.path.dirname(os.path.dirname(np.__file__))
+            for lib in sorted(glob.glob(os.path.join(base, "numpy.libs", "lib*openblas*.so*"))):
+                fn = getattr(ctypes.CDLL(lib), "openblas_set_num_threads_local", None)
+                if fn is not None:
+                    fn.argtypes = [ctypes.c_int]
+                    fn.restype = ctypes.c_int
+                    _BLAS_LOCAL = fn
+                    break
+        except (OSError, AttributeError, ImportError):
+            _BLAS_LOCAL = False
+    ok = False
+    if _BLAS_LOCAL:
+        try:
+            _BLAS_LOCAL(1)
+            ok = True
+        except Exception:  # noqa: BLE001
+            ok = False
+    _TLS.blas1 = ok
+    return ok
+
+
 def _dot(x: np.ndarray, y: np.ndarray) -> float:
-    """Re(sum(conj(x) * y)) in numpy's own single-threaded loop (einsum), not BLAS: OpenBLAS's
-    threaded ddot (behind `@`, np.dot and np.vecdot) spins for idle cores and ran 3-40x slower
-    than this on a busy 2-core machine."""
+    """Re(sum(conj(x) * y)) of two contiguous float64/complex128 vectors.
+
+    Single-threaded BLAS when that can be arranged for this thread (see _blas_one_thread),
+    else numpy's own loop (einsum): never OpenBLAS's default threading, which spins.
+    """
     import numpy as np
 
+    if _blas_one_thread():
+        if np.iscomplexobj(x):
+            return float(np.vdot(x, y).real)
+        return float(np.dot(x, y))
     if np.iscomplexobj(x):
         return float(np.einsum("i,i->", np.conj(x), y).real)
     return float(np.einsum("i,i->", x, y))
