@@ -50,7 +50,7 @@ def test_generated_files_are_up_to_date():
     assert p.returncode == 0, f"{REGEN}\n{p.stderr}"
 
 
-@pytest.mark.parametrize("path", [PROG := docs.PROG] + [f"{PROG} {c}" for c in COMMANDS])
+@pytest.mark.parametrize("path", [docs.PROG] + [f"{docs.PROG} {c}" for c in COMMANDS])
 def test_help_snapshot(path):
     snap = REPO / docs.snapshot_name(path)
     assert snap.is_file(), f"no snapshot {snap.name}: {REGEN}"
