@@ -140,14 +140,15 @@ def write_hdf5(path: str, tensors) -> None:
 TIME = shutil.which("time", path="/usr/bin:/bin")
 
 
-def measure(cmd: list[str]) -> tuple[float, float, int, str]:
-    """(wall seconds, peak RSS MiB, exit code, last stderr line) of one fresh process.
+def measure(cmd: list[str]) -> tuple[float, float, int, str, float]:
+    """(wall s, peak RSS MiB, exit code, last stderr line, CPU s = user + sys) of one fresh process.
 
     Peak RSS comes from /usr/bin/time when present: a child's ru_maxrss counts the RSS of the
     process that forked it, so measuring from this (larger) Python process would inflate it.
+    CPU time is less sensitive than wall time to other work on the machine.
     """
     with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as rss:
-        full = [TIME, "-q", "-f", "%M", "-o", rss.name, *cmd] if TIME else cmd
+        full = [TIME, "-q", "-f", "%M %U %S", "-o", rss.name, *cmd] if TIME else cmd
         t0 = time.perf_counter()
         p = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err)
         _pid, status, ru = os.wait4(p.pid, 0)
@@ -155,11 +156,12 @@ def measure(cmd: list[str]) -> tuple[float, float, int, str]:
         code = os.waitstatus_to_exitcode(status)
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
-        kb = ru.ru_maxrss
+        kb, cpu = ru.ru_maxrss, ru.ru_utime + ru.ru_stime
         if TIME:
             text = open(rss.name).read().split()
-            kb = int(text[-1]) if text and text[-1].isdigit() else kb
-    return wall, kb / 1024, code, lines[-1] if lines else ""
+            if len(text) >= 3 and text[-3].isdigit():
+                kb, cpu = int(text[-3]), float(text[-2]) + float(text[-1])
+    return wall, kb / 1024, code, lines[-1] if lines else "", cpu
 
 
 def run_candidate(cmd: list[str], repeat: int) -> dict:
@@ -167,7 +169,7 @@ def run_candidate(cmd: list[str], repeat: int) -> dict:
     ok = [r for r in runs if r[2] == 0]
     if not ok:
         return {"ok": False, "error": runs[-1][3].replace("|", "\\|")[:100]}
-    return {"ok": True, "wall": min(r[0] for r in ok), "rss": max(r[1] for r in ok)}
+    return {"ok": True, "wall": min(r[0] for r in ok), "rss": max(r[1] for r in ok), "cpu": min(r[4] for r in ok)}
 
 
 def imported(path: str) -> str:
@@ -233,20 +235,23 @@ def main() -> int:
                 uses = "torch" if name.startswith("torch") else name.split(".")[0].split(" ")[0]
                 rows.append((fmt, size, f"`{name}`", res, uses, ins))
 
-        print("| format | file | command | wall | peak RSS | imports | time vs inspect | RSS vs inspect |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| format | file | command | wall | CPU | peak RSS | imports | time vs inspect | RSS vs inspect |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for fmt, size, name, r, imp, ref in rows:
             if not r["ok"]:
-                print(f"| {fmt} | {size / 1e9:.2f} GB | {name} | failed: {r['error']} | | {imp} | | |")
+                print(f"| {fmt} | {size / 1e9:.2f} GB | {name} | failed: {r['error']} | | | {imp} | | |")
                 continue
             tr = rr = ""
             if ref is not None and ref["ok"]:
                 tr = f"{r['wall'] / ref['wall']:.1f}×"
                 rr = f"{r['rss'] / ref['rss']:.1f}×"
-            print(f"| {fmt} | {size / 1e9:.2f} GB | {name} | {r['wall']:.3f} s | {r['rss']:.0f} MiB | {imp} "
+            print(f"| {fmt} | {size / 1e9:.2f} GB | {name} | {r['wall']:.3f} s | {r['cpu']:.2f} s | {r['rss']:.0f} MiB "
+                  f"| {imp} "
                   f"| {tr} | {rr} |")
-        print(f"\n{len(tensors)} tensors per file; best of {args.repeat} runs (wall), largest peak RSS; "
-              "each a fresh process with a warm page cache. Targets for inspect: < 0.5 s, < 100 MB.")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"\n{len(tensors)} tensors per file; best of {args.repeat} runs (wall, CPU = user + sys), largest "
+              f"peak RSS; each a fresh process with a warm page cache; load average {load:.1f} on "
+              f"{os.cpu_count()} CPUs at the end. Targets for inspect: < 0.5 s, < 100 MB.")
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
