@@ -205,6 +205,21 @@ def test_prefix_hint_and_alignment(tmp_path):
     r, doc = jdiff(ckpt, plain, "--key", "state_dict")
     assert r.exit_code == 0 and doc["key_a"] == "state_dict" and doc["key_b"] is None
     assert cli("diff", ckpt, plain, "--key", "nothing_here").exit_code == 2
+    # a sub-tree and a prefix at once (a Lightning module holding `self.model`)
+    lit2 = {"state_dict/model." + k: v for k, v in w.items()}
+    lit2["optimizer_states/0/state/0/exp_avg"] = np.zeros(3, np.float32)
+    ckpt2 = save(tmp_path / "lit2.safetensors", lit2)
+    r, doc = jdiff(ckpt2, plain)
+    assert "--key state_dict --strip-prefix model." in doc["hint"]
+    assert cli("diff", ckpt2, plain, "--key", "state_dict", "--strip-prefix", "model.").exit_code == 0
+    # HDF5-style paths: '/' read as '.'
+    slash = save(tmp_path / "slash.safetensors", {k.replace(".", "/"): v for k, v in w.items()})
+    r, doc = jdiff(plain, slash)
+    assert "--rename '/=.'" in doc["hint"]
+    assert cli("diff", plain, slash, "--rename", "/=.").exit_code == 0
+    # unrelated names: no hint
+    other = save(tmp_path / "other.safetensors", {"x": np.zeros(1, np.float32), "y": np.zeros(1, np.float32)})
+    assert jdiff(plain, other)[1]["hint"] is None
     # both prefixes at once
     hf = save(tmp_path / "hf.safetensors", {"model." + k: v for k, v in w.items()})
     r, doc = jdiff(ddp, hf)

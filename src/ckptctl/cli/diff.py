@@ -94,6 +94,8 @@ def register(app: typer.Typer) -> None:
                                                 "Lightning .ckpt), on each side that has it.")] = None,
         strip: Annotated[list[str] | None, typer.Option("--strip-prefix", help="Remove this name prefix "
                                                         "(e.g. module.) where present; repeatable.")] = None,
+        rename: Annotated[list[str] | None, typer.Option("--rename", help="OLD=NEW regex applied to names on "
+                                                         "both sides (e.g. '/=.'); repeatable.")] = None,
         filters: Annotated[list[str] | None, typer.Option("--filter", "-k", help="Only tensors whose (aligned) "
                                                           "name matches this glob; repeatable.")] = None,
         along: Annotated[bool, typer.Option("--along", help="A is a run folder: walk its checkpoints in step "
@@ -106,7 +108,7 @@ def register(app: typer.Typer) -> None:
         from ckptctl.ops.runs import is_run_dir
 
         output.STATE.wide = output.STATE.wide or wide
-        kw = dict(key=key, strip=tuple(strip or ()), filters=filters)
+        kw = dict(key=key, strip=tuple(strip or ()), filters=filters, rename=rename)
         if along:
             if b is not None:
                 raise UsageError("--along takes one run folder: ckptctl diff RUN_DIR --along")
@@ -181,7 +183,15 @@ def _summary(res) -> list[str]:
         lines.append(f"{same} tensors with the same name, dtype and shape (values not compared)")
     elif res.identical:
         lines.append(f"{same} identical tensor{'s' if same != 1 else ''}")
-    for m in res.metadata_changes:
+    changes = res.metadata_changes
+    if res.format_a != res.format_b:  # keys only one format has are format details, not changes
+        na = sum(1 for m in changes if m["only_in"] == "a")
+        nb = sum(1 for m in changes if m["only_in"] == "b")
+        if na or nb:
+            lines.append(f"metadata: {na} keys only in A, {nb} only in B ({res.format_a} vs {res.format_b}; "
+                         "--format json lists them)")
+        changes = [m for m in changes if m["only_in"] is None]
+    for m in changes:
         if m["only_in"] == "a":
             lines.append(f"metadata {m['key']}: only in A ({_short(m['a'])})")
         elif m["only_in"] == "b":

@@ -46,24 +46,24 @@ def has_key(info: CheckpointInfo, key: str) -> bool:
 
 def select(
     info: CheckpointInfo, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
-    filters: list[str] | None = None,
+    filters: list[str] | None = None, rename: list[str] | None = None,
 ) -> dict[str, TensorInfo]:
     """Aligned name -> source TensorInfo (whose .name is the name in the file), in file order.
 
     Everything by default (no training-checkpoint default here: diff shows what is there);
-    `key` takes that sub-tree; `strip` removes the first matching prefix; `filters` are globs
-    on the aligned names.
+    `key` takes that sub-tree; `strip` removes the first matching prefix; `rename` are
+    OLD=NEW regex substitutions (as in convert); `filters` are globs on the aligned names.
     """
     from ckptctl.ops.inspect import match_any
     from ckptctl.ops.select import select as select_tensors
 
     if not info.tensors:
         return {}
-    sel = select_tensors(info.tensors, key=key, all_=key is None, strip_prefix=list(strip))
+    sel = select_tensors(info.tensors, key=key, all_=key is None, strip_prefix=list(strip), rename=rename)
     return {out.name: src for src, out in sel.pairs if not filters or match_any(out.name, filters)}
 
 
-def _candidate_prefixes(names: list[str], depth: int = 2, top: int = 6) -> list[str]:
+def _candidate_prefixes(names: list[str], depth: int = 3, top: int = 5) -> list[str]:
     c: Counter[str] = Counter()
     for n in names:
         seen = 0
@@ -76,44 +76,70 @@ def _candidate_prefixes(names: list[str], depth: int = 2, top: int = 6) -> list[
     return [p for p, _ in c.most_common(top)]
 
 
-def _strip_set(names: list[str], prefix: str, subtree: bool) -> set[str]:
-    if not prefix:
-        return set(names)
-    if subtree:
-        return {n[len(prefix):] for n in names if n.startswith(prefix)}
-    return {n[len(prefix):] if n.startswith(prefix) else n for n in names}
+def _split_prefix(p: str) -> tuple[str, str]:
+    """'state_dict/model.' -> ('state_dict/', 'model.'): a sub-tree (--key) and a prefix to strip."""
+    cut = p.rfind("/") + 1
+    return p[:cut], p[cut:]
+
+
+def _transform(names: list[str], prefix: str, dots: bool) -> set[str]:
+    key, strip = _split_prefix(prefix)
+    out = set()
+    for n in names:
+        if key:
+            if not n.startswith(key):
+                continue
+            n = n[len(key):]
+        if strip and n.startswith(strip):
+            n = n[len(strip):]
+        out.add(n.replace("/", ".") if dots else n)
+    return out
 
 
 def name_hint(names_a: list[str], names_b: list[str]) -> str | None:
-    """A suggestion when the two key sets match (much) better after removing a common prefix."""
+    """A suggestion when the two name sets match (much) better after removing a prefix such as
+    `module.`, `model.` or a `state_dict/` sub-tree, or reading '/' as '.' (HDF5 paths)."""
     base = len(set(names_a) & set(names_b))
-    if not names_a or not names_b or base == min(len(set(names_a)), len(set(names_b))):
+    small = min(len(set(names_a)), len(set(names_b)))
+    if not names_a or not names_b or base == small:
         return None
-    best = (base, "", "")
+    def n_opts(pa: str, pb: str, dots: int) -> int:
+        parts = {_split_prefix(p)[0] for p in (pa, pb)} | {_split_prefix(p)[1] for p in (pa, pb)}
+        return len(parts - {""}) + (1 if dots else 0)
+
+    best = (base, 0, "", "", 0)  # (matched, -options, pa, pb, dots): most matches, then fewest options
     ca = [""] + _candidate_prefixes(names_a)
     cb = [""] + _candidate_prefixes(names_b)
-    for pa in ca:
-        sa = _strip_set(names_a, pa, pa.endswith("/"))
-        for pb in cb:
-            if not pa and not pb:
-                continue
-            sb = _strip_set(names_b, pb, pb.endswith("/"))
-            m = len(sa & sb)
-            if m > best[0]:
-                best = (m, pa, pb)
-    matched, pa, pb = best
-    if matched <= base or matched * 2 < min(len(set(names_a)), len(set(names_b))):
+    for dots in (0, 1, 2):  # translate '/' to '.' on: neither, A, B
+        for pa in ca:
+            sa = _transform(names_a, pa, dots == 1)
+            for pb in cb:
+                if not pa and not pb and not dots:
+                    continue
+                ka, kb = _split_prefix(pa)[0], _split_prefix(pb)[0]
+                if ka and kb and ka != kb:
+                    continue  # one --key cannot say both
+                m = len(sa & _transform(names_b, pb, dots == 2))
+                cand = (m, -n_opts(pa, pb, dots), pa, pb, dots)
+                if cand[:2] > best[:2]:
+                    best = cand
+    matched, _n, pa, pb, dots = best
+    if matched <= base or matched * 2 < small:
         return None
     opts: list[str] = []
-    for p in dict.fromkeys(x for x in (pa, pb) if x):
-        opts.append(f"--key {p.rstrip('/')}" if p.endswith("/") else f"--strip-prefix {p}")
-    where = []
+    keys = {_split_prefix(p)[0] for p in (pa, pb)} - {""}
+    opts += [f"--key {k.rstrip('/')}" for k in keys]
+    opts += [f"--strip-prefix {s}" for s in dict.fromkeys(_split_prefix(p)[1] for p in (pa, pb)) if s]
+    if dots:
+        opts.append("--rename '/=.'")
+    what = []
     if pa:
-        where.append(f"{pa!r} in A")
+        what.append(f"removing {pa!r} in A")
     if pb:
-        where.append(f"{pb!r} in B")
-    return (f"{matched} tensor names match after removing {' and '.join(where)}: "
-            f"try {' '.join(opts)}")
+        what.append(f"removing {pb!r} in B")
+    if dots:
+        what.append(f"reading '/' as '.' in {'A' if dots == 1 else 'B'}")
+    return f"{matched} tensor names match after {' and '.join(what)}: try {' '.join(opts)}"
 
 
 # ---- streaming ---------------------------------------------------------------------------------
@@ -964,6 +990,7 @@ def diff_checkpoints(
     key: str | None = None,
     strip: tuple[str, ...] | list[str] = (),
     filters: list[str] | None = None,
+    rename: list[str] | None = None,
     progress_factory: Callable[[int], Any] | None = None,
     readers: tuple[Reader, Reader] | None = None,
 ) -> DiffResult:
@@ -981,8 +1008,8 @@ def diff_checkpoints(
         ka, kb = _resolve_key(ia, key), _resolve_key(ib, key)
         if key and ka is None and kb is None:
             raise UsageError(f"--key {key}: neither checkpoint has tensors under {key.rstrip('/')}/")
-        sa = select(ia, ka, strip, filters)
-        sb = select(ib, kb, strip, filters)
+        sa = select(ia, ka, strip, filters, rename)
+        sb = select(ib, kb, strip, filters, rename)
         res = DiffResult(str(path_a), str(path_b), ia.format, ib.format, values, atol, rtol, key_a=ka, key_b=kb)
         res.only_in_a = [n for n in sa if n not in sb]
         res.only_in_b = [n for n in sb if n not in sa]
@@ -1208,7 +1235,8 @@ ALONG_CHUNK = 1 << 21  # at most this many elements per chunk (a few float64 cop
 
 def along_run(
     run_dir: str | os.PathLike, *, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
-    filters: list[str] | None = None, progress_factory: Callable[[int], Any] | None = None,
+    filters: list[str] | None = None, rename: list[str] | None = None,
+    progress_factory: Callable[[int], Any] | None = None,
 ) -> Along:
     """Walk a run's checkpoints in step order: update size, weight norm, first NaN/Inf.
 
@@ -1238,7 +1266,7 @@ def along_run(
             k = key if key is not None else ("state_dict" if has_key(info, "state_dict") else None)
             k = _resolve_key(info, k)
             readers.append(r)
-            sels.append(select(info, k, strip, filters))
+            sels.append(select(info, k, strip, filters, rename))
             res.steps.append(AlongStep(c.step, str(c.path)))
         if len(readers) < 1:
             raise UsageError("no readable checkpoint in this run folder", run_dir)
