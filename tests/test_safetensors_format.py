@@ -351,3 +351,50 @@ def test_real_malformed_file_fails_cleanly():
     assert len(lines) == 1 and "Traceback" not in res.stderr
     assert "header length 1000 runs past the end of the 88-byte file" in lines[0]
     assert str(p) in lines[0]
+
+
+def test_mutated_headers_agree_with_reference(tmp_path):
+    """Random byte flips and truncations: we accept exactly what the reference accepts, and every
+    refusal is a CorruptFile (never another exception)."""
+    import random
+
+    header = json.dumps({
+        "__metadata__": {"format": "pt"},
+        "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+        "c": {"dtype": "I8", "shape": [], "data_offsets": [32, 33]},
+    }).encode()
+    good = struct.pack("<Q", len(header)) + header + bytes(range(33))
+    rnd = random.Random(7)
+    p = tmp_path / "m.safetensors"
+    agreed = accepted = 0
+    for i in range(300):
+        data = bytearray(good)
+        if i % 10 == 0:
+            data = data[: rnd.randrange(len(data))]
+        else:
+            for _ in range(rnd.randint(1, 3)):
+                pos = rnd.randrange(len(data) - 33)  # mutate the length and header, not the data
+                data[pos] = rnd.choice(b'{}[]":,0123456789 -.eEFIUB\x00\xff' + bytes([rnd.randrange(256)]))
+        p.write_bytes(bytes(data))
+        try:
+            with safe_open(p, "np") as ref:
+                ref_keys = set(ref.keys())
+            ref_ok = True
+        except Exception:  # noqa: BLE001
+            ref_ok = False
+        try:
+            info = SafetensorsReader(p).info()
+            ours = True
+        except CorruptFile as e:
+            ours = False
+            if ref_ok:
+                assert "twice" in str(e), (bytes(data), str(e))  # our one deliberate difference
+                continue
+        assert ours == ref_ok, bytes(data)
+        if ours:
+            assert {t.name for t in info.tensors} == ref_keys
+            accepted += 1
+        agreed += 1
+    assert agreed > 250
+    assert 5 <= accepted < 280, accepted  # both verdicts are exercised

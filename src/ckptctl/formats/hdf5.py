@@ -266,7 +266,7 @@ class HDF5Reader(Reader):
         if "dtype" in ds.attrs:
             try:
                 declared = dtypes.BY_NAME.get(str(_decode(ds.attrs["dtype"])))
-            except (OSError, TypeError):
+            except Exception:  # noqa: BLE001 - an attribute h5py cannot read is no dtype
                 declared = None
         if dt.kind == "V" and dt.fields is None and dt.subdtype is None:  # opaque
             tag = ""
@@ -409,7 +409,7 @@ class HDF5Reader(Reader):
             if k in rest:
                 try:
                     meta[k] = attr_value(attrs[k])
-                except (OSError, TypeError):
+                except Exception:  # noqa: BLE001 - one unreadable attribute must not stop the listing
                     meta[k] = "<unreadable attribute>"
         return kind, meta, preferred
 
