@@ -902,3 +902,31 @@ def test_shutil_copy_does_not_change_listing(zoo_files, tmp_path):
     with open_reader(files[2]) as a, open_reader(dst) as b:
         assert [t.to_json() for t in a.info().tensors] == [t.to_json() for t in b.info().tensors]
         assert b.info().metadata["archive"] == "zoo2"
+
+
+class MyTensor(torch.Tensor):
+    pass
+
+
+def test_subclasses_parameters_with_state_sparse_and_meta(tmp_path):
+    p = torch.nn.Parameter(torch.arange(4.0))
+    p.note = "python attribute"  # pickled through _rebuild_parameter_with_state
+    sparse = torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse()
+    sd = {"sub": torch.ones(3).as_subclass(MyTensor), "param": p, "sparse": sparse,
+          "meta": torch.empty(2, 3, device="meta"), "csr": torch.eye(3).to_sparse_csr()}
+    path = tmp_path / "misc.pt"
+    torch.save(sd, path)
+    with open_reader(path) as r:
+        info = r.info()
+        assert [t.name for t in info.tensors] == [
+            "sub", "param", "sparse/indices", "sparse/values", "meta",
+            "csr/crow_indices", "csr/col_indices", "csr/values"]
+        assert got_bytes(r, "sub") == tbytes(torch.ones(3)) and got_bytes(r, "param") == tbytes(p.detach())
+        assert got_bytes(r, "sparse/indices") == tbytes(sparse._indices())
+        assert got_bytes(r, "sparse/values") == tbytes(sparse._values())
+        assert got_bytes(r, "csr/crow_indices") == tbytes(sd["csr"].crow_indices())
+        assert info.tensor("meta").shape == (2, 3) and any("'meta'" in w for w in info.warnings)
+        with pytest.raises(CorruptFile, match="no data"):
+            got_bytes(r, "meta")
+        assert {o.type for o in info.objects} == {"torch.sparse_coo tensor", "torch.sparse_csr tensor"}
+        assert "test_torch_formats.MyTensor" in info.globals

@@ -1006,7 +1006,38 @@ def _h_meta(m: Machine, g: Global, a: tuple, kw) -> Any:
     dt = _dtype_of_global(a[0], m)
     shape = _ints(a[1], "size", m)
     stride = _ints(a[2], "stride", m)
-    return TensorRecord(None, 0, shape, stride, dt, note="a 'meta' tensor: it has no data")
+    return TensorRecord(None, 0, shape, stride, dt, note="a 'meta' tensor: shape and dtype only")
+
+
+_SPARSE_PARTS = {
+    "torch.sparse_coo": ("indices", "values", "size", "is_coalesced"),
+    "torch.sparse_csr": ("crow_indices", "col_indices", "values", "size"),
+    "torch.sparse_bsr": ("crow_indices", "col_indices", "values", "size"),
+    "torch.sparse_csc": ("ccol_indices", "row_indices", "values", "size"),
+    "torch.sparse_bsc": ("ccol_indices", "row_indices", "values", "size"),
+}
+
+
+def _h_sparse(m: Machine, g: Global, a: tuple, kw) -> Any:
+    """_rebuild_sparse_tensor(layout, data): an object whose parts (indices, values) are tensors."""
+    layout = a[0] if a else None
+    layout = layout.full if isinstance(layout, Global) else layout
+    parts = _SPARSE_PARTS.get(layout) if isinstance(layout, str) else None
+    if parts is None or len(a) < 2 or not isinstance(a[1], tuple):
+        return Opaque(g.full, a)
+    o = Opaque(f"{layout} tensor")
+    o.state = dict(zip(parts, a[1]))
+    return o
+
+
+def _h_nested(m: Machine, g: Global, a: tuple, kw) -> Any:
+    o = Opaque("torch.nested tensor")
+    o.state = dict(zip(("buffer", "sizes", "strides", "storage_offsets"), a))
+    return o
+
+
+def _h_get_layout(m: Machine, g: Global, a: tuple, kw) -> Any:
+    return a[0] if len(a) == 1 and isinstance(a[0], str) else Opaque(g.full, a)
 
 
 def _h_from_type_v2(m: Machine, g: Global, a: tuple, kw) -> Any:
@@ -1174,6 +1205,9 @@ _HANDLERS: dict[str, Any] = {
     _TORCH_UTILS + "_rebuild_device_tensor_from_numpy": _h_from_numpy,
     _TORCH_UTILS + "_rebuild_xla_tensor": _h_from_numpy,
     _TORCH_UTILS + "_rebuild_meta_tensor_no_storage": _h_meta,
+    _TORCH_UTILS + "_rebuild_sparse_tensor": _h_sparse,
+    _TORCH_UTILS + "_rebuild_nested_tensor": _h_nested,
+    "torch.serialization._get_layout": _h_get_layout,
     "torch._tensor._rebuild_from_type_v2": _h_from_type_v2,
     "torch._tensor._rebuild_from_type": _h_from_type_v2,
     "torch.nn.parameter.Parameter": _h_first_tensor,
@@ -1581,8 +1615,7 @@ def _metadata_of(root: dict) -> dict[str, Any]:
                         meta[f"callbacks/{_key_str(cb)}/{_key_str(fk)}"] = render(fv)
         elif isinstance(v, (dict, Opaque, list, tuple)) and (key in _META_DICTS or not _has_tensor(v)):
             if isinstance(v, Opaque) and v.type not in _RECORD_TYPES and key not in _META_DICTS:
-                meta[key] = render(v)
-                continue
+                continue  # listed in CheckpointInfo.objects
             r = render(v)
             try:
                 text = json.dumps(r, default=str)
