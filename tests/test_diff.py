@@ -393,7 +393,8 @@ def test_two_runs_align_by_step(tmp_path):
 
 def test_along_a_run(tmp_path, monkeypatch):
     states = make_run(tmp_path / "run", [10, 20, 30, 40, 50], seed=3, nan_at=40)
-    monkeypatch.setattr(ops, "ALONG_BUDGET", 4096)  # several chunks per tensor
+    monkeypatch.setattr(ops, "ALONG_CHUNK", 32)  # several chunks per tensor
+    monkeypatch.setattr(ops, "BLOCK", 16)
     r = cli("diff", tmp_path / "run", "--along", "-f", "json")
     assert r.exit_code == 1, r.output  # a checkpoint holds NaN
     doc = json.loads(r.stdout)

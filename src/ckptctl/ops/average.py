@@ -80,6 +80,7 @@ class AveragePlan:
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     root: str = ""
+    _buffers: dict = field(default_factory=dict, repr=False)
 
     @property
     def averaged(self) -> list[AvgTensor]:
@@ -93,7 +94,15 @@ class AveragePlan:
     def read_bytes(self) -> int:
         return sum(sum(s.nbytes for s in t.srcs) for t in self.averaged) + sum(t.out.nbytes for t in self.copied)
 
+    def buffer(self, key, size: int) -> bytearray:
+        """A scratch buffer of at least `size` bytes, kept and reused across tensors."""
+        b = self._buffers.get(key)
+        if b is None or len(b) < size:
+            b = self._buffers[key] = bytearray(size)
+        return b
+
     def close(self) -> None:
+        self._buffers.clear()
         for i in self.inputs:
             if i.reader is not None:
                 i.reader.close()
@@ -460,9 +469,12 @@ def _mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryvi
     elems = min(elems, numel)
     cursors = [Cursor(i.reader, s, elems * itemsize(s.dtype)) for i, s in zip(plan.inputs, t.srcs)]
     try:
-        bufsets = [[bytearray(elems * itemsize(s.dtype)) for s in t.srcs] for _ in range(2)]
+        # buffers live as long as the plan: fresh ones would cost a page fault per 4 KiB per tensor
+        bufsets = [[plan.buffer(("in", j, k), elems * itemsize(s.dtype)) for k, s in enumerate(t.srcs)]
+                   for j in range(2)]
         out_np = dtypes.numpy_dtype(t.out.dtype)
-        outs = [np.empty(elems, dtype=out_np) for _ in range(2)]
+        outs = [np.frombuffer(plan.buffer(("out", j), elems * out_np.itemsize), dtype=out_np, count=elems)
+                for j in range(2)]
         combine = _Combiner(plan, t)
         threads = _threads()
         nchunks = -(-numel // elems)
@@ -524,14 +536,17 @@ class _Combiner:
         self.take = at(1.0 - plan.decay) if plan.decay is not None else None
         self.count = at(self.n)
         self.out_dtype = t.out.dtype
-        self._local = threading.local()
 
     def _bufs(self):
+        """Two accumulator blocks for this thread, kept across tensors (no page faults per tensor)."""
         import numpy as np
 
-        b = getattr(self._local, "b", None)
+        cache = getattr(_TLS, "blocks", None)
+        if cache is None:
+            cache = _TLS.blocks = {}
+        b = cache.get((self.adt, BLOCK))
         if b is None:
-            b = self._local.b = (np.empty(BLOCK, self.adt), np.empty(BLOCK, self.adt))
+            b = cache[(self.adt, BLOCK)] = (np.empty(BLOCK, self.adt), np.empty(BLOCK, self.adt))
         return b
 
     def run(self, xs: list, out, lo: int, hi: int) -> None:
@@ -569,6 +584,7 @@ class _Combiner:
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
+_TLS = threading.local()
 
 
 def _threads() -> int:

@@ -471,15 +471,15 @@ class Comparer:
         self.rtol = float(rtol or 0.0)
         self.threads = max(1, threads if threads is not None else min(2, os.cpu_count() or 1))
         self._pool = None
-        self._local = threading.local()
         self._rbufs_a: list[bytearray] = []
         self._rbufs_b: list[bytearray] = []
 
     @property
     def bufs(self) -> _Buffers:
-        b = getattr(self._local, "bufs", None)
-        if b is None:
-            b = self._local.bufs = _Buffers()
+        """float64 work buffers of the calling thread, kept for the life of the thread."""
+        b = getattr(_TLS, "bufs", None)
+        if b is None or len(b.X) != BLOCK:
+            b = _TLS.bufs = _Buffers()
         return b
 
     def close(self) -> None:
@@ -1285,16 +1285,29 @@ def along_run(
         top: list[tuple[float, str | None]] = [(-1.0, None)] * n_ck
         total = sum(s[n].nbytes for s in sels for n in names)
         ctx = progress_factory(total) if progress_factory else nullcontext(None)
+        holders = [[bytearray(0)] for _ in readers]  # one read buffer per checkpoint, kept across tensors
+        work: dict[Any, Any] = {}  # float64 (complex128) buffers: two chunks and one block
+
+        def scratch(dt, n: int):
+            arrs = work.get(dt)
+            if arrs is None or len(arrs[0]) < n:
+                arrs = work[dt] = (np.empty(n, dt), np.empty(n, dt), np.empty(BLOCK, dt))
+            return arrs
+
         with ctx as bar, np.errstate(all="ignore"):
             for n in names:
                 isz = max(itemsize(s[n].dtype) for s in sels)
                 elems = max(BLOCK, min(ALONG_CHUNK, ALONG_BUDGET // (n_ck * isz)))
                 elems -= elems % BLOCK
-                its = [iter(ChunkSource(r, s[n], elems * itemsize(s[n].dtype))) for r, s in zip(readers, sels)]
+                its = [iter(ChunkSource(r, s[n], elems * itemsize(s[n].dtype), bufs=h))
+                       for r, s, h in zip(readers, sels, holders)]
+                wdt = np.dtype(np.complex128 if numeric_kind(first[n].dtype) == "complex" else np.float64)
+                pair = scratch(wdt, min(elems, max(1, first[n].numel)))
                 t_d = [0.0] * n_ck
                 t_p = [0.0] * n_ck
                 while True:
                     prev = None
+                    prev_ss = 0.0
                     done = False
                     for i, (it, s) in enumerate(zip(its, sels)):
                         chunk = next(it, None)
@@ -1302,24 +1315,32 @@ def along_run(
                             done = True
                             break
                         x = as_array(chunk, s[n].dtype)
-                        X = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
-                        fin = np.isfinite(X)
-                        bad = X.size - int(np.count_nonzero(fin))
-                        if bad:
-                            res.steps[i].nonfinite += bad
-                            if n not in res.steps[i].nonfinite_tensors:
-                                res.steps[i].nonfinite_tensors.append(n)
-                            X = np.where(fin, X, 0)
-                        ssq_w[i] += _dot(X, X)
+                        X = pair[i % 2][: len(x)]
+                        np.copyto(X, x, casting="unsafe")
+                        ss = _dot(X, X)
+                        if not math.isfinite(ss):
+                            fin = np.isfinite(X)
+                            bad = X.size - int(np.count_nonzero(fin))
+                            if bad:
+                                res.steps[i].nonfinite += bad
+                                if n not in res.steps[i].nonfinite_tensors:
+                                    res.steps[i].nonfinite_tensors.append(n)
+                                X[~fin] = 0  # NaN/Inf left out of the norms
+                            ss = _dot(X, X)
+                        ssq_w[i] += ss
                         if prev is not None:
-                            D = X - prev
-                            dd = _dot(D, D)
-                            pp = _dot(prev, prev)
+                            dd = 0.0
+                            D0 = pair[2]
+                            for b in range(0, len(X), BLOCK):
+                                e = min(len(X), b + BLOCK)
+                                D = D0[: e - b]
+                                np.subtract(X[b:e], prev[b:e], out=D)
+                                dd += _dot(D, D)
                             ssq_d[i] += dd
-                            ssq_p[i] += pp
+                            ssq_p[i] += prev_ss
                             t_d[i] += dd
-                            t_p[i] += pp
-                        prev = X
+                            t_p[i] += prev_ss
+                        prev, prev_ss = X, ss
                         if bar is not None:
                             bar.advance(len(chunk))
                     if done:
