@@ -155,6 +155,8 @@ def test_benign_files_exit_zero(tmp_path):
 
     save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "spiece.model").write_bytes(b"\n\x05hello\x12\x00")  # a tokenizer, not a checkpoint
+    (tmp_path / "tokenizer.json").write_text("{}")
     res = cli("scan", tmp_path, "--format", "json")
     assert res.exit_code == 0, res.output
     doc = {os.path.basename(r["path"]): r for r in json.loads(res.stdout)}

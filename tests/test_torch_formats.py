@@ -930,3 +930,22 @@ def test_subclasses_parameters_with_state_sparse_and_meta(tmp_path):
             got_bytes(r, "meta")
         assert {o.type for o in info.objects} == {"torch.sparse_coo tensor", "torch.sparse_csr tensor"}
         assert "test_torch_formats.MyTensor" in info.globals
+
+
+@pytest.mark.parametrize("proto", [0, 1, 2, 3, 4, 5])
+def test_unpickler_agrees_with_pickle_on_plain_data(proto):
+    shared = [1, 2]
+    data = {
+        "ints": [0, -1, 255, 256, 65535, 65536, -(2**31), 2**31, 2**63, -(2**100)],
+        "floats": [0.0, -1.5, 1e300, float("inf")], "text": ["", "x" * 300, "café", "\u2603"],
+        "bytes": [b"", b"\x00\xff" * 200, bytearray(b"ab")], "tuples": [(), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4)],
+        "sets": [set(), {1, 2}, frozenset({"a"})], "nested": {(1, "k"): {"deep": [[[]]]}},
+        "shared": (shared, shared), "bools": [True, False, None], "complex": 1 - 2j, "slice": slice(1, None, 2),
+        OrderedDict(a=1).__class__.__name__: OrderedDict([("b", 2), ("a", 1)]),
+    }
+    raw = pickle.dumps(data, protocol=proto)
+    obj, _globals = pickles.unpickle_bytes(raw)
+    want = pickle.loads(raw)  # plain builtins only: safe to load
+    assert obj == want
+    assert obj["shared"][0] is obj["shared"][1]
+    assert isinstance(obj["OrderedDict"], pickles.ODict) and list(obj["OrderedDict"]) == ["b", "a"]

@@ -1114,6 +1114,14 @@ def _h_bytearray(m: Machine, g: Global, a: tuple, kw) -> Any:
     return Opaque(g.full, a)
 
 
+def _h_bytes(m: Machine, g: Global, a: tuple, kw) -> Any:
+    """builtins.bytes(): protocols 0-2 pickle b'' as a call with no arguments."""
+    if not a:
+        return b""
+    b = _h_bytearray(m, g, a, kw)
+    return bytes(b) if isinstance(b, bytearray) else b
+
+
 def _h_codecs_encode(m: Machine, g: Global, a: tuple, kw) -> Any:
     if a and isinstance(a[0], str):
         enc = a[1] if len(a) > 1 else "utf-8"
@@ -1225,6 +1233,8 @@ _HANDLERS: dict[str, Any] = {
     "__builtin__.complex": _h_complex,
     "builtins.bytearray": _h_bytearray,
     "__builtin__.bytearray": _h_bytearray,
+    "builtins.bytes": _h_bytes,
+    "__builtin__.bytes": _h_bytes,
     "builtins.object": _h_object,
     "__builtin__.object": _h_object,
     "_codecs.encode": _h_codecs_encode,

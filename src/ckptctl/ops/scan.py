@@ -137,9 +137,10 @@ def _classified(names: list[str]) -> list[tuple[str, str]]:
 
 
 NO_PICKLE = ("safetensors", "hdf5")
-# files a folder scan looks at (besides anything whose first bytes are a pickle or a zip)
+# files a folder scan looks at (besides anything whose first bytes are a pickle or a zip); names
+# like .model/.data are left to the content check: tokenizers and TF shards use them too
 SCAN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".joblib",
-                 ".dat", ".data", ".zip", ".npz", ".keras", ".tar", ".model", ".distcp")
+                 ".zip", ".npz", ".keras")
 
 
 def scan_file(path: str | os.PathLike) -> ScanResult:
