@@ -38,7 +38,16 @@ def _g(v, digits: int = 4) -> str:
 
 
 def _cos(v) -> str:
-    return "-" if v is None else v if isinstance(v, str) else f"{v:.6f}"
+    """Cosine similarity; near 1 as 1-ε, which is where the information is (0.999999 hides it)."""
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if v == 1.0:
+        return "1"
+    if v > 0.9999:
+        return f"1-{1.0 - v:.2g}"
+    return f"{v:.6f}"
 
 
 def _nonfinite(r: dict) -> str:
