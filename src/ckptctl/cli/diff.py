@@ -188,7 +188,9 @@ def _summary(res) -> list[str]:
     for side, key in (("A", res.key_a), ("B", res.key_b)):
         if key:
             lines.append(f"{side}: compared the {key}/ sub-tree")
-    if res.identical and not res.values:
+    if res.equal:
+        pass  # the last line says it
+    elif res.identical and not res.values:
         lines.append(f"{same} tensors with the same name, dtype and shape (values not compared)")
     elif res.identical:
         lines.append(f"{same} identical tensor{'s' if same != 1 else ''}")
