@@ -76,6 +76,8 @@ COLUMNS = [
     Column("differ", "differ", justify="right"),
     Column("nonfinite", "NaN/Inf"),
 ]
+ONLY_IN_LIMIT = 20  # rows per side in a table (--all, csv and json list every one)
+META_LIMIT = 8  # metadata lines in a table
 CSV_COLUMNS = [Column(k, k) for k in (
     "name", "change", "dtype_a", "dtype_b", "shape_a", "shape_b", "numel", "num_diff", "max_abs_diff",
     "mean_abs_diff", "rel_l2", "cosine", "nan_a", "nan_b", "inf_a", "inf_b")]
@@ -164,10 +166,12 @@ def _show_pair(res, fmt: Fmt, show_all: bool) -> None:
         r["nonfinite"] = _nonfinite(r)
         r["differ"] = _differ(r)
         rows.append(r)
-    for n in res.only_in_a:
-        rows.append({"name": n, "change": "only in A"})
-    for n in res.only_in_b:
-        rows.append({"name": n, "change": "only in B"})
+    limit = None if show_all or fmt == Fmt.csv else ONLY_IN_LIMIT
+    for side, names in (("A", res.only_in_a), ("B", res.only_in_b)):
+        shown = names if limit is None else names[:limit]
+        rows += [{"name": n, "change": f"only in {side}"} for n in shown]
+        if len(shown) < len(names):
+            rows.append({"name": f"... {len(names) - len(shown)} more", "change": f"only in {side}"})
     if show_all:
         rows += [{"name": n, "change": "identical"} for n in res.identical]
     if fmt == Fmt.csv:
@@ -202,6 +206,9 @@ def _summary(res) -> list[str]:
             lines.append(f"metadata: {na} keys only in A, {nb} only in B ({res.format_a} vs {res.format_b}; "
                          "--format json lists them)")
         changes = [m for m in changes if m["only_in"] is None]
+    if len(changes) > META_LIMIT and not output.STATE.wide:
+        lines.append(f"metadata: {len(changes)} keys differ (first {META_LIMIT} below; --format json lists all)")
+        changes = changes[:META_LIMIT]
     for m in changes:
         if m["only_in"] == "a":
             lines.append(f"metadata {m['key']}: only in A ({_short(m['a'])})")
@@ -258,9 +265,7 @@ def _show_runs(res, fmt: Fmt) -> None:
         r = s.to_json()
         r["max_rel_l2"] = s.max_rel_l2
         r["result"] = ("error: " + s.error) if s.error else ("equal" if s.equal else "different")
-        extra = []
-        if s.only_in_a or s.only_in_b:
-            extra.append(f"{s.only_in_a}/{s.only_in_b} only in A/B")
+        extra = [f"{k} only in {side}" for k, side in ((s.only_in_a, "A"), (s.only_in_b, "B")) if k]
         if extra:
             r["result"] += f" ({', '.join(extra)})"
         r["nonfinite_text"] = ", ".join(s.nonfinite[:3]) + (" ..." if len(s.nonfinite) > 3 else "")
