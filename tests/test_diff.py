@@ -300,6 +300,18 @@ def test_table_csv_markdown_outputs(pair):
     assert all(ln.count("|") == md.splitlines()[0].count("|") for ln in md.splitlines() if ln.startswith("|"))
 
 
+def test_long_only_in_lists_are_cut_in_tables_but_not_in_json(tmp_path):
+    a = {f"t{i:02d}": np.zeros(1, np.float32) for i in range(30)}
+    a["shared"] = np.ones(2, np.float32)
+    pa = save(tmp_path / "a.safetensors", a)
+    pb = save(tmp_path / "b.safetensors", {"shared": np.ones(2, np.float32)})
+    out = run("diff", pa, pb).stdout
+    assert "t19" in out and "t20" not in out and "... 10 more" in out
+    assert len(jdiff(pa, pb)[1]["only_in_a"]) == 30
+    assert "t29" in cli("diff", pa, pb, "--all").stdout
+    assert "shared" in cli("diff", pa, pb, "--all").stdout  # identical ones listed too
+
+
 def test_hostile_names_are_escaped(tmp_path):
     evil = "x\x1b[31mred"
     pa = save(tmp_path / "a.safetensors", {evil: np.zeros(2, np.float32)})
