@@ -97,7 +97,7 @@ def _summary(plan, result, fmt: Fmt) -> None:
     if fmt == Fmt.json:
         output.print_json(doc)
         return
-    method = {"mean": "mean", "weighted": "weighted mean"}.get(plan.method) or f"EMA (decay {plan.decay:g})"
+    method = {"mean": "mean", "weighted": "weighted mean"}.get(plan.method) or f"EMA, decay {plan.decay:g}"
     verb = "averaged" if result is not None else "would average (dry run)"
     lines = [f"{verb} {len(plan.inputs)} checkpoints ({method}) -> {plan.dst} ({plan.fmt}"
              + (f", {human_bytes(result.bytes_written)})" if result is not None else ")")]
@@ -110,11 +110,12 @@ def _summary(plan, result, fmt: Fmt) -> None:
     copied = [t.out.name for t in plan.copied]
     if copied:
         shown = ", ".join(copied[:5]) + (" ..." if len(copied) > 5 else "")
-        lines.append(f"{len(copied)} integer/bool tensors copied from the last input ({plan.inputs[-1].label}), "
+        what = "tensor" if len(copied) == 1 else "tensors"
+        lines.append(f"{len(copied)} integer/bool {what} copied from the last input ({plan.inputs[-1].label}), "
                      f"not averaged: {shown}")
     tied = [t.out.name for t in plan.tensors if t.mode == "alias"]
     if tied:
-        lines.append(f"{len(tied)} tied tensors kept tied")
+        lines.append(f"{len(tied)} tied {'tensor' if len(tied) == 1 else 'tensors'} kept tied")
     if plan.fmt != "torch-zip":
         lines.append("provenance (inputs, steps, weights, method) is in the output's metadata: ckptctl inspect "
                      + str(plan.dst))

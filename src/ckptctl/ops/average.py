@@ -387,8 +387,8 @@ def _provenance(plan: AveragePlan) -> dict[str, str]:
     if plan.raw_weights is not None:
         meta[META_PREFIX + "raw_weights"] = json.dumps(plan.raw_weights)
     if plan.copied:
-        meta[META_PREFIX + "copied"] = (f"{len(plan.copied)} integer/bool tensors copied from "
-                                        f"{plan.inputs[-1].label}")
+        what = "tensor" if len(plan.copied) == 1 else "tensors"
+        meta[META_PREFIX + "copied"] = f"{len(plan.copied)} integer/bool {what} copied from {plan.inputs[-1].label}"
     if plan.dtype:
         meta[META_PREFIX + "dtype"] = plan.dtype
     return meta
