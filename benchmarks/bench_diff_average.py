@@ -146,11 +146,18 @@ def measure(cmd: list[str], ok=(0,)) -> tuple[float, float]:
     return wall, int(rss_kb) / 1024
 
 
-def best(cmd: list[str], repeat: int, ok=(0,), cleanup: Path | None = None) -> tuple[float, float]:
+def warm(files) -> None:
+    """Read files once so that every candidate starts from a warm page cache."""
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def best(cmd: list[str], repeat: int, ok=(0,), cleanup: Path | None = None, inputs=()) -> tuple[float, float]:
     walls, rss = [], []
     for _ in range(repeat):
         if cleanup is not None and cleanup.exists():
             cleanup.unlink()
+        if inputs:
+            warm(inputs)
         w, r = measure(cmd, ok)
         walls.append(w)
         rss.append(r)
@@ -195,37 +202,39 @@ def main() -> None:
               f"({len(avg_specs)} tensors)", file=sys.stderr)
 
         # ---- diff
-        subprocess.run(["cat", A, B], stdout=subprocess.DEVNULL, check=True)  # warm the cache
-        cat_w, cat_r = best(["cat", str(A), str(B)], args.repeat)
+        cat_w, cat_r = best(["cat", str(A), str(B)], args.repeat, inputs=[A, B])
         rows.append(("diff 2 x %.1f GB" % args.diff_gb, "cat A B > /dev/null", cat_w, cat_r, 1.0))
-        w, r = best([*ck, "diff", str(A), str(B), "--format", "json"], args.repeat, ok=(1,))
+        w, r = best([*ck, "diff", str(A), str(B), "--format", "json"], args.repeat, ok=(1,), inputs=[A, B])
         rows.append(("", "ckptctl diff (safetensors, every byte differs)", w, r, w / cat_w))
-        w, r = best([*ck, "diff", str(A), str(A), "--format", "json"], args.repeat, ok=(0,))
+        w, r = best([*ck, "diff", str(A), str(A), "--format", "json"], args.repeat, ok=(0,), inputs=[A])
         rows.append(("", "ckptctl diff A A (identical: byte fast path)", w, r, w / cat_w))
         if pts:
-            subprocess.run(["cat", pts[A], pts[B]], stdout=subprocess.DEVNULL, check=True)
-            w, r = best([*ck, "diff", str(pts[A]), str(pts[B]), "--format", "json"], args.repeat, ok=(1,))
+            w, r = best([*ck, "diff", str(pts[A]), str(pts[B]), "--format", "json"], args.repeat, ok=(1,),
+                        inputs=[pts[A], pts[B]])
             rows.append(("", "ckptctl diff (.pt zip, every byte differs)", w, r, w / cat_w))
-            w, r = best([*ck, "diff", str(A), str(pts[A]), "--format", "json"], args.repeat, ok=(0,))
+            w, r = best([*ck, "diff", str(A), str(pts[A]), "--format", "json"], args.repeat, ok=(0,),
+                        inputs=[A, pts[A]])
             rows.append(("", "ckptctl diff A.safetensors A.pt (equal)", w, r, w / cat_w))
-            w, r = best([py, "-c", NAIVE_DIFF, str(pts[A]), str(pts[B])], 1)
+            w, r = best([py, "-c", NAIVE_DIFF, str(pts[A]), str(pts[B])], 1, inputs=[pts[A], pts[B]])
             rows.append(("", "naive: torch.load both + float64 stats", w, r, w / cat_w))
 
         # ---- average
         out = d / "avg.safetensors"
-        subprocess.run(["cat", *inputs], stdout=subprocess.DEVNULL, check=True)
-        cat_w, cat_r = best(["cat", *map(str, inputs)], args.repeat)
+        cat_w, cat_r = best(["cat", *map(str, inputs)], args.repeat, inputs=inputs)
         rows.append((f"average {args.avg_n} x {args.avg_gb:.1f} GB", "cat inputs > /dev/null", cat_w, cat_r, 1.0))
-        w, r = best([*ck, "average", *map(str, inputs), "-o", str(out), "--format", "json"], args.repeat, cleanup=out)
+        w, r = best([*ck, "average", *map(str, inputs), "-o", str(out), "--format", "json"], args.repeat,
+                    cleanup=out, inputs=inputs)
         rows.append(("", "ckptctl average -> safetensors", w, r, w / cat_w))
         out_pt = d / "avg.pt"
         if pts:
             w, r = best([*ck, "average", *map(str, inputs), "-o", str(out_pt), "--format", "json"], args.repeat,
-                        cleanup=out_pt)
+                        cleanup=out_pt, inputs=inputs)
             rows.append(("", "ckptctl average -> .pt", w, r, w / cat_w))
-            ptin = [str(pts[p]) for p in inputs]
-            subprocess.run(["cat", *ptin], stdout=subprocess.DEVNULL, check=True)
-            w, r = best([py, "-c", FAIRSEQ_AVG, *ptin, str(out_pt)], 1, cleanup=out_pt)
+            ptin = [pts[p] for p in inputs]
+            w, r = best([*ck, "average", *map(str, ptin), "-o", str(out), "--format", "json"], args.repeat,
+                        cleanup=out, inputs=ptin)
+            rows.append(("", "ckptctl average .pt inputs -> safetensors", w, r, w / cat_w))
+            w, r = best([py, "-c", FAIRSEQ_AVG, *map(str, ptin), str(out_pt)], 1, cleanup=out_pt, inputs=ptin)
             rows.append(("", "fairseq average_checkpoints (torch.load, .pt)", w, r, w / cat_w))
     finally:
         if not args.keep:
