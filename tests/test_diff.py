@@ -248,6 +248,31 @@ def test_hdf5_and_safetensors_of_the_same_weights_are_equal(tmp_path):
     assert doc["format_a"] == "hdf5" and doc["num_identical"] == 2
 
 
+def test_sharded_folder_against_one_file(tmp_path):
+    rng = np.random.default_rng(9)
+    w = {f"layers.{i}.weight": rng.standard_normal((8, 8)).astype(np.float32) for i in range(4)}
+    single = save(tmp_path / "model.safetensors", w)
+    shard_dir = tmp_path / "sharded"
+    shard_dir.mkdir()
+    names = sorted(w)
+    weight_map = {}
+    for k, part in enumerate((names[:2], names[2:])):
+        fname = f"model-{k + 1:05d}-of-00002.safetensors"
+        save(shard_dir / fname, {n: w[n] for n in part})
+        weight_map.update({n: fname for n in part})
+    (shard_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(a.nbytes for a in w.values())}, "weight_map": weight_map}))
+    r, doc = jdiff(shard_dir, single)
+    assert r.exit_code == 0 and doc["format_a"] == "sharded" and doc["num_identical"] == 4
+    changed = dict(w)
+    changed["layers.3.weight"] = w["layers.3.weight"] * np.float32(2)
+    save(shard_dir / "model-00002-of-00002.safetensors", {n: changed[n] for n in names[2:]})
+    r, doc = jdiff(shard_dir, single)
+    assert r.exit_code == 1 and [c["name"] for c in doc["changed"]] == ["layers.3.weight"]
+    # A is 2w, B is w: |2w - w| / |2w| = 0.5, and they point the same way
+    assert doc["changed"][0]["rel_l2"] == pytest.approx(0.5) and doc["changed"][0]["cosine"] == pytest.approx(1.0)
+
+
 @needs_torch_reader
 def test_pt_and_its_safetensors_conversion_compare_equal(tmp_path):
     import torch
