@@ -349,7 +349,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, pair):
     pa, _pb, _a, _b = pair
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(pa.read_bytes()[:-10])
-    for args in [(pa, tmp_path / "missing.safetensors"), (pa, bad), (pa,), (pa, pa, "--along")]:
+    for args in [(pa, tmp_path / "missing.safetensors"), (pa, bad), (pa,), (pa, pa, "--along"), (pa, "--along")]:
         p = run("diff", *args)
         assert p.returncode == 2, (args, p.stderr)
         assert "Traceback" not in p.stderr

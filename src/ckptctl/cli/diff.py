@@ -123,6 +123,8 @@ def register(app: typer.Typer) -> None:
         if along:
             if b is not None:
                 raise UsageError("--along takes one run folder: ckptctl diff RUN_DIR --along")
+            if not is_run_dir(a):
+                raise UsageError("--along walks the checkpoints of a run folder; this is not one", a)
             res = ops.along_run(a, progress_factory=_bar("along"), **kw)
             _show_along(res, fmt)
             raise typer.Exit(1 if res.first_nonfinite else 0)
