@@ -949,3 +949,67 @@ def test_unpickler_agrees_with_pickle_on_plain_data(proto):
     assert obj == want
     assert obj["shared"][0] is obj["shared"][1]
     assert isinstance(obj["OrderedDict"], pickles.ODict) and list(obj["OrderedDict"]) == ["b", "a"]
+
+
+def test_fuzzed_pickles_fail_only_with_clean_errors(tmp_path):
+    """Random byte flips in the pickle parts: every outcome is a listing or a CkptError."""
+    import random
+
+    from ckptctl.errors import CkptError
+
+    rng = random.Random(1234)
+    sd = {"w": torch.randn(3, 4), "b": torch.arange(3), "v": torch.randn(4, 3).t(), "n": {"e": 3, "s": "x"}}
+    zpath, lpath, ppath = tmp_path / "z.pt", tmp_path / "l.pt", tmp_path / "p.pkl"
+    torch.save(sd, zpath)
+    torch.save(sd, lpath, _use_new_zipfile_serialization=False)
+    ppath.write_bytes(pickle.dumps({"a": np.arange(6.0).reshape(2, 3), "m": {"k": [1, 2]}}, protocol=4))
+    with zipfile.ZipFile(zpath) as z:
+        zi = z.getinfo("z/data.pkl")
+    zdata = zpath.read_bytes()
+    pkl_start = zdata.index(b"\x80\x02", zi.header_offset)
+    targets = [(zdata, pkl_start, pkl_start + zi.file_size, ".pt"),
+               (lpath.read_bytes(), 0, 400, ".pt"),
+               (ppath.read_bytes(), 0, len(ppath.read_bytes()), ".pkl")]
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(240):
+        data, lo, hi, suffix = targets[i % 3]
+        buf = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            buf[rng.randrange(lo, hi)] = rng.randrange(256)
+        p = tmp_path / f"fuzz{i}{suffix}"
+        p.write_bytes(bytes(buf))
+        try:
+            with open_reader(p) as r:
+                for t in r.info().tensors:
+                    b"".join(bytes(c) for c in r.iter_chunks(t.name, 64))
+            outcomes["ok"] += 1
+        except CkptError:
+            outcomes["error"] += 1
+        p.unlink()
+    assert outcomes["ok"] and outcomes["error"], outcomes
+
+
+def test_fuzzed_zip_directories_fail_only_with_clean_errors(tmp_path):
+    import random
+
+    from ckptctl.errors import CkptError
+
+    rng = random.Random(3)
+    src = tmp_path / "src.pt"
+    torch.save({"w": torch.randn(3, 4), "t": torch.randn(3, 3).t()}, src)
+    data = src.read_bytes()
+    cd = data.find(b"PK\x01\x02")
+    errors = 0
+    for i in range(300):
+        buf = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            buf[rng.randrange(cd, len(buf))] = rng.randrange(256)
+        p = tmp_path / "f.pt"
+        p.write_bytes(bytes(buf))
+        try:
+            with open_reader(p) as r:
+                for t in r.info().tensors:
+                    b"".join(bytes(c) for c in r.iter_chunks(t.name, 64))
+        except CkptError:
+            errors += 1
+    assert errors > 30

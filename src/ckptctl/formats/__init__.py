@@ -116,7 +116,7 @@ def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, OverflowError) as e:
         raise CorruptFile(f"corrupt zip archive ({e})", path) from None
     base = {n.split("/", 1)[-1] for n in names}
     if "constants.pkl" in base or any(n.endswith("/code/__torch__.py") for n in names):

@@ -440,7 +440,8 @@ class TorchArchive:
         src = self._f if (base == 0 and length == size) else _Window(self._f, base, length)
         try:
             self.zip = zipfile.ZipFile(src)  # reads the central directory only
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error) as e:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
+                NotImplementedError, OverflowError) as e:
             self.close()
             raise CorruptFile(f"not a complete zip archive ({e}); truncated or damaged?", self.label) from None
         self.members: dict[str, zipfile.ZipInfo] = {}
@@ -481,6 +482,8 @@ class TorchArchive:
         off = self._payload.get(zi.filename)
         if off is not None:
             return off
+        if not 0 <= zi.header_offset <= self.length - _LOCAL.size or zi.compress_size < 0:
+            raise CorruptFile(f"zip member {zi.filename!r}: its header offset lies outside the file", self.label)
         self._f.seek(self.base + zi.header_offset)
         head = self._f.read(_LOCAL.size)
         if len(head) < _LOCAL.size:
@@ -497,7 +500,7 @@ class TorchArchive:
 
     def check_fits(self, zi: zipfile.ZipInfo) -> None:
         """Cheap check from the central directory: the member's bytes end before the directory."""
-        if zi.header_offset + _LOCAL.size + len(zi.filename.encode("utf-8", "replace")) + zi.compress_size > self._cd_start:
+        if zi.header_offset < 0 or zi.header_offset + _LOCAL.size + len(zi.filename.encode("utf-8", "replace")) + zi.compress_size > self._cd_start:
             raise CorruptFile(f"zip member {zi.filename!r} overlaps the central directory (damaged archive)", self.label)
 
     def read_small(self, name: str, limit: int = 4096) -> bytes | None:
