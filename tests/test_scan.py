@@ -19,6 +19,8 @@ from ckptctl.formats import open_reader
 from ckptctl.formats.pickles import PickleError
 from ckptctl.ops.scan import classify, scan
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 
 @pytest.mark.parametrize("name", [
     "os.system", "posix.system", "nt.system", "os.path.join", "subprocess.Popen", "subprocess.check_output",

@@ -681,7 +681,7 @@ class Machine:
                     line = line[1:-1]
                 else:
                     self._fail("STRING opcode argument must be quoted", self._base + pos)
-                append(self._decode_str(codecs.escape_decode(line)[0]))
+                append(self._decode_str(_escape_decode(line)))
             elif op == 0x56:  # UNICODE
                 line, pos, data = self._readline(data, pos)
                 n = len(data)
@@ -877,6 +877,15 @@ class Machine:
         if isinstance(cls, Opaque):
             return Opaque(cls.type, args, kwargs)
         self._fail(f"NEWOBJ on a {_kind(cls)}")
+
+
+def _escape_decode(raw: bytes) -> bytes:
+    """Python-2 string escapes; invalid ones ('\\o') pass through without a DeprecationWarning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return codecs.escape_decode(raw)[0]
 
 
 def _kind(x: Any) -> str:
@@ -1293,14 +1302,12 @@ def opcode_globals(raw: bytes) -> list[str]:
     """Globals named by GLOBAL/INST/STACK_GLOBAL opcodes of one pickle, tracking strings through
     the memo like picklescan does. STACK_GLOBAL arguments that are not plain strings give
     '<unresolved>' names. Stops quietly at the first opcode it cannot parse."""
-    import io
-    import pickletools
-
     found: list[str] = []
     memo: dict[int, Any] = {}
     recent: list[Any] = []  # what each push left on top, strings or None
+    ops = _partial_ops(raw)
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(raw)):
+        for op, arg, _pos in ops:
             name = op.name
             if name in ("GLOBAL", "INST"):
                 mod, _, nm = str(arg).partition(" ")
@@ -1328,6 +1335,24 @@ def opcode_globals(raw: bytes) -> list[str]:
     except Exception:  # noqa: BLE001 - the listing ends where parsing ends
         pass
     return found
+
+
+def _partial_ops(raw: bytes) -> list:
+    import io
+    import pickletools
+    import warnings
+
+    out: list = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for item in pickletools.genops(io.BytesIO(raw)):
+                out.append(item)
+                if len(out) >= 10_000_000:
+                    break
+    except Exception:  # noqa: BLE001 - the listing ends where parsing ends
+        pass
+    return out
 
 
 # ---- convenience -----------------------------------------------------------------------------
