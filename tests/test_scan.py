@@ -275,3 +275,19 @@ def test_ext_opcodes_are_reported_not_resolved(tmp_path):
     (r,) = scan([p])
     assert r.globals == [("<extension code 7>", "unknown")]
     assert r.verdict == "unknown"
+
+
+def test_damage_after_the_pickles_still_lists_their_globals(tmp_path):
+    p = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(64)}, p, _use_new_zipfile_serialization=False)
+    data = p.read_bytes()
+    p.write_bytes(data[:-100])  # the storage data is cut short; the pickles are whole
+    (r,) = scan([p])
+    assert r.error and "truncated" in r.error
+    assert ("torch._utils._rebuild_tensor_v2", "safe") in r.globals and r.verdict == "safe"
+    e = tmp_path / "empty.pkl"
+    e.write_bytes(b"\x80\x02")  # nothing listed at all: no verdict
+    (r,) = scan([e])
+    assert r.verdict == "error"
+    res = cli("scan", e)
+    assert res.exit_code == 1

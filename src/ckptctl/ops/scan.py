@@ -114,8 +114,8 @@ class ScanResult:
         classes = {c for _, c in self.globals}
         if "dangerous" in classes:
             return "dangerous"
-        if self.error is not None and not self.globals and self.format is None:
-            return "error"
+        if self.error is not None and not self.globals:
+            return "error"  # nothing could be listed: no verdict
         if "unknown" in classes:
             return "unknown"
         return "safe"
@@ -179,10 +179,27 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
     except PickleError as e:
         res.globals = _classified(e.globals + e.more_globals)
         res.error = e.message
-    except CkptError as e:
-        res.globals = _classified(getattr(e, "globals", []))
+    except CkptError as e:  # the pickles may be fine and the damage elsewhere: list them anyway
+        res.globals = _classified(getattr(e, "globals", None) or _raw_globals(fmt, target))
         res.error = e.message
     return res
+
+
+def _raw_globals(fmt: str, target: Path) -> list[str]:
+    """Globals of the pickles in a file that the reader could not list, found without semantics."""
+    try:
+        if fmt == "torch-zip":
+            from ckptctl.formats.torch_zip import scan_zip_pickles
+
+            return scan_zip_pickles(target)[0]
+        if fmt in ("torch-legacy", "pickle"):
+            from ckptctl.formats.pickles import scan_globals
+
+            with open(target, "rb") as f:
+                return scan_globals(f, 0, os.fstat(f.fileno()).st_size, target)[0]
+    except (OSError, CkptError):
+        pass
+    return []
 
 
 def _scan_unknown(p: str, res: ScanResult, e: UnknownFormat) -> ScanResult:
