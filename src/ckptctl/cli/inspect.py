@@ -100,7 +100,7 @@ def _summary(info, result, markdown: bool) -> None:
     tied = sum(1 for t in info.tensors if t.alias_of)
     lines = [
         ("path", info.path),
-        ("format", info.format + (f" ({info.kind})" if info.kind else "")),
+        ("format", info.format + (f" ({info.kind})" if info.kind and info.kind != info.format else "")),
         ("tensors", f"{info.num_tensors}" + (f" ({tied} tied)" if tied else "")),
         ("params", f"{human_count(info.num_params)} ({info.num_params:,})"),
         ("size", f"{human_bytes(info.total_bytes)} ({info.total_bytes:,} bytes)"),
