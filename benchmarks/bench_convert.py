@@ -5,7 +5,8 @@ Generates a ~4 GB fp32 `.pt` with torch.save (7 tensors of 500 MB plus 100 of 5 
 default: the largest tensor is 1/8 of the file) and its safetensors twin under /tmp, then
 runs each candidate as a fresh process and prints a markdown table of wall time, peak RSS
 (/usr/bin/time) and throughput relative to `cp` measured in the same run (cp time / time:
-1.0 = as fast as cp). Outputs are deleted after each run; the data at the end.
+1.0 = as fast as cp). Outputs are deleted after each run and `sync` runs before each one, so a
+run does not pay for an earlier run's writeback; the data is deleted at the end.
 
     python benchmarks/bench_convert.py                  # 4 GB
     python benchmarks/bench_convert.py --size-gb 0.5    # quick
@@ -89,6 +90,7 @@ def timed(cmd: list[str], out: str, repeat: int) -> dict:
     best = None
     for _ in range(repeat):
         remove(out)
+        subprocess.run(["sync"], check=False)  # no writeback of an earlier run in this one's time
         wall, rss, code, last = measure(cmd)
         remove(out)
         if code != 0:
@@ -101,7 +103,8 @@ def timed(cmd: list[str], out: str, repeat: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size in GB (default 4)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per candidate; best wall time kept (default 1)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs per candidate (the naive baseline runs once); best wall time kept (default 3)")
     ap.add_argument("--only", default="", help="comma-separated jobs: " + ",".join(j[0] for j in JOBS))
     ap.add_argument("--no-naive", action="store_true", help="skip the naive load-everything baselines")
     ap.add_argument("--dir", default=None, help="where to put the data (default: a new folder in /tmp)")
@@ -138,12 +141,13 @@ def main() -> int:
                       timed([*CKPTCTL, "convert", src, out, "--no-verify", *extra], out, args.repeat))]
             if not args.no_naive:
                 code = NAIVE[key].format(src=src, dst=out)
-                cands.append(("naive (load everything, save)", timed([PY, "-c", code], out, args.repeat)))
+                cands.append(("naive (load everything, save)", timed([PY, "-c", code], out, 1)))
             for name, r in cands:
                 rows.append((title, name, r, cp))
             print(f"done: {title}", file=sys.stderr)
         print(f"\n{total / 1e9:.1f} GB fp32 checkpoint, {big_n} tensors of {big / 1e6:.0f} MB + {small_n} of "
-              f"{small / 1e6:.1f} MB; warm page cache; {os.cpu_count()} cores; best of {args.repeat}\n")
+              f"{small / 1e6:.1f} MB; warm page cache; {os.cpu_count()} cores; best of {args.repeat} "
+              "(naive: 1 run)\n")
         print("| conversion | candidate | wall (s) | peak RSS (MB) | throughput vs cp |")
         print("|---|---|---:|---:|---:|")
         for title, name, r, cp in rows:
