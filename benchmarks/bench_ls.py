@@ -266,19 +266,19 @@ NAIVE = {
 }
 
 
-def measure(cmd: list[str], reps: int = 3) -> tuple[float, float, int | None]:
+def measure(cmd: list[str], reps: int = 3) -> tuple[float, float, int | None, float]:
     """(best wall s, peak RSS MB, bytes read) over `reps` fresh processes, after one warm-up.
 
     Peak RSS comes from /usr/bin/time (the rusage of the exec'd program itself, not of this
     process's fork); bytes read from the child's own /proc/self/io at exit.
     """
-    walls, rss, rchar = [], [], None
+    walls, rss, rchar, cpus = [], [], None, []
     fd, io_name = tempfile.mkstemp()
     os.close(fd)
     fd, rss_name = tempfile.mkstemp()
     os.close(fd)
     env = dict(os.environ, BENCH_IO=io_name)
-    timer = ["/usr/bin/time", "-f", "%M", "-o", rss_name] if os.path.exists("/usr/bin/time") else []
+    timer = ["/usr/bin/time", "-f", "%U %S %M", "-o", rss_name] if os.path.exists("/usr/bin/time") else []
     try:
         for i in range(reps + 1):
             t0 = time.perf_counter()
@@ -290,7 +290,9 @@ def measure(cmd: list[str], reps: int = 3) -> tuple[float, float, int | None]:
                 continue  # warm-up
             walls.append(wall)
             if timer:
-                rss.append(int(Path(rss_name).read_text().split()[-1]) / 1024)
+                user, system, maxrss = Path(rss_name).read_text().split()[-3:]
+                rss.append(int(maxrss) / 1024)
+                cpus.append(float(user) + float(system))
             try:
                 text = Path(io_name).read_text()
                 rchar = int(dict(line.split(": ") for line in text.splitlines())["rchar"])
@@ -300,7 +302,7 @@ def measure(cmd: list[str], reps: int = 3) -> tuple[float, float, int | None]:
     finally:
         os.unlink(io_name)
         os.unlink(rss_name)
-    return min(walls), (max(rss) if rss else float("nan")), rchar
+    return min(walls), (max(rss) if rss else float("nan")), rchar, (min(cpus) if cpus else float("nan"))
 
 
 def human(n: int | None) -> str:
@@ -351,15 +353,19 @@ def main() -> None:
             res = {label: measure(cmd, a.reps) for label, cmd in cands}
             naive = res["naive Python (safe_open / torch.load mmap)"][0]
             floor = res["`ls -lR` (floor: stat only)"][0]
-            for label, (wall, rss, rchar) in res.items():
-                rows.append((name, label, wall, rss, a.n / wall, rchar if label != "`ls -lR` (floor: stat only)" else None,
+            for label, (wall, rss, rchar, cpu) in res.items():
+                rows.append((name, label, wall, cpu, rss, a.n / wall,
+                             rchar if label != "`ls -lR` (floor: stat only)" else None,
                              wall / naive, wall / floor, apparent[name]))
-        print(f"{a.n} checkpoints of {a.size_gb:g} GB each per run folder; best of {a.reps} fresh processes, warm cache\n")
-        print("| run folder | candidate | wall (s) | peak RSS (MB) | checkpoints/s | bytes read | vs naive | vs `ls -lR` |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
-        for name, label, wall, rss, rate, rchar, vn, vf, _app in rows:
-            print(f"| {name} ({human(_app)}) | {label} | {wall:.3f} | {rss:.0f} | {rate:.0f} | {human(rchar)} | "
-                  f"{vn:.2f}× | {vf:.1f}× |")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"{a.n} checkpoints of {a.size_gb:g} GB each per run folder; best of {a.reps} fresh processes, "
+              f"warm cache; {os.cpu_count()} CPUs, load average {load:.1f} at the end\n")
+        print("| run folder | candidate | wall (s) | CPU user+sys (s) | peak RSS (MB) | checkpoints/s | bytes read "
+              "| wall vs naive | wall vs `ls -lR` |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, label, wall, cpu, rss, rate, rchar, vn, vf, _app in rows:
+            print(f"| {name} ({human(_app)}) | {label} | {wall:.3f} | {cpu:.2f} | {rss:.0f} | {rate:.0f} | "
+                  f"{human(rchar)} | {vn:.2f}× | {vf:.1f}× |")
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)
