@@ -13,7 +13,7 @@ A run folder holds checkpoints written by a trainer:
   plain           step_1000.pt, model_00010000.safetensors, sharded index + shards, model folders
 
 Everything is lazy: readers' `info()` (headers and pickles), small JSON/text side files, and the
-0-d `best_model_score`/`current_score` tensors of Lightning callbacks; no other tensor data.
+0-d `current_score` tensor of a Lightning ModelCheckpoint callback; no other tensor data.
 The step stored inside a checkpoint beats the one parsed from its name.
 """
 
@@ -967,7 +967,7 @@ def _lightning_callbacks(c: RunCheckpoint, reader, info: CheckpointInfo, meta: d
             found.setdefault(m.group("cb"), {})[m.group("field")] = v
     for t in info.tensors:
         m = _CB.match(t.name)
-        if m and m.group("field") in ("best_model_score", "current_score") and t.numel == 1 and t.nbytes <= 16:
+        if m and m.group("field") == "current_score" and t.numel == 1 and t.nbytes <= 16:  # the one read
             try:
                 arr = reader.read(t.name)
                 found.setdefault(m.group("cb"), {})[m.group("field")] = float(arr.reshape(-1)[0])
