@@ -488,10 +488,6 @@ def _looks_keras3(f, paths) -> bool:
     return all(re.search(r"(^|/)vars/[^/]+$", p) for p in paths)
 
 
-def _addr(obj, h5py):
-    return _addr_id(obj.id, h5py)
-
-
 def _addr_id(oid, h5py):
     try:
         info = h5py.h5o.get_info(oid)
