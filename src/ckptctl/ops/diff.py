@@ -471,8 +471,13 @@ class Comparer:
         self.rtol = float(rtol or 0.0)
         self.threads = max(1, threads if threads is not None else min(2, os.cpu_count() or 1))
         self._pool = None
-        self._rbufs_a: list[bytearray] = []
-        self._rbufs_b: list[bytearray] = []
+        # read buffers, kept for every tensor: a fresh 16 MiB buffer per tensor costs 4096 page
+        # faults, which on a VM took longer than the arithmetic. ChunkSource grows them in place.
+        self._rbufs_a: list[bytearray] = [bytearray(0), bytearray(0)]  # two: chunk k+1 read during k
+        self._rbufs_b: list[bytearray] = [bytearray(0), bytearray(0)]
+        self._rbuf1_a: list[bytearray] = [bytearray(0)]  # one: no overlap
+        self._rbuf1_b: list[bytearray] = [bytearray(0)]
+        self._rbuf_prefix: list[bytearray] = [bytearray(0)]  # re-reading an identical prefix
 
     @property
     def bufs(self) -> _Buffers:
@@ -523,12 +528,9 @@ class Comparer:
             raise ValueError("cannot compare values of these dtypes")
         elems = max(1, READ_BYTES // max(itemsize(ta.dtype), itemsize(tb.dtype)))
         elems -= elems % BLOCK if elems > BLOCK else 0
-        if not self._rbufs_a:
-            self._rbufs_a = [bytearray(0), bytearray(0)]
-            self._rbufs_b = [bytearray(0), bytearray(0)]
         if ka == "bytes":  # same dtype: bytes only
-            src_a = ChunkSource(ra, ta, READ_BYTES, self._rbufs_a[0])
-            src_b = ChunkSource(rb, tb, READ_BYTES, self._rbufs_b[0])
+            src_a = ChunkSource(ra, ta, READ_BYTES, bufs=self._rbuf1_a)
+            src_b = ChunkSource(rb, tb, READ_BYTES, bufs=self._rbuf1_b)
             for ca, cb in _lockstep(src_a, src_b, ta, tb):
                 if not _same_bytes(ca, cb):
                     x, y = memoryview(ca).cast("B"), memoryview(cb).cast("B")
@@ -540,8 +542,9 @@ class Comparer:
             return acc
         threaded = self.threads > 1 and "complex" not in (ka, kb) and ta.numel > 2 * BLOCK
         nb = 2 if threaded else 1
-        src_a = ChunkSource(ra, ta, elems * itemsize(ta.dtype), bufs=self._rbufs_a[:nb])
-        src_b = ChunkSource(rb, tb, elems * itemsize(tb.dtype), bufs=self._rbufs_b[:nb])
+        bufs_a, bufs_b = (self._rbufs_a, self._rbufs_b) if threaded else (self._rbuf1_a, self._rbuf1_b)
+        src_a = ChunkSource(ra, ta, elems * itemsize(ta.dtype), bufs=bufs_a)
+        src_b = ChunkSource(rb, tb, elems * itemsize(tb.dtype), bufs=bufs_b)
         fast = same  # identical bytes are identical values: skip the arithmetic
         differs = False
         eq_prefix = 0  # elements of byte-identical chunks before the first difference
@@ -592,7 +595,7 @@ class Comparer:
     def _prefix_stats(self, acc: _Acc, ra: Reader, ta: TensorInfo, n: int) -> None:
         """Statistics of the byte-identical leading elements, read again from side A only."""
         done = 0
-        for chunk in ChunkSource(ra, ta, READ_BYTES - READ_BYTES % itemsize(ta.dtype)):
+        for chunk in ChunkSource(ra, ta, READ_BYTES - READ_BYTES % itemsize(ta.dtype), bufs=self._rbuf_prefix):
             x = as_array(chunk, ta.dtype)
             take = min(len(x), n - done)
             self._self_stats(acc, x[:take])
