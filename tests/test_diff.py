@@ -154,6 +154,24 @@ def test_multi_chunk_streaming_matches_reference(tmp_path, monkeypatch):
     assert by["c"].num_diff == 1
 
 
+def test_far_apart_and_zeroed_tensors(tmp_path):
+    """Statistics that need no cancellation-prone shortcut: b = -a, b = 0, b unrelated to a."""
+    rng = np.random.default_rng(4)
+    a = {"neg": rng.standard_normal(1000).astype(np.float32), "zero": rng.standard_normal(50).astype(np.float32),
+         "other": rng.standard_normal(3000).astype(np.float32), "near": rng.standard_normal(3000).astype(np.float32)}
+    b = {"neg": -a["neg"], "zero": np.zeros(50, np.float32), "other": rng.standard_normal(3000).astype(np.float32),
+         "near": a["near"] + rng.standard_normal(3000).astype(np.float32) * np.float32(1e-4)}
+    by = {c["name"]: c for c in jdiff(save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b))[1]
+          ["changed"]}
+    assert by["neg"]["cosine"] == pytest.approx(-1.0, abs=1e-12) and by["neg"]["rel_l2"] == pytest.approx(2.0)
+    assert by["zero"]["cosine"] == 0.0 and by["zero"]["rel_l2"] == pytest.approx(1.0, abs=1e-12)
+    for name in ("other", "near"):
+        exp = ref_stats(a[name], b[name])
+        assert by[name]["cosine"] == pytest.approx(exp["cosine"], rel=1e-12, abs=1e-13), name
+        assert by[name]["rel_l2"] == pytest.approx(exp["rel_l2"], rel=1e-12), name
+    assert 1 - by["near"]["cosine"] == pytest.approx(1 - ref_stats(a["near"], b["near"])["cosine"], rel=1e-6)
+
+
 def test_tolerances_and_integers_stay_exact(tmp_path):
     a = {"f": np.array([1.0, 2.0, 3.0], np.float32), "i": np.array([1, 2, 3], np.int32)}
     b = {"f": np.array([1.0, 2.0 + 1e-4, 3.0], np.float32), "i": np.array([1, 2, 3], np.int32)}
