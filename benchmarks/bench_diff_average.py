@@ -12,6 +12,7 @@ table gives the best wall time of --repeat runs and the peak RSS (/usr/bin/time'
 
 Baselines:
   cat          `cat A B > /dev/null`: reading the inputs once
+  floor        for average: reading the inputs once plus writing (cp + sync) one output-sized file
   naive diff   torch.load both files (weights_only=True), then per tensor float64 max|a-b|,
                relative L2 and cosine, like a notebook would
   fairseq avg  fairseq's scripts/average_checkpoints.py: torch.load each file, sum in the
@@ -222,6 +223,11 @@ def main() -> None:
         out = d / "avg.safetensors"
         cat_w, cat_r = best(["cat", *map(str, inputs)], args.repeat, inputs=inputs)
         rows.append((f"average {args.avg_n} x {args.avg_gb:.1f} GB", "cat inputs > /dev/null", cat_w, cat_r, 1.0))
+        floor = d / "floor.safetensors"
+        w, r = best(["sh", "-c", 'cat "$@" > /dev/null && cp "$1" "$0" && sync "$0"', str(floor), *map(str, inputs)],
+                    args.repeat, cleanup=floor, inputs=inputs)
+        rows.append(("", "floor: cat inputs + cp one input + sync (the output must be written too)", w, r,
+                     w / cat_w))
         w, r = best([*ck, "average", *map(str, inputs), "-o", str(out), "--format", "json"], args.repeat,
                     cleanup=out, inputs=inputs)
         rows.append(("", "ckptctl average -> safetensors", w, r, w / cat_w))
