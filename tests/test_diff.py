@@ -127,10 +127,17 @@ def test_identical_files_exit_0_and_self_diff_needs_no_arithmetic(pair, monkeypa
     assert calls == []  # identical bytes are identical without math
 
 
-def test_multi_chunk_streaming_matches_reference(tmp_path, monkeypatch):
-    """Small chunks: differences only in a late chunk use the re-read identical prefix too."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_multi_chunk_streaming_matches_reference(tmp_path, monkeypatch, threads):
+    """Small chunks: differences only in a late chunk use the identical chunks' norms too.
+
+    threads=1 streams both sides in lockstep (re-reading an identical prefix); threads=2 cuts
+    the tensors into items that workers read and compare on their own."""
     monkeypatch.setattr(ops, "READ_BYTES", 4096)
+    monkeypatch.setattr(ops, "ITEM_BYTES", 4096)
     monkeypatch.setattr(ops, "BLOCK", 256)
+    init = ops.Comparer.__init__
+    monkeypatch.setattr(ops.Comparer, "__init__", lambda self, *a, **k: init(self, *a, threads=threads))
     rng = np.random.default_rng(3)
     a = {"w": rng.standard_normal(10_000).astype(np.float32),
          "h": rng.standard_normal(5_003).astype(ml_dtypes.bfloat16),
