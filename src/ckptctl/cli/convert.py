@@ -9,6 +9,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.cli.common import handle_errors
+from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
 from ckptctl.cli.output import human_bytes
 
 EXAMPLES = (
@@ -37,15 +38,15 @@ def register(app: typer.Typer) -> None:
                                                  "or a folder with --max-shard-size.")],
         to: Annotated[str | None, typer.Option("--to", help="Output format: safetensors, pt or h5 "
                                                             "(default: from DST's suffix).")] = None,
-        key: Annotated[str | None, typer.Option("--key", help="Write only the sub-tree PATH, without the "
+        key: Annotated[str | None, typer.Option("--key", autocompletion=complete_key_paths, help="Write only the sub-tree PATH, without the "
                                                               "PATH/ prefix (e.g. optimizer_states/0).")] = None,
         all_: Annotated[bool, typer.Option("--all", help="Write every tensor of a training checkpoint "
                                                          "under its '/'-joined name.")] = False,
-        include: Annotated[list[str] | None, typer.Option("--include", "-k", help="Only tensors matching "
+        include: Annotated[list[str] | None, typer.Option("--include", "-k", autocompletion=complete_tensor_names, help="Only tensors matching "
                                                           "this glob (or module prefix); repeatable.")] = None,
-        exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help="Leave out tensors matching "
+        exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", autocompletion=complete_tensor_names, help="Leave out tensors matching "
                                                           "this glob; repeatable.")] = None,
-        strip_prefix: Annotated[list[str] | None, typer.Option("--strip-prefix", help="Remove this prefix "
+        strip_prefix: Annotated[list[str] | None, typer.Option("--strip-prefix", autocompletion=complete_name_prefixes, help="Remove this prefix "
                                                                "from names (e.g. module.); repeatable.")] = None,
         add_prefix: Annotated[str | None, typer.Option("--add-prefix", help="Prepend this to every name.")] = None,
         rename: Annotated[list[str] | None, typer.Option("--rename", help="OLD=NEW: regex substitution on "

@@ -12,6 +12,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.cli.common import FormatOpt, WideOpt, handle_errors
+from ckptctl.cli.complete import metric_completer
 from ckptctl.cli.output import Column, Fmt, clean, human_bytes, human_count
 from ckptctl.errors import NotFound, UsageError
 
@@ -99,7 +100,7 @@ def register(app: typer.Typer) -> None:
         ],
         fmt: FormatOpt = Fmt.table,
         sort: Annotated[
-            str, typer.Option("--sort", "-s", help="step, mtime, size, name or a METRIC name (e.g. eval_loss).")
+            str, typer.Option("--sort", "-s", autocompletion=metric_completer("step", "mtime", "size", "name"), help="step, mtime, size, name or a METRIC name (e.g. eval_loss).")
         ] = "step",
         reverse: Annotated[bool, typer.Option("--reverse", "-r", help="Reverse the order.")] = False,
         recursive: Annotated[

@@ -12,6 +12,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.cli.common import FormatOpt, WideOpt, handle_errors
+from ckptctl.cli.complete import complete_metric_names
 from ckptctl.cli.output import Column, Fmt, clean, human_bytes
 from ckptctl.errors import CkptError, NotFound, UsageError
 
@@ -61,7 +62,7 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option("--keep-every", min=1, help="Keep steps divisible by K.")
         ] = None,
         keep_best: Annotated[
-            str | None, typer.Option("--keep-best", metavar="METRIC", help="Keep the best by METRIC (e.g. eval_loss).")
+            str | None, typer.Option("--keep-best", autocompletion=complete_metric_names, metavar="METRIC", help="Keep the best by METRIC (e.g. eval_loss).")
         ] = None,
         mode: Annotated[
             Mode | None, typer.Option("--mode", help="min or max for --keep-best (default: guessed from the name).")

@@ -158,7 +158,7 @@ def write_demo(root: str | os.PathLike, force: bool = False) -> list[Path]:
         f"  ckptctl diff {hf} --along\n"
         f"  ckptctl convert {pl / 'last.ckpt'} {root / 'last.safetensors'}\n"
         f"  ckptctl average {hf} --last 3 -o {root / 'avg.safetensors'}\n"
-        f"  ckptctl prune {hf} --keep-last 1 --keep-best eval_loss   # dry run; best is {best_dir.name}\n"
+        f"  ckptctl prune {hf} --keep-last 1 --keep-best eval_loss --min-age 0   # dry run; best is {best_dir.name}\n"
         f"  ckptctl scan {root}\n"
     )
     written.append(root / "README.txt")
