@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ckptctl import dtypes
 from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
 from ckptctl.model import TensorInfo
-from ckptctl.ops.diff import BLOCK, Cursor, _pread_into, as_array, itemsize, numeric_kind, open_checkpoint
+from ckptctl.ops.diff import BLOCK, Cursor, FileView, as_array, itemsize, numeric_kind, open_checkpoint
 
 if TYPE_CHECKING:
     from ckptctl.formats.base import Reader
@@ -466,18 +466,6 @@ def _byte_ranges(plan: AveragePlan, t: AvgTensor) -> list[tuple[str, int, int]] 
     return out
 
 
-def _tls_input(k: int, size: int) -> bytearray:
-    """Input buffer k of the calling thread, kept across tensors (fresh pages cost a fault each)."""
-    bufs = getattr(_TLS, "inputs", None)
-    if bufs is None:
-        bufs = _TLS.inputs = []
-    while len(bufs) <= k:
-        bufs.append(bytearray(0))
-    if len(bufs[k]) < size:
-        bufs[k] = bytearray(size)
-    return bufs[k]
-
-
 def _mean_chunks_parallel(plan: AveragePlan, t: AvgTensor, rngs: list[tuple[str, int, int]],
                           progress) -> Iterator[memoryview]:
     """The averaged tensor's bytes when every input holds it contiguously (safetensors, torch zip,
@@ -506,12 +494,15 @@ def _mean_chunks_parallel(plan: AveragePlan, t: AvgTensor, rngs: list[tuple[str,
 
         def work(lo: int, hi: int, obuf: bytearray) -> None:
             m = hi - lo
-            xs = []
-            for k, ((f, off, _len), s) in enumerate(zip(rngs, t.srcs)):
-                view = memoryview(_tls_input(k, elems * isz[k]))[: m * isz[k]]
-                _pread_into(fds[f], view, off + lo * isz[k], f, s.name)
-                xs.append(as_array(view, s.dtype))
-            combine.run(xs, np.frombuffer(obuf, dtype=out_np, count=m), 0, m)
+            views: list[FileView] = []
+            try:
+                for k, ((f, off, _len), s) in enumerate(zip(rngs, t.srcs)):
+                    views.append(FileView(fds[f], f, off + lo * isz[k], m * isz[k], s.name, k))
+                combine.run([as_array(v.view, s.dtype) for v, s in zip(views, t.srcs)],
+                            np.frombuffer(obuf, dtype=out_np, count=m), 0, m)
+            finally:
+                for v in views:
+                    v.close()
 
         starts = iter(range(0, numel, elems))
 

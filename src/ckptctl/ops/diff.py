@@ -611,23 +611,31 @@ class Comparer:
             if f not in fds:
                 fds[f] = os.open(f, os.O_RDONLY)
 
-        def read(slot: int, rng, t: TensorInfo, isz: int, lo: int, hi: int):
-            view = memoryview(_tls_buffer(slot, elems * isz))[: (hi - lo) * isz]
-            _pread_into(fds[rng[0]], view, rng[1] + lo * isz, rng[0], t.name)
-            return view
+        def read(slot: int, rng, t: TensorInfo, isz: int, lo: int, hi: int) -> FileView:
+            return FileView(fds[rng[0]], rng[0], rng[1] + lo * isz, (hi - lo) * isz, t.name, slot)
 
         def work(lo: int, hi: int):
-            va = read(0, rng_a, ta, isa, lo, hi)
-            vb = read(1, rng_b, tb, isb, lo, hi)
-            if same and _same_bytes(va, vb):
-                return None
-            part = _Acc()
-            self._values(part, as_array(va, ta.dtype), as_array(vb, tb.dtype), ka, kb, same)
-            return part
+            fa = read(0, rng_a, ta, isa, lo, hi)
+            try:
+                fb = read(1, rng_b, tb, isb, lo, hi)
+                try:
+                    if same and _same_bytes(fa.view, fb.view):
+                        return None
+                    part = _Acc()
+                    self._values(part, as_array(fa.view, ta.dtype), as_array(fb.view, tb.dtype), ka, kb, same)
+                    return part
+                finally:
+                    fb.close()
+            finally:
+                fa.close()
 
         def self_stats(lo: int, hi: int) -> _Acc:
             part = _Acc()
-            self._self_stats(part, as_array(read(0, rng_a, ta, isa, lo, hi), ta.dtype))
+            fa = read(0, rng_a, ta, isa, lo, hi)
+            try:
+                self._self_stats(part, as_array(fa.view, ta.dtype))
+            finally:
+                fa.close()
             return part
 
         same_ranges: list[tuple[int, int]] = []
@@ -849,6 +857,66 @@ def _pread_into(fd: int, view: memoryview, offset: int, file: str, name: str) ->
             raise CorruptFile(f"tensor {name!r}: file ends at byte {offset + got}, expected data up to byte "
                               f"{offset + len(view)}", file)
         got += n
+
+
+_MAP_FLAGS: int | None = None
+
+
+def _map_flags() -> int:
+    global _MAP_FLAGS
+    if _MAP_FLAGS is None:
+        import mmap
+
+        _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return _MAP_FLAGS
+
+
+class FileView:
+    """Bytes [offset, offset + length) of a file as a read-only buffer, without copying them.
+
+    Maps the range (MAP_POPULATE: the page-cache pages are wired in one call) and unmaps it on
+    `close`, so the process's RSS only holds the ranges being worked on. Mapping cached pages
+    cost ~15 ms per GB here, against ~200 ms per GB for pread's copy. Falls back to pread into
+    a thread buffer when mapping fails. The size is checked first: a file cut short since it
+    was opened is a clean error, not a SIGBUS.
+    """
+
+    __slots__ = ("view", "_mm", "_mv")
+
+    def __init__(self, fd: int, file: str, offset: int, length: int, name: str, slot: int):
+        import mmap
+
+        self._mm = self._mv = None
+        if offset + length > os.fstat(fd).st_size:
+            raise CorruptFile(f"tensor {name!r}: file ends before byte {offset + length}", file)
+        if length == 0:
+            self.view = memoryview(b"")
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            self._mm = mmap.mmap(fd, offset + length - start, flags=_map_flags(), prot=mmap.PROT_READ, offset=start)
+        except (OSError, ValueError, OverflowError):
+            self._mm = None
+        if self._mm is not None:
+            self._mv = memoryview(self._mm)
+            self.view = self._mv[offset - start: offset - start + length]
+            return
+        self.view = memoryview(_tls_buffer(slot, length))[:length]
+        _pread_into(fd, self.view, offset, file, name)
+
+    def close(self) -> None:
+        """Unmap; every array made from `view` must be gone by now."""
+        for v in (self.view, self._mv):
+            if v is not None:
+                try:
+                    v.release()
+                except BufferError:  # still exported: the mapping goes when the last user does
+                    return
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
 
 
 def _tls_buffer(k: int, size: int) -> bytearray:
