@@ -174,6 +174,10 @@ def test_benign_files_exit_zero(tmp_path):
     lines = csv.stdout.strip().splitlines()
     assert lines[0] == "path,verdict,global,class" and all(ln.split(",")[1] == "unknown" for ln in lines[1:])
     md = cli("scan", tmp_path / "model.pt", "--format", "markdown")
+    # tables list only what is not safe, and count the rest
+    assert md.stdout.startswith("| path") and "torch._utils._rebuild_tensor_v2" not in md.stdout
+    assert "(+3 safe: --all-globals)" in md.stdout
+    md = cli("scan", tmp_path / "model.pt", "--format", "markdown", "--all-globals")
     assert md.stdout.startswith("| path") and "torch._utils._rebuild_tensor_v2" in md.stdout
 
 

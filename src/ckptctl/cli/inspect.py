@@ -118,7 +118,7 @@ def _summary(info, result, markdown: bool) -> None:
     for o in info.objects:
         lines.append(("object", f"{o.name or '/'}: {o.type}"))
     lines = [(clean(k), v) for k, v in lines]  # metadata keys come from the file too
-    width = max(len(k) for k, _ in lines)
+    width = min(max(len(k) for k, _ in lines), 24)  # a long metadata key overflows, it does not push every value right
     out = sys.stdout
     if markdown:
         for k, v in lines:

@@ -46,15 +46,19 @@ def _verdict_text(r) -> str:
     return r.verdict
 
 
-def _rows(results, repeat: bool) -> list[dict]:
+def _rows(results, repeat: bool, all_globals: bool = True) -> list[dict]:
     rows: list[dict] = []
     for r in results:
         note = r.error if r.error else (r.note or "")
         head = {"path": r.path, "verdict": _verdict_text(r), "note": note}
-        if not r.globals:
+        shown = r.globals if all_globals else [(n, c) for n, c in r.globals if c != "safe"]
+        hidden = len(r.globals) - len(shown)
+        if hidden:
+            shown = [*shown, (f"(+{hidden} safe: --all-globals)", "safe")]
+        if not shown:
             rows.append({**head, "global": "", "class": ""})
             continue
-        for i, (name, cls) in enumerate(r.globals):
+        for i, (name, cls) in enumerate(shown):
             if i == 0 or repeat:
                 rows.append({**head, "global": name, "class": cls})
             else:
@@ -70,6 +74,10 @@ def register(app: typer.Typer) -> None:
             list[Path], typer.Argument(help="Checkpoint files or folders (walked for checkpoint files).")
         ],
         fmt: FormatOpt = Fmt.table,
+        all_globals: Annotated[
+            bool, typer.Option("--all-globals", "-a", help="List safe globals too (tables list only unknown and "
+                               "dangerous ones; csv and json always list all).")
+        ] = False,
     ) -> None:
         from ckptctl.ops.scan import scan
 
@@ -82,7 +90,8 @@ def register(app: typer.Typer) -> None:
             output.print_json([r.to_json() for r in results])
         else:
             cols = COLUMNS + ([NOTE] if any(r.error or r.note for r in results) else [])
-            output.render_rows(_rows(results, repeat=fmt == Fmt.csv), cols, fmt.value)
+            full = all_globals or fmt == Fmt.csv
+            output.render_rows(_rows(results, repeat=fmt == Fmt.csv, all_globals=full), cols, fmt.value)
         counts: dict[str, int] = {}
         for r in results:
             counts[r.verdict] = counts.get(r.verdict, 0) + 1
