@@ -10,6 +10,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.cli.common import handle_errors
+from ckptctl.cli.complete import complete_key_paths, complete_metric_names, complete_name_prefixes
 from ckptctl.cli.output import Fmt, clean, human_bytes
 
 EXAMPLES = (
@@ -46,12 +47,12 @@ def register(app: typer.Typer) -> None:
         last: Annotated[int | None, typer.Option("--last", help="Run folder: the last N checkpoints.", min=1)] = None,
         steps: Annotated[str | None, typer.Option("--steps", help="Run folder: these steps, e.g. 800,900,1000.")] = None,
         best_n: Annotated[int | None, typer.Option("--best-n", help="Run folder: the N best by --metric.", min=1)] = None,
-        metric: Annotated[str | None, typer.Option("--metric", help="Metric for --best-n (e.g. eval_loss).")] = None,
+        metric: Annotated[str | None, typer.Option("--metric", autocompletion=complete_metric_names, help="Metric for --best-n (e.g. eval_loss).")] = None,
         maximize: Annotated[bool, typer.Option("--maximize", help="--best-n: higher is better.")] = False,
-        key: Annotated[str | None, typer.Option("--key", help="Average this sub-tree only (e.g. state_dict).")] = None,
+        key: Annotated[str | None, typer.Option("--key", autocompletion=complete_key_paths, help="Average this sub-tree only (e.g. state_dict).")] = None,
         all_: Annotated[bool, typer.Option("--all", help="Training checkpoints: every tensor, not just the "
                                            "model weights.")] = False,
-        strip: Annotated[list[str] | None, typer.Option("--strip-prefix", help="Remove this name prefix "
+        strip: Annotated[list[str] | None, typer.Option("--strip-prefix", autocompletion=complete_name_prefixes, help="Remove this name prefix "
                                                         "(e.g. module.); repeatable.")] = None,
         dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype of floating tensors "
                                                   "(e.g. bf16, fp16, fp32).")] = None,

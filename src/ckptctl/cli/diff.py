@@ -11,15 +11,14 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.cli.common import FormatOpt, WideOpt, handle_errors
+from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
 from ckptctl.cli.output import Column, Fmt, clean
 from ckptctl.errors import UsageError
 
 EXAMPLES = (
     "[bold]Examples[/]\n\n"
     "  ckptctl diff model.pt model.safetensors          [dim]# exit 0: equal, bit for bit[/]\n\n"
-    "  ckptctl diff step_100.safetensors step_200.safetensors --format json\n\n"
     "  ckptctl diff last.ckpt pytorch_model.bin --key state_dict --strip-prefix model.\n\n"
-    "  ckptctl diff run_a/ run_b/                        [dim]# align two runs by step[/]\n\n"
     "  ckptctl diff run/ --along                         [dim]# update size per step, first NaN/Inf[/]\n\n"
     "Exit status: 0 equal, 1 different (--along: 1 when a checkpoint holds NaN/Inf), 2 error."
 )
@@ -101,13 +100,13 @@ def register(app: typer.Typer) -> None:
         rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance (of |b|) for floats.", min=0)] = None,
         no_values: Annotated[bool, typer.Option("--no-values", help="Compare names, dtypes and shapes only "
                                                 "(metadata only: instant on any size).")] = False,
-        key: Annotated[str | None, typer.Option("--key", help="Compare this sub-tree (e.g. state_dict of a "
+        key: Annotated[str | None, typer.Option("--key", autocompletion=complete_key_paths, help="Compare this sub-tree (e.g. state_dict of a "
                                                 "Lightning .ckpt), on each side that has it.")] = None,
-        strip: Annotated[list[str] | None, typer.Option("--strip-prefix", help="Remove this name prefix "
+        strip: Annotated[list[str] | None, typer.Option("--strip-prefix", autocompletion=complete_name_prefixes, help="Remove this name prefix "
                                                         "(e.g. module.) where present; repeatable.")] = None,
         rename: Annotated[list[str] | None, typer.Option("--rename", help="OLD=NEW regex applied to names on "
                                                          "both sides (e.g. '/=.'); repeatable.")] = None,
-        filters: Annotated[list[str] | None, typer.Option("--filter", "-k", help="Only tensors whose (aligned) "
+        filters: Annotated[list[str] | None, typer.Option("--filter", "-k", autocompletion=complete_tensor_names, help="Only tensors whose (aligned) "
                                                           "name matches this glob; repeatable.")] = None,
         along: Annotated[bool, typer.Option("--along", help="A is a run folder: walk its checkpoints in step "
                                             "order (update size, weight norm, first NaN/Inf).")] = False,
