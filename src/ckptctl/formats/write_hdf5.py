@@ -117,33 +117,12 @@ class HDF5Writer(StreamingWriter):
             self._file.abort()
             raise
 
-    def add(self, info: TensorInfo, chunks) -> None:
-        t = self._claim(info)
-        if t is None:
-            return
+    def _write_chunks(self, t: TensorInfo, chunks) -> None:
         if t.nbytes == 0:
             write_chunks(self._file.fd, 0, chunks, 0, t.name)
             return
         write_chunks(self._file.fd, self.offsets[t.name], chunks, t.nbytes, t.name, self.on_progress)
 
-    def add_range(self, info: TensorInfo, src, offset: int, length: int) -> None:
-        t = self._claim(info)
-        if t is None:
-            return
-        if length != t.nbytes:
-            raise Incompatible(f"tensor {t.name!r}: source range is {length} bytes, expected {t.nbytes}")
+    def _write_range(self, t: TensorInfo, src, offset: int, length: int) -> None:
         if length:
             copy_range(src, offset, self._file.fd, self.offsets[t.name], length, self.on_progress)
-
-    def finish(self) -> None:
-        try:
-            self._check_complete()
-            self._file.commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-
-    def abort(self) -> None:
-        self._closed = True
-        self._file.abort()

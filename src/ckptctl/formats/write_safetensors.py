@@ -87,36 +87,16 @@ class SafetensorsWriter(StreamingWriter):
             self._file.abort()
             raise
 
-    def add(self, info: TensorInfo, chunks) -> None:
-        t = self._claim(info)
-        if t is None:
-            return
+    def _write_chunks(self, t: TensorInfo, chunks) -> None:
         write_chunks(self._file.fd, self.base + self.offsets[t.name], chunks, t.nbytes, t.name,
                      self.on_progress)
 
-    def add_range(self, info: TensorInfo, src, offset: int, length: int) -> None:
-        t = self._claim(info)
-        if t is None:
-            return
-        if length != t.nbytes:
-            raise Incompatible(f"tensor {t.name!r}: source range is {length} bytes, expected {t.nbytes}")
+    def _write_range(self, t: TensorInfo, src, offset: int, length: int) -> None:
         copy_range(src, offset, self._file.fd, self.base + self.offsets[t.name], length, self.on_progress)
 
-    def finish(self) -> None:
-        try:
-            self._check_complete()
-            fd = self._file.fd
-            if not self.dedupe_tied:
-                for alias, root in self.root.items():
-                    n = self.by_name[alias].nbytes
-                    copy_range(fd, self.base + self.offsets[root], fd, self.base + self.offsets[alias], n)
-            os.ftruncate(fd, self.base + self.data_size)
-            self._file.commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-
-    def abort(self) -> None:
-        self._closed = True
-        self._file.abort()
+    def _finalize(self, fd: int) -> None:
+        if not self.dedupe_tied:
+            for alias, root in self.root.items():
+                n = self.by_name[alias].nbytes
+                copy_range(fd, self.base + self.offsets[root], fd, self.base + self.offsets[alias], n)
+        os.ftruncate(fd, self.base + self.data_size)

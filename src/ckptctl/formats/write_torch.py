@@ -260,19 +260,11 @@ class TorchZipWriter(StreamingWriter):
             self._file.abort()
             raise
 
-    def add(self, info: TensorInfo, chunks) -> None:
-        t = self._claim(info)
-        if t is None:
-            return
+    def _write_chunks(self, t: TensorInfo, chunks) -> None:
         m = self.data_member[t.name]
         m.crc = write_chunks(self._file.fd, m.data_offset, chunks, t.nbytes, t.name, self.on_progress, crc=True)
 
-    def add_range(self, info: TensorInfo, src, offset: int, length: int) -> None:
-        t = self._claim(info)
-        if t is None:
-            return
-        if length != t.nbytes:
-            raise Incompatible(f"tensor {t.name!r}: source range is {length} bytes, expected {t.nbytes}")
+    def _write_range(self, t: TensorInfo, src, offset: int, length: int) -> None:
         m = self.data_member[t.name]
         # the CRC is computed from the source range on a second thread while the kernel copies
         # (zlib and preadv release the GIL): zero-copy speed with a CRC torch and unzip can check
@@ -286,39 +278,27 @@ class TorchZipWriter(StreamingWriter):
         finally:
             m.crc = crc.result()
 
-    def finish(self) -> None:
-        try:
-            self._check_complete()
-            fd = self._file.fd
-            for m in self.data_member.values():
-                pwrite_all(fd, m.local_header(m.crc), m.offset)
-            cd = b"".join(m.central() for m in self.members)
-            cd_off = self.end
-            n = len(self.members)
-            tail = b""
-            if self.force_zip64 or cd_off >= _U32 or n >= 0xFFFF or len(cd) >= _U32:
-                z64 = cd_off + len(cd)
-                tail += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_off)
-                tail += struct.pack("<IIQI", 0x07064B50, 0, z64, 1)
-                tail += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-                                    min(len(cd), _U32), _U32, 0)
-            else:
-                tail += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, len(cd), cd_off, 0)
-            pwrite_all(fd, cd + tail, cd_off)
-            os.ftruncate(fd, cd_off + len(cd) + len(tail))
-            self._stop_pool()
-            self._file.commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
+    def _finalize(self, fd: int) -> None:
+        for m in self.data_member.values():
+            pwrite_all(fd, m.local_header(m.crc), m.offset)
+        cd = b"".join(m.central() for m in self.members)
+        cd_off = self.end
+        n = len(self.members)
+        tail = b""
+        if self.force_zip64 or cd_off >= _U32 or n >= 0xFFFF or len(cd) >= _U32:
+            z64 = cd_off + len(cd)
+            tail += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_off)
+            tail += struct.pack("<IIQI", 0x07064B50, 0, z64, 1)
+            tail += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
+                                min(len(cd), _U32), _U32, 0)
+        else:
+            tail += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, len(cd), cd_off, 0)
+        pwrite_all(fd, cd + tail, cd_off)
+        os.ftruncate(fd, cd_off + len(cd) + len(tail))
+        self._release()
 
-    def abort(self) -> None:
-        self._closed = True
-        self._stop_pool()
-        self._file.abort()
-
-    def _stop_pool(self) -> None:
+    def _release(self) -> None:
+        """Stop the CRC thread (waits for a running CRC)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -263,6 +263,50 @@ class StreamingWriter(Writer):
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise Incompatible(f"tensor {missing[0]!r}{more} never written")
 
+    # -- the template: subclasses set `self._file` (an AtomicFile) and fill in the hooks ------
+    def add(self, info: TensorInfo, chunks) -> None:
+        t = self._claim(info)
+        if t is None:
+            return
+        self._write_chunks(t, chunks)
+
+    def add_range(self, info: TensorInfo, src, offset: int, length: int) -> None:
+        t = self._claim(info)
+        if t is None:
+            return
+        if length != t.nbytes:
+            raise Incompatible(f"tensor {t.name!r}: source range is {length} bytes, expected {t.nbytes}")
+        self._write_range(t, src, offset, length)
+
+    def finish(self) -> None:
+        try:
+            self._check_complete()
+            self._finalize(self._file.fd)
+            self._file.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        self._closed = True
+        self._release()
+        self._file.abort()
+
+    def _write_chunks(self, t: TensorInfo, chunks) -> None:
+        """Write a claimed primary tensor's bytes from `chunks`."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _write_range(self, t: TensorInfo, src, offset: int, length: int) -> None:
+        """Copy a claimed primary tensor's bytes (`length == t.nbytes`) from a file range."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _finalize(self, fd: int) -> None:
+        """Complete the temporary file once every tensor is written (before the commit)."""
+
+    def _release(self) -> None:
+        """Release per-format resources on abort (before the temporary file is removed)."""
+
     def __enter__(self):
         return self
 
