@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ckptctl.errors import CorruptFile, Incompatible
@@ -167,21 +167,36 @@ def copy_range(
             os.close(sfd)
 
 
-def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int,
-                progress: Progress, crc: bool) -> int:
+def _pread_pieces(fd: int, offset: int, length: int, short: Callable[[int], str]) -> Iterator[memoryview]:
+    """`length` bytes of `fd` at `offset`, read into one reused buffer of at most BUF bytes.
+
+    Yields each piece as read (valid until the next one); a file that ends early raises
+    CorruptFile(short(position where it ended)).
+    """
     buf = bytearray(min(BUF, max(length, 1)))
     view = memoryview(buf)
     done = 0
-    value = 0
     while done < length:
         want = min(len(buf), length - done)
-        n = os.preadv(sfd, [view[:want]], src_offset + done)
+        n = os.preadv(fd, [view[:want]], offset + done)
         if n == 0:
-            raise CorruptFile(f"file ends at byte {src_offset + done}, expected data up to byte "
-                              f"{src_offset + length}")
-        pwrite_all(fd, view[:n], dst_offset + done)
+            raise CorruptFile(short(offset + done))
+        yield view[:n]
+        done += n
+
+
+def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int,
+                progress: Progress, crc: bool) -> int:
+    def short(at: int) -> str:
+        return f"file ends at byte {at}, expected data up to byte {src_offset + length}"
+
+    done = 0
+    value = 0
+    for piece in _pread_pieces(sfd, src_offset, length, short):
+        n = len(piece)
+        pwrite_all(fd, piece, dst_offset + done)
         if crc:
-            value = zlib.crc32(view[:n], value)
+            value = zlib.crc32(piece, value)
         done += n
         if progress:
             progress(n)
@@ -190,17 +205,9 @@ def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int
 
 def crc_of_range(fd: int, offset: int, length: int) -> int:
     """CRC-32 of bytes already in a file (read back in bounded pieces)."""
-    buf = bytearray(min(BUF, max(length, 1)))
-    view = memoryview(buf)
-    done = 0
     value = 0
-    while done < length:
-        want = min(len(buf), length - done)
-        n = os.preadv(fd, [view[:want]], offset + done)
-        if n == 0:
-            raise CorruptFile("temporary file is shorter than written")
-        value = zlib.crc32(view[:n], value)
-        done += n
+    for piece in _pread_pieces(fd, offset, length, lambda _at: "temporary file is shorter than written"):
+        value = zlib.crc32(piece, value)
     return value
 
 
