@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from ckptctl import dtypes
 from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
 from ckptctl.model import TensorInfo
-from ckptctl.ops.diff import BLOCK, Cursor, FileView, as_array, itemsize, numeric_kind, open_checkpoint
+from ckptctl.ops.diff import (
+    BLOCK, Cursor, FileView, as_array, cancel_and_close, itemsize, numeric_kind, open_checkpoint,
+)
 
 if TYPE_CHECKING:
     from ckptctl.formats.base import Reader
@@ -525,15 +527,8 @@ def _mean_chunks_parallel(plan: AveragePlan, t: AvgTensor, rngs: list[tuple[str,
                 progress((hi - lo) * sum(isz))
             yield memoryview(obuf)[: (hi - lo) * osz]
             free.append(obuf)
-    finally:
-        for _lo, _hi, _b, fut in pending:  # an error: let running work finish before closing files
-            fut.cancel()
-            try:
-                fut.result()
-            except BaseException:  # noqa: BLE001
-                pass
-        for fd in fds.values():
-            os.close(fd)
+    finally:  # an error: let running work finish before closing files
+        cancel_and_close([fut for _lo, _hi, _b, fut in pending], fds.values())
 
 
 def _mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryview]:

@@ -665,14 +665,7 @@ class Comparer:
                 for f in [self._submit(self_stats, lo, hi) for lo, hi in same_ranges]:
                     _merge(acc, f.result())
         finally:
-            for _lo, _hi, fut in pending:
-                fut.cancel()
-                try:
-                    fut.result()
-                except BaseException:  # noqa: BLE001
-                    pass
-            for fd in fds.values():
-                os.close(fd)
+            cancel_and_close([fut for _lo, _hi, fut in pending], fds.values())
         return acc
 
     def _prefix_stats(self, acc: _Acc, ra: Reader, ta: TensorInfo, n: int) -> None:
@@ -917,6 +910,19 @@ class FileView:
                 self._mm.close()
             except BufferError:
                 pass
+
+
+def cancel_and_close(futures, fds) -> None:
+    """Cleanup after item workers: cancel pending `futures`, wait for those already running
+    (their errors are dropped: the caller is already leaving), then close `fds`."""
+    for fut in futures:
+        fut.cancel()
+        try:
+            fut.result()
+        except BaseException:  # noqa: BLE001
+            pass
+    for fd in fds:
+        os.close(fd)
 
 
 def _tls_buffer(k: int, size: int) -> bytearray:
