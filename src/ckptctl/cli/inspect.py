@@ -66,10 +66,10 @@ def register(app: typer.Typer) -> None:
         output.STATE.wide = output.STATE.wide or wide
         result = inspect(path, filters, sort.value)
         info = result.info
-        for g in result.dangerous:
+        if result.dangerous:  # one loud line naming every dangerous call
             output.error(
-                f"{info.path}: UNSAFE pickle: it asks for {g}, which can run code when loaded with "
-                "pickle or torch.load. Nothing was run; do not torch.load this file "
+                f"{info.path}: UNSAFE pickle: it asks for {', '.join(result.dangerous)}, which can run code "
+                "when loaded with pickle or torch.load. Nothing was run; do not torch.load this file "
                 "(`ckptctl scan` for details, `ckptctl convert` to safetensors to get the weights)."
             )
         for w in info.warnings:

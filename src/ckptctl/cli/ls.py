@@ -180,6 +180,8 @@ def _render(rows: list[dict], fmt: str, multi: bool) -> None:
             notes.append(f"({d['role']})")
         if d["best_of_run"]:
             notes.append("best")
+        if d["unsafe_globals"]:
+            notes.append("UNSAFE pickle: " + ", ".join(d["unsafe_globals"]))
         d["notes"] = " ".join(notes)
         d["metrics_text"] = fmt_metrics(d["metrics"], None if wide or fmt == "csv" else 4)
         d["optim"] = {True: "yes", False: "no", None: "-"}[d["has_optimizer"]]

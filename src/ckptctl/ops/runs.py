@@ -156,6 +156,15 @@ class RunCheckpoint:
             mix[t.dtype] = mix.get(t.dtype, 0) + 1
         return dict(sorted(mix.items(), key=lambda kv: -kv[1]))
 
+    @property
+    def unsafe_globals(self) -> list[str]:
+        """Globals of its pickle that could run code if it were loaded with pickle/torch.load."""
+        if self.info is None or not self.info.globals:
+            return []
+        from ckptctl.ops.inspect import dangerous_globals
+
+        return dangerous_globals(self.info)
+
     def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
         def rel(p: Path) -> str:
             if relative_to is not None:
@@ -189,6 +198,7 @@ class RunCheckpoint:
             "best_of_run": self.best_of_run,
             "mtime": self.mtime,
             "incomplete": self.incomplete,
+            "unsafe_globals": self.unsafe_globals,
             "error": self.error,
         }
 
