@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import json
 
-from ckptctl import dtypes
 from ckptctl.errors import Incompatible
-from ckptctl.formats.writeutil import AtomicFile, StreamingWriter, copy_range, write_chunks
+from ckptctl.formats.writeutil import AtomicFile, StreamingWriter, copy_range, writable_dtype, write_chunks
 from ckptctl.model import TensorInfo
 
 ALIASES_ATTR = "ckptctl.aliases"
@@ -36,14 +35,7 @@ def storage_dtype(t: TensorInfo):
     """(numpy dtype stored in the file, value of the `dtype` attribute or None)."""
     import numpy as np
 
-    d = dtypes.BY_NAME.get(t.dtype)
-    if d is None:
-        raise Incompatible(f"tensor {t.name!r} has unknown dtype {t.dtype}")
-    if d.kind == "quant":
-        raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}: its quantization scale and zero point "
-                           "are not kept, so ckptctl does not write quantized tensors")
-    if d.bits % 8:
-        raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}, which HDF5 cannot hold")
+    d = writable_dtype(t, "HDF5")
     if t.dtype in NATIVE:
         return np.dtype(d.np).newbyteorder("<"), None
     return np.dtype(f"<u{d.itemsize}"), t.dtype

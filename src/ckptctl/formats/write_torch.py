@@ -25,7 +25,7 @@ import struct
 from ckptctl import dtypes
 from ckptctl.errors import Incompatible
 from ckptctl.formats.writeutil import (
-    AtomicFile, StreamingWriter, copy_range, crc_of_range, pwrite_all, write_chunks,
+    AtomicFile, StreamingWriter, copy_range, crc_of_range, pwrite_all, writable_dtype, write_chunks,
 )
 from ckptctl.model import TensorInfo
 
@@ -36,14 +36,7 @@ _DOS_TIME = 0
 
 
 def torch_dtype_ok(t: TensorInfo) -> None:
-    d = dtypes.BY_NAME.get(t.dtype)
-    if d is None:
-        raise Incompatible(f"tensor {t.name!r} has unknown dtype {t.dtype}")
-    if d.kind == "quant":
-        raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}: its quantization scale and zero point "
-                           "are not kept, so ckptctl does not write quantized tensors")
-    if d.bits % 8:
-        raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}, which PyTorch cannot hold")
+    writable_dtype(t, "PyTorch")
 
 
 # ---- a protocol-2 pickle, written opcode by opcode ----------------------------------------------

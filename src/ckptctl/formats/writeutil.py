@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, Incompatible
 from ckptctl.formats.base import Writer
 from ckptctl.model import TensorInfo
@@ -24,6 +25,19 @@ BUF = 16 * 1024 * 1024  # Python-side buffers (<= 32 MiB: glibc reuses them inst
 TMP_TAG = ".ckptctl-tmp-"
 
 Progress = Callable[[int], None] | None
+
+
+def writable_dtype(t: TensorInfo, target: str) -> dtypes.DType:
+    """The tensor's dtype, or Incompatible when a byte-oriented `target` format cannot hold it."""
+    d = dtypes.BY_NAME.get(t.dtype)
+    if d is None:
+        raise Incompatible(f"tensor {t.name!r} has unknown dtype {t.dtype}")
+    if d.kind == "quant":
+        raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}: its quantization scale and zero point "
+                           "are not kept, so ckptctl does not write quantized tensors")
+    if d.bits % 8:
+        raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}, which {target} cannot hold")
+    return d
 
 
 def _umask() -> int:
