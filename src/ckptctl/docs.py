@@ -346,28 +346,37 @@ def _roff_paragraphs(markup: str, first_pp: bool = False) -> list[str]:
     return out
 
 
-def _roff_param(p: ParamDoc) -> list[str]:
+def _param_head(p: ParamDoc, opt, var) -> str:
+    """The parameter's name as the docs show it: `opt` formats an option name, `var` a metavar."""
     if p.kind == "argument":
-        head = f"\\fI{roff_text(p.metavar or p.name.upper())}\\fR" + ("..." if p.nargs == -1 else "")
-    else:
-        names = ", ".join(f"\\fB{roff_text(o, dashes=True)}\\fR" for o in sorted(p.opts, key=len))
-        if p.secondary_opts:
-            names += " / " + ", ".join(f"\\fB{roff_text(o, dashes=True)}\\fR" for o in p.secondary_opts)
-        head = names + (f" \\fI{roff_text(p.metavar)}\\fR" if p.metavar else "")
-    lines = [".TP", head]
-    body = roff_markup(" ".join(p.help.split())) if p.help else ""
+        return var(p.metavar or p.name.upper()) + ("..." if p.nargs == -1 else "")
+    names = ", ".join(opt(o) for o in sorted(p.opts, key=len))
+    if p.secondary_opts:
+        names += " / " + ", ".join(opt(o) for o in p.secondary_opts)
+    return names + (" " + var(p.metavar) if p.metavar else "")
+
+
+def _param_notes(p: ParamDoc, value) -> list[str]:
+    """Optional / Repeatable / choices / default / Required notes; `value` formats a literal."""
     extra = []
     if p.kind == "argument" and not p.required:
         extra.append("Optional.")
     if p.multiple and p.kind == "option" and "repeat" not in plain(p.help).lower():
         extra.append("Repeatable.")
     if p.choices and (not p.metavar or "|" not in p.metavar):
-        extra.append("One of: " + ", ".join(roff_text(c) for c in p.choices) + ".")
+        extra.append("One of: " + ", ".join(value(c) for c in p.choices) + ".")
     if p.default is not None:
-        extra.append(f"Default: {roff_text(p.default)}.")
+        extra.append(f"Default: {value(p.default)}.")
     if p.kind == "option" and p.required:
         extra.append("Required.")
-    text = " ".join(x for x in [body, *extra] if x)
+    return extra
+
+
+def _roff_param(p: ParamDoc) -> list[str]:
+    head = _param_head(p, lambda o: f"\\fB{roff_text(o, dashes=True)}\\fR", lambda v: f"\\fI{roff_text(v)}\\fR")
+    lines = [".TP", head]
+    body = roff_markup(" ".join(p.help.split())) if p.help else ""
+    text = " ".join(x for x in [body, *_param_notes(p, roff_text)] if x)
     lines += _roff_lines(text) or ["\\&"]
     return lines
 
@@ -513,24 +522,10 @@ def _md_params(params: list[ParamDoc], kind: str) -> list[str]:
     rows = [f"**{kind}**", "", "| | |", "|---|---|"]
     for p in params:
         if p.kind == "argument":
-            name = f"`{p.metavar or p.name.upper()}`" + ("..." if p.nargs == -1 else "")
+            name = _param_head(p, lambda o: f"`{o}`", lambda v: f"`{v}`")
         else:
-            name = ", ".join(f"`{o}`" for o in sorted(p.opts, key=len))
-            if p.secondary_opts:
-                name += " / " + ", ".join(f"`{o}`" for o in p.secondary_opts)
-            if p.metavar:
-                name += f" `{p.metavar}`".replace("|", "\\|")
-        extra = []
-        if p.kind == "argument" and not p.required:
-            extra.append("Optional.")
-        if p.multiple and p.kind == "option" and "repeat" not in plain(p.help).lower():
-            extra.append("Repeatable.")
-        if p.choices and (not p.metavar or "|" not in p.metavar):
-            extra.append("One of: " + ", ".join(f"`{c}`" for c in p.choices) + ".")
-        if p.default is not None:
-            extra.append(f"Default: `{p.default}`.")
-        if p.kind == "option" and p.required:
-            extra.append("Required.")
+            name = _param_head(p, lambda o: f"`{o}`", lambda v: f"`{v}`".replace("|", "\\|"))
+        extra = _param_notes(p, lambda v: f"`{v}`")
         text = " ".join(x for x in [_md_cell(p.help), *extra] if x).replace("|", "\\|") if extra else _md_cell(p.help)
         rows.append(f"| {name} | {text} |")
     return rows + [""]
