@@ -448,7 +448,11 @@ def test_sharded_group_into_trash(tmp_path):
     assert row["action"] == "keep" and "step unknown" in row["reasons"][0] and len(row["files"]) == 3
     index["metadata"]["step"] = 5  # now it has a step, and goes like any other checkpoint
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
-    set_mtime(root / "model.safetensors.index.json", time.time() - 7200)
+    # older than the step files, or the "newest (modified last)" protection would keep it: the
+    # shards were written after step 20, which only shows on a clock finer than the file system's
+    for n in ("model.safetensors.index.json", "model-00001-of-00002.safetensors",
+              "model-00002-of-00002.safetensors"):
+        set_mtime(root / n, time.time() - 7200)
     trash = tmp_path / "trash"
     r = cli("prune", root, "--keep-last", "1", "--trash", trash, "--yes", "-f", "json")
     assert r.exit_code == 0, r.output
