@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,123 @@ def test_verify_catches_a_wrong_output(fake_src, tmp_path, monkeypatch):
         cv.verify_output(plan, staged.out)
     staged.discard()
     assert not dst.exists() and tmp_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("shards", [None, "1KB"])
+def test_output_is_fsynced_before_it_gets_dsts_name(tmp_path, monkeypatch, shards):
+    """The staged files are fsynced by a background thread while verify runs; the rename to
+    DST waits for it (a power cut never leaves a DST whose bytes were not on disk)."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src.safetensors"
+    save_file({f"w{i}": torch.randn(100) for i in range(4)}, str(src))
+    dst = tmp_path / ("out" if shards else "out.safetensors")
+    events: list[tuple[str, int]] = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        time.sleep(0.05)  # a slow disk: without the wait, the rename would come first
+        real_fsync(fd)
+        events.append(("fsync", os.fstat(fd).st_ino))
+
+    def moved(real):
+        def f(a, b, *k):
+            real(a, b, *k)
+            if Path(b) == dst:
+                events.append(("dst", 0))
+        return f
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", moved(real_replace))
+    monkeypatch.setattr(os, "rename", moved(real_rename))
+    r = cli("convert", src, dst, *(["--max-shard-size", shards] if shards else []))
+    assert r.exit_code == 0, r.output
+    files = sorted(dst.iterdir()) if shards else [dst]
+    assert len(files) == (3 if shards else 1)  # 2 shards + index
+    at = events.index(("dst", 0))
+    synced = {ino for kind, ino in events[:at] if kind == "fsync"}
+    assert {p.stat().st_ino for p in files} <= synced
+    if shards:
+        assert dst.stat().st_ino in synced  # the staged folder itself, before it is renamed
+
+
+def test_fsync_failure_is_one_line_and_leaves_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.randn(100)}, str(src))
+    before = sha(src)
+    dst = tmp_path / "out.pt"
+    dst.write_bytes(b"previous")
+    code = ("import os, errno, sys, runpy\n"
+            "def fsync(fd): raise OSError(errno.EIO, os.strerror(errno.EIO))\n"
+            "os.fsync = fsync\n"
+            "sys.argv = ['ckptctl', 'convert', sys.argv[1], sys.argv[2], '--force']\n"
+            "runpy.run_module('ckptctl', run_name='__main__')\n")
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (f"error: {dst}: cannot write the output: Input/output error; "
+                                                 "nothing was written")
+    assert "Traceback" not in p.stderr
+    assert dst.read_bytes() == b"previous" and sha(src) == before and tmp_leftovers(tmp_path) == []
+
+
+def test_write_behind_hands_every_large_piece_to_the_disk(tmp_path, monkeypatch):
+    """Large pieces go to sync_file_range as they are written; a refusal turns it off, and the
+    output is the same either way."""
+    from safetensors.torch import load_file, save_file
+
+    from ckptctl.formats import writeutil
+
+    src = tmp_path / "src.safetensors"
+    ts = {"big": torch.randn(3 << 20), "small": torch.randn(10)}
+    save_file(ts, str(src))
+    calls: list[tuple[int, int]] = []
+
+    def fake(fd, offset, length, flags):
+        assert flags == 2 and os.fstat(fd).st_size >= offset + length
+        calls.append((offset, length))
+        return 0
+
+    for copy in (True, False):  # copy_file_range and the pread/pwrite path
+        monkeypatch.setattr(writeutil, "_COPY_FILE_RANGE", copy)
+        monkeypatch.setattr(writeutil, "_sync_file_range", fake)
+        calls.clear()
+        dst = tmp_path / f"out{copy}.safetensors"
+        assert cli("convert", src, dst).exit_code == 0
+        assert sum(n for _, n in calls) == 12 << 20  # every byte of "big", none of "small"
+        assert all(torch.equal(load_file(str(dst))[k], v) for k, v in ts.items())
+
+    def refuse(fd, offset, length, flags):
+        calls.append((offset, length))
+        return -1
+
+    monkeypatch.setattr(writeutil, "_sync_file_range", refuse)
+    calls.clear()
+    dst = tmp_path / "refused.pt"
+    assert cli("convert", src, dst, "--dtype", "bf16").exit_code == 0
+    assert len(calls) == 1 and writeutil._sync_file_range is False
+    sd = torch.load(dst, weights_only=True)
+    assert all(raw(sd[k]) == raw(v.to(torch.bfloat16)) for k, v in ts.items())
+
+
+def test_write_behind_is_real_on_linux():
+    from ckptctl.formats import writeutil
+
+    f = writeutil._load_sync_file_range()
+    if not os.sys.platform.startswith("linux"):
+        assert f is False
+        return
+    import tempfile
+
+    with tempfile.TemporaryFile() as fh:
+        fh.write(b"x" * (2 << 20))
+        fh.flush()
+        assert f(fh.fileno(), 0, 2 << 20, 2) == 0
 
 
 # ---- generated source files of every format -----------------------------------------------------

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from ckptctl.formats.base import Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
 from ckptctl.ops.inspect import dangerous_globals
 from ckptctl.ops.select import Selection, select
-from ckptctl.formats.writeutil import TMP_TAG
+from ckptctl.formats.writeutil import TMP_TAG, fsync_dir
 
 # Bytes per read. 16 MiB, not 64: glibc serves blocks up to 32 MiB from its heap once one was
 # freed, so the buffers are reused instead of being mapped and page-faulted afresh each time
@@ -407,6 +408,7 @@ def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, Te
     W = writer_class(plan.fmt)
     w = W(path, f.tensors, f.metadata, dedupe_tied=plan.dedupe_tied)
     w.on_progress = progress
+    w.durable = False  # Staged.sync fsyncs the staged files while verify reads them
     try:
         for t in f.tensors:
             if t.alias_of is not None:
@@ -436,11 +438,41 @@ def run_convert(plan: ConvertPlan, progress: Callable[[int], None] | None = None
 
 @dataclass
 class Staged:
-    """The written output in a hidden folder beside DST, not yet at DST."""
+    """The written output in a hidden folder beside DST, not yet at DST.
+
+    Its files are fsynced by a background thread started with `start_sync` (the disk flushes
+    while verify re-reads the same bytes from the page cache); `wait_synced` joins it, and
+    commit_output does so before anything is renamed to DST."""
 
     tmp: Path  # the hidden folder
     out: Path  # what DST will be: tmp/<DST name> for one file, tmp itself for shards
     committed: bool = False
+    _sync: threading.Thread | None = None
+    _sync_error: OSError | None = None
+
+    def start_sync(self) -> None:
+        def run() -> None:
+            try:
+                for p in sorted(self.tmp.iterdir()):
+                    fd = os.open(p, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                fsync_dir(self.tmp)
+            except OSError as e:
+                self._sync_error = e
+
+        self._sync = threading.Thread(target=run, name="ckptctl-fsync", daemon=True)
+        self._sync.start()
+
+    def wait_synced(self, dst: Path) -> None:
+        if self._sync is not None:
+            self._sync.join()
+            self._sync = None
+        if self._sync_error is not None:
+            e = self._sync_error
+            raise CkptError(f"cannot write the output: {e.strerror or e}; nothing was written", dst)
 
     def discard(self) -> None:
         if not self.committed:
@@ -456,6 +488,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
     try:
         if not plan.sharded:
             _write_file(plan, plan.files[0], staged.out, srcs, progress)
+            staged.start_sync()
             return staged
         for f in plan.files:
             _write_file(plan, f, tmp / f.path.name, srcs, progress)
@@ -465,8 +498,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
             data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
             with open(tmp / plan.index_name, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        staged.start_sync()
         return staged
     except OSError as e:
         staged.discard()
@@ -478,8 +510,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
 
 def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] | None = None) -> ConvertResult:
     """Move the staged output to DST (replacing what --force allowed to replace)."""
-    from ckptctl.formats.writeutil import fsync_dir
-
+    staged.wait_synced(plan.dst)  # on disk before it has DST's name
     dst = plan.dst
     if plan.sharded:
         os.chmod(staged.tmp, 0o777 & ~_umask())
@@ -518,8 +549,6 @@ def _swap_in(tmp: Path, dst: Path) -> None:
         if old is not None:
             os.rename(old, dst)
         raise
-    from ckptctl.formats.writeutil import fsync_dir
-
     fsync_dir(dst.parent)
     if old is not None:
         if old.is_dir() and not old.is_symlink():
