@@ -252,18 +252,9 @@ def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int
     def short(at: int) -> str:
         return f"file ends at byte {at}, expected data up to byte {src_offset + length}"
 
-    done = 0
-    value = 0
-    for piece in _pread_pieces(sfd, src_offset, length, short):
-        n = len(piece)
-        pwrite_all(fd, piece, dst_offset + done)
-        write_behind(fd, dst_offset + done, n)
-        if crc:
-            value = zlib.crc32(piece, value)
-        done += n
-        if progress:
-            progress(n)
-    return value
+    # _pread_pieces yields exactly `length` bytes or raises, so write_chunks' length checks hold
+    return write_chunks(fd, dst_offset, _pread_pieces(sfd, src_offset, length, short), length,
+                        f"bytes {src_offset}..{src_offset + length}", progress, crc)
 
 
 def crc_of_range(fd: int, offset: int, length: int) -> int:
