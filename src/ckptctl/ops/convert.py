@@ -408,7 +408,7 @@ def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, Te
     W = writer_class(plan.fmt)
     w = W(path, f.tensors, f.metadata, dedupe_tied=plan.dedupe_tied)
     w.on_progress = progress
-    w.durable = False  # Staged.sync fsyncs the staged files while verify reads them
+    w.durable = False  # Staged.start_sync fsyncs the staged files while verify reads them
     try:
         for t in f.tensors:
             if t.alias_of is not None:
@@ -488,16 +488,16 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
     try:
         if not plan.sharded:
             _write_file(plan, plan.files[0], staged.out, srcs, progress)
-            staged.start_sync()
-            return staged
-        for f in plan.files:
-            _write_file(plan, f, tmp / f.path.name, srcs, progress)
-        if plan.index_name:
-            weight_map = {t.name: f.path.name for f in plan.files for t in f.tensors}
-            index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
-            with open(tmp / plan.index_name, "wb") as fh:
-                fh.write(data)
+        else:
+            for f in plan.files:
+                _write_file(plan, f, tmp / f.path.name, srcs, progress)
+            if plan.index_name:
+                weight_map = {t.name: f.path.name for f in plan.files for t in f.tensors}
+                index = {"metadata": {"total_size": plan.total_bytes},
+                         "weight_map": dict(sorted(weight_map.items()))}
+                data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+                with open(tmp / plan.index_name, "wb") as fh:
+                    fh.write(data)
         staged.start_sync()
         return staged
     except OSError as e:
