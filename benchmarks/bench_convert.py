@@ -6,8 +6,9 @@ default: the largest tensor is 1/8 of the file) and its safetensors twin under /
 runs each candidate as a fresh process and prints a markdown table of wall time, peak RSS
 (/usr/bin/time) and throughput relative to `cp` measured in the same run (cp time / time:
 1.0 = as fast as cp). Candidates take turns (one run each, --repeat rounds) and the best is
-kept, so a slow spell of a shared disk does not land on one candidate. Outputs are deleted after each run and `sync` runs before each one, so a
-run does not pay for an earlier run's writeback; the data is deleted at the end.
+kept, so a slow spell of a shared disk does not land on one candidate. Outputs are deleted
+after each run and `sync` runs before each one, so a run does not pay for an earlier run's
+writeback; the data is deleted at the end.
 
     python benchmarks/bench_convert.py                  # 4 GB
     python benchmarks/bench_convert.py --size-gb 0.5    # quick
@@ -87,35 +88,26 @@ def remove(path: str) -> None:
         os.unlink(path)
 
 
-def timed(cmd: list[str], out: str, repeat: int) -> dict:
-    best = None
-    for _ in range(repeat):
-        remove(out)
-        subprocess.run(["sync"], check=False)  # no writeback of an earlier run in this one's time
-        wall, rss, code, last = measure(cmd)
-        remove(out)
-        if code != 0:
-            return {"ok": False, "error": last[:120]}
-        if best is None or wall < best["wall"]:
-            best = {"ok": True, "wall": wall, "rss": max(rss, best["rss"] if best else 0)}
-    return best
-
-
 def round_robin(runs: list[tuple[str, list[str], str, int]]) -> list[tuple[str, dict]]:
-    """Best of each candidate's runs, taken in turns (cp, cp + sync, convert, ..., cp, ...), so
-    that a slow spell of the disk is shared by every candidate rather than one."""
-    best: dict[str, dict] = {}
+    """Each candidate (name, command, output, runs) run in turns (cp, cp + sync, convert, ...,
+    cp, ...), so a slow spell of the disk is shared by every candidate rather than charged to
+    one; per candidate, the best wall time and the highest peak RSS, or its first failure."""
+    done: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in runs}
+    failed: dict[str, dict] = {}
     for rep in range(max(n for *_, n in runs)):
         for name, cmd, out, n in runs:
-            b = best.get(name)
-            if rep >= n or (b is not None and not b["ok"]):
+            if rep >= n or name in failed:
                 continue
-            r = timed(cmd, out, 1)
-            if not r["ok"] or b is None or r["wall"] < b["wall"]:
-                best[name] = r if not r["ok"] else {**r, "rss": max(r["rss"], b["rss"] if b else 0.0)}
+            remove(out)
+            subprocess.run(["sync"], check=False)  # no writeback of an earlier run in this one's time
+            wall, rss, code, last = measure(cmd)
+            remove(out)
+            if code != 0:
+                failed[name] = {"ok": False, "error": last[:120]}
             else:
-                b["rss"] = max(b["rss"], r["rss"])
-    return [(name, best[name]) for name, *_ in runs]
+                done[name].append((wall, rss))
+    return [(name, failed.get(name) or {"ok": True, "wall": min(w for w, _ in done[name]),
+                                        "rss": max(r for _, r in done[name])}) for name, *_ in runs]
 
 
 def main() -> int:
