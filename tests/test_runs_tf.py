@@ -103,6 +103,16 @@ def test_manager_fixture_prune_keep_last_1(tmp_path):
     assert not [n for n in os.listdir(run_dir) if "tmp" in n]
 
 
+def test_one_tf_checkpoint_named_by_prefix_index_or_shard(tmp_path):
+    root = tf_manager_run(tmp_path / "run", steps=(7, 8), shards=2)
+    want = [os.fspath(root / n) for n in ("ckpt-7.data-00000-of-00002", "ckpt-7.data-00001-of-00002", "ckpt-7.index")]
+    for name in ("ckpt-7", "ckpt-7.index", "ckpt-7.data-00001-of-00002"):
+        rows = ls_json(root / name)
+        assert [(r["name"], r["step"], r["files"]) for r in rows] == [("ckpt-7", 7, want)], name
+    r = cli("ls", root / "ckpt-9")
+    assert r.exit_code == 1 and "no such file" in r.stderr
+
+
 def test_state_file_left_alone_when_it_names_none_of_the_pruned(tmp_path):
     root = tf_manager_run(tmp_path / "run", steps=(1, 2, 3, 4))
     # the manager only tracks the last three (ckpt-1 came from an earlier manager with max_to_keep=1)

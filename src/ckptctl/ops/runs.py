@@ -549,12 +549,14 @@ def scan_run(run_dir: str | os.PathLike, recursive: bool = False, read_info: boo
     try:
         st = os.stat(root)
     except FileNotFoundError:
-        raise NotFound("no such file or directory", root) from None
+        if runs_tf.tf_prefix_of(root) is None:  # run/ckpt-20 names a TF checkpoint by its prefix
+            raise NotFound("no such file or directory", root) from None
+        st = None
     except PermissionError:
         raise NotFound("permission denied", root) from None
     except OSError as e:
         raise NotFound(e.strerror or str(e), root) from None
-    if not stat.S_ISDIR(st.st_mode) or is_checkpoint_dir(root):
+    if st is None or not stat.S_ISDIR(st.st_mode) or is_checkpoint_dir(root):
         parent = root.parent
         run = Run(path=parent, checkpoints=[])
         c = _make_single(root, parent)
@@ -642,6 +644,8 @@ def sort_key(c: RunCheckpoint):
 
 
 def _make_single(path: Path, run: Path) -> RunCheckpoint | None:
+    if runs_tf.tf_prefix_of(path) is not None:  # run/ckpt-20, ckpt-20.index, ckpt-20.data-00000-of-00001
+        return runs_tf.single(path)
     if path.is_dir():
         layout = _checkpoint_layout(path)
         if layout is None:

@@ -187,6 +187,35 @@ def scan_tf_groups(folder: Path, names: list[str], claimed: set[str], run: Run) 
         run.checkpoints.append(c)
 
 
+def tf_prefix_of(path: Path) -> str | None:
+    """The TF prefix a path names: `ckpt-20.index`, `ckpt-20.data-00000-of-00001`, or `ckpt-20`
+    itself when `ckpt-20.index` sits beside it (and no file or folder of that name exists)."""
+    m = TF_FILE.match(path.name)
+    if m and os.path.isfile(path):
+        return m.group("prefix")
+    if not os.path.lexists(path) and os.path.isfile(path.parent / f"{path.name}.index"):
+        return path.name
+    return None
+
+
+def single(path: Path) -> RunCheckpoint | None:
+    """The TF checkpoint `path` names (all its files), as ls of one checkpoint shows it."""
+    from ckptctl.ops.runs import Run
+
+    prefix = tf_prefix_of(path)
+    if prefix is None:
+        return None
+    folder = path.parent
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith(prefix + "."))
+    except OSError:
+        return None
+    names = [n for n in names if (m := TF_FILE.match(n)) and m.group("prefix") == prefix]
+    tmp = Run(path=folder, checkpoints=[])
+    scan_tf_groups(folder, names, set(), tmp)
+    return tmp.checkpoints[0] if tmp.checkpoints else None
+
+
 def is_saved_model(path: Path, names: list[str] | set[str]) -> bool:
     return any(n in names for n in SAVED_MODEL_FILES)
 
