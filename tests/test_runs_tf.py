@@ -352,3 +352,32 @@ def test_counts_with_readers(tmp_path):
     for r in ls_json(k_run):
         assert r["error"] is None and r["num_tensors"] == len(k_model) and r["has_optimizer"] is True
         assert r["format"] == "keras"
+
+
+@needs_tf_fixtures
+def test_manager_prune_into_trash_rewrites_state(tmp_path):
+    run_dir = copy_fixture(MANAGER, tmp_path / "tf2_manager_run")
+    trash = tmp_path / "trash"
+    r = run("prune", run_dir, "--keep-last", "1", "--trash", trash, "--yes")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(run_dir)) == ["checkpoint", "ckpt-20.data-00000-of-00001", "ckpt-20.index"]
+    moved = trash / "tf2_manager_run" / "ckpt-10"
+    assert sorted(os.listdir(moved)) == ["ckpt-10.data-00000-of-00001", "ckpt-10.index"]
+    assert (moved / "ckpt-10.index").read_bytes() == (MANAGER / "ckpt-10.index").read_bytes()
+    assert parse_state(run_dir / "checkpoint")["all_model_checkpoint_paths"] == ["ckpt-20"]
+
+
+def test_unparseable_state_file_is_left_and_reported(tmp_path):
+    root = tf_manager_run(tmp_path / "run", steps=(1, 2, 3))
+    text = (root / "checkpoint").read_text() + "model_checkpoint_path { weird }\n"
+    (root / "checkpoint").write_text(text)
+    age_tree(root)
+    dry = run("prune", root, "--keep-last", "2")
+    assert dry.returncode == 0 and "cannot be rewritten: line 9 is not `field: value`; it will still name ckpt-1" in dry.stderr
+    r = run("prune", root, "--keep-last", "2", "--yes")
+    assert r.returncode == 1
+    assert sorted(os.listdir(root)) == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index",
+                                        "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+    assert (root / "checkpoint").read_text() == text
+    err = r.stderr.strip().splitlines()[-1]
+    assert "could not drop ckpt-1" in err and "line 9" in err and "Traceback" not in r.stderr

@@ -224,6 +224,10 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
             d.keep = True
             d.reasons.append(f"could not stat its files ({e.strerror}); kept")
     for s in runs_tf.plan_state([d.ckpt for d in plan.to_delete]):
+        if s.error:
+            plan.warnings.append(f"{s.path}: TensorFlow checkpoint state {s.error}; it will still name "
+                                 f"{', '.join(s.dropped)} once deleted")
+            continue
         plan.notes.append(f"{s.path}: TensorFlow checkpoint state; {', '.join(s.dropped)} will be dropped from "
                           "all_model_checkpoint_paths (with their timestamps) once deleted")
     return plan

@@ -477,7 +477,8 @@ def plan_state(ckpts: list[RunCheckpoint]) -> list[StateRewrite]:
             continue
         dropped = [p for _, p in st.paths if _resolve_in(folder, p) in removed]
         if dropped:
-            out.append(StateRewrite(path=st.path, dropped=dropped))
+            out.append(StateRewrite(path=st.path, dropped=dropped,
+                                    error=None if st.problem is None else f"cannot be rewritten: {st.problem}"))
     return out
 
 
