@@ -381,3 +381,28 @@ def test_unparseable_state_file_is_left_and_reported(tmp_path):
     assert (root / "checkpoint").read_text() == text
     err = r.stderr.strip().splitlines()[-1]
     assert "could not drop ckpt-1" in err and "line 9" in err and "Traceback" not in r.stderr
+
+
+def test_keras_sharded_weights_epochs(tmp_path):
+    """Keras 3 sharded save_weights: wNN.weights.json + the wNN_0000K.weights.h5 its weight_map names."""
+    import h5py
+    import numpy as np
+
+    root = tmp_path / "sharded"
+    root.mkdir()
+    for e in (1, 2, 3):
+        shards = [f"w{e:02d}_{k:05d}.weights.h5" for k in range(2)]
+        for k, shard in enumerate(shards):
+            with h5py.File(root / shard, "w") as f:
+                f.create_dataset(f"layers/dense_{k}/vars/0", data=np.full((4, 4), e, np.float32))
+        index = {"metadata": {"total_size": 128},
+                 "weight_map": {"/layers/dense_0/vars": shards[0], "/layers/dense_1/vars": shards[1]}}
+        (root / f"w{e:02d}.weights.json").write_text(json.dumps(index))
+    age_tree(root)
+    rows = ls_json(root)
+    assert [(r["name"], r["epoch"], r["layout"], r["num_files"]) for r in rows] == [
+        ("w01.weights.json", 1, "keras", 3), ("w02.weights.json", 2, "keras", 3), ("w03.weights.json", 3, "keras", 3)]
+    assert all(r["error"] is None for r in rows)
+    r = cli("prune", root, "--keep-last", "1", "--yes")
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(root)) == ["w03.weights.json", "w03_00000.weights.h5", "w03_00001.weights.h5"]

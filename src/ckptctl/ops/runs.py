@@ -37,7 +37,7 @@ from ckptctl.ops import runs_tf
 
 # file suffixes that hold one checkpoint each
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".keras")
-INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".pt.index.json")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".pt.index.json", ".weights.json")
 # side files trainers write next to a model that are not checkpoints on their own
 AUX_NAMES = re.compile(
     r"^(training_args\.bin|optimizer(_\d+)?\.(pt|bin|safetensors)|scheduler\.pt|scaler\.pt|"
@@ -778,7 +778,7 @@ def _index_checkpoint(index: Path, folder: Path, claimed: set[str], warnings: li
                     claimed.add(shard)
     mtime, size = _file_stats(files)
     return RunCheckpoint(path=index, files=files, step=None, step_source="none", format=None, size=size,
-                         mtime=mtime, run=folder, layout="sharded")
+                         mtime=mtime, run=folder, layout="keras" if index.name.endswith(".weights.json") else "sharded")
 
 
 def _dir_checkpoint(path: Path, run: Path, layout: str) -> RunCheckpoint:

@@ -15,7 +15,8 @@ TensorFlow (`tf.train.CheckpointManager`, TF 1 `tf.train.Saver`, `Checkpoint.sav
   A SavedModel folder (saved_model.pb + variables/variables.*) is one checkpoint ("tf-savedmodel").
 
 Keras (`keras.callbacks.ModelCheckpoint`): `.keras` archives and `.weights.h5` files (and Keras 2
-`.h5` / `.hdf5` names like `weights.03-0.41.h5`), layout "keras". The user's pattern decides the
+`.h5` / `.hdf5` names like `weights.03-0.41.h5`; a sharded `w01.weights.json` with the shards
+its weight_map names), layout "keras". The user's pattern decides the
 name, so epoch and metrics are read from its numbers (`parse_keras_name`): `epoch03-0.4100.keras`
 is epoch 3 with one unnamed value 0.41 (metric name "metric"; a second one "metric2", ...),
 `epoch=3-val_loss=0.41.keras` names it `val_loss`. `best.keras` (a save_best_only file) has the
@@ -231,7 +232,8 @@ def dir_kind(path: Path, names: list[str]) -> str | None:
 
 
 # ---- Keras ModelCheckpoint names ---------------------------------------------------------------
-KERAS_SUFFIXES = (".weights.h5", ".keras")
+KERAS_SUFFIXES = (".weights.h5", ".keras", ".weights.json")  # .weights.json: Keras 3 sharded weights index
+KERAS_SHARDED_FORMAT = "keras-sharded"
 _H5 = (".h5", ".hdf5")
 _TOKEN = re.compile(
     r"(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|(?<![A-Za-z])(?:nan|inf)(?![A-Za-z]))|(?P<word>[A-Za-z][A-Za-z_]*)"
@@ -407,10 +409,11 @@ def enrich(c: RunCheckpoint, read_info: bool) -> None:
             c.step, c.step_source = step, "name"
         if epoch is not None:
             c.epoch = epoch
-        if c.path.name.endswith(".keras"):
-            c.format = c.format or KERAS_FORMAT
-            if not reader_registered(KERAS_FORMAT):
-                return
+        for suf, fmt in ((".keras", KERAS_FORMAT), (".weights.json", KERAS_SHARDED_FORMAT)):
+            if c.path.name.endswith(suf):
+                c.format = c.format or fmt
+                if not reader_registered(fmt):
+                    return
         target: Path | None = c.path
     elif c.layout == "tf-savedmodel":
         step, epoch, metrics = parse_name(name)
