@@ -345,8 +345,11 @@ def test_counts_with_readers(tmp_path):
     tf_run = copy_fixture(MANAGER, tmp_path / "tf")
     tf_model = [k for k in expected["tf2_manager_run/ckpt-10"]
                 if k.split("/")[0] not in NON_MODEL_HEADS and k != "_CHECKPOINTABLE_OBJECT_GRAPH"]
-    for r in ls_json(tf_run):
+    rows = ls_json(tf_run)
+    for r in rows:
         assert r["error"] is None and r["num_tensors"] == len(tf_model) and r["has_optimizer"] is True
+    # the checkpoint's own `epoch` variable (0-d int32); the fixture's step-20 save holds epoch 2
+    assert [(r["step"], r["epoch"]) for r in rows] == [(10, 1), (20, 2)]
     k_run = copy_fixture(KERAS, tmp_path / "k")
     k_model = [k for k in expected["keras3_modelcheckpoint/model-001.keras"] if not k.startswith("optimizer/")]
     for r in ls_json(k_run):

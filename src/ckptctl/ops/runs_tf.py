@@ -443,12 +443,32 @@ def _read(c: RunCheckpoint, target: Path) -> None:
             info = reader.info()
             c.info = info
             c.format = info.format
+            if c.layout in ("tf", "tf-savedmodel"):
+                _tf_epoch(c, reader, info)
     except CkptError as e:
         c.error = c.error or e.message
     except ModuleNotFoundError as e:
         c.error = c.error or f"no reader available ({e.name})"
     except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError, MemoryError) as e:
         c.error = c.error or f"unreadable: {type(e).__name__}: {e}".splitlines()[0]
+
+
+TF_EPOCH_NAMES = ("epoch", "current_epoch")
+
+
+def _tf_epoch(c: RunCheckpoint, reader, info) -> None:
+    """`tf.train.Checkpoint(epoch=tf.Variable(...))`: the one 0-d integer read, like Lightning's
+    current_score (4-8 bytes; the only tensor data run discovery reads from a TF checkpoint)."""
+    for t in info.tensors:
+        base = t.name.split("/.ATTRIBUTES/", 1)[0]
+        if base in TF_EPOCH_NAMES and t.numel == 1 and not t.shape and t.dtype.startswith(("int", "uint")):
+            try:
+                v = int(reader.read(t.name).reshape(-1)[0])
+            except Exception:  # noqa: BLE001 - an epoch we cannot read is just not shown
+                return
+            if v >= 0:
+                c.epoch = v
+            return
 
 
 # ---- prune: the state file after deletion ------------------------------------------------------
