@@ -14,7 +14,8 @@ A run folder holds checkpoints written by a trainer:
   plain           step_1000.pt, model_00010000.safetensors, sharded index + shards, model folders
 
 Everything is lazy: readers' `info()` (headers and pickles), small JSON/text side files, and the
-0-d `current_score` tensor of a Lightning ModelCheckpoint callback; no other tensor data.
+0-d `current_score` tensor of a Lightning ModelCheckpoint callback (and a TF checkpoint's 0-d
+`epoch` variable); no other tensor data.
 The step stored inside a checkpoint beats the one parsed from its name.
 """
 
