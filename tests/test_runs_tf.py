@@ -224,11 +224,17 @@ def test_saved_model_folders(tmp_path):
     ("resnet50-epoch12-val_accuracy-0.91.keras", None, 12, {"val_accuracy": 0.91}),
     ("epoch04-step1200-loss1.5e-03.keras", 1200, 4, {"loss": 0.0015}),
     ("epoch02-nan.keras", None, 2, {"metric": float("nan")}),
+    ("checkpoint3.keras", None, 3, {}),
 ])
-def test_keras_names(name, step, epoch, metrics):
+def test_keras_names(name, step, epoch, metrics, tmp_path):
+    from ckptctl.ops.runs import scan_run
     from ckptctl.ops.runs_tf import parse_keras_name
 
     s, e, m = parse_keras_name(name)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).write_bytes(b"x")  # discovery: the Keras layout, whatever else the name resembles
+    found = scan_run(tmp_path / "run", read_info=False).checkpoints
+    assert [(c.layout, c.epoch, c.step) for c in found] == [("keras", epoch, step)]
     assert (s, e) == (step, epoch)
     assert set(m) == set(metrics)
     for k, v in metrics.items():

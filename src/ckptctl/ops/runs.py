@@ -756,10 +756,10 @@ def _file_checkpoint(path: Path, run: Path) -> RunCheckpoint:
     layout = "file"
     if path.suffix == ".ckpt":
         layout = "lightning"
+    elif runs_tf.is_keras_name(path.name):  # before fairseq: checkpoint3.keras is Keras epoch 3
+        layout = "keras"
     elif FAIRSEQ.match(strip_suffix(path.name)) or FAIRSEQ_EPOCH.match(strip_suffix(path.name)):
         layout = "fairseq"
-    elif runs_tf.is_keras_name(path.name):
-        layout = "keras"
     return RunCheckpoint(path=path, files=[path], step=None, step_source="none", format=None, size=size,
                          mtime=mtime, run=run, layout=layout)
 
