@@ -235,3 +235,38 @@ def tree_hash(root: Path) -> dict[str, str]:
             else:
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() + f":{st.st_mtime_ns}:{st.st_ino}"
     return out
+
+
+TF_FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "tensorflow"
+
+
+def tf_bundle_bytes() -> tuple[bytes, bytes]:
+    """(index, data shard) bytes of a real one-shard TF 2 checkpoint (the fixture's ckpt-10);
+    placeholder bytes when ../shared/fixtures is absent (then only names and sizes are real)."""
+    src = TF_FIXTURES / "tf2_manager_run"
+    if (src / "ckpt-10.index").is_file():
+        return (src / "ckpt-10.index").read_bytes(), (src / "ckpt-10.data-00000-of-00001").read_bytes()
+    return b"i" * 10, b"d" * 100
+
+
+def tf_manager_run(root: Path, steps=(1, 2, 3), prefix: str = "ckpt-{step}", shards: int = 1,
+                   state: str | None = "managed", absolute: bool = False) -> Path:
+    """A tf.train.CheckpointManager-style folder: {prefix}.index + every data shard per step, and a
+    `checkpoint` state file in TF's text format naming the last step and every step (state="managed"),
+    or none (state=None). Shard 0 holds the real data bytes; further shards are padding."""
+    root.mkdir(parents=True, exist_ok=True)
+    index, data = tf_bundle_bytes()
+    names = []
+    for s in steps:
+        p = prefix.format(step=s)
+        names.append(os.fspath(root / p) if absolute else p)
+        (root / f"{p}.index").write_bytes(index)
+        for k in range(shards):
+            (root / f"{p}.data-{k:05d}-of-{shards:05d}").write_bytes(data if k == 0 else b"\0" * (64 + k))
+    if state == "managed":
+        lines = [f'model_checkpoint_path: "{names[-1]}"']
+        lines += [f'all_model_checkpoint_paths: "{n}"' for n in names]
+        lines += [f"all_model_checkpoint_timestamps: {1796193700.5 + i}" for i in range(len(names))]
+        lines += ["last_preserved_timestamp: 1796193600.25"]
+        (root / "checkpoint").write_text("\n".join(lines) + "\n")
+    return root

@@ -411,15 +411,16 @@ def test_table_and_help(strun):
 
 
 def test_multi_file_layouts_deleted_whole(tmp_path):
-    from run_builders import dcp_run, orbax_run
+    from run_builders import dcp_run, orbax_run, tf_bundle_bytes
 
     dcp = dcp_run(tmp_path / "dcp", steps=(100, 200, 300))
     orbax = orbax_run(tmp_path / "orbax", steps=(1000, 2000))
     tf = tmp_path / "tf"
     tf.mkdir()
+    index, data = tf_bundle_bytes()  # a real bundle: the TF reader (when present) reads it
     for s in (1, 2, 3):
-        (tf / f"ckpt-{s}.index").write_bytes(b"i" * 10)
-        (tf / f"ckpt-{s}.data-00000-of-00001").write_bytes(b"d" * 100)
+        (tf / f"ckpt-{s}.index").write_bytes(index)
+        (tf / f"ckpt-{s}.data-00000-of-00001").write_bytes(data)
     (tf / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
     for d in (dcp, orbax, tf):
         age_tree(d)

@@ -189,16 +189,20 @@ def test_deepspeed_latest_and_tf_checkpoint_state(tmp_path):
         torch.save({"module": {"w": torch.zeros(2)}, "global_steps": s}, d / "mp_rank_00_model_states.pt")
         torch.save({"optimizer_state_dict": {}}, d / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     (root / "latest").write_text("global_step200")
+    from run_builders import tf_bundle_bytes
+
+    index, data = tf_bundle_bytes()  # a real bundle: the TF reader (when present) reads it
     for s in (1, 2):
-        (root / f"ckpt-{s}.index").write_bytes(b"\0" * 10)
-        (root / f"ckpt-{s}.data-00000-of-00001").write_bytes(b"\0" * 100)
+        (root / f"ckpt-{s}.index").write_bytes(index)
+        (root / f"ckpt-{s}.data-00000-of-00001").write_bytes(data)
     (root / "checkpoint").write_text('model_checkpoint_path: "ckpt-2"\nall_model_checkpoint_paths: "ckpt-1"\n')
     by = {c.path.name: c for c in discover(root)}
     assert set(by) == {"global_step100", "global_step200", "ckpt-1", "ckpt-2"}
     assert by["global_step200"].aliases == ["latest"] and by["global_step200"].layout == "deepspeed"
     assert by["global_step200"].step == 200 and by["global_step200"].has_optimizer is True
-    assert by["ckpt-2"].aliases == ["checkpoint"] and by["ckpt-2"].format == "tensorflow"
-    assert by["ckpt-2"].size == 110 and len(by["ckpt-2"].files) == 2 and by["ckpt-2"].error is None
+    assert by["ckpt-2"].aliases == ["checkpoint"] and by["ckpt-2"].format == "tf-bundle"
+    assert by["ckpt-2"].size == len(index) + len(data) and len(by["ckpt-2"].files) == 2
+    assert by["ckpt-2"].error is None
 
 
 # ---- Lightning / fairseq (torch reader) ---------------------------------------------------------

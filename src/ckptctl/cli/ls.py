@@ -190,8 +190,10 @@ def _render(rows: list[dict], fmt: str, multi: bool) -> None:
     cols = []
     if multi:
         cols.append(Column("run", "run", name_like=True))
+    cols.append(Column("step", "step", human=lambda s: "-" if s is None else str(s), justify="right"))
+    if any(d["epoch"] is not None and d["step"] is None for d in rows):  # Keras ModelCheckpoint: epochs only
+        cols.append(Column("epoch", "epoch", human=lambda e: "-" if e is None else str(e), justify="right"))
     cols += [
-        Column("step", "step", human=lambda s: "-" if s is None else str(s), justify="right"),
         Column("shown" if fmt != "csv" else "path", "path", name_like=True),
         Column("format", "format", human=lambda f: f or "?"),
         Column("total_bytes", "size", human=human_bytes, justify="right"),
@@ -209,7 +211,7 @@ def _render(rows: list[dict], fmt: str, multi: bool) -> None:
             d["aliases"] = " ".join(d["aliases"])
             d["best"] = "yes" if d["best_of_run"] else ""
         cols = ([Column("run", "run")] if multi else []) + [
-            Column(k, k) for k in ("step", "path", "format", "total_bytes", "num_files", "num_tensors", "num_params",
+            Column(k, k) for k in ("step", "epoch", "path", "format", "total_bytes", "num_files", "num_tensors", "num_params",
                                    "dtypes", "has_optimizer", "metrics", "mtime", "aliases", "role", "best",
                                    "incomplete", "error")]
         output.render_rows(rows, cols, "csv")

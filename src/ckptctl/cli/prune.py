@@ -21,9 +21,10 @@ EXAMPLES = (
     "  ckptctl prune runs/bert/ --keep-last 3 --keep-best eval_loss\n\n"
     "  ckptctl prune lightning_logs/ -R --keep-every 10000 --exp-spacing --yes\n\n"
     "  ckptctl prune runs/gpt/ --keep-last 2 --keep-since 7d --trash /scratch/trash --yes\n\n"
-    "Always kept: the newest checkpoint, alias targets (last.ckpt, best, checkpoint_best.pt), the HF "
-    "best_model_checkpoint / Lightning best_model_path, incomplete saves, anything newer than "
-    "--min-age, and unreadable checkpoints unless --include-broken."
+    "Always kept: the newest checkpoint, alias targets (last.ckpt, best, checkpoint_best.pt, the TF "
+    "`checkpoint` file's latest), the HF best_model_checkpoint / Lightning best_model_path, incomplete "
+    "saves, anything newer than --min-age, and unreadable checkpoints unless --include-broken. Keras "
+    "ModelCheckpoint folders rank by epoch; deleting TF checkpoints also drops them from the `checkpoint` file."
 )
 
 
@@ -143,8 +144,17 @@ def register(app: typer.Typer) -> None:
             _render_plan(plan, runs, fmt.value, yes, trash)
             if outcome is not None:
                 _render_outcome(outcome, trash)
+        for sf in outcome.state_files if outcome is not None else []:
+            if sf.done:
+                output.note(f"{clean(sf.path)}: dropped {', '.join(map(clean, sf.dropped))} from the TensorFlow "
+                            "checkpoint state (rewritten atomically)")
         if outcome is not None and outcome.failed is not None:
             raise CkptError(_failure_line(outcome, trash))
+        bad = [sf for sf in (outcome.state_files if outcome is not None else []) if sf.error]
+        if bad:
+            sf = bad[0]
+            raise CkptError(f"{sf.path}: could not drop {', '.join(sf.dropped)} from the TensorFlow checkpoint "
+                            f"state ({sf.error}); the checkpoints were {'moved' if trash else 'deleted'}")
 
 
 def _render_plan(plan, runs, fmt: str, yes: bool, trash: Path | None) -> None:
@@ -159,12 +169,15 @@ def _render_plan(plan, runs, fmt: str, yes: bool, trash: Path | None) -> None:
         if c.dirs:
             shown += "/"
         rows.append({
-            "action": d.action, "step": c.step, "path": shown if fmt != "csv" else os.fspath(c.path),
+            "action": d.action, "step": c.step, "epoch": c.epoch, "path": shown if fmt != "csv" else os.fspath(c.path),
             "run": os.fspath(d.root), "total_bytes": c.size, "why": "; ".join(d.reasons),
         })
+    epochs = [Column("epoch", "epoch", human=lambda e: "-" if e is None else str(e), justify="right")] if any(
+        r["epoch"] is not None and r["step"] is None for r in rows) else []  # Keras ModelCheckpoint folders
     cols = ([Column("run", "run", name_like=True)] if multi else []) + [
         Column("action", "action"),
         Column("step", "step", human=lambda s: "-" if s is None else str(s), justify="right"),
+        *epochs,
         Column("path", "path", name_like=True),
         Column("total_bytes", "size", human=human_bytes, justify="right"),
         Column("why", "why", name_like=True),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptctl.errors import CkptError, UsageError
+from ckptctl.ops import runs_tf
 from ckptctl.ops.runs import Run, RunCheckpoint
 
 # metric names where bigger is better; everything else (losses, perplexity, error rates) is min
@@ -107,6 +108,7 @@ class Decision:
         c = self.ckpt
         return {
             "path": os.fspath(c.path), "run": os.fspath(c.run) if c.run else None, "step": c.step,
+            "epoch": c.epoch,
             "format": c.format, "action": self.action, "reasons": self.reasons,
             "protected_by": self.protected_by, "kept_by": self.kept_by, "total_bytes": c.size,
             "files": [os.fspath(f) for f in c.files], "metrics": c.metrics, "aliases": c.aliases,
@@ -142,6 +144,7 @@ class Outcome:
     partial: list[Path] = field(default_factory=list)  # files of `failed` already removed
     not_attempted: list[Decision] = field(default_factory=list)
     moved_to: dict[str, str] = field(default_factory=dict)
+    state_files: list[runs_tf.StateRewrite] = field(default_factory=list)  # TF `checkpoint` files rewritten
 
     @property
     def bytes_freed(self) -> int:
@@ -155,6 +158,7 @@ class Outcome:
             "partially_removed_files": [os.fspath(p) for p in self.partial],
             "not_attempted": [os.fspath(d.ckpt.path) for d in self.not_attempted],
             "moved_to": self.moved_to or None,
+            "state_files": [s.to_json() for s in self.state_files],
             "bytes_freed": self.bytes_freed,
         }
 
@@ -209,7 +213,7 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
         plan.notes.append(f"{len(young_only)} checkpoint(s) kept only because they were modified within "
                           f"--min-age {policy.min_age_text} (a save may be in progress); --min-age 0 includes them")
     if policy.keep_steps:
-        present = {c.step for c in all_ckpts}
+        present = {c.step for c in all_ckpts} | {c.epoch for c in all_ckpts if c.layout == "keras" and c.step is None}
         absent = [s for s in policy.keep_steps if s not in present]
         if absent:
             plan.warnings.append(f"--keep-steps: no checkpoint at step {', '.join(map(str, absent))}")
@@ -219,6 +223,13 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
         except OSError as e:
             d.keep = True
             d.reasons.append(f"could not stat its files ({e.strerror}); kept")
+    for s in runs_tf.plan_state([d.ckpt for d in plan.to_delete]):
+        if s.error:
+            plan.warnings.append(f"{s.path}: TensorFlow checkpoint state {s.error}; it will still name "
+                                 f"{', '.join(s.dropped)} once deleted")
+            continue
+        plan.notes.append(f"{s.path}: TensorFlow checkpoint state; {', '.join(s.dropped)} will be dropped from "
+                          "all_model_checkpoint_paths (with their timestamps) once deleted")
     return plan
 
 
@@ -238,7 +249,14 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
     reasons: dict[int, list[str]] = {id(c): [] for c in group}
     protect: dict[int, list[str]] = {id(c): [] for c in group}
     healthy = [c for c in group if c.error is None and not c.incomplete]
-    ranked = sorted([c for c in healthy if c.step is not None], key=lambda c: (c.step, c.mtime))
+    # Keras ModelCheckpoint folders number their files by epoch: with no step in the group, rank by epoch
+    by = "step" if any(c.step is not None for c in healthy) or not any(
+        c.epoch is not None and c.layout == "keras" for c in healthy) else "epoch"
+
+    def pos(c: RunCheckpoint) -> int | None:
+        return getattr(c, by)
+
+    ranked = sorted([c for c in healthy if pos(c) is not None], key=lambda c: (pos(c), c.mtime))
 
     # -- policies ---------------------------------------------------------------------------
     if policy.keep_last:
@@ -246,8 +264,8 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
             reasons[id(c)].append(f"last {policy.keep_last}")
     if policy.keep_every:
         for c in ranked:
-            if c.step % policy.keep_every == 0:
-                reasons[id(c)].append(f"step divisible by {policy.keep_every}")
+            if pos(c) % policy.keep_every == 0:
+                reasons[id(c)].append(f"{by} divisible by {policy.keep_every}")
     if policy.keep_best:
         m = policy.keep_best
         scored = [c for c in ranked if m in c.metrics]
@@ -255,7 +273,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
 
         def key(c: RunCheckpoint):
             v = c.metrics[m]
-            return (math.isnan(v), sign * v if not math.isnan(v) else 0.0, -c.step)
+            return (math.isnan(v), sign * v if not math.isnan(v) else 0.0, -pos(c))
 
         for rank, c in enumerate(sorted(scored, key=key)[: policy.best_n], 1):
             if math.isnan(c.metrics[m]):
@@ -266,24 +284,24 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
     if policy.keep_steps:
         wanted = set(policy.keep_steps)
         for c in ranked:
-            if c.step in wanted:
-                reasons[id(c)].append(f"step {c.step} listed")
+            if pos(c) in wanted:
+                reasons[id(c)].append(f"{by} {pos(c)} listed")
     if policy.keep_since is not None:
         for c in ranked:
             if c.mtime >= now - policy.keep_since:
                 reasons[id(c)].append(f"modified within {policy.keep_since_text}")
     if policy.exp_spacing:
-        for c, target in exp_spaced(ranked):
-            reasons[id(c)].append(f"exponential spacing (first at/after step {target})")
+        for c, target in exp_spaced(ranked, by):
+            reasons[id(c)].append(f"exponential spacing (first at/after {by} {target})")
 
     # -- protections ------------------------------------------------------------------------
     if ranked:
-        top = ranked[-1].step
+        top = pos(ranked[-1])
         for c in ranked:
-            if c.step == top:
+            if pos(c) == top:
                 protect[id(c)].append("newest")
     if ranked:  # a run resumed from an earlier step writes lower steps last: keep its latest too
-        newest_m = max(ranked, key=lambda c: (c.mtime, c.step))
+        newest_m = max(ranked, key=lambda c: (c.mtime, pos(c)))
         if not protect[id(newest_m)]:
             protect[id(newest_m)].append("newest (modified last)")
     for c in group:
@@ -303,8 +321,8 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
         elif c.error is not None:
             if not policy.include_broken:
                 p.append(f"unreadable: {c.error} (kept; --include-broken deletes it)")
-        elif c.step is None and not p:
-            p.append("step unknown: prune only deletes checkpoints whose step it knows")
+        elif pos(c) is None and not p:
+            p.append(f"{by} unknown: prune only deletes checkpoints whose {by} it knows")
     out = []
     for c in group:
         why = protect[id(c)] + reasons[id(c)]
@@ -319,19 +337,19 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
     return out
 
 
-def exp_spaced(ranked: list[RunCheckpoint]) -> list[tuple[RunCheckpoint, int]]:
+def exp_spaced(ranked: list[RunCheckpoint], by: str = "step") -> list[tuple[RunCheckpoint, int]]:
     """For base = smallest positive step and k = 0, 1, 2, ...: the first checkpoint at or after
     base * 2**k. A fixed grid, so running prune again later keeps what it kept before."""
-    steps = [c for c in ranked if c.step and c.step > 0]
+    steps = [c for c in ranked if getattr(c, by) and getattr(c, by) > 0]
     if not steps:
         return []
-    base = steps[0].step
+    base = getattr(steps[0], by)
     out: list[tuple[RunCheckpoint, int]] = []
     target = base
     i = 0
-    last = steps[-1].step
+    last = getattr(steps[-1], by)
     while target <= last:
-        while i < len(steps) and steps[i].step < target:
+        while i < len(steps) and getattr(steps[i], by) < target:
             i += 1
         if i >= len(steps):
             break
@@ -454,6 +472,17 @@ def execute(plan: Plan, trash: Path | None = None) -> Outcome:
     """
     outcome = Outcome()
     todo = sorted(plan.to_delete, key=lambda d: (d.ckpt.step is None, d.ckpt.step or 0, d.ckpt.mtime))
+    try:
+        _execute(todo, trash, outcome)
+    finally:  # TF: drop what is gone from the `checkpoint` state file, also after a stop part-way
+        gone = [d.ckpt for d in outcome.done]
+        if outcome.failed is not None and outcome.partial:
+            gone.append(outcome.failed.ckpt)
+        outcome.state_files = runs_tf.after_prune(gone)
+    return outcome
+
+
+def _execute(todo: list[Decision], trash: Path | None, outcome: Outcome) -> None:
     for i, d in enumerate(todo):
         outcome.partial = []
         try:
@@ -470,10 +499,9 @@ def execute(plan: Plan, trash: Path | None = None) -> Outcome:
             else:
                 outcome.failed_message = e.message
             outcome.not_attempted = todo[i + 1:]
-            return outcome
+            return
         outcome.partial = []
         outcome.done.append(d)
-    return outcome
 
 
 def check_trash(trash: Path, plan: Plan) -> None:

@@ -9,11 +9,13 @@ A run folder holds checkpoints written by a trainer:
   DCP             step_100/ (.metadata + __0_0.distcp)
   Orbax           100/ (_CHECKPOINT_METADATA, checkpoint, _METADATA ...): listed, not readable here
   DeepSpeed       global_step100/ + a `latest` file naming it
-  TensorFlow      ckpt-5.index + ckpt-5.data-00000-of-00001 + a `checkpoint` state file
+  TensorFlow      ckpt-5.index + ckpt-5.data-00000-of-00001 + a `checkpoint` state file,
+                  SavedModel folders; Keras ModelCheckpoint `.keras` / `.weights.h5` (see runs_tf.py)
   plain           step_1000.pt, model_00010000.safetensors, sharded index + shards, model folders
 
 Everything is lazy: readers' `info()` (headers and pickles), small JSON/text side files, and the
-0-d `current_score` tensor of a Lightning ModelCheckpoint callback; no other tensor data.
+0-d `current_score` tensor of a Lightning ModelCheckpoint callback (and a TF checkpoint's 0-d
+`epoch` variable); no other tensor data.
 The step stored inside a checkpoint beats the one parsed from its name.
 """
 
@@ -32,10 +34,11 @@ from typing import Any
 
 from ckptctl.errors import CkptError, NotFound, UsageError
 from ckptctl.model import CheckpointInfo
+from ckptctl.ops import runs_tf
 
 # file suffixes that hold one checkpoint each
-FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl")
-INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".pt.index.json")
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".keras")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".pt.index.json", ".weights.json")
 # side files trainers write next to a model that are not checkpoints on their own
 AUX_NAMES = re.compile(
     r"^(training_args\.bin|optimizer(_\d+)?\.(pt|bin|safetensors)|scheduler\.pt|scaler\.pt|"
@@ -83,7 +86,7 @@ class RunCheckpoint:
     files: list[Path]  # every file that belongs to it (deleting it = deleting these)
     step: int | None
     step_source: str  # "trainer_state" | "global_step" | "metadata" | "name" | "none"
-    format: str | None  # registry format name ("orbax"/"tensorflow" when we only recognise it)
+    format: str | None  # registry format name ("orbax" when we only recognise it)
     size: int  # bytes on disk (apparent size of all files)
     mtime: float  # newest modification time among its files and folders
     metrics: dict[str, float] = field(default_factory=dict)
@@ -93,7 +96,7 @@ class RunCheckpoint:
     incomplete: bool = False
     # beyond the shared API
     run: Path | None = None  # the run folder it was found in
-    layout: str = "file"  # hf-trainer | lightning | fairseq | dcp | orbax | deepspeed | tf | sharded | folder | file
+    layout: str = "file"  # hf-trainer | lightning | fairseq | dcp | orbax | deepspeed | tf | tf-savedmodel | keras | sharded | folder | file
     epoch: int | None = None
     role: str | None = None  # last | best | latest | final: a copy that matched no stepped checkpoint
     best_of_run: list[str] = field(default_factory=list)  # "trainer_state best_model_checkpoint", ...
@@ -281,6 +284,8 @@ def parse_name(name: str) -> tuple[int | None, int | None, dict[str, float]]:
 
 
 def role_of(name: str) -> str | None:
+    if runs_tf.is_keras_name(name):
+        return runs_tf.keras_role(name)
     m = ROLE_STEM.match(strip_suffix(name))
     return m.group(1).lower() if m else None
 
@@ -396,6 +401,9 @@ def _dir_layout(path: Path, names: list[str] | None = None) -> str | None:
     except OSError:
         return None
     nameset = set(names)
+    tf = runs_tf.dir_kind(path, names)
+    if tf is not None:
+        return None if tf == "run" else tf
     if re.match(r"^(tmp-)?checkpoint-\d+$", name):
         return "hf-trainer"
     if ".metadata" in nameset or any(n.endswith(".distcp") for n in names):
@@ -542,12 +550,14 @@ def scan_run(run_dir: str | os.PathLike, recursive: bool = False, read_info: boo
     try:
         st = os.stat(root)
     except FileNotFoundError:
-        raise NotFound("no such file or directory", root) from None
+        if runs_tf.tf_prefix_of(root) is None:  # run/ckpt-20 names a TF checkpoint by its prefix
+            raise NotFound("no such file or directory", root) from None
+        st = None
     except PermissionError:
         raise NotFound("permission denied", root) from None
     except OSError as e:
         raise NotFound(e.strerror or str(e), root) from None
-    if not stat.S_ISDIR(st.st_mode) or is_checkpoint_dir(root):
+    if st is None or not stat.S_ISDIR(st.st_mode) or is_checkpoint_dir(root):
         parent = root.parent
         run = Run(path=parent, checkpoints=[])
         c = _make_single(root, parent)
@@ -630,10 +640,13 @@ def _enrich_batch(batch: list[RunCheckpoint]) -> list[RunCheckpoint]:
 
 
 def sort_key(c: RunCheckpoint):
-    return (c.step is None, c.step if c.step is not None else 0, c.mtime, os.fspath(c.path))
+    return (c.step is None, c.step if c.step is not None else 0, c.epoch is None, c.epoch or 0, c.mtime,
+            os.fspath(c.path))
 
 
 def _make_single(path: Path, run: Path) -> RunCheckpoint | None:
+    if runs_tf.tf_prefix_of(path) is not None:  # run/ckpt-20, ckpt-20.index, ckpt-20.data-00000-of-00001
+        return runs_tf.single(path)
     if path.is_dir():
         layout = _checkpoint_layout(path)
         if layout is None:
@@ -662,22 +675,7 @@ def _scan_dir(folder: Path, root: Path, run: Run, recursive: bool) -> None:
             if c is not None:
                 run.checkpoints.append(c)
     # 2. TensorFlow name-prefix groups (ckpt-5.index + ckpt-5.data-00000-of-00001)
-    tf_groups: dict[str, list[str]] = {}
-    for n in names:
-        m = TF_DATA.match(n)
-        if m and n not in claimed:
-            tf_groups.setdefault(m.group("prefix"), []).append(n)
-    for prefix, members in tf_groups.items():
-        if not any(n.endswith(".index") for n in members):
-            continue
-        files = [folder / n for n in sorted(members)]
-        claimed.update(members)
-        mtime, size = _file_stats(files)
-        step, epoch, metrics = parse_name(prefix)
-        run.checkpoints.append(RunCheckpoint(
-            path=folder / prefix, files=files, step=step, step_source="name" if step is not None else "none",
-            format="tensorflow", size=size, mtime=mtime, metrics=metrics, run=folder, layout="tf", epoch=epoch,
-        ))
+    runs_tf.scan_tf_groups(folder, names, claimed, run)
     # 3. everything else
     for e in entries:
         n = e.name
@@ -739,8 +737,7 @@ def _resolve_links(run: Run, root: Path) -> None:
             continue
         target_name = None
         if f.name == "checkpoint":  # TF CheckpointManager state: model_checkpoint_path: "ckpt-5"
-            m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', text, re.M)
-            target_name = m.group(1) if m else None
+            target_name = runs_tf.state_latest(text)
         elif f.name == "latest_checkpointed_iteration.txt":  # Megatron: an iteration number
             t = text.strip()
             if t.isdigit():
@@ -759,6 +756,8 @@ def _file_checkpoint(path: Path, run: Path) -> RunCheckpoint:
     layout = "file"
     if path.suffix == ".ckpt":
         layout = "lightning"
+    elif runs_tf.is_keras_name(path.name):  # before fairseq: checkpoint3.keras is Keras epoch 3
+        layout = "keras"
     elif FAIRSEQ.match(strip_suffix(path.name)) or FAIRSEQ_EPOCH.match(strip_suffix(path.name)):
         layout = "fairseq"
     return RunCheckpoint(path=path, files=[path], step=None, step_source="none", format=None, size=size,
@@ -780,7 +779,7 @@ def _index_checkpoint(index: Path, folder: Path, claimed: set[str], warnings: li
                     claimed.add(shard)
     mtime, size = _file_stats(files)
     return RunCheckpoint(path=index, files=files, step=None, step_source="none", format=None, size=size,
-                         mtime=mtime, run=folder, layout="sharded")
+                         mtime=mtime, run=folder, layout="keras" if index.name.endswith(".weights.json") else "sharded")
 
 
 def _dir_checkpoint(path: Path, run: Path, layout: str) -> RunCheckpoint:
@@ -813,6 +812,9 @@ def untmp(name: str) -> str:
 
 
 def _enrich(c: RunCheckpoint, read_info: bool) -> None:
+    if c.layout in runs_tf.LAYOUTS:
+        runs_tf.enrich(c, read_info)
+        return
     step, epoch, metrics = parse_name(untmp(c.path.name) if c.incomplete else c.path.name)
     c.metrics.update(metrics)
     if step is not None:
@@ -821,8 +823,6 @@ def _enrich(c: RunCheckpoint, read_info: bool) -> None:
         c.epoch = epoch
     if c.layout == "orbax":
         _orbax_meta(c)
-        return
-    if c.layout == "tf":
         return
     if c.layout == "hf-trainer":
         _trainer_state(c)
@@ -1074,6 +1074,8 @@ def _resolve_copies(run: Run) -> None:
                 if s.run == c.run and s.step == c.step and s.size == c.size and s.error is None and len(s.files) == 1:
                     twin = s
                     break
+        if twin is None and c.layout == "keras":  # best.keras: a byte copy of one epoch's file?
+            twin = runs_tf.keras_twin(c, stepped)
         if twin is not None:
             twin.aliases.append(c.path.name)
             twin.aliases.extend(c.aliases)
