@@ -571,3 +571,17 @@ def test_scan_flags_lambda_bytecode_in_config(tmp_path):
     assert "__lambda__" in rows[0]["globals"][0]["name"]
     ok = run("scan", p)
     assert ok.returncode == 0 and "no pickle" in ok.stdout
+
+
+def test_folder_naming_and_completion(tmp_path):
+    from ckptctl.cli.complete import tensor_names
+
+    arrays = keras3_arrays()
+    one = tmp_path / "one"
+    one.mkdir()
+    p = make_keras(one / "epoch01-0.5000.keras", arrays)
+    assert resolve(one) == ("keras", p)
+    assert tensor_names(p) == sorted(arrays)
+    make_keras(one / "epoch02-0.4000.keras", arrays)
+    line = one_error_line(run("inspect", one))
+    assert "a folder with 2 checkpoint files; name one of them" in line
