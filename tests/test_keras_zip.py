@@ -585,3 +585,35 @@ def test_folder_naming_and_completion(tmp_path):
     make_keras(one / "epoch02-0.4000.keras", arrays)
     line = one_error_line(run("inspect", one))
     assert "a folder with 2 checkpoint files; name one of them" in line
+
+
+def test_inflater_random_access_matches_zlib(tmp_path, monkeypatch):
+    """The deflated-member reader: random seeks and reads give zlib's bytes; snapshots stay bounded."""
+    import random
+
+    from ckptctl.formats.keras_zip import _Inflater
+
+    rng = np.random.default_rng(3)
+    payload = (np.arange(3_000_000, dtype=np.int32) % 1000 + rng.integers(0, 4, 3_000_000)).astype(np.int32).tobytes()
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.bin", payload)
+    with zipfile.ZipFile(p) as z:
+        zi = z.getinfo("x.bin")
+    monkeypatch.setattr(_Inflater, "MIN_SPACING", 64 * 1024)
+    monkeypatch.setattr(_Inflater, "MAX_SNAPSHOTS", 32)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        start = zi.header_offset + 30 + len(zi.filename) + len(zi.extra)
+        f = _Inflater(fd, start, zi.compress_size, zi.file_size, "x.bin", p)
+        r = random.Random(0)
+        for _ in range(300):
+            pos = r.randrange(0, len(payload))
+            n = r.choice([1, 7, 4096, 100_000, 2_000_000])
+            f.seek(pos)
+            assert f.read(n) == payload[pos:pos + n]
+        f.seek(0)
+        assert f.read() == payload
+        assert len(f._snaps) <= 32 + 1
+    finally:
+        os.close(fd)

@@ -120,6 +120,108 @@ class _Inflating(io.RawIOBase):
             super().close()
 
 
+class _Inflater(io.RawIOBase):
+    """Random access to a deflated zip member in bounded memory, without extracting it.
+
+    Decompresses forward from the member's first compressed byte (os.pread) and keeps a snapshot
+    of the decompressor (`zlib` `copy()`: its state and 32 KiB window) every `spacing` output
+    bytes, at most MAX_SNAPSHOTS of them (~45 KiB each). A seek backwards restarts from the
+    nearest snapshot before the target, so each read decompresses at most `spacing` bytes it
+    does not return, and h5py's scattered header reads cost one forward pass in all.
+    """
+
+    MAX_SNAPSHOTS = 256
+    MIN_SPACING = 4 * 1024 * 1024
+    IN_STEP = 256 * 1024  # compressed bytes per pread
+    SKIP_STEP = 1024 * 1024  # decompressed bytes produced at once while skipping forward
+
+    def __init__(self, fd: int, start: int, csize: int, usize: int, member: str, path):
+        super().__init__()
+        import zlib
+
+        self._zlib = zlib
+        self._fd, self._start, self._csize, self._usize = fd, start, csize, usize
+        self._member, self._path = member, path
+        self._spacing = max(self.MIN_SPACING, -(-usize // self.MAX_SNAPSHOTS))
+        # a state: [upos (bytes output so far), cpos (next compressed byte to feed), decompressor, tail]
+        first = (0, 0, zlib.decompressobj(-zlib.MAX_WBITS), b"")
+        self._snaps: list[tuple[int, int, Any, bytes]] = [first]
+        self._state = [0, 0, first[2].copy(), b""]
+        self._pos = 0
+
+    def _fail(self, why: str) -> CorruptFile:
+        return CorruptFile(f"zip member {self._member}: cannot decompress it ({why})"[:300], self._path)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._usize}[whence]
+        if base + pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + pos
+        return self._pos
+
+    def _produce(self, n: int) -> bytes:
+        """Up to n decompressed bytes from the current state, which moves past them."""
+        upos, cpos, d, tail = self._state
+        out: list[bytes] = []
+        got = 0
+        while got < n:
+            if tail:
+                data = tail
+            else:
+                want = min(self.IN_STEP, self._csize - cpos)
+                data = os.pread(self._fd, want, self._start + cpos) if want > 0 else b""
+                cpos += len(data)
+                if not data and d.eof:
+                    break
+            try:
+                chunk = d.decompress(data, n - got) if data else d.flush()
+            except self._zlib.error as e:
+                raise self._fail(str(e)) from None
+            tail = d.unconsumed_tail
+            if not chunk and not data:
+                raise self._fail(f"data ends at byte {upos} of {self._usize} (truncated?)")
+            out.append(chunk)
+            got += len(chunk)
+            upos += len(chunk)
+            if upos >= self._snaps[-1][0] + self._spacing:
+                self._snaps.append((upos, cpos, d.copy(), tail))
+            if d.eof:
+                break
+        self._state = [upos, cpos, d, tail]
+        return b"".join(out)
+
+    def _goto(self, target: int) -> None:
+        if not (self._snaps[-1][0] <= self._state[0] <= target):
+            i = max(k for k, snap in enumerate(self._snaps) if snap[0] <= target)
+            upos, cpos, d, tail = self._snaps[i]
+            if not (upos <= self._state[0] <= target):
+                self._state = [upos, cpos, d.copy(), tail]
+        while self._state[0] < target:
+            if not self._produce(min(self.SKIP_STEP, target - self._state[0])):
+                raise self._fail(f"data ends at byte {self._state[0]} of {self._usize} (truncated?)")
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._usize - self._pos))
+        if not n:
+            return 0
+        self._goto(self._pos)
+        data = self._produce(n)
+        if len(data) < n:
+            raise self._fail(f"data ends at byte {self._pos + len(data)} of {self._usize} (truncated?)")
+        memoryview(b)[:n] = data
+        self._pos += n
+        return n
+
+
 def _member_start(fd: int, zinfo: zipfile.ZipInfo, file_size: int, path) -> int:
     """Offset in the zip file of a member's first data byte, from its local file header."""
     head = os.pread(fd, _LOCAL_HEADER.size, zinfo.header_offset)
@@ -279,10 +381,16 @@ class KerasZipReader(HDF5Reader):
             self._stream = _Window(fd, start, zinfo.file_size)
         else:
             method = _METHODS.get(zinfo.compress_type, f"method {zinfo.compress_type}")
-            try:
-                self._stream = _Inflating(zf.open(zinfo), zinfo.filename, self.path)
-            except _ZIP_ERRORS as e:
-                raise CorruptFile(f"zip member {zinfo.filename} ({method}) cannot be read ({e})", self.path) from None
+            if zinfo.compress_type == zipfile.ZIP_DEFLATED:
+                fd = self._fdesc()
+                start = _member_start(fd, zinfo, os.fstat(fd).st_size, self.path)
+                self._stream = _Inflater(fd, start, zinfo.compress_size, zinfo.file_size, zinfo.filename, self.path)
+            else:  # bzip2, lzma: zipfile's stream (a seek backwards decompresses again from the start)
+                try:
+                    self._stream = _Inflating(zf.open(zinfo), zinfo.filename, self.path)
+                except _ZIP_ERRORS as e:
+                    raise CorruptFile(f"zip member {zinfo.filename} ({method}) cannot be read ({e})",
+                                      self.path) from None
             self.base_offset = None  # no file offsets: every read goes through the decompressor
             self._zip_warnings.append(
                 f"{zinfo.filename} is compressed ({method}), not stored as Keras writes it: read through the "
@@ -325,7 +433,7 @@ class KerasZipReader(HDF5Reader):
         try:
             super().close()  # the h5py file first, then the stream it reads
         finally:
-            if self._stream is not None and not isinstance(self._stream, _Window):
+            if isinstance(self._stream, _Inflating):
                 self._stream.close()
             self._stream = None
             if self._zip is not None:
