@@ -216,8 +216,7 @@ def test_real_average_of_keras_files(tmp_path):
 def test_real_scan_says_no_pickle():
     r = run("scan", KERAS_DIR / "best.keras", "--format", "json")
     assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    rows = doc if isinstance(doc, list) else doc["results"]
+    rows = json.loads(r.stdout)
     assert rows[0]["verdict"] == "safe" and rows[0]["pickle"] is False and rows[0]["format"] == "keras"
     assert "no pickle" in rows[0]["note"]
 
@@ -459,6 +458,10 @@ def test_sharded_weights_json_is_one_checkpoint(tmp_path):
     r = run("diff", single, index)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"equal (bit-exact): {len(arrays)} tensors" in r.stdout
+    r = run("scan", index, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)[0]
+    assert (row["format"], row["verdict"], row["pickle"]) == ("keras-sharded", "safe", False)
 
 
 def test_sharded_unnamed_continuation_shard_is_included(tmp_path):
@@ -565,8 +568,7 @@ def test_scan_flags_lambda_bytecode_in_config(tmp_path):
             dst.writestr(n, data)
     r = run("scan", lam, "--format", "json")
     assert r.returncode != 0
-    doc = json.loads(r.stdout)
-    rows = doc if isinstance(doc, list) else doc["results"]
+    rows = json.loads(r.stdout)
     assert rows[0]["verdict"] == "dangerous" and rows[0]["pickle"] is False
     assert "__lambda__" in rows[0]["globals"][0]["name"]
     ok = run("scan", p)
