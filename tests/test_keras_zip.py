@@ -567,7 +567,7 @@ def test_scan_flags_lambda_bytecode_in_config(tmp_path):
                 data = json.dumps(cfg).encode()
             dst.writestr(n, data)
     r = run("scan", lam, "--format", "json")
-    assert r.returncode != 0
+    assert r.returncode == 1, r.stderr
     rows = json.loads(r.stdout)
     assert rows[0]["verdict"] == "dangerous" and rows[0]["pickle"] is False
     assert "__lambda__" in rows[0]["globals"][0]["name"]
