@@ -333,7 +333,6 @@ class KerasZipReader(HDF5Reader):
         self._stream = None  # the file object h5py reads
         self._member: str = WEIGHTS_MEMBER
         self._zip_warnings: list[str] = []
-        self._json: tuple[dict | None, dict | None] = (None, None)
 
     # -- the archive ---------------------------------------------------------------------------
     def _open_zip(self) -> zipfile.ZipFile:
@@ -392,9 +391,9 @@ class KerasZipReader(HDF5Reader):
                     raise CorruptFile(f"zip member {zinfo.filename} ({method}) cannot be read ({e})",
                                       self.path) from None
             self.base_offset = None  # no file offsets: every read goes through the decompressor
-            self._zip_warnings.append(
+            self._zip_warnings = [
                 f"{zinfo.filename} is compressed ({method}), not stored as Keras writes it: read through the "
-                "decompressor (slower; no zero-copy convert)")
+                "decompressor (slower; no zero-copy convert)"]
         return h5py.File(self._stream, "r")
 
     def _file(self):
