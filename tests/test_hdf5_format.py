@@ -356,3 +356,36 @@ def test_real_hf_tf_model_h5():
             assert all_bytes(r, t.name) == le_bytes(ds[()])
     res = run("inspect", p, "--format", "json")
     assert res.returncode == 0 and json.loads(res.stdout)["kind"] == "hf-tf"
+
+
+def test_hdf5_inside_a_container_file(tmp_path):
+    """The `_open_h5` hook and `base_offset`: an HDF5 file stored at byte N of another file is
+    listed through a file object over that window, and its contiguous data addressed in the
+    container (what the .keras reader builds on)."""
+    import io
+
+    from ckptctl.formats.keras_zip import _Window
+
+    a = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    b = np.arange(7, dtype=">i4")  # big-endian: read through h5py, no byte range
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f["a"] = a
+        f["g/b"] = b
+    prefix = b"\xab" * 4099
+    box = tmp_path / "box.bin"
+    box.write_bytes(prefix + buf.getvalue() + b"\xcd" * 100)
+
+    class Boxed(HDF5Reader):
+        def _open_h5(self, h5py):
+            self.base_offset = len(prefix)
+            return h5py.File(_Window(self._fdesc(), len(prefix), len(buf.getvalue())), "r")
+
+    with Boxed(box) as r:
+        assert [t.name for t in r.info().tensors] == ["a", "g/b"]
+        f, off, n = r.byte_range("a")
+        assert (f, n) == (str(box), a.nbytes) and off > len(prefix)
+        assert box.read_bytes()[off:off + n] == a.tobytes()
+        assert b"".join(r.iter_chunks("a")) == a.tobytes()
+        assert r.byte_range("g/b") is None
+        assert b"".join(r.iter_chunks("g/b")) == b.astype("<i4").tobytes()

@@ -23,6 +23,8 @@ READERS: dict[str, tuple[str, str]] = {
     "hdf5": ("ckptctl.formats.hdf5", "HDF5Reader"),
     "sharded": ("ckptctl.formats.sharded", "ShardedReader"),
     "dcp": ("ckptctl.formats.dcp", "DCPReader"),
+    "keras": ("ckptctl.formats.keras_zip", "KerasZipReader"),
+    "keras-sharded": ("ckptctl.formats.keras_zip", "KerasShardedReader"),
 }
 
 # target format -> (module, writer class); filled in by the convert work
@@ -45,7 +47,8 @@ MODEL_FILES = (
     "model.h5",
     "model.weights.h5",
 )
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".distcp")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".distcp", ".keras")
+KERAS_INDEX_SUFFIX = ".weights.json"  # Keras 3 sharded weights: index beside <base>_0000K.weights.h5
 
 # well-known magics of things people mistake for checkpoints
 _OTHER_MAGIC = [
@@ -123,10 +126,9 @@ def _sniff_zip(path: Path) -> str:
         raise UnknownFormat("a TorchScript archive, not a checkpoint: it holds code, not only weights", path)
     if "data.pkl" in base:
         return "torch-zip"
-    if "config.json" in names and any(n.endswith(".weights.h5") for n in names):
-        raise UnknownFormat(
-            "a Keras .keras archive; unzip it and inspect its model.weights.h5", path
-        )
+    if "config.json" in names and ("metadata.json" in names or any(
+            n.endswith((".weights.h5", ".weights.npz", ".weights.json")) for n in names)):
+        return "keras"  # a Keras 3 .keras archive (its reader says what is wrong inside)
     if any(n.endswith(".pkl") for n in names):
         raise UnknownFormat("a zip archive holding a pickle, but not PyTorch's layout", path)
     raise UnknownFormat("a zip archive, but not a PyTorch checkpoint", path)
@@ -141,6 +143,12 @@ def _sniff_dir(path: Path) -> tuple[str, Path]:
         hits = [e for e in entries if e.endswith(suffix)]
         if hits:
             return "sharded", path / hits[0]
+    keras_idx = [e for e in entries if e.endswith(KERAS_INDEX_SUFFIX) and (path / e).is_file()]
+    if len(keras_idx) == 1:
+        return "keras-sharded", path / keras_idx[0]
+    if keras_idx:
+        raise UnknownFormat(f"a folder with {len(keras_idx)} Keras shard indexes ({KERAS_INDEX_SUFFIX}); "
+                            "name one of them", path)
     for name in MODEL_FILES:
         if (path / name).is_file():
             return sniff(path / name), path / name
@@ -200,6 +208,8 @@ def sniff(path: str | os.PathLike) -> str:
             return "safetensors"
     if p.name.endswith(INDEX_SUFFIXES) and head.lstrip()[:1] == b"{":
         return "sharded"
+    if p.name.endswith(KERAS_INDEX_SUFFIX) and head.lstrip()[:1] == b"{":
+        return "keras-sharded"
     if _is_pickle(head):
         return "torch-legacy" if _is_legacy_torch(head) else "pickle"
     if len(head) < 8 and p.suffix == ".safetensors":

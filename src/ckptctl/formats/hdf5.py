@@ -96,6 +96,9 @@ def _json_attr(attrs, name: str) -> dict | None:
 
 class HDF5Reader(Reader):
     format = "hdf5"
+    # where the HDF5 file's byte 0 lies in self.path: 0, or further in for an HDF5 file stored in
+    # a container (a .keras zip member); None when its bytes are not stored as they are (compressed)
+    base_offset: int | None = 0
 
     def __init__(self, path):
         super().__init__(path)
@@ -112,13 +115,7 @@ class HDF5Reader(Reader):
             if not os.access(self.path, os.R_OK):
                 raise NotFound("permission denied", self.path)
             try:
-                try:
-                    self._f = h5py.File(self.path, "r")
-                except OSError as e:
-                    # HDF5 keeps one handle per file in a process: match another opener's flags
-                    if "locking flag" not in str(e):
-                        raise
-                    self._f = h5py.File(self.path, "r", locking=False)
+                self._f = self._open_h5(h5py)
             except PermissionError:
                 raise NotFound("permission denied", self.path) from None
             except OSError as e:
@@ -126,6 +123,16 @@ class HDF5Reader(Reader):
                     raise NotFound("permission denied", self.path) from None
                 raise CorruptFile(f"not a readable HDF5 file ({_h5msg(e)})", self.path) from None
         return self._f
+
+    def _open_h5(self, h5py):
+        """The h5py.File to list and read; a subclass may open one over a file object instead."""
+        try:
+            return h5py.File(self.path, "r")
+        except OSError as e:
+            # HDF5 keeps one handle per file in a process: match another opener's flags
+            if "locking flag" not in str(e):
+                raise
+            return h5py.File(self.path, "r", locking=False)
 
     def _fdesc(self) -> int:
         if self._fd is None:
@@ -308,7 +315,9 @@ class HDF5Reader(Reader):
                 what = str(dt)
             return ObjectInfo(path, f"hdf5.Dataset ({what}, shape {list(shape)})")
         nbytes = dtypes.nbytes(d, shape)
-        return TensorInfo(path, d.name, shape, nbytes, loc=_Loc("/" + path, out_dt, self._offset(ds, dt, nbytes, h5py), nbytes))
+        off = self._offset(ds, dt, nbytes, h5py) if self.base_offset is not None else None
+        off = None if off is None else self.base_offset + off
+        return TensorInfo(path, d.name, shape, nbytes, loc=_Loc("/" + path, out_dt, off, nbytes))
 
     @staticmethod
     def _offset(ds, dt, nbytes: int, h5py) -> int | None:

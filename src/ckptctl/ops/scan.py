@@ -164,6 +164,8 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
         return res
     if fmt == "sharded":
         return _scan_sharded(p, res, target)
+    if fmt in ("keras", "keras-sharded"):
+        return _scan_keras(res, fmt, target)
     try:
         with open_reader(target) as reader:
             info = reader.info()
@@ -248,6 +250,21 @@ def _scan_sharded(p: str, res: ScanResult, index: Path) -> ScanResult:
     res.globals = _classified(names)
     if errors:
         res.error = "; ".join(errors)
+    return res
+
+
+def _scan_keras(res: ScanResult, fmt: str, target: Path) -> ScanResult:
+    """A Keras archive or weights set holds no pickle; a .keras config may hold Lambda bytecode."""
+    res.pickle = False
+    res.note = ("no pickle: a zip of JSON config and HDF5 weights" if fmt == "keras"
+                else "no pickle: a JSON index and HDF5 weight shards")
+    if fmt == "keras":
+        from ckptctl.formats.keras_zip import config_code
+
+        try:
+            res.globals = [(what, "dangerous") for what in config_code(target)]
+        except CkptError as e:
+            res.error = e.message
     return res
 
 
