@@ -99,6 +99,7 @@ class RunCheckpoint:
     best_of_run: list[str] = field(default_factory=list)  # "trainer_state best_model_checkpoint", ...
     best_ref: dict[str, Any] | None = None  # what this checkpoint says is the run's best
     dirs: list[Path] = field(default_factory=list)  # folders to remove after its files (deepest first)
+    copies: list[Path] = field(default_factory=list)  # last/best copies folded into it as aliases
 
     @property
     def name(self) -> str:
@@ -192,7 +193,7 @@ class RunCheckpoint:
             "tensor_bytes": self.tensor_bytes,
             "dtypes": self.dtype_mix,
             "has_optimizer": self.has_optimizer,
-            "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+            "metrics": dict(self.metrics),  # NaN/Inf as floats: print_json writes them strictly
             "aliases": self.aliases,
             "role": self.role,
             "best_of_run": self.best_of_run,
@@ -203,8 +204,10 @@ class RunCheckpoint:
         }
 
 
-def _json_float(v: float) -> float | str:
-    return v if math.isfinite(v) else str(v)
+def bytes_on_disk(ckpts: list[RunCheckpoint]) -> int:
+    """What `du -b` counts for these checkpoints: their files and the copies folded into them as
+    aliases (a real last.ckpt copy), each inode once (hard links), symlinks not followed."""
+    return _file_stats([f for c in ckpts for f in c.files + c.copies])[1]
 
 
 def _head(name: str) -> str:
@@ -1077,6 +1080,7 @@ def _resolve_copies(run: Run) -> None:
         if twin is not None:
             twin.aliases.append(c.path.name)
             twin.aliases.extend(c.aliases)
+            twin.copies.extend(c.files + c.copies)
             run.ignored.append(c.path)
         else:
             c.role = role
