@@ -349,6 +349,8 @@ def test_best_direction_nan_and_errors(two_runs, tmp_path):
     assert r.returncode == 0
     assert [x["step"] for x in strict_loads(r.stdout)] == [3]
     assert "allbad" in r.stderr and "NaN or Inf" in r.stderr
+    # sorted by it, -inf does not come out on top either: non-finite values go last with NaN
+    assert [x["step"] for x in strict_loads(run("ls", bad, "--sort", "eval_loss", "-f", "json").stdout)] == [3, 1, 2]
     for args, needle in ((["--best", "nope"], "nope"), (["--mode", "max"], "--best")):
         r = run("ls", a, *args)
         assert r.returncode == 2 and r.stdout == "" and needle in r.stderr and "Traceback" not in r.stderr

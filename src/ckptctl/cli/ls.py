@@ -79,8 +79,8 @@ def _sort(ckpts, key: str, reverse: bool):
         out = sorted(ckpts, key=lambda c: (c.size, os.fspath(c.path)))
     elif key == "name":
         out = sorted(ckpts, key=lambda c: os.fspath(c.path))
-    else:  # a metric: checkpoints without it (or NaN) last, whatever the direction
-        have = [c for c in ckpts if key in c.metrics and not math.isnan(c.metrics[key])]
+    else:  # a metric: checkpoints without it (or NaN/Inf) last, whatever the direction
+        have = [c for c in ckpts if key in c.metrics and math.isfinite(c.metrics[key])]
         rest = [c for c in ckpts if c not in have]
         have.sort(key=lambda c: (c.metrics[key], sort_key(c)), reverse=reverse)
         return have + sorted(rest, key=sort_key)
@@ -182,6 +182,7 @@ def register(app: typer.Typer) -> None:
                 d["shown"] = _display_path(c, r)
                 d["_c"] = c
                 rows.append(d)
+        run_order = list(dict.fromkeys(d["run"] for d in rows))  # footer lines in the order given
         heading = None
         if best is not None:
             rows, heading = _best_rows(rows, best, mode.value if mode else None, known - set(SORTS))
@@ -195,7 +196,7 @@ def register(app: typer.Typer) -> None:
                 d.pop("_c")
             output.print_json(rows)
             return
-        _render(rows, fmt.value, multi, heading)
+        _render(rows, fmt.value, multi, heading, run_order)
 
 
 def _best_rows(rows: list[dict], metric: str, mode: str | None, metrics: set[str]) -> tuple[list[dict], str]:
@@ -233,7 +234,8 @@ def _best_rows(rows: list[dict], metric: str, mode: str | None, metrics: set[str
     return picked, f"best {metric} ({'lowest' if mode == 'min' else 'highest'}) of each run"
 
 
-def _render(rows: list[dict], fmt: str, multi: bool, heading: str | None = None) -> None:
+def _render(rows: list[dict], fmt: str, multi: bool, heading: str | None = None,
+            run_order: list[str] | None = None) -> None:
     from ckptctl.ops.runs import bytes_on_disk
 
     wide = output.STATE.wide
@@ -284,7 +286,8 @@ def _render(rows: list[dict], fmt: str, multi: bool, heading: str | None = None)
         output.render_rows(rows, cols, "csv")
         return
     # on disk as du counts it: a last.ckpt copy folded into its twin too, each inode once
-    ckpts = {d["run"]: [] for d in rows}
+    ckpts: dict[str, list] = {r: [] for r in (run_order or []) if any(d["run"] == r for d in rows)}
+    ckpts.update({d["run"]: [] for d in rows if d["run"] not in ckpts})
     for d in rows:
         ckpts[d["run"]].append(d.pop("_c"))
     if any(d["notes"] for d in rows):
