@@ -398,3 +398,18 @@ def test_on_disk_total_counts_like_du(tmp_path, fmt):
     assert per[os.fspath(root)] == f"{du / 1000:.1f} kB"
     assert per[os.fspath(other)] == f"{_du_bytes(other) / 1000:.1f} kB"
     assert _footer_kb(r.stdout) == f"{(du + _du_bytes(other)) / 1000:.1f} kB"
+
+
+def test_a_trainer_state_with_an_overflowing_number_does_not_break_the_others(tmp_path):
+    root = tmp_path / "runs"
+    hf_run(root / "odd", steps=(10,))
+    st = root / "odd" / "checkpoint-10" / "trainer_state.json"
+    doc = json.loads(st.read_text())
+    doc["log_history"].append({"step": 10, "total_flos": 10**400, "eval_loss": 0.25})  # json reads it as an int
+    st.write_text(json.dumps(doc))
+    st_run(root / "plain", steps=(1,))
+    r = run("ls", root, "-R", "-f", "json")
+    assert r.returncode == 0, r.stderr
+    rows = {Path(x["path"]).name: x for x in strict_loads(r.stdout)}
+    assert rows["checkpoint-10"]["metrics"]["eval_loss"] == 0.25 and "total_flos" not in rows["checkpoint-10"]["metrics"]
+    assert "model_00000001.safetensors" in rows

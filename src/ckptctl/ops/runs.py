@@ -865,7 +865,9 @@ def _trainer_state(c: RunCheckpoint) -> None:
         for k, v in entry.items():
             if k in ("step", "epoch") or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
-            c.metrics[k] = float(v)
+            f = _as_float(v)  # an int too big for a float is not a metric (float() would raise)
+            if f is not None:
+                c.metrics[k] = f
     best = doc.get("best_model_checkpoint")
     if isinstance(best, str) and best:
         ref: dict[str, Any] = {"source": "trainer_state best_model_checkpoint", "path": best}
@@ -1047,7 +1049,10 @@ def _as_float(v: Any) -> float | None:
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:
+            return None
     if isinstance(v, str):
         s = v.strip()
         if re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", s, re.I):
