@@ -81,3 +81,16 @@ def test_prune_json_of_a_nan_run_is_strict(tmp_path):
     assert by["checkpoint-10"]["metrics"]["eval_loss"] == 0.5
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]  # dry run
 
+
+
+def test_print_json_fast_path_and_strict_path_agree(capsys):
+    """A document without NaN/Inf is encoded directly; one with them through strict_json: a numpy
+    NaN that only turns into a float while encoding still takes the strict path."""
+    doc = {"s": {3, 1, 2}, "t": (1, 2.5), "b": b"\x00\xff", "i": np.int32(7), "f": np.float32(0.5), 3: "k"}
+    output.print_json(doc)
+    fast = capsys.readouterr().out
+    assert strict_loads(fast) == output.strict_json(doc) == {"s": [1, 2, 3], "t": [1, 2.5], "b": "00ff", "i": 7,
+                                                              "f": 0.5, "3": "k"}
+    output.print_json({"x": np.float32("nan"), "y": [np.float64("-inf")]})
+    assert strict_loads(capsys.readouterr().out) == {"x": None, "y": [None],
+                                                      "nonfinite": {"x": "nan", "y.0": "-inf"}}

@@ -172,7 +172,10 @@ _JSON_CTRL = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
 
 def print_json(obj: Any) -> None:
     """`obj` as strict JSON on stdout (RFC 8259: no bare NaN/Infinity), see strict_json()."""
-    text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    try:  # most documents hold no NaN/Inf: encode them as they are (the walk costs ~50% more)
+        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:  # a non-finite float (or a cycle): rewrite the document strictly
+        text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(text.translate(_JSON_CTRL) + "\n")
 
 
@@ -223,7 +226,7 @@ def _strict(o: Any, marks: dict[str, str] | None, path: str, depth: int) -> Any:
             out[slot] = {**prev, **own} if isinstance(prev, dict) else own
         return out
     if isinstance(o, (list, tuple, set, frozenset)):
-        items = sorted(o, key=repr) if isinstance(o, (set, frozenset)) else o
+        items = _json_default(o) if isinstance(o, (set, frozenset)) else o
         return [_strict(v, marks, f"{path}.{i}", depth + 1) for i, v in enumerate(items)]
     return _strict(_json_default(o), marks, path, depth + 1)
 
@@ -238,7 +241,9 @@ def _json_key(k: Any) -> str:
 
 
 def _json_default(o: Any):
-    if isinstance(o, (set, frozenset, tuple)):
+    if isinstance(o, (set, frozenset)):
+        return sorted(o, key=repr)
+    if isinstance(o, tuple):
         return list(o)
     if isinstance(o, bytes):
         return o.hex()
