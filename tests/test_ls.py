@@ -208,3 +208,208 @@ def test_real_fixture_folders():
             assert row["error"] is None or "\n" not in row["error"]
     sharded = json.loads(run("ls", REAL / "safetensors_sharded" / "fluxml", "-f", "json").stdout)
     assert len(sharded) == 1 and sharded[0]["num_files"] == 7 and sharded[0]["format"] == "sharded"
+
+
+# ---- issue 16: NaN/Inf metrics, ranking across runs, --best, du-like totals ----------------------
+NAN, INF = float("nan"), float("inf")
+
+
+def _no_constants(name):
+    raise ValueError(f"bare {name} in JSON output")
+
+
+def strict_loads(text: str):
+    """json.loads that rejects NaN/Infinity, as jq and strict parsers do."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
+@pytest.fixture
+def nan_runs(tmp_path) -> Path:
+    """A folder of runs as a user debugging a divergence has them: an HF Trainer run whose
+    trainer_state.json logged eval_loss NaN and Infinity (Python's json writes them bare), a
+    Lightning run whose ModelCheckpoint state has current_score / best_model_score NaN, and a
+    healthy run."""
+    from run_builders import lightning_ckpt
+
+    root = tmp_path / "runs"
+    hf_run(root / "hf", steps=(500, 1000, 1500, 2000), eval_loss={500: 0.9, 1000: NAN, 1500: INF, 2000: 0.5})
+    assert "NaN" in (root / "hf" / "checkpoint-1000" / "trainer_state.json").read_text()
+    assert "Infinity" in (root / "hf" / "checkpoint-1500" / "trainer_state.json").read_text()
+    pl = root / "pl"
+    pl.mkdir()
+    lightning_ckpt(pl / "epoch=0-step=100.ckpt", 0, 100, 0.7, str(pl / "epoch=0-step=100.ckpt"), 0.7)
+    lightning_ckpt(pl / "epoch=1-step=200.ckpt", 1, 200, NAN, str(pl / "epoch=0-step=100.ckpt"), NAN)
+    lightning_ckpt(pl / "epoch=2-step=300.ckpt", 2, 300, -INF, str(pl / "epoch=0-step=100.ckpt"), NAN)
+    st_run(root / "plain", steps=(1, 2), values={1: 0.25, 2: 0.125})
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "markdown"])
+def test_nan_and_inf_metrics_list_in_every_text_format(nan_runs, fmt):
+    for folder in ("hf", "pl"):
+        r = run("ls", nan_runs / folder, "-f", fmt)
+        assert r.returncode == 0, r.stderr
+        assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    hf = run("ls", nan_runs / "hf", "-f", fmt).stdout
+    pl = run("ls", nan_runs / "pl", "-f", fmt).stdout
+    assert "eval_loss=nan" in hf and "eval_loss=inf" in hf and "eval_loss=0.5" in hf
+    assert "val_loss=nan" in pl and "val_loss=-inf" in pl
+    if fmt == "csv":  # exact values: the float32 score 0.7 as it is stored
+        rows = {Path(x["path"]).name: x for x in csv.DictReader(io.StringIO(hf))}
+        assert "eval_loss=nan" in rows["checkpoint-1000"]["metrics"].split()
+        assert "eval_loss=inf" in rows["checkpoint-1500"]["metrics"].split()
+        rows = {Path(x["path"]).name: x for x in csv.DictReader(io.StringIO(pl))}
+        assert rows["epoch=0-step=100.ckpt"]["metrics"] == f"val_loss={float(np.float32(0.7))!r}"
+        assert rows["epoch=1-step=200.ckpt"]["metrics"] == "val_loss=nan"
+    else:
+        assert "val_loss=0.7" in pl
+
+
+def test_nan_metrics_json_is_strict_and_typed(nan_runs):
+    r = run("ls", nan_runs / "hf", nan_runs / "pl", "-f", "json")
+    assert r.returncode == 0, r.stderr
+    rows = {Path(x["path"]).name: x for x in strict_loads(r.stdout)}
+    m = rows["checkpoint-1000"]["metrics"]
+    assert m["eval_loss"] is None and m["nonfinite"] == {"eval_loss": "nan"}
+    assert m["loss"] == pytest.approx(1.9)  # the finite ones stay numbers
+    assert rows["checkpoint-1500"]["metrics"]["eval_loss"] is None
+    assert rows["checkpoint-1500"]["metrics"]["nonfinite"] == {"eval_loss": "inf"}
+    assert rows["checkpoint-2000"]["metrics"]["eval_loss"] == 0.5 and "nonfinite" not in rows["checkpoint-2000"]["metrics"]
+    assert rows["epoch=1-step=200.ckpt"]["metrics"] == {"val_loss": None, "nonfinite": {"val_loss": "nan"}}
+    assert rows["epoch=2-step=300.ckpt"]["metrics"] == {"val_loss": None, "nonfinite": {"val_loss": "-inf"}}
+    for row in rows.values():  # one type per field: a number or null
+        for k, v in row["metrics"].items():
+            assert k == "nonfinite" or v is None or isinstance(v, (int, float)), (k, v)
+
+
+def test_one_nan_run_does_not_break_recursive_listing(nan_runs):
+    r = run("ls", nan_runs, "-R")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    shown = [ln.split()[1] for ln in r.stdout.splitlines()[2:] if ln.split() and ln.split()[0].isdigit() and "on disk" not in ln]
+    assert len(shown) == 4 + 3 + 2, r.stdout  # every run's checkpoints, the healthy one included
+    assert any(s.startswith("plain/model_") for s in shown)
+    j = run("ls", nan_runs, "-R", "-f", "json")
+    assert len(strict_loads(j.stdout)) == 9
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = hf_run(tmp_path / "run-a", steps=(10, 20, 30), eval_loss={10: 0.9, 20: 0.3, 30: 0.5})
+    b = hf_run(tmp_path / "run-b", steps=(10, 20, 30), eval_loss={10: 0.4, 20: NAN, 30: 0.2})
+    return a, b
+
+
+EXPECT_UNION = [("run-b", 30), ("run-a", 20), ("run-b", 10), ("run-a", 30), ("run-a", 10), ("run-b", 20)]
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "table", "markdown"])
+def test_sort_by_metric_ranks_across_all_runs(two_runs, fmt):
+    r = run("ls", *two_runs, "--sort", "eval_loss", "-f", fmt)
+    assert r.returncode == 0, r.stderr
+    if fmt == "json":
+        got = [(Path(x["run"]).name, x["step"]) for x in strict_loads(r.stdout)]
+    elif fmt == "csv":
+        got = [(Path(x["run"]).name, int(x["step"])) for x in csv.DictReader(io.StringIO(r.stdout))]
+    else:
+        lines = [ln.strip("| ").replace("|", " ").split() for ln in r.stdout.splitlines()]
+        assert lines[0][:3] == ["run", "step", "path"]  # a run column names each row's run
+        got = [(Path(ln[0]).name, int(ln[1])) for ln in lines if len(ln) > 2 and ln[1].isdigit() and not ln[0].endswith(":")]
+    assert got == EXPECT_UNION  # NaN last, whatever run it is in
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "table", "markdown"])
+def test_best_per_run(two_runs, fmt):
+    r = run("ls", *two_runs, "--best", "eval_loss", "-f", fmt)
+    assert r.returncode == 0, r.stderr
+    if fmt == "json":
+        got = [(Path(x["run"]).name, x["step"]) for x in strict_loads(r.stdout)]
+    elif fmt == "csv":
+        got = [(Path(x["run"]).name, int(x["step"])) for x in csv.DictReader(io.StringIO(r.stdout))]
+    else:
+        lines = [ln.strip("| ").replace("|", " ").split() for ln in r.stdout.splitlines()]
+        got = [(Path(ln[0]).name, int(ln[1])) for ln in lines if len(ln) > 2 and ln[1].isdigit() and not ln[0].endswith(":")]
+        assert "best eval_loss (lowest) of each run: 2 checkpoints" in r.stdout
+    assert got == [("run-a", 20), ("run-b", 30)]
+    assert r.stderr == ""
+
+
+def test_best_direction_nan_and_errors(two_runs, tmp_path):
+    a, b = two_runs
+    hi = [(Path(x["run"]).name, x["step"]) for x in
+          strict_loads(run("ls", a, b, "--best", "eval_loss", "--mode", "max", "-f", "json").stdout)]
+    assert hi == [("run-a", 10), ("run-b", 10)]  # b's NaN at step 20 is never "best"
+    # a metric whose name says higher is better
+    acc = st_run(tmp_path / "acc", steps=(1, 2, 3), metric="eval_accuracy", values={1: 0.5, 2: 0.8, 3: 0.7})
+    assert [x["step"] for x in strict_loads(run("ls", acc, "--best", "eval_accuracy", "-f", "json").stdout)] == [2]
+    # -inf is not the lowest loss, NaN is not a loss: a run with nothing finite is said so
+    bad = st_run(tmp_path / "bad", steps=(1, 2, 3), values={1: NAN, 2: -INF, 3: 0.6})
+    allbad = st_run(tmp_path / "allbad", steps=(1,), values={1: NAN})
+    r = run("ls", bad, allbad, "--best", "eval_loss", "-f", "json")
+    assert r.returncode == 0
+    assert [x["step"] for x in strict_loads(r.stdout)] == [3]
+    assert "allbad" in r.stderr and "NaN or Inf" in r.stderr
+    # sorted by it, -inf does not come out on top either: non-finite values go last with NaN
+    assert [x["step"] for x in strict_loads(run("ls", bad, "--sort", "eval_loss", "-f", "json").stdout)] == [3, 1, 2]
+    for args, needle in ((["--best", "nope"], "nope"), (["--mode", "max"], "--best")):
+        r = run("ls", a, *args)
+        assert r.returncode == 2 and r.stdout == "" and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def _du_bytes(root: Path) -> int:
+    """What `du -sb` counts for the files under root: each regular file's inode once, symlinks
+    not followed (du also adds the folders themselves, which are not checkpoint bytes)."""
+    seen, total = set(), 0
+    for dp, dns, fns in os.walk(root):
+        for n in fns:
+            st = os.lstat(Path(dp) / n)
+            if (st.st_dev, st.st_ino) not in seen and not os.path.islink(Path(dp) / n):
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def _footer_kb(text: str) -> str:
+    line = [ln for ln in text.splitlines() if " on disk" in ln][0]
+    return line.split(", ")[1].removesuffix(" on disk")
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown"])
+def test_on_disk_total_counts_like_du(tmp_path, fmt):
+    from run_builders import lightning_run
+
+    root = lightning_run(tmp_path / "ckpts", steps=(100, 200, 300), last="copy")
+    r = run("ls", root, "-f", fmt)
+    assert r.returncode == 0, r.stderr
+    assert "← last.ckpt" in r.stdout  # the copy is shown as an alias of its twin...
+    du = _du_bytes(root)
+    assert du == sum(p.stat().st_size for p in root.iterdir()) and len(list(root.iterdir())) == 4
+    assert _footer_kb(r.stdout) == f"{du / 1000:.1f} kB"  # ...and its bytes are on the disk all the same
+    # a hard link is the same bytes once; a symlink adds nothing
+    os.link(root / "epoch=0-step=100.ckpt", root / "epoch=0-step=100-hardlink.ckpt")
+    os.symlink("epoch=1-step=200.ckpt", root / "best.ckpt")
+    r = run("ls", root, "-f", fmt)
+    assert _du_bytes(root) == du and _footer_kb(r.stdout) == f"{du / 1000:.1f} kB"
+    # several runs: each run's line and the total, as du -sb of each
+    other = lightning_run(tmp_path / "other", steps=(1,), last="copy")
+    r = run("ls", root, other, "-f", fmt)
+    lines = r.stdout.splitlines()
+    per = {ln.split(":")[0].strip(): ln.rsplit(", ", 1)[1] for ln in lines if ln.startswith("  ")}
+    assert per[os.fspath(root)] == f"{du / 1000:.1f} kB"
+    assert per[os.fspath(other)] == f"{_du_bytes(other) / 1000:.1f} kB"
+    assert _footer_kb(r.stdout) == f"{(du + _du_bytes(other)) / 1000:.1f} kB"
+
+
+def test_a_trainer_state_with_an_overflowing_number_does_not_break_the_others(tmp_path):
+    root = tmp_path / "runs"
+    hf_run(root / "odd", steps=(10,))
+    st = root / "odd" / "checkpoint-10" / "trainer_state.json"
+    doc = json.loads(st.read_text())
+    doc["log_history"].append({"step": 10, "total_flos": 10**400, "eval_loss": 0.25})  # json reads it as an int
+    st.write_text(json.dumps(doc))
+    st_run(root / "plain", steps=(1,))
+    r = run("ls", root, "-R", "-f", "json")
+    assert r.returncode == 0, r.stderr
+    rows = {Path(x["path"]).name: x for x in strict_loads(r.stdout)}
+    assert rows["checkpoint-10"]["metrics"]["eval_loss"] == 0.25 and "total_flos" not in rows["checkpoint-10"]["metrics"]
+    assert "model_00000001.safetensors" in rows

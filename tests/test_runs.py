@@ -251,6 +251,19 @@ def test_fairseq_copies(tmp_path):
         assert by["checkpoint_last.pt"].role == "last" and by["checkpoint_best.pt"].role == "best"
 
 
+@needs_torch_reader
+def test_copies_folded_into_aliases_still_count_on_disk(tmp_path):
+    """checkpoint_best.pt / checkpoint_last.pt are real copies: `du` counts them, so must we."""
+    root = fairseq_run(tmp_path / "fs", best_of=1)
+    os.link(root / "checkpoint_1_100.pt", root / "checkpoint_1_100-again.pt")  # same inode, counted once
+    run = scan_run(root)
+    by = {c.path.name: c for c in run.checkpoints}
+    assert [p.name for p in by["checkpoint_3_300.pt"].copies] == ["checkpoint_last.pt"]
+    files = {os.lstat(p).st_ino: os.lstat(p).st_size for p in root.iterdir()}
+    assert len(files) == 5 and runs.bytes_on_disk(run.checkpoints) == sum(files.values())
+    assert runs.bytes_on_disk([by["checkpoint_2_200.pt"]]) == 2 * (root / "checkpoint_2_200.pt").stat().st_size
+
+
 # ---- DCP / Orbax --------------------------------------------------------------------------------
 def test_dcp_step_folders(tmp_path):
     root = dcp_run(tmp_path / "dcp", steps=(100, 200))

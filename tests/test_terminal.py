@@ -421,3 +421,71 @@ def test_bare_ckptctl_lists_commands_and_a_tip():
     for c in command_tree().commands:
         assert c.name in p.stdout
     assert "Tip:" in p.stdout and "ckptctl demo" in p.stdout
+
+
+# ---- narrow terminals (issue 16 point 8) ------------------------------------------------------------
+@pytest.fixture
+def lightning_nan_run(tmp_path) -> Path:
+    """A Lightning run that went NaN, with last.ckpt -> the newest and a best checkpoint."""
+    from run_builders import lightning_run
+
+    return lightning_run(tmp_path / "lightning_logs" / "version_0" / "checkpoints", steps=(100, 200, 300, 400),
+                         val_loss={100: 0.9, 200: 0.35, 300: float("nan"), 400: 0.5})
+
+
+@pytest.mark.parametrize("columns", [100, 80])
+def test_ls_on_a_narrow_terminal_keeps_path_step_metrics_and_notes_whole(lightning_nan_run, columns):
+    rc, out, err = run_tty("ls", lightning_nan_run, columns=columns)
+    assert rc == 0, err
+    lines = visible(out).splitlines()
+    assert all(len(line.rstrip()) <= columns for line in lines), "\n".join(lines)
+    head = lines[0].split()
+    assert head[:2] == ["step", "path"] and "metrics" in head and head[-1] == "notes"
+    assert "dtypes" not in head and "optim" not in head  # the least useful columns went first
+    rows = {line.split()[0]: line for line in lines[1:] if line.split() and line.split()[0].isdigit()
+            and "on disk" not in line}
+    assert sorted(rows, key=int) == ["100", "200", "300", "400"]
+    for step, epoch in (("100", 0), ("200", 1), ("300", 2), ("400", 3)):
+        assert f"epoch={epoch}-step={step}.ckpt" in rows[step]  # whole, not 'epoch=1…44.ckpt'
+    assert "val_loss=0.9" in rows["100"] and "val_loss=0.35" in rows["200"] and "val_loss=nan" in rows["300"]
+    assert "← last.ckpt" in rows["400"] and "best" in rows["200"]
+    assert "…" not in "\n".join(rows.values())
+    assert any(line.startswith("hidden to fit") and "dtypes" in line for line in lines)  # said so
+    # piped, nothing is left out
+    p = run_piped("ls", lightning_nan_run, COLUMNS=str(columns))
+    assert p.returncode == 0 and {"format", "dtypes", "optim", "tensors"} <= set(p.stdout.splitlines()[0].split())
+
+
+def test_ls_on_a_wide_terminal_and_with_wide_shows_every_column(lightning_nan_run):
+    for args, columns in (((), 200), (("--wide",), 100)):
+        rc, out, err = run_tty("ls", lightning_nan_run, *args, columns=columns)
+        assert rc == 0, err
+        text = visible(out)
+        assert {"format", "size", "tensors", "params", "dtypes", "optim", "modified"} <= set(text.split())
+        assert "hidden to fit" not in text
+
+
+def test_fit_widths_gives_way_by_declared_priority():
+    C = output.Column
+    cols = [C("step", "step", priority=9), C("path", "path", name_like=True, priority=9),
+            C("format", "format", priority=3, drop=True), C("size", "size", priority=7),
+            C("dtypes", "dtypes", priority=0, drop=True), C("metrics", "metrics", priority=9),
+            C("modified", "modified", priority=5, drop=True)]
+    cells = [["400", "epoch=3-step=400.ckpt", "torch-zip", "10.3 kB", "float32", "val_loss=0.5 loss=1.7",
+              "2026-12-02 07:56"]]
+    nat = [4, 21, 9, 7, 7, 21, 16]
+    assert output.fit_widths(cols, cells, 200) == nat
+    assert sum(nat) + 12 == 97
+    assert output.fit_widths(cols, cells, 97) == nat  # fits exactly: nothing dropped
+    assert output.fit_widths(cols, cells, 96) == [4, 21, 9, 7, 0, 21, 16]  # dtypes first
+    assert output.fit_widths(cols, cells, 80) == [4, 21, 0, 7, 0, 21, 16]  # then format
+    assert output.fit_widths(cols, cells, 60) == [4, 21, 0, 7, 0, 21, 0]  # then modified
+    # only when nothing droppable is left do the kept columns shrink: the prose first
+    assert output.fit_widths(cols, cells, 58) == [4, 21, 0, 7, 0, 20, 0]
+    assert output.fit_widths(cols, cells, 50) == [4, 21, 0, 7, 0, 12, 0]  # down to its header
+    assert output.fit_widths(cols, cells, 45) == [4, 21, 0, 7, 0, 7, 0]
+    assert output.fit_widths(cols, cells, 40) == [4, 16, 0, 7, 0, 7, 0]  # then the names
+    assert output.fit_widths(cols, cells, 20) == [4, 12, 0, 7, 0, 7, 0]  # no further: the terminal wraps
+    assert output.fit_widths(cols, cells, 35) == [4, 12, 0, 6, 0, 7, 0]  # a short column last of all
+    assert output.fit_widths(cols, cells, 200, wide=True) == nat
+    assert output.fit_widths(cols, cells, 10, wide=True) == nat

@@ -12,6 +12,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.cli.common import FormatOpt, WideOpt, handle_errors
+from ckptctl.cli.prune import Mode
 from ckptctl.cli.complete import metric_completer
 from ckptctl.cli.output import Column, Fmt, clean, human_bytes, human_count
 from ckptctl.errors import NotFound, UsageError
@@ -20,9 +21,12 @@ EXAMPLES = (
     "[bold]Examples[/]\n\n"
     "  ckptctl ls runs/bert-base/\n\n"
     "  ckptctl ls lightning_logs/ --recursive --sort val_loss\n\n"
+    "  ckptctl ls run-a/ run-b/ --sort eval_loss      # ranked across both runs\n\n"
+    "  ckptctl ls run-a/ run-b/ --best eval_loss      # the best checkpoint of each run\n\n"
     "  ckptctl ls run-a/ run-b/ --format json | jq '.[] | {path, step, metrics}'"
 )
 SORTS = ("step", "mtime", "size", "name")
+KEEP = 9  # Column.priority of what a narrow terminal must still show whole
 
 
 def fmt_metrics(metrics: dict[str, float], limit: int | None = 4) -> str:
@@ -39,7 +43,16 @@ def fmt_metrics(metrics: dict[str, float], limit: int | None = 4) -> str:
     keys = sorted((k for k in metrics if not any(n in k.lower() for n in noise)), key=rank)
     if limit is not None and len(keys) > limit:
         keys = keys[:limit]
-    return " ".join(f"{clean(k)}={metrics[k]:.4g}" for k in keys) or "-"
+    return " ".join(f"{clean(k)}={fmt_metric(metrics[k])}" for k in keys) or "-"
+
+
+def fmt_metric(v, spec: str = ".4g") -> str:
+    """A metric for a table: 0.5123, 1.2e+04; non-finite ones as nan, inf, -inf."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return clean(v)
+    if not math.isfinite(v):
+        return output.nonfinite_text(float(v))
+    return format(v, spec)
 
 
 def fmt_time(t: float | None) -> str:
@@ -66,8 +79,8 @@ def _sort(ckpts, key: str, reverse: bool):
         out = sorted(ckpts, key=lambda c: (c.size, os.fspath(c.path)))
     elif key == "name":
         out = sorted(ckpts, key=lambda c: os.fspath(c.path))
-    else:  # a metric: checkpoints without it (or NaN) last, whatever the direction
-        have = [c for c in ckpts if key in c.metrics and not math.isnan(c.metrics[key])]
+    else:  # a metric: checkpoints without it (or NaN/Inf) last, whatever the direction
+        have = [c for c in ckpts if key in c.metrics and math.isfinite(c.metrics[key])]
         rest = [c for c in ckpts if c not in have]
         have.sort(key=lambda c: (c.metrics[key], sort_key(c)), reverse=reverse)
         return have + sorted(rest, key=sort_key)
@@ -106,9 +119,21 @@ def register(app: typer.Typer) -> None:
         recursive: Annotated[
             bool, typer.Option("--recursive", "-R", help="Also look in sub-folders (lightning_logs/version_0/...).")
         ] = False,
+        best: Annotated[
+            str | None, typer.Option("--best", autocompletion=metric_completer(), metavar="METRIC",
+                                     help="Only the best checkpoint of each run by METRIC (e.g. eval_loss); "
+                                     "NaN/Inf never count as best.")
+        ] = None,
+        mode: Annotated[
+            Mode | None, typer.Option("--mode", help="min or max for --best (default: the Lightning "
+                                      "ModelCheckpoint mode, else guessed from the name: loss is min).")
+        ] = None,
         wide: WideOpt = False,
     ) -> None:
         from ckptctl.ops.runs import scan_run
+
+        if mode is not None and best is None:
+            raise UsageError("--mode only applies to --best METRIC")
 
         output.STATE.wide = output.STATE.wide or wide
         runs = []
@@ -157,20 +182,62 @@ def register(app: typer.Typer) -> None:
                 d["shown"] = _display_path(c, r)
                 d["_c"] = c
                 rows.append(d)
+        run_order = list(dict.fromkeys(d["run"] for d in rows))  # footer lines in the order given
+        heading = None
+        if best is not None:
+            rows, heading = _best_rows(rows, best, mode.value if mode else None, known - set(SORTS))
+        # one order over every row of every run given (`ls A B --sort eval_loss` ranks across runs)
         order = _sort([d["_c"] for d in rows], sort, reverse)
         pos = {id(c): i for i, c in enumerate(order)}
         rows.sort(key=lambda d: pos[id(d["_c"])])
-        for d in rows:
-            d.pop("_c")
         if fmt == Fmt.json:
             for d in rows:
                 d.pop("shown")
+                d.pop("_c")
             output.print_json(rows)
             return
-        _render(rows, fmt.value, multi)
+        _render(rows, fmt.value, multi, heading, run_order)
 
 
-def _render(rows: list[dict], fmt: str, multi: bool) -> None:
+def _best_rows(rows: list[dict], metric: str, mode: str | None, metrics: set[str]) -> tuple[list[dict], str]:
+    """The best row of each run by `metric` (finite values only; ties: the later step), and the
+    footer heading that says which way is better."""
+    from ckptctl.ops.prune import _MAX_METRIC, _MIN_METRIC, _callback_mode, guess_mode
+
+    if metric not in metrics:
+        raise UsageError(f"--best {metric!r}: no checkpoint has a metric of that name"
+                         + (f" (metrics found: {', '.join(sorted(metrics))})" if metrics
+                            else " (no checkpoint carries metrics)"))
+    if mode is None:
+        mode = _callback_mode([d["_c"] for d in rows], metric)
+    if mode is None:
+        mode = guess_mode(metric)
+        if not (_MIN_METRIC.search(metric) or _MAX_METRIC.search(metric)):
+            output.note(f"--best {metric}: {'lower' if mode == 'min' else 'higher'} is better "
+                        "(guessed from the name; set --mode min|max to be sure)")
+    sign = 1.0 if mode == "min" else -1.0
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for d in rows:  # a run: a folder given, and within it (--recursive) each folder of checkpoints
+        groups.setdefault((d["run"], os.fspath(d["_c"].run or d["run"])), []).append(d)
+    picked = []
+    for (_, folder), group in groups.items():
+        scored = [d for d in group if isinstance(d["_c"].metrics.get(metric), float)
+                  and math.isfinite(d["_c"].metrics[metric])]
+        if not scored:
+            bad = sum(1 for d in group if metric in d["_c"].metrics)
+            output.warn(f"{folder}: " + (f"every {metric} is NaN or Inf" if bad else f"no checkpoint has {metric}")
+                        + "; no best shown for it")
+            continue
+        picked.append(min(scored, key=lambda d: (sign * d["_c"].metrics[metric], -(d["_c"].step or 0))))
+    if not picked:
+        raise NotFound(f"--best {metric}: no checkpoint has a finite {metric}")
+    return picked, f"best {metric} ({'lowest' if mode == 'min' else 'highest'}) of each run"
+
+
+def _render(rows: list[dict], fmt: str, multi: bool, heading: str | None = None,
+            run_order: list[str] | None = None) -> None:
+    from ckptctl.ops.runs import bytes_on_disk
+
     wide = output.STATE.wide
     for d in rows:
         notes = []
@@ -187,22 +254,27 @@ def _render(rows: list[dict], fmt: str, multi: bool) -> None:
         d["optim"] = {True: "yes", False: "no", None: "-"}[d["has_optimizer"]]
         d["modified"] = fmt_time(d["mtime"])
         d["dtypes_text"] = fmt_dtypes(d["dtypes"])
+    # On a narrow terminal the columns give way by priority (output.fit_widths): run, step, path,
+    # metrics and notes stay whole longest; dtypes, optim, tensors, format, params and modified are
+    # left out, in that order, before any of them is cut.
     cols = []
     if multi:
-        cols.append(Column("run", "run", name_like=True))
-    cols.append(Column("step", "step", human=lambda s: "-" if s is None else str(s), justify="right"))
+        cols.append(Column("run", "run", name_like=True, priority=KEEP))
+    cols.append(Column("step", "step", human=lambda s: "-" if s is None else str(s), justify="right", priority=KEEP))
     if any(d["epoch"] is not None and d["step"] is None for d in rows):  # Keras ModelCheckpoint: epochs only
-        cols.append(Column("epoch", "epoch", human=lambda e: "-" if e is None else str(e), justify="right"))
+        cols.append(Column("epoch", "epoch", human=lambda e: "-" if e is None else str(e), justify="right",
+                           priority=KEEP))
     cols += [
-        Column("shown" if fmt != "csv" else "path", "path", name_like=True),
-        Column("format", "format", human=lambda f: f or "?"),
-        Column("total_bytes", "size", human=human_bytes, justify="right"),
-        Column("num_tensors", "tensors", human=lambda n: "-" if n is None else str(n), justify="right"),
-        Column("num_params", "params", human=human_count, justify="right"),
-        Column("dtypes_text", "dtypes"),
-        Column("optim", "optim"),
-        Column("metrics_text", "metrics"),
-        Column("modified", "modified"),
+        Column("shown" if fmt != "csv" else "path", "path", name_like=True, priority=KEEP),
+        Column("format", "format", human=lambda f: f or "?", priority=3, drop=True),
+        Column("total_bytes", "size", human=human_bytes, justify="right", priority=7),
+        Column("num_tensors", "tensors", human=lambda n: "-" if n is None else str(n), justify="right",
+               priority=2, drop=True),
+        Column("num_params", "params", human=human_count, justify="right", priority=4, drop=True),
+        Column("dtypes_text", "dtypes", priority=0, drop=True),
+        Column("optim", "optim", priority=1, drop=True),
+        Column("metrics_text", "metrics", priority=KEEP),
+        Column("modified", "modified", priority=5, drop=True),
     ]
     if fmt == "csv":  # machine-readable: exact values, one key per column
         for d in rows:
@@ -216,21 +288,23 @@ def _render(rows: list[dict], fmt: str, multi: bool) -> None:
                                    "incomplete", "error")]
         output.render_rows(rows, cols, "csv")
         return
+    # on disk as du counts it: a last.ckpt copy folded into its twin too, each inode once
+    ckpts: dict[str, list] = {r: [] for r in (run_order or []) if any(d["run"] == r for d in rows)}
+    ckpts.update({d["run"]: [] for d in rows if d["run"] not in ckpts})
+    for d in rows:
+        ckpts[d["run"]].append(d.pop("_c"))
     if any(d["notes"] for d in rows):
-        cols.append(Column("notes", "notes"))
+        cols.append(Column("notes", "notes", priority=KEEP))
     if any(d["error"] for d in rows):
-        cols.append(Column("error", "error", human=lambda e: clean(e) if e else ""))
+        cols.append(Column("error", "error", human=lambda e: clean(e) if e else "", priority=6))
     n = len(rows)
-    total = sum(d["total_bytes"] for d in rows)
+    total = bytes_on_disk([c for cs in ckpts.values() for c in cs])
     broken = sum(1 for d in rows if d["error"])
-    footer = [f"{n} checkpoint{'s' if n != 1 else ''}, {human_bytes(total)} on disk"
-              + (f", {broken} unreadable or incomplete" if broken else "")]
+    footer = [(f"{heading}: " if heading else "") + f"{n} checkpoint{'s' if n != 1 else ''}, "
+              f"{human_bytes(total)} on disk" + (f", {broken} unreadable or incomplete" if broken else "")]
     if multi:
-        per: dict[str, list[int]] = {}
-        for d in rows:
-            per.setdefault(d["run"], []).append(d["total_bytes"])
-        footer += [f"  {r}: {len(v)} checkpoint{'s' if len(v) != 1 else ''}, {human_bytes(sum(v))}"
-                   for r, v in per.items()]
+        footer += [f"  {r}: {len(cs)} checkpoint{'s' if len(cs) != 1 else ''}, {human_bytes(bytes_on_disk(cs))}"
+                   for r, cs in ckpts.items()]
     if fmt == "markdown":
         output.render_rows(rows, cols, "markdown")
         import sys

@@ -171,12 +171,79 @@ _JSON_CTRL = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
 
 
 def print_json(obj: Any) -> None:
-    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default)
+    """`obj` as strict JSON on stdout (RFC 8259: no bare NaN/Infinity), see strict_json()."""
+    try:  # most documents hold no NaN/Inf: encode them as they are (the walk costs ~50% more)
+        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:  # a non-finite float (or a cycle): rewrite the document strictly
+        text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False)
     sys.stdout.write(text.translate(_JSON_CTRL) + "\n")
 
 
+NONFINITE_KEY = "nonfinite"
+_PLAIN = (str, int, bool, type(None))
+
+
+def nonfinite_text(v: float) -> str:
+    """'nan', 'inf' or '-inf'."""
+    return "nan" if v != v else ("inf" if v > 0 else "-inf")
+
+
+def strict_json(obj: Any) -> Any:
+    """`obj` made of plain JSON values only, with every non-finite float written as null.
+
+    The nearest enclosing object gets a key "nonfinite" mapping the value's path relative to
+    that object ("eval_loss", or "norms.3" for an item of a list) to "nan", "inf" or "-inf",
+    so a field keeps one type (number or null) and the reason is still in the document:
+        {"eval_loss": NaN, "norms": [1.0, Infinity]}
+     -> {"eval_loss": null, "norms": [1.0, null], "nonfinite": {"eval_loss": "nan", "norms.1": "inf"}}
+    A non-finite value with no enclosing object (an item of a top-level list) is just null.
+    """
+    return _strict(obj, None, "", 0)  # no enclosing object yet: nowhere to say why
+
+
+def _strict(o: Any, marks: dict[str, str] | None, path: str, depth: int) -> Any:
+    if isinstance(o, float):
+        if o == o and o not in (float("inf"), float("-inf")):
+            return float(o)  # a numpy float64 (a float subclass) as a plain float
+        if marks is not None:
+            marks[path] = nonfinite_text(o)
+        return None
+    if isinstance(o, _PLAIN):
+        return o
+    if depth > 200:  # a cycle or absurd nesting: say what it is rather than recurse forever
+        return str(o)
+    if isinstance(o, dict):
+        own: dict[str, str] = {}
+        out: dict[Any, Any] = {}
+        for k, v in o.items():
+            key = k if isinstance(k, str) else _json_key(k)
+            out[key] = _strict(v, own, str(key), depth + 1)
+        if own:
+            slot = NONFINITE_KEY
+            while slot in out and not isinstance(o.get(slot), dict):
+                slot = "_" + slot  # a field of that name that is not ours: never overwrite it
+            prev = out.get(slot)
+            out[slot] = {**prev, **own} if isinstance(prev, dict) else own
+        return out
+    if isinstance(o, (list, tuple, set, frozenset)):
+        items = _json_default(o) if isinstance(o, (set, frozenset)) else o
+        return [_strict(v, marks, f"{path}.{i}", depth + 1) for i, v in enumerate(items)]
+    return _strict(_json_default(o), marks, path, depth + 1)
+
+
+def _json_key(k: Any) -> str:
+    """A dict key as json.dumps would write it (it accepts str, int, float, bool, None)."""
+    if isinstance(k, float):
+        return repr(k) if k == k and abs(k) != float("inf") else nonfinite_text(k)
+    if isinstance(k, (int, bool, type(None))):
+        return json.dumps(k)
+    return str(k)
+
+
 def _json_default(o: Any):
-    if isinstance(o, (set, frozenset, tuple)):
+    if isinstance(o, (set, frozenset)):
+        return sorted(o, key=repr)
+    if isinstance(o, tuple):
         return list(o)
     if isinstance(o, bytes):
         return o.hex()
@@ -192,6 +259,10 @@ class Column:
     human: Callable[[Any], str] | None = None  # how a table shows the value
     justify: str = "left"
     name_like: bool = False  # long names: elide on narrow terminals unless --wide
+    # On a terminal too narrow for the table (see fit_widths): columns of lower priority give way
+    # first; a `drop` column is left out whole rather than cut to a useless stub ("flo…").
+    priority: int = 0
+    drop: bool = False
 
 
 def _cell(col: Column, row: dict, human: bool) -> str:
@@ -216,23 +287,53 @@ SHORT_COLUMN = 10  # columns this narrow (numbers, sizes, dtypes) are cut last
 
 def fit_widths(columns: Sequence[Column], cells: Sequence[Sequence[str]], total: int,
                wide: bool = False) -> list[int]:
-    """Column widths for a terminal `total` cells wide: the widest columns give way first.
+    """Column widths for a terminal `total` cells wide; 0 for a column left out.
 
+    Columns give way by Column.priority, lowest first: a priority level is shrunk (or dropped)
+    before the next level gives a cell. Within a level:
     1. Long columns shrink, widest first: prose-like ones down to their header (min 6), name-like
        ones down to NAME_KEEP_WIDTH; short columns (<= SHORT_COLUMN) keep their width.
     2. Then name-like columns go down to NAME_MIN_WIDTH.
-    3. Then short columns down to their header (min 6), if that makes it fit.
-    If it still does not fit, the widths stay there (the caller prints wider and the terminal
-    wraps) rather than squeezing every column to nothing. Name-like cells are shortened by
-    shorten_names(), the others cut with '…'. With `wide`, every column keeps its width.
+    3. Last of all, after every level's 1 and 2: short columns down to their header (min 6), if
+       that makes it fit.
+    A `drop` column is never cut: when shrinking its level and the ones below is not enough, it
+    is left out (rightmost first). If it still does not fit, the widths stay there (the caller
+    prints wider and the terminal wraps) rather than squeezing every column to nothing.
+    Name-like cells are shortened by shorten_names(), the others cut with '…'. With `wide`,
+    every column keeps its width.
     """
     from rich.cells import cell_len
 
     nat = [max([cell_len(c.header)] + [cell_len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    avail = total - 2 * (len(columns) - 1)  # Table(box=None, pad_edge=False): two spaces between columns
-    if wide or sum(nat) <= avail:
+    if wide or sum(nat) + 2 * (len(columns) - 1) <= total:
         return nat
-    out = list(nat)
+    alive = [True] * len(columns)
+    levels = sorted({c.priority for c in columns})
+    for level in levels:
+        widths = _shrink(columns, nat, alive, level, total, cut_short=False)
+        if _fits(widths, alive, total):
+            return widths
+        for i in reversed(range(len(columns))):
+            if columns[i].drop and columns[i].priority == level and sum(alive) > 1:
+                alive[i] = False
+                widths = _shrink(columns, nat, alive, level, total, cut_short=False)
+                if _fits(widths, alive, total):
+                    return widths
+    return _shrink(columns, nat, alive, levels[-1], total)
+
+
+def _fits(widths: list[int], alive: list[bool], total: int) -> bool:
+    return sum(widths) + 2 * (sum(alive) - 1) <= total  # Table(box=None): two spaces between columns
+
+
+def _shrink(columns: Sequence[Column], nat: list[int], alive: list[bool], upto: int, total: int,
+            cut_short: bool = True) -> list[int]:
+    """Natural widths cut down by the stages of fit_widths(), level by level up to `upto`
+    (short columns last of all: a number cut to '10.…' says nothing)."""
+    from rich.cells import cell_len
+
+    out = [n if a else 0 for n, a in zip(nat, alive)]
+    excess = sum(out) - (total - 2 * (sum(alive) - 1))
     header = [max(cell_len(c.header), 6) for c in columns]
     stages = [
         [min(n, NAME_KEEP_WIDTH) if c.name_like else n if n <= SHORT_COLUMN else min(n, h)
@@ -241,11 +342,16 @@ def fit_widths(columns: Sequence[Column], cells: Sequence[Sequence[str]], total:
          for c, n, h in zip(columns, nat, header)],
         [min(n, NAME_MIN_WIDTH) if c.name_like else min(n, h) for c, n, h in zip(columns, nat, header)],
     ]
-    excess = sum(out) - avail
-    for n, floor in enumerate(stages):
-        if n == 2 and excess > sum(o - f for o, f in zip(out, floor)):
+    levels = sorted({c.priority for c in columns if c.priority <= upto})
+    may = [a and not c.drop and c.priority <= upto for a, c in zip(alive, columns)]
+    for n, level in [(n, lv) for n in (0, 1) for lv in levels] + [(2, lv) for lv in levels if cut_short]:
+        if excess <= 0:
+            break
+        if n == 2 and level == levels[0] and excess > sum(
+                o - f for o, f, m in zip(out, stages[2], may) if m and o > f):
             break  # it will not fit anyway: keep the short columns whole
-        while excess > 0:  # shave the widest column that may still give, one cell at a time
+        floor = [f if m and c.priority == level else o for f, m, c, o in zip(stages[n], may, columns, out)]
+        while excess > 0:  # shave the widest column of this level that may still give, a cell at a time
             i = max((j for j in range(len(out)) if out[j] > floor[j]), key=lambda j: out[j], default=None)
             if i is None:
                 break
@@ -379,7 +485,13 @@ def render_rows(
                     or columns[i].name_like]
             columns = [columns[i] for i in keep]
             cells = [[row[i] for i in keep] for row in cells]
-        widths = fit_widths(columns, cells, con.width, wide=STATE.wide)
+        term_width = con.width
+        widths = fit_widths(columns, cells, term_width, wide=STATE.wide)
+        hidden = [c.header for c, w in zip(columns, widths) if w == 0]
+        if hidden:  # left out to fit: the least useful columns (Column.drop)
+            keep = [i for i, w in enumerate(widths) if w > 0]
+            columns, widths = [columns[i] for i in keep], [widths[i] for i in keep]
+            cells = [[row[i] for i in keep] for row in cells]
         need = sum(widths) + 2 * (len(columns) - 1)
         if need > con.width and not STATE.wide:
             con.width = need  # too many columns for this terminal even cut down: Rich must not squeeze
@@ -402,6 +514,9 @@ def render_rows(
         con.print(table)
         for line in footer or ():
             con.print(markup_safe(line))
+        if hidden:
+            con.print(f"[dim]hidden to fit {term_width} columns: {markup_safe(', '.join(hidden))} "
+                      "(--wide shows all)[/]")
         return
     from tabulate import tabulate
 

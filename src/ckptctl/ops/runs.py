@@ -102,6 +102,7 @@ class RunCheckpoint:
     best_of_run: list[str] = field(default_factory=list)  # "trainer_state best_model_checkpoint", ...
     best_ref: dict[str, Any] | None = None  # what this checkpoint says is the run's best
     dirs: list[Path] = field(default_factory=list)  # folders to remove after its files (deepest first)
+    copies: list[Path] = field(default_factory=list)  # last/best copies folded into it as aliases
 
     @property
     def name(self) -> str:
@@ -195,7 +196,7 @@ class RunCheckpoint:
             "tensor_bytes": self.tensor_bytes,
             "dtypes": self.dtype_mix,
             "has_optimizer": self.has_optimizer,
-            "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+            "metrics": dict(self.metrics),  # NaN/Inf as floats: print_json writes them strictly
             "aliases": self.aliases,
             "role": self.role,
             "best_of_run": self.best_of_run,
@@ -206,8 +207,10 @@ class RunCheckpoint:
         }
 
 
-def _json_float(v: float) -> float | str:
-    return v if math.isfinite(v) else str(v)
+def bytes_on_disk(ckpts: list[RunCheckpoint]) -> int:
+    """What `du -b` counts for these checkpoints: their files and the copies folded into them as
+    aliases (a real last.ckpt copy), each inode once (hard links), symlinks not followed."""
+    return _file_stats([f for c in ckpts for f in c.files + c.copies])[1]
 
 
 def _head(name: str) -> str:
@@ -862,7 +865,9 @@ def _trainer_state(c: RunCheckpoint) -> None:
         for k, v in entry.items():
             if k in ("step", "epoch") or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
-            c.metrics[k] = float(v)
+            f = _as_float(v)  # an int too big for a float is not a metric (float() would raise)
+            if f is not None:
+                c.metrics[k] = f
     best = doc.get("best_model_checkpoint")
     if isinstance(best, str) and best:
         ref: dict[str, Any] = {"source": "trainer_state best_model_checkpoint", "path": best}
@@ -1044,7 +1049,10 @@ def _as_float(v: Any) -> float | None:
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:
+            return None
     if isinstance(v, str):
         s = v.strip()
         if re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", s, re.I):
@@ -1079,6 +1087,7 @@ def _resolve_copies(run: Run) -> None:
         if twin is not None:
             twin.aliases.append(c.path.name)
             twin.aliases.extend(c.aliases)
+            twin.copies.extend(c.files + c.copies)
             run.ignored.append(c.path)
         else:
             c.role = role
