@@ -713,7 +713,7 @@ def test_help_and_missing_source(tmp_path):
     r = cli("convert", "--help")
     assert r.exit_code == 0 and "Examples" in r.output and "--max-shard-size" in r.output
     r = run("convert", tmp_path / "nope.pt", tmp_path / "x.safetensors")
-    assert r.returncode == 1 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # ---- real files written by other projects -------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import handle_errors
+from ckptctl.cli.common import check_paths, handle_errors
 from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
 from ckptctl.cli.output import human_bytes
 
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
                                              "every tensor's bytes with the source.")] = True,
         force: Annotated[bool, typer.Option("--force", help="Overwrite DST if it exists.")] = False,
     ) -> None:
+        check_paths(src)  # first: a typo says so
         from ckptctl.errors import UsageError
         from ckptctl.ops.convert import commit_output, plan_convert, verify_output, write_output
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import WideOpt, handle_errors
+from ckptctl.cli.common import WideOpt, check_paths, handle_errors
 from ckptctl.cli.complete import complete_tensor_names
 from ckptctl.cli.output import Column, InspectFmt, clean, human_bytes, human_count
 
@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
         sort: Annotated[SortKey, typer.Option("--sort", help="order (as stored), name or size.")] = SortKey.order,
         wide: WideOpt = False,
     ) -> None:
+        check_paths(path)  # first: a typo says so
         from ckptctl.ops.inspect import inspect
 
         output.STATE.wide = output.STATE.wide or wide

@@ -108,6 +108,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
         wide: WideOpt = False,
     ) -> None:
+        from ckptctl.cli.common import check_paths; check_paths(run_dirs)  # first: a typo says so
         from ckptctl.ops.runs import scan_run
 
         output.STATE.wide = output.STATE.wide or wide
