@@ -662,7 +662,10 @@ def test_training_checkpoint_default_key_all(tmp_path):
     (["out.safetensors", "--dtype", "int8"], 2, "cast targets"),
     (["out.safetensors", "--key", "a", "--all"], 2, "--key and --all"),
     (["out.safetensors", "--max-shard-size", "lots"], 2, "--max-shard-size 'lots'"),
-    (["out.h5"], 1, "cannot both be HDF5 paths"),
+    (["out.safetensors", "--dtype", "fp61"], 2,
+     "use one of bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 "
+     "(or torch's names: float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, float8_e4m3fnuz, "
+     "float8_e5m2fnuz)"),
     (["out.safetensors", "--rename", "broken(=x"], 2, "bad regex"),
 ])
 def test_bad_input(tmp_path, args, code, message):

@@ -110,4 +110,23 @@ def register(app: typer.Typer) -> None:
                 msg += " (against the cast source)"
         else:
             msg += "; not verified (--no-verify)"
+        left = left_out(plan.selection)
+        if left:
+            msg += f"; {left}"
         output.note(msg)
+
+
+def left_out(sel) -> str:
+    """What the selection left out, for the final line (a note above is easy to miss)."""
+    parts = []
+    if sel.outside_root:
+        n = sel.outside_root
+        if sel.training_default:
+            parts.append(f"{n} tensor{'s' if n != 1 else ''} left out (optimizer state and the rest "
+                         "of the training checkpoint; --all to keep them)")
+        else:
+            parts.append(f"{n} tensor{'s' if n != 1 else ''} outside --key {sel.root} left out")
+    if sel.filtered_out:
+        n = sel.filtered_out
+        parts.append(f"{n} tensor{'s' if n != 1 else ''} left out by --include/--exclude")
+    return "; ".join(parts)

@@ -102,13 +102,21 @@ def check_target(fmt: str, tensors: list[TensorInfo]) -> None:
 
 
 # ---- casting ----------------------------------------------------------------------------------
+CAST_SHORT = ("bf16", "fp16", "fp32", "fp64", "fp8_e4m3", "fp8_e5m2")  # what help and errors suggest
+
+
 def cast_target(dtype: str) -> str:
+    valid = f"use one of {', '.join(CAST_SHORT)} (or torch's names: {', '.join(CAST_DTYPES)})"
     try:
         d = dtypes.get(dtype)
     except KeyError:
-        raise UsageError(f"--dtype {dtype!r}: unknown dtype") from None
+        import difflib
+
+        close = difflib.get_close_matches(dtype.lower(), [*CAST_SHORT, *CAST_DTYPES], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"--dtype {dtype!r}: unknown dtype; {hint}{valid}") from None
     if d.name not in CAST_DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: cast targets are {', '.join(CAST_DTYPES)}")
+        raise UsageError(f"--dtype {dtype!r}: cast targets are floating dtypes; {valid}")
     return d.name
 
 

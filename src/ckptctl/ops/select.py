@@ -164,7 +164,7 @@ def select(
         training = bool(root)
     patterns = [parse_rename(r) for r in rename or ()]
     pairs: list[tuple[TensorInfo, TensorInfo]] = []
-    outside = filtered = 0
+    outside = filtered = renamed = 0
     for t in tensors:
         rel = under(t.name, root)
         if rel is None:
@@ -177,6 +177,7 @@ def select(
             filtered += 1
             continue
         new = rename_one(rel, strip_prefix, patterns, add_prefix)
+        renamed += new != rel
         if new == "":
             raise Incompatible(f"tensor {t.name!r} has an empty name after renaming")
         pairs.append((t, replace(t, name=new, loc=None)))
@@ -199,8 +200,10 @@ def select(
     sel.pairs = retie(pairs, tensors)
     if training:
         sel.notes.append(
-            f"training checkpoint: writing the {len(sel.pairs)} model weights under {root}/ with their "
-            f"original keys" + (f"; {outside} other tensors (optimizer state, ...) left out" if outside else "")
+            f"training checkpoint: writing the {len(sel.pairs)} model weights under {root}/ "
+            + (f"with their keys renamed ({renamed} of {len(sel.pairs)} changed by --strip-prefix/--rename/"
+               "--add-prefix)" if renamed else "with their original keys")
+            + (f"; {outside} other tensors (optimizer state, ...) left out" if outside else "")
             + " (--all keeps everything, --key PATH picks another part)"
         )
     return sel
