@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,12 @@ HELP = (
     "with a state_dict) the model weights are written. The output is written to a temporary file, "
     "renamed when complete and then re-read and compared with the source."
 )
+
+
+class MetadataMode(str, Enum):
+    keep = "keep"
+    all = "all"
+    drop = "drop"
 
 
 def register(app: typer.Typer) -> None:
@@ -62,6 +69,12 @@ def register(app: typer.Typer) -> None:
         verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Re-read the output and compare "
                                              "every tensor's bytes with the source.")] = True,
         force: Annotated[bool, typer.Option("--force", help="Overwrite DST if it exists.")] = False,
+        metadata: Annotated[MetadataMode, typer.Option(
+            "--metadata", case_sensitive=False,
+            help="The source's file metadata (training state, hyper-parameters, ...): keep copies it with "
+                 "every absolute local path's folders replaced by <redacted>/ (the file name is kept); all "
+                 "copies it verbatim; drop copies none (the format's own entries, e.g. safetensors' "
+                 "format=pt, are still written).")] = MetadataMode.keep,
     ) -> None:
         check_paths(src)  # first: a typo says so
         from ckptctl.errors import UsageError
@@ -76,7 +89,7 @@ def register(app: typer.Typer) -> None:
         plan = plan_convert(
             src, dst, to=to, key=key, all_=all_, include=include, exclude=exclude, strip_prefix=strip_prefix,
             add_prefix=add_prefix, rename=rename, dtype=dtype, max_shard_size=shard, dedupe_tied=dedupe_tied,
-            verify=verify, force=force,
+            verify=verify, force=force, metadata=metadata.value,
         )
         with plan.reader:
             for g in plan.dangerous:
