@@ -105,7 +105,7 @@ def test_bad_file_in_process(tmp_path, case):
 
 def test_missing_file(tmp_path):
     p = tmp_path / "nope.safetensors"
-    assert_clean_failure(run("inspect", p), p, ["no such file or directory"])
+    assert_clean_failure(run("inspect", p), p, ["no such file or directory"], code=2)
 
 
 def test_directory_that_is_not_a_checkpoint(tmp_path):

@@ -662,7 +662,10 @@ def test_training_checkpoint_default_key_all(tmp_path):
     (["out.safetensors", "--dtype", "int8"], 2, "cast targets"),
     (["out.safetensors", "--key", "a", "--all"], 2, "--key and --all"),
     (["out.safetensors", "--max-shard-size", "lots"], 2, "--max-shard-size 'lots'"),
-    (["out.h5"], 1, "cannot both be HDF5 paths"),
+    (["out.safetensors", "--dtype", "fp61"], 2,
+     "use one of bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 "
+     "(or torch's names: float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, float8_e4m3fnuz, "
+     "float8_e5m2fnuz)"),
     (["out.safetensors", "--rename", "broken(=x"], 2, "bad regex"),
 ])
 def test_bad_input(tmp_path, args, code, message):
@@ -713,7 +716,7 @@ def test_help_and_missing_source(tmp_path):
     r = cli("convert", "--help")
     assert r.exit_code == 0 and "Examples" in r.output and "--max-shard-size" in r.output
     r = run("convert", tmp_path / "nope.pt", tmp_path / "x.safetensors")
-    assert r.returncode == 1 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "no such file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # ---- real files written by other projects -------------------------------------------------------

@@ -372,7 +372,7 @@ def test_bad_targets(tmp_path, strun):
     r = run("prune", tmp_path / "empty", "--keep-last", "1")
     assert r.returncode == 1 and "no checkpoints found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run("prune", tmp_path / "missing", "--keep-last", "1")
-    assert r.returncode == 1 and "no such file" in r.stderr
+    assert r.returncode == 2 and "no such file" in r.stderr
     r = run("prune", strun / "model_00000100.safetensors", "--keep-last", "1")
     assert r.returncode == 2 and "run folder" in r.stderr
     hf = hf_run(tmp_path / "hf", steps=(1,))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import cli, run
+from conftest import cli, run  # noqa: F401
 
 # protocol-2 pickle: os.system("touch <marker>") via GLOBAL + REDUCE. Never unpickled here.
 def _evil_pickle(marker) -> bytes:
@@ -24,6 +24,25 @@ def test_inspect_warns_once_naming_every_dangerous_call(tmp_path):
     assert len(unsafe) == 1 and "os.system" in unsafe[0] and str(evil) in unsafe[0]
     assert "Traceback" not in p.stderr
     assert not marker.exists()
+    # inspect succeeded (nothing was run): a warning, not an `error:` line with exit 0; -q keeps it
+    assert unsafe[0].startswith("warning: ") and "error:" not in p.stderr
+    q = run("inspect", evil, "-q")
+    assert q.returncode == 0 and q.stderr.startswith("warning: ") and "UNSAFE" in q.stderr
+    # scan is the command whose exit code reports the danger
+    s = run("scan", evil)
+    assert s.returncode == 1 and "UNSAFE" in s.stderr
+
+
+def test_inspect_real_malicious_fixtures_warn_and_exit_0(real_dir):
+    for name in ("modelscan_unsafe_zip_pytorch.pt", "picklescan_malicious0.pkl"):
+        path = real_dir / "malicious" / name
+        if not path.exists():
+            continue
+        p = run("inspect", path)
+        assert p.returncode == 0, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert [ln for ln in lines if "UNSAFE" in ln][0].startswith("warning: "), p.stderr
+        assert not any(ln.startswith("error:") for ln in lines), p.stderr
 
 
 def test_ls_marks_unsafe_checkpoints(tmp_path):

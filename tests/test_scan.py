@@ -200,7 +200,7 @@ def test_not_a_checkpoint_and_missing(tmp_path):
     assert res.exit_code == 1
     assert "error" in res.stdout and "PNG" in res.stdout
     res = cli("scan", tmp_path / "nope.pt")
-    assert res.exit_code == 1 and "no such file" in res.stdout
+    assert res.exit_code == 2 and "no such file" in res.stderr and res.stdout == ""
 
 
 def test_help_has_examples_and_exit_codes():

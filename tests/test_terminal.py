@@ -140,7 +140,7 @@ def test_piped_output_has_no_escape_codes(hostile, tmp_path):
         assert "\x9b" not in p.stdout and "\x9b" not in p.stderr, args
         assert "Traceback" not in p.stderr, args
         if args and args[-1] == tmp_path / "missing.safetensors":
-            assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+            assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):
@@ -385,7 +385,7 @@ def test_quiet_leaves_only_errors_on_stderr(hostile, tmp_path):
         p = run_piped(*args)
         assert p.returncode == 0 and p.stderr == "", (args, p.stderr)
     p = run_piped("inspect", tmp_path / "missing.pt", "-q")
-    assert p.returncode == 1 and "error:" in p.stderr  # errors still show
+    assert p.returncode == 2 and "error:" in p.stderr  # errors still show
 
 
 def test_hoist_global_flags_respects_the_commands_own_options():

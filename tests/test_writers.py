@@ -217,11 +217,29 @@ def test_hdf5_zoo_nested_tied(tmp_path):
             assert b"".join(bytes(c) for c in r.iter_chunks(k)) == raw(t), k
 
 
-@pytest.mark.parametrize("names", [["a", "a/b"], ["x//y"], ["/abs"], ["a/./b"], ["trail/"]])
-def test_hdf5_refuses_unmappable_names(tmp_path, names):
+@pytest.mark.parametrize("names", [["a", "a/b"], ["x//y"], ["/abs"], ["a/./b"], ["trail/"], ["a/../b", "c%2Fd"]])
+def test_hdf5_maps_names_it_cannot_hold_and_reads_them_back(tmp_path, names):
+    """Issue 16 point 7: such names are percent-mapped (recorded in a root attribute), not refused."""
+    import h5py
+
+    from ckptctl.formats import open_reader
+
     infos = [TensorInfo(n, "float32", (1,), 4) for n in names]
+    w = writer_class("hdf5")(tmp_path / "x.h5", infos)
+    for i, t in enumerate(infos):
+        w.add(t, [np.float32(i).tobytes()])
+    w.finish()
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        assert f.attrs["ckptctl.name_escaping"] == "percent"
+    with open_reader(tmp_path / "x.h5") as r:
+        assert [t.name for t in r.info().tensors] == names
+        for i, n in enumerate(names):
+            assert b"".join(bytes(c) for c in r.iter_chunks(n)) == np.float32(i).tobytes()
+
+
+def test_hdf5_refuses_the_empty_name(tmp_path):
     with pytest.raises(Incompatible, match="--rename"):
-        writer_class("hdf5")(tmp_path / "x.h5", infos)
+        writer_class("hdf5")(tmp_path / "x.h5", [TensorInfo("", "float32", (1,), 4)])
     assert os.listdir(tmp_path) == []
 
 

@@ -37,6 +37,9 @@ class CkptctlGroup(TyperGroup):
     --no-color reaching Typer's own help and error panels."""
 
     def main(self, *args, **kwargs):
+        plain_types(self)
+        for cmd in self.commands.values():
+            plain_types(cmd)
         saved = os.environ.get("NO_COLOR")
         try:
             return super().main(*args, **kwargs)
@@ -59,6 +62,43 @@ class CkptctlGroup(TyperGroup):
                 if "no_color" in found:
                     os.environ["NO_COLOR"] = "1"
         return name, cmd, rest
+
+
+# What the help's type column shows for repeatable options (Typer would say <list[str]>)
+LIST_TYPES = {"--include": "<glob>", "--exclude": "<glob>", "--filter": "<glob>", "--strip-prefix": "<prefix>",
+              "--rename": "<old=new>"}
+
+
+def plain_types(cmd) -> None:
+    """The help's type column without Typer's Python types: nothing for flags (not `<bool>`), a
+    placeholder for repeatable options (`<glob>`, not `<list[str]>`), `<path>...` for several
+    path arguments (not `<list[Path]>`). An explicit metavar is left as it is."""
+    if getattr(cmd, "_plain_types", False):
+        return
+    cmd._plain_types = True
+    get_help_option = getattr(cmd, "get_help_option", None)
+    if get_help_option is not None:  # -h/--help is made when help is shown, not in cmd.params
+        def help_option(ctx, _orig=get_help_option):
+            opt = _orig(ctx)
+            if opt is not None:
+                opt.display_type_rich = lambda ctx: None
+            return opt
+
+        cmd.get_help_option = help_option
+    for p in getattr(cmd, "params", ()):
+        if getattr(p, "metavar", None) is not None or not hasattr(p, "display_type_rich"):
+            continue
+        if getattr(p, "param_type_name", "") == "option" and (p.is_flag or p.count):
+            p.display_type_rich = lambda ctx: None
+        elif getattr(p, "multiple", False) or getattr(p, "nargs", 1) != 1:
+            long = max(p.opts, key=len)
+            label = LIST_TYPES.get(long)
+            if label is None:
+                label = p.display_type(None) if not getattr(p, "multiple", False) else "<text>"
+                label = label.replace("<list[Path]>", "<path>").replace("<list[str]>", "<text>")
+            if getattr(p, "param_type_name", "") == "argument":
+                label += "..."
+            p.display_type_rich = lambda ctx, label=label: label
 
 
 def hoist_global_flags(cmd, args: list[str]) -> tuple[list[str], set[str]]:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import handle_errors
+from ckptctl.cli.common import check_paths, handle_errors
 from ckptctl.cli.complete import complete_key_paths, complete_metric_names, complete_name_prefixes
 from ckptctl.cli.output import Fmt, clean, human_bytes
 
@@ -64,6 +64,7 @@ def register(app: typer.Typer) -> None:
         fmt: Annotated[Fmt, typer.Option("--format", "-f", help="Summary as table (text) or json.",
                                          case_sensitive=False)] = Fmt.table,
     ) -> None:
+        check_paths(inputs)  # first: a typo says so
         from ckptctl.ops import average as ops
 
         try:

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.errors import CkptError
+from ckptctl.errors import CkptError, UsageError
 
 
 def debug_enabled() -> bool:
@@ -60,6 +60,29 @@ def handle_errors(fn: Callable | None = None, *, error_code: int | None = None):
         return wrapper
 
     return deco(fn) if fn is not None else deco
+
+
+def check_paths(*paths: str | os.PathLike | None) -> None:
+    """Refuse the first input path that does not exist, before any other logic runs.
+
+    Called at the top of every command that reads input paths, so that a typo gets
+    `no such file or directory: X` (a usage error, exit 2) instead of whatever the command's
+    own checks would say about the other arguments. A dangling symlink counts as missing; other
+    failures (a path through a file, permission denied) are left to the command.
+    Accepts single paths, lists of paths (None items and lists are skipped/flattened).
+    """
+    for p in paths:
+        if p is None:
+            continue
+        if isinstance(p, (list, tuple)):
+            check_paths(*p)
+            continue
+        try:
+            os.stat(p)
+        except FileNotFoundError:
+            raise UsageError(f"no such file or directory: {os.fspath(p)}") from None
+        except (OSError, ValueError):
+            pass  # not a directory, permission denied, ...: the command reports it (exit 1)
 
 
 def _report(msg: str) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import handle_errors
+from ckptctl.cli.common import check_paths, handle_errors
 from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
 from ckptctl.cli.output import human_bytes
 
@@ -26,6 +27,12 @@ HELP = (
     "with a state_dict) the model weights are written. The output is written to a temporary file, "
     "renamed when complete and then re-read and compared with the source."
 )
+
+
+class MetadataMode(str, Enum):
+    keep = "keep"
+    all = "all"
+    drop = "drop"
 
 
 def register(app: typer.Typer) -> None:
@@ -62,7 +69,14 @@ def register(app: typer.Typer) -> None:
         verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Re-read the output and compare "
                                              "every tensor's bytes with the source.")] = True,
         force: Annotated[bool, typer.Option("--force", help="Overwrite DST if it exists.")] = False,
+        metadata: Annotated[MetadataMode, typer.Option(
+            "--metadata", case_sensitive=False,
+            help="The source's file metadata (training state, hyper-parameters, ...): keep copies it with "
+                 "every absolute local path's folders replaced by <redacted>/ (the file name is kept); all "
+                 "copies it verbatim; drop copies none (the format's own entries, e.g. safetensors' "
+                 "format=pt, are still written).")] = MetadataMode.keep,
     ) -> None:
+        check_paths(src)  # first: a typo says so
         from ckptctl.errors import UsageError
         from ckptctl.ops.convert import commit_output, plan_convert, verify_output, write_output
 
@@ -75,7 +89,7 @@ def register(app: typer.Typer) -> None:
         plan = plan_convert(
             src, dst, to=to, key=key, all_=all_, include=include, exclude=exclude, strip_prefix=strip_prefix,
             add_prefix=add_prefix, rename=rename, dtype=dtype, max_shard_size=shard, dedupe_tied=dedupe_tied,
-            verify=verify, force=force,
+            verify=verify, force=force, metadata=metadata.value,
         )
         with plan.reader:
             for g in plan.dangerous:
@@ -109,4 +123,23 @@ def register(app: typer.Typer) -> None:
                 msg += " (against the cast source)"
         else:
             msg += "; not verified (--no-verify)"
+        left = left_out(plan.selection)
+        if left:
+            msg += f"; {left}"
         output.note(msg)
+
+
+def left_out(sel) -> str:
+    """What the selection left out, for the final line (a note above is easy to miss)."""
+    parts = []
+    if sel.outside_root:
+        n = sel.outside_root
+        if sel.training_default:
+            parts.append(f"{n} tensor{'s' if n != 1 else ''} left out (optimizer state and the rest "
+                         "of the training checkpoint; --all to keep them)")
+        else:
+            parts.append(f"{n} tensor{'s' if n != 1 else ''} outside --key {sel.root} left out")
+    if sel.filtered_out:
+        n = sel.filtered_out
+        parts.append(f"{n} tensor{'s' if n != 1 else ''} left out by --include/--exclude")
+    return "; ".join(parts)

@@ -114,6 +114,7 @@ def register(app: typer.Typer) -> None:
         fmt: FormatOpt = Fmt.table,
         wide: WideOpt = False,
     ) -> None:
+        from ckptctl.cli.common import check_paths; check_paths(a, b)  # first: a typo says so
         from ckptctl.ops import diff as ops
         from ckptctl.ops.runs import is_run_dir
 

@@ -11,14 +11,16 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import WideOpt, handle_errors
-from ckptctl.cli.complete import complete_tensor_names
+from ckptctl.cli.common import WideOpt, check_paths, handle_errors
+from ckptctl.cli.complete import complete_key_paths, complete_tensor_names
 from ckptctl.cli.output import Column, InspectFmt, clean, human_bytes, human_count
+from ckptctl.errors import UsageError
 
 EXAMPLES = (
     "[bold]Examples[/]\n\n"
     "  ckptctl inspect model.safetensors\n\n"
     "  ckptctl inspect last.ckpt --filter 'state_dict/encoder.*' --sort size\n\n"
+    "  ckptctl inspect last.ckpt --key optimizer_states/0\n\n"
     "  ckptctl inspect checkpoint-500/ --format json | jq .num_params"
 )
 
@@ -43,7 +45,9 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "inspect",
         help="Show the tensors (name, dtype, shape, bytes), metadata and totals of a checkpoint. "
-        "Reads headers and pickles only: no tensor data, no code from the file.",
+        "Of a training checkpoint (Lightning .ckpt, a dict of model + optimizer) the model weights are "
+        "shown and counted, as convert and average take them and ls counts them; --all shows every "
+        "tensor, --key PATH one part. Reads headers and pickles only: no tensor data, no code from the file.",
         short_help="Tensors, metadata and totals of one checkpoint.",
         epilog=EXAMPLES,
     )
@@ -59,19 +63,36 @@ def register(app: typer.Typer) -> None:
                          autocompletion=complete_tensor_names),
         ] = None,
         sort: Annotated[SortKey, typer.Option("--sort", help="order (as stored), name or size.")] = SortKey.order,
+        key: Annotated[str | None, typer.Option("--key", autocompletion=complete_key_paths, metavar="PATH",
+                                                help="Show only the sub-tree PATH (e.g. optimizer_states/0).")] = None,
+        all_: Annotated[bool, typer.Option("--all", help="Training checkpoints: show every tensor (optimizer "
+                                           "state, ...), not just the model weights.")] = False,
         wide: WideOpt = False,
     ) -> None:
+        check_paths(path)  # first: a typo says so
         from ckptctl.ops.inspect import inspect
 
         output.STATE.wide = output.STATE.wide or wide
-        result = inspect(path, filters, sort.value)
+        if key is not None and all_:
+            raise UsageError("--key and --all do not go together")
+        result = inspect(path, filters, sort.value, key=key, all_=all_)
         info = result.info
-        if result.dangerous:  # one loud line naming every dangerous call
-            output.error(
+        if result.left_out:
+            n, total = result.num_tensors, len(info.tensors)
+            if result.part_kind == "key":
+                output.note(f"showing --key {result.root}: {n} of {total} tensors; --all for every tensor")
+            else:
+                where = f" under {result.root}/" if result.root else ""
+                output.note(f"showing model weights{where}: {n} of {total} tensors; --all for optimizer "
+                            "state and the rest")
+        if result.dangerous:  # one loud line naming every dangerous call; a warning, not an error:
+            # inspect did its job (nothing was run); `scan` is the command whose exit code reports danger.
+            # Printed even with -q: it is the one thing about this file the user must not miss.
+            output.err_console().print("[bold yellow]warning:[/] " + output.markup_safe(
                 f"{info.path}: UNSAFE pickle: it asks for {', '.join(result.dangerous)}, which can run code "
                 "when loaded with pickle or torch.load. Nothing was run; do not torch.load this file "
-                "(`ckptctl scan` for details, `ckptctl convert` to safetensors to get the weights)."
-            )
+                "(`ckptctl scan` exits 1 on it; `ckptctl convert` to safetensors gets the weights)."
+            ))
         for w in info.warnings:
             output.warn(f"{info.path}: {w}")
         if filters and not result.tensors:
@@ -79,6 +100,12 @@ def register(app: typer.Typer) -> None:
         rows = [t.to_json() for t in result.tensors]
         if fmt == InspectFmt.json:
             doc = info.to_json()
+            # totals of the part shown (the model weights by default), as `ls` counts them
+            doc.update(num_tensors=result.num_tensors, num_params=result.num_params,
+                       total_bytes=result.total_bytes, dtypes=result.dtype_mix)
+            doc["part"] = {"kind": result.part_kind, "root": result.root, "left_out": result.left_out,
+                           "file_num_tensors": info.num_tensors, "file_num_params": info.num_params,
+                           "file_total_bytes": info.total_bytes}
             doc["tensors"] = rows
             if filters:
                 doc["filter"] = filters
@@ -96,20 +123,24 @@ def register(app: typer.Typer) -> None:
 
 
 def _summary(info, result, markdown: bool) -> None:
-    dtype_mix = ", ".join(f"{d} ×{n}" for d, n in info.dtype_mix.items()) or "-"
-    tied = sum(1 for t in info.tensors if t.alias_of)
+    dtype_mix = ", ".join(f"{d} ×{n}" for d, n in result.dtype_mix.items()) or "-"
+    tied = sum(1 for t in result.part if t.alias_of)
+    of = ""
+    if result.left_out:
+        what = f"--key {result.root}" if result.part_kind == "key" else "model weights"
+        of = f" {what}, of {info.num_tensors} in the file (--all for every tensor)"
     lines = [
         ("path", info.path),
         ("format", info.format + (f" ({info.kind})" if info.kind and info.kind != info.format else "")),
-        ("tensors", f"{info.num_tensors}" + (f" ({tied} tied)" if tied else "")),
-        ("params", f"{human_count(info.num_params)} ({info.num_params:,})"),
-        ("size", f"{human_bytes(info.total_bytes)} ({info.total_bytes:,} bytes)"),
+        ("tensors", f"{result.num_tensors}" + (f" ({tied} tied)" if tied else "") + of),
+        ("params", f"{human_count(result.num_params)} ({result.num_params:,})"),
+        ("size", f"{human_bytes(result.total_bytes)} ({result.total_bytes:,} bytes)"),
         ("dtypes", dtype_mix),
     ]
     if len(info.files) > 1:
         lines.append(("files", str(len(info.files))))
-    if len(result.tensors) != info.num_tensors:
-        lines.append(("shown", f"{len(result.tensors)} of {info.num_tensors}"))
+    if len(result.tensors) != result.num_tensors:
+        lines.append(("shown", f"{len(result.tensors)} of {result.num_tensors}"))
     for k, v in info.metadata.items():
         text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
         if len(text) > 200 and not output.STATE.wide:

@@ -130,6 +130,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         wide: WideOpt = False,
     ) -> None:
+        from ckptctl.cli.common import check_paths; check_paths(run_dirs)  # first: a typo says so
         from ckptctl.ops.runs import scan_run
 
         if mode is not None and best is None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import FormatOpt, handle_errors
+from ckptctl.cli.common import FormatOpt, check_paths, handle_errors
 from ckptctl.cli.output import Column, Fmt
 from ckptctl.errors import UsageError
 
@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
                                "dangerous ones; csv and json always list all).")
         ] = False,
     ) -> None:
+        check_paths(paths)  # first: a typo says so
         from ckptctl.ops.scan import scan
 
         if not paths:

@@ -23,6 +23,7 @@ from ckptctl.formats.base import CHUNK, Reader, pread_chunks
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
 
 ALIASES_ATTR = "ckptctl.aliases"  # root attribute written by `ckptctl convert --dedupe`
+ESCAPING_ATTR = "ckptctl.name_escaping"  # "percent": names mapped by ckptctl's writer (write_hdf5.py)
 MAX_LINKS = 2_000_000  # guards a file whose group links make the walk explode
 MAX_ATTR_CHARS = 1000  # longer string attributes are summarised in metadata
 MAX_ATTR_ITEMS = 16  # longer attribute arrays are summarised in metadata
@@ -213,6 +214,14 @@ class HDF5Reader(Reader):
                 a = TensorInfo(alias, t.dtype, t.shape, t.nbytes, alias_of=t.alias_of or target, loc=t.loc)
                 tensors.append(a)
                 by_name[alias] = a
+        if _decode(root_attrs.get(ESCAPING_ATTR)) == "percent":  # give back the names ckptctl mapped
+            from dataclasses import replace
+
+            from ckptctl.formats.write_hdf5 import unquote_path
+
+            tensors = [replace(t, name=unquote_path(t.name),
+                               alias_of=unquote_path(t.alias_of) if t.alias_of else None) for t in tensors]
+            objects = [replace(o, name=unquote_path(o.name)) for o in objects]
         return CheckpointInfo(
             path=str(self.path), format=self.format, tensors=tensors, metadata=meta, objects=objects,
             kind=kind, files=[str(self.path)], warnings=warnings,
@@ -351,7 +360,7 @@ class HDF5Reader(Reader):
     def _recognise(self, f, found) -> tuple[str | None, dict, list[str]]:
         """(kind, metadata, dataset paths in model order) from the root attributes and layout."""
         attrs = f["/"].attrs
-        keys = [k for k in attrs.keys() if k != ALIASES_ATTR]
+        keys = [k for k in attrs.keys() if k not in (ALIASES_ATTR, ESCAPING_ATTR)]
         meta: dict[str, Any] = {}
         preferred: list[str] = []
 

@@ -302,7 +302,8 @@ def plan_average(
         plan.root = sels[0].root
         if sels[0].training_default:
             outside = sels[0].outside_root
-            plan.notes.append(f"training checkpoints: averaging the model weights under {plan.root}/"
+            plan.notes.append("training checkpoints: averaging the model weights"
+                              + (f" under {plan.root}/" if plan.root else "")
                               + (f" ({outside} other tensors left out; --all keeps them)" if outside else ""))
         _preflight(inputs)
         plan.weights = _effective_weights(len(inputs), raw, ema)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -102,13 +103,21 @@ def check_target(fmt: str, tensors: list[TensorInfo]) -> None:
 
 
 # ---- casting ----------------------------------------------------------------------------------
+CAST_SHORT = ("bf16", "fp16", "fp32", "fp64", "fp8_e4m3", "fp8_e5m2")  # what help and errors suggest
+
+
 def cast_target(dtype: str) -> str:
+    valid = f"use one of {', '.join(CAST_SHORT)} (or torch's names: {', '.join(CAST_DTYPES)})"
     try:
         d = dtypes.get(dtype)
     except KeyError:
-        raise UsageError(f"--dtype {dtype!r}: unknown dtype") from None
+        import difflib
+
+        close = difflib.get_close_matches(dtype.lower(), [*CAST_SHORT, *CAST_DTYPES], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"--dtype {dtype!r}: unknown dtype; {hint}{valid}") from None
     if d.name not in CAST_DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: cast targets are {', '.join(CAST_DTYPES)}")
+        raise UsageError(f"--dtype {dtype!r}: cast targets are floating dtypes; {valid}")
     return d.name
 
 
@@ -167,14 +176,62 @@ def cast_chunks(chunks: Iterable, src: str, dst: str) -> Iterator:
 
 
 # ---- metadata ---------------------------------------------------------------------------------
-def carry_metadata(meta: dict, notes: list[str]) -> dict[str, str]:
-    """Source metadata as str -> str (JSON for other values); ckptctl's own keys are rebuilt."""
+METADATA_MODES = ("keep", "all", "drop")
+REDACTED = "<redacted>"
+# an absolute local path inside a text: POSIX (/home/u/x, two parts at least, not the '//' of a URL),
+# Windows (C:\x, C:/x) or a file: URL; it starts the text or follows a space, quote, '=', ':', ',', '(' or '['
+_ABS_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s"'=,(\[]))(?:file://)?(?:/(?!/)[^\s"',)\]/]+(?:/[^\s"',)\]]*)+|"""
+                       r"""[A-Za-z]:[\\/][^\s"',)\]]*)""")
+
+
+def redact_paths(text: str) -> tuple[str, int]:
+    """text with the folders of every absolute local path replaced by <redacted> (the file name,
+    the part after the last separator, is kept): `/home/u/run/best.ckpt` -> `<redacted>/best.ckpt`."""
+    n = 0
+
+    def repl(m: re.Match) -> str:
+        nonlocal n
+        n += 1
+        path = m.group(0).rstrip("/\\")
+        tail = re.split(r"[/\\]", path)[-1]
+        return f"{REDACTED}/{tail}" if tail and tail != path else REDACTED
+
+    return _ABS_PATH.sub(repl, text), n
+
+
+def _redact_value(v, counter: list[int]):
+    if isinstance(v, str):
+        out, n = redact_paths(v)
+        counter[0] += n
+        return out
+    if isinstance(v, dict):
+        return {_redact_value(str(k), counter): _redact_value(x, counter) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_redact_value(x, counter) for x in v]
+    return v
+
+
+def carry_metadata(meta: dict, notes: list[str], mode: str = "keep") -> dict[str, str]:
+    """Source metadata as str -> str (JSON for other values); ckptctl's own keys are rebuilt.
+
+    mode "keep" (the default) copies it with absolute local paths redacted (see redact_paths),
+    "all" copies it verbatim, "drop" copies nothing (the writer still adds what its format needs,
+    e.g. safetensors' {"format": "pt"})."""
+    if mode not in METADATA_MODES:
+        raise UsageError(f"--metadata {mode!r}: use keep (absolute paths redacted), all or drop")
+    if mode == "drop":
+        if any(not str(k).startswith("ckptctl.") and k not in CONTAINER_KEYS for k in meta):
+            notes.append("--metadata drop: the source's metadata is not copied")
+        return {}
     out: dict[str, str] = {}
     dropped = []
+    redacted = [0]
     for k, v in meta.items():
         k = str(k)
         if k.startswith("ckptctl.") or k in CONTAINER_KEYS:
             continue
+        if mode == "keep":
+            k, v = _redact_value(k, redacted), _redact_value(v, redacted)
         s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
         if len(s) > MAX_META_VALUE:
             dropped.append(k)
@@ -182,6 +239,9 @@ def carry_metadata(meta: dict, notes: list[str]) -> dict[str, str]:
         out[k] = s
     if dropped:
         notes.append(f"metadata not carried over (values over {MAX_META_VALUE // 1024} KiB): {', '.join(dropped)}")
+    if redacted[0]:
+        notes.append(f"metadata: {redacted[0]} absolute local path{'s' if redacted[0] != 1 else ''} redacted "
+                     f"to {REDACTED}/<file name> (--metadata all copies them, --metadata drop copies no metadata)")
     return out
 
 
@@ -303,6 +363,7 @@ def plan_convert(
     dedupe_tied: bool = False,
     verify: bool = True,
     force: bool = False,
+    metadata: str = "keep",
 ) -> ConvertPlan:
     src, dst = Path(src), Path(dst)
     sharded = max_shard_size is not None
@@ -350,7 +411,7 @@ def plan_convert(
         if kept:
             notes.append(f"--dtype {cast_to}: tensors of dtype {', '.join(kept)} are not cast (scale/packed formats)")
         check_target(fmt, outs)
-        metadata = carry_metadata(info.metadata, notes)
+        metadata = carry_metadata(info.metadata, notes, metadata)
         if fmt == "torch-zip":
             lost = [k for k in metadata if k != "format"]
             if lost:

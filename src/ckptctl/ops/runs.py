@@ -132,10 +132,13 @@ class RunCheckpoint:
 
     @property
     def model_tensors(self) -> list:
-        """Tensors of the model itself: optimizer state, schedulers, callbacks left out."""
+        """Tensors of the model itself (state_dict/ of a training checkpoint; else optimizer state,
+        schedulers, callbacks left out): what inspect shows and convert writes by default."""
         if self.info is None:
             return []
-        return [t for t in self.info.tensors if _head(t.name) not in NON_MODEL_HEADS]
+        from ckptctl.ops.select import model_weights  # the rule convert/average/inspect use
+
+        return model_weights(self.info.tensors)
 
     @property
     def num_tensors(self) -> int | None:

@@ -2,8 +2,10 @@
 
 Shared by convert, diff and average:
 - the sub-tree: `--key PATH` (names under PATH/, with PATH/ removed), `--all` (every tensor under
-  its '/'-joined name) or, by default, the model weights of a training checkpoint (names under
-  `state_dict/`, with their original keys) and everything otherwise;
+  its '/'-joined name) or, by default, the model weights of a training checkpoint (`default_part`:
+  names under `state_dict/`, with their original keys; else everything but the training state
+  under optimizer/scheduler/callback/... top-level parts) and everything otherwise. `inspect`
+  shows and `ls` counts the same default part;
 - `--include GLOB` / `--exclude GLOB` on the names before renaming, relative to the sub-tree or
   in full (`model.enc` and `state_dict/model.enc` both work); a pattern without wildcards also
   matches as a module prefix, like `inspect --filter`;
@@ -74,6 +76,28 @@ def default_root(names: list[str]) -> str:
     """'state_dict' when the names look like a training checkpoint's, else '' (everything)."""
     prefix = TRAINING_ROOT + "/"
     return TRAINING_ROOT if any(n.startswith(prefix) for n in names) else ""
+
+
+def default_part(names: list[str]) -> tuple[str, set[str]]:
+    """The default rule for the model weights of a checkpoint: (root, names left out).
+
+    ('state_dict', names outside it) when any name is under state_dict/ (Lightning and the like);
+    else ('', the names whose first part is training state: optimizer, lr_schedulers, callbacks,
+    ...) when some other tensor remains (a plain dict of model + optimizer); else ('', none).
+    """
+    root = default_root(names)
+    if root:
+        return root, {n for n in names if under(n, root) is None}
+    from ckptctl.ops.runs import NON_MODEL_HEADS
+
+    state = {n for n in names if re.split(r"[/.]", n, maxsplit=1)[0] in NON_MODEL_HEADS}
+    return ("", state) if state and len(state) < len(names) else ("", set())
+
+
+def model_weights(tensors: list[TensorInfo]) -> list[TensorInfo]:
+    """The tensors of the default part (see default_part), in order, under their own names."""
+    _root, out = default_part([t.name for t in tensors])
+    return [t for t in tensors if t.name not in out]
 
 
 def under(name: str, root: str) -> str | None:
@@ -159,15 +183,16 @@ def select(
             tops = top_level_parts(names)
             hint = f"; parts here: {', '.join(tops[:8])}" if tops else "; this checkpoint has no sub-trees"
             raise Incompatible(f"no tensor under --key {key!r}{hint}")
-    else:
-        root = default_root(names)
-        training = bool(root)
+    left: set[str] = set()
+    if not all_ and key is None:
+        root, left = default_part(names)
+        training = bool(root or left)
     patterns = [parse_rename(r) for r in rename or ()]
     pairs: list[tuple[TensorInfo, TensorInfo]] = []
-    outside = filtered = 0
+    outside = filtered = renamed = 0
     for t in tensors:
         rel = under(t.name, root)
-        if rel is None:
+        if rel is None or t.name in left:
             outside += 1
             continue
         if include and not (match_any(rel, include) or match_any(t.name, include)):
@@ -177,6 +202,7 @@ def select(
             filtered += 1
             continue
         new = rename_one(rel, strip_prefix, patterns, add_prefix)
+        renamed += new != rel
         if new == "":
             raise Incompatible(f"tensor {t.name!r} has an empty name after renaming")
         pairs.append((t, replace(t, name=new, loc=None)))
@@ -199,8 +225,11 @@ def select(
     sel.pairs = retie(pairs, tensors)
     if training:
         sel.notes.append(
-            f"training checkpoint: writing the {len(sel.pairs)} model weights under {root}/ with their "
-            f"original keys" + (f"; {outside} other tensors (optimizer state, ...) left out" if outside else "")
+            f"training checkpoint: writing the {len(sel.pairs)} model weights"
+            + (f" under {root}/ " if root else " ")
+            + (f"with their keys renamed ({renamed} of {len(sel.pairs)} changed by --strip-prefix/--rename/"
+               "--add-prefix)" if renamed else "with their original keys")
+            + (f"; {outside} other tensors (optimizer state, ...) left out" if outside else "")
             + " (--all keeps everything, --key PATH picks another part)"
         )
     return sel
