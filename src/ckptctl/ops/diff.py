@@ -803,6 +803,7 @@ class Comparer:
                     np.abs(D, out=D)
                     np.less_equal(D, T, out=B)
                     if not finite:
+                        B &= np.isfinite(X) & np.isfinite(Y)  # inf <= atol + rtol * inf: not close
                         np.equal(X, Y, out=C)
                         B |= C
                         B |= np.isnan(X) & np.isnan(Y)
@@ -857,7 +858,8 @@ class Comparer:
                 elif not self.tol:
                     neq = (X != Y) & ~(nan_x & nan_y)
                 else:
-                    close = (np.abs(D) <= self.atol + self.rtol * np.abs(Y)) | (X == Y) | (nan_x & nan_y)
+                    close = (((np.abs(D) <= self.atol + self.rtol * np.abs(Y)) & np.isfinite(X) & np.isfinite(Y))
+                             | (X == Y) | (nan_x & nan_y))
                     neq = ~close
                 acc.n_diff += int(np.count_nonzero(neq))
                 fx, fy = np.isfinite(X), np.isfinite(Y)
