@@ -353,3 +353,20 @@ def test_rtol_never_makes_a_finite_value_close_to_inf(tmp_path):
     assert r.exit_code == 1
     got = {c["name"]: c["num_diff"] for c in json.loads(r.stdout)["changed"]}
     assert got == {"w": 2, "c": 1}  # inf == inf and NaN == NaN stay equal
+
+
+def test_a_tensor_gone_all_nan_has_nan_statistics_not_zero(tmp_path):
+    from safetensors.numpy import save_file
+
+    w = np.linspace(-1, 1, 64, dtype=np.float32)
+    save_file({"w": w, "v": w}, str(tmp_path / "a.safetensors"))
+    v = w.copy()
+    v[3] = np.nan
+    save_file({"w": np.full(64, np.nan, np.float32), "v": v}, str(tmp_path / "b.safetensors"))
+    res = ops.diff_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    by = {d.name: d for d in res.changed}
+    assert all(math.isnan(x) for x in (by["w"].rel_l2, by["w"].max_abs_diff, by["w"].cosine))
+    assert by["v"].rel_l2 == 0.0 and by["v"].num_diff == 1  # the finite pairs still say something
+    p = run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    row = next(ln.split() for ln in p.stdout.splitlines() if ln.startswith("w "))
+    assert p.returncode == 1 and row[1:5] == ["values", "nan", "nan", "nan"]

@@ -343,6 +343,9 @@ def table_metrics(names: list[str]) -> list[str]:
 
 
 def _show_runs(res, fmt: Fmt) -> None:
+    hint = next((s.hint for s in res.steps if s.hint), None)
+    if hint:
+        output.note(f"hint: {hint}")
     if fmt == Fmt.json:
         output.print_json(res.to_json())
         return

@@ -1077,6 +1077,9 @@ class TensorDiff:
             # identical through the fast path: no arithmetic was needed
             d.max_abs_diff, d.mean_abs_diff, d.rel_l2, d.cosine = 0.0, 0.0, 0.0, 1.0
             return d
+        if acc.numel and not acc.n_finite:  # no pair with both sides finite: no statistic, not 0
+            d.max_abs_diff = d.mean_abs_diff = d.rel_l2 = d.cosine = math.nan
+            return d
         d.norm_a = math.sqrt(acc.ssq_a)
         d.norm_b = math.sqrt(acc.ssq_b)
         d.max_abs_diff = acc.max_abs
@@ -1300,6 +1303,8 @@ def diff_checkpoints(
     """
     if key is not None and all_:
         raise UsageError("--key and --all do not go together")
+    if ignore_dtype and not values:
+        raise UsageError("--ignore-dtype compares values across a cast; --no-values compares none")
     ra = rb = None
     try:
         ra, rb = readers if readers else (open_checkpoint(path_a), None)
@@ -1419,6 +1424,7 @@ class StepDiff:
     metrics_b: dict[str, float] = field(default_factory=dict)
     num_dtype_only: int = 0
     left_out: tuple[int, int] = (0, 0)  # tensors left out by the model-weights default, per side
+    hint: str | None = None  # how to align the names (see name_hint)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1429,7 +1435,7 @@ class StepDiff:
             "num_dtype_only": self.num_dtype_only,
             "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
             "max_rel_l2": _jf(self.max_rel_l2), "max_rel_l2_tensor": self.max_rel_name,
-            "nonfinite": self.nonfinite, "left_out": list(self.left_out), "error": self.error,
+            "nonfinite": self.nonfinite, "left_out": list(self.left_out), "hint": self.hint, "error": self.error,
         }
 
 
@@ -1511,6 +1517,7 @@ def diff_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, *, on_step: Ca
             sd.only_in_a, sd.only_in_b = len(d.only_in_a), len(d.only_in_b)
             sd.num_dtype_only = len(d.dtype_only)
             sd.left_out = d.left_out
+            sd.hint = d.hint
             res.root = res.root or (d.side_a.root if d.side_a else "") or (d.side_b.root if d.side_b else "")
             rels = [(x.rel_l2, x.name) for x in d.changed if x.rel_l2 is not None]
             if rels:
