@@ -360,7 +360,8 @@ def _show_runs(res, fmt: Fmt) -> None:
             extra.append(f"{s.num_dtype_only} in dtype only")
         if extra:
             r["result"] += f" ({', '.join(extra)})"
-        r["nonfinite_text"] = _listed(s.nonfinite)
+        r["nonfinite_text"] = (", ".join(s.nonfinite) if output.STATE.verbose or len(s.nonfinite) <= 2
+                               else ", ".join(s.nonfinite[:2]) + f" +{len(s.nonfinite) - 2} more (-v)")
         for m in metrics:
             r[f"{m}_a"], r[f"{m}_b"] = s.metrics_a.get(m), s.metrics_b.get(m)
         rows.append(r)
