@@ -370,3 +370,19 @@ def test_a_tensor_gone_all_nan_has_nan_statistics_not_zero(tmp_path):
     p = run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     row = next(ln.split() for ln in p.stdout.splitlines() if ln.startswith("w "))
     assert p.returncode == 1 and row[1:5] == ["values", "nan", "nan", "nan"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("ckptctl.ops.select", fromlist=["x"]), "default_part"),
+                    reason="the shared rule for {'model':..., 'optimizer':...} dicts (select.default_part) "
+                           "is not in this tree yet")
+def test_plain_model_and_optimizer_dict_compares_the_model(tmp_path):
+    sd = weights(5)
+    for name, step, fill in (("a.pt", 1, 0.1), ("b.pt", 2, 0.2)):
+        opt = {"state": {i: {"exp_avg": torch.full_like(t, fill)} for i, t in enumerate(sd.values())},
+               "param_groups": [{"lr": 0.1, "params": list(range(len(sd)))}]}
+        torch.save({"model": sd, "optimizer": opt, "epoch": step}, tmp_path / name)
+    p = run("diff", tmp_path / "a.pt", tmp_path / "b.pt")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "comparing model weights only (6 optimizer/other tensors left out of each; --all to include)" in p.stderr
+    assert "equal (bit-exact): 6 tensors" in p.stdout
+    assert run("diff", tmp_path / "a.pt", tmp_path / "b.pt", "--all").returncode == 1

@@ -176,7 +176,7 @@ def _left_out_note(a: int, b: int, root: str) -> None:
         n = f"{a} optimizer/other tensors left out of A, {b} of B"
     else:
         n = f"{a or b} optimizer/other tensors left out of {'A' if a else 'B'}"
-    output.note(f"comparing model weights only ({root or 'state_dict'}/; {n}; --all to include)")
+    output.note(f"comparing model weights only ({root + '/; ' if root else ''}{n}; --all to include)")
 
 
 def _listed(names: list[str], limit: int = 3) -> str:
