@@ -473,7 +473,7 @@ def test_along_a_run(tmp_path, monkeypatch):
     steps = doc["steps"]
     assert [s["step"] for s in steps] == [10, 20, 30, 40, 50]
     assert steps[0]["update_rel_l2"] is None
-    assert steps[3]["nonfinite"] == 1 and steps[3]["nonfinite_tensors"] == ["a.bias"]
+    assert steps[3]["num_nonfinite"] == 1 and steps[3]["nonfinite_tensors"] == ["a.bias"]
 
     def flat(s):
         return np.concatenate([states[s][k].astype(np.float64).ravel() for k in ("a.weight", "a.bias")])

@@ -401,7 +401,7 @@ ALONG_COLUMNS = [
     Column("update_rel_l2", "rel update", human=_g, justify="right"),
     Column("bar", ""),
     Column("weight_norm", "weight norm", human=lambda v: _g(v, 6), justify="right"),
-    Column("nonfinite", "NaN/Inf", human=lambda v: str(v) if v else "", justify="right"),
+    Column("num_nonfinite", "NaN/Inf", human=lambda v: str(v) if v else "", justify="right"),
     Column("top_tensor", "largest update", name_like=True),
     Column("name", "checkpoint", name_like=True),
 ]
@@ -438,7 +438,7 @@ def _show_along(res, fmt: Fmt) -> None:
         rows.append(r)
     if fmt == Fmt.csv:
         output.render_rows(rows, [Column(k, k) for k in ("step", "path", "update_rel_l2", "update_norm",
-                                                         "weight_norm", "nonfinite", "top_tensor",
+                                                         "weight_norm", "num_nonfinite", "top_tensor",
                                                          "nonfinite_tensors")], "csv")
         return
     cols = ALONG_COLUMNS if fmt == Fmt.table else [c for c in ALONG_COLUMNS if c.key != "bar"]

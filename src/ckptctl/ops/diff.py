@@ -1435,7 +1435,7 @@ class StepDiff:
             "num_dtype_only": self.num_dtype_only,
             "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
             "max_rel_l2": _jf(self.max_rel_l2), "max_rel_l2_tensor": self.max_rel_name,
-            "nonfinite": self.nonfinite, "left_out": list(self.left_out), "hint": self.hint, "error": self.error,
+            "nonfinite_tensors": self.nonfinite, "left_out": list(self.left_out), "hint": self.hint, "error": self.error,
         }
 
 
@@ -1550,7 +1550,7 @@ class AlongStep:
         return {
             "step": self.step, "path": self.path, "weight_norm": _jf(self.weight_norm),
             "update_rel_l2": _jf(self.update_rel_l2), "update_norm": _jf(self.update_norm),
-            "nonfinite": self.nonfinite, "nonfinite_tensors": self.nonfinite_tensors,
+            "num_nonfinite": self.nonfinite, "nonfinite_tensors": self.nonfinite_tensors,
             "top_tensor": self.top_tensor, "top_rel_l2": _jf(self.top_rel_l2), "error": self.error,
         }
 
