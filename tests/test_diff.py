@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import io
 import json
+import math
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 for safetensors.numpy)
 import numpy as np
@@ -225,8 +226,11 @@ def test_prefix_hint_and_alignment(tmp_path):
     lit = {"state_dict/" + k: v for k, v in w.items()}
     lit["optimizer_states/0/state/0/exp_avg"] = np.zeros(3, np.float32)
     ckpt = save(tmp_path / "lit.safetensors", lit)
-    r, doc = jdiff(ckpt, plain)
-    assert "--key state_dict" in doc["hint"]
+    r, doc = jdiff(ckpt, plain)  # a training checkpoint: its model weights, by default
+    assert r.exit_code == 0 and doc["hint"] is None
+    assert doc["selection"]["a"]["root"] == "state_dict" and doc["selection"]["a"]["left_out"] == 1
+    r, doc = jdiff(ckpt, plain, "--all")
+    assert r.exit_code == 1 and "--key state_dict" in doc["hint"]
     r, doc = jdiff(ckpt, plain, "--key", "state_dict")
     assert r.exit_code == 0 and doc["key_a"] == "state_dict" and doc["key_b"] is None
     assert cli("diff", ckpt, plain, "--key", "nothing_here").exit_code == 2
@@ -235,7 +239,10 @@ def test_prefix_hint_and_alignment(tmp_path):
     lit2["optimizer_states/0/state/0/exp_avg"] = np.zeros(3, np.float32)
     ckpt2 = save(tmp_path / "lit2.safetensors", lit2)
     r, doc = jdiff(ckpt2, plain)
+    assert doc["hint"].endswith("try --strip-prefix model.")
+    r, doc = jdiff(ckpt2, plain, "--all")
     assert "--key state_dict --strip-prefix model." in doc["hint"]
+    assert cli("diff", ckpt2, plain, "--strip-prefix", "model.").exit_code == 0
     assert cli("diff", ckpt2, plain, "--key", "state_dict", "--strip-prefix", "model.").exit_code == 0
     # HDF5-style paths: '/' read as '.'
     slash = save(tmp_path / "slash.safetensors", {k.replace(".", "/"): v for k, v in w.items()})
@@ -358,8 +365,10 @@ def test_long_only_in_lists_are_cut_in_tables_but_not_in_json(tmp_path):
     out = run("diff", pa, pb).stdout
     assert "t19" in out and "t20" not in out and "... 10 more" in out
     assert len(jdiff(pa, pb)[1]["only_in_a"]) == 30
-    assert "t29" in cli("diff", pa, pb, "--all").stdout
-    assert "shared" in cli("diff", pa, pb, "--all").stdout  # identical ones listed too
+    assert "t29" in cli("diff", pa, pb, "--show-identical").stdout
+    assert "shared" in cli("diff", pa, pb, "--show-identical").stdout  # identical ones listed too
+    out = run("-v", "diff", pa, pb).stdout  # -v: every name, identical ones not listed
+    assert "t29" in out and "more" not in out and "shared" not in out.split("\n\n")[0]
 
 
 def test_hostile_names_are_escaped(tmp_path):
@@ -464,18 +473,26 @@ def test_along_a_run(tmp_path, monkeypatch):
     steps = doc["steps"]
     assert [s["step"] for s in steps] == [10, 20, 30, 40, 50]
     assert steps[0]["update_rel_l2"] is None
-    assert steps[3]["nonfinite"] == 1 and steps[3]["nonfinite_tensors"] == ["a.bias"]
+    assert steps[3]["num_nonfinite"] == 1 and steps[3]["nonfinite_tensors"] == ["a.bias"]
 
     def flat(s):
-        v = np.concatenate([states[s][k].astype(np.float64).ravel() for k in ("a.weight", "a.bias")])
-        return np.where(np.isfinite(v), v, 0.0)
+        return np.concatenate([states[s][k].astype(np.float64).ravel() for k in ("a.weight", "a.bias")])
 
+    res = ops.along_run(tmp_path / "run")  # the numbers, as floats (NaN included)
     for i, s in enumerate([10, 20, 30, 40, 50]):
-        assert steps[i]["weight_norm"] == pytest.approx(np.linalg.norm(flat(s)), rel=1e-12)
+        got = res.steps[i]
+        exp = np.linalg.norm(flat(s))
+        if s >= 40:  # a NaN in the weights: the norm is NaN, never the norm of the rest
+            assert np.isnan(exp) and math.isnan(got.weight_norm)
+        else:
+            assert got.weight_norm == pytest.approx(exp, rel=1e-12)
         if i:
             prev = flat([10, 20, 30, 40, 50][i - 1])
             exp = np.linalg.norm(flat(s) - prev) / np.linalg.norm(prev)
-            assert steps[i]["update_rel_l2"] == pytest.approx(exp, rel=1e-9)
+            if s >= 40:
+                assert math.isnan(got.update_rel_l2) and math.isnan(got.update_norm)
+            else:
+                assert got.update_rel_l2 == pytest.approx(exp, rel=1e-9)
     p = run("diff", tmp_path / "run", "--along")
     assert p.returncode == 1 and "#" in p.stdout and "first NaN/Inf at step 40" in p.stdout
     make_run(tmp_path / "ok", [1, 2, 3], seed=4)

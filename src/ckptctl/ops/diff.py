@@ -44,23 +44,64 @@ def has_key(info: CheckpointInfo, key: str) -> bool:
     return any(under(t.name, key.strip("/")) is not None for t in info.tensors)
 
 
-def select(
-    info: CheckpointInfo, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
-    filters: list[str] | None = None, rename: list[str] | None = None,
-) -> dict[str, TensorInfo]:
-    """Aligned name -> source TensorInfo (whose .name is the name in the file), in file order.
+@dataclass
+class Side:
+    """What one side of a diff compares: aligned name -> source TensorInfo (whose .name is the
+    name in the file), in file order, and how that set was chosen."""
 
-    Everything by default (no training-checkpoint default here: diff shows what is there);
-    `key` takes that sub-tree; `strip` removes the first matching prefix; `rename` are
-    OLD=NEW regex substitutions (as in convert); `filters` are globs on the aligned names.
+    names: dict[str, TensorInfo]
+    root: str = ""  # the sub-tree taken ('' for all)
+    training_default: bool = False  # the model weights of a training checkpoint, by default
+    left_out: int = 0  # tensors outside that default (optimizer state, callbacks, ...)
+    filtered_out: int = 0  # dropped by --include/--exclude
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root": self.root, "model_weights_only": self.training_default, "left_out": self.left_out,
+                "filtered_out": self.filtered_out, "num_tensors": len(self.names)}
+
+
+def pick(
+    info: CheckpointInfo, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
+    filters: list[str] | None = None, rename: list[str] | None = None, *, all_: bool = False,
+    include: list[str] | None = None, exclude: list[str] | None = None,
+) -> Side:
+    """The tensors of one side, chosen by the rule convert and average use (ops/select.py):
+    `key` takes that sub-tree; `all_` every tensor under its '/'-joined name; by default the
+    model weights of a training checkpoint (names under state_dict/, without that prefix) and
+    everything otherwise. `strip` removes the first matching prefix; `rename` are OLD=NEW regex
+    substitutions. `include`/`exclude` (and `filters`, the older name of --include) are globs,
+    as convert's: matched against the name relative to the sub-tree or in full, and also against
+    the aligned name (after renaming), so `-k` keeps working on the names diff shows.
     """
     from ckptctl.ops.inspect import match_any
     from ckptctl.ops.select import select as select_tensors
+    from ckptctl.ops.select import under
 
     if not info.tensors:
-        return {}
-    sel = select_tensors(info.tensors, key=key, all_=key is None, strip_prefix=list(strip), rename=rename)
-    return {out.name: src for src, out in sel.pairs if not filters or match_any(out.name, filters)}
+        return Side({})
+    if key is not None:
+        sel = select_tensors(info.tensors, key=key, strip_prefix=list(strip), rename=rename)
+    else:
+        sel = select_tensors(info.tensors, all_=all_, strip_prefix=list(strip), rename=rename)
+    inc = list(include or ()) + list(filters or ())
+    exc = list(exclude or ())
+    out: dict[str, TensorInfo] = {}
+    dropped = 0
+    for src, o in sel.pairs:
+        forms = (under(src.name, sel.root) or src.name, src.name, o.name)
+        if (inc and not any(match_any(f, inc) for f in forms)) or (exc and any(match_any(f, exc) for f in forms)):
+            dropped += 1
+            continue
+        out[o.name] = src
+    return Side(out, sel.root, sel.training_default, sel.outside_root if sel.training_default else 0, dropped)
+
+
+def select(
+    info: CheckpointInfo, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
+    filters: list[str] | None = None, rename: list[str] | None = None, **kw: Any,
+) -> dict[str, TensorInfo]:
+    """pick(...).names: aligned name -> source TensorInfo."""
+    return pick(info, key, strip, filters, rename, **kw).names
 
 
 def _candidate_prefixes(names: list[str], depth: int = 3, top: int = 5) -> list[str]:
@@ -492,6 +533,12 @@ class Comparer:
             self._pool.shutdown(wait=True)
             self._pool = None
 
+    def set_tolerance(self, atol: float | None, rtol: float | None) -> None:
+        """Change the tolerance between two `compare` calls (each one finishes its work first)."""
+        self.tol = atol is not None or rtol is not None
+        self.atol = float(atol or 0.0)
+        self.rtol = float(rtol or 0.0)
+
     def _submit(self, fn, *args):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -756,6 +803,7 @@ class Comparer:
                     np.abs(D, out=D)
                     np.less_equal(D, T, out=B)
                     if not finite:
+                        B &= np.isfinite(X) & np.isfinite(Y)  # inf <= atol + rtol * inf: not close
                         np.equal(X, Y, out=C)
                         B |= C
                         B |= np.isnan(X) & np.isnan(Y)
@@ -810,7 +858,8 @@ class Comparer:
                 elif not self.tol:
                     neq = (X != Y) & ~(nan_x & nan_y)
                 else:
-                    close = (np.abs(D) <= self.atol + self.rtol * np.abs(Y)) | (X == Y) | (nan_x & nan_y)
+                    close = (((np.abs(D) <= self.atol + self.rtol * np.abs(Y)) & np.isfinite(X) & np.isfinite(Y))
+                             | (X == Y) | (nan_x & nan_y))
                     neq = ~close
                 acc.n_diff += int(np.count_nonzero(neq))
                 fx, fy = np.isfinite(X), np.isfinite(Y)
@@ -971,6 +1020,9 @@ class TensorDiff:
     inf_a: int = 0
     inf_b: int = 0
     error: str | None = None
+    ignore_dtype: bool = False  # --ignore-dtype: a dtype change alone is not a difference
+    atol: float | None = None  # the tolerance these values were compared with (None, None: exact)
+    rtol: float | None = None
 
     @property
     def dtype_changed(self) -> bool:
@@ -986,8 +1038,15 @@ class TensorDiff:
 
     @property
     def identical(self) -> bool:
-        return (not self.dtype_changed and not self.shape_changed and self.error is None
-                and (not self.compared or not self.num_diff))
+        if self.dtype_changed and not (self.ignore_dtype and self.compared):
+            return False  # (values of dtypes without arithmetic cannot be compared across a cast)
+        return not self.shape_changed and self.error is None and (not self.compared or not self.num_diff)
+
+    @property
+    def dtype_only(self) -> bool:
+        """Only the dtype changed: the values were compared and all are within tolerance."""
+        return (self.dtype_changed and self.compared and not self.num_diff and not self.shape_changed
+                and self.error is None)
 
     @property
     def nonfinite(self) -> bool:
@@ -999,7 +1058,9 @@ class TensorDiff:
         if self.shape_changed:
             parts.append(f"shape {list(self.shape_a)} -> {list(self.shape_b)}")
         if self.dtype_changed:
-            parts.append(f"dtype {self.dtype_a} -> {self.dtype_b}")
+            parts.append(f"dtype {self.dtype_a} -> {self.dtype_b}"
+                         + (" (values not comparable)" if self.ignore_dtype and not self.compared
+                            and not self.shape_changed else ""))
         if self.compared and self.num_diff:
             parts.append("values")
         if self.error:
@@ -1015,6 +1076,9 @@ class TensorDiff:
         if not acc.arith:
             # identical through the fast path: no arithmetic was needed
             d.max_abs_diff, d.mean_abs_diff, d.rel_l2, d.cosine = 0.0, 0.0, 0.0, 1.0
+            return d
+        if acc.numel and not acc.n_finite:  # no pair with both sides finite: no statistic, not 0
+            d.max_abs_diff = d.mean_abs_diff = d.rel_l2 = d.cosine = math.nan
             return d
         d.norm_a = math.sqrt(acc.ssq_a)
         d.norm_b = math.sqrt(acc.ssq_b)
@@ -1037,6 +1101,7 @@ class TensorDiff:
             "change": self.change,
             "dtype_a": self.dtype_a,
             "dtype_b": self.dtype_b,
+            "dtype_changed": self.dtype_changed,
             "shape_a": list(self.shape_a),
             "shape_b": list(self.shape_b),
             "numel": self.numel,
@@ -1050,15 +1115,16 @@ class TensorDiff:
             "nan_b": self.nan_b,
             "inf_a": self.inf_a,
             "inf_b": self.inf_b,
+            "atol": self.atol,
+            "rtol": self.rtol,
             "error": self.error,
         }
 
 
-def _jf(v: float | None) -> float | str | None:
-    """JSON has no inf/nan: show them as strings."""
-    if v is None or math.isfinite(v):
-        return v
-    return str(v)
+def _jf(v: float | None) -> float | None:
+    """Numbers for JSON stay floats, inf and nan included: the output layer (print_json) writes
+    the non-finite ones in its one documented, strict-JSON form."""
+    return None if v is None else float(v)
 
 
 def _rel_key(d: TensorDiff) -> tuple:
@@ -1089,6 +1155,10 @@ class DiffResult:
     key_a: str | None = None
     key_b: str | None = None
     bytes_compared: int = 0
+    ignore_dtype: bool = False
+    side_a: Side | None = None
+    side_b: Side | None = None
+    dtype_only: list[TensorDiff] = field(default_factory=list)  # dtype changed, values within tolerance
 
     @property
     def equal(self) -> bool:
@@ -1099,6 +1169,11 @@ class DiffResult:
     @property
     def nonfinite(self) -> list[str]:
         return [d.name for d in self.changed if d.nonfinite]
+
+    @property
+    def left_out(self) -> tuple[int, int]:
+        """Tensors each side left out by the model-weights default (optimizer state, ...)."""
+        return tuple(s.left_out if s is not None else 0 for s in (self.side_a, self.side_b))  # type: ignore[return-value]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1117,9 +1192,37 @@ class DiffResult:
             "changed": [d.to_json() for d in self.changed],
             "num_identical": len(self.identical),
             "num_changed": len(self.changed),
+            "ignore_dtype": self.ignore_dtype,
+            "num_dtype_only": len(self.dtype_only),
+            "selection": {"a": self.side_a.to_json() if self.side_a else None,
+                          "b": self.side_b.to_json() if self.side_b else None},
             "metadata_changes": self.metadata_changes,
             "hint": self.hint,
         }
+
+
+def cast_tolerance(dtype_a: str, dtype_b: str) -> tuple[float, float]:
+    """(atol, rtol) for `--ignore-dtype` without --atol/--rtol: equal up to the cast.
+
+    rtol is the machine epsilon of the less precise floating dtype (float16: 2**-10 ~ 9.8e-4,
+    bfloat16: 2**-7 ~ 7.8e-3, float32: 2**-23 ~ 1.2e-7), twice the largest relative error of a
+    round-to-nearest cast; atol is that dtype's smallest normal number (float16: 6.1e-5), for
+    values that became subnormal or zero (also when the cast flushed subnormals). Integers and
+    bools on both sides: exact. Infinities and NaNs must match (an overflow to inf is a change).
+    """
+    import numpy as np
+
+    best: tuple[float, float] | None = None
+    for d in (dtype_a, dtype_b):
+        if numeric_kind(d) in ("float", "complex"):
+            fi = np.finfo(dtypes.numpy_dtype(d))
+            cand = (float(fi.eps), float(fi.tiny))
+            if best is None or cand > best:
+                best = cand
+    if best is None:
+        return 0.0, 0.0
+    eps, tiny = best
+    return tiny, eps
 
 
 def metadata_changes(ma: dict[str, Any], mb: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1181,14 +1284,27 @@ def diff_checkpoints(
     strip: tuple[str, ...] | list[str] = (),
     filters: list[str] | None = None,
     rename: list[str] | None = None,
+    all_: bool = False,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    ignore_dtype: bool = False,
     progress_factory: Callable[[int], Any] | None = None,
     readers: tuple[Reader, Reader] | None = None,
 ) -> DiffResult:
     """Compare two checkpoints of any formats.
 
+    Which tensors: see `pick` (the model weights of a training checkpoint by default, `all_`
+    everything, `key` a sub-tree of each side that has it). `ignore_dtype`: a dtype change alone
+    is no difference; values are compared across the cast within atol/rtol, or within
+    `cast_tolerance` when neither is given.
+
     `progress_factory(total_bytes)` may return a context manager yielding an object with
     `advance(n)`; it is called once the amount of data to compare is known.
     """
+    if key is not None and all_:
+        raise UsageError("--key and --all do not go together")
+    if ignore_dtype and not values:
+        raise UsageError("--ignore-dtype compares values across a cast; --no-values compares none")
     ra = rb = None
     try:
         ra, rb = readers if readers else (open_checkpoint(path_a), None)
@@ -1198,9 +1314,16 @@ def diff_checkpoints(
         ka, kb = _resolve_key(ia, key), _resolve_key(ib, key)
         if key and ka is None and kb is None:
             raise UsageError(f"--key {key}: neither checkpoint has tensors under {key.rstrip('/')}/")
-        sa = select(ia, ka, strip, filters, rename)
-        sb = select(ib, kb, strip, filters, rename)
-        res = DiffResult(str(path_a), str(path_b), ia.format, ib.format, values, atol, rtol, key_a=ka, key_b=kb)
+        fkw = dict(all_=all_, include=include, exclude=exclude)
+        side_a = pick(ia, ka, strip, filters, rename, **fkw)
+        side_b = pick(ib, kb, strip, filters, rename, **fkw)
+        sa, sb = side_a.names, side_b.names
+        if not sa and not sb and (side_a.filtered_out or side_b.filtered_out):
+            what = " ".join([f"--include {p}" for p in list(include or ()) + list(filters or ())]
+                            + [f"--exclude {p}" for p in exclude or ()])
+            raise UsageError(f"no tensor left to compare in either checkpoint after {what}")
+        res = DiffResult(str(path_a), str(path_b), ia.format, ib.format, values, atol, rtol, key_a=ka, key_b=kb,
+                         ignore_dtype=ignore_dtype, side_a=side_a, side_b=side_b)
         res.only_in_a = [n for n in sa if n not in sb]
         res.only_in_b = [n for n in sb if n not in sa]
         res.metadata_changes = metadata_changes(ia.metadata, ib.metadata)
@@ -1211,7 +1334,8 @@ def diff_checkpoints(
         results: dict[str, TensorDiff] = {}
         for n in common:
             ta, tb = sa[n], sb[n]
-            d = TensorDiff(n, ta.dtype, tb.dtype, tuple(ta.shape), tuple(tb.shape), numel=ta.numel)
+            d = TensorDiff(n, ta.dtype, tb.dtype, tuple(ta.shape), tuple(tb.shape), numel=ta.numel,
+                           ignore_dtype=ignore_dtype)
             results[n] = d
             if not values or d.shape_changed:
                 continue
@@ -1227,6 +1351,8 @@ def diff_checkpoints(
                 res.identical.append(n)
             else:
                 res.changed.append(d)
+            if d.dtype_only:
+                res.dtype_only.append(d)
         res.changed.sort(key=_rel_key)
         return res
     finally:
@@ -1259,8 +1385,15 @@ def _compare_each(cmp, ra, rb, todo, results, names_a, names_b, bar, res: DiffRe
         if twin is not None and twin in results and results[twin].compared:
             results[n] = TensorDiff(**{**results[twin].__dict__, "name": n})
             continue
+        tol = (res.atol, res.rtol)
+        if res.ignore_dtype and ta.dtype != tb.dtype and tol == (None, None):
+            tol = cast_tolerance(ta.dtype, tb.dtype)
+        cmp.set_tolerance(*tol)
         acc = cmp.compare(ra, ta, rb, tb, adv)  # a read error is an error (exit 2), not a difference
         results[n] = TensorDiff.from_acc(n, ta, tb, acc)
+        results[n].ignore_dtype = res.ignore_dtype
+        if numeric_kind(ta.dtype) != "bytes" and tol != (None, None):
+            results[n].atol, results[n].rtol = float(tol[0] or 0.0), float(tol[1] or 0.0)
         res.bytes_compared += ta.nbytes + tb.nbytes
 
 
@@ -1287,14 +1420,22 @@ class StepDiff:
     max_rel_name: str | None = None
     nonfinite: list[str] = field(default_factory=list)
     error: str | None = None
+    metrics_a: dict[str, float] = field(default_factory=dict)  # the run's metrics at this step
+    metrics_b: dict[str, float] = field(default_factory=dict)
+    num_dtype_only: int = 0
+    left_out: tuple[int, int] = (0, 0)  # tensors left out by the model-weights default, per side
+    hint: str | None = None  # how to align the names (see name_hint)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "step": self.step, "a": self.path_a, "b": self.path_b, "equal": self.equal,
+            "metrics": {"a": {k: _jf(v) for k, v in self.metrics_a.items()},
+                        "b": {k: _jf(v) for k, v in self.metrics_b.items()}},
             "num_changed": self.num_changed, "num_identical": self.num_identical,
+            "num_dtype_only": self.num_dtype_only,
             "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
             "max_rel_l2": _jf(self.max_rel_l2), "max_rel_l2_tensor": self.max_rel_name,
-            "nonfinite": self.nonfinite, "error": self.error,
+            "nonfinite_tensors": self.nonfinite, "left_out": list(self.left_out), "hint": self.hint, "error": self.error,
         }
 
 
@@ -1307,15 +1448,31 @@ class RunDiff:
     missing_in_b: list[int] = field(default_factory=list)  # steps only A has
     unstepped_a: list[str] = field(default_factory=list)
     unstepped_b: list[str] = field(default_factory=list)
+    root: str = ""  # the sub-tree compared when the model-weights default applied
 
     @property
     def equal(self) -> bool:
         return (not self.missing_in_a and not self.missing_in_b
                 and all(s.equal for s in self.steps))
 
+    @property
+    def metric_names(self) -> list[str]:
+        """Every metric either run has at a common step, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for s in self.steps:
+            for k in list(s.metrics_a) + list(s.metrics_b):
+                seen.setdefault(k, None)
+        return list(seen)
+
+    @property
+    def left_out(self) -> tuple[int, int]:
+        return (max((s.left_out[0] for s in self.steps), default=0),
+                max((s.left_out[1] for s in self.steps), default=0))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "run_a": self.run_a, "run_b": self.run_b, "equal": self.equal,
+            "metrics": self.metric_names,
             "steps": [s.to_json() for s in self.steps],
             "missing_in_a": self.missing_in_a, "missing_in_b": self.missing_in_b,
             "unstepped_a": self.unstepped_a, "unstepped_b": self.unstepped_b,
@@ -1346,7 +1503,8 @@ def diff_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, *, on_step: Ca
     res.missing_in_a = sorted(s for s in b if s not in a)
     for step in sorted(s for s in a if s in b):
         ca, cb = a[step], b[step]
-        sd = StepDiff(step, str(ca.path), str(cb.path))
+        sd = StepDiff(step, str(ca.path), str(cb.path), metrics_a=dict(ca.metrics or {}),
+                      metrics_b=dict(cb.metrics or {}))
         try:
             d = diff_checkpoints(ca.path, cb.path, **kw)
         except CkptError as e:
@@ -1357,6 +1515,10 @@ def diff_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, *, on_step: Ca
             sd.num_changed = len(d.changed)
             sd.num_identical = len(d.identical)
             sd.only_in_a, sd.only_in_b = len(d.only_in_a), len(d.only_in_b)
+            sd.num_dtype_only = len(d.dtype_only)
+            sd.left_out = d.left_out
+            sd.hint = d.hint
+            res.root = res.root or (d.side_a.root if d.side_a else "") or (d.side_b.root if d.side_b else "")
             rels = [(x.rel_l2, x.name) for x in d.changed if x.rel_l2 is not None]
             if rels:
                 sd.max_rel_l2, sd.max_rel_name = max(rels, key=lambda r: math.inf if math.isnan(r[0]) else r[0])
@@ -1370,6 +1532,9 @@ def diff_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, *, on_step: Ca
 # ---- along one run -----------------------------------------------------------------------------------
 @dataclass
 class AlongStep:
+    """One checkpoint of a run. Norms follow IEEE arithmetic: a NaN in the weights makes the
+    weight norm and the updates that involve it NaN, an Inf makes them inf (never 0)."""
+
     step: int | None
     path: str
     weight_norm: float = 0.0
@@ -1385,7 +1550,7 @@ class AlongStep:
         return {
             "step": self.step, "path": self.path, "weight_norm": _jf(self.weight_norm),
             "update_rel_l2": _jf(self.update_rel_l2), "update_norm": _jf(self.update_norm),
-            "nonfinite": self.nonfinite, "nonfinite_tensors": self.nonfinite_tensors[:20],
+            "num_nonfinite": self.nonfinite, "nonfinite_tensors": self.nonfinite_tensors,
             "top_tensor": self.top_tensor, "top_rel_l2": _jf(self.top_rel_l2), "error": self.error,
         }
 
@@ -1397,6 +1562,8 @@ class Along:
     num_tensors: int = 0
     not_in_all: list[str] = field(default_factory=list)  # tensors some checkpoints lack (skipped)
     skipped: list[str] = field(default_factory=list)  # checkpoints that could not be read
+    left_out: int = 0  # tensors a checkpoint left out by the model-weights default (the most of any)
+    root: str = ""  # the sub-tree compared ('' for all)
 
     @property
     def first_nonfinite(self) -> AlongStep | None:
@@ -1416,7 +1583,18 @@ class Along:
             "steps": [s.to_json() for s in self.steps],
             "not_in_all": self.not_in_all,
             "skipped": self.skipped,
+            "root": self.root,
+            "left_out": self.left_out,
         }
+
+
+def _rel(d2: float, p2: float) -> float:
+    """sqrt(d2) / sqrt(p2): NaN when either is NaN, inf for a change from zero."""
+    if math.isnan(d2) or math.isnan(p2):
+        return math.nan
+    if p2 > 0:
+        return math.sqrt(d2) / math.sqrt(p2) if math.isfinite(p2) or math.isfinite(d2) else math.nan
+    return 0.0 if d2 == 0 else math.inf
 
 
 ALONG_BUDGET = 128 * 1024 * 1024  # bytes of raw chunks held at once across all checkpoints
@@ -1425,10 +1603,14 @@ ALONG_CHUNK = 1 << 21  # at most this many elements per chunk (a few float64 cop
 
 def along_run(
     run_dir: str | os.PathLike, *, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
-    filters: list[str] | None = None, rename: list[str] | None = None,
+    filters: list[str] | None = None, rename: list[str] | None = None, all_: bool = False,
+    include: list[str] | None = None, exclude: list[str] | None = None,
     progress_factory: Callable[[int], Any] | None = None,
 ) -> Along:
     """Walk a run's checkpoints in step order: update size, weight norm, first NaN/Inf.
+
+    Tensors as `pick` chooses them: the model weights of a training checkpoint by default (its
+    optimizer state and callbacks never enter the norms or the NaN count), `all_` everything.
 
     Each file is read once: for each tensor, the same chunk of every checkpoint is read in step
     order and compared with the previous step's chunk (the only one kept, as float64).
@@ -1453,10 +1635,16 @@ def along_run(
             except CkptError as e:
                 res.skipped.append(f"{c.path.name}: {e.message}")
                 continue
-            k = key if key is not None else ("state_dict" if has_key(info, "state_dict") else None)
-            k = _resolve_key(info, k)
+            try:
+                side = pick(info, _resolve_key(info, key), strip, filters, rename, all_=all_, include=include,
+                            exclude=exclude)
+            except BaseException:
+                r.close()
+                raise
             readers.append(r)
-            sels.append(select(info, k, strip, filters, rename))
+            sels.append(side.names)
+            res.left_out = max(res.left_out, side.left_out)
+            res.root = res.root or side.root
             res.steps.append(AlongStep(c.step, str(c.path)))
         if len(readers) < 1:
             raise UsageError("no readable checkpoint in this run folder", run_dir)
@@ -1508,15 +1696,12 @@ def along_run(
                         X = pair[i % 2][: len(x)]
                         np.copyto(X, x, casting="unsafe")
                         ss = _dot(X, X)
-                        if not math.isfinite(ss):
-                            fin = np.isfinite(X)
-                            bad = X.size - int(np.count_nonzero(fin))
+                        if not math.isfinite(ss):  # NaN/Inf stay in: the norms become nan/inf
+                            bad = X.size - int(np.count_nonzero(np.isfinite(X)))
                             if bad:
                                 res.steps[i].nonfinite += bad
                                 if n not in res.steps[i].nonfinite_tensors:
                                     res.steps[i].nonfinite_tensors.append(n)
-                                X[~fin] = 0  # NaN/Inf left out of the norms
-                            ss = _dot(X, X)
                         ssq_w[i] += ss
                         if prev is not None:
                             dd = 0.0
@@ -1536,15 +1721,14 @@ def along_run(
                     if done:
                         break
                 for i in range(1, n_ck):
-                    rel = math.sqrt(t_d[i]) / math.sqrt(t_p[i]) if t_p[i] > 0 else (0.0 if t_d[i] == 0 else math.inf)
-                    if rel > top[i][0]:
+                    rel = _rel(t_d[i], t_p[i])
+                    if rel > top[i][0]:  # (a NaN update never wins: the NaN/Inf column names it)
                         top[i] = (rel, n)
         for i, s in enumerate(res.steps):
             s.weight_norm = math.sqrt(ssq_w[i])
             if i > 0:
                 s.update_norm = math.sqrt(ssq_d[i])
-                s.update_rel_l2 = (s.update_norm / math.sqrt(ssq_p[i]) if ssq_p[i] > 0
-                                   else (0.0 if ssq_d[i] == 0 else math.inf))
+                s.update_rel_l2 = _rel(ssq_d[i], ssq_p[i])
                 if top[i][1] is not None:
                     s.top_rel_l2, s.top_tensor = top[i]
         return res
