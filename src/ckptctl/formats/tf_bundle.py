@@ -584,9 +584,9 @@ class TFBundleReader(Reader):
                                         full_name=g.get("full_name"),
                                         slot_of=display.get(g["slot_of"], g["slot_of"]) if g.get("slot_of") else None,
                                         slot=g.get("slot")))
-        meta: dict[str, object] = {"tf.num_shards": num_shards}
+        meta: dict[str, object] = {"tf.num_shards": str(num_shards)}
         if version:
-            meta["tf.bundle_version"] = _one(version[-1], 1)
+            meta["tf.bundle_version"] = str(_one(version[-1], 1))
         if self.big_endian:
             meta["tf.endianness"] = "big"
         warnings: list[str] = []
