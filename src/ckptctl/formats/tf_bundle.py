@@ -179,7 +179,7 @@ def _block(data: bytes, offset: int, size: int, what: str) -> bytes:
     ctype = data[offset + size]
     stored = int.from_bytes(data[offset + size + 1:offset + size + 5], "little")
     if masked_crc(data[offset:offset + size + 1]) != stored:
-        raise _Bad(f"{what} at byte {offset}: block checksum (CRC32C) mismatch")
+        raise _Bad(f"{what} at byte {offset}: CRC32C mismatch in the block trailer: the index is corrupt")
     if ctype == 1:
         raise _Bad(f"{what} at byte {offset} is snappy-compressed, which TF's bundle writer never does")
     if ctype != 0:
