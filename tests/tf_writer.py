@@ -289,3 +289,48 @@ def write_state_file(folder, prefixes: list[str]) -> Path:
     lines += [f"all_model_checkpoint_timestamps: {1796193738.9 + i}" for i in range(len(prefixes))]
     p.write_text("\n".join(lines) + "\n")
     return p
+
+
+def write_bundle_streaming(prefix, specs, *, chunk: int = 64 << 20) -> list[Path]:
+    """A big single-shard little-endian bundle written in bounded memory (for benchmarks).
+
+    specs: (key, dtype name, shape, source); source None writes zeros as a sparse range (CRC of
+    zeros computed), or (path, offset) copies the tensor's bytes from that file range.
+    """
+    prefix = Path(prefix)
+    os.makedirs(prefix.parent, exist_ok=True)
+    data = data_name(prefix, 0, 1)
+    items: list[tuple[bytes, bytes]] = [(b"", header_proto(1, False))]
+    zeros = bytes(min(chunk, 16 << 20))
+    pos = 0
+    with open(data, "wb") as out:
+        for key, dt, shape, source in specs:
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(getattr(ml_dtypes, dt, dt)).itemsize
+            c = 0
+            if source is None:
+                left = n
+                while left:
+                    k = min(left, len(zeros))
+                    c = crc(zeros if k == len(zeros) else zeros[:k], c)
+                    left -= k
+                out.truncate(pos + n)
+                out.seek(pos + n)
+            else:
+                path, off = source
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    done = 0
+                    while done < n:
+                        b = os.pread(fd, min(chunk, n - done), off + done)
+                        if not b:
+                            raise EOFError(path)
+                        c = crc(b, c)
+                        out.write(b)
+                        done += len(b)
+                finally:
+                    os.close(fd)
+            items.append((key.encode(), entry_proto(TF_DTYPES[dt], shape, 0, pos, n, masked(c))))
+            pos += n
+    index = Path(f"{prefix}.index")
+    index.write_bytes(table(items))
+    return [index, data]
