@@ -415,6 +415,24 @@ def test_bad_magic(tmp_path):
     idx = Path(f"{c}.index")
     _flip(idx, idx.stat().st_size - 1)
     _one_line(run("inspect", c), idx, ["bad magic"])
+    _one_line(run("inspect", idx), idx, ["bad magic"])  # named by its index, beside its data file
+
+
+def test_data_shard_without_index(tmp_path):
+    c = _good(tmp_path)
+    Path(f"{c}.index").unlink()
+    shard = Path(f"{c}.data-00000-of-00001")
+    _one_line(run("inspect", shard), shard, ["data shard", "c.index is missing"])
+    _one_line(run("inspect", c), c, ["no such file"])
+
+
+def test_crc32c_known_answer_and_fallback():
+    from ckptctl.formats import tf_bundle
+
+    assert tf_bundle.crc_extend(0, b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert tf_bundle._py_extend(0, b"123456789") == 0xE3069283
+    data = bytes(random.Random(3).getrandbits(8) for _ in range(5000))
+    assert tf_bundle._py_extend(tf_bundle._py_extend(0, data[:77]), data[77:]) == crc(data)
 
 
 def test_bad_block_crc(tmp_path):

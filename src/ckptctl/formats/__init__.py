@@ -206,7 +206,7 @@ def sniff(path: str | os.PathLike) -> str:
         raise NotFound(e.strerror or str(e), p) from None
     if not head:
         raise UnknownFormat("empty file (0 bytes)", p)
-    if ".data-" in p.name and _tf_file(p) is not None:  # a TF data shard: raw bytes, known by name
+    if (".data-" in p.name or p.name.endswith(".index")) and _tf_file(p) is not None:  # TF: by name too
         return "tf-bundle"
     if head.startswith(b"PK\x03\x04"):
         return _sniff_zip(p)

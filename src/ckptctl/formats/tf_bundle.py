@@ -18,6 +18,7 @@ full shape and read when they are split along the first axis only.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from collections.abc import Iterator
@@ -433,8 +434,16 @@ def resolve_path(p: Path) -> Path | None:
         return None
     if p.is_file():
         pre = prefix_of(p)
-        if pre is not None and Path(f"{pre}.index").is_file() and is_index(Path(f"{pre}.index")):
+        if pre is None:
+            return None
+        index = Path(f"{pre}.index")
+        if p.name.endswith(".index"):  # the index itself: by its magic, or (broken) beside its data
+            if is_index(p) or any(pre.parent.glob(f"{glob.escape(pre.name)}.data-*-of-*")):
+                return pre
+            return None
+        if index.is_file():
             return pre
+        raise NotFound(f"a TF checkpoint data shard, but its index {index.name} is missing", p)
     return None
 
 
