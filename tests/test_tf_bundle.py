@@ -310,9 +310,10 @@ def test_every_dtype_converts_bit_exact(tmp_path):
     assert cli("diff", tmp_path / "ckpt-1", pt).exit_code == 0
 
 
-def test_string_tensors_listed_not_converted(tmp_path):
+@pytest.mark.parametrize("big_endian", [False, True], ids=["le", "be"])
+def test_string_tensors_listed_not_converted(tmp_path, big_endian):
     arrays = {"words": [b"alpha", b"", b"\xffbeta"], "w": np.arange(6, dtype=np.float32)}
-    write_bundle(tmp_path / "c", arrays)
+    write_bundle(tmp_path / "c", arrays, big_endian=big_endian)
     res = cli("inspect", tmp_path / "c", "--format", "json")
     assert res.exit_code == 0
     by = {t["name"]: t for t in json.loads(res.stdout)["tensors"]}

@@ -203,11 +203,13 @@ def raw_bytes(a: np.ndarray, big_endian: bool = False) -> bytes:
     return a.tobytes()
 
 
-def string_record(values) -> tuple[bytes, int]:
-    """(stored record, masked crc32c of the entry) for a string tensor."""
+def string_record(values, big_endian: bool = False) -> tuple[bytes, int]:
+    """(stored record, masked crc32c of the entry) for a string tensor; TF checksums each length as
+    a uint32 in the writing machine's byte order and stores the lengths' checksum in that order."""
+    order = "big" if big_endian else "little"
     lens = b"".join(varint(len(v)) for v in values)
-    c = crc(b"".join(len(v).to_bytes(4, "little") for v in values))
-    length_checksum = masked(c).to_bytes(4, "little")
+    c = crc(b"".join(len(v).to_bytes(4, order) for v in values))
+    length_checksum = masked(c).to_bytes(4, order)
     c = crc(length_checksum, c)
     body = b"".join(values)
     c = crc(body, c)
@@ -264,7 +266,7 @@ def write_bundle(prefix, tensors: dict, *, big_endian: bool = False, num_shards:
             items.append((name.encode(), entry_proto(dt, a.shape, slices=extents_list)))
             continue
         if dt == STRING:
-            data, c = string_record([bytes(v) for v in a.reshape(-1)])
+            data, c = string_record([bytes(v) for v in a.reshape(-1)], big_endian)
         else:
             data = raw_bytes(a, big_endian)
             c = masked(crc(data))

@@ -154,7 +154,13 @@ def _one(f: dict[int, list], num: int, default=0):
 
 
 def _int64(v: int) -> int:
+    if not isinstance(v, int):
+        raise _Bad("expected an integer field")
     return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _int(f: dict[int, list], num: int) -> int:
+    return _int64(_one(f, num))
 
 
 def _sub(f: dict[int, list], num: int) -> list[dict[int, list]]:
@@ -318,14 +324,14 @@ class _Loc:
 
 def _entry(value: bytes, key: str) -> dict:
     f = proto_fields(value)
-    code = _one(f, 1)
+    code = _int(f, 1)
     shape_f = _sub(f, 2)
     dims: list[int] = []
     if shape_f:
         if _one(shape_f[-1], 3):
             raise _Bad(f"entry {key!r}: unknown rank")
         for d in _sub(shape_f[-1], 2):
-            size = _int64(_one(d, 1))
+            size = _int(d, 1)
             if size < 0:
                 raise _Bad(f"entry {key!r}: negative dimension {size}")
             dims.append(size)
@@ -333,12 +339,12 @@ def _entry(value: bytes, key: str) -> dict:
     for s in _sub(f, 7):
         ext = []
         for e in _sub(s, 1):
-            ext.append((_int64(_one(e, 1)), _int64(_one(e, 2)) if 2 in e else -1))
+            ext.append((_int(e, 1), _int(e, 2) if 2 in e else -1))
         slices.append(ext)
-    crc = f.get(6)
+    crc = _int(f, 6) if 6 in f else None
     return {
-        "dtype": code, "shape": tuple(dims), "shard": _one(f, 3), "offset": _int64(_one(f, 4)),
-        "size": _int64(_one(f, 5)), "crc": crc[-1] if crc else None, "slices": slices,
+        "dtype": code, "shape": tuple(dims), "shard": _int(f, 3), "offset": _int(f, 4),
+        "size": _int(f, 5), "crc": crc, "slices": slices,
     }
 
 
@@ -508,8 +514,8 @@ class TFBundleReader(Reader):
                               self.index_path)
         try:
             header = proto_fields(entries[0][1])
-            num_shards = _one(header, 1)
-            endian = _one(header, 2)
+            num_shards = _int(header, 1)
+            endian = _int(header, 2)
             version = _sub(header, 3)
         except _Bad as e:
             raise CorruptFile(f"bundle header: {e}", self.index_path) from None
@@ -687,7 +693,7 @@ class TFBundleReader(Reader):
                         rec["slot_of"] = node_key[orig]
                         rec["slot"] = _str(_one(s, 2, b""))
             return out
-        except (_Bad, IndexError):
+        except (_Bad, IndexError, TypeError, ValueError):
             return {}
 
     # -- data ----------------------------------------------------------------------------------
@@ -718,7 +724,7 @@ class TFBundleReader(Reader):
         if p.crc is None or not p.size:
             return blob
         try:
-            crc = string_crc(blob, count)
+            crc = string_crc(blob, count, "big" if self.big_endian else "little")
         except _Bad as e:
             raise CorruptFile(f"tensor {name!r}: corrupt string record ({e})", self._shards[p.shard]) from None
         if mask(crc) != p.crc:
@@ -767,15 +773,15 @@ def _swap(chunk: bytes, itemsize: int) -> bytes:
     return np.frombuffer(chunk, dtype=f">u{itemsize}").astype(f"<u{itemsize}").tobytes()
 
 
-def string_crc(record: bytes, count: int) -> int:
-    """TF's (unmasked) CRC32C of a string tensor record: each length as a little-endian uint32
+def string_crc(record: bytes, count: int, order: str = "little") -> int:
+    """TF's (unmasked) CRC32C of a string tensor record: each length as a uint32 in the writer's order
     (uint64 past 4 GiB), the stored masked checksum of the lengths, then the string bytes."""
     pos = 0
     lens = bytearray()
     total = 0
     for _ in range(count):
         n, pos = _varint(record, pos)
-        lens += n.to_bytes(4 if n <= 0xFFFFFFFF else 8, "little")
+        lens += n.to_bytes(4 if n <= 0xFFFFFFFF else 8, order)  # host order of the writer
         total += n
     if pos + 4 + total != len(record):
         raise _Bad(f"lengths add up to {pos + 4 + total} bytes, the record has {len(record)}")
