@@ -503,3 +503,32 @@ def test_fuzzed_index_fails_only_cleanly(tmp_path):
             continue
         assert sorted(t.key for t in info.tensors) == sorted(arrays)  # accepted: only padding changed
     assert rejected > 300, rejected
+
+
+def test_object_graph_names_and_optimizer_slots(tmp_path):
+    """A TrackableObjectGraph (written with the test writer's protobuf encoder): full_name of each
+    variable, and an optimizer slot tied to its variable; the graph itself is not a tensor."""
+    from tf_writer import f_bytes, f_varint
+
+    k_var = "model/dense/kernel" + SUFFIX
+    k_slot = "model/dense/kernel/.OPTIMIZER_SLOT/optimizer/m" + SUFFIX
+
+    def attr(key, full):
+        return f_bytes(2, f_bytes(1, b"VARIABLE_VALUE") + f_bytes(2, full.encode()) + f_bytes(3, key.encode()))
+
+    root = f_bytes(1, f_varint(1, 1) + f_bytes(2, b"model")) + f_bytes(1, f_varint(1, 3) + f_bytes(2, b"optimizer"))
+    var = attr(k_var, "dense/kernel")
+    slot = attr(k_slot, "dense/kernel/Adam")
+    opt = f_bytes(3, f_varint(1, 1) + f_bytes(2, b"m") + f_varint(3, 2))
+    graph = b"".join(f_bytes(1, n) for n in (root, var, slot, opt))
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    write_bundle(tmp_path / "c", {GRAPH: [graph], k_var: w, k_slot: w * 0})
+    res = cli("inspect", tmp_path / "c", "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "tf2" and doc["warnings"] == []  # the graph is no string tensor to warn about
+    by = {t["name"]: t for t in doc["tensors"]}
+    assert sorted(by) == ["model/dense/kernel", "model/dense/kernel/.OPTIMIZER_SLOT/optimizer/m"]
+    assert by["model/dense/kernel"]["full_name"] == "dense/kernel"
+    s = by["model/dense/kernel/.OPTIMIZER_SLOT/optimizer/m"]
+    assert (s["slot_of"], s["slot"], s["key"]) == ("model/dense/kernel", "m", k_slot)
