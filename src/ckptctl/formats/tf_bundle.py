@@ -35,6 +35,7 @@ FOOTER_SIZE = 48
 TRAILER = 5
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+CRC_CHUNK = 8 << 20  # reads that only check a tensor's CRC32C
 MAX_INDEX = 1 << 31  # an index bigger than 2 GiB is not a checkpoint index
 DATA_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<k>\d{5,})-of-(?P<n>\d{5,})$")
 
@@ -758,8 +759,8 @@ class TFBundleReader(Reader):
         if loc.problem or loc.itemsize or len(loc.pieces) != 1 or t.dtype == "string":
             return None
         p = loc.pieces[0]
-        if name not in self._verified:
-            for _chunk in self._read_piece(p, name, 0):
+        if name not in self._verified:  # small pieces: only the checksum is wanted, not the bytes
+            for _chunk in self._read_piece(p, name, 0, CRC_CHUNK):
                 pass
             self._verified.add(name)
         return (str(self._shards[p.shard]), p.offset, p.size)
