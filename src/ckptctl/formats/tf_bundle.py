@@ -522,7 +522,7 @@ class TFBundleReader(Reader):
             raise CorruptFile(f"bundle header: {e}", self.index_path) from None
         if endian not in (0, 1):
             raise CorruptFile(f"bundle header: unknown endianness {endian}", self.index_path)
-        if not 0 < num_shards <= 1_000_000 and len(entries) > 1:
+        if not 0 < num_shards <= 100_000 and len(entries) > 1:
             raise CorruptFile(f"bundle header: {num_shards} data shards", self.index_path)
         self.big_endian = endian == 1
         self._shards = [data_file(self.prefix, k, num_shards) for k in range(num_shards)]
