@@ -323,10 +323,13 @@ def test_string_tensors_listed_not_converted(tmp_path, big_endian):
         from ckptctl.formats.tf_bundle import string_values
 
         assert string_values(b"".join(r.iter_chunks("words")), 3) == [b"alpha", b"", b"\xffbeta"]
+    for suffix in ("safetensors", "pt", "h5"):  # refused before anything is written
+        out = tmp_path / f"o.{suffix}"
+        refused = run("convert", tmp_path / "c", out)
+        assert refused.returncode == 1 and "'words'" in refused.stderr and "string" in refused.stderr
+        assert "Traceback" not in refused.stderr and not out.exists()
+        assert "verify failed" not in refused.stderr
     out = tmp_path / "o.safetensors"
-    refused = run("convert", tmp_path / "c", out)
-    assert refused.returncode == 1 and "'words'" in refused.stderr and "string" in refused.stderr
-    assert "Traceback" not in refused.stderr and not out.exists()
     ok = cli("convert", tmp_path / "c", out, "--exclude", "words")
     assert ok.exit_code == 0, ok.stderr
     from safetensors.numpy import load_file
