@@ -47,6 +47,7 @@ JOBS = [  # (key, title, source, output name, extra ckptctl args)
     ("st-pt", "safetensors → `.pt`", "st", "out.pt", []),
     ("pt-h5", "`.pt` → `.h5`", "pt", "out.h5", []),
     ("cast", "`.pt` → safetensors, cast to bf16", "pt", "out_bf16.safetensors", ["--dtype", "bf16"]),
+    ("tf-st", "TF bundle → safetensors", "tf", "out_tf.safetensors", []),
 ]
 
 GENERATE = """
@@ -62,6 +63,24 @@ for i in range(small_n):
 torch.save(sd, pt)
 save_file(sd, st, metadata={"format": "pt"})
 """
+
+
+def write_tf_from_safetensors(st: str, prefix: str) -> list[str]:
+    """The same tensors as a TF bundle (tests/tf_writer.py, streamed from the safetensors file,
+    CRC32C of each tensor computed as TF does), TF 2 object-based keys."""
+    import struct
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tf_writer import write_bundle_streaming
+
+    with open(st, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    specs = [(f"model/{k.replace('.', '/')}/.ATTRIBUTES/VARIABLE_VALUE", "float32", tuple(v["shape"]),
+              (st, 8 + n + v["data_offsets"][0]))
+             for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])]
+    return [str(p) for p in write_bundle_streaming(prefix, specs)]
 
 
 def measure(cmd: list[str]) -> tuple[float, float, int, str]:
@@ -132,23 +151,27 @@ def main() -> int:
         if not (os.path.exists(pt) and os.path.exists(st)):
             print(f"generating {total / 1e9:.1f} GB in {folder} ...", file=sys.stderr)
             subprocess.run([PY, "-c", GENERATE, str(big), str(small), str(big_n), str(small_n), pt, st], check=True)
-        for p in (pt, st):  # warm the page cache: every candidate reads from memory
-            subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
-        sizes = {"pt": os.path.getsize(pt), "st": os.path.getsize(st)}
-        srcs = {"pt": pt, "st": st}
         only = set(filter(None, args.only.split(",")))
+        tf = os.path.join(folder, "tf", "ckpt-1000")  # a TF checkpoint prefix
+        tf_files = [f"{tf}.index", f"{tf}.data-00000-of-00001"]
+        if (not only or "tf-st" in only) and not all(os.path.exists(p) for p in tf_files):
+            write_tf_from_safetensors(st, tf)
+        for p in (pt, st, *[f for f in tf_files if os.path.exists(f)]):  # warm the page cache
+            subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
+        srcs = {"pt": pt, "st": st, "tf": tf}
         rows = []
         for key, title, s, outname, extra in JOBS:
             if only and key not in only:
                 continue
             src, out = srcs[s], os.path.join(folder, outname)
             copy = os.path.join(folder, "copy.bin")
-            runs = [("cp", ["cp", src, copy], copy, args.repeat),
-                    ("cp + sync", ["sh", "-c", f"cp '{src}' '{copy}' && sync '{copy}'"], copy, args.repeat),
+            data = tf_files[1] if s == "tf" else src  # cp copies the TF data shard, where the bytes are
+            runs = [("cp", ["cp", data, copy], copy, args.repeat),
+                    ("cp + sync", ["sh", "-c", f"cp '{data}' '{copy}' && sync '{copy}'"], copy, args.repeat),
                     ("ckptctl convert", [*CKPTCTL, "convert", src, out, *extra], out, args.repeat),
                     ("ckptctl convert --no-verify", [*CKPTCTL, "convert", src, out, "--no-verify", *extra], out,
                      args.repeat)]
-            if not args.no_naive:
+            if not args.no_naive and key in NAIVE:  # no naive TF way without TensorFlow
                 code = NAIVE[key].format(src=src, dst=out)
                 runs.append(("naive (load everything, save)", [PY, "-c", code], out, 1))
             cands = round_robin(runs)

@@ -2,9 +2,10 @@
 """Benchmark `ckptctl inspect` against loading with torch / safetensors / h5py.
 
 Generates a ~4 GB checkpoint (about 300 fp32 tensors, the largest ~10% of the total) in each
-format under /tmp — safetensors, torch zip, torch legacy, HDF5 — with little memory: the
-safetensors data is a sparse file, the torch files are saved from tensors that map it, the HDF5
-datasets are allocated without being filled. Then every candidate runs as a fresh process
+format under /tmp — safetensors, torch zip, torch legacy, HDF5, TensorFlow bundle — with little
+memory: the safetensors data is a sparse file, the torch files are saved from tensors that map it,
+the HDF5 datasets are allocated without being filled, the TF bundle (TF 2 object-based keys,
+written by tests/tf_writer.py) has a sparse data shard. Then every candidate runs as a fresh process
 (best of --repeat runs for wall time, the largest peak RSS seen) and a markdown table is printed.
 
     python benchmarks/bench_inspect.py                 # 4 GB per format
@@ -57,6 +58,7 @@ BASELINES = {
     "torch-zip": ["torch.load(weights_only=True)", "torch.load(mmap=True, weights_only=True)"],
     "torch-legacy": ["torch.load(weights_only=True)", "torch.load(mmap=True, weights_only=True)"],
     "hdf5": ["h5py (list datasets)"],
+    "tf-bundle": [],  # TensorFlow's own reader is not installed (ckptctl reads TF without it)
 }
 # wrapped around `ckptctl inspect` once (not timed) to learn whether it imported torch / h5py
 IMPORT_PROBE = (
@@ -189,6 +191,24 @@ def generate(spec: dict) -> None:
             write_torch(files["safetensors"], layout, files[fmt], legacy=legacy)
     if "hdf5" in formats:
         write_hdf5(files["hdf5"], tensors)
+    if "tf-bundle" in formats:
+        write_tf(files["tf-bundle"], tensors)
+
+
+def write_tf(prefix: str, tensors) -> None:
+    """A TF bundle (P.index + a sparse P.data-00000-of-00001) with TF 2 object-based keys."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tf_writer import write_bundle_streaming
+
+    specs = [(f"model/{name.replace('.', '/')}/.ATTRIBUTES/VARIABLE_VALUE", "float32", shape, None)
+             for name, shape in tensors]
+    write_bundle_streaming(prefix, specs)
+
+
+def checkpoint_files(fmt: str, path: str) -> list[str]:
+    if fmt == "tf-bundle":
+        return [f"{path}.index", f"{path}.data-00000-of-00001"]
+    return [path]
 
 
 def main() -> int:
@@ -201,7 +221,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--dir", default=None, help="where to write the data (default: a new folder in /tmp); "
                     "torch files already there from a --keep run of the same size are reused")
-    ap.add_argument("--formats", default="safetensors,torch-zip,torch-legacy,hdf5")
+    ap.add_argument("--formats", default="safetensors,torch-zip,torch-legacy,hdf5,tf-bundle")
     args = ap.parse_args()
 
     base = args.dir or tempfile.mkdtemp(prefix="ckptctl-bench-", dir="/tmp")
@@ -213,6 +233,7 @@ def main() -> int:
         "torch-zip": os.path.join(base, "model.pt"),
         "torch-legacy": os.path.join(base, "model_legacy.pt"),
         "hdf5": os.path.join(base, "model.h5"),
+        "tf-bundle": os.path.join(base, "tf", "ckpt-1000"),  # a prefix, as TF users name it
     }
     try:
         t0 = time.perf_counter()
@@ -226,8 +247,8 @@ def main() -> int:
         rows = []
         for fmt in formats:
             path = files[fmt]
-            size = os.path.getsize(path)
-            subprocess.run(["cat", path], stdout=subprocess.DEVNULL)  # warm page cache, like the others
+            size = sum(os.path.getsize(f) for f in checkpoint_files(fmt, path))
+            subprocess.run(["cat", *checkpoint_files(fmt, path)], stdout=subprocess.DEVNULL)  # warm page cache
             ins = run_candidate([PY, "-m", "ckptctl", *INSPECT.split()[1:], path], args.repeat)
             rows.append((fmt, size, "`ckptctl inspect`", ins, imported(path), None))
             for name in BASELINES[fmt]:

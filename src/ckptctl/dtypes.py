@@ -65,6 +65,8 @@ _TABLE = [
     DType("float4_e2m1fn", 4, "float", "F4", "float4_e2m1fn"),
     DType("float6_e2m3fn", 6, "float", "F6_E2M3", "float6_e2m3fn"),
     DType("float6_e3m2fn", 6, "float", "F6_E3M2", "float6_e3m2fn"),
+    # TensorFlow string tensors: variable-length bytes, listed but never converted (bits 0: no fixed size)
+    DType("string", 0, "string", None, None),
 ]
 
 BY_NAME: dict[str, DType] = {d.name: d for d in _TABLE}

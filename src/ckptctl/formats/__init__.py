@@ -25,6 +25,7 @@ READERS: dict[str, tuple[str, str]] = {
     "dcp": ("ckptctl.formats.dcp", "DCPReader"),
     "keras": ("ckptctl.formats.keras_zip", "KerasZipReader"),
     "keras-sharded": ("ckptctl.formats.keras_zip", "KerasShardedReader"),
+    "tf-bundle": ("ckptctl.formats.tf_bundle", "TFBundleReader"),
 }
 
 # target format -> (module, writer class); filled in by the convert work
@@ -149,6 +150,9 @@ def _sniff_dir(path: Path) -> tuple[str, Path]:
     if keras_idx:
         raise UnknownFormat(f"a folder with {len(keras_idx)} Keras shard indexes ({KERAS_INDEX_SUFFIX}); "
                             "name one of them", path)
+    tf = _tf_dir(path)
+    if tf is not None:
+        return "tf-bundle", tf[0]
     for name in MODEL_FILES:
         if (path / name).is_file():
             return sniff(path / name), path / name
@@ -163,6 +167,23 @@ def _sniff_dir(path: Path) -> tuple[str, Path]:
     )
 
 
+def _tf_dir(path: Path) -> tuple[Path, str] | None:
+    """(prefix, note) of the TF checkpoint a folder names (SavedModel, `checkpoint` state file)."""
+    from ckptctl.formats import tf_bundle
+
+    return tf_bundle.resolve_dir(path)
+
+
+def _tf_file(p: Path) -> Path | None:
+    """The prefix when `p` is a TF checkpoint prefix (not a file), P.index or P.data-K-of-N."""
+    name = p.name
+    if p.exists() and not (name.endswith(".index") or ".data-" in name):
+        return None
+    from ckptctl.formats import tf_bundle
+
+    return tf_bundle.resolve_path(p)
+
+
 def resolve(path: str | os.PathLike) -> tuple[str, Path]:
     """(format name, the path its reader opens) by content; raises a CkptError otherwise."""
     p = Path(path)
@@ -170,6 +191,8 @@ def resolve(path: str | os.PathLike) -> tuple[str, Path]:
         if p.is_dir():
             return _sniff_dir(p)
         if not p.exists():
+            if _tf_file(p) is not None:
+                return "tf-bundle", p
             raise NotFound("no such file or directory", p)
         return sniff(p), p
     except PermissionError:
@@ -191,6 +214,8 @@ def sniff(path: str | os.PathLike) -> str:
         raise NotFound(e.strerror or str(e), p) from None
     if not head:
         raise UnknownFormat("empty file (0 bytes)", p)
+    if (".data-" in p.name or p.name.endswith(".index")) and _tf_file(p) is not None:  # TF: by name too
+        return "tf-bundle"
     if head.startswith(b"PK\x03\x04"):
         return _sniff_zip(p)
     for off in (0,):
@@ -214,6 +239,11 @@ def sniff(path: str | os.PathLike) -> str:
         return "torch-legacy" if _is_legacy_torch(head) else "pickle"
     if len(head) < 8 and p.suffix == ".safetensors":
         raise CorruptFile(f"file is {len(head)} bytes, too short for a safetensors header", p)
+    if head[:1] == b"\x00":  # a TF index (LevelDB table) starts with the header entry ("" key)
+        from ckptctl.formats import tf_bundle
+
+        if tf_bundle.is_index(p):
+            return "tf-bundle"
     # HDF5 files may carry a user block: the superblock then sits at 512, 1024, 2048, ...
     size = p.stat().st_size
     off = 512
@@ -231,6 +261,9 @@ def open_reader(path: str | os.PathLike) -> Reader:
     fmt, target = resolve(path)
     module, cls = READERS[fmt]
     reader_cls = getattr(importlib.import_module(module), cls)
+    if fmt == "tf-bundle" and Path(path).is_dir():
+        tf = _tf_dir(Path(path))
+        return reader_cls(target, note=tf[1] if tf else "")
     return reader_cls(target)
 
 

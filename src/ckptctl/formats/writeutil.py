@@ -35,6 +35,9 @@ def writable_dtype(t: TensorInfo, target: str) -> dtypes.DType:
     d = dtypes.BY_NAME.get(t.dtype)
     if d is None:
         raise Incompatible(f"tensor {t.name!r} has unknown dtype {t.dtype}")
+    if d.kind == "string":
+        raise Incompatible(f"tensor {t.name!r} is a TensorFlow string tensor, which {target} cannot hold "
+                           f"(leave it out: --exclude {t.name!r})")
     if d.kind == "quant":
         raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}: its quantization scale and zero point "
                            "are not kept, so ckptctl does not write quantized tensors")

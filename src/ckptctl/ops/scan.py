@@ -162,6 +162,10 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
     if fmt in NO_PICKLE:
         res.pickle = False
         return res
+    if fmt == "tf-bundle":  # an index table of protobuf entries and raw tensor bytes: nothing to unpickle
+        res.pickle = False
+        res.note = "TensorFlow checkpoint: an index table and raw tensor bytes, no pickle"
+        return res
     if fmt == "sharded":
         return _scan_sharded(p, res, target)
     if fmt in ("keras", "keras-sharded"):
@@ -271,6 +275,10 @@ def _scan_keras(res: ScanResult, fmt: str, target: Path) -> ScanResult:
 def _looks_scannable(path: Path) -> bool:
     if path.name.lower().endswith(SCAN_SUFFIXES):
         return True
+    if path.name.endswith(".index"):  # a TF checkpoint, once (its data shards are not listed)
+        from ckptctl.formats.tf_bundle import is_index
+
+        return is_index(path)
     try:
         with open(path, "rb") as f:
             head = f.read(4)

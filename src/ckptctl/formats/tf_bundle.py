@@ -1,0 +1,809 @@
+"""TensorFlow tensor bundles (`tf.train.Checkpoint`, `CheckpointManager`, TF 1 `Saver`, SavedModel
+`variables/`), read without TensorFlow.
+
+A checkpoint is a prefix P: `P.index`, a LevelDB-style sorted table, and `P.data-0000K-of-0000N`
+shards holding the raw tensor bytes. The table is parsed here (footer + magic, block trailers with
+their masked CRC32C checked, restart arrays, index block -> data blocks) and its values, the
+BundleHeaderProto (key "") and one BundleEntryProto per tensor, are decoded with a small protobuf
+wire decoder. Listing reads the index only (and the object graph, a small string tensor); tensor
+bytes are read on demand with os.pread, and each tensor's CRC32C is checked when its bytes are read.
+
+Names: TF 2's `/.ATTRIBUTES/VARIABLE_VALUE` suffix is dropped (`model/dense/kernel`); the raw key
+stays in JSON as `key`. `_CHECKPOINTABLE_OBJECT_GRAPH` is metadata, not a tensor: it gives each
+variable's old-style `full_name` and ties optimizer slots to their variable. String tensors are
+listed with dtype `string`; their bytes are TF's own record (varint lengths, a masked CRC of them,
+the strings), which no target format holds. Partitioned variables (`slices`) are listed with their
+full shape and read when they are split along the first axis only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptctl import dtypes
+from ckptctl.errors import CorruptFile, Incompatible, NotFound
+from ckptctl.formats.base import CHUNK, Reader
+from ckptctl.model import CheckpointInfo, TensorInfo
+
+MAGIC = 0xDB4775248B80FB57
+FOOTER_SIZE = 48
+TRAILER = 5
+SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+CRC_CHUNK = 8 << 20  # reads that only check a tensor's CRC32C
+MAX_INDEX = 1 << 31  # an index bigger than 2 GiB is not a checkpoint index
+DATA_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<k>\d{5,})-of-(?P<n>\d{5,})$")
+
+# TF DataType enum -> ckptctl dtype name
+DTYPES = {
+    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string",
+    8: "complex64", 9: "int64", 10: "bool", 11: "qint8", 12: "quint8", 13: "qint32", 14: "bfloat16",
+    17: "uint16", 18: "complex128", 19: "float16", 22: "uint32", 23: "uint64", 24: "float8_e5m2",
+    25: "float8_e4m3fn", 26: "float8_e4m3fnuz", 28: "float8_e5m2fnuz",
+}
+UNSUPPORTED = {15: "qint16", 16: "quint16", 20: "resource", 21: "variant", 27: "float8_e4m3b11fnuz",
+               29: "int4", 30: "uint4"}
+
+
+# ---- CRC32C ---------------------------------------------------------------------------------------
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE: list[int] | None = None
+
+
+def _py_extend(crc: int, data) -> int:
+    """Pure-Python CRC-32C (slow; used only when google-crc32c is missing)."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _crc_table()
+    t = _TABLE
+    c = crc ^ 0xFFFFFFFF
+    for b in bytes(data):
+        c = t[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+try:  # a C implementation (hardware CRC32 instruction where there is one): ~3 GB/s
+    import google_crc32c as _gcrc
+
+    def crc_extend(crc: int, data) -> int:
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        return _gcrc.extend(crc, data)
+except ImportError:  # pragma: no cover - the dependency is declared
+    crc_extend = _py_extend
+
+
+def mask(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def masked_crc(data) -> int:
+    return mask(crc_extend(0, data))
+
+
+# ---- protobuf wire format ---------------------------------------------------------------------
+class _Bad(ValueError):
+    pass
+
+
+def _varint(buf: bytes, pos: int, end: int | None = None) -> tuple[int, int]:
+    end = len(buf) if end is None else end
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise _Bad("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise _Bad("varint longer than 10 bytes")
+
+
+def proto_fields(buf: bytes) -> dict[int, list]:
+    """field number -> values (int for varint/fixed, bytes for length-delimited)."""
+    out: dict[int, list] = {}
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        num, wt = tag >> 3, tag & 7
+        if num == 0:
+            raise _Bad("field number 0")
+        if wt == 0:
+            v, pos = _varint(buf, pos)
+        elif wt == 1:
+            if pos + 8 > end:
+                raise _Bad("truncated fixed64")
+            v = int.from_bytes(buf[pos:pos + 8], "little")
+            pos += 8
+        elif wt == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > end:
+                raise _Bad("truncated length-delimited field")
+            v = bytes(buf[pos:pos + n])
+            pos += n
+        elif wt == 5:
+            if pos + 4 > end:
+                raise _Bad("truncated fixed32")
+            v = int.from_bytes(buf[pos:pos + 4], "little")
+            pos += 4
+        else:
+            raise _Bad(f"unsupported wire type {wt}")
+        out.setdefault(num, []).append(v)
+    return out
+
+
+def _one(f: dict[int, list], num: int, default=0):
+    v = f.get(num)
+    return v[-1] if v else default  # proto3: the last value wins
+
+
+def _int64(v: int) -> int:
+    if not isinstance(v, int):
+        raise _Bad("expected an integer field")
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _int(f: dict[int, list], num: int) -> int:
+    return _int64(_one(f, num))
+
+
+def _sub(f: dict[int, list], num: int) -> list[dict[int, list]]:
+    out = []
+    for v in f.get(num, []):
+        if not isinstance(v, bytes):
+            raise _Bad(f"field {num} is not a message")
+        out.append(proto_fields(v))
+    return out
+
+
+def _str(v) -> str:
+    if not isinstance(v, bytes):
+        raise _Bad("expected a string field")
+    return v.decode("utf-8", "replace")
+
+
+# ---- the sorted table (.index) ----------------------------------------------------------------
+def _block(data: bytes, offset: int, size: int, what: str) -> bytes:
+    if offset + size + TRAILER > len(data) or size < 4:
+        raise _Bad(f"{what} at byte {offset} (size {size}) lies past the end of the file ({len(data)} bytes)")
+    block = data[offset:offset + size]
+    ctype = data[offset + size]
+    stored = int.from_bytes(data[offset + size + 1:offset + size + 5], "little")
+    if masked_crc(data[offset:offset + size + 1]) != stored:
+        raise _Bad(f"{what} at byte {offset}: CRC32C mismatch in the block trailer: the index is corrupt")
+    if ctype == 1:
+        raise _Bad(f"{what} at byte {offset} is snappy-compressed, which TF's bundle writer never does")
+    if ctype != 0:
+        raise _Bad(f"{what} at byte {offset}: unknown compression type {ctype}")
+    return block
+
+
+def _block_entries(block: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
+    n = int.from_bytes(block[-4:], "little")
+    limit = len(block) - 4 - 4 * n
+    if n < 1 or limit < 0:
+        raise _Bad(f"{what}: bad restart array ({n} restarts in {len(block)} bytes)")
+    for i in range(n):
+        r = int.from_bytes(block[limit + 4 * i:limit + 4 * i + 4], "little")
+        if r > limit or (i == 0 and r != 0):
+            raise _Bad(f"{what}: restart point {r} outside the block")
+    pos = 0
+    key = b""
+    while pos < limit:
+        shared, pos = _varint(block, pos, limit)
+        non_shared, pos = _varint(block, pos, limit)
+        vlen, pos = _varint(block, pos, limit)
+        if shared > len(key) or pos + non_shared + vlen > limit:
+            raise _Bad(f"{what}: entry at byte {pos} runs past the block")
+        key = key[:shared] + block[pos:pos + non_shared]
+        pos += non_shared
+        yield key, block[pos:pos + vlen]
+        pos += vlen
+
+
+def _handle(value: bytes) -> tuple[int, int]:
+    off, pos = _varint(value, 0)
+    size, _pos = _varint(value, pos)
+    return off, size
+
+
+def table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a LevelDB-style table, in order; raises _Bad on any inconsistency."""
+    if len(data) < FOOTER_SIZE:
+        raise _Bad(f"file is {len(data)} bytes, too short for a TF checkpoint index (48-byte footer)")
+    footer = data[-FOOTER_SIZE:]
+    if int.from_bytes(footer[-8:], "little") != MAGIC:
+        raise _Bad("bad magic number: not a TF checkpoint index (LevelDB table)")
+    try:
+        _moff, pos = _varint(footer, 0)
+        _msize, pos = _varint(footer, pos)
+        ioff, pos = _varint(footer, pos)
+        isize, pos = _varint(footer, pos)
+    except _Bad:
+        raise _Bad("corrupt footer") from None
+    index = _block(data, ioff, isize, "index block")
+    out: list[tuple[bytes, bytes]] = []
+    last: bytes | None = None
+    for sep, handle in _block_entries(index, "index block"):
+        off, size = _handle(handle)
+        for key, value in _block_entries(_block(data, off, size, "data block"), f"data block at byte {off}"):
+            if last is not None and key <= last:
+                raise _Bad(f"keys out of order at {key[:60]!r}")
+            if key > sep:
+                raise _Bad(f"key {key[:60]!r} is past its index separator")
+            last = key
+            out.append((key, value))
+    return out
+
+
+# ---- OrderedCode keys of partitioned-variable slices -------------------------------------------
+_HEADER_BITS = [(0, 0), (0x80, 0), (0xC0, 0), (0xE0, 0), (0xF0, 0), (0xF8, 0), (0xFC, 0), (0xFE, 0),
+                (0xFF, 0), (0xFF, 0x80), (0xFF, 0xC0)]
+
+
+def _num_increasing(v: int) -> bytes:
+    b = v.to_bytes((v.bit_length() + 7) // 8, "big") if v else b""
+    return bytes([len(b)]) + b
+
+
+def _signed_increasing(v: int) -> bytes:
+    x = ~v if v < 0 else v
+    if x < 64:
+        return bytes([(0x80 ^ v) & 0xFF])
+    n = x.bit_length() // 7 + 1
+    buf = bytearray(v.to_bytes(10, "big", signed=True))
+    begin = 10 - n
+    buf[begin] ^= _HEADER_BITS[n][0]
+    buf[begin + 1] ^= _HEADER_BITS[n][1]
+    return bytes(buf[begin:])
+
+
+def slice_key(name: bytes, extents: list[tuple[int, int]]) -> bytes:
+    """tensorflow::checkpoint::EncodeTensorNameSlice: the key of one stored slice."""
+    esc = b"".join(b"\x00\xff" if c == 0 else b"\xff\x00" if c == 0xFF else bytes([c]) for c in name)
+    out = bytearray(_num_increasing(0) + esc + b"\x00\x01" + _num_increasing(len(extents)))
+    for start, length in extents:
+        out += _signed_increasing(start) + _signed_increasing(length)
+    return bytes(out)
+
+
+# ---- entries -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TFTensorInfo(TensorInfo):
+    """A TensorInfo that also carries the raw bundle key and, from the object graph, the variable's
+    old-style name and the variable an optimizer slot belongs to."""
+
+    key: str = ""
+    full_name: str | None = None
+    slot_of: str | None = None
+    slot: str | None = None
+
+    def to_json(self) -> dict:
+        d = super().to_json()
+        d["key"] = self.key
+        if self.full_name:
+            d["full_name"] = self.full_name
+        if self.slot_of:
+            d["slot_of"] = self.slot_of
+            d["slot"] = self.slot
+        return d
+
+
+@dataclass(frozen=True)
+class _Piece:
+    shard: int
+    offset: int
+    size: int
+    crc: int
+
+
+@dataclass(frozen=True)
+class _Loc:
+    pieces: tuple[_Piece, ...]  # one, or a partitioned variable's slices in order
+    itemsize: int  # byte-swap unit for big-endian bundles (0: no swap)
+    string: bool = False
+    problem: str | None = None  # why the bytes cannot be read (unsupported slicing)
+    count: int = 0  # elements (string tensors: their CRC covers each length as a uint32)
+
+
+def _entry(value: bytes, key: str) -> dict:
+    f = proto_fields(value)
+    code = _int(f, 1)
+    shape_f = _sub(f, 2)
+    dims: list[int] = []
+    if shape_f:
+        if _one(shape_f[-1], 3):
+            raise _Bad(f"entry {key!r}: unknown rank")
+        for d in _sub(shape_f[-1], 2):
+            size = _int(d, 1)
+            if size < 0:
+                raise _Bad(f"entry {key!r}: negative dimension {size}")
+            dims.append(size)
+    slices = []
+    for s in _sub(f, 7):
+        ext = []
+        for e in _sub(s, 1):
+            ext.append((_int(e, 1), _int(e, 2) if 2 in e else -1))
+        slices.append(ext)
+    crc = _int(f, 6) if 6 in f else None
+    return {
+        "dtype": code, "shape": tuple(dims), "shard": _int(f, 3), "offset": _int(f, 4),
+        "size": _int(f, 5), "crc": crc, "slices": slices,
+    }
+
+
+def data_file(prefix: Path, shard: int, num_shards: int) -> Path:
+    return Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
+
+
+def prefix_of(path: Path) -> Path | None:
+    """The checkpoint prefix a file name belongs to (P.index, P.data-K-of-N), else None."""
+    name = path.name
+    if name.endswith(".index"):
+        return path.with_name(name[: -len(".index")])
+    m = DATA_RE.match(name)
+    if m:
+        return path.with_name(m["prefix"])
+    return None
+
+
+def is_index(path: Path) -> bool:
+    """Whether the file ends with a LevelDB table footer (the TF index magic)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            if size < FOOTER_SIZE:
+                return False
+            f.seek(size - 8)
+            return int.from_bytes(f.read(8), "little") == MAGIC
+    except OSError:
+        return False
+
+
+def read_state_file(path: Path) -> tuple[str | None, list[str]]:
+    """(model_checkpoint_path, all_model_checkpoint_paths) of a `checkpoint` CheckpointState file."""
+    latest = None
+    every: list[str] = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None, []
+    for line in text.splitlines():
+        m = re.match(r'\s*(model_checkpoint_path|all_model_checkpoint_paths)\s*:\s*"((?:[^"\\]|\\.)*)"', line)
+        if not m:
+            continue
+        value = m.group(2).encode().decode("unicode_escape")
+        if m.group(1) == "model_checkpoint_path":
+            latest = value
+        else:
+            every.append(value)
+    return latest, every
+
+
+def _state_prefix(folder: Path, value: str) -> Path:
+    p = Path(value)
+    if not p.is_absolute():
+        p = folder / p
+    if not Path(f"{p}.index").is_file():  # written elsewhere and moved: look beside the state file
+        alt = folder / p.name
+        if Path(f"{alt}.index").is_file():
+            return alt
+    return p
+
+
+def resolve_dir(folder: Path) -> tuple[Path, str] | None:
+    """(prefix, note) when a folder names one TF checkpoint: a SavedModel, a run folder with a
+    `checkpoint` state file, or a folder holding exactly one P.index; else None."""
+    for sub in (folder / "variables" / "variables", folder / "variables"):
+        if Path(f"{sub}.index").is_file():
+            return sub, ""
+    state = folder / "checkpoint"
+    if state.is_file():
+        latest, every = read_state_file(state)
+        if latest is None and every:
+            latest = every[-1]
+        if latest:
+            p = _state_prefix(folder, latest)
+            return p, f"picked as the latest checkpoint named in {state}"
+    try:
+        indexes = [e for e in sorted(folder.iterdir()) if e.name.endswith(".index") and e.is_file()]
+    except OSError:
+        return None
+    indexes = [e for e in indexes if is_index(e)]
+    if len(indexes) == 1:
+        return prefix_of(indexes[0]), ""
+    return None
+
+
+def resolve_path(p: Path) -> Path | None:
+    """The prefix when `p` names a TF checkpoint by its prefix, index or a data file; else None."""
+    if not p.exists():
+        if Path(f"{p}.index").is_file():
+            return p
+        return None
+    if p.is_file():
+        pre = prefix_of(p)
+        if pre is None:
+            return None
+        index = Path(f"{pre}.index")
+        if p.name.endswith(".index"):  # the index itself: by its magic, or (broken) beside its data
+            if is_index(p) or any(pre.parent.glob(f"{glob.escape(pre.name)}.data-*-of-*")):
+                return pre
+            return None
+        if index.is_file():
+            return pre
+        raise NotFound(f"a TF checkpoint data shard, but its index {index.name} is missing", p)
+    return None
+
+
+# ---- the reader ----------------------------------------------------------------------------------
+class TFBundleReader(Reader):
+    format = "tf-bundle"
+
+    def __init__(self, path: str | os.PathLike, note: str = ""):
+        p = Path(path)
+        pre = prefix_of(p) if p.is_file() else None
+        self.prefix = pre if pre is not None else p
+        super().__init__(self.prefix)
+        self.note = note
+        self.index_path = Path(f"{self.prefix}.index")
+        self._fds: dict[int, int] = {}
+        self._shards: list[Path] = []
+        self._verified: set[str] = set()
+        self.big_endian = False
+
+    # -- files -----------------------------------------------------------------------------------
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            path = self._shards[shard]
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except FileNotFoundError:
+                raise NotFound("data shard missing (no such file)", path) from None
+            except OSError as e:
+                raise NotFound(e.strerror or str(e), path) from None
+            self._fds[shard] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # -- metadata ------------------------------------------------------------------------------
+    def _read_index(self) -> bytes:
+        try:
+            with open(self.index_path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_INDEX:
+                    raise CorruptFile(f"index is {size} bytes: too large for a TF checkpoint index", self.index_path)
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound("no such file (a TF checkpoint prefix P needs P.index)", self.index_path) from None
+        except IsADirectoryError:
+            raise NotFound("is a directory, expected a TF checkpoint index", self.index_path) from None
+        except PermissionError:
+            raise NotFound("permission denied", self.index_path) from None
+
+    def _load_info(self) -> CheckpointInfo:
+        data = self._read_index()
+        try:
+            entries = table_entries(data)
+        except _Bad as e:
+            raise CorruptFile(str(e), self.index_path) from None
+        if not entries or entries[0][0] != b"":
+            raise CorruptFile("no bundle header (the first key must be empty): not a TF checkpoint index",
+                              self.index_path)
+        try:
+            header = proto_fields(entries[0][1])
+            num_shards = _int(header, 1)
+            endian = _int(header, 2)
+            version = _sub(header, 3)
+        except _Bad as e:
+            raise CorruptFile(f"bundle header: {e}", self.index_path) from None
+        if endian not in (0, 1):
+            raise CorruptFile(f"bundle header: unknown endianness {endian}", self.index_path)
+        if not 0 < num_shards <= 100_000 and len(entries) > 1:
+            raise CorruptFile(f"bundle header: {num_shards} data shards", self.index_path)
+        self.big_endian = endian == 1
+        self._shards = [data_file(self.prefix, k, num_shards) for k in range(num_shards)]
+        shard_sizes: dict[int, int] = {}
+
+        def shard_size(k: int, key: str) -> int:
+            if not 0 <= k < num_shards:
+                raise CorruptFile(f"tensor {key!r} points at shard {k}, but the header says {num_shards}",
+                                  self.index_path)
+            if k not in shard_sizes:
+                try:
+                    shard_sizes[k] = self._shards[k].stat().st_size
+                except FileNotFoundError:
+                    raise NotFound("data shard missing (no such file)", self._shards[k]) from None
+                except OSError as e:
+                    raise NotFound(e.strerror or str(e), self._shards[k]) from None
+            return shard_sizes[k]
+
+        raw: dict[bytes, dict] = {}
+        order: list[bytes] = []
+        for key, value in entries[1:]:
+            try:
+                e = _entry(value, key.decode("utf-8", "replace"))
+            except _Bad as err:
+                raise CorruptFile(f"entry {key[:80]!r}: {err}", self.index_path) from None
+            raw[key] = e
+            if not key.startswith(b"\x00"):
+                order.append(key)
+        # every piece of data must lie inside its shard
+        for key, e in raw.items():
+            if e["slices"]:
+                continue
+            name = key.decode("utf-8", "replace")
+            if e["offset"] < 0 or e["size"] < 0:
+                raise CorruptFile(f"tensor {name!r}: negative offset or size", self.index_path)
+            if e["size"] or num_shards:
+                size = shard_size(e["shard"], name)
+                if e["offset"] + e["size"] > size:
+                    raise CorruptFile(
+                        f"tensor {name!r} points past the end of its data shard "
+                        f"({e['offset']} + {e['size']} > {size} bytes): truncated?", self._shards[e["shard"]])
+
+        graph = self._object_graph(raw.get(OBJECT_GRAPH_KEY.encode()))
+        keys = [k.decode("utf-8", "replace") for k in order if k != OBJECT_GRAPH_KEY.encode()]
+        short = [k[: -len(SUFFIX)] if k.endswith(SUFFIX) else k for k in keys]
+        clash = {s for s in short if short.count(s) > 1} if len(set(short)) != len(short) else set()
+        display = {k: (k if s in clash else s) for k, s in zip(keys, short)}
+        tensors: list[TensorInfo] = []
+        strings: list[str] = []
+        for kb in order:
+            key = kb.decode("utf-8", "replace")
+            if key == OBJECT_GRAPH_KEY:
+                continue
+            e = raw[kb]
+            name = display[key]
+            code = e["dtype"]
+            if code in UNSUPPORTED:
+                raise Incompatible(f"tensor {name!r} has TF dtype {UNSUPPORTED[code]}, which ckptctl does not read",
+                                   self.index_path)
+            if code not in DTYPES:
+                raise CorruptFile(f"tensor {name!r}: unknown TF dtype number {code}", self.index_path)
+            dt = DTYPES[code]
+            d = dtypes.BY_NAME[dt]
+            loc = self._locate(kb, e, raw, d, name)
+            if dt == "string":
+                strings.append(name)
+                nbytes = sum(p.size for p in loc.pieces)
+            else:
+                nbytes = dtypes.nbytes(d, e["shape"])
+                if loc.problem is None and sum(p.size for p in loc.pieces) != nbytes:
+                    raise CorruptFile(f"tensor {name!r}: {sum(p.size for p in loc.pieces)} bytes stored, "
+                                      f"{dt}{list(e['shape'])} needs {nbytes}", self.index_path)
+            g = graph.get(key, {})
+            tensors.append(TFTensorInfo(name, dt, e["shape"], nbytes, loc=loc, key=key,
+                                        full_name=g.get("full_name"),
+                                        slot_of=display.get(g["slot_of"], g["slot_of"]) if g.get("slot_of") else None,
+                                        slot=g.get("slot")))
+        meta: dict[str, object] = {"tf.num_shards": str(num_shards)}
+        if version:
+            meta["tf.bundle_version"] = str(_one(version[-1], 1))
+        if self.big_endian:
+            meta["tf.endianness"] = "big"
+        warnings: list[str] = []
+        if self.note:
+            warnings.append(self.note)
+        if strings:
+            warnings.append(f"{len(strings)} string tensor(s) ({', '.join(strings[:3])}"
+                            f"{' ...' if len(strings) > 3 else ''}): listed, not convertible "
+                            "(convert --exclude them)")
+        problems = [t.name for t in tensors if t.loc.problem]
+        if problems:
+            warnings.append(f"{len(problems)} partitioned variable(s) split on more than the first axis "
+                            f"({', '.join(problems[:3])}): listed with their full shape, not readable")
+        kind = "savedmodel" if self.prefix.name == "variables" and self.prefix.parent.name == "variables" \
+            else ("tf2" if OBJECT_GRAPH_KEY.encode() in raw else "tf1")
+        files = [str(self.index_path)] + [str(p) for p in self._shards]
+        return CheckpointInfo(path=str(self.prefix), format=self.format, tensors=tensors, metadata=meta,
+                              kind=kind, files=files, warnings=warnings)
+
+    def _locate(self, kb: bytes, e: dict, raw: dict, d, name: str) -> _Loc:
+        swap = d.itemsize if self.big_endian and d.kind not in ("bool", "string") and d.bits >= 16 else 0
+        if d.kind == "complex" and swap:
+            swap = d.itemsize // 2
+        string = d.kind == "string"
+        count = 1
+        for n in e["shape"]:
+            count *= n
+        if not e["slices"]:
+            return _Loc((_Piece(e["shard"], e["offset"], e["size"], e["crc"]),), swap, string, None, count)
+        shape = e["shape"]
+        parts = []
+        problem = None
+        for ext in e["slices"]:
+            sk = slice_key(kb, ext)
+            se = raw.get(sk)
+            if se is None:
+                raise CorruptFile(f"partitioned tensor {name!r}: slice {ext} has no entry", self.index_path)
+            if len(ext) != len(shape) or any(not (s == 0 and n == -1) for s, n in ext[1:]):
+                problem = "split on more than the first axis"
+            start, n = ext[0] if ext else (0, -1)
+            parts.append((start, n, _Piece(se["shard"], se["offset"], se["size"], se["crc"])))
+        parts.sort(key=lambda x: x[0])
+        if problem is None and shape:
+            pos = 0
+            for start, n, _p in parts:
+                if start != pos or n < 0:
+                    problem = "slices do not tile the first axis"
+                    break
+                pos += n
+            if pos != shape[0]:
+                problem = problem or "slices do not cover the first axis"
+        if string:
+            problem = problem or "slices are strings"
+        if problem is not None:
+            return _Loc((), swap, string, problem, count)
+        return _Loc(tuple(p for _s, _n, p in parts), swap, string, None, count)
+
+    def _object_graph(self, e: dict | None) -> dict[str, dict]:
+        """checkpoint_key -> {full_name, slot_of, slot} from the TrackableObjectGraph (best effort)."""
+        if e is None or e["slices"] or e["dtype"] != 7 or e["size"] > 256 << 20:
+            return {}
+        piece = _Piece(e["shard"], e["offset"], e["size"], e["crc"])
+        count = 1
+        for n in e["shape"]:
+            count *= n
+        blob = self._read_string(piece, OBJECT_GRAPH_KEY, count)
+        try:
+            n, pos = _varint(blob, 0)
+            pos += 4  # masked crc32c of the lengths
+            graph = proto_fields(blob[pos:pos + n])
+            nodes = _sub(graph, 1)
+            out: dict[str, dict] = {}
+            node_key: dict[int, str] = {}
+            for i, node in enumerate(nodes):
+                for a in _sub(node, 2):
+                    ck = _str(_one(a, 3, b""))
+                    if _str(_one(a, 1, b"")) == "VARIABLE_VALUE":
+                        node_key[i] = ck
+                    fn = _str(_one(a, 2, b""))
+                    if ck:
+                        out.setdefault(ck, {})
+                        if fn:
+                            out[ck]["full_name"] = fn
+            for node in nodes:
+                for s in _sub(node, 3):
+                    orig, slot_node = _one(s, 1), _one(s, 3)
+                    if slot_node in node_key and orig in node_key:
+                        rec = out.setdefault(node_key[slot_node], {})
+                        rec["slot_of"] = node_key[orig]
+                        rec["slot"] = _str(_one(s, 2, b""))
+            return out
+        except (_Bad, IndexError, TypeError, ValueError):
+            return {}
+
+    # -- data ----------------------------------------------------------------------------------
+    def _read_piece(self, p: _Piece, name: str, swap: int, size: int = CHUNK,
+                    check: bool = True) -> Iterator[bytes]:
+        fd = self._fd(p.shard)
+        size = max(16, size - size % 16)
+        pos, end = p.offset, p.offset + p.size
+        crc = 0
+        while pos < end:
+            want = min(size, end - pos)
+            chunk = os.pread(fd, want, pos)
+            if not chunk:
+                raise CorruptFile(f"tensor {name!r}: data shard ends at byte {pos}, expected data up to "
+                                  f"byte {end} (truncated?)", self._shards[p.shard])
+            pos += len(chunk)
+            crc = crc_extend(crc, chunk)
+            if swap:
+                chunk = _swap(chunk, swap)
+            yield chunk
+        if check and p.crc is not None and p.size and mask(crc) != p.crc:
+            raise CorruptFile(f"tensor {name!r}: CRC32C mismatch (stored {p.crc:#010x}, data gives "
+                              f"{mask(crc):#010x}): the data shard is corrupt", self._shards[p.shard])
+
+    def _read_string(self, p: _Piece, name: str, count: int) -> bytes:
+        """A string tensor's whole record (lengths, their checksum, the strings), CRC checked."""
+        blob = b"".join(self._read_piece(p, name, 0, check=False))
+        if p.crc is None or not p.size:
+            return blob
+        try:
+            crc = string_crc(blob, count, "big" if self.big_endian else "little")
+        except _Bad as e:
+            raise CorruptFile(f"tensor {name!r}: corrupt string record ({e})", self._shards[p.shard]) from None
+        if mask(crc) != p.crc:
+            raise CorruptFile(f"tensor {name!r}: CRC32C mismatch (stored {p.crc:#010x}, data gives "
+                              f"{mask(crc):#010x}): the data shard is corrupt", self._shards[p.shard])
+        return blob
+
+    def _loc(self, name: str) -> _Loc:
+        loc = self.tensor_info(name).loc
+        if loc.problem:
+            raise Incompatible(f"tensor {name!r} is a partitioned variable whose {loc.problem}; "
+                               "ckptctl reads only slices along the first axis", self.path)
+        return loc
+
+    def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes]:
+        loc = self._loc(name)
+        if loc.string:
+            blob = self._read_string(loc.pieces[0], name, loc.count)
+            for i in range(0, len(blob), size):
+                yield blob[i:i + size]
+            return
+        for p in loc.pieces:
+            yield from self._read_piece(p, name, loc.itemsize, size)
+        self._verified.add(name)
+
+    def byte_range(self, name: str) -> tuple[str, int, int] | None:
+        """The range in its shard, for a single-piece little-endian tensor, once its CRC32C is checked
+        (the first call reads the bytes once; zero-copy writers then copy them in the kernel)."""
+        t = self.tensor_info(name)
+        loc = t.loc
+        if loc.problem or loc.itemsize or len(loc.pieces) != 1 or t.dtype == "string":
+            return None
+        p = loc.pieces[0]
+        if name not in self._verified:  # small pieces: only the checksum is wanted, not the bytes
+            for _chunk in self._read_piece(p, name, 0, CRC_CHUNK):
+                pass
+            self._verified.add(name)
+        return (str(self._shards[p.shard]), p.offset, p.size)
+
+
+def _swap(chunk: bytes, itemsize: int) -> bytes:
+    import numpy as np
+
+    if len(chunk) % itemsize:
+        raise CorruptFile(f"data of {len(chunk)} bytes is not whole {itemsize}-byte elements")
+    return np.frombuffer(chunk, dtype=f">u{itemsize}").astype(f"<u{itemsize}").tobytes()
+
+
+def string_crc(record: bytes, count: int, order: str = "little") -> int:
+    """TF's (unmasked) CRC32C of a string tensor record: each length as a uint32 in the writer's order
+    (uint64 past 4 GiB), the stored masked checksum of the lengths, then the string bytes."""
+    pos = 0
+    lens = bytearray()
+    total = 0
+    for _ in range(count):
+        n, pos = _varint(record, pos)
+        lens += n.to_bytes(4 if n <= 0xFFFFFFFF else 8, order)  # host order of the writer
+        total += n
+    if pos + 4 + total != len(record):
+        raise _Bad(f"lengths add up to {pos + 4 + total} bytes, the record has {len(record)}")
+    crc = crc_extend(0, bytes(lens))
+    return crc_extend(crc, record[pos:])
+
+
+def string_values(record: bytes, count: int) -> list[bytes]:
+    """The strings of a string tensor's stored record (for tests and `inspect`-free callers)."""
+    lens = []
+    pos = 0
+    for _ in range(count):
+        n, pos = _varint(record, pos)
+        lens.append(n)
+    pos += 4
+    out = []
+    for n in lens:
+        out.append(record[pos:pos + n])
+        pos += n
+    return out
+
+
+__all__ = ["TFBundleReader", "TFTensorInfo", "resolve_dir", "resolve_path", "is_index", "read_state_file",
+           "masked_crc", "mask", "crc_extend", "table_entries", "proto_fields", "slice_key", "DTYPES"]
