@@ -63,3 +63,16 @@ def run(*args: str | os.PathLike, env: dict | None = None, timeout: float = 300)
         [sys.executable, "-m", "ckptctl", *[os.fspath(a) for a in args]],
         capture_output=True, text=True, env=full_env, timeout=timeout,
     )
+
+
+def every_tensor(args: tuple) -> list:
+    """`args` with `--all` after the command for inspect/convert/diff/average.
+
+    Training checkpoints (optimizer state beside the model) show model weights by default; tests
+    that compare with what the producer wrote (EXPECTED.json lists every variable, optimizer
+    slots included) ask for every tensor.
+    """
+    args = list(args)
+    if args and args[0] in ("inspect", "convert", "diff", "average") and "--all" not in args:
+        args.insert(1, "--all")
+    return args

@@ -20,7 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, cli, run
+from conftest import REPO, every_tensor
+from conftest import cli as _cli
+from conftest import run as _run
+
+
+# These tests compare with every variable the producer wrote (EXPECTED.json lists optimizer state
+# too), so every command gets --all; the model-weights default has its own tests below.
+def cli(*args, **kw):
+    return _cli(*every_tensor(args), **kw)
+
+
+def run(*args, **kw):
+    return _run(*every_tensor(args), **kw)
 from ckptctl.formats import open_reader, resolve
 
 TF = REPO.parent / "shared" / "fixtures" / "tensorflow"
@@ -664,3 +676,16 @@ def test_mutated_archives_read_right_or_fail_cleanly(tmp_path):
         if ref is not None:
             assert got == {k: v for k, v in ref.items() if k in got}, i
     assert read_ok and refused, (read_ok, refused)
+
+
+def test_real_default_is_model_weights_like_every_training_checkpoint():
+    """Issue 16's one rule holds for .keras too: optimizer/vars only with --all."""
+    path = KERAS_DIR / "model-001.keras"
+    if not path.is_file():
+        pytest.skip("../shared/fixtures/tensorflow is absent")
+    res = _cli("inspect", path, "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    names = {t["name"] for t in json.loads(res.stdout)["tensors"]}
+    assert names and all(n.startswith("layers/") for n in names)
+    every = {t["name"] for t in json.loads(cli("inspect", path, "--format", "json").stdout)["tensors"]}
+    assert names < every and any(n.startswith("optimizer/") for n in every)

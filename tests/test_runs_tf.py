@@ -110,7 +110,7 @@ def test_one_tf_checkpoint_named_by_prefix_index_or_shard(tmp_path):
         rows = ls_json(root / name)
         assert [(r["name"], r["step"], r["files"]) for r in rows] == [("ckpt-7", 7, want)], name
     r = cli("ls", root / "ckpt-9")
-    assert r.exit_code == 1 and "no such file" in r.stderr
+    assert r.exit_code == 2 and "no such file" in r.stderr  # a typo: usage error (issue 16)
 
 
 def test_state_file_left_alone_when_it_names_none_of_the_pruned(tmp_path):

@@ -19,7 +19,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import REPO, cli, run
+from conftest import REPO, every_tensor
+from conftest import cli as _cli
+from conftest import run as _run
+
+
+# These tests compare with every variable the producer wrote (EXPECTED.json lists optimizer state
+# too), so every command gets --all; the model-weights default has its own tests below.
+def cli(*args, **kw):
+    return _cli(*every_tensor(args), **kw)
+
+
+def run(*args, **kw):
+    return _run(*every_tensor(args), **kw)
 from tf_writer import entry_proto, masked, crc, write_bundle, write_state_file
 
 from ckptctl.errors import CkptError
@@ -49,8 +61,8 @@ def _sha(chunks) -> str:
     return h.hexdigest()
 
 
-def _one_line(res, path, needles):
-    assert res.returncode == 1, (res.returncode, res.stderr)
+def _one_line(res, path, needles, code=1):
+    assert res.returncode == code, (res.returncode, res.stderr)
     assert res.stdout == ""
     assert "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
@@ -427,7 +439,7 @@ def test_data_shard_without_index(tmp_path):
     Path(f"{c}.index").unlink()
     shard = Path(f"{c}.data-00000-of-00001")
     _one_line(run("inspect", shard), shard, ["data shard", "c.index is missing"])
-    _one_line(run("inspect", c), c, ["no such file"])
+    _one_line(run("inspect", c), c, ["no such file"], code=2)  # a prefix naming nothing: a usage error
 
 
 def test_crc32c_known_answer_and_fallback():
@@ -535,3 +547,16 @@ def test_object_graph_names_and_optimizer_slots(tmp_path):
     assert by["model/dense/kernel"]["full_name"] == "dense/kernel"
     s = by["model/dense/kernel/.OPTIMIZER_SLOT/optimizer/m"]
     assert (s["slot_of"], s["slot"], s["key"]) == ("model/dense/kernel", "m", k_slot)
+
+
+def test_fixture_default_is_model_weights_like_every_training_checkpoint():
+    """Issue 16's one rule holds for TF too: optimizer slots only with --all."""
+    _expected()
+    res = _cli("inspect", TF / "tf2_manager_run/ckpt-20", "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    names = {t["name"] for t in json.loads(res.stdout)["tensors"]}
+    assert names and not any(n.startswith("optimizer/") for n in names)
+    assert "model/layer_with_weights-0/kernel" in names
+    assert "--all" in res.stderr
+    every = {t["name"] for t in json.loads(cli("inspect", TF / "tf2_manager_run/ckpt-20", "--format", "json").stdout)["tensors"]}
+    assert names < every and any(n.startswith("optimizer/") for n in every)

@@ -869,7 +869,7 @@ def test_real_lightning_metadata():
     path = REAL / "lightning/pyannote_simple_model_on_speaker_diarization_task.ckpt"
     if not path.is_file():
         pytest.skip("fixture absent")
-    res = cli("inspect", path, "--format", "json")
+    res = cli("inspect", path, "--all", "--format", "json")  # every tensor, optimizer state included
     assert res.exit_code == 0
     doc = json.loads(res.stdout)
     assert doc["kind"] == "lightning"

@@ -80,7 +80,10 @@ def check_paths(*paths: str | os.PathLike | None) -> None:
         try:
             os.stat(p)
         except FileNotFoundError:
-            raise UsageError(f"no such file or directory: {os.fspath(p)}") from None
+            from ckptctl.formats import names_something
+
+            if not names_something(p):  # a TF checkpoint is named by its prefix, not a file
+                raise UsageError(f"no such file or directory: {os.fspath(p)}") from None
         except (OSError, ValueError):
             pass  # not a directory, permission denied, ...: the command reports it (exit 1)
 

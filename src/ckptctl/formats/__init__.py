@@ -184,6 +184,11 @@ def _tf_file(p: Path) -> Path | None:
     return tf_bundle.resolve_path(p)
 
 
+def names_something(path: str | os.PathLike) -> bool:
+    """True when `path` exists, or names a checkpoint that is not one file (a TF prefix)."""
+    return os.path.exists(path) or os.path.isfile(os.fspath(path) + ".index")
+
+
 def resolve(path: str | os.PathLike) -> tuple[str, Path]:
     """(format name, the path its reader opens) by content; raises a CkptError otherwise."""
     p = Path(path)
@@ -272,5 +277,5 @@ def writer_class(fmt: str) -> type[Writer]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["Reader", "Writer", "open_reader", "resolve", "sniff", "writer_class", "READERS", "WRITERS"]
+__all__ = ["Reader", "Writer", "names_something", "open_reader", "resolve", "sniff", "writer_class", "READERS", "WRITERS"]
 
