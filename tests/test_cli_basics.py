@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 from conftest import cli, run
 
 from ckptctl import __version__
@@ -63,3 +64,35 @@ def test_demo_writes_a_sample_every_file_of_which_inspects(tmp_path):
     # a second demo into the same folder refuses without --force
     p = run("demo", out)
     assert p.returncode == 2 and "--force" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_demo_run_that_went_nan_is_the_debugging_tour(tmp_path):
+    """The README's 'Finding where a run went wrong' runs on what demo writes."""
+    import math
+
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "demo"
+    assert cli("demo", out).exit_code == 0
+    nan_run = out / "hf-run-nan"
+    # what demo wrote, read with the producers' own readers: NaN from step 300, in weights and logs
+    for step in (100, 200, 300, 400):
+        w = load_file(nan_run / f"checkpoint-{step}" / "model.safetensors")
+        bad = {k for k, v in w.items() if v.dtype.kind == "f" and np.isnan(v).any()}
+        assert bad == ({"blocks.1.attn.weight", "blocks.1.attn.bias"} if step >= 300 else set()), step
+        state = json.loads((nan_run / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert math.isnan(state["log_history"][-1]["eval_loss"]) == (step >= 300)
+    # ls: strict JSON, NaN as null + nonfinite
+    r = run("ls", nan_run, "--format", "json")
+    assert r.returncode == 0, r.stderr
+
+    def no_constants(c):
+        raise ValueError(c)
+
+    rows = json.loads(r.stdout, parse_constant=no_constants)
+    assert [(row["step"], row["metrics"]["eval_loss"]) for row in rows] == [(100, 2.31), (200, 1.87), (300, None), (400, None)]
+    assert rows[2]["metrics"]["nonfinite"] == {"loss": "nan", "eval_loss": "nan"}
+    # --along: the first NaN step, exit 1
+    r = run("diff", nan_run, "--along")
+    assert r.returncode == 1, r.stderr
+    assert "first NaN/Inf at step 300" in r.stdout and "blocks.1.attn.weight" in r.stdout

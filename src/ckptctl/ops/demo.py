@@ -1,8 +1,9 @@
 """demo: write a small, realistic sample of training runs to try every command on.
 
 It writes with the frameworks' own savers (torch.save, safetensors, h5py), the way real runs do:
-an HF Trainer run (checkpoint-N/ folders with trainer_state.json), a Lightning run
-(epoch=E-step=S.ckpt + last.ckpt), and single files in each format. A few MB in all.
+an HF Trainer run (checkpoint-N/ folders with trainer_state.json), the same run gone wrong (its
+weights and losses turn NaN at step 300: hf-run-nan/), a Lightning run (epoch=E-step=S.ckpt +
+last.ckpt), and single files in each format. A few MB in all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ckptctl.errors import UsageError
 
 STEPS = (100, 200, 300, 400)
 EVAL_LOSS = {100: 2.31, 200: 1.87, 300: 1.62, 400: 1.71}  # best is step 300, not the last
+NAN_FROM = 300  # hf-run-nan: the step from which blocks.1's attention weights and the losses are NaN
 
 
 def _model(seed: int):
@@ -67,9 +69,11 @@ def write_demo(root: str | os.PathLike, force: bool = False) -> list[Path]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     hf = root / "hf-run"
     pl = root / "lightning-run"
-    hf.mkdir(exist_ok=True)
-    pl.mkdir(exist_ok=True)
+    nan_run = root / "hf-run-nan"
+    for d in (hf, pl, nan_run):
+        d.mkdir(exist_ok=True)
     log_history: list[dict] = []
+    nan_history: list[dict] = []
     best_step = min(EVAL_LOSS, key=EVAL_LOSS.__getitem__)
     for i, step in enumerate(STEPS):
         _train_step(model, opt, step)
@@ -100,6 +104,20 @@ def write_demo(root: str | os.PathLike, force: bool = False) -> list[Path]:
             "max_steps": STEPS[-1],
         }
         (ck / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        written.append(ck)
+        # -- the same run gone wrong: from NAN_FROM on, blocks.1.attn and the losses are NaN ----
+        bad = step >= NAN_FROM
+        ck = nan_run / f"checkpoint-{step}"
+        ck.mkdir(exist_ok=True)
+        save_file({k: (torch.full_like(v, float("nan")) if bad and k.startswith("blocks.1.attn.") else v)
+                   for k, v in weights.items()}, ck / "model.safetensors", metadata={"format": "pt"})
+        loss = float("nan") if bad else EVAL_LOSS[step]
+        nan_history.append({"step": step, "epoch": i + 1.0, "loss": loss + 0.2 if not bad else loss})
+        nan_history.append({"step": step, "epoch": i + 1.0, "eval_loss": loss})
+        # json.dumps writes NaN bare, as the HF Trainer's own trainer_state.json does
+        (ck / "trainer_state.json").write_text(json.dumps(
+            {"global_step": step, "epoch": i + 1.0, "log_history": list(nan_history), "max_steps": STEPS[-1]},
+            indent=2))
         written.append(ck)
         # -- Lightning layout: epoch=E-step=S.ckpt ------------------------------------------
         ckpt = {
@@ -156,6 +174,9 @@ def write_demo(root: str | os.PathLike, force: bool = False) -> list[Path]:
         f"  ckptctl inspect {pl / 'last.ckpt'} --format tree\n"
         f"  ckptctl diff {hf / 'checkpoint-300'} {hf / 'checkpoint-400'}\n"
         f"  ckptctl diff {hf} --along\n"
+        f"  ckptctl ls {nan_run}                 # a run that went NaN at step {NAN_FROM}\n"
+        f"  ckptctl diff {nan_run} --along\n"
+        f"  ckptctl diff {hf} {nan_run}\n"
         f"  ckptctl convert {pl / 'last.ckpt'} {root / 'last.safetensors'}\n"
         f"  ckptctl average {hf} --last 3 -o {root / 'avg.safetensors'}\n"
         f"  ckptctl prune {hf} --keep-last 1 --keep-best eval_loss --min-age 0   # dry run; best is {best_dir.name}\n"
