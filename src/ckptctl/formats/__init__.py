@@ -23,6 +23,7 @@ READERS: dict[str, tuple[str, str]] = {
     "hdf5": ("ckptctl.formats.hdf5", "HDF5Reader"),
     "sharded": ("ckptctl.formats.sharded", "ShardedReader"),
     "dcp": ("ckptctl.formats.dcp", "DCPReader"),
+    "gguf": ("ckptctl.formats.gguf", "GGUFReader"),
 }
 
 # target format -> (module, writer class); filled in by the convert work
@@ -45,7 +46,8 @@ MODEL_FILES = (
     "model.h5",
     "model.weights.h5",
 )
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".distcp")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".distcp",
+                       ".gguf")
 
 # well-known magics of things people mistake for checkpoints
 _OTHER_MAGIC = [
@@ -55,7 +57,6 @@ _OTHER_MAGIC = [
     (b"BZh", "a bzip2 archive"),
     (b"\xfd7zXZ", "an xz archive"),
     (b"\x7fELF", "an executable (ELF)"),
-    (b"GGUF", "a GGUF model (llama.cpp); not supported"),
     (b"\x93NUMPY", "a numpy .npy array; not supported"),
 ]
 
@@ -185,6 +186,8 @@ def sniff(path: str | os.PathLike) -> str:
         raise UnknownFormat("empty file (0 bytes)", p)
     if head.startswith(b"PK\x03\x04"):
         return _sniff_zip(p)
+    if head.startswith(b"GGUF"):
+        return "gguf"
     for off in (0,):
         if head[off : off + 8] == HDF5_MAGIC:
             return "hdf5"
@@ -213,6 +216,8 @@ def sniff(path: str | os.PathLike) -> str:
             if f.read(8) == HDF5_MAGIC:
                 return "hdf5"
             off *= 2
+    if p.suffix.lower() == ".gguf":
+        raise CorruptFile(f"not a GGUF file: bad magic {head[:4]!r} (expected b'GGUF')", p)
     raise UnknownFormat(_describe_unknown(head), p)
 
 
