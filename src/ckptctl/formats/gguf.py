@@ -306,9 +306,10 @@ class GGUFHeader:
         if etype not in VALUE_TYPES:
             c.fail(f"{what}: unknown array element type {etype}")
         ename, ecode = VALUE_TYPES[etype]
+        noun = {"string": "strings", "array": "arrays"}.get(ename, ename)
         min_size = struct.calcsize("<" + ecode) if ecode else (8 if etype == T_STRING else 12)
         if count * min_size > c.size - c.pos:
-            c.fail(f"{what}: array of {count} {ename} runs past the end of the {c.size}-byte file")
+            c.fail(f"{what}: array of {count} {noun} runs past the end of the {c.size}-byte file")
         tag = f"array[{ename}]"
         if count <= SUMMARY_OVER:
             items = [self._value(c, etype, f"{what}[{k}]", depth + 1)[0] for k in range(count)]
@@ -321,7 +322,6 @@ class GGUFHeader:
                 self._value(c, etype, f"{what}[{k}]", depth + 1)
         else:
             c.pos += count * min_size  # checked against the file size above
-        noun = {"string": "strings", "array": "arrays"}.get(ename, ename)
         return f"[{count} {noun}, sha256:{self._digest(c, start, c.pos)}]", tag
 
     @staticmethod
