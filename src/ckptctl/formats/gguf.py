@@ -28,7 +28,8 @@ from ckptctl.model import CheckpointInfo, TensorInfo
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-WINDOW = 4 * 1024 * 1024  # header bytes read per pread
+WINDOW = 4 * 1024 * 1024  # header bytes read per pread, at most
+FIRST_WINDOW = 64 * 1024  # the first read: most headers without a tokenizer fit, and little data is touched
 MAX_DIMS = 64  # ggml has 4; anything this large is corruption, not a tensor
 SUMMARY_OVER = 16  # arrays longer than this are summarised in the metadata, not listed
 
@@ -128,6 +129,7 @@ class _Cursor:
         self.pos = 0
         self.win = b""
         self.win_start = 0
+        self.next_window = FIRST_WINDOW  # doubles up to WINDOW: small headers read little past their end
 
     def fail(self, msg: str):
         raise CorruptFile(msg, self.path)
@@ -142,7 +144,8 @@ class _Cursor:
                 data = self._read(self.pos, n)
                 self.pos += n
                 return data
-            self.win = self._read(self.pos, min(WINDOW, self.size - self.pos))
+            self.win = self._read(self.pos, min(max(n, self.next_window), self.size - self.pos))
+            self.next_window = min(2 * self.next_window, WINDOW)
             self.win_start = self.pos
             lo = 0
         self.pos += n
