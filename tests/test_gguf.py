@@ -81,7 +81,12 @@ def one_line_error(p) -> str:
 def test_type_table_matches_gguf_py():
     ours = {tid: (name, blk, size) for tid, (name, blk, size) in GGML_TYPES.items()}
     theirs = {int(t): (t.name, *gguf.GGML_QUANT_SIZES[t]) for t in Q}
-    assert ours == theirs
+    assert {k: theirs[k] for k in ours} == ours  # every type we name, as gguf-py names and sizes it
+    newer = sorted(theirs[k][0] for k in set(theirs) - set(ours))
+    if newer:  # a gguf-py newer than 0.19: these would show as "unknown ggml type"
+        import warnings
+
+        warnings.warn(f"gguf-py knows ggml types ckptctl's table lacks: {', '.join(newer)}", stacklevel=1)
     assert not set(REMOVED_TYPES) & set(GGML_TYPES)
     quantized = {name for name, _b, _s in GGML_TYPES.values() if name not in PLAIN}
     assert quantized == set(dtypes.GGUF_QUANT_TYPES)
@@ -169,6 +174,8 @@ PLAIN_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.in
 def every_type_tensors(rng) -> dict:
     out = {}
     for t in Q:
+        if int(t) not in GGML_TYPES:
+            continue  # a type newer than our table (test_type_table_matches_gguf_py says which)
         blk, size = gguf.GGML_QUANT_SIZES[t]
         name = f"t.{t.name.lower()}"
         if t.name in PLAIN_NP:
