@@ -524,3 +524,14 @@ def test_tokenizer_string_past_end_is_named(tmp_path):
         slice(_string_len_at(d, b"piece05"), _string_len_at(d, b"piece05") + 8), struct.pack("<Q", 2**40)))
     line = one_line_error(run("inspect", q))
     assert "metadata key 'tokenizer.ggml.tokens': string 5 has length 1099511627776, past the end" in line
+
+
+def test_ls_lists_gguf_files_of_a_run(tmp_path):
+    write(tmp_path / "model-step100.gguf", small_model(0))
+    write(tmp_path / "model-step200.gguf", small_model(1))
+    res = cli("ls", tmp_path, "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    rows = json.loads(res.stdout)
+    rows = rows["checkpoints"] if isinstance(rows, dict) else rows
+    assert sorted(r["step"] for r in rows) == [100, 200]
+    assert {r["format"] for r in rows} == {"gguf"}

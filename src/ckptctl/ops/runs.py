@@ -34,7 +34,7 @@ from ckptctl.errors import CkptError, NotFound, UsageError
 from ckptctl.model import CheckpointInfo
 
 # file suffixes that hold one checkpoint each
-FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl")
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".gguf")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".pt.index.json")
 # side files trainers write next to a model that are not checkpoints on their own
 AUX_NAMES = re.compile(
