@@ -14,6 +14,8 @@ def test_every_torch_dtype_we_name_exists_with_the_same_size():
     for d in dtypes.BY_NAME.values():
         if d.name in ("float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"):
             continue  # safetensors-only sub-byte floats
+        if dtypes.is_gguf_quant(d.name):
+            continue  # GGUF block-quantized types (gguf:Q4_K, ...): no torch dtype
         td = getattr(torch, d.name)
         assert td.itemsize * 8 == d.bits, d.name
         assert td.is_floating_point == (d.kind == "float"), d.name
