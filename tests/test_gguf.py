@@ -535,3 +535,18 @@ def test_ls_lists_gguf_files_of_a_run(tmp_path):
     rows = rows["checkpoints"] if isinstance(rows, dict) else rows
     assert sorted(r["step"] for r in rows) == [100, 200]
     assert {r["format"] for r in rows} == {"gguf"}
+
+
+def test_huge_string_value_is_summarised_and_huge_name_refused(tmp_path):
+    big = "x" * (2 * 1024 * 1024 + 3)
+    p = tmp_path / "big.gguf"
+    write(p, {"w": (np.zeros(32, np.float32), None)},
+          {"tokenizer.chat_template": (big, V.STRING), "short": ("ok", V.STRING)})
+    with GGUFReader(p) as r:
+        m = r.info().metadata
+    assert m["tokenizer.chat_template"] == f"[string of {len(big)} bytes, sha256:{sha(big.encode())[:12]}]"
+    assert m["short"] == "ok"
+    q = tmp_path / "bigname.gguf"
+    write(q, {"w": (np.zeros(32, np.float32), None)}, {"k" * 70000: (1, V.UINT8)})
+    line = one_line_error(run("inspect", q))
+    assert "the name of metadata key 1: a name of 70000 bytes (limit 65536)" in line

@@ -32,6 +32,8 @@ WINDOW = 4 * 1024 * 1024  # header bytes read per pread, at most
 FIRST_WINDOW = 64 * 1024  # the first read: most headers without a tokenizer fit, and little data is touched
 MAX_DIMS = 64  # ggml has 4; anything this large is corruption, not a tensor
 SUMMARY_OVER = 16  # arrays longer than this are summarised in the metadata, not listed
+MAX_NAME = 64 * 1024  # a key or tensor name longer than this is corruption (ggml allows 64 bytes)
+MAX_VALUE = 1024 * 1024  # string values longer than this are summarised, never read into memory
 
 # ggml type id -> (name, elements per block, bytes per block); from ggml.h / gguf-py constants
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -172,10 +174,23 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.unpack("Q", what)
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int | None = MAX_NAME) -> str:
         n = self.u64(f"the length of {what}")
         if n > self.size - self.pos:
             self.fail(f"{what}: string length {n} runs past the end of the {self.size}-byte file")
+        if limit is not None and n > limit:
+            self.fail(f"{what}: a name of {n} bytes (limit {limit})")
+        return self.take(n, what).decode("utf-8", errors="replace")
+
+    def long_string(self, what: str) -> str | tuple[int, int]:
+        """A string value; one over MAX_VALUE bytes is stepped over: (start, end) of its bytes."""
+        n = self.u64(f"the length of {what}")
+        if n > self.size - self.pos:
+            self.fail(f"{what}: string length {n} runs past the end of the {self.size}-byte file")
+        if n > MAX_VALUE:
+            start = self.pos
+            self.pos += n
+            return start, self.pos
         return self.take(n, what).decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int, what: str) -> None:
@@ -298,7 +313,10 @@ class GGUFHeader:
             c.fail(f"{what}: unknown value type {vtype}")
         tname, code = VALUE_TYPES[vtype]
         if vtype == T_STRING:
-            return c.string(what), tname
+            v = c.long_string(what)
+            if isinstance(v, tuple):
+                return f"[string of {v[1] - v[0]} bytes, sha256:{self._digest(c, *v)}]", tname
+            return v, tname
         if vtype != T_ARRAY:
             v = c.unpack(code, what)
             return (_f32(v) if vtype == 6 else v), tname
