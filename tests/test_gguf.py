@@ -550,3 +550,24 @@ def test_huge_string_value_is_summarised_and_huge_name_refused(tmp_path):
     write(q, {"w": (np.zeros(32, np.float32), None)}, {"k" * 70000: (1, V.UINT8)})
     line = one_line_error(run("inspect", q))
     assert "the name of metadata key 1: a name of 70000 bytes (limit 65536)" in line
+
+
+def test_vocabulary_across_header_windows(tmp_path):
+    """A tokenizer larger than the first read windows: every length is still checked, and the
+    keys after it are read from the right place."""
+    toks = [f"tok{i:05d}" + "é" * (i % 7) for i in range(40000)]
+    p = tmp_path / "vocab.gguf"
+    write(p, {"w": (np.arange(64, dtype=np.float32), None)},
+          {"tokenizer.ggml.tokens": (toks, V.ARRAY), "after": ("still here", V.STRING)})
+    with GGUFReader(p) as r:
+        info = r.info()
+        assert info.metadata["after"] == "still here"
+        assert stored_bytes(r, "w") == np.arange(64, dtype=np.float32).tobytes()
+    raw = b"".join(struct.pack("<Q", len(t.encode())) + t.encode() for t in toks)
+    assert info.metadata["tokenizer.ggml.tokens"] == f"[40000 strings, sha256:{sha(raw)[:12]}]"
+    for k in (1000, 9000, 39999):  # inside the first window, past it, the last one
+        t = toks[k].encode()
+        q = _patched(p, tmp_path / f"bad{k}.gguf", lambda d, t=t: d.__setitem__(
+            slice(_string_len_at(d, t), _string_len_at(d, t) + 8), struct.pack("<Q", 2**50)))
+        with pytest.raises(CorruptFile, match=f"string {k} has length {2**50}, past the end"):
+            GGUFReader(q).info()
