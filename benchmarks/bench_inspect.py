@@ -52,6 +52,10 @@ SNIPPETS = {
         "    f.visititems(lambda n, o: out.append((n, o.shape, o.dtype)) if isinstance(o, h5py.Dataset) else None)\n"
         "print(len(out))"
     ),
+    "gguf-py GGUFReader (list tensors)": (
+        "from gguf import GGUFReader\nr = GGUFReader({path!r})\n"
+        "print(len([(t.name, t.shape, t.tensor_type) for t in r.tensors]))"
+    ),
 }
 BASELINES = {
     "safetensors": ["safetensors.safe_open (list keys)"],
@@ -59,6 +63,7 @@ BASELINES = {
     "torch-legacy": ["torch.load(weights_only=True)", "torch.load(mmap=True, weights_only=True)"],
     "hdf5": ["h5py (list datasets)"],
     "tf-bundle": [],  # TensorFlow's own reader is not installed (ckptctl reads TF without it)
+    "gguf": ["gguf-py GGUFReader (list tensors)"],
 }
 # wrapped around `ckptctl inspect` once (not timed) to learn whether it imported torch / h5py
 IMPORT_PROBE = (
@@ -138,6 +143,52 @@ def write_hdf5(path: str, tensors) -> None:
             f.create_dataset(name, shape=shape, dtype="<f4", dcpl=dcpl)
 
 
+def write_gguf(path: str, size_gb: float) -> int:
+    """A llama-shaped GGUF of ~size_gb GB written by gguf-py (the `dev` extra): a 32000-token
+    tokenizer in the metadata, 32 layers of Q4_K matrices (Q6_K ffn_down and output), F32 norms;
+    header and tensor infos only, the data a sparse hole (truncate). Returns the tensor count."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter
+
+    def nbytes(shape, q) -> int:
+        blk, size = GGML_QUANT_SIZES[q]
+        return math.prod(shape) // blk * size
+
+    def plan_for(d: int, layers: int = 32, vocab: int = 32000):
+        ff = -(-d * 8 // 3 // 256) * 256
+        out = [("token_embd.weight", (vocab, d), Q.Q4_K)]
+        for i in range(layers):
+            p = f"blk.{i}."
+            out += [(p + n, (d, d), Q.Q4_K) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight",
+                                                      "attn_output.weight")]
+            out += [(p + "ffn_gate.weight", (ff, d), Q.Q4_K), (p + "ffn_up.weight", (ff, d), Q.Q4_K),
+                    (p + "ffn_down.weight", (d, ff), Q.Q6_K)]
+            out += [(p + "attn_norm.weight", (d,), Q.F32), (p + "ffn_norm.weight", (d,), Q.F32)]
+        out += [("output_norm.weight", (d,), Q.F32), ("output.weight", (vocab, d), Q.Q6_K)]
+        return out
+
+    d = 256
+    while sum(nbytes(s, q) for _n, s, q in plan_for(d)) < size_gb * 1e9:
+        d += 256
+    tensors = plan_for(d)
+    w = GGUFWriter(path, "llama")
+    w.add_uint32("llama.block_count", 32)
+    w.add_uint32("llama.embedding_length", d)
+    w.add_array("tokenizer.ggml.tokens", [f"<tok{i}>" for i in range(32000)])
+    w.add_array("tokenizer.ggml.scores", [float(-i) for i in range(32000)])
+    w.add_array("tokenizer.ggml.token_type", [1] * 32000)
+    for name, shape, q in tensors:
+        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    f = w.fout[0]
+    start = GGUFWriter.ggml_pad(f.tell(), w.data_alignment)
+    f.truncate(start + sum(GGUFWriter.ggml_pad(nbytes(s, q), w.data_alignment) for _n, s, q in tensors))
+    w.close()
+    return len(tensors)
+
+
 # ---- measuring --------------------------------------------------------------------------------
 TIME = shutil.which("time", path="/usr/bin:/bin")
 
@@ -193,6 +244,8 @@ def generate(spec: dict) -> None:
         write_hdf5(files["hdf5"], tensors)
     if "tf-bundle" in formats:
         write_tf(files["tf-bundle"], tensors)
+    if "gguf" in formats:
+        write_gguf(files["gguf"], spec["size_gb"])
 
 
 def write_tf(prefix: str, tensors) -> None:
@@ -221,7 +274,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--dir", default=None, help="where to write the data (default: a new folder in /tmp); "
                     "torch files already there from a --keep run of the same size are reused")
-    ap.add_argument("--formats", default="safetensors,torch-zip,torch-legacy,hdf5,tf-bundle")
+    ap.add_argument("--formats", default="safetensors,torch-zip,torch-legacy,hdf5,tf-bundle,gguf")
     args = ap.parse_args()
 
     base = args.dir or tempfile.mkdtemp(prefix="ckptctl-bench-", dir="/tmp")
@@ -234,6 +287,7 @@ def main() -> int:
         "torch-legacy": os.path.join(base, "model_legacy.pt"),
         "hdf5": os.path.join(base, "model.h5"),
         "tf-bundle": os.path.join(base, "tf", "ckpt-1000"),  # a prefix, as TF users name it
+        "gguf": os.path.join(base, "model.gguf"),
     }
     try:
         t0 = time.perf_counter()

@@ -16,6 +16,8 @@ def test_every_torch_dtype_we_name_exists_with_the_same_size():
             continue  # safetensors-only sub-byte floats
         if d.kind == "string":
             continue  # TensorFlow string tensors: listed, never converted
+        if dtypes.is_gguf_quant(d.name):
+            continue  # GGUF block-quantized types (gguf:Q4_K, ...): no torch dtype
         td = getattr(torch, d.name)
         assert td.itemsize * 8 == d.bits, d.name
         assert td.is_floating_point == (d.kind == "float"), d.name

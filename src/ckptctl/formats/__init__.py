@@ -26,6 +26,7 @@ READERS: dict[str, tuple[str, str]] = {
     "keras": ("ckptctl.formats.keras_zip", "KerasZipReader"),
     "keras-sharded": ("ckptctl.formats.keras_zip", "KerasShardedReader"),
     "tf-bundle": ("ckptctl.formats.tf_bundle", "TFBundleReader"),
+    "gguf": ("ckptctl.formats.gguf", "GGUFReader"),
 }
 
 # target format -> (module, writer class); filled in by the convert work
@@ -48,7 +49,8 @@ MODEL_FILES = (
     "model.h5",
     "model.weights.h5",
 )
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".distcp", ".keras")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".distcp", ".keras",
+                       ".gguf")
 KERAS_INDEX_SUFFIX = ".weights.json"  # Keras 3 sharded weights: index beside <base>_0000K.weights.h5
 
 # well-known magics of things people mistake for checkpoints
@@ -59,7 +61,6 @@ _OTHER_MAGIC = [
     (b"BZh", "a bzip2 archive"),
     (b"\xfd7zXZ", "an xz archive"),
     (b"\x7fELF", "an executable (ELF)"),
-    (b"GGUF", "a GGUF model (llama.cpp); not supported"),
     (b"\x93NUMPY", "a numpy .npy array; not supported"),
 ]
 
@@ -223,6 +224,8 @@ def sniff(path: str | os.PathLike) -> str:
         return "tf-bundle"
     if head.startswith(b"PK\x03\x04"):
         return _sniff_zip(p)
+    if head.startswith(b"GGUF"):
+        return "gguf"
     for off in (0,):
         if head[off : off + 8] == HDF5_MAGIC:
             return "hdf5"
@@ -258,6 +261,8 @@ def sniff(path: str | os.PathLike) -> str:
             if f.read(8) == HDF5_MAGIC:
                 return "hdf5"
             off *= 2
+    if p.suffix.lower() == ".gguf":
+        raise CorruptFile(f"not a GGUF file: bad magic {head[:4]!r} (expected b'GGUF')", p)
     raise UnknownFormat(_describe_unknown(head), p)
 
 

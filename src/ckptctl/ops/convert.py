@@ -102,6 +102,21 @@ def check_target(fmt: str, tensors: list[TensorInfo]) -> None:
         check_paths([t.name for t in tensors])
 
 
+def refuse_gguf_quantized(tensors: list[TensorInfo]) -> None:
+    """GGUF block-quantized tensors (gguf:Q4_K, ...) have no dtype in the target formats and
+    ckptctl does not dequantize them: name them all, once, and say how to leave them out."""
+    q = [t for t in tensors if dtypes.is_gguf_quant(t.dtype)]
+    if not q:
+        return
+    from collections import Counter
+
+    kinds = ", ".join(f"{d.removeprefix('gguf:')} ×{n}" for d, n in Counter(t.dtype for t in q).most_common())
+    names = ", ".join(repr(t.name) for t in q[:3]) + (f" and {len(q) - 3} more" if len(q) > 3 else "")
+    it = "it" if len(q) == 1 else "them"
+    raise Incompatible(f"{len(q)} tensor{'s are' if len(q) > 1 else ' is'} GGUF-quantized ({kinds}), which ckptctl "
+                       f"does not dequantize: {names}; leave {it} out with --exclude (e.g. --exclude {q[0].name!r})")
+
+
 # ---- casting ----------------------------------------------------------------------------------
 CAST_SHORT = ("bf16", "fp16", "fp32", "fp64", "fp8_e4m3", "fp8_e5m2")  # what help and errors suggest
 
@@ -410,6 +425,7 @@ def plan_convert(
             outs.append(o if d == o.dtype else replace(o, dtype=d, nbytes=dtypes.nbytes(d, o.shape)))
         if kept:
             notes.append(f"--dtype {cast_to}: tensors of dtype {', '.join(kept)} are not cast (scale/packed formats)")
+        refuse_gguf_quantized(outs)
         check_target(fmt, outs)
         metadata = carry_metadata(info.metadata, notes, metadata)
         if fmt == "torch-zip":

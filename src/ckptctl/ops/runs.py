@@ -37,7 +37,7 @@ from ckptctl.model import CheckpointInfo
 from ckptctl.ops import runs_tf
 
 # file suffixes that hold one checkpoint each
-FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".keras")
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".keras", ".gguf")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".pt.index.json", ".weights.json")
 # side files trainers write next to a model that are not checkpoints on their own
 AUX_NAMES = re.compile(

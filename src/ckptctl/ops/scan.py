@@ -140,7 +140,7 @@ NO_PICKLE = ("safetensors", "hdf5")
 # files a folder scan looks at (besides anything whose first bytes are a pickle or a zip); names
 # like .model/.data are left to the content check: tokenizers and TF shards use them too
 SCAN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".joblib",
-                 ".zip", ".npz", ".keras")
+                 ".zip", ".npz", ".keras", ".gguf")
 
 
 def scan_file(path: str | os.PathLike) -> ScanResult:
@@ -159,6 +159,8 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
         res.pickle = False
         return res
     res.format = fmt
+    if fmt == "gguf":
+        return _scan_gguf(res, target)
     if fmt in NO_PICKLE:
         res.pickle = False
         return res
@@ -188,6 +190,22 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
     except CkptError as e:  # the pickles may be fine and the damage elsewhere: list them anyway
         res.globals = _classified(getattr(e, "globals", None) or _raw_globals(fmt, target))
         res.error = e.message
+    return res
+
+
+def _scan_gguf(res: ScanResult, target: Path) -> ScanResult:
+    """A GGUF file is metadata and raw tensor bytes, never a pickle: nothing in it runs code when
+    loaded. Its header is still read, so a damaged file is an error rather than 'safe'."""
+    from ckptctl.formats import open_reader
+
+    res.pickle = False
+    try:
+        with open_reader(target) as reader:
+            reader.info()
+    except CkptError as e:
+        res.error = e.message
+        return res
+    res.note = "GGUF holds no pickle: metadata and tensor bytes only, nothing runs when it is loaded"
     return res
 
 
