@@ -10,6 +10,7 @@ import typer
 from ckptctl.cli import output
 from ckptctl.cli.common import handle_errors
 from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
+from ckptctl.cli.inspect import RawNamesOpt
 from ckptctl.cli.output import human_bytes
 
 EXAMPLES = (
@@ -62,6 +63,7 @@ def register(app: typer.Typer) -> None:
         verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Re-read the output and compare "
                                              "every tensor's bytes with the source.")] = True,
         force: Annotated[bool, typer.Option("--force", help="Overwrite DST if it exists.")] = False,
+        raw_names: RawNamesOpt = False,
     ) -> None:
         from ckptctl.errors import UsageError
         from ckptctl.ops.convert import commit_output, plan_convert, verify_output, write_output

@@ -12,6 +12,7 @@ import typer
 from ckptctl.cli import output
 from ckptctl.cli.common import FormatOpt, WideOpt, handle_errors
 from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
+from ckptctl.cli.inspect import RawNamesOpt
 from ckptctl.cli.output import Column, Fmt, clean
 from ckptctl.errors import UsageError
 
@@ -113,6 +114,7 @@ def register(app: typer.Typer) -> None:
         show_all: Annotated[bool, typer.Option("--all", help="List identical tensors too.")] = False,
         fmt: FormatOpt = Fmt.table,
         wide: WideOpt = False,
+        raw_names: RawNamesOpt = False,
     ) -> None:
         from ckptctl.ops import diff as ops
         from ckptctl.ops.runs import is_run_dir

@@ -23,6 +23,19 @@ EXAMPLES = (
 )
 
 
+def _set_raw_names(value: bool) -> bool:
+    from ckptctl.formats import READER_OPTIONS
+
+    READER_OPTIONS["raw_names"] = bool(value)  # every reader this command opens (open_reader)
+    return value
+
+
+RawNamesOpt = Annotated[bool, typer.Option(
+    "--raw-names", callback=_set_raw_names,
+    help="Name a pickled nn.Module (or optimizer) by its pickle paths (_modules/0/_parameters/weight) "
+    "instead of its state_dict() names (0.weight).")]
+
+
 class SortKey(str, Enum):
     order = "order"
     name = "name"
@@ -60,6 +73,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         sort: Annotated[SortKey, typer.Option("--sort", help="order (as stored), name or size.")] = SortKey.order,
         wide: WideOpt = False,
+        raw_names: RawNamesOpt = False,
     ) -> None:
         from ckptctl.ops.inspect import inspect
 

@@ -30,6 +30,7 @@ LEGACY_PROTOCOL = 1001
 
 class TorchLegacyReader(PickleBasedReader):
     format = "torch-legacy"
+    options = ("raw_names",)
 
     def _load_info(self) -> CheckpointInfo:
         path = os.fspath(self.path)
@@ -112,7 +113,8 @@ class TorchLegacyReader(PickleBasedReader):
             return root_ref.extra
 
         # legacy storages are always written little-endian
-        return checkpoint_info(self.path, self.format, root, globals_, warnings, blob_of, False, meta)
+        return checkpoint_info(self.path, self.format, root, globals_, warnings, blob_of, False, meta,
+                               raw_names=self.raw_names)
 
     def _storage(self, pid: Any, roots: dict, views: dict) -> Any:
         if not isinstance(pid, (tuple, list)) or not pid:
@@ -155,6 +157,7 @@ class PickleReader(PickleBasedReader):
     """A plain pickle: numpy arrays are tensors, everything else is listed as opaque objects."""
 
     format = "pickle"
+    options = ("raw_names",)
 
     def _load_info(self) -> CheckpointInfo:
         path = os.fspath(self.path)
@@ -177,7 +180,8 @@ class PickleReader(PickleBasedReader):
                 elif err:
                     what += " (not a pickle)"
                 warnings.append(what)
-        return checkpoint_info(self.path, self.format, root, globals_, warnings, _no_blob, False, {})
+        return checkpoint_info(self.path, self.format, root, globals_, warnings, _no_blob, False, {},
+                               raw_names=self.raw_names)
 
 
 def _no_blob(ref: pickles.StorageRef):  # pragma: no cover - plain pickles have no storages
