@@ -23,10 +23,12 @@ EXAMPLES = (
 )
 
 
-def _set_raw_names(value: bool) -> bool:
+def _set_raw_names(ctx: typer.Context, value: bool) -> bool:
     from ckptctl.formats import READER_OPTIONS
 
-    READER_OPTIONS["raw_names"] = bool(value)  # every reader this command opens (open_reader)
+    if value:  # every reader this command opens (open_reader), until the command ends
+        READER_OPTIONS["raw_names"] = True
+        ctx.call_on_close(lambda: READER_OPTIONS.pop("raw_names", None))
     return value
 
 

@@ -1776,7 +1776,8 @@ class _ModuleView:
         if decl is not None:
             declared = set(decl.parameters) | set(decl.buffers)
             hyper = [(k, v) for k, v in hyper if k not in declared]
-            hyper += [(k, _ts_literal(v)) for k, v in decl.finals.items() if k not in dict(hyper)]
+            # Final constants: by name (TorchScript writes them in no stable order)
+            hyper += [(k, _ts_literal(v)) for k, v in sorted(decl.finals.items()) if k not in dict(hyper)]
         if isinstance(training, bool) and (not prefix or training != parent_training):
             hyper.append(("training", repr(training)))
         if hyper or not prefix:  # containers (Sequential, ModuleList, ...) are in `objects` only

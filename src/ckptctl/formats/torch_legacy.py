@@ -121,6 +121,10 @@ class TorchLegacyReader(PickleBasedReader):
             raise CorruptFile(f"a persistent id that is not a tuple ({type(pid).__name__})", self.path)
         typename = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
         if typename == "module":
+            # ('module', cls, source_file, source): an nn.Module class, saved with its source text
+            # (never looked at); the class stands for itself, so its objects keep their class name
+            if len(pid) > 1 and isinstance(pid[1], pickles.Global):
+                return pid[1]
             return pickles.Opaque("<module source>", tuple(pid[1:2]))
         if typename != "storage" or len(pid) < 5:
             raise CorruptFile(f"unknown persistent id {str(typename)[:40]!r}", self.path)
