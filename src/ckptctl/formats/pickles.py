@@ -1647,6 +1647,8 @@ class _Walker:
                     continue
                 if isinstance(v, TENSORISH):
                     self.tensor(self._full(view, prefix + k), v)
+                    if decl is not None and k in decl.buffers and not mod.type.startswith("__torch__.torch."):
+                        view.user_buffers.append(prefix + k)
                 else:
                     view.odd.append(f"{prefix}{k} ({_kind(v)})")
             chosen = set(order)
@@ -1762,6 +1764,7 @@ class _ModuleView:
     nonpersistent: list[str] = field(default_factory=list)
     attributes: list[str] = field(default_factory=list)  # tensors that are neither parameter nor buffer
     odd: list[str] = field(default_factory=list)  # parameters that are not tensors
+    user_buffers: list[str] = field(default_factory=list)  # TorchScript: buffers of non-torch classes
 
     def add_module(self, prefix: str, type_: str, obj: Opaque, parent_training: Any, decl: Any = None) -> None:
         f = obj.fields() if not isinstance(obj.state, dict) or self.kind == "module" else obj.state
@@ -1776,8 +1779,10 @@ class _ModuleView:
         if decl is not None:
             declared = set(decl.parameters) | set(decl.buffers)
             hyper = [(k, v) for k, v in hyper if k not in declared]
-            # Final constants: by name (TorchScript writes them in no stable order)
-            hyper += [(k, _ts_literal(v)) for k, v in sorted(decl.finals.items()) if k not in dict(hyper)]
+            hyper += [(k, _ts_literal(v)) for k, v in decl.finals.items() if k not in dict(hyper)]
+        # by name: TorchScript writes its constants in no stable order, and an eager module and
+        # its TorchScript archive then describe themselves alike
+        hyper.sort()
         if isinstance(training, bool) and (not prefix or training != parent_training):
             hyper.append(("training", repr(training)))
         if hyper or not prefix:  # containers (Sequential, ModuleList, ...) are in `objects` only
@@ -1806,6 +1811,11 @@ def _finish_view(out: Described, view: _ModuleView, names: list[str]) -> None:
         out.warnings.append(
             f"{where}{len(view.attributes)} tensor attribute(s) that are neither parameters nor buffers left "
             f"out, as state_dict() does: {_names_note(view.attributes)} (--raw-names lists them)")
+    if view.user_buffers:
+        out.warnings.append(
+            f"{where}a TorchScript archive does not record whether a buffer is persistent: "
+            f"{_names_note(view.user_buffers)} listed; if the model's state_dict() leaves one out "
+            "(register_buffer(..., persistent=False)), --exclude it")
     if view.odd:
         out.warnings.append(f"{where}parameters or buffers that are not tensors, not listed: {_names_note(view.odd)}")
     prefix = None

@@ -720,8 +720,8 @@ class TorchScriptReader(TorchZipReader):
                     globals_ += [g for g in cglobals if g not in globals_]
                     warnings += cwarn
                     n = sum(1 for _ in _tensors_in(consts))
-                    meta["constants"] = f"{n} tensor constant(s) used by the code (not weights, not listed)" \
-                        if n else "none"
+                    if n:
+                        meta["constants"] = f"{n} tensor constant(s) used by the code (not weights, not listed)"
             more, errors = _other_pickle_globals(arch)
             globals_ += [g for g in more if g not in globals_]
             warnings += errors
