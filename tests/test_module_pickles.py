@@ -505,3 +505,31 @@ def test_torchscript_no_longer_refused_but_damaged_one_is(tmp_path):
     r = run("inspect", bad)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "TorchScript archive without data.pkl" in r.stderr
+
+
+def test_scan_damaged_torchscript_still_lists_every_pickle(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.jit.script(nn.Linear(2, 2)).save(str(good))
+
+    class Evil:
+        def __reduce__(self):
+            import subprocess
+
+            return subprocess.call, (["true"],)
+
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("/data.pkl"):
+                data = data[: len(data) // 2]  # cut short: the reader fails on it
+            elif item.filename.endswith(".debug_pkl"):
+                data = pickle.dumps(Evil(), protocol=2)
+            zout.writestr(item, data)
+    r = run("scan", bad, "-f", "json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    (res,) = json.loads(r.stdout)
+    assert res["verdict"] == "dangerous" and "data.pkl" in res["error"]
+    classes = {g["name"]: g["class"] for g in res["globals"]}
+    assert classes["subprocess.call"] == "dangerous"
+    assert any(n.startswith("__torch__.") for n in classes)  # what data.pkl asked for before it ends

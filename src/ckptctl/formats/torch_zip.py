@@ -796,7 +796,7 @@ def scan_zip_pickles(path: str | os.PathLike) -> tuple[list[str], list[str]]:
                 if zi.is_dir():
                     continue
                 base = zi.filename.rsplit("/", 1)[-1]
-                if not (base.endswith((".pkl", ".pickle")) or base in ("data.pkl", "constants.pkl")):
+                if not (base.endswith((".pkl", ".pickle", ".debug_pkl")) or base in ("data.pkl", "constants.pkl")):
                     continue
                 try:
                     f.seek(zi.header_offset)

@@ -191,7 +191,8 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
             res.note = (f"a TorchScript archive: torch.jit.load compiles its code ({n} file(s) in code/) "
                         "and runs it when the model is used; ckptctl read its weights without running any")
     except PickleError as e:
-        res.globals = _classified(e.globals + e.more_globals)
+        more = _raw_globals(fmt, target) if fmt == "torchscript" else []  # its other pickles
+        res.globals = _classified(e.globals + e.more_globals + more)
         res.error = e.message
     except CkptError as e:  # the pickles may be fine and the damage elsewhere: list them anyway
         res.globals = _classified(getattr(e, "globals", None) or _raw_globals(fmt, target))
@@ -202,7 +203,7 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
 def _raw_globals(fmt: str, target: Path) -> list[str]:
     """Globals of the pickles in a file that the reader could not list, found without semantics."""
     try:
-        if fmt == "torch-zip":
+        if fmt in ("torch-zip", "torchscript"):
             from ckptctl.formats.torch_zip import scan_zip_pickles
 
             return scan_zip_pickles(target)[0]
