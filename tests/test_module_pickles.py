@@ -524,7 +524,7 @@ def test_scan_damaged_torchscript_still_lists_every_pickle(tmp_path):
             if item.filename.endswith("/data.pkl"):
                 data = data[: len(data) // 2]  # cut short: the reader fails on it
             elif item.filename.endswith(".debug_pkl"):
-                data = pickle.dumps(Evil(), protocol=2)
+                data = pickle.dumps(Evil(), protocol=4)
             zout.writestr(item, data)
     r = run("scan", bad, "-f", "json")
     assert r.returncode == 1, r.stdout + r.stderr
