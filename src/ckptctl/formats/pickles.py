@@ -20,7 +20,10 @@ arrays inside a pickle are then read like any other tensor). Errors of any kind 
 
 `describe()` walks the unpickled object: tensors with their '/'-joined names, tied weights,
 opaque objects, file-level metadata (`epoch`, `global_step`, `hyper_parameters`, ...) and the
-checkpoint kind (lightning, state_dict, training, hf-optimizer, hf-rng-state).
+checkpoint kind (lightning, state_dict, training, hf-optimizer, hf-rng-state, module, optimizer,
+torchscript). A pickled nn.Module (any object whose state holds `_parameters`, `_buffers` and
+`_modules`, whatever its class), a TorchScript module tree and a pickled optimizer are named as
+their own `state_dict()` would name them (`raw_names=True`: as the pickle holds them).
 """
 
 from __future__ import annotations
@@ -1767,7 +1770,7 @@ class _ModuleView:
     user_buffers: list[str] = field(default_factory=list)  # TorchScript: buffers of non-torch classes
 
     def add_module(self, prefix: str, type_: str, obj: Opaque, parent_training: Any, decl: Any = None) -> None:
-        f = obj.fields() if not isinstance(obj.state, dict) or self.kind == "module" else obj.state
+        f = obj.fields()
         training = f.get("training")
         self.training[prefix] = training
         if self.root_type is None:

@@ -8,6 +8,9 @@ ids name storages `data/<key>`. Tensor bytes are read with os.pread only when as
 (iter_chunks), contiguous views directly, strided views (transposes, Fortran order, stride-0
 expands) slab by slab in bounded memory.
 
+TorchScript archives (`torch.jit.save`) are read here too (TorchScriptReader): the same zip
+layout, with a module tree in data.pkl and code in `code/` that is listed, never run.
+
 This module also holds what the other pickle-based readers share: `PickleBasedReader` (file
 descriptors, iter_chunks, byte_range over `TensorLoc`s) and the strided-view engine.
 """
