@@ -533,3 +533,17 @@ def test_scan_damaged_torchscript_still_lists_every_pickle(tmp_path):
     classes = {g["name"]: g["class"] for g in res["globals"]}
     assert classes["subprocess.call"] == "dangerous"
     assert any(n.startswith("__torch__.") for n in classes)  # what data.pkl asked for before it ends
+
+
+def test_shared_submodule_is_listed_under_both_names_and_tied(tmp_path):
+    torch.manual_seed(9)
+    shared = nn.Linear(2, 2)
+    model = nn.ModuleDict({"enc": shared, "dec": nn.Sequential(nn.ReLU(), shared)})
+    sd = model.state_dict()
+    assert list(sd) == ["enc.weight", "enc.bias", "dec.1.weight", "dec.1.bias"]  # torch lists it twice
+    path = tmp_path / "shared.pt"
+    torch.save(model, path)
+    assert_matches(path, sd, aliases={"dec.1.weight": "enc.weight", "dec.1.bias": "enc.bias"})
+    fresh = nn.ModuleDict({"enc": nn.Linear(2, 2), "dec": nn.Sequential(nn.ReLU(), nn.Linear(2, 2))})
+    convert_and_load(path, fresh, tmp_path)
+    check_bit_exact(sd, fresh)
