@@ -11,6 +11,7 @@ import typer
 from ckptctl.cli import output
 from ckptctl.cli.common import check_paths, handle_errors
 from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
+from ckptctl.cli.inspect import RawNamesOpt
 from ckptctl.cli.output import human_bytes
 
 EXAMPLES = (
@@ -75,6 +76,7 @@ def register(app: typer.Typer) -> None:
                  "every absolute local path's folders replaced by <redacted>/ (the file name is kept); all "
                  "copies it verbatim; drop copies none (the format's own entries, e.g. safetensors' "
                  "format=pt, are still written).")] = MetadataMode.keep,
+        raw_names: RawNamesOpt = False,
     ) -> None:
         check_paths(src)  # first: a typo says so
         from ckptctl.errors import UsageError

@@ -12,6 +12,7 @@ import typer
 from ckptctl.cli import output
 from ckptctl.cli.common import FormatOpt, WideOpt, handle_errors
 from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
+from ckptctl.cli.inspect import RawNamesOpt
 from ckptctl.cli.output import Column, Fmt, clean
 from ckptctl.errors import UsageError
 
@@ -128,6 +129,7 @@ def register(app: typer.Typer) -> None:
                                                "name only one side has.")] = False,
         fmt: FormatOpt = Fmt.table,
         wide: WideOpt = False,
+        raw_names: RawNamesOpt = False,
     ) -> None:
         from ckptctl.cli.common import check_paths; check_paths(a, b)  # first: a typo says so
         from ckptctl.ops import diff as ops

@@ -25,6 +25,21 @@ EXAMPLES = (
 )
 
 
+def _set_raw_names(ctx: typer.Context, value: bool) -> bool:
+    from ckptctl.formats import READER_OPTIONS
+
+    if value:  # every reader this command opens (open_reader), until the command ends
+        READER_OPTIONS["raw_names"] = True
+        ctx.call_on_close(lambda: READER_OPTIONS.pop("raw_names", None))
+    return value
+
+
+RawNamesOpt = Annotated[bool, typer.Option(
+    "--raw-names", callback=_set_raw_names,
+    help="Name a pickled nn.Module (or optimizer) by its pickle paths (_modules/0/_parameters/weight) "
+    "instead of its state_dict() names (0.weight).")]
+
+
 class SortKey(str, Enum):
     order = "order"
     name = "name"
@@ -68,6 +83,7 @@ def register(app: typer.Typer) -> None:
         all_: Annotated[bool, typer.Option("--all", help="Training checkpoints: show every tensor (optimizer "
                                            "state, ...), not just the model weights.")] = False,
         wide: WideOpt = False,
+        raw_names: RawNamesOpt = False,
     ) -> None:
         check_paths(path)  # first: a typo says so
         from ckptctl.ops.inspect import inspect

@@ -27,6 +27,7 @@ READERS: dict[str, tuple[str, str]] = {
     "keras-sharded": ("ckptctl.formats.keras_zip", "KerasShardedReader"),
     "tf-bundle": ("ckptctl.formats.tf_bundle", "TFBundleReader"),
     "gguf": ("ckptctl.formats.gguf", "GGUFReader"),
+    "torchscript": ("ckptctl.formats.torch_zip", "TorchScriptReader"),
 }
 
 # target format -> (module, writer class); filled in by the convert work
@@ -125,7 +126,9 @@ def _sniff_zip(path: Path) -> str:
         raise CorruptFile(f"corrupt zip archive ({e})", path) from None
     base = {n.split("/", 1)[-1] for n in names}
     if "constants.pkl" in base or any(n.endswith("/code/__torch__.py") for n in names):
-        raise UnknownFormat("a TorchScript archive, not a checkpoint: it holds code, not only weights", path)
+        if "data.pkl" not in base:
+            raise UnknownFormat("a TorchScript archive without data.pkl: no weights to list", path)
+        return "torchscript"  # torch.jit.save: weights from data.pkl; its code/ is never run
     if "data.pkl" in base:
         return "torch-zip"
     if "config.json" in names and ("metadata.json" in names or any(
@@ -266,15 +269,23 @@ def sniff(path: str | os.PathLike) -> str:
     raise UnknownFormat(_describe_unknown(head), p)
 
 
-def open_reader(path: str | os.PathLike) -> Reader:
+# reader options every open_reader call gets unless it passes its own: the CLI's --raw-names sets
+# {"raw_names": True} (pickle-based readers then list objects as the pickle holds them, not under
+# state_dict() names). A reader takes the options named in its `options` attribute.
+READER_OPTIONS: dict[str, object] = {}
+
+
+def open_reader(path: str | os.PathLike, **opts) -> Reader:
     """Open any checkpoint ckptctl understands; raises NotFound/UnknownFormat/CorruptFile."""
     fmt, target = resolve(path)
     module, cls = READERS[fmt]
     reader_cls = getattr(importlib.import_module(module), cls)
+    accepted = getattr(reader_cls, "options", ())
+    opts = {k: v for k, v in {**READER_OPTIONS, **opts}.items() if k in accepted}
     if fmt == "tf-bundle" and Path(path).is_dir():
         tf = _tf_dir(Path(path))
-        return reader_cls(target, note=tf[1] if tf else "")
-    return reader_cls(target)
+        opts["note"] = tf[1] if tf else ""
+    return reader_cls(target, **opts)
 
 
 def writer_class(fmt: str) -> type[Writer]:

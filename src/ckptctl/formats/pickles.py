@@ -20,7 +20,10 @@ arrays inside a pickle are then read like any other tensor). Errors of any kind 
 
 `describe()` walks the unpickled object: tensors with their '/'-joined names, tied weights,
 opaque objects, file-level metadata (`epoch`, `global_step`, `hyper_parameters`, ...) and the
-checkpoint kind (lightning, state_dict, training, hf-optimizer, hf-rng-state).
+checkpoint kind (lightning, state_dict, training, hf-optimizer, hf-rng-state, module, optimizer,
+torchscript). A pickled nn.Module (any object whose state holds `_parameters`, `_buffers` and
+`_modules`, whatever its class), a TorchScript module tree and a pickled optimizer are named as
+their own `state_dict()` would name them (`raw_names=True`: as the pickle holds them).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import codecs
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -1160,6 +1164,16 @@ def _h_newobj(m: Machine, g: Global, a: tuple, kw) -> Any:
     return Opaque(g.full, a)
 
 
+def _h_jit_list(m: Machine, g: Global, a: tuple, kw) -> Any:
+    """torch.jit._pickle.build_intlist / build_doublelist / ... (TorchScript pickles): the list."""
+    return a[0] if len(a) == 1 and isinstance(a[0], list) else Opaque(g.full, a)
+
+
+def _h_jit_type_tag(m: Machine, g: Global, a: tuple, kw) -> Any:
+    """torch.jit._pickle.restore_type_tag(value, 'Dict[str, float]'): the value."""
+    return a[0] if a else Opaque(g.full, a)
+
+
 def _h_np_reconstruct(m: Machine, g: Global, a: tuple, kw) -> Any:
     return NumpyArray()
 
@@ -1252,6 +1266,12 @@ _HANDLERS: dict[str, Any] = {
     "copyreg.__newobj__": _h_newobj,
     "copy_reg.__newobj__": _h_newobj,
     "numpy.core.multiarray._reconstruct": _h_np_reconstruct,
+    "torch.jit._pickle.build_intlist": _h_jit_list,
+    "torch.jit._pickle.build_doublelist": _h_jit_list,
+    "torch.jit._pickle.build_boollist": _h_jit_list,
+    "torch.jit._pickle.build_tensorlist": _h_jit_list,
+    "torch.jit._pickle.build_complexlist": _h_jit_list,
+    "torch.jit._pickle.restore_type_tag": _h_jit_type_tag,
     "numpy._core.multiarray._reconstruct": _h_np_reconstruct,
     "numpy.dtype": _h_np_dtype,
     "numpy.core.numeric._frombuffer": _h_np_frombuffer,
@@ -1418,8 +1438,11 @@ def _key_str(k: Any) -> str:
 
 
 class _Walker:
-    def __init__(self, path=None):
+    def __init__(self, path=None, raw_names: bool = False, torchscript: dict | None = None):
         self.path = path
+        self.raw = raw_names
+        self.ts = torchscript  # TorchScript class declarations (see torchscript_decls), or None
+        self.views: list[_ModuleView] = []
         self.out = Described()
         self.seen_tensor: dict[int, str] = {}  # id(record) -> first name
         self.seen_view: dict[tuple, str] = {}  # (storage, dtype, offset, shape, stride) -> first name
@@ -1478,6 +1501,8 @@ class _Walker:
                         continue
                     self.walk(v, parts + [str(i)], ancestors, depth + 1)
             elif isinstance(obj, Opaque):
+                if not self.raw and self.special(obj, parts, ancestors, depth):
+                    return
                 self.obj(parts, obj.type, obj)
                 for k, v in obj.fields().items():
                     if not _is_leaf(v):
@@ -1513,24 +1538,405 @@ class _Walker:
             return
         self.out.objects.append(("/".join(parts), type_))
 
+    # -- whole nn.Module pickles, optimizers and TorchScript modules: state_dict() names ----------
+    def special(self, obj: Opaque, parts: list[str], ancestors: set[int], depth: int) -> bool:
+        """List obj under the names its own state_dict() gives, when it is a module (eager or
+        TorchScript), a torch.compile wrapper or an optimizer. False: walk it as any object."""
+        ancestors.discard(id(obj))  # walk() marked it; the module walk marks it again
+        if self.ts is not None and obj.type.startswith("__torch__.") and self.ts_is_module(obj):
+            view = _ModuleView(parts, "torchscript")
+            self.views.append(view)
+            self.ts_module(obj, view, "", ancestors, depth, None)
+            return True
+        if is_module(obj):
+            view = _ModuleView(parts, "module")
+            self.views.append(view)
+            self.module(obj, view, "", ancestors, depth, None)
+            return True
+        if obj.type in _COMPILE_WRAPPERS and obj.args and is_module(obj.args[0]):
+            # torch.save(torch.compile(m)) pickles OptimizedModule(m, context): its state_dict()
+            # names are m's under `_orig_mod.`
+            view = _ModuleView(parts, "module")
+            self.views.append(view)
+            view.add_module("", obj.type, obj, None)
+            self.obj(parts, obj.type, obj)
+            self.module(obj.args[0], view, "_orig_mod.", ancestors, depth + 1, view.training.get(""))
+            return True
+        if is_optimizer(obj):
+            self.optimizer(obj, parts, ancestors, depth)
+            return True
+        return False
+
+    def _full(self, view: _ModuleView, name: str) -> str:
+        return "/".join(view.parts + [name]) if view.parts else name
+
+    def module(self, mod: Opaque, view: _ModuleView, prefix: str, ancestors: set[int], depth: int,
+               parent_training: Any) -> None:
+        """What nn.Module.state_dict() does: own parameters (None skipped), persistent buffers,
+        then each child under `name.`; a module reached twice is listed twice, like torch does."""
+        self.nodes += 1
+        if depth > MAX_WALK_DEPTH:
+            raise CorruptFile(f"the pickle nests modules deeper than {MAX_WALK_DEPTH} levels", self.path)
+        oid = id(mod)
+        if oid in ancestors:
+            return  # a module that contains itself: torch's state_dict() would recurse forever
+        ancestors.add(oid)
+        try:
+            f = mod.fields()
+            view.add_module(prefix, mod.type, mod, parent_training)
+            self.obj(view.parts + ([prefix[:-1]] if prefix else []), mod.type, mod)
+            nonpersistent = f.get("_non_persistent_buffers_set")
+            nonpersistent = nonpersistent if isinstance(nonpersistent, (set, frozenset)) else set()
+            for group in ("_parameters", "_buffers"):
+                for k, v in f[group].items():
+                    name = prefix + _key_str(k)
+                    if v is None:
+                        continue
+                    if group == "_buffers" and k in nonpersistent:
+                        view.nonpersistent.append(name)
+                        continue
+                    if isinstance(v, TENSORISH):
+                        self.tensor(self._full(view, name), v)
+                    else:
+                        view.odd.append(f"{name} ({_kind(v)})")
+            for k, v in f.items():
+                if isinstance(k, str) and isinstance(v, TENSORISH):
+                    view.attributes.append(prefix + k)
+            for k, child in f["_modules"].items():
+                if child is None:
+                    continue
+                name = prefix + _key_str(k)
+                if is_module(child):
+                    self.module(child, view, name + ".", ancestors, depth + 1, view.training.get(prefix))
+                elif not _is_leaf(child):
+                    self.walk(child, view.parts + [name], ancestors, depth + 1)
+        finally:
+            ancestors.discard(oid)
+
+    def ts_is_module(self, obj: Opaque) -> bool:
+        decl = self.ts.get(obj.type) if self.ts else None
+        if decl is not None:
+            return decl.is_module
+        st = obj.state
+        return isinstance(st, dict) and "training" in st
+
+    def ts_module(self, mod: Opaque, view: _ModuleView, prefix: str, ancestors: set[int], depth: int,
+                  parent_training: Any) -> None:
+        """A TorchScript module object of data.pkl: attributes in its state; which tensors are
+        parameters and buffers comes from the class's `__parameters__`/`__buffers__` lines."""
+        self.nodes += 1
+        if depth > MAX_WALK_DEPTH:
+            raise CorruptFile(f"the archive nests modules deeper than {MAX_WALK_DEPTH} levels", self.path)
+        oid = id(mod)
+        if oid in ancestors:
+            return
+        ancestors.add(oid)
+        try:
+            decl = self.ts.get(mod.type)
+            st = mod.state
+            view.add_module(prefix, mod.type, mod, parent_training, decl)
+            self.obj(view.parts + ([prefix[:-1]] if prefix else []), mod.type, mod)
+            if not isinstance(st, dict):  # a class with its own __getstate__: listed as it is
+                if st is not None and not _is_leaf(st):
+                    self.walk(st, view.parts + [prefix + "state" if prefix else "state"], ancestors, depth + 1)
+                return
+            if decl is not None:
+                order = [k for k in decl.parameters + decl.buffers if k in st]
+            else:
+                order = [k for k, v in st.items() if isinstance(v, TENSORISH)]
+            for k in order:
+                v = st[k]
+                if v is None:
+                    continue
+                if isinstance(v, TENSORISH):
+                    self.tensor(self._full(view, prefix + k), v)
+                    if decl is not None and k in decl.buffers and not mod.type.startswith("__torch__.torch."):
+                        view.user_buffers.append(prefix + k)
+                else:
+                    view.odd.append(f"{prefix}{k} ({_kind(v)})")
+            chosen = set(order)
+            for k, v in st.items():
+                if not isinstance(k, str) or k in chosen:
+                    continue
+                name = prefix + k
+                if isinstance(v, TENSORISH):
+                    view.attributes.append(name)
+                elif isinstance(v, Opaque) and v.type.startswith("__torch__.") and self.ts_is_module(v):
+                    self.ts_module(v, view, name + ".", ancestors, depth + 1, view.training.get(prefix))
+        finally:
+            ancestors.discard(oid)
+
+    def optimizer(self, opt: Opaque, parts: list[str], ancestors: set[int], depth: int) -> None:
+        """torch.save(optimizer): named like optimizer.state_dict() (`state/<i>/exp_avg`, the
+        parameters numbered in param_groups order); the parameters themselves as `params/<i>`."""
+        f = opt.fields()
+        self.obj(parts, opt.type, opt)
+        index: dict[int, int] = {}
+        params: list[Any] = []
+        groups = []
+        for g in f["param_groups"]:
+            if not isinstance(g, dict):
+                continue
+            ids = []
+            for p in g.get("params") or ():
+                if id(p) not in index:
+                    index[id(p)] = len(params)
+                    params.append(p)
+                ids.append(index[id(p)])
+            groups.append({**{_key_str(k): render(v) for k, v in g.items() if k != "params"}, "params": ids})
+        base = parts
+        state = f["state"]
+        for p, st in state.items():
+            i = index.get(id(p))
+            key = str(i) if i is not None else _key_str(p)
+            self.walk(st, base + ["state", key], ancestors, depth + 1)
+        for i, p in enumerate(params):
+            if isinstance(p, TENSORISH):
+                self.tensor("/".join(base + ["params", str(i)]), p)
+        label = "/".join(base + ["optimizer"]) if base else "optimizer"
+        self.out.metadata[label] = _class_name(opt.type)
+        self.out.metadata[("/".join(base) + "/" if base else "") + "param_groups"] = groups
+        if params:
+            self.out.warnings.append(
+                f"{'/'.join(base) + ': ' if base else ''}a whole pickled optimizer: its state is listed under "
+                f"optimizer.state_dict() names (state/<i>/...); the {len(params)} parameters it also holds "
+                "are listed as params/<i>")
+
+
+# ---- nn.Module views -----------------------------------------------------------------------------
+_MODULE_KEYS = ("_parameters", "_buffers", "_modules")
+_COMPILE_WRAPPERS = {"torch._dynamo.eval_frame.OptimizedModule"}
+_DATA_PARALLEL = {"torch.nn.parallel.data_parallel.DataParallel",
+                  "torch.nn.parallel.distributed.DistributedDataParallel"}
+_WRAPPER_PREFIXES = {"module.": "a DataParallel/DistributedDataParallel wrapper",
+                     "_orig_mod.": "a torch.compile wrapper"}
+MAX_MODULES = 500  # modules described in the metadata
+
+
+def is_module(obj: Any) -> bool:
+    """An nn.Module instance, whatever its class: its state holds _parameters, _buffers, _modules."""
+    if not isinstance(obj, Opaque):
+        return False
+    f = obj.fields()
+    return all(isinstance(f.get(k), dict) for k in _MODULE_KEYS)
+
+
+def is_optimizer(obj: Any) -> bool:
+    if not isinstance(obj, Opaque):
+        return False
+    f = obj.fields()
+    return isinstance(f.get("state"), dict) and isinstance(f.get("param_groups"), list) and "defaults" in f
+
+
+def _class_name(t: str) -> str:
+    """A TorchScript class name as the Python class it was compiled from (without __torch__. and
+    the ___torch_mangle_N parts); other names as they are."""
+    if t.startswith("__torch__."):
+        parts = [p for p in t.split(".")[1:] if not p.startswith("___torch_mangle_")]
+        return ".".join(parts) or t
+    return t
+
+
+def _hyper(f: dict) -> list[tuple[str, str]]:
+    """A module's simple hyper-attributes (in_features=4, eps=1e-05, kernel_size=(3, 3), ...)."""
+    out: list[tuple[str, str]] = []
+    for k, v in f.items():
+        if not isinstance(k, str) or k.startswith("_") or k == "training":
+            continue
+        if v is None or isinstance(v, (bool, int, float)):
+            out.append((k, repr(v)))
+        elif isinstance(v, str) and len(v) <= 80:
+            out.append((k, repr(v)))
+        elif isinstance(v, (tuple, list)) and len(v) <= 8 and all(type(x) in (int, float, bool) for x in v):
+            out.append((k, repr(tuple(v))))
+        if len(out) >= 16:
+            break
+    return out
+
+
+@dataclass
+class _ModuleView:
+    """One module tree found in a pickle: where it is and what state_dict() leaves out."""
+
+    parts: list[str]  # the '/'-path of the module in the pickle ([] for the root)
+    kind: str  # module | torchscript
+    root_type: str | None = None
+    modules: list[tuple[str, str]] = field(default_factory=list)  # (path, 'Class(k=v, ...)')
+    more_modules: int = 0
+    training: dict[str, Any] = field(default_factory=dict)  # prefix -> training flag
+    nonpersistent: list[str] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)  # tensors that are neither parameter nor buffer
+    odd: list[str] = field(default_factory=list)  # parameters that are not tensors
+    user_buffers: list[str] = field(default_factory=list)  # TorchScript: buffers of non-torch classes
+
+    def add_module(self, prefix: str, type_: str, obj: Opaque, parent_training: Any, decl: Any = None) -> None:
+        f = obj.fields()
+        training = f.get("training")
+        self.training[prefix] = training
+        if self.root_type is None:
+            self.root_type = type_
+        if len(self.modules) >= MAX_MODULES:
+            self.more_modules += 1
+            return
+        hyper = _hyper(f)
+        if decl is not None:
+            declared = set(decl.parameters) | set(decl.buffers)
+            hyper = [(k, v) for k, v in hyper if k not in declared]
+            hyper += [(k, _ts_literal(v)) for k, v in decl.finals.items() if k not in dict(hyper)]
+        # by name: TorchScript writes its constants in no stable order, and an eager module and
+        # its TorchScript archive then describe themselves alike
+        hyper.sort()
+        if isinstance(training, bool) and (not prefix or training != parent_training):
+            hyper.append(("training", repr(training)))
+        if hyper or not prefix:  # containers (Sequential, ModuleList, ...) are in `objects` only
+            text = _class_name(type_) + ("(" + ", ".join(f"{k}={v}" for k, v in hyper) + ")" if hyper else "")
+            self.modules.append((prefix[:-1] if prefix.endswith(".") else prefix, text))
+
+
+def _names_note(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _finish_view(out: Described, view: _ModuleView, names: list[str]) -> None:
+    """Metadata (classes, hyper-attributes, training) and notes of one module tree."""
+    base = "/".join(view.parts) + "/" if view.parts else ""
+    where = f"{base.rstrip('/')}: " if base else ""
+    for path, text in view.modules:
+        out.metadata[base + "module" + (f"/{path}" if path else "")] = text
+    if view.more_modules:
+        out.warnings.append(f"{where}{view.more_modules} more modules are not described in the metadata")
+    if view.nonpersistent:
+        out.warnings.append(
+            f"{where}{len(view.nonpersistent)} non-persistent buffer(s) left out, as state_dict() does: "
+            f"{_names_note(view.nonpersistent)} (--raw-names lists them)")
+    if view.attributes:
+        out.warnings.append(
+            f"{where}{len(view.attributes)} tensor attribute(s) that are neither parameters nor buffers left "
+            f"out, as state_dict() does: {_names_note(view.attributes)} (--raw-names lists them)")
+    if view.user_buffers:
+        out.warnings.append(
+            f"{where}a TorchScript archive does not record whether a buffer is persistent: "
+            f"{_names_note(view.user_buffers)} listed; if the model's state_dict() leaves one out "
+            "(register_buffer(..., persistent=False)), --exclude it")
+    if view.odd:
+        out.warnings.append(f"{where}parameters or buffers that are not tensors, not listed: {_names_note(view.odd)}")
+    prefix = None
+    if view.root_type in _DATA_PARALLEL:
+        prefix = "module."
+    elif view.root_type in _COMPILE_WRAPPERS:
+        prefix = "_orig_mod."
+    if prefix is not None and names and all(n.startswith(prefix) for n in names):
+        out.warnings.append(wrapper_hint(prefix, where))
+
+
+def wrapper_hint(prefix: str, where: str = "") -> str:
+    return (f"{where}every name starts with {prefix!r} ({_WRAPPER_PREFIXES[prefix]}): names are kept as "
+            f"the wrapper's state_dict() gives them; --strip-prefix {prefix} gives the inner model's names")
+
+
+# ---- TorchScript class declarations ------------------------------------------------------------
+@dataclass
+class TSClass:
+    """What a TorchScript class declares in its header lines (read as text, never compiled)."""
+
+    is_module: bool
+    parameters: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
+    finals: dict[str, str] = field(default_factory=dict)  # `in_features : Final[int] = 4`
+
+
+_TS_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_TS_FINAL = re.compile(r"^  (\w+) : Final\[[^\]]*\] = (.{1,80})$")
+
+
+def torchscript_decls(files: dict[str, str]) -> dict[str, TSClass]:
+    """Class declarations of TorchScript code files ({'code/__torch__/a/b.py': text}) by the class's
+    global name ('__torch__.a.b.Class'). Only each class's header lines are looked at: the
+    `class X(Module):` line, `__parameters__ = [...]`, `__buffers__ = [...]` and `Final` constants."""
+    out: dict[str, TSClass] = {}
+    for fname, text in files.items():
+        rel = fname.split("code/", 1)[-1]
+        if not rel.endswith(".py"):
+            continue
+        module = rel[:-3].replace("/", ".")
+        cur: TSClass | None = None
+        for line in text.splitlines():
+            if line.startswith("class "):
+                m = re.match(r"class (\w+)\(([\w.]*)\):", line)
+                cur = None
+                if m:
+                    cur = TSClass(is_module=m.group(2) == "Module")
+                    out[f"{module}.{m.group(1)}"] = cur
+                continue
+            if cur is None or not line.startswith("  ") or line.startswith("   "):
+                continue
+            if line.startswith("  def "):
+                cur = None  # the header ends where the methods start
+                continue
+            if line.startswith("  __parameters__ = ["):
+                cur.parameters = [_ts_unescape(x) for x in _TS_QUOTED.findall(line)]
+            elif line.startswith("  __buffers__ = ["):
+                cur.buffers = [_ts_unescape(x) for x in _TS_QUOTED.findall(line)]
+            else:
+                fm = _TS_FINAL.match(line)
+                if fm:
+                    cur.finals[fm.group(1)] = fm.group(2).strip()
+    return out
+
+
+def _ts_literal(text: str) -> str:
+    """A Final constant's literal as Python writes it ('1.0000000000000001e-05' -> '1e-05'); the
+    text itself when it is not a plain literal. ast.literal_eval evaluates literals only."""
+    import ast
+
+    try:
+        v = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return text
+    return repr(v) if isinstance(v, (int, float, bool, str, tuple, type(None))) else text
+
+
+def _ts_unescape(s: str) -> str:
+    return s.replace('\\"', '"').replace("\\\\", "\\")
+
 
 def _is_leaf(v: Any) -> bool:
     return type(v) in (str, int, float, bool, bytes, type(None))
 
 
-def describe(root: Any, path=None) -> Described:
-    """Tensors, opaque objects, metadata and kind of an unpickled checkpoint object."""
-    w = _Walker(path)
+def describe(root: Any, path=None, *, raw_names: bool = False, torchscript: dict | None = None) -> Described:
+    """Tensors, opaque objects, metadata and kind of an unpickled checkpoint object.
+
+    An nn.Module (the root or any sub-tree, recognised by its _parameters/_buffers/_modules
+    state) is listed under the names its state_dict() gives ('0.weight', 'encoder.layers.1.bias';
+    under a sub-tree: 'model/0.weight'), a pickled optimizer like its state_dict(). `raw_names`
+    lists every object as the pickle holds it instead ('_modules/0/_parameters/weight').
+    `torchscript`: the archive's class declarations (torchscript_decls) for a TorchScript data.pkl.
+    """
+    w = _Walker(path, raw_names, torchscript)
     w.walk(root, [], set(), 0)
     out = w.out
+    for view in w.views:
+        base = "/".join(view.parts) + "/" if view.parts else ""
+        names = [n[len(base):] for n, _r, _a in out.tensors if n.startswith(base)]
+        _finish_view(out, view, names)
     if w.more_objects:
         out.warnings.append(f"{w.more_objects} more opaque objects are not listed")
     for rec_name, rec, _alias in out.tensors:
         if isinstance(rec, TensorRecord) and rec.storage is None:
             out.warnings.append(f"tensor {rec_name!r} has no data in this file: {rec.note}")
     out.kind = _kind_of(root)
+    if w.views and not w.views[0].parts:
+        out.kind = w.views[0].kind
+    elif not raw_names and is_optimizer(root):
+        out.kind = "optimizer"
     if isinstance(root, dict) and out.kind != "state_dict":
         out.metadata.update(_metadata_of(root))
+    if out.kind == "state_dict" and out.tensors:
+        for prefix in _WRAPPER_PREFIXES:
+            if all(n.startswith(prefix) for n, _r, _a in out.tensors):
+                out.warnings.append(wrapper_hint(prefix))
     return out
 
 

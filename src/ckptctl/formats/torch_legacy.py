@@ -30,6 +30,7 @@ LEGACY_PROTOCOL = 1001
 
 class TorchLegacyReader(PickleBasedReader):
     format = "torch-legacy"
+    options = ("raw_names",)
 
     def _load_info(self) -> CheckpointInfo:
         path = os.fspath(self.path)
@@ -112,13 +113,18 @@ class TorchLegacyReader(PickleBasedReader):
             return root_ref.extra
 
         # legacy storages are always written little-endian
-        return checkpoint_info(self.path, self.format, root, globals_, warnings, blob_of, False, meta)
+        return checkpoint_info(self.path, self.format, root, globals_, warnings, blob_of, False, meta,
+                               raw_names=self.raw_names)
 
     def _storage(self, pid: Any, roots: dict, views: dict) -> Any:
         if not isinstance(pid, (tuple, list)) or not pid:
             raise CorruptFile(f"a persistent id that is not a tuple ({type(pid).__name__})", self.path)
         typename = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
         if typename == "module":
+            # ('module', cls, source_file, source): an nn.Module class, saved with its source text
+            # (never looked at); the class stands for itself, so its objects keep their class name
+            if len(pid) > 1 and isinstance(pid[1], pickles.Global):
+                return pid[1]
             return pickles.Opaque("<module source>", tuple(pid[1:2]))
         if typename != "storage" or len(pid) < 5:
             raise CorruptFile(f"unknown persistent id {str(typename)[:40]!r}", self.path)
@@ -155,6 +161,7 @@ class PickleReader(PickleBasedReader):
     """A plain pickle: numpy arrays are tensors, everything else is listed as opaque objects."""
 
     format = "pickle"
+    options = ("raw_names",)
 
     def _load_info(self) -> CheckpointInfo:
         path = os.fspath(self.path)
@@ -177,7 +184,8 @@ class PickleReader(PickleBasedReader):
                 elif err:
                     what += " (not a pickle)"
                 warnings.append(what)
-        return checkpoint_info(self.path, self.format, root, globals_, warnings, _no_blob, False, {})
+        return checkpoint_info(self.path, self.format, root, globals_, warnings, _no_blob, False, {},
+                               raw_names=self.raw_names)
 
 
 def _no_blob(ref: pickles.StorageRef):  # pragma: no cover - plain pickles have no storages

@@ -8,6 +8,9 @@ ids name storages `data/<key>`. Tensor bytes are read with os.pread only when as
 (iter_chunks), contiguous views directly, strided views (transposes, Fortran order, stride-0
 expands) slab by slab in bounded memory.
 
+TorchScript archives (`torch.jit.save`) are read here too (TorchScriptReader): the same zip
+layout, with a module tree in data.pkl and code in `code/` that is listed, never run.
+
 This module also holds what the other pickle-based readers share: `PickleBasedReader` (file
 descriptors, iter_chunks, byte_range over `TensorLoc`s) and the strided-view engine.
 """
@@ -229,9 +232,10 @@ class PickleBasedReader(Reader):
 
     min_read = MIN_READ
 
-    def __init__(self, path):
+    def __init__(self, path, raw_names: bool = False):
         super().__init__(path)
         self._fds: dict[str, int] = {}
+        self.raw_names = raw_names  # list modules as the pickle holds them, not by state_dict() names
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -422,7 +426,8 @@ _LOCAL = struct.Struct("<4s5H3L2H")
 class TorchArchive:
     """One torch.save zip: at the start of `path` or at [base, base+length) inside it."""
 
-    def __init__(self, path: str | os.PathLike, base: int = 0, length: int | None = None, label=None):
+    def __init__(self, path: str | os.PathLike, base: int = 0, length: int | None = None, label=None,
+                 torchscript: bool = False):
         self.path = os.fspath(path)
         self.label = label if label is not None else path  # for messages
         self.base = base
@@ -452,7 +457,8 @@ class TorchArchive:
             self.close()
             raise CorruptFile("an empty zip archive", self.label)
         bases = {n.split("/", 1)[-1] if "/" in n else n for n in names}
-        if "constants.pkl" in bases or any(n.endswith("/code/__torch__.py") for n in names):
+        self.torchscript = "constants.pkl" in bases or any(n.endswith("/code/__torch__.py") for n in names)
+        if self.torchscript and not torchscript:
             self.close()
             raise UnknownFormat("a TorchScript archive, not a checkpoint: it holds code, not only weights", self.label)
         first = names[0]
@@ -534,14 +540,15 @@ class TorchArchive:
         bo = self.read_small("byteorder", 16)
         return bo is not None and bo.strip() == b"big"
 
-    def unpickle(self) -> tuple[Any, list[str], list[str], dict[str, pickles.StorageRef]]:
-        """(root object, globals, warnings, storages by key) of data.pkl. Raises PickleError."""
-        zi = self.member("data.pkl")
+    def unpickle(self, member: str = "data.pkl", folder: str = "data") -> tuple[Any, list[str], list[str], dict[str, pickles.StorageRef]]:
+        """(root object, globals, warnings, storages by key) of data.pkl (or of another pickle whose
+        storages are `<folder>/<key>`: TorchScript's constants.pkl). Raises PickleError."""
+        zi = self.member(member)
         assert zi is not None
         storages: dict[str, pickles.StorageRef] = {}
 
         def persistent_load(pid: Any) -> Any:
-            return self._storage(pid, storages)
+            return self._storage(pid, storages, folder)
 
         if zi.compress_type == zipfile.ZIP_STORED:
             self.check_fits(zi)
@@ -553,10 +560,10 @@ class TorchArchive:
         try:
             root = m.load()
         except pickles.PickleError as e:
-            raise pickle_failure(e, "data.pkl", self.label) from None
+            raise pickle_failure(e, member, self.label) from None
         return root, m.globals, m.warnings, storages
 
-    def _storage(self, pid: Any, storages: dict[str, pickles.StorageRef]) -> pickles.StorageRef:
+    def _storage(self, pid: Any, storages: dict[str, pickles.StorageRef], folder: str = "data") -> pickles.StorageRef:
         if not isinstance(pid, (tuple, list)) or not pid:
             raise CorruptFile(f"a persistent id that is not a tuple ({type(pid).__name__})", self.label)
         typename = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
@@ -572,14 +579,14 @@ class TorchArchive:
             if ref.dtype != dtype:
                 raise CorruptFile(f"storage {key!r} is named with two dtypes ({ref.dtype}, {dtype})", self.label)
             return ref
-        zi = self.member(f"data/{key}")
+        zi = self.member(f"{folder}/{key}")
         if zi is None:
-            raise CorruptFile(f"storage data/{key} is missing from the archive", self.label)
+            raise CorruptFile(f"storage {folder}/{key} is missing from the archive", self.label)
         self.check_fits(zi)
         need = numel * dtypes.BY_NAME[dtype].itemsize
         if zi.file_size < need:
             raise CorruptFile(
-                f"storage data/{key} holds {zi.file_size} bytes, but {numel} {dtype} elements need {need}", self.label)
+                f"storage {folder}/{key} holds {zi.file_size} bytes, but {numel} {dtype} elements need {need}", self.label)
         ref = pickles.StorageRef(key=key, dtype=dtype, numel=numel, location=str(_location))
         ref.extra = zi
         storages[key] = ref
@@ -607,9 +614,10 @@ def storage_dtype(storage_type: Any, label) -> str:
 
 
 def checkpoint_info(path, fmt: str, root: Any, globals_: list[str], warnings: list[str], blob_of,
-                    big_endian: bool, metadata: dict[str, Any]) -> CheckpointInfo:
+                    big_endian: bool, metadata: dict[str, Any], raw_names: bool = False,
+                    torchscript: dict | None = None) -> CheckpointInfo:
     with pickles.no_gc():
-        desc = pickles.describe(root, path)
+        desc = pickles.describe(root, path, raw_names=raw_names, torchscript=torchscript)
         tensors = tensor_infos(desc, blob_of, big_endian, path)
     meta = dict(desc.metadata)
     for k, v in metadata.items():
@@ -635,6 +643,7 @@ def _obj(p: str, t: str):
 
 class TorchZipReader(PickleBasedReader):
     format = "torch-zip"
+    options = ("raw_names",)  # what open_reader passes on (formats.READER_OPTIONS)
 
     def _load_info(self) -> CheckpointInfo:
         arch = TorchArchive(self.path)
@@ -650,7 +659,8 @@ class TorchZipReader(PickleBasedReader):
             if arch.prefix:
                 meta["archive"] = arch.prefix.rstrip("/")
             big = arch.big_endian
-            return checkpoint_info(self.path, self.format, root, globals_, warnings, arch.blob, big, meta)
+            return checkpoint_info(self.path, self.format, root, globals_, warnings, arch.blob, big, meta,
+                                   raw_names=self.raw_names)
         finally:
             self._archive_close = arch.close
 
@@ -660,6 +670,119 @@ class TorchZipReader(PickleBasedReader):
             closer()
             self._archive_close = None
         super().close()
+
+
+MAX_CODE_TEXT = 16 << 20  # TorchScript code read (as text, for its declarations) per archive
+
+
+class TorchScriptReader(TorchZipReader):
+    """A TorchScript archive (`torch.jit.save`, `torch.jit.script(m).save`): the module tree of
+    data.pkl, read with the restricted unpickler like any torch pickle, is listed under the names
+    `module.state_dict()` gives. Its code (`code/`) is never compiled or run: the files are listed
+    with their sizes, and only each class's header lines (`class X(Module):`, `__parameters__`,
+    `__buffers__`, `Final` constants) are read as text, to tell parameters and buffers from other
+    tensor attributes. constants.pkl is unpickled the same restricted way (its tensors are not
+    weights: they are counted in the metadata, not listed); every other pickle member
+    (`*.debug_pkl`, traced_inputs.pkl, extra files) is scanned for the globals it asks for.
+    """
+
+    format = "torchscript"
+
+    def _load_info(self) -> CheckpointInfo:
+        arch = TorchArchive(self.path, torchscript=True)
+        try:
+            root, globals_, warnings, _storages = arch.unpickle()
+            globals_ = list(globals_)
+            meta: dict[str, Any] = {}
+            code: dict[str, int] = {}
+            texts: dict[str, str] = {}
+            extra: dict[str, int] = {}
+            budget = MAX_CODE_TEXT
+            pre = arch.prefix
+            for name, zi in arch.members.items():
+                if not name.startswith(pre) or zi.is_dir():
+                    continue
+                rel = name[len(pre):]
+                if rel.startswith("code/"):
+                    code[rel] = zi.file_size
+                    if rel.endswith(".py") and zi.file_size <= budget and not self.raw_names:
+                        budget -= zi.file_size
+                        texts[rel] = arch._member_bytes(zi).decode("utf-8", "replace")
+                elif rel.startswith("extra/"):
+                    extra[rel[len("extra/"):]] = zi.file_size
+            if budget <= 0 or any(r.endswith(".py") and r not in texts for r in code) and not self.raw_names:
+                warnings.append("some TorchScript code files are too large to read their declarations: "
+                                "every tensor attribute of their classes is listed")
+            if arch.member("constants.pkl") is not None:
+                try:
+                    consts, cglobals, cwarn, _ = arch.unpickle("constants.pkl", "constants")
+                except pickles.PickleError as e:
+                    globals_ += [g for g in e.globals + e.more_globals if g not in globals_]
+                    warnings.append(f"constants.pkl: {e.message}")
+                else:
+                    globals_ += [g for g in cglobals if g not in globals_]
+                    warnings += cwarn
+                    n = sum(1 for _ in _tensors_in(consts))
+                    if n:
+                        meta["constants"] = f"{n} tensor constant(s) used by the code (not weights, not listed)"
+            more, errors = _other_pickle_globals(arch)
+            globals_ += [g for g in more if g not in globals_]
+            warnings += errors
+            for k, small in (("version", 16), ("byteorder", 16), ("producer_info", 256)):
+                b = arch.read_small(k, small)
+                if b is not None:
+                    meta[k] = b.decode("utf-8", "replace").strip()
+            if pre:
+                meta["archive"] = pre.rstrip("/")
+            meta["code"] = code
+            if extra:
+                meta["extra_files"] = extra
+            decls = pickles.torchscript_decls(texts)
+            return checkpoint_info(self.path, self.format, root, globals_, warnings, arch.blob, arch.big_endian,
+                                   meta, raw_names=self.raw_names, torchscript=None if self.raw_names else decls)
+        finally:
+            self._archive_close = arch.close
+
+
+def _tensors_in(obj: Any, depth: int = 0):
+    if depth > 50:
+        return
+    if isinstance(obj, pickles.TENSORISH):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors_in(x, depth + 1)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors_in(x, depth + 1)
+
+
+def _other_pickle_globals(arch: TorchArchive) -> tuple[list[str], list[str]]:
+    """Globals of the archive's other pickles (debug info, traced inputs, *.pkl extra files),
+    by the semantics-free scan: `scan` reports them, nothing here keeps their contents."""
+    found: list[str] = []
+    errors: list[str] = []
+    for name, zi in arch.members.items():
+        rel = name[len(arch.prefix):] if name.startswith(arch.prefix) else name
+        if rel in ("data.pkl", "constants.pkl") or not rel.endswith(("pkl", ".pickle")):
+            continue
+        if zi.file_size > MAX_PICKLE_IN_MEMORY:
+            errors.append(f"{rel}: not scanned (too large)")
+            continue
+        try:
+            if zi.compress_type == zipfile.ZIP_STORED:
+                start = arch.payload_offset(zi)
+                g, err = pickles.scan_globals(arch._f, start, start + zi.file_size, arch.label)
+            else:  # torch deflates the *.debug_pkl members
+                raw = arch._member_bytes(zi)
+                g, err = pickles.scan_globals(io.BytesIO(raw), 0, len(raw), arch.label)
+        except CorruptFile as e:
+            errors.append(f"{rel}: {e.message}")
+            continue
+        found += g
+        if err:
+            errors.append(f"{rel}: {err}")
+    return found, errors
 
 
 def scan_zip_pickles(path: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -676,7 +799,7 @@ def scan_zip_pickles(path: str | os.PathLike) -> tuple[list[str], list[str]]:
                 if zi.is_dir():
                     continue
                 base = zi.filename.rsplit("/", 1)[-1]
-                if not (base.endswith((".pkl", ".pickle")) or base in ("data.pkl", "constants.pkl")):
+                if not (base.endswith((".pkl", ".pickle", ".debug_pkl")) or base in ("data.pkl", "constants.pkl")):
                     continue
                 try:
                     f.seek(zi.header_offset)
@@ -703,5 +826,5 @@ def scan_zip_pickles(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     return found, errors
 
 
-__all__ = ["TorchZipReader", "TorchArchive", "PickleBasedReader", "TensorLoc", "FileBlob", "BytesBlob",
+__all__ = ["TorchZipReader", "TorchScriptReader", "TorchArchive", "PickleBasedReader", "TensorLoc", "FileBlob", "BytesBlob",
            "iter_view", "fill", "boxes", "c_contiguous", "scan_zip_pickles", "Path"]

@@ -9,6 +9,15 @@ those cannot be listed as safe, but nothing says they run code either.
 
 Nothing here unpickles: the readers' restricted unpickler reports the globals without importing
 them, even for files that then fail to parse.
+
+TorchScript archives: their pickles name `__torch__.*` classes. Those are not Python imports
+(`pickle` cannot import them: there is no `__torch__` module); `torch.jit.load` resolves them
+against the TorchScript code in the archive's `code/`, which it compiles, and runs when the model
+is used (and in a class's own `__setstate__`, on load). So they are 'unknown', like a pickled
+model's `__main__.Net`: not known to run Python code, but backed by code nobody here has
+reviewed. ckptctl reads the archive's weights without compiling or running any of it. Other
+globals in TorchScript pickles (`torch.jit._pickle.build_intlist`, ...) are plain data builders
+the restricted unpickler understands: 'safe'.
 """
 
 from __future__ import annotations
@@ -184,8 +193,14 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
         res.globals = _classified(names)
         if info.warnings and fmt == "pickle":
             res.note = "; ".join(info.warnings)
+        if fmt == "torchscript":
+            code = info.metadata.get("code")
+            n = sum(1 for f in code if f.endswith(".py")) if isinstance(code, dict) else 0
+            res.note = (f"a TorchScript archive: torch.jit.load compiles its code ({n} file(s) in code/) "
+                        "and runs it when the model is used; ckptctl read its weights without running any")
     except PickleError as e:
-        res.globals = _classified(e.globals + e.more_globals)
+        more = _raw_globals(fmt, target) if fmt == "torchscript" else []  # its other pickles
+        res.globals = _classified(e.globals + e.more_globals + more)
         res.error = e.message
     except CkptError as e:  # the pickles may be fine and the damage elsewhere: list them anyway
         res.globals = _classified(getattr(e, "globals", None) or _raw_globals(fmt, target))
@@ -212,7 +227,7 @@ def _scan_gguf(res: ScanResult, target: Path) -> ScanResult:
 def _raw_globals(fmt: str, target: Path) -> list[str]:
     """Globals of the pickles in a file that the reader could not list, found without semantics."""
     try:
-        if fmt == "torch-zip":
+        if fmt in ("torch-zip", "torchscript"):
             from ckptctl.formats.torch_zip import scan_zip_pickles
 
             return scan_zip_pickles(target)[0]
