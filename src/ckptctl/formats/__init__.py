@@ -23,6 +23,7 @@ READERS: dict[str, tuple[str, str]] = {
     "hdf5": ("ckptctl.formats.hdf5", "HDF5Reader"),
     "sharded": ("ckptctl.formats.sharded", "ShardedReader"),
     "dcp": ("ckptctl.formats.dcp", "DCPReader"),
+    "orbax": ("ckptctl.formats.orbax", "OrbaxReader"),
 }
 
 # target format -> (module, writer class); filled in by the convert work
@@ -136,6 +137,10 @@ def _sniff_dir(path: Path) -> tuple[str, Path]:
     """(format, path to open) for a directory."""
     if (path / ".metadata").is_file():
         return "dcp", path
+    from ckptctl.formats.orbax import is_orbax_dir
+
+    if is_orbax_dir(path):
+        return "orbax", path
     entries = sorted(p.name for p in path.iterdir())
     for suffix in INDEX_SUFFIXES:
         hits = [e for e in entries if e.endswith(suffix)]
