@@ -341,6 +341,24 @@ class OcdbtStore:
                 raise CorruptFile("OCDBT database with implausibly many keys", self.root)
         return values
 
+    def check_files(self) -> None:
+        """Every out-of-line value lies inside its data file (stat only: catches missing and
+        truncated files without reading data)."""
+        sizes: dict[str, int] = {}
+        for key, ref in self.values.items():
+            if ref.file is None:
+                continue
+            size = sizes.get(ref.file)
+            if size is None:
+                try:
+                    size = sizes[ref.file] = os.stat(ref.file).st_size
+                except OSError:
+                    raise CorruptFile(f"data file {os.path.relpath(ref.file, self.root)} is missing "
+                                      f"(holds {key.decode(errors='replace')!r})", self.root) from None
+            if ref.offset + ref.length > size:
+                raise CorruptFile(f"data file {os.path.relpath(ref.file, self.root)} ends at byte {size}, before "
+                                  f"the value of {key.decode(errors='replace')!r} (truncated?)", self.root)
+
     # -- access ---------------------------------------------------------------------------------
     @property
     def values(self) -> dict[bytes, ValueRef]:

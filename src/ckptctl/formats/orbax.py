@@ -474,6 +474,8 @@ class OrbaxReader(Reader):
             za = parse_zarr_meta(store.read(ref, f"{key} metadata"), key, item.path, full)
             d = dtypes.BY_NAME[za.dtype]
             tensors.append(TensorInfo(full, za.dtype, za.shape, dtypes.nbytes(d, za.shape), loc=OrbaxLoc(idx, za)))
+        if isinstance(store, OcdbtStore):
+            store.check_files()
         files.extend(sorted(os.fspath(item.path / n) for n in ("manifest.ocdbt", "_sharding")
                             if (item.path / n).is_file()))
         files.extend(sorted(getattr(store, "files", ())))

@@ -159,6 +159,8 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
         res.pickle = False
         return res
     res.format = fmt
+    if fmt == "orbax":
+        return _scan_orbax(res, target)
     if fmt in NO_PICKLE:
         res.pickle = False
         return res
@@ -181,6 +183,21 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
         res.error = e.message
     except CkptError as e:  # the pickles may be fine and the damage elsewhere: list them anyway
         res.globals = _classified(getattr(e, "globals", None) or _raw_globals(fmt, target))
+        res.error = e.message
+    return res
+
+
+def _scan_orbax(res: ScanResult, target: Path) -> ScanResult:
+    """Orbax keeps JSON metadata and Zarr chunks in OCDBT: nothing in it is a pickle. Its metadata
+    is still read, so that a damaged checkpoint is reported."""
+    from ckptctl.formats import open_reader
+
+    res.pickle = False
+    res.note = "Orbax: JSON metadata and Zarr arrays (OCDBT), no pickle: loading it runs no code"
+    try:
+        with open_reader(target) as reader:
+            reader.info()
+    except CkptError as e:
         res.error = e.message
     return res
 
@@ -262,6 +279,12 @@ def _looks_scannable(path: Path) -> bool:
     return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head == b"PK\x03\x04"
 
 
+def _is_orbax(p: Path) -> bool:
+    from ckptctl.formats.orbax import is_orbax_dir
+
+    return not p.is_symlink() and is_orbax_dir(p)
+
+
 def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
     """(path, named) for each thing to scan: named files as given, folders walked for checkpoints.
 
@@ -272,7 +295,7 @@ def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
         if not p.is_dir():
             yield p, True
             continue
-        if (p / ".metadata").is_file():
+        if (p / ".metadata").is_file() or _is_orbax(p):
             yield p, True
             continue
         for root, dirs, files in os.walk(p):
@@ -280,7 +303,7 @@ def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
             here = Path(root)
             keep = []
             for d in dirs:
-                if (here / d / ".metadata").is_file():
+                if (here / d / ".metadata").is_file() or _is_orbax(here / d):
                     yield here / d, False
                 else:
                     keep.append(d)
