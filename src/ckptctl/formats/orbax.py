@@ -112,8 +112,13 @@ class ZarrArray:
     zarr_format: int
     separator: str
     v3_default_keys: bool  # v3 "default" chunk key encoding: c/0/0
-    fill: bytes  # one element's fill value bytes (little-endian)
+    fill_value: Any  # as the metadata has it (None: zeros)
     order: str = "C"
+
+    @property
+    def fill(self) -> bytes:
+        """One element's fill value bytes (little-endian)."""
+        return _fill_bytes(self.fill_value, self.dtype)
 
     def chunk_key(self, idx: tuple[int, ...]) -> str:
         if self.zarr_format == 3:
@@ -126,8 +131,10 @@ class ZarrArray:
 def _fill_bytes(fill: Any, dtype: str) -> bytes:
     import numpy as np
 
+    if fill is None or fill == 0:
+        return b"\0" * dtypes.BY_NAME[dtype].itemsize
     npdt = dtypes.numpy_dtype(dtype)
-    if fill is None or npdt is None:
+    if npdt is None:
         return b"\0" * dtypes.BY_NAME[dtype].itemsize
     try:
         if isinstance(fill, str):
@@ -172,7 +179,7 @@ def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> Za
         if order not in ("C", "F"):
             raise CorruptFile(f"array {key!r}: Zarr order {order!r} is not supported", where)
         za = ZarrArray(store_key, dtype, shape, chunks, swap, (m.get("compressor"),), 2,
-                       m.get("dimension_separator") or ".", False, _fill_bytes(m.get("fill_value"), dtype), order)
+                       m.get("dimension_separator") or ".", False, m.get("fill_value"), order)
     elif fmt == 3:
         dt = m.get("data_type")
         if dt not in _V3:
@@ -192,7 +199,7 @@ def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> Za
         if not isinstance(codecs, list):
             raise CorruptFile(f"array {key!r}: Zarr codecs missing", where)
         za = ZarrArray(store_key, dtype, shape, chunks, False, tuple(codecs), 3, sep, default,
-                       _fill_bytes(m.get("fill_value"), dtype))
+                       m.get("fill_value"))
     else:
         raise CorruptFile(f"array {key!r}: unknown zarr_format {fmt!r}", where)
     if len(za.chunks) != len(za.shape) or any(c == 0 for c in za.chunks) and math.prod(za.shape):
@@ -523,7 +530,7 @@ class OrbaxReader(Reader):
             ibytes = ibytes[:-4]
         index = np.frombuffer(ibytes, dtype="<u8").reshape(n, 2)
         inner_za = ZarrArray(za.key, za.dtype, za.shape, inner, False, tuple(cfg.get("codecs") or [{"name": "bytes"}]),
-                             3, za.separator, za.v3_default_keys, za.fill)
+                             3, za.separator, za.v3_default_keys, za.fill_value)
         isz = dtypes.BY_NAME[za.dtype].itemsize
         out = np.empty(za.chunks, dtype=np.dtype(f"V{isz}"))
         for flat in range(n):
