@@ -351,6 +351,7 @@ def ts_item(root: Path, arrays: dict, *, zarr3=False, chunks=None, ocdbt=True, s
         else:
             spec = {"driver": "zarr", "metadata": {"shape": list(arr.shape), "chunks": ch, "compressor": {"id": "zstd"},
                                                    "dtype": "bfloat16" if dt == "bfloat16" else arr.dtype.str}}
+        spec["store_data_equal_to_fill_value"] = True  # as Orbax asks
         spec["kvstore"] = ({"driver": "ocdbt", "base": f"file://{root}", "config": config, "path": key + "/"}
                            if ocdbt else f"file://{root}/{key}/")
         t = tensorstore.open(spec, create=True, open=True, context=ctx).result()
@@ -384,8 +385,11 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole-chunks", "streamed-chunks"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_tensorstore_written_variants(tmp_path, variant):
+def test_tensorstore_written_variants(tmp_path, monkeypatch, variant, stream):
+    if stream:  # every chunk goes through the piece-by-piece decoder (used for chunks >= 8 MiB)
+        monkeypatch.setattr("ckptctl.formats.orbax.STREAM_MIN", 1)
     arrays = ts_arrays()
     d = ts_item(tmp_path / variant, arrays, **VARIANTS[variant])
     from ckptctl.formats import open_reader
@@ -423,3 +427,28 @@ def test_tensorstore_deep_btree_and_truncated_data_file(tmp_path):
         f.truncate(ref.offset + ref.length - 10)
     one_line_error(run("inspect", d), "truncated")
     one_line_error(run("convert", d, tmp_path / "o.safetensors"), "truncated")
+
+
+def test_streamed_chunk_bounded_and_truncated(tmp_path):
+    """A 16 MB chunk is decoded piece by piece: exact bytes, every piece at most the asked size,
+    and a stored chunk cut short is a one-line error."""
+    rng = np.random.default_rng(5)
+    arrays = {"big": rng.standard_normal((2048, 2048), dtype=np.float32), "zeros": np.zeros((4096, 1024), np.float32)}
+    d = ts_item(tmp_path / "big", arrays)
+    from ckptctl.formats import open_reader
+
+    with open_reader(d) as r:
+        for n, a in arrays.items():
+            pieces = [bytes(c) for c in r.iter_chunks(n, 1 << 20)]
+            assert max(map(len, pieces)) <= 1 << 20 and b"".join(pieces) == a.tobytes(), n
+    from ckptctl.formats.ocdbt import OcdbtStore
+
+    ref = OcdbtStore(d).ref("big/0.0")
+    with open(ref.file, "r+b") as f:  # the chunk's bytes are damaged but the file is long enough
+        f.seek(ref.offset + ref.length // 2)
+        f.write(b"\0" * 64)
+        f.seek(ref.offset + ref.length - 300)
+        f.write(b"\xff" * 300)
+    r = run("convert", d, tmp_path / "o.safetensors")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "'big'" in r.stderr, r.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -313,6 +313,83 @@ def decode_chunk(za: ZarrArray, data: bytes, cshape: tuple[int, ...], what: str,
     return arr.tobytes()
 
 
+STREAM_MIN = 8 << 20  # chunks at least this large (decoded) are decoded piece by piece
+_PIECE = 4 << 20
+
+
+def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size: int, what: str, where):
+    """Decode one stored chunk with bounded memory: yield its first `want` bytes, check it holds
+    exactly `expect` bytes (the rest is read and dropped: padding of an edge chunk)."""
+    fd = os.open(ref.file, os.O_RDONLY) if ref.inline is None else -1
+    try:
+        pos, end = ref.offset, ref.offset + ref.length
+
+        def raw(n: int) -> bytes:
+            nonlocal pos
+            n = min(n, end - pos)
+            if n <= 0:
+                return b""
+            if ref.inline is not None:
+                data = ref.inline[pos - ref.offset : pos - ref.offset + n]
+            else:
+                data = os.pread(fd, n, pos)
+            if not data:
+                raise CorruptFile(f"{what}: data file ends early (truncated?)", where)
+            pos += len(data)
+            return data
+
+        def decoded() -> Iterator[bytes]:
+            if cid is None:
+                while piece := raw(_PIECE):
+                    yield piece
+            elif cid == "zstd":
+                try:
+                    import zstandard
+                except ImportError:
+                    raise CorruptFile(f"{what} is zstd-compressed: install the zstandard package", where) from None
+
+                class _Src:
+                    def read(self, n: int = -1) -> bytes:
+                        return raw(_PIECE if n is None or n < 0 else n)
+
+                reader = zstandard.ZstdDecompressor().stream_reader(_Src(), read_size=1 << 20)
+                try:
+                    while piece := reader.read(_PIECE):
+                        yield piece
+                except zstandard.ZstdError as e:
+                    raise CorruptFile(f"{what}: bad zstd data ({e})", where) from None
+            else:
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS if cid == "gzip" else zlib.MAX_WBITS)
+                try:
+                    while True:
+                        data = d.unconsumed_tail or raw(1 << 20)
+                        if not data:
+                            break
+                        piece = d.decompress(data, _PIECE)
+                        if piece:
+                            yield piece
+                        if d.eof:
+                            break
+                except zlib.error as e:
+                    raise CorruptFile(f"{what}: bad {cid} data ({e})", where) from None
+
+        got = 0
+        for piece in decoded():
+            if got + len(piece) > expect:
+                raise CorruptFile(f"{what}: decodes to more than the {expect} bytes of a chunk (corrupt)", where)
+            if got < want:
+                mv = memoryview(piece)[: want - got]
+                for o in range(0, len(mv), size):
+                    yield mv[o : o + size]
+            got += len(piece)
+        if got != expect:
+            raise CorruptFile(f"{what}: decodes to {got} bytes, the chunk needs {expect} (truncated or corrupt)",
+                              where)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 # ---- key-value stores ---------------------------------------------------------------------------
 class _DirStore:
     """A plain folder (Orbax with use_ocdbt=False): keys are relative file paths."""
@@ -507,6 +584,35 @@ class OrbaxReader(Reader):
             return self._shard(za, data, what, item.path)
         return decode_chunk(za, data, za.chunks, what, item.path)
 
+    def _stream_chunk(self, loc: OrbaxLoc, idx: tuple[int, ...], name: str, want: int, size: int):
+        """The first `want` decoded bytes of a chunk stored out of line, in pieces of at most `size`
+        bytes, or None when the chunk is small or its codecs need the whole chunk at once."""
+        za = loc.za
+        isz = dtypes.BY_NAME[za.dtype].itemsize
+        if za.zarr_format == 2:
+            if za.swap or za.order != "C":
+                return None
+            comp = za.codecs[0]
+            cid = None if comp is None else str(comp.get("id")) if isinstance(comp, dict) else "?"
+        else:
+            names = [_codec_name(c) for c in za.codecs]
+            if not names or names[0] != "bytes" or len(names) > 2 or (len(names) == 2 and names[1] not in ("zstd", "gzip")):
+                return None
+            cfg = za.codecs[0].get("configuration") if isinstance(za.codecs[0], dict) else None
+            if isz > 1 and (cfg or {}).get("endian", "little") != "little":
+                return None
+            cid = names[1] if len(names) == 2 else None
+        if cid not in (None, "zstd", "gzip", "zlib"):
+            return None
+        item = self._items[loc.item]
+        store = self._store(item)
+        key = za.chunk_key(idx)
+        ref = store.ref(key)
+        expect = math.prod(za.chunks) * isz
+        if ref is None or expect < STREAM_MIN:
+            return None
+        return _stream_decode(ref, cid, expect, want, size, f"{name!r} chunk {key}", item.path)
+
     def _shard(self, za: ZarrArray, data: bytes, what: str, where) -> bytes:
         """A v3 shard: inner chunks + an index of (offset, nbytes) u64 pairs."""
         import numpy as np
@@ -566,8 +672,14 @@ class OrbaxReader(Reader):
             row = math.prod(shape[1:]) * isz
             full_row = math.prod(chunks[1:]) * isz
             for i in range(grid[0]):
-                data = self._chunk(loc, (i,) + (0,) * (len(shape) - 1), name)
+                idx = (i,) + (0,) * (len(shape) - 1)
                 rows = min(chunks[0], shape[0] - i * chunks[0])
+                if full_row == row:
+                    stream = self._stream_chunk(loc, idx, name, rows * row, size)
+                    if stream is not None:  # a large stored chunk: decoded piece by piece
+                        yield from stream
+                        continue
+                data = self._chunk(loc, idx, name)
                 if full_row == row:
                     piece = memoryview(data)[: rows * row]
                 else:
