@@ -328,7 +328,8 @@ def test_hand_written_truncated_chunk_is_one_line(tmp_path):
 
 
 # ---- written by TensorStore (the library Orbax writes with) --------------------------------------
-def ts_item(root: Path, arrays: dict, *, zarr3=False, chunks=None, ocdbt=True, sharding=False, node_bytes=None):
+def ts_item(root: Path, arrays: dict, *, zarr3=False, chunks=None, ocdbt=True, sharding=False, node_bytes=None,
+            fill=None):
     """An Orbax item written with TensorStore as Orbax does: one OCDBT database, a Zarr array per leaf."""
     tensorstore = pytest.importorskip("tensorstore", reason="tensorstore (dev extra) writes OCDBT/Zarr")
     root.mkdir(parents=True)
@@ -348,10 +349,12 @@ def ts_item(root: Path, arrays: dict, *, zarr3=False, chunks=None, ocdbt=True, s
                 codecs = [{"name": "sharding_indexed", "configuration": {"chunk_shape": inner, "codecs": codecs}}]
             spec = {"driver": "zarr3", "metadata": {"shape": list(arr.shape), "data_type": dt, "codecs": codecs,
                                                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": ch}}}}
+            if fill is not None:
+                spec["metadata"]["fill_value"] = fill
         else:
             spec = {"driver": "zarr", "metadata": {"shape": list(arr.shape), "chunks": ch, "compressor": {"id": "zstd"},
                                                    "dtype": "bfloat16" if dt == "bfloat16" else arr.dtype.str}}
-        spec["store_data_equal_to_fill_value"] = True  # as Orbax asks
+        spec["store_data_equal_to_fill_value"] = fill is None  # as Orbax asks
         spec["kvstore"] = ({"driver": "ocdbt", "base": f"file://{root}", "config": config, "path": key + "/"}
                            if ocdbt else f"file://{root}/{key}/")
         t = tensorstore.open(spec, create=True, open=True, context=ctx).result()
@@ -360,8 +363,26 @@ def ts_item(root: Path, arrays: dict, *, zarr3=False, chunks=None, ocdbt=True, s
         tree[str(tuple(parts))] = {"key_metadata": [{"key": k, "key_type": 2} for k in parts],
                                    "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
     (root / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_ocdbt": ocdbt, "use_zarr3": zarr3,
-                                                "store_array_data_equal_to_fill_value": True}))
+                                                "store_array_data_equal_to_fill_value": fill is None}))
     return root
+
+
+def test_chunks_never_written_read_as_fill_value(tmp_path):
+    """Zarr leaves chunks equal to the fill value unwritten (unless Orbax's store-everything is on)."""
+    big = np.full((3000, 1000), 2.5, np.float32)  # 12 MB chunk: the streamed path
+    small = np.array([[2.5, 1.0], [2.5, 2.5]], np.float32)
+    d = ts_item(tmp_path / "f", {"big": big, "small": small}, zarr3=True, chunks={"small": [1, 1]}, fill=2.5)
+    from ckptctl.formats import open_reader
+    from ckptctl.formats.ocdbt import OcdbtStore
+
+    assert OcdbtStore(d).keys() == [b"big/zarr.json", b"small/c/0/1", b"small/zarr.json"]
+    with open_reader(d) as r:
+        assert b"".join(bytes(c) for c in r.iter_chunks("big", 1 << 20)) == big.tobytes()
+        assert b"".join(bytes(c) for c in r.iter_chunks("small")) == small.tobytes()
+    meta = json.loads((d / "_METADATA").read_text())
+    meta["store_array_data_equal_to_fill_value"] = True  # Orbax's promise: then a missing chunk is damage
+    (d / "_METADATA").write_text(json.dumps(meta))
+    one_line_error(run("convert", d, tmp_path / "o.safetensors"), "missing")
 
 
 def ts_arrays():

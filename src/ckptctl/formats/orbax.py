@@ -317,6 +317,16 @@ STREAM_MIN = 8 << 20  # chunks at least this large (decoded) are decoded piece b
 _PIECE = 4 << 20
 
 
+def _fill_pieces(fill: bytes, want: int, size: int) -> Iterator[bytes]:
+    """`want` bytes of a repeated fill value (a chunk never written), in pieces of at most `size`."""
+    piece = fill * max(1, min(size, _PIECE) // len(fill))
+    left = want
+    while left > 0:
+        n = min(left, len(piece))
+        yield piece[:n]
+        left -= n
+
+
 def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size: int, what: str, where):
     """Decode one stored chunk with bounded memory: yield its first `want` bytes, check it holds
     exactly `expect` bytes (the rest is read and dropped: padding of an edge chunk)."""
@@ -609,8 +619,13 @@ class OrbaxReader(Reader):
         key = za.chunk_key(idx)
         ref = store.ref(key)
         expect = math.prod(za.chunks) * isz
-        if ref is None or expect < STREAM_MIN:
+        if expect < STREAM_MIN:
             return None
+        if ref is None:
+            if item.all_chunks:
+                raise CorruptFile(f"{name!r} chunk {key} is missing from the store (Orbax writes every chunk)",
+                                  item.path)
+            return _fill_pieces(za.fill, want, size)
         return _stream_decode(ref, cid, expect, want, size, f"{name!r} chunk {key}", item.path)
 
     def _shard(self, za: ZarrArray, data: bytes, what: str, where) -> bytes:
