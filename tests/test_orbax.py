@@ -329,13 +329,14 @@ def test_hand_written_truncated_chunk_is_one_line(tmp_path):
 
 # ---- written by TensorStore (the library Orbax writes with) --------------------------------------
 def ts_item(root: Path, arrays: dict, *, zarr3=False, chunks=None, ocdbt=True, sharding=False, node_bytes=None,
-            fill=None):
+            fill=None, config=None):
     """An Orbax item written with TensorStore as Orbax does: one OCDBT database, a Zarr array per leaf."""
     tensorstore = pytest.importorskip("tensorstore", reason="tensorstore (dev extra) writes OCDBT/Zarr")
     root.mkdir(parents=True)
-    config = {"compression": {"id": "zstd"}}
+    extra, config = config, {"compression": {"id": "zstd"}}
     if node_bytes:
         config.update(max_decoded_node_bytes=node_bytes, max_inline_value_bytes=64)
+    config.update(extra or {})
     ctx = tensorstore.Context()
     tree = {}
     for name, arr in arrays.items():
@@ -403,6 +404,8 @@ VARIANTS = {
     "zarr3-chunked": {"zarr3": True, "chunks": {"params/emb": [64, 100], "params/blk/idx": [4, 2, 3]}},
     "zarr3-sharded": {"zarr3": True, "sharding": True, "chunks": {"params/emb": [64, 100], "params/blk/idx": [4, 2, 2]}},
     "no-ocdbt": {"ocdbt": False, "chunks": {"params/emb": [64, 100]}},
+    "numbered-manifest": {"config": {"manifest_kind": "numbered"}, "chunks": {"params/emb": [64, 100]}},
+    "uncompressed-ocdbt": {"config": {"compression": None}},
 }
 
 
@@ -473,3 +476,27 @@ def test_streamed_chunk_bounded_and_truncated(tmp_path):
     r = run("convert", d, tmp_path / "o.safetensors")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "'big'" in r.stderr, r.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_step_with_several_items(tmp_path):
+    """A CheckpointManager step with `params/` and `opt_state/` items (Flax + Optax): names start
+    with the item; `ls` counts the model part and sees the optimizer; metrics from
+    _CHECKPOINT_METADATA (what CheckpointManager.save(metrics=...) records)."""
+    rng = np.random.default_rng(9)
+    run_dir = tmp_path / "run"
+    for step, loss in ((10, 2.0), (20, 1.5)):
+        d = run_dir / str(step)
+        ts_item(d / "params", {"dense/kernel": rng.standard_normal((4, 3), dtype=np.float32)})
+        ts_item(d / "opt_state", {"0/mu/dense/kernel": np.zeros((4, 3), np.float32),
+                                  "0/count": np.array(step, np.int32)})
+        (d / "_CHECKPOINT_METADATA").write_text(json.dumps({
+            "item_handlers": {"params": "StandardCheckpointHandler", "opt_state": "StandardCheckpointHandler"},
+            "metrics": {"loss": loss}, "init_timestamp_nsecs": 1, "commit_timestamp_nsecs": 2}))
+        (d / "commit_success.txt").write_text("ok")
+    doc = json.loads(run("inspect", run_dir / "20", "--format", "json").stdout)
+    assert [t["name"] for t in doc["tensors"]] == ["params/dense/kernel", "opt_state/0/mu/dense/kernel",
+                                                   "opt_state/0/count"]
+    rows = json.loads(cli("ls", run_dir, "--format", "json").stdout)
+    rows = rows["checkpoints"] if isinstance(rows, dict) else rows
+    assert [(c["step"], c["metrics"], c["num_tensors"], c["has_optimizer"]) for c in rows] == [
+        (10, {"loss": 2.0}, 1, True), (20, {"loss": 1.5}, 1, True)]

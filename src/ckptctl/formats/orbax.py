@@ -463,6 +463,11 @@ class OrbaxReader(Reader):
             self._items.append(_Item(p, ""))
         else:
             found = item_dirs(p)
+            handlers = _read_json(p / "_CHECKPOINT_METADATA", "_CHECKPOINT_METADATA")
+            order = list(handlers.get("item_handlers") or {}) if isinstance(handlers, dict) and isinstance(
+                handlers.get("item_handlers"), dict) else []
+            # the order the manager saved them in (default first), then the rest by name
+            found.sort(key=lambda d: (d.name != "default", order.index(d.name) if d.name in order else len(order)))
             if not found:
                 raise UnknownFormat("an Orbax step folder with no item holding arrays (no _METADATA)", p)
             single = len(found) == 1

@@ -72,9 +72,9 @@ EPOCH_KEYS = ("epoch", "current_epoch")
 NON_MODEL_HEADS = {
     "optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state",
     "optimizer_history", "lr_scheduler", "lr_schedulers", "scheduler", "callbacks", "loops",
-    "rng_state", "rng_states", "scaler", "grad_scaler", "extra_state", "amp",
+    "rng_state", "rng_states", "scaler", "grad_scaler", "extra_state", "amp", "opt_state",
 }
-OPTIM_HEADS = ("optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state")
+OPTIM_HEADS = ("optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state", "opt_state")
 
 
 @dataclass
