@@ -311,6 +311,17 @@ def test_hand_written_zarr_chunks_big_endian_and_padding(tmp_path):
             assert b"".join(bytes(c) for c in r.iter_chunks(name, 5)) == want.tobytes(), name
 
 
+def test_tree_key_cannot_escape_the_folder(tmp_path):
+    outside = tmp_path / "secret"
+    hand_item(outside, {"w": (np.ones(4, np.float32), None, [4])})
+    d = hand_item(tmp_path / "item", {"w": (np.ones(4, np.float32), None, [4])})
+    meta = json.loads((d / "_METADATA").read_text())
+    meta["tree_metadata"] = {"('../secret/w',)": {"key_metadata": [{"key": "../secret/w", "key_type": 2}],
+                                                   "value_metadata": {"value_type": "jax.Array"}}}
+    (d / "_METADATA").write_text(json.dumps(meta))
+    one_line_error(run("inspect", d), "outside")
+
+
 def test_hand_written_truncated_chunk_is_one_line(tmp_path):
     arr = np.arange(64, dtype=np.float32).reshape(8, 8)
     d = hand_item(tmp_path / "item", {"w": (arr, "zstd", [8, 8])})

@@ -409,6 +409,9 @@ class _DirStore:
         self.files: set[str] = set()
 
     def ref(self, key: str) -> ValueRef | None:
+        parts = key.split("/")
+        if not key or "\x00" in key or "\\" in key or key.startswith("/") or ".." in parts:
+            raise CorruptFile(f"array key {key!r:.80} points outside the checkpoint folder", self.root)
         p = self.root / key
         try:
             st = os.stat(p)
