@@ -248,6 +248,11 @@ def test_missing_data_file(tmp_path):
 
 
 @needs_fixtures
+def test_run_folder_is_not_one_checkpoint():
+    one_line_error(run("inspect", JG / "orbax_run"), "Orbax run folder with 2 step folders (100/, 200/)", "ckptctl ls")
+
+
+@needs_fixtures
 def test_bad_metadata_json(tmp_path):
     d = copy_tree(JG / "orbax_single", tmp_path / "s")
     (d / "_METADATA").write_text('{"tree_metadata": {')

@@ -82,6 +82,19 @@ def is_orbax_dir(p: Path) -> bool:
     return bool(item_dirs(p))
 
 
+def run_hint(p: Path) -> str | None:
+    """A message for a CheckpointManager run folder (step folders inside), else None."""
+    try:
+        steps = sorted((n for n in os.listdir(p) if n.isdigit() and is_orbax_dir(p / n)), key=int)
+    except OSError:
+        return None
+    if not steps:
+        return None
+    shown = ", ".join(s + "/" for s in steps[:3]) + (", ..." if len(steps) > 3 else "")
+    return (f"an Orbax run folder with {len(steps)} step folder{'s' if len(steps) != 1 else ''} ({shown}): "
+            f"name one of them, or list the run with `ckptctl ls`")
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
         with open(path, "rb") as f:
