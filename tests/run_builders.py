@@ -190,17 +190,29 @@ def dcp_run(root: Path, steps=(100, 200)) -> Path:
 
 
 def orbax_run(root: Path, steps=(1000, 2000, 3000)) -> Path:
-    """Orbax CheckpointManager step folders: <step>/_CHECKPOINT_METADATA + <item>/_METADATA ..."""
+    """Orbax CheckpointManager step folders: <step>/_CHECKPOINT_METADATA + default/_METADATA and two
+    arrays stored the way Orbax does with use_ocdbt=False (a Zarr v2 folder per array; no
+    compressor, so numpy writes the chunk bytes). No commit markers, as older Orbax on local disks."""
     root.mkdir(parents=True, exist_ok=True)
     for step in steps:
         d = root / str(step)
-        (d / "default" / "d").mkdir(parents=True)
+        (d / "default").mkdir(parents=True)
         (d / "_CHECKPOINT_METADATA").write_text(json.dumps({"item_handlers": {"default": "PyTreeCheckpointHandler"},
                                                             "metrics": {}, "init_timestamp_nsecs": 1,
                                                             "commit_timestamp_nsecs": 2, "custom": {"loss": 0.5}}))
-        (d / "default" / "_METADATA").write_text("{}")
-        (d / "default" / "manifest.ocdbt").write_bytes(b"\0" * 64)
-        (d / "default" / "d" / "abc").write_bytes(os.urandom(256))
+        arrays = {("dense", "kernel"): np.full((4, 3), step, np.float32), ("dense", "bias"): np.arange(3, dtype="<i4")}
+        tree = {}
+        for keys, arr in arrays.items():
+            tree[str(keys)] = {"key_metadata": [{"key": k, "key_type": 2} for k in keys],
+                               "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
+            z = d / "default" / ".".join(keys)
+            z.mkdir()
+            (z / ".zarray").write_text(json.dumps({
+                "chunks": list(arr.shape), "compressor": None, "dimension_separator": ".", "dtype": arr.dtype.str,
+                "fill_value": None, "filters": None, "order": "C", "shape": list(arr.shape), "zarr_format": 2}))
+            (z / ".".join("0" for _ in arr.shape)).write_bytes(arr.tobytes())
+        (d / "default" / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_ocdbt": False,
+                                                             "use_zarr3": False}))
     return root
 
 

@@ -286,10 +286,10 @@ def test_orbax_step_folders(tmp_path):
     (root / "4000.orbax-checkpoint-tmp-1712345678").mkdir()
     (root / "4000.orbax-checkpoint-tmp-1712345678" / "_CHECKPOINT_METADATA").write_text("{}")
     cks = discover(root)
-    assert [(c.step, c.format, c.error, c.info) for c in cks[:3]] == [(s, "orbax", None, None) for s in (1000, 2000, 3000)]
+    assert [(c.step, c.format, c.error, c.num_tensors) for c in cks[:3]] == [(s, "orbax", None, 2) for s in (1000, 2000, 3000)]
     assert cks[0].metrics == {"loss": 0.5}
     assert cks[3].incomplete and cks[3].step == 4000
-    assert cks[0].size == sum(f.stat().st_size for f in cks[0].files) and len(cks[0].files) == 4
+    assert cks[0].size == sum(f.stat().st_size for f in cks[0].files) and len(cks[0].files) == 6
 
 
 # ---- layouts and edge cases ---------------------------------------------------------------------

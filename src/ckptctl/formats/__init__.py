@@ -28,6 +28,7 @@ READERS: dict[str, tuple[str, str]] = {
     "tf-bundle": ("ckptctl.formats.tf_bundle", "TFBundleReader"),
     "gguf": ("ckptctl.formats.gguf", "GGUFReader"),
     "torchscript": ("ckptctl.formats.torch_zip", "TorchScriptReader"),
+    "orbax": ("ckptctl.formats.orbax", "OrbaxReader"),
 }
 
 # target format -> (module, writer class); filled in by the convert work
@@ -143,6 +144,12 @@ def _sniff_dir(path: Path) -> tuple[str, Path]:
     """(format, path to open) for a directory."""
     if (path / ".metadata").is_file():
         return "dcp", path
+    from ckptctl.formats.orbax import is_orbax_dir, run_hint
+
+    if is_orbax_dir(path):
+        return "orbax", path
+    if hint := run_hint(path):
+        raise UnknownFormat(hint, path)
     entries = sorted(p.name for p in path.iterdir())
     for suffix in INDEX_SUFFIXES:
         hits = [e for e in entries if e.endswith(suffix)]

@@ -316,7 +316,12 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
         if age < policy.min_age:
             p.append(f"modified {_age(age)} ago, under --min-age {policy.min_age_text} (may be being written)")
         if c.incomplete:
-            if not policy.include_broken:
+            from ckptctl.ops.runs_orbax import in_progress
+
+            held = in_progress(c)  # an Orbax save without its commit marker may still be running
+            if held:
+                p.append(f"{held}: never deleted, even with --include-broken")
+            elif not policy.include_broken:
                 p.append(f"{c.error or 'incomplete'} (kept; --include-broken deletes it)")
         elif c.error is not None:
             if not policy.include_broken:

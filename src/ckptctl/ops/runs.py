@@ -7,7 +7,7 @@ A run folder holds checkpoints written by a trainer:
   Lightning       epoch=3-step=1200.ckpt, epoch=3-step=1200-val_loss=0.12.ckpt, last.ckpt
   fairseq         checkpoint_3_1200.pt, checkpoint3.pt, checkpoint_best.pt, checkpoint_last.pt
   DCP             step_100/ (.metadata + __0_0.distcp)
-  Orbax           100/ (_CHECKPOINT_METADATA, checkpoint, _METADATA ...): listed, not readable here
+  Orbax           100/ (_CHECKPOINT_METADATA, default/, metrics/ ...): see runs_orbax.py
   DeepSpeed       global_step100/ + a `latest` file naming it
   TensorFlow      ckpt-5.index + ckpt-5.data-00000-of-00001 + a `checkpoint` state file,
                   SavedModel folders; Keras ModelCheckpoint `.keras` / `.weights.h5` (see runs_tf.py)
@@ -75,9 +75,9 @@ EPOCH_KEYS = ("epoch", "current_epoch")
 NON_MODEL_HEADS = {
     "optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state",
     "optimizer_history", "lr_scheduler", "lr_schedulers", "scheduler", "callbacks", "loops",
-    "rng_state", "rng_states", "scaler", "grad_scaler", "extra_state", "amp",
+    "rng_state", "rng_states", "scaler", "grad_scaler", "extra_state", "amp", "opt_state",
 }
-OPTIM_HEADS = ("optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state")
+OPTIM_HEADS = ("optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state", "opt_state")
 
 
 @dataclass
@@ -828,7 +828,9 @@ def _enrich(c: RunCheckpoint, read_info: bool) -> None:
     if epoch is not None:
         c.epoch = epoch
     if c.layout == "orbax":
-        _orbax_meta(c)
+        from ckptctl.ops.runs_orbax import enrich as enrich_orbax
+
+        enrich_orbax(c, read_info)
         return
     if c.layout == "hf-trainer":
         _trainer_state(c)
@@ -837,16 +839,6 @@ def _enrich(c: RunCheckpoint, read_info: bool) -> None:
     if c.error is not None and not c.files:
         return
     _read_info(c)
-
-
-def _orbax_meta(c: RunCheckpoint) -> None:
-    c.format = "orbax"
-    meta = c.path / "_CHECKPOINT_METADATA"
-    doc = _read_json(meta, 1 << 20) if meta.is_file() else None
-    if isinstance(doc, dict):
-        custom = doc.get("custom") or doc.get("custom_metadata")
-        if isinstance(custom, dict):
-            _numeric_into(c, custom, "metadata")
 
 
 def _trainer_state(c: RunCheckpoint) -> None:

@@ -146,6 +146,12 @@ def _classified(names: list[str]) -> list[tuple[str, str]]:
 
 
 NO_PICKLE = ("safetensors", "hdf5")
+# formats with no pickle whose metadata scan still reads (a damaged file is an error, not "safe")
+NO_PICKLE_NOTES = {
+    "tf-bundle": "TensorFlow checkpoint: an index table and raw tensor bytes, no pickle",
+    "gguf": "GGUF holds no pickle: metadata and tensor bytes only, nothing runs when it is loaded",
+    "orbax": "Orbax: JSON metadata and Zarr arrays (OCDBT), no pickle: loading it runs no code",
+}
 # files a folder scan looks at (besides anything whose first bytes are a pickle or a zip); names
 # like .model/.data are left to the content check: tokenizers and TF shards use them too
 SCAN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".joblib",
@@ -168,14 +174,10 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
         res.pickle = False
         return res
     res.format = fmt
-    if fmt == "gguf":
-        return _scan_gguf(res, target)
+    if fmt in NO_PICKLE_NOTES:
+        return _scan_no_pickle(res, target, NO_PICKLE_NOTES[fmt])
     if fmt in NO_PICKLE:
         res.pickle = False
-        return res
-    if fmt == "tf-bundle":  # an index table of protobuf entries and raw tensor bytes: nothing to unpickle
-        res.pickle = False
-        res.note = "TensorFlow checkpoint: an index table and raw tensor bytes, no pickle"
         return res
     if fmt == "sharded":
         return _scan_sharded(p, res, target)
@@ -208,9 +210,9 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
     return res
 
 
-def _scan_gguf(res: ScanResult, target: Path) -> ScanResult:
-    """A GGUF file is metadata and raw tensor bytes, never a pickle: nothing in it runs code when
-    loaded. Its header is still read, so a damaged file is an error rather than 'safe'."""
+def _scan_no_pickle(res: ScanResult, target: Path, note: str) -> ScanResult:
+    """A format that holds no pickle: nothing in it runs code when loaded. Its metadata is still
+    read, so that a damaged checkpoint is an error rather than 'safe'."""
     from ckptctl.formats import open_reader
 
     res.pickle = False
@@ -220,7 +222,7 @@ def _scan_gguf(res: ScanResult, target: Path) -> ScanResult:
     except CkptError as e:
         res.error = e.message
         return res
-    res.note = "GGUF holds no pickle: metadata and tensor bytes only, nothing runs when it is loaded"
+    res.note = note
     return res
 
 
@@ -320,6 +322,12 @@ def _looks_scannable(path: Path) -> bool:
     return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head == b"PK\x03\x04"
 
 
+def _is_orbax(p: Path) -> bool:
+    from ckptctl.formats.orbax import is_orbax_dir
+
+    return not p.is_symlink() and is_orbax_dir(p)
+
+
 def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
     """(path, named) for each thing to scan: named files as given, folders walked for checkpoints.
 
@@ -330,7 +338,7 @@ def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
         if not p.is_dir():
             yield p, True
             continue
-        if (p / ".metadata").is_file():
+        if (p / ".metadata").is_file() or _is_orbax(p):
             yield p, True
             continue
         for root, dirs, files in os.walk(p):
@@ -338,7 +346,7 @@ def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
             here = Path(root)
             keep = []
             for d in dirs:
-                if (here / d / ".metadata").is_file():
+                if (here / d / ".metadata").is_file() or _is_orbax(here / d):
                     yield here / d, False
                 else:
                     keep.append(d)

@@ -1,0 +1,753 @@
+"""Orbax checkpoints (JAX / Flax / MaxText / T5X), read without JAX, Orbax or TensorStore.
+
+What a checkpoint is:
+- a CheckpointManager step folder `<step>/` (`_CHECKPOINT_METADATA`, one folder per item:
+  `default/` or `state/`, `params/`, ... with arrays, `metrics/` with JSON);
+- an item folder, or one `Checkpointer`/`StandardCheckpointer` save: `_METADATA` (the tree:
+  every leaf's key path and value type), `manifest.ocdbt` + `d/` + `ocdbt.process_<i>/` (the
+  OCDBT database holding every array as a Zarr array under the key `<dot.joined.path>/`),
+  `_sharding`, `array_metadatas/`. Without OCDBT (`use_ocdbt=False`) each array is a Zarr
+  folder `<dot.joined.path>/` of its own.
+
+Names are the tree paths joined with `/` (`params/dense1/kernel`). `info()` reads `_METADATA`,
+the OCDBT manifest and B+tree nodes and each array's `.zarray` / `zarr.json`: no chunk data.
+Values are decoded chunk by chunk (Zarr v2 and v3; zstd, gzip, zlib or no compression; v3
+`bytes`, `crc32c`, `transpose` and `sharding_indexed` codecs), so memory stays bounded by one
+chunk row of a tensor. `zstandard` decompresses zstd; nothing else outside numpy is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ckptctl import dtypes
+from ckptctl.errors import CorruptFile, NotFound, UnknownFormat
+from ckptctl.formats.base import CHUNK, Reader
+from ckptctl.formats.ocdbt import OcdbtStore, ValueRef, zstd_decompress
+from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
+
+ITEM_MARKERS = ("_METADATA", "manifest.ocdbt", "_sharding", "array_metadatas")
+JSON_MAX = 64 << 20
+
+# Zarr v2 dtype strings (numpy typestr without byte order) and v3 data_type names -> project dtype
+_V2 = {"f8": "float64", "f4": "float32", "f2": "float16", "i8": "int64", "i4": "int32", "i2": "int16",
+       "i1": "int8", "u8": "uint64", "u4": "uint32", "u2": "uint16", "u1": "uint8", "b1": "bool",
+       "c8": "complex64", "c16": "complex128"}
+_V3 = {"float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+       "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint64": "uint64",
+       "uint32": "uint32", "uint16": "uint16", "uint8": "uint8", "bool": "bool", "complex64": "complex64",
+       "complex128": "complex128", "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
+       "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz"}
+
+
+def is_item_dir(p: Path) -> bool:
+    """A folder holding one Orbax item / single save (`_METADATA` or an OCDBT manifest)."""
+    try:
+        names = set(os.listdir(p))
+    except OSError:
+        return False
+    return "_METADATA" in names or "manifest.ocdbt" in names or (
+        "_CHECKPOINT_METADATA" in names and "_sharding" in names)
+
+
+def item_dirs(step: Path) -> list[Path]:
+    """Item folders of a step folder that hold arrays, `default` first."""
+    try:
+        entries = sorted(os.listdir(step))
+    except OSError:
+        return []
+    items = [step / n for n in entries if (step / n).is_dir() and not (step / n).is_symlink()
+             and is_item_dir(step / n)]
+    items.sort(key=lambda p: (p.name != "default", p.name))
+    return items
+
+
+def is_orbax_dir(p: Path) -> bool:
+    """An item folder, a single save, or a step folder with `_CHECKPOINT_METADATA` / item folders."""
+    if is_item_dir(p):
+        return True
+    try:
+        names = set(os.listdir(p))
+    except OSError:
+        return False
+    if "_CHECKPOINT_METADATA" in names:
+        return True
+    return bool(item_dirs(p))
+
+
+def run_hint(p: Path) -> str | None:
+    """A message for a CheckpointManager run folder (step folders inside), else None."""
+    try:
+        steps = sorted((n for n in os.listdir(p) if n.isdigit() and is_orbax_dir(p / n)), key=int)
+    except OSError:
+        return None
+    if not steps:
+        return None
+    shown = ", ".join(s + "/" for s in steps[:3]) + (", ..." if len(steps) > 3 else "")
+    return (f"an Orbax run folder with {len(steps)} step folder{'s' if len(steps) != 1 else ''} ({shown}): "
+            f"name one of them, or list the run with `ckptctl ls`")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(JSON_MAX + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise NotFound(f"cannot read {what}: {e.strerror}", path) from None
+    if len(data) > JSON_MAX:
+        raise CorruptFile(f"{what} is larger than {JSON_MAX >> 20} MiB", path)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise CorruptFile(f"{what} is not valid JSON (corrupt or truncated)", path) from None
+
+
+# ---- Zarr ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ZarrArray:
+    """What decoding one array needs (parsed from `.zarray` or `zarr.json`)."""
+
+    key: str  # key prefix in the store, without the trailing '/'
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    swap: bool  # stored big-endian
+    codecs: tuple[Any, ...]  # v2: (compressor dict or None,), v3: the codec list
+    zarr_format: int
+    separator: str
+    v3_default_keys: bool  # v3 "default" chunk key encoding: c/0/0
+    fill_value: Any  # as the metadata has it (None: zeros)
+    order: str = "C"
+
+    @property
+    def fill(self) -> bytes:
+        """One element's fill value bytes (little-endian)."""
+        return _fill_bytes(self.fill_value, self.dtype)
+
+    def chunk_key(self, idx: tuple[int, ...]) -> str:
+        if self.zarr_format == 3:
+            if self.v3_default_keys:
+                return self.key + "/" + self.separator.join(("c",) + tuple(map(str, idx)))
+            return self.key + "/" + (self.separator.join(map(str, idx)) if idx else "0")
+        return self.key + "/" + (self.separator.join(map(str, idx)) if idx else "0")
+
+
+def _fill_bytes(fill: Any, dtype: str) -> bytes:
+    import numpy as np
+
+    if fill is None or fill == 0:
+        return b"\0" * dtypes.BY_NAME[dtype].itemsize
+    npdt = dtypes.numpy_dtype(dtype)
+    if npdt is None:
+        return b"\0" * dtypes.BY_NAME[dtype].itemsize
+    try:
+        if isinstance(fill, str):
+            if fill.startswith("0x"):
+                return int(fill, 16).to_bytes(dtypes.BY_NAME[dtype].itemsize, "little")
+            fill = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.get(fill, fill)
+        return np.array(fill).astype(npdt).astype(npdt.newbyteorder("<")).tobytes()
+    except (ValueError, TypeError, OverflowError):
+        return b"\0" * dtypes.BY_NAME[dtype].itemsize
+
+
+def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> ZarrArray:
+    """`key`: the array's key in the store; `label`: its name for messages."""
+    store_key, key = key, label or key
+    try:
+        m = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CorruptFile(f"array {key!r}: Zarr metadata is not valid JSON", where) from None
+    if not isinstance(m, dict):
+        raise CorruptFile(f"array {key!r}: Zarr metadata is not a JSON object", where)
+
+    def dims(v: Any, what: str) -> tuple[int, ...]:
+        if not isinstance(v, list) or any(type(x) is not int or x < 0 for x in v):
+            raise CorruptFile(f"array {key!r}: Zarr {what} is not a list of sizes", where)
+        return tuple(v)
+
+    fmt = m.get("zarr_format")
+    if fmt == 2:
+        dt = m.get("dtype")
+        swap = False
+        if isinstance(dt, str) and dt in _V3:  # TensorStore writes "bfloat16" etc. by name
+            dtype = dt
+        elif isinstance(dt, str) and len(dt) >= 3 and dt[0] in "<>|" and dt[1:] in _V2:
+            dtype = _V2[dt[1:]]
+            swap = dt[0] == ">" and dtypes.BY_NAME[dtype].itemsize > 1
+        else:
+            raise CorruptFile(f"array {key!r}: Zarr dtype {dt!r} is not supported", where)
+        shape, chunks = dims(m.get("shape"), "shape"), dims(m.get("chunks"), "chunks")
+        if m.get("filters"):
+            raise CorruptFile(f"array {key!r}: Zarr filters {m['filters']!r} are not supported", where)
+        order = m.get("order", "C")
+        if order not in ("C", "F"):
+            raise CorruptFile(f"array {key!r}: Zarr order {order!r} is not supported", where)
+        za = ZarrArray(store_key, dtype, shape, chunks, swap, (m.get("compressor"),), 2,
+                       m.get("dimension_separator") or ".", False, m.get("fill_value"), order)
+    elif fmt == 3:
+        dt = m.get("data_type")
+        if dt not in _V3:
+            raise CorruptFile(f"array {key!r}: Zarr data type {dt!r} is not supported", where)
+        dtype = _V3[dt]
+        shape = dims(m.get("shape"), "shape")
+        grid = m.get("chunk_grid") or {}
+        cfg = grid.get("configuration") if isinstance(grid, dict) else None
+        if not isinstance(cfg, dict) or grid.get("name") != "regular":
+            raise CorruptFile(f"array {key!r}: Zarr chunk grid {grid!r:.80} is not supported", where)
+        chunks = dims(cfg.get("chunk_shape"), "chunk_shape")
+        enc = m.get("chunk_key_encoding") or {"name": "default"}
+        sep = ((enc.get("configuration") or {}).get("separator")) if isinstance(enc, dict) else None
+        default = not isinstance(enc, dict) or enc.get("name", "default") == "default"
+        sep = sep or ("/" if default else ".")
+        codecs = m.get("codecs")
+        if not isinstance(codecs, list):
+            raise CorruptFile(f"array {key!r}: Zarr codecs missing", where)
+        za = ZarrArray(store_key, dtype, shape, chunks, False, tuple(codecs), 3, sep, default,
+                       m.get("fill_value"))
+    else:
+        raise CorruptFile(f"array {key!r}: unknown zarr_format {fmt!r}", where)
+    if len(za.chunks) != len(za.shape) or any(c == 0 for c in za.chunks) and math.prod(za.shape):
+        raise CorruptFile(f"array {key!r}: chunk shape {list(za.chunks)} does not fit shape {list(za.shape)}", where)
+    return za
+
+
+def _codec_name(c: Any) -> str:
+    if isinstance(c, dict):
+        return str(c.get("name") or c.get("id"))
+    return str(c)
+
+
+def _decompress(cid: str, data: bytes, expect: int, what: str, where) -> bytes:
+    if cid == "zstd":
+        out = zstd_decompress(data, what, where, max_size=expect)
+    elif cid == "gzip":
+        try:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out = d.decompress(data, expect + 1)
+            if not d.eof:
+                raise CorruptFile(f"{what}: gzip data ends early (truncated?)", where)
+        except zlib.error as e:
+            raise CorruptFile(f"{what}: bad gzip data ({e})", where) from None
+    elif cid == "zlib":
+        try:
+            d = zlib.decompressobj()
+            out = d.decompress(data, expect + 1)
+            if not d.eof:
+                raise CorruptFile(f"{what}: zlib data ends early (truncated?)", where)
+        except zlib.error as e:
+            raise CorruptFile(f"{what}: bad zlib data ({e})", where) from None
+    else:
+        raise CorruptFile(f"{what}: compressor {cid!r} is not supported (zstd, gzip and zlib are)", where)
+    return out
+
+
+def _crc32c(data: bytes) -> int | None:
+    from ckptctl.formats.ocdbt import _crc32c as c
+
+    return c(data)
+
+
+def decode_chunk(za: ZarrArray, data: bytes, cshape: tuple[int, ...], what: str, where) -> bytes:
+    """Encoded chunk -> its elements in C order, little-endian (len = prod(cshape) * itemsize)."""
+    isz = dtypes.BY_NAME[za.dtype].itemsize
+    expect = math.prod(cshape) * isz
+    transpose = None
+    if za.zarr_format == 2:
+        comp = za.codecs[0]
+        if comp is not None:
+            if not isinstance(comp, dict):
+                raise CorruptFile(f"{what}: bad compressor {comp!r:.60}", where)
+            data = _decompress(str(comp.get("id")), data, expect, what, where)
+        swap = za.swap
+        if za.order == "F":
+            transpose = tuple(reversed(range(len(cshape))))
+    else:
+        swap = False
+        codecs = list(za.codecs)
+        # bytes -> bytes codecs run last on encode: undo them first
+        while codecs and _codec_name(codecs[-1]) in ("zstd", "gzip", "crc32c", "blosc"):
+            c = codecs.pop()
+            name = _codec_name(c)
+            if name == "crc32c":
+                if len(data) < 4:
+                    raise CorruptFile(f"{what}: shorter than its checksum (truncated?)", where)
+                want = _crc32c(data[:-4])
+                if want is not None and want != struct.unpack("<I", data[-4:])[0]:
+                    raise CorruptFile(f"{what}: CRC-32C checksum mismatch (corrupt)", where)
+                data = data[:-4]
+            else:
+                data = _decompress(name, data, expect, what, where)
+        if not codecs:
+            raise CorruptFile(f"{what}: Zarr codec chain has no array -> bytes codec", where)
+        ab = codecs.pop()
+        if _codec_name(ab) != "bytes":
+            raise CorruptFile(f"{what}: Zarr codec {_codec_name(ab)!r} is not supported", where)
+        endian = ((ab.get("configuration") or {}).get("endian", "little")) if isinstance(ab, dict) else "little"
+        swap = endian == "big" and isz > 1
+        for c in codecs:  # array -> array
+            if _codec_name(c) != "transpose":
+                raise CorruptFile(f"{what}: Zarr codec {_codec_name(c)!r} is not supported", where)
+            order = (c.get("configuration") or {}).get("order")
+            if order == "C":
+                continue
+            if order == "F":
+                order = list(reversed(range(len(cshape))))
+            if not isinstance(order, list) or sorted(order) != list(range(len(cshape))):
+                raise CorruptFile(f"{what}: bad transpose order {order!r}", where)
+            if order != list(range(len(cshape))):
+                transpose = tuple(order)
+    if len(data) != expect:
+        raise CorruptFile(f"{what}: decodes to {len(data)} bytes, {za.dtype}{list(cshape)} needs {expect} "
+                          "(truncated or corrupt)", where)
+    if not swap and transpose is None:
+        return data
+    import numpy as np
+
+    arr = np.frombuffer(data, dtype=np.dtype(f"V{isz}"))
+    if swap:
+        unit = isz // 2 if dtypes.BY_NAME[za.dtype].kind == "complex" else isz
+        arr = np.frombuffer(data, dtype=f">u{unit}").astype(f"<u{unit}").view(np.dtype(f"V{isz}"))
+    if transpose is not None:
+        stored = tuple(cshape[i] for i in transpose)
+        arr = arr.reshape(stored)
+        inv = [0] * len(transpose)
+        for i, t in enumerate(transpose):
+            inv[t] = i
+        arr = np.ascontiguousarray(arr.transpose(inv))
+    return arr.tobytes()
+
+
+STREAM_MIN = 8 << 20  # chunks at least this large (decoded) are decoded piece by piece
+_PIECE = 4 << 20
+
+
+def _fill_pieces(fill: bytes, want: int, size: int) -> Iterator[bytes]:
+    """`want` bytes of a repeated fill value (a chunk never written), in pieces of at most `size`."""
+    piece = fill * max(1, min(size, _PIECE) // len(fill))
+    left = want
+    while left > 0:
+        n = min(left, len(piece))
+        yield piece[:n]
+        left -= n
+
+
+def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size: int, what: str, where):
+    """Decode one stored chunk with bounded memory: yield its first `want` bytes, check it holds
+    exactly `expect` bytes (the rest is read and dropped: padding of an edge chunk)."""
+    fd = os.open(ref.file, os.O_RDONLY) if ref.inline is None else -1
+    try:
+        pos, end = ref.offset, ref.offset + ref.length
+
+        def raw(n: int) -> bytes:
+            nonlocal pos
+            n = min(n, end - pos)
+            if n <= 0:
+                return b""
+            if ref.inline is not None:
+                data = ref.inline[pos - ref.offset : pos - ref.offset + n]
+            else:
+                data = os.pread(fd, n, pos)
+            if not data:
+                raise CorruptFile(f"{what}: data file ends early (truncated?)", where)
+            pos += len(data)
+            return data
+
+        def decoded() -> Iterator[bytes]:
+            if cid is None:
+                while piece := raw(_PIECE):
+                    yield piece
+            elif cid == "zstd":
+                try:
+                    import zstandard
+                except ImportError:
+                    raise CorruptFile(f"{what} is zstd-compressed: install the zstandard package", where) from None
+
+                class _Src:
+                    def read(self, n: int = -1) -> bytes:
+                        return raw(_PIECE if n is None or n < 0 else n)
+
+                reader = zstandard.ZstdDecompressor().stream_reader(_Src(), read_size=1 << 20)
+                try:
+                    while piece := reader.read(_PIECE):
+                        yield piece
+                except zstandard.ZstdError as e:
+                    raise CorruptFile(f"{what}: bad zstd data ({e})", where) from None
+            else:
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS if cid == "gzip" else zlib.MAX_WBITS)
+                try:
+                    while True:
+                        data = d.unconsumed_tail or raw(1 << 20)
+                        if not data:
+                            break
+                        piece = d.decompress(data, _PIECE)
+                        if piece:
+                            yield piece
+                        if d.eof:
+                            break
+                except zlib.error as e:
+                    raise CorruptFile(f"{what}: bad {cid} data ({e})", where) from None
+
+        got = 0
+        for piece in decoded():
+            if got + len(piece) > expect:
+                raise CorruptFile(f"{what}: decodes to more than the {expect} bytes of a chunk (corrupt)", where)
+            if got < want:
+                mv = memoryview(piece)[: want - got]
+                for o in range(0, len(mv), size):
+                    yield mv[o : o + size]
+            got += len(piece)
+        if got != expect:
+            raise CorruptFile(f"{what}: decodes to {got} bytes, the chunk needs {expect} (truncated or corrupt)",
+                              where)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+# ---- key-value stores ---------------------------------------------------------------------------
+class _DirStore:
+    """A plain folder (Orbax with use_ocdbt=False): keys are relative file paths."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.files: set[str] = set()
+
+    def ref(self, key: str) -> ValueRef | None:
+        parts = key.split("/")
+        if not key or "\x00" in key or "\\" in key or key.startswith("/") or ".." in parts:
+            raise CorruptFile(f"array key {key!r:.80} points outside the checkpoint folder", self.root)
+        p = self.root / key
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        if not os.path.isfile(p):
+            return None
+        self.files.add(os.fspath(p))
+        return ValueRef(st.st_size, file=os.fspath(p), offset=0)
+
+    def read(self, ref: ValueRef, what: str) -> bytes:
+        assert ref.file is not None
+        with open(ref.file, "rb") as f:
+            data = f.read(ref.length + 1)
+        if len(data) != ref.length:
+            raise CorruptFile(f"{what}: file changed while reading", self.root)
+        return data
+
+    def keys(self) -> list[bytes]:
+        out = []
+        for dp, _dn, fn in os.walk(self.root):
+            for n in fn:
+                out.append(os.path.relpath(os.path.join(dp, n), self.root).replace(os.sep, "/").encode())
+        return sorted(out)
+
+
+@dataclass(frozen=True)
+class OrbaxLoc:
+    item: int  # index into the reader's items
+    za: ZarrArray
+
+
+@dataclass
+class _Item:
+    path: Path
+    prefix: str  # '' or 'itemname/'
+    store: Any = None
+    all_chunks: bool = False  # _METADATA says every chunk was written (even all-fill ones)
+
+
+class OrbaxReader(Reader):
+    format = "orbax"
+
+    def __init__(self, path):
+        super().__init__(path)
+        p = Path(path)
+        if not p.is_dir():
+            raise NotFound("not a folder", p)
+        self._items: list[_Item] = []
+        self._json_items: dict[str, Any] = {}
+        if is_item_dir(p):
+            self._items.append(_Item(p, ""))
+        else:
+            found = item_dirs(p)
+            handlers = _read_json(p / "_CHECKPOINT_METADATA", "_CHECKPOINT_METADATA")
+            order = list(handlers.get("item_handlers") or {}) if isinstance(handlers, dict) and isinstance(
+                handlers.get("item_handlers"), dict) else []
+            # the order the manager saved them in (default first), then the rest by name
+            found.sort(key=lambda d: (d.name != "default", order.index(d.name) if d.name in order else len(order)))
+            if not found:
+                raise UnknownFormat("an Orbax step folder with no item holding arrays (no _METADATA)", p)
+            single = len(found) == 1
+            for d in found:
+                self._items.append(_Item(d, "" if single else d.name + "/"))
+
+    # -- metadata -------------------------------------------------------------------------------
+    def _store(self, item: _Item):
+        if item.store is None:
+            if (item.path / "manifest.ocdbt").is_file():
+                item.store = OcdbtStore(item.path)
+            elif any(n.startswith("ocdbt.process_") for n in os.listdir(item.path)):
+                raise CorruptFile("no manifest.ocdbt beside the ocdbt.process_* folders "
+                                  "(the save did not finish?)", item.path)
+            else:
+                item.store = _DirStore(item.path)
+        return item.store
+
+    def _load_info(self) -> CheckpointInfo:
+        root = Path(self.path)
+        tensors: list[TensorInfo] = []
+        objects: list[ObjectInfo] = []
+        meta: dict[str, Any] = {}
+        files: list[str] = []
+        warnings: list[str] = []
+        kind = None
+        cm = _read_json(root / "_CHECKPOINT_METADATA", "_CHECKPOINT_METADATA")
+        if isinstance(cm, dict):
+            handlers = cm.get("item_handlers")
+            if isinstance(handlers, str):
+                kind = handlers.rsplit(".", 1)[-1]
+            for k in ("metrics", "custom_metadata", "custom"):
+                if isinstance(cm.get(k), dict) and cm[k]:
+                    meta[k] = cm[k]
+            if isinstance(cm.get("commit_timestamp_nsecs"), int):
+                meta["commit_timestamp_nsecs"] = cm["commit_timestamp_nsecs"]
+            files.append(os.fspath(root / "_CHECKPOINT_METADATA"))
+        # JSON items of a step folder (metrics/metrics)
+        if not is_item_dir(root):
+            for d in sorted(os.listdir(root)):
+                sub = root / d
+                if sub.is_dir() and not sub.is_symlink() and not is_item_dir(sub) and (sub / d).is_file():
+                    doc = _read_json(sub / d, f"{d}/{d}")
+                    if isinstance(doc, (dict, list, int, float, str)):
+                        meta[d] = doc
+        for idx, item in enumerate(self._items):
+            self._item_info(idx, item, tensors, objects, meta, files, warnings)
+            if kind is None:
+                kind = meta.pop("_kind", None)
+            meta.pop("_kind", None)
+        return CheckpointInfo(path=os.fspath(self.path), format=self.format, tensors=tensors, metadata=meta,
+                              objects=objects, kind=kind, files=files, warnings=warnings)
+
+    def _item_info(self, idx: int, item: _Item, tensors, objects, meta, files, warnings) -> None:
+        md_path = item.path / "_METADATA"
+        md = _read_json(md_path, "_METADATA")
+        store = self._store(item)
+        leaves: list[tuple[str, str, str]] = []  # (tree path, storage key, value type)
+        if md is None:
+            if not (item.path / "manifest.ocdbt").is_file() and not (item.path / "checkpoint").exists():
+                raise CorruptFile("no _METADATA in this Orbax item", item.path)
+            # older saves: no tree metadata; list the arrays the store holds
+            for k in store.keys():
+                s = k.decode(errors="replace")
+                if s.endswith("/.zarray") or s.endswith("/zarr.json"):
+                    key = s.rsplit("/", 1)[0]
+                    leaves.append((key.replace(".", "/"), key, "array"))
+            warnings.append(f"{item.path.name}: no _METADATA; names are the storage keys with '.' read as '/'")
+        else:
+            files.append(os.fspath(md_path))
+            if not isinstance(md, dict):
+                raise CorruptFile("_METADATA is not a JSON object", md_path)
+            tree = md.get("tree_metadata")
+            if not isinstance(tree, dict):
+                raise CorruptFile("_METADATA has no tree_metadata", md_path)
+            for flat, entry in tree.items():
+                if not isinstance(entry, dict):
+                    raise CorruptFile(f"_METADATA: entry {flat!r:.60} is not an object", md_path)
+                km = entry.get("key_metadata")
+                vm = entry.get("value_metadata") or {}
+                if not isinstance(km, list) or not isinstance(vm, dict):
+                    raise CorruptFile(f"_METADATA: entry {flat!r:.60} has no key_metadata", md_path)
+                parts = [str(k.get("key")) if isinstance(k, dict) else str(k) for k in km]
+                vtype = str(vm.get("value_type", "?"))
+                leaves.append(("/".join(parts), ".".join(parts), vtype))
+            if isinstance(md.get("custom_metadata"), dict) and md["custom_metadata"]:
+                meta[f"{item.prefix}custom_metadata" if item.prefix else "custom_metadata"] = md["custom_metadata"]
+            item.all_chunks = md.get("store_array_data_equal_to_fill_value") is True
+            storage = {"use_ocdbt": md.get("use_ocdbt"), "use_zarr3": md.get("use_zarr3")}
+            meta.setdefault("storage", {k: v for k, v in storage.items() if v is not None})
+        for name, key, vtype in leaves:
+            full = item.prefix + name
+            if vtype in ("None", "Dict", "List", "Tuple", "NamedTuple") or vtype.startswith("Empty"):
+                continue  # empty containers
+            ref_v2 = store.ref(key + "/.zarray")
+            ref = ref_v2 or store.ref(key + "/zarr.json")
+            if ref is None:
+                if vtype in ("jax.Array", "np.ndarray", "scalar", "array"):
+                    raise CorruptFile(f"array {full!r}: no Zarr metadata ({key}/.zarray) in the store "
+                                      "(a missing or incomplete data file?)", item.path)
+                objects.append(ObjectInfo(full, vtype))
+                continue
+            za = parse_zarr_meta(store.read(ref, f"{key} metadata"), key, item.path, full)
+            d = dtypes.BY_NAME[za.dtype]
+            tensors.append(TensorInfo(full, za.dtype, za.shape, dtypes.nbytes(d, za.shape), loc=OrbaxLoc(idx, za)))
+        if isinstance(store, OcdbtStore):
+            store.check_files()
+        files.extend(sorted(os.fspath(item.path / n) for n in ("manifest.ocdbt", "_sharding")
+                            if (item.path / n).is_file()))
+        files.extend(sorted(getattr(store, "files", ())))
+
+    # -- data -----------------------------------------------------------------------------------
+    def _chunk(self, loc: OrbaxLoc, idx: tuple[int, ...], name: str) -> bytes:
+        """One chunk's elements (full chunk shape), fill value where the chunk was never written."""
+        za = loc.za
+        item = self._items[loc.item]
+        store = self._store(item)
+        isz = dtypes.BY_NAME[za.dtype].itemsize
+        key = za.chunk_key(idx)
+        what = f"{name!r} chunk {key}"
+        sharding = za.zarr_format == 3 and za.codecs and _codec_name(za.codecs[0]) == "sharding_indexed"
+        ref = store.ref(key)
+        if ref is None:
+            if item.all_chunks:
+                raise CorruptFile(f"{what} is missing from the store (Orbax writes every chunk)", item.path)
+            return za.fill * math.prod(za.chunks)
+        data = store.read(ref, what)
+        if sharding:
+            return self._shard(za, data, what, item.path)
+        return decode_chunk(za, data, za.chunks, what, item.path)
+
+    def _stream_chunk(self, loc: OrbaxLoc, idx: tuple[int, ...], name: str, want: int, size: int):
+        """The first `want` decoded bytes of a chunk stored out of line, in pieces of at most `size`
+        bytes, or None when the chunk is small or its codecs need the whole chunk at once."""
+        za = loc.za
+        isz = dtypes.BY_NAME[za.dtype].itemsize
+        if za.zarr_format == 2:
+            if za.swap or za.order != "C":
+                return None
+            comp = za.codecs[0]
+            cid = None if comp is None else str(comp.get("id")) if isinstance(comp, dict) else "?"
+        else:
+            names = [_codec_name(c) for c in za.codecs]
+            if not names or names[0] != "bytes" or len(names) > 2 or (len(names) == 2 and names[1] not in ("zstd", "gzip")):
+                return None
+            cfg = za.codecs[0].get("configuration") if isinstance(za.codecs[0], dict) else None
+            if isz > 1 and (cfg or {}).get("endian", "little") != "little":
+                return None
+            cid = names[1] if len(names) == 2 else None
+        if cid not in (None, "zstd", "gzip", "zlib"):
+            return None
+        item = self._items[loc.item]
+        store = self._store(item)
+        key = za.chunk_key(idx)
+        ref = store.ref(key)
+        expect = math.prod(za.chunks) * isz
+        if expect < STREAM_MIN:
+            return None
+        if ref is None:
+            if item.all_chunks:
+                raise CorruptFile(f"{name!r} chunk {key} is missing from the store (Orbax writes every chunk)",
+                                  item.path)
+            return _fill_pieces(za.fill, want, size)
+        return _stream_decode(ref, cid, expect, want, size, f"{name!r} chunk {key}", item.path)
+
+    def _shard(self, za: ZarrArray, data: bytes, what: str, where) -> bytes:
+        """A v3 shard: inner chunks + an index of (offset, nbytes) u64 pairs."""
+        import numpy as np
+
+        cfg = (za.codecs[0].get("configuration") or {}) if isinstance(za.codecs[0], dict) else {}
+        inner = tuple(cfg.get("chunk_shape") or ())
+        if len(inner) != len(za.chunks) or any(type(x) is not int or x <= 0 or s % x for x, s in zip(inner, za.chunks)):
+            raise CorruptFile(f"{what}: bad sharding chunk_shape {list(inner)}", where)
+        grid = tuple(s // x for s, x in zip(za.chunks, inner))
+        n = math.prod(grid)
+        index_codecs = [_codec_name(c) for c in cfg.get("index_codecs") or [{"name": "bytes"}, {"name": "crc32c"}]]
+        ilen = n * 16 + (4 * index_codecs.count("crc32c"))
+        if len(data) < ilen:
+            raise CorruptFile(f"{what}: shard smaller than its index (truncated?)", where)
+        at_start = cfg.get("index_location", "end") == "start"
+        ibytes = data[:ilen] if at_start else data[len(data) - ilen:]
+        if "crc32c" in index_codecs:
+            want = _crc32c(ibytes[:-4])
+            if want is not None and want != struct.unpack("<I", ibytes[-4:])[0]:
+                raise CorruptFile(f"{what}: shard index checksum mismatch (corrupt)", where)
+            ibytes = ibytes[:-4]
+        index = np.frombuffer(ibytes, dtype="<u8").reshape(n, 2)
+        inner_za = ZarrArray(za.key, za.dtype, za.shape, inner, False, tuple(cfg.get("codecs") or [{"name": "bytes"}]),
+                             3, za.separator, za.v3_default_keys, za.fill_value)
+        isz = dtypes.BY_NAME[za.dtype].itemsize
+        out = np.empty(za.chunks, dtype=np.dtype(f"V{isz}"))
+        for flat in range(n):
+            off, nb = int(index[flat, 0]), int(index[flat, 1])
+            pos = np.unravel_index(flat, grid)
+            sl = tuple(slice(p * x, (p + 1) * x) for p, x in zip(pos, inner))
+            if off == 2**64 - 1 and nb == 2**64 - 1:
+                piece = za.fill * math.prod(inner)
+            else:
+                if off + nb > len(data):
+                    raise CorruptFile(f"{what}: inner chunk past the end of the shard (truncated?)", where)
+                piece = decode_chunk(inner_za, data[off:off + nb], inner, what, where)
+            out[sl] = np.frombuffer(piece, dtype=out.dtype).reshape(inner)
+        return out.tobytes()
+
+    def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes | memoryview]:
+        t = self.tensor_info(name)
+        loc = t.loc
+        if not isinstance(loc, OrbaxLoc):
+            raise CorruptFile(f"tensor {name!r} has no data location", self.path)
+        if t.numel == 0:
+            return
+        za = loc.za
+        shape, chunks = za.shape, za.chunks
+        isz = dtypes.BY_NAME[za.dtype].itemsize
+        size = max(1, int(size))
+        if not shape:  # scalar
+            yield self._chunk(loc, (), name)[:isz]
+            return
+        grid = [-(-s // c) for s, c in zip(shape, chunks)]
+        if all(g == 1 for g in grid[1:]):
+            # chunks are whole rows of the array: stream them in order, trimming the padding
+            row = math.prod(shape[1:]) * isz
+            full_row = math.prod(chunks[1:]) * isz
+            for i in range(grid[0]):
+                idx = (i,) + (0,) * (len(shape) - 1)
+                rows = min(chunks[0], shape[0] - i * chunks[0])
+                if full_row == row:
+                    stream = self._stream_chunk(loc, idx, name, rows * row, size)
+                    if stream is not None:  # a large stored chunk: decoded piece by piece
+                        yield from stream
+                        continue
+                data = self._chunk(loc, idx, name)
+                if full_row == row:
+                    piece = memoryview(data)[: rows * row]
+                else:
+                    import numpy as np
+
+                    arr = np.frombuffer(data, dtype=np.dtype(f"V{isz}")).reshape(chunks)
+                    sl = (slice(0, rows),) + tuple(slice(0, s) for s in shape[1:])
+                    piece = memoryview(np.ascontiguousarray(arr[sl]).tobytes())
+                for o in range(0, len(piece), size):
+                    yield piece[o : o + size]
+            return
+        # general grid: assemble one chunk row (all chunks with the same index along dim 0) at a time
+        import itertools
+
+        import numpy as np
+
+        vdt = np.dtype(f"V{isz}")
+        for i in range(grid[0]):
+            rows = min(chunks[0], shape[0] - i * chunks[0])
+            slab = np.empty((rows,) + tuple(shape[1:]), dtype=vdt)
+            for rest in itertools.product(*[range(g) for g in grid[1:]]):
+                idx = (i,) + rest
+                data = self._chunk(loc, idx, name)
+                arr = np.frombuffer(data, dtype=vdt).reshape(chunks)
+                dst = [slice(0, rows)]
+                src = [slice(0, rows)]
+                for d, j in enumerate(rest, start=1):
+                    lo = j * chunks[d]
+                    hi = min(lo + chunks[d], shape[d])
+                    dst.append(slice(lo, hi))
+                    src.append(slice(0, hi - lo))
+                slab[tuple(dst)] = arr[tuple(src)]
+            piece = memoryview(slab.tobytes())
+            for o in range(0, len(piece), size):
+                yield piece[o : o + size]
