@@ -157,12 +157,14 @@ PAUSE_ENV = "CKPTCTL_TEST_PAUSE_AT"
 
 
 def pause_point(stage: str) -> None:
-    """Test hook, off unless CKPTCTL_TEST_PAUSE_AT=<stage>: say so on stderr, then wait to be
-    killed (tests/test_faults.py SIGKILLs a real process at a named stage)."""
+    """Test hook, off unless CKPTCTL_TEST_PAUSE_AT=<stage>: say so on stderr and stop (SIGSTOP)
+    until a test SIGKILLs the process or lets it go on with SIGCONT (tests/test_faults.py)."""
     if os.environ.get(PAUSE_ENV) == stage:
+        import signal
+
         sys.stderr.write(f"paused at {stage}\n")
         sys.stderr.flush()
-        time.sleep(120)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class AtomicFile:

@@ -521,6 +521,7 @@ def execute(plan: Plan, trash: Path | None = None) -> Outcome:
     """
     outcome = Outcome()
     todo = sorted(plan.to_delete, key=lambda d: (d.ckpt.step is None, d.ckpt.step or 0, d.ckpt.mtime))
+    pause_point("prune-planned")
     try:
         _execute(todo, trash, outcome)
     finally:  # TF: drop what is gone from the `checkpoint` state file, also after a stop part-way
