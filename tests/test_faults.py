@@ -245,8 +245,8 @@ def test_cleanup_spares_a_live_writer_and_foreign_names(tmp_path):
         for f in foreign:
             f.write_bytes(b"not ours")
             os.utime(f, (1, 1))
-        live_tmp = [out / n for n in leftovers(out) if n.startswith(".avg") and Path(n).suffix != ".ckptctl-tmp-mine"
-                    and n not in {f.name for f in foreign}]
+        live_tmp = [out / n for n in leftovers(out)
+                    if n.startswith(f".avg.safetensors{TMP_TAG}") and n not in {f.name for f in foreign}]
         assert len(live_tmp) == 1
         time.sleep(0.05)
         p = run("average", *paths, "-o", out / "second.safetensors", timeout=TIMEOUT)
