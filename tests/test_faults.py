@@ -51,13 +51,28 @@ def env_with(**kw) -> dict:
     return env
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    """A test that fails while a process is stopped must not leave it behind."""
+    yield
+    while _STARTED:
+        p = _STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=TIMEOUT)
+
+
 class Paused:
-    """`python -m ckptctl ARGS` stopped at `stage`; .kill() or .resume() then .finish()."""
+    """`python -m ckptctl ARGS` stopped at `stage`; then .kill() or .resume()."""
 
     def __init__(self, args, stage: str):
         self.p = subprocess.Popen([sys.executable, "-m", "ckptctl", *map(os.fspath, args)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   env=env_with(CKPTCTL_TEST_PAUSE_AT=stage))
+        _STARTED.append(self.p)
         self.err = b""
         deadline = time.monotonic() + TIMEOUT
         want = f"paused at {stage}".encode()
@@ -172,6 +187,7 @@ def test_convert_killed_after_a_delay(tmp_path, delay):
     dst = tmp_path / "out.safetensors"
     p = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", src, dst],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_with())
+    _STARTED.append(p)
     time.sleep(delay)
     p.kill()
     p.wait(timeout=TIMEOUT)
@@ -421,6 +437,7 @@ def test_two_prunes_started_together(tmp_path):
     cmd = [sys.executable, "-m", "ckptctl", "prune", os.fspath(root), "--keep-last", "1", "--yes"]
     ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with())
           for _ in range(2)]
+    _STARTED.extend(ps)
     results = [(p.wait(timeout=TIMEOUT), p.communicate()[1]) for p in ps]
     for rc, err in results:
         assert "Traceback" not in err, err
