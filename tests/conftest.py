@@ -32,6 +32,23 @@ def real_manifest() -> dict[str, dict[str, str]]:
 
 
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/fixtures/real is absent")
+REAL_ABSENT = "../shared/fixtures/real is absent"
+
+
+def real_params(items, reason: str = REAL_ABSENT) -> list:
+    """`items` for a parametrize over real fixtures, or, when there are none (../shared absent),
+    one parameter skipped with `reason`: the test shows as skipped, it never silently vanishes."""
+    items = list(items)
+    return items or [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+
+
+def real_expected() -> dict[str, dict[str, str]]:
+    """tests/real_expected.tsv: per real fixture, the exit code and result inspect and convert
+    must give (see the file's header)."""
+    lines = [ln for ln in (REPO / "tests" / "real_expected.tsv").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    head = lines[0].split("\t")
+    return {r.split("\t")[0]: dict(zip(head, r.split("\t"))) for r in lines[1:]}
 
 
 @pytest.fixture

@@ -254,11 +254,21 @@ TF_FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtur
 
 def tf_bundle_bytes() -> tuple[bytes, bytes]:
     """(index, data shard) bytes of a real one-shard TF 2 checkpoint (the fixture's ckpt-10);
-    placeholder bytes when ../shared/fixtures is absent (then only names and sizes are real)."""
+    when ../shared/fixtures is absent, a valid bundle from tests/tf_writer.py (TF's byte layout,
+    written independently of ckptctl) so the run tests still read real checkpoints."""
     src = TF_FIXTURES / "tf2_manager_run"
     if (src / "ckpt-10.index").is_file():
         return (src / "ckpt-10.index").read_bytes(), (src / "ckpt-10.data-00000-of-00001").read_bytes()
-    return b"i" * 10, b"d" * 100
+    import tempfile
+
+    import numpy as np
+    from tf_writer import write_bundle
+
+    with tempfile.TemporaryDirectory() as d:
+        prefix = Path(d) / "ckpt-10"
+        write_bundle(prefix, {"model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE": np.arange(12, dtype=np.float32).reshape(3, 4),
+                              "save_counter/.ATTRIBUTES/VARIABLE_VALUE": np.array(10, dtype=np.int64)})
+        return (Path(d) / "ckpt-10.index").read_bytes(), (Path(d) / "ckpt-10.data-00000-of-00001").read_bytes()
 
 
 def tf_manager_run(root: Path, steps=(1, 2, 3), prefix: str = "ckpt-{step}", shards: int = 1,

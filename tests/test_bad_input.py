@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from conftest import REAL, cli, needs_real, real_manifest, run
+from conftest import REAL, cli, needs_real, real_expected, real_manifest, real_params, run
 
 REQUIRED_KEYS = {"path", "format", "tensors", "metadata", "num_tensors", "num_params", "total_bytes"}
 
@@ -218,12 +218,10 @@ def _expected_from_reference(path, fmt):
     raise AssertionError(fmt)
 
 
-@needs_real
-@pytest.mark.parametrize("rel", sorted(MANIFEST) or ["-"])
+@pytest.mark.parametrize("rel", real_params(sorted(MANIFEST)), ids=str)
 def test_real_fixture_inspects_or_fails_cleanly(rel):
-    if rel == "-":
-        pytest.skip("no MANIFEST.tsv")
     path = REAL / rel
+    want = real_expected()[rel]  # tests/real_expected.tsv: this file's exit code and tensor count
     fmt = MANIFEST[rel]["format"]
     res = run("inspect", path, "--format", "json")
     assert "Traceback" not in res.stderr
@@ -235,16 +233,15 @@ def test_real_fixture_inspects_or_fails_cleanly(rel):
         assert got == _expected_from_reference(path, fmt)
         assert doc["num_tensors"] == len(got)
     elif fmt == "safetensors-MALFORMED" or fmt == "not-a-checkpoint":
-        assert res.returncode == 1
+        assert res.returncode == 1 == int(want["inspect_exit"])
         assert len(res.stderr.strip().splitlines()) == 1 and str(path) in res.stderr
-    elif res.returncode == 0:
-        doc = json.loads(res.stdout)
-        assert REQUIRED_KEYS <= set(doc)
     else:
-        assert res.returncode == 1, res.stderr
-        lines = res.stderr.strip().splitlines()
-        assert len(lines) == 1, res.stderr
-        assert res.stdout == ""
+        assert res.returncode == int(want["inspect_exit"]), res.stderr
+        if res.returncode == 0:
+            doc = json.loads(res.stdout)
+            assert REQUIRED_KEYS <= set(doc) and doc["num_tensors"] == int(want["inspect_tensors"])
+        else:
+            assert len(res.stderr.strip().splitlines()) == 1 and res.stdout == "", res.stderr
 
 
 @needs_real

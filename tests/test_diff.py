@@ -11,7 +11,7 @@ import math
 import ml_dtypes  # noqa: F401  (registers bfloat16 for safetensors.numpy)
 import numpy as np
 import pytest
-from conftest import REAL, cli, needs_real, real_manifest, run
+from conftest import REAL, cli, needs_real, real_expected, real_manifest, real_params, run
 
 from ckptctl.ops import diff as ops
 
@@ -49,8 +49,9 @@ def _ref_stats(a, b):
 
 def jdiff(*args):
     r = cli("diff", *args, "--format", "json")
-    assert r.exit_code in (0, 1), r.output
-    return r, json.loads(r.stdout)
+    doc = json.loads(r.stdout)
+    assert r.exit_code == (0 if doc["equal"] else 1), r.output  # the exit code is the verdict
+    return r, doc
 
 
 @pytest.fixture
@@ -521,19 +522,120 @@ def test_lockstep_reads_stay_bounded(tmp_path, monkeypatch):
     assert sizes and max(sizes) <= 1 << 16 and sum(sizes) == 2 * 400_000
 
 
-# ---- real files ---------------------------------------------------------------------------------------
-@needs_real
-@pytest.mark.parametrize("name", [n for n, row in real_manifest().items()
-                                  if "MALICIOUS" not in row.get("format", "") and "malicious" not in n
-                                  and "MALFORMED" not in row.get("format", "")] or ["none"])
-def test_real_files_equal_themselves(name):
-    if name == "none":
-        pytest.skip("no real fixtures")
-    path = REAL / name
-    r = cli("diff", path, path, "--format", "json")
-    assert r.exit_code == 0, r.output
-    doc = json.loads(r.stdout)
-    assert doc["equal"] and not doc["changed"] and not doc["only_in_a"] and doc["num_identical"] > 0
+# ---- real files, each against a second real file with one known difference -------------------------
+# How the second file is written, per real fixture: by the producer's own library (safetensors,
+# torch.save of torch.load(weights_only=True), h5py in place on a copy) with bit 0 of one element's
+# first byte flipped. Files torch will not load with weights_only (their pickles need lightning,
+# argparse, numpy-scalar or TorchVersion globals) and files without tensors have no second file: listed with why.
+REAL_DIFF = {
+    **{k: "safetensors" for k in real_manifest() if k.startswith(("safetensors/", "safetensors_sharded/"))
+       and k.endswith(".safetensors")},
+    "torch_zip/caikit_tiny_bert_pytorch_model.bin": "torch",
+    "torch_zip/caikit_tiny_t5_pytorch_model.bin": "torch",
+    "torch_zip/candle_test.pt": "torch",
+    "torch_zip/candle_test_with_key.pt": "torch",
+    "torch_zip/candle_fortran_tensor_3d.pth": "torch",
+    "torch_zip/picklescan_new_pytorch_model.bin": "torch",
+    "torch_legacy/picklescan_distilbert_pytorch_model.bin": "torch",
+    "tf_transformers_h5/caikit_tiny_bert_tf_model.h5": "h5py",
+    "torch_zip/chemprop_v2_trained_on_cuda.pt": "skip: torch.load(weights_only=True) refuses lightning...AttributeDict",
+    "torch_zip/chemprop_v1_regression_mol.pt": "skip: torch.load(weights_only=True) refuses argparse.Namespace",
+    "lightning/chemprop_example_model_v2_regression_mol.ckpt": "skip: torch.load(weights_only=True) refuses numpy.core.multiarray.scalar",
+    "lightning/pyannote_simple_model_on_speaker_diarization_task.ckpt": "skip: torch.load(weights_only=True) refuses torch.torch_version.TorchVersion",
+}
+
+
+def _flip(t):
+    """A copy of tensor `t` with bit 0 of its first byte flipped (any dtype)."""
+    import torch
+
+    t = t.detach().clone().contiguous()
+    t.view(-1).view(torch.uint8)[0] ^= 1
+    return t
+
+
+def _first_nonempty(d: dict) -> str:
+    return next(k for k, v in d.items() if v.numel())
+
+
+def _write_second_file(path, how: str, dst, change: bool):
+    """`path` written again by its producer's library to `dst`, one element changed if `change`.
+    Returns (old value, new value) of the changed element as float64 (or None)."""
+    import shutil
+
+    import torch
+
+    if how == "safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        d = load_file(path)
+        pair = None
+        if change:
+            k = _first_nonempty(d)
+            old = d[k].reshape(-1)[0].double().item()
+            d[k] = _flip(d[k])
+            pair = (old, d[k].reshape(-1)[0].double().item())
+        save_file(d, dst, metadata=meta)
+        return pair
+    if how == "torch":
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+        if isinstance(obj, torch.Tensor):  # a bare tensor saved on its own
+            obj = {"__bare__": obj}
+        holder = obj
+        while not isinstance(holder, torch.Tensor) and isinstance(holder, dict) and not any(
+                isinstance(v, torch.Tensor) and v.numel() for v in holder.values()):
+            holder = next(v for v in holder.values() if isinstance(v, dict))  # nested state dicts
+        pair = None
+        if change:
+            k = next(k for k, v in holder.items() if isinstance(v, torch.Tensor) and v.numel())
+            old = holder[k].reshape(-1)[0].double().item()
+            holder[k] = _flip(holder[k])
+            pair = (old, holder[k].reshape(-1)[0].double().item())
+        torch.save(obj["__bare__"] if "__bare__" in obj else obj, dst)
+        return pair
+    if how == "h5py":
+        import h5py
+
+        shutil.copyfile(path, dst)
+        if not change:
+            return None
+        with h5py.File(dst, "r+") as f:
+            names = []
+            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) and o.size else None)
+            ds = f[names[0]]
+            arr = ds[()]
+            old = float(arr.reshape(-1)[0])
+            arr.reshape(-1).view(np.uint8)[0] ^= 1
+            ds[...] = arr
+            return old, float(arr.reshape(-1)[0])
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("rel", real_params(sorted(REAL_DIFF) if REAL.is_dir() else []), ids=str)
+def test_real_file_against_a_second_file_with_one_change(tmp_path, rel):
+    how = REAL_DIFF[rel]
+    if how.startswith("skip:"):
+        pytest.skip(how[5:].strip())
+    path = REAL / rel
+    n = int(real_expected()[rel]["inspect_tensors"])
+    suffix = "".join(path.suffixes[-1:])
+    same = tmp_path / f"same{suffix}"
+    _write_second_file(path, how, same, change=False)
+    r, doc = jdiff(path, same)
+    assert r.exit_code == 0 and doc["equal"] and doc["num_identical"] == n and not doc["only_in_a"], doc
+
+    other = tmp_path / f"other{suffix}"
+    old, new = _write_second_file(path, how, other, change=True)
+    r, doc = jdiff(path, other)
+    assert r.exit_code == 1 and not doc["equal"]
+    assert len(doc["changed"]) == 1 and doc["changed"][0]["num_diff"] == 1, doc["changed"]
+    assert doc["num_identical"] == n - 1 and not doc["only_in_a"] and not doc["only_in_b"]
+    got = doc["changed"][0]["max_abs_diff"]
+    if math.isfinite(old) and math.isfinite(new) and not isinstance(got, str):
+        assert got == pytest.approx(abs(new - old), rel=1e-12, abs=0)
 
 
 @needs_real
@@ -544,51 +646,54 @@ def test_real_malformed_file_is_a_clean_error():
 
 
 def flip_first_bit_copy(src, dst):
-    """Every tensor of a real file, written again with bit 0 of its first byte flipped."""
-    from ckptctl.formats import open_reader
-    from ckptctl.formats.write_safetensors import SafetensorsWriter
+    """Every tensor of a real file, written again by safetensors with bit 0 of its first byte flipped."""
+    from safetensors.torch import load_file, save_file
 
-    with open_reader(src) as r:
-        info = r.info()
-        tensors = [t for t in info.tensors if t.alias_of is None]
-        raw = {t.name: bytearray(b"".join(bytes(c) for c in r.iter_chunks(t.name))) for t in tensors}
-    for t in tensors:
-        if raw[t.name]:
-            raw[t.name][0] ^= 1
-    w = SafetensorsWriter(dst, tensors, {})
-    for t in tensors:
-        w.add(t, [bytes(raw[t.name])])
-    w.finish()
-    return info, raw
+    d = load_file(src)
+    flipped = {k: (_flip(v) if v.numel() else v) for k, v in d.items()}
+    save_file(flipped, dst)
+    return d, flipped
+
+
+def _f64(t):
+    import torch
+
+    return (t.to(torch.uint8) if t.dtype == torch.bool else t).double().numpy()
 
 
 @needs_real
 def test_real_all_dtypes_file_against_a_bit_flipped_copy(tmp_path):
-    from ckptctl.formats import open_reader
-
     src = REAL / "safetensors" / "fluxml_torch_alldtypes.safetensors"
-    info, raw = flip_first_bit_copy(src, tmp_path / "flipped.safetensors")
+    a_all, b_all = flip_first_bit_copy(src, tmp_path / "flipped.safetensors")
     r, doc = jdiff(src, tmp_path / "flipped.safetensors")
     assert r.exit_code == 1
     ch = {c["name"]: c for c in doc["changed"]}
-    nonempty = [t for t in info.tensors if t.nbytes]
-    assert set(ch) == {t.name for t in nonempty}
-    with open_reader(src) as ra, open_reader(tmp_path / "flipped.safetensors") as rb:
-        for t in nonempty:
-            c = ch[t.name]
-            assert c["num_diff"] == 1, t.name
-            a, b = ra.read(t.name), rb.read(t.name)
-            if a.dtype == np.bool_:
-                a, b = a.astype(np.uint8), b.astype(np.uint8)
-            exp = ref_stats(a, b)
-            got = c["max_abs_diff"]
-            if isinstance(got, str) or not np.isfinite(exp["max_abs_diff"]):
-                continue  # a flipped bit can make a NaN; NaN pairs are left out of the statistics
-            assert got == pytest.approx(exp["max_abs_diff"], rel=1e-12), t.name
+    nonempty = [k for k, v in a_all.items() if v.numel()]
+    assert set(ch) == set(nonempty)
+    for name in nonempty:
+        c = ch[name]
+        assert c["num_diff"] == 1, name
+        exp = ref_stats(_f64(a_all[name]), _f64(b_all[name]))  # values as safetensors/torch read them
+        got = c["max_abs_diff"]
+        if isinstance(got, str) or not np.isfinite(exp["max_abs_diff"]):
+            continue  # a flipped bit can make a NaN; NaN pairs are left out of the statistics
+        assert got == pytest.approx(exp["max_abs_diff"], rel=1e-12), name
 
 
 @needs_real
-def test_real_sharded_folder_equals_itself():
+def test_real_sharded_folder_against_a_copy_with_one_shard_changed(tmp_path):
+    import shutil
+
     folder = REAL / "safetensors_sharded" / "fluxml"
-    p = run("diff", folder, folder)
-    assert p.returncode == 0, p.stderr
+    same = tmp_path / "same"
+    shutil.copytree(folder, same)
+    p = run("diff", folder, same, "--format", "json")
+    assert p.returncode == 0 and json.loads(p.stdout)["num_identical"] == 36, p.stderr
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    shard = other / "model-00003-of-00006.safetensors"
+    _write_second_file(folder / shard.name, "safetensors", shard, change=True)  # rewritten by safetensors
+    p = run("diff", folder, other, "--format", "json")
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(p.stdout)
+    assert len(doc["changed"]) == 1 and doc["changed"][0]["num_diff"] == 1 and doc["num_identical"] == 35

@@ -318,8 +318,18 @@ def test_completion_protocol_in_a_subprocess(model):
     assert p.returncode == 0 and p.stdout.strip() == "" and p.stderr == ""
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 def test_install_completion_still_works(tmp_path):
-    p = py("-m", "ckptctl", "--install-completion", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
+    # --install-completion detects the shell from the process's ancestors (shellingham), so run it
+    # from a real bash as a user would: the test must not depend on pytest's own parent being a
+    # shell (under setsid/nohup/CI runners none is). `; exit $?` keeps bash from exec'ing python.
+    import shlex
+
+    cmd = shlex.join([sys.executable, "-m", "ckptctl", "--install-completion"]) + "; exit $?"
+    e = {k: v for k, v in os.environ.items() if k not in ("CKPTCTL_DEBUG", "FORCE_COLOR", "GITHUB_ACTIONS")}
+    e.update(HOME=str(tmp_path), SHELL="/bin/bash")
+    p = subprocess.run(["bash", "--norc", "--noprofile", "-c", cmd], capture_output=True, text=True, env=e,
+                       stdin=subprocess.DEVNULL, timeout=180)
     assert p.returncode == 0, p.stderr
     installed = list(tmp_path.rglob("ckptctl*"))
     assert installed, p.stdout

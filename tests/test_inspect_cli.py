@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import REAL, cli, needs_real, real_files, run
+from conftest import REAL, cli, real_expected, real_params, run
 
 
 @pytest.fixture
@@ -86,16 +86,18 @@ def test_filter_and_sort(model):
     assert r.exit_code == 0 and "no tensor matches" in r.stderr
 
 
-@needs_real
-@pytest.mark.parametrize("path", real_files(), ids=lambda p: str(p.relative_to(REAL)))
-def test_every_real_fixture_inspects_or_fails_cleanly(path):
+@pytest.mark.parametrize("rel", real_params(sorted(real_expected()) if REAL.is_dir() else []), ids=str)
+def test_every_real_fixture_inspects_as_the_table_says(rel):
+    """tests/real_expected.tsv gives each fixture's exit code and tensor count."""
+    path = REAL / rel
+    want = real_expected()[rel]
     p = run("inspect", path, "--format", "json")
     assert "Traceback" not in p.stderr
+    assert p.returncode == int(want["inspect_exit"]), p.stderr
     if p.returncode == 0:
         doc = json.loads(p.stdout)
-        assert doc["num_tensors"] == len(doc["tensors"])
+        assert doc["num_tensors"] == len(doc["tensors"]) == int(want["inspect_tensors"])
     else:
-        assert p.returncode == 1
         assert p.stdout == ""
         errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and str(path) in errors[0]

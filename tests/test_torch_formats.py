@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REAL, cli, real_manifest, run
+from conftest import REAL, cli, real_manifest, real_params, run
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader, pickles, sniff
 from ckptctl.formats import torch_legacy as legacy_mod
@@ -799,7 +799,7 @@ def _real(sub: str) -> list:
     return sorted(k for k in man if k.startswith(sub + "/"))
 
 
-@pytest.mark.parametrize("rel", _real("torch_zip") + _real("torch_legacy") + _real("lightning"))
+@pytest.mark.parametrize("rel", real_params(_real("torch_zip") + _real("torch_legacy") + _real("lightning")))
 def test_real_files(rel):
     path = REAL / rel
     if not path.is_file():

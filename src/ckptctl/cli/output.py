@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -176,7 +177,19 @@ def print_json(obj: Any) -> None:
         text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
     except ValueError:  # a non-finite float (or a cycle): rewrite the document strictly
         text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False)
-    sys.stdout.write(text.translate(_JSON_CTRL) + "\n")
+    if not text.isascii():
+        text = _SURROGATE.sub(_escape_surrogate, text.translate(_JSON_CTRL))
+    sys.stdout.write(text + "\n")
+
+
+# A name that was not valid UTF-8 (a file name's raw byte as \udcff, a pickle string written with
+# surrogatepass, an HDF5 name of raw bytes) holds lone surrogates, which UTF-8 cannot encode: they
+# can only be inside JSON strings, so they go out as \uXXXX escapes and stdout stays valid UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match) -> str:
+    return f"\\u{ord(m.group()):04x}"
 
 
 NONFINITE_KEY = "nonfinite"

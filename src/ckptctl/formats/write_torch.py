@@ -209,6 +209,8 @@ class TorchZipWriter(StreamingWriter):
         for t in tensors:
             torch_dtype_ok(t)
         stem = self.path.name.split(".", 1)[0] or "archive"  # torch: basename up to the first '.'
+        if not self.path.name.isascii():  # torch writes through a stream then: "archive/"
+            stem = "archive"
         self.prefix = stem + "/"
         self.keys = {t.name: str(i) for i, t in enumerate(self.primaries)}
         pkl = build_pickle(tensors, self.keys, self.root)

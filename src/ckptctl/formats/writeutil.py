@@ -13,7 +13,12 @@ while the next piece is copied and the closing fsync has little left to wait for
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import stat
+import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -56,6 +61,112 @@ def temp_name(target: Path) -> str:
     return f".{target.name}{TMP_TAG}"
 
 
+# ---- what an interrupted run leaves behind ------------------------------------------------------
+_STARTED = time.time()  # temporaries newer than this process may belong to a run still going
+_RANDOM = re.compile(r"[a-z0-9_]{8}")  # tempfile.mkstemp / mkdtemp's random part
+
+
+def _lock(fd: int, is_dir: bool) -> bool:
+    """Take an exclusive lock without waiting; False when someone else holds one.
+
+    Folders get flock; files get an open-file-description record lock (F_OFD_SETLK), which
+    libhdf5's own flock on the same file does not conflict with."""
+    import fcntl
+
+    if is_dir:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    import struct
+
+    F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+    except OSError as e:
+        if e.errno in (11, 13):  # EAGAIN, EACCES: held by another open file
+            return False
+        raise
+    return True
+
+
+def hold_lock(fd: int) -> None:
+    """Mark a temporary (file or folder fd) as in use: the kernel drops the lock when the process
+    dies, however it dies, so clean_stale_temps never removes a temporary of a live run."""
+    try:
+        _lock(fd, stat.S_ISDIR(os.fstat(fd).st_mode))
+    except (OSError, ImportError):
+        pass
+
+
+def _in_use(path: str, is_dir: bool) -> bool:
+    try:
+        fd = os.open(path, (os.O_RDONLY if is_dir else os.O_RDWR) | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        if not _lock(fd, is_dir):
+            return True
+        if not is_dir:  # a live h5py writer holds libhdf5's flock on its file
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except (OSError, ImportError):
+        return True
+    finally:
+        os.close(fd)  # also drops our probe locks
+
+
+def clean_stale_temps(target: str | os.PathLike) -> list[str]:
+    """Remove the temporaries a killed ckptctl left beside `target` and say so on stderr.
+
+    Only our own names (`.<target name>.ckptctl-tmp-XXXXXXXX`, a file or a folder), owned by this
+    user, last modified before this process started and not locked by a live writer (see
+    hold_lock). Returns the paths removed.
+    """
+    target = Path(target)
+    prefix = temp_name(target)
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(prefix) or not _RANDOM.fullmatch(e.name[len(prefix):]):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if st.st_mtime >= _STARTED or st.st_uid != os.getuid():
+            continue
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) or _in_use(e.path, stat.S_ISDIR(st.st_mode)):
+            continue
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(e.path)  # never follows a symlink inside
+            else:
+                os.unlink(e.path)
+        except OSError:
+            continue
+        removed.append(e.path)
+        sys.stderr.write(f"note: removed {e.path}, left by an interrupted ckptctl run\n")
+    return removed
+
+
+PAUSE_ENV = "CKPTCTL_TEST_PAUSE_AT"
+
+
+def pause_point(stage: str) -> None:
+    """Test hook, off unless CKPTCTL_TEST_PAUSE_AT=<stage>: say so on stderr and stop (SIGSTOP)
+    until a test SIGKILLs the process or lets it go on with SIGCONT (tests/test_faults.py)."""
+    if os.environ.get(PAUSE_ENV) == stage:
+        import signal
+
+        sys.stderr.write(f"paused at {stage}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 class AtomicFile:
     """A temporary file beside `target`, renamed over it by `commit`, removed by `abort`."""
 
@@ -64,7 +175,9 @@ class AtomicFile:
         parent = self.target.parent
         if not parent.is_dir():
             raise Incompatible(f"folder {parent} does not exist")
+        clean_stale_temps(self.target)
         fd, name = tempfile.mkstemp(prefix=temp_name(self.target), dir=parent)
+        hold_lock(fd)
         self.fd: int | None = fd
         self.tmp = Path(name)
 
@@ -75,9 +188,10 @@ class AtomicFile:
         os.fchmod(self.fd, 0o666 & ~_umask())
         if sync:
             os.fsync(self.fd)
+        pause_point("commit")
+        os.replace(self.tmp, self.target)  # before close: the lock is held until the name is gone
         os.close(self.fd)
         self.fd = None
-        os.replace(self.tmp, self.target)
         if sync:
             fsync_dir(self.target.parent)
 
@@ -335,6 +449,7 @@ class StreamingWriter(Writer):
         if t is None:
             return
         self._write_chunks(t, chunks)
+        pause_point("tensor-written")
 
     def add_range(self, info: TensorInfo, src, offset: int, length: int) -> None:
         t = self._claim(info)
@@ -343,6 +458,7 @@ class StreamingWriter(Writer):
         if length != t.nbytes:
             raise Incompatible(f"tensor {t.name!r}: source range is {length} bytes, expected {t.nbytes}")
         self._write_range(t, src, offset, length)
+        pause_point("tensor-written")
 
     def finish(self) -> None:
         try:

@@ -28,7 +28,7 @@ from ckptctl.formats.base import Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
 from ckptctl.ops.inspect import dangerous_globals
 from ckptctl.ops.select import Selection, select
-from ckptctl.formats.writeutil import TMP_TAG, fsync_dir
+from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point
 
 # Bytes per read. 16 MiB, not 64: glibc serves blocks up to 32 MiB from its heap once one was
 # freed, so the buffers are reused instead of being mapped and page-faulted afresh each time
@@ -526,6 +526,12 @@ class Staged:
     committed: bool = False
     _sync: threading.Thread | None = None
     _sync_error: OSError | None = None
+    _lock_fd: int | None = None  # the folder, locked while this run may still use it
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def start_sync(self) -> None:
         def run() -> None:
@@ -554,14 +560,21 @@ class Staged:
     def discard(self) -> None:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        self.release()
 
 
 def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = None) -> Staged:
     """Write every output file into a hidden folder beside DST; nothing is at DST yet."""
     srcs = {o.name: s for s, o in plan.selection.pairs}
     dst = plan.dst
+    clean_stale_temps(dst)  # what a killed earlier run left
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{TMP_TAG}", dir=dst.parent))
     staged = Staged(tmp, tmp if plan.sharded else tmp / dst.name)
+    try:
+        staged._lock_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        hold_lock(staged._lock_fd)
+    except OSError:
+        pass
     try:
         if not plan.sharded:
             _write_file(plan, plan.files[0], staged.out, srcs, progress)
@@ -576,6 +589,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
                 with open(tmp / plan.index_name, "wb") as fh:
                     fh.write(data)
         staged.start_sync()
+        pause_point("staged")
         return staged
     except OSError as e:
         staged.discard()
@@ -588,6 +602,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
 def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] | None = None) -> ConvertResult:
     """Move the staged output to DST (replacing what --force allowed to replace)."""
     staged.wait_synced(plan.dst)  # on disk before it has DST's name
+    pause_point("swap-in")
     dst = plan.dst
     if plan.sharded:
         os.chmod(staged.tmp, 0o777 & ~_umask())
@@ -600,6 +615,7 @@ def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] |
     staged.committed = True
     if not plan.sharded:
         shutil.rmtree(staged.tmp, ignore_errors=True)
+    staged.release()
     result = ConvertResult(dst=dst, fmt=plan.fmt, outputs=outputs, num_tensors=plan.num_tensors,
                            bytes_written=sum(p.stat().st_size for p in outputs), verified=verified is not None)
     if verified is not None:

@@ -15,12 +15,14 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckptctl.errors import CkptError, UsageError
+from ckptctl.formats.writeutil import clean_stale_temps, fsync_dir, hold_lock, pause_point, temp_name
 from ckptctl.ops import runs_tf
 from ckptctl.ops.runs import Run, RunCheckpoint
 
@@ -440,7 +442,7 @@ def _move(d: Decision, trash: Path, outcome: Outcome) -> str:
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-        shutil.copytree(c.path, dest, symlinks=True)
+        _copy_durably(Path(c.path), dest, folder=True)
         _delete(d, outcome)
         return os.fspath(dest)
     # loose files (one file, an index + its shards, a TF prefix group): keep their names
@@ -463,10 +465,57 @@ def _move(d: Decision, trash: Path, outcome: Outcome) -> str:
             if stat.S_ISLNK(snap.mode):
                 os.symlink(os.readlink(snap.path), target)
             else:
-                shutil.copy2(snap.path, target, follow_symlinks=False)
+                _copy_durably(snap.path, target, folder=False)
             os.unlink(snap.path)
         outcome.partial.append(snap.path)
     return os.fspath(dest)
+
+
+def _copy_durably(src: Path, dest: Path, folder: bool) -> None:
+    """Copy `src` to `dest` on another file system: into a hidden temporary beside `dest`, every
+    file fsynced, then renamed to `dest` (and its folder fsynced), so the source is deleted only
+    once a complete copy is on disk. A kill part-way leaves the source and at most the
+    temporary, which the next run removes (writeutil.clean_stale_temps)."""
+    clean_stale_temps(dest)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_name(dest), dir=dest.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=temp_name(dest), dir=dest.parent)
+        os.close(fd)
+        tmp = Path(name)
+    lock = os.open(tmp, os.O_RDONLY if folder else os.O_RDWR)
+    hold_lock(lock)
+    try:
+        if folder:
+            shutil.copytree(src, tmp, symlinks=True, dirs_exist_ok=True)
+            for dirpath, _dirs, files in os.walk(tmp, topdown=False):
+                for n in files:
+                    p = os.path.join(dirpath, n)
+                    if not os.path.islink(p):
+                        _fsync(p)
+                fsync_dir(Path(dirpath))
+        else:
+            shutil.copy2(src, tmp, follow_symlinks=False)
+            _fsync(tmp)
+        pause_point("trash-copied")
+        os.rename(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(lock)
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def execute(plan: Plan, trash: Path | None = None) -> Outcome:
@@ -477,6 +526,7 @@ def execute(plan: Plan, trash: Path | None = None) -> Outcome:
     """
     outcome = Outcome()
     todo = sorted(plan.to_delete, key=lambda d: (d.ckpt.step is None, d.ckpt.step or 0, d.ckpt.mtime))
+    pause_point("prune-planned")
     try:
         _execute(todo, trash, outcome)
     finally:  # TF: drop what is gone from the `checkpoint` state file, also after a stop part-way
@@ -507,6 +557,7 @@ def _execute(todo: list[Decision], trash: Path | None, outcome: Outcome) -> None
             return
         outcome.partial = []
         outcome.done.append(d)
+        pause_point("pruned-one")
 
 
 def check_trash(trash: Path, plan: Plan) -> None:
