@@ -13,6 +13,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.errors import CkptError, UsageError
+from ckptctl.sources import is_remote, redact
 
 
 def debug_enabled() -> bool:
@@ -77,6 +78,8 @@ def check_paths(*paths: str | os.PathLike | None) -> None:
         if isinstance(p, (list, tuple)):
             check_paths(*p)
             continue
+        if is_remote(p):
+            continue  # a URL: the reader reports a missing object (one request, not two)
         try:
             os.stat(p)
         except FileNotFoundError:
@@ -88,7 +91,7 @@ def check_paths(*paths: str | os.PathLike | None) -> None:
 def _report(msg: str) -> None:
     if debug_enabled():
         traceback.print_exc(file=sys.stderr)
-    output.error(msg)
+    output.error(redact(msg))  # never a storage-option secret or a credential from the environment
 
 
 FormatOpt = Annotated[

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ckptctl.errors import CorruptFile, NotFound, UnknownFormat
 from ckptctl.formats.base import Reader, Writer
+from ckptctl.sources import as_path, is_remote, open_file, open_source
 
 # format name -> (module, reader class)
 READERS: dict[str, tuple[str, str]] = {
@@ -64,8 +65,15 @@ _OTHER_MAGIC = [
 
 
 def _head(path: Path, n: int = 4096) -> bytes:
+    if is_remote(path):
+        with open_source(path) as src:
+            return src.pread(0, n)
     with open(path, "rb") as f:
         return f.read(n)
+
+
+def _size(path) -> int:
+    return path.stat().st_size  # a RemotePath answers from its folder listing (or one HEAD)
 
 
 def _describe_unknown(head: bytes) -> str:
@@ -117,7 +125,7 @@ def _sniff_zip(path: Path) -> str:
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as z:
+        with open_file(path) as f, zipfile.ZipFile(f) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, OverflowError) as e:
         raise CorruptFile(f"corrupt zip archive ({e})", path) from None
@@ -164,8 +172,12 @@ def _sniff_dir(path: Path) -> tuple[str, Path]:
 
 
 def resolve(path: str | os.PathLike) -> tuple[str, Path]:
-    """(format name, the path its reader opens) by content; raises a CkptError otherwise."""
-    p = Path(path)
+    """(format name, the path its reader opens) by content; raises a CkptError otherwise.
+
+    URLs (s3://, https://, ...) work alike: a remote folder (prefix) is resolved from one listing,
+    a remote file sniffed from a ranged read of its head.
+    """
+    p = as_path(path)
     try:
         if p.is_dir():
             return _sniff_dir(p)
@@ -178,7 +190,7 @@ def resolve(path: str | os.PathLike) -> tuple[str, Path]:
 
 def sniff(path: str | os.PathLike) -> str:
     """The format of one file, by its first bytes."""
-    p = Path(path)
+    p = as_path(path)
     try:
         head = _head(p)
     except FileNotFoundError:
@@ -199,12 +211,12 @@ def sniff(path: str | os.PathLike) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         # a u64 header length then '{'; a pickle's first 8 bytes read as u64 are far too big
         n = int.from_bytes(head[:8], "little")
-        if head[0] != 0x80 or n + 8 <= p.stat().st_size:
+        if head[0] != 0x80 or n + 8 <= _size(p):
             return "safetensors"
     if len(head) >= 10 and head[8:9] in (b" ", b"\t", b"\n", b"\r") and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
         # JSON may start with whitespace (the reference accepts it): then N must fit the file
         n = int.from_bytes(head[:8], "little")
-        if 0 < n and n + 8 <= p.stat().st_size:
+        if 0 < n and n + 8 <= _size(p):
             return "safetensors"
     if p.name.endswith(INDEX_SUFFIXES) and head.lstrip()[:1] == b"{":
         return "sharded"
@@ -215,9 +227,9 @@ def sniff(path: str | os.PathLike) -> str:
     if len(head) < 8 and p.suffix == ".safetensors":
         raise CorruptFile(f"file is {len(head)} bytes, too short for a safetensors header", p)
     # HDF5 files may carry a user block: the superblock then sits at 512, 1024, 2048, ...
-    size = p.stat().st_size
+    size = _size(p)
     off = 512
-    with open(p, "rb") as f:
+    with open_file(p) as f:
         while off + 8 <= size and off <= 1 << 20:
             f.seek(off)
             if f.read(8) == HDF5_MAGIC:
@@ -231,7 +243,12 @@ def open_reader(path: str | os.PathLike) -> Reader:
     fmt, target = resolve(path)
     module, cls = READERS[fmt]
     reader_cls = getattr(importlib.import_module(module), cls)
-    return reader_cls(target)
+    reader = reader_cls(target)
+    if is_remote(target):
+        # byte ranges name files for os.open / copy_file_range: a remote object has none, so
+        # consumers (convert, diff, average) take the streaming path through iter_chunks
+        reader.byte_range = lambda name: None
+    return reader
 
 
 def writer_class(fmt: str) -> type[Writer]:
