@@ -101,8 +101,7 @@ def configure(options: list[str] | dict | None = None) -> None:
         _options = opts
         _secrets.clear()
         _collect_secrets(opts)
-        _fs_cache.clear()
-        _listings.clear()
+        _listings.clear()  # file systems are kept (keyed by options and environment): listings are not
         STATS.update(requests=0, bytes=0)
 
 
@@ -136,12 +135,31 @@ def redact(message: str) -> str:
 
 
 # ---- paths ------------------------------------------------------------------------------------
+# A URL that went through pathlib.Path (Typer turns path arguments into Paths) lost one slash:
+# Path("s3://b/k") is "s3:/b/k". For Path objects of a remote protocol that is undone.
+_COLLAPSED = re.compile(r"^(" + "|".join(sorted(EXTRAS, key=len, reverse=True)) + r"):/(?!/)")
+
+
+def _url_of(path) -> str | None:
+    if isinstance(path, str):
+        return path if _URL.match(path) else None
+    if isinstance(path, os.PathLike):
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            return None
+        if _URL.match(text):
+            return text
+        m = _COLLAPSED.match(text)
+        if m and isinstance(path, Path):
+            return f"{m.group(1)}://{text[m.end():]}"
+    return None
+
+
 def protocol(path) -> str | None:
     if isinstance(path, RemotePath):
         return path.protocol
-    if not isinstance(path, (str, os.PathLike)):
-        return None
-    m = _URL.match(os.fspath(path) if not isinstance(path, str) else path)
+    url = _url_of(path)
+    m = _URL.match(url) if url else None
     return m.group(1).lower() if m else None
 
 
@@ -156,7 +174,7 @@ def as_path(path) -> Path | RemotePath:
     if isinstance(path, RemotePath):
         return path
     if is_remote(path):
-        return RemotePath(os.fspath(path))
+        return RemotePath(_url_of(path))
     if protocol(path) in ("file", "local"):
         return Path(re.sub(r"^[A-Za-z]+://", "", os.fspath(path)))
     return Path(path)
@@ -289,7 +307,7 @@ class RemotePath(os.PathLike):
         if self.protocol in ("http", "https") or _listing(self.parent) is None:
             try:
                 return _info(self).get("type", "file") != "directory"
-            except NotFound:
+            except NoSuchObject:
                 return False
         return False
 
@@ -343,11 +361,22 @@ class RangeIgnored(CkptError):
     """A server that answers a ranged request with the whole object."""
 
 
+class NoSuchObject(NotFound):
+    """404: no such bucket, key or URL (as opposed to access denied)."""
+
+
+class AccessDenied(NotFound):
+    """401/403."""
+
+
 def _fs(path: RemotePath):
     """The fsspec file system of a URL (one per protocol and invocation) and the path inside it."""
     proto = path.protocol
+    env = tuple(os.environ.get(v) for v in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
+                                            "CKPTCTL_TIMEOUT", "HF_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"))
+    cache_key = f"{proto}|{sorted(_options.items(), key=str)!r}|{env!r}"
     with _lock:
-        fs = _fs_cache.get(proto)
+        fs = _fs_cache.get(cache_key)
     if fs is None:
         try:
             import fsspec
@@ -370,7 +399,7 @@ def _fs(path: RemotePath):
         except TypeError as e:
             raise UsageError(redact(f"a --storage-option is not accepted by {proto}:// ({e})")) from None
         with _lock:
-            _fs_cache[proto] = fs
+            _fs_cache[cache_key] = fs
     return fs, fs._strip_protocol(path.url) if proto not in ("http", "https") else path.url
 
 
@@ -422,15 +451,22 @@ def remote_error(e: BaseException, url) -> CkptError:
     """One line naming the URL and the problem, without secrets."""
     if isinstance(e, CkptError):
         return e
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, FileNotFoundError) and cause is not None and _status(cause) != 404 \
+            and not isinstance(cause, FileNotFoundError):
+        return remote_error(cause, url)  # fsspec's HTTP info says "not found" for 403s and timeouts too
     text = redact(str(e))
     low = text.lower()
     st = _status(e)
     name = type(e).__name__
     if isinstance(e, FileNotFoundError) or st == 404 or "nosuchkey" in low or "nosuchbucket" in low:
         what = "no such bucket" if "bucket" in low else "no such object (key or URL not found)"
-        return NotFound(what, url)
+        return NoSuchObject(what, url)
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return NotFound("no credentials found (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                        "~/.aws/config; or --storage-option anon=true for a public bucket)", url)
     if isinstance(e, PermissionError) or st in (401, 403) or "accessdenied" in low or "forbidden" in low:
-        return NotFound("access denied (check credentials: AWS_PROFILE, --storage-option ...)", url)
+        return AccessDenied("access denied (check credentials: AWS_PROFILE, --storage-option ...)", url)
     if isinstance(e, TimeoutError) or "timeout" in name.lower() or "timed out" in low:
         return CkptError(f"timed out after {RETRIES} attempts (CKPTCTL_TIMEOUT={timeout_seconds():g}s)", url)
     if "range requests" in low:
@@ -474,8 +510,12 @@ def _listing(path: RemotePath) -> dict[str, dict] | None:
     fs, p = _fs(path)
     try:
         entries = _call(path, fs.ls, p, detail=True)
-    except NotFound:
+    except NoSuchObject as e:
+        if "bucket" in e.message:
+            raise  # nothing under a missing bucket: say so rather than "no such object"
         entries = None
+    except AccessDenied:  # may read objects but not list them: callers then ask per object (HEAD)
+        return None
     out: dict[str, dict] | None = None
     pp = p.rstrip("/")
     if entries and not (len(entries) == 1 and entries[0].get("type") != "directory"

@@ -13,7 +13,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.errors import CkptError, UsageError
-from ckptctl.sources import is_remote, redact
+from ckptctl.sources import as_path, is_remote, redact
 
 
 def debug_enabled() -> bool:
@@ -86,6 +86,15 @@ def check_paths(*paths: str | os.PathLike | None) -> None:
             raise UsageError(f"no such file or directory: {os.fspath(p)}") from None
         except (OSError, ValueError):
             pass  # not a directory, permission denied, ...: the command reports it (exit 1)
+
+
+def refuse_remote(what: str, *paths) -> None:
+    """One line (exit 2) when a command that does not read remote storage yet gets a URL."""
+    for p in paths:
+        if isinstance(p, (list, tuple)):
+            refuse_remote(what, *p)
+        elif p is not None and is_remote(p):
+            raise UsageError(f"{what} on remote storage ({as_path(p)}) is not supported yet")
 
 
 def _report(msg: str) -> None:

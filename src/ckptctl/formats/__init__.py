@@ -182,6 +182,8 @@ def resolve(path: str | os.PathLike) -> tuple[str, Path]:
         if p.is_dir():
             return _sniff_dir(p)
         if not p.exists():
+            if is_remote(p):
+                raise NotFound("no such object (key or URL not found)", p)
             raise NotFound("no such file or directory", p)
         return sniff(p), p
     except PermissionError:
