@@ -59,6 +59,7 @@ _options: dict[str, object] = {}
 _secrets: list[str] = []
 _fs_cache: dict[str, object] = {}
 _listings: dict[str, dict[str, dict] | None] = {}
+_infos: dict[str, dict] = {}
 STATS = {"requests": 0, "bytes": 0}  # ranged GETs and bytes received (for -v and benchmarks)
 
 
@@ -101,6 +102,7 @@ def configure(options: list[str] | dict | None = None) -> None:
         _options = opts
         _secrets.clear()
         _collect_secrets(opts)
+        _infos.clear()
         _listings.clear()  # file systems are kept (keyed by options and environment): listings are not
         STATS.update(requests=0, bytes=0)
 
@@ -495,8 +497,16 @@ def _call(url, fn, *args, **kwargs):
 
 
 def _info(path: RemotePath) -> dict:
+    """One object's info (size, ETag, ...): one HEAD per URL and invocation."""
+    with _lock:
+        hit = _infos.get(path.url)
+    if hit is not None:
+        return hit
     fs, p = _fs(path)
-    return _call(path, fs.info, p)
+    info = _call(path, fs.info, p)
+    with _lock:
+        _infos[path.url] = info
+    return info
 
 
 def _listing(path: RemotePath) -> dict[str, dict] | None:
