@@ -31,7 +31,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from ckptctl.errors import CkptError, CorruptFile, NotFound, UsageError
@@ -652,6 +651,8 @@ class RemoteSource:
             if length:
                 yield self.pread(offset, length)
             return
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(IN_FLIGHT) as ex:
             futs = []
             it = iter(starts)
