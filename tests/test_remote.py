@@ -320,3 +320,13 @@ def test_missing_extra_and_remote_destination(tmp_path, monkeypatch):
     for cmd in (["ls", "s3://bucket/run"], ["prune", "s3://bucket/run", "--keep-last", "1"]):
         res = cli(*cmd)
         assert res.exit_code == 2 and "not supported yet" in _one_line(res), cmd
+
+
+def test_credentials_in_urls_never_printed(http_server):
+    secret = "Zq8-SIGNATURE-7f3a"
+    for url in (f"{http_server.url}/missing.safetensors?X-Amz-Signature={secret}&X-Amz-Expires=60",
+                http_server.url.replace("http://", f"http://user:{secret}@") + "/missing.safetensors"):
+        res = cli("inspect", url)
+        assert res.exit_code == 1
+        line = _one_line(res)
+        assert secret not in res.stderr and "***" in line, line

@@ -48,8 +48,9 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 BLOCK = 64 * 1024  # file-object cache block: what one scattered small read fetches
 MAX_AHEAD = 4 * 1024 * 1024  # read-ahead grows (doubling) up to this while reads stay sequential
 CACHE_BLOCKS = 256  # 16 MiB of cached blocks per open file object at most
-PIECE = 8 * 1024 * 1024  # bytes per ranged request when streaming values
+PIECE = 16 * 1024 * 1024  # bytes per ranged request when streaming values
 IN_FLIGHT = 4  # ranged requests in flight when streaming values
+WINDOW = IN_FLIGHT * PIECE  # read-ahead window that coalesces sequential small reads (values)
 RETRIES = 3  # attempts per request for transient failures (timeouts, resets, 5xx)
 SECRET_KEYS = ("key", "secret", "token", "password", "passwd", "credential", "sas", "signature", "account_key")
 
@@ -132,7 +133,13 @@ def redact(message: str) -> str:
             secrets.append(v)
     for s in sorted(secrets, key=len, reverse=True):
         message = message.replace(s, "***")
-    return message
+    message = _USERINFO.sub(r"\1***@", message)  # https://user:PASSWORD@host/...
+    return _SIGNED.sub(r"\1***", message)  # presigned / SAS URLs: ?X-Amz-Signature=..., &sig=...
+
+
+_USERINFO = re.compile(r"(://[^/\s:@]+:)[^/\s@]+@")
+_SIGNED = re.compile(r"([?&](?:X-Amz-Signature|X-Amz-Security-Token|X-Amz-Credential|X-Goog-Signature|X-Goog-Credential"
+                     r"|sig|signature|token|access_token|api_key|key)=)[^&\s'\"]+", re.IGNORECASE)
 
 
 # ---- paths ------------------------------------------------------------------------------------
@@ -609,6 +616,10 @@ class RemoteSource:
         self.size = int(info.get("size") or 0)
         self.etag = info.get("ETag") or info.get("etag")
         self._http = None
+        self._wlock = threading.Lock()
+        self._wstart = 0
+        self._wbuf: bytes | None = None
+        self._wsize = BLOCK
         if self.path.protocol in ("http", "https") and self.size:
             # fsspec's HTTPFile checks each answer is the range asked for, without reading the body
             self._http = _call(self.url, self.fs.open, self.key, "rb", block_size=BLOCK, cache_type="none",
@@ -640,36 +651,70 @@ class RemoteSource:
                               "(object changed or connection cut?)", self.url)
         return data
 
-    def iter_range(self, offset: int, length: int, chunk: int) -> Iterator[bytes]:
-        """The bytes [offset, offset+length) in order, IN_FLIGHT ranged GETs at a time."""
-        end = offset + length
+    def read_ahead(self, offset: int, n: int) -> bytes:
+        """n bytes at offset through a read-ahead window: sequential reads of small tensors coalesce.
+
+        The window starts at one BLOCK and grows x4 per sequential step up to WINDOW (fetched as
+        IN_FLIGHT concurrent pieces); a read elsewhere starts small again. One window per source.
+        """
+        end = offset + n
         if end > self.size:
             raise CorruptFile(f"file ends at byte {self.size}, expected data up to byte {end}", self.url)
-        piece = max(1, min(chunk, PIECE))
-        starts = list(range(offset, end, piece))
-        if len(starts) <= 1:
-            if length:
-                yield self.pread(offset, length)
-            return
+        if n <= 0:
+            return b""
+        with self._wlock:
+            ws, wb = self._wstart, self._wbuf
+            if wb is not None and ws <= offset and end <= ws + len(wb):
+                return wb[offset - ws:end - ws]
+            sequential = wb is not None and ws <= offset <= ws + len(wb) + BLOCK
+            self._wsize = min(self._wsize * 4, WINDOW) if sequential else BLOCK
+            stop = min(self.size, max(end, offset + self._wsize))
+            if stop - offset > PIECE:
+                buf = b"".join(self._pieces(offset, stop))
+            else:
+                buf = self.pread(offset, stop - offset)
+            self._wstart, self._wbuf = offset, buf
+            return buf[:n]
+
+    def _pieces(self, offset: int, end: int) -> Iterator[bytes]:
+        """[offset, end) in PIECE-sized ranged GETs, IN_FLIGHT at a time, in order."""
         from concurrent.futures import ThreadPoolExecutor
 
+        starts = list(range(offset, end, PIECE))
         with ThreadPoolExecutor(IN_FLIGHT) as ex:
             futs = []
             it = iter(starts)
             try:
                 for s in it:
-                    futs.append(ex.submit(self.pread, s, min(piece, end - s)))
+                    futs.append(ex.submit(self.pread, s, min(PIECE, end - s)))
                     if len(futs) >= IN_FLIGHT:
                         break
                 while futs:
                     data = futs.pop(0).result()
                     nxt = next(it, None)
                     if nxt is not None:
-                        futs.append(ex.submit(self.pread, nxt, min(piece, end - nxt)))
+                        futs.append(ex.submit(self.pread, nxt, min(PIECE, end - nxt)))
                     yield data
             finally:
                 for f in futs:
                     f.cancel()
+
+    def iter_range(self, offset: int, length: int, chunk: int) -> Iterator[bytes]:
+        """The bytes [offset, offset+length) in order, in pieces of at most `chunk` bytes:
+        small ranges through the read-ahead window, large ones IN_FLIGHT ranged GETs at a time."""
+        end = offset + length
+        if end > self.size:
+            raise CorruptFile(f"file ends at byte {self.size}, expected data up to byte {end}", self.url)
+        chunk = max(1, chunk)
+        if length <= WINDOW:
+            data = self.read_ahead(offset, length)
+            for i in range(0, length, chunk):
+                yield data[i:i + chunk]
+            return
+        piece = min(chunk, PIECE)
+        for data in self._pieces(offset, end):
+            for i in range(0, len(data), piece):
+                yield data[i:i + piece]
 
     def open(self) -> io.BufferedReader:
         return CachedFile(self)

@@ -31,6 +31,12 @@ def handle_errors(fn: Callable | None = None, *, error_code: int | None = None):
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
             try:
+                return _inner(*args, **kwargs)
+            finally:
+                _remote_summary()
+
+        def _inner(*args, **kwargs):
+            try:
                 return f(*args, **kwargs)
             except typer.Exit:
                 raise
@@ -95,6 +101,14 @@ def refuse_remote(what: str, *paths) -> None:
             refuse_remote(what, *p)
         elif p is not None and is_remote(p):
             raise UsageError(f"{what} on remote storage ({as_path(p)}) is not supported yet")
+
+
+def _remote_summary() -> None:
+    """-v: what remote storage cost this command (ranged GETs and bytes received)."""
+    from ckptctl.sources import STATS
+
+    if STATS["requests"]:
+        output.debug(f"remote: {STATS['requests']} ranged requests, {STATS['bytes']:,} bytes received")
 
 
 def _report(msg: str) -> None:

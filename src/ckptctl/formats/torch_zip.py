@@ -31,7 +31,7 @@ from ckptctl.errors import CorruptFile, UnknownFormat
 from ckptctl.formats import pickles
 from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
-from ckptctl.sources import PIECE, file_size, is_remote, open_file, open_source
+from ckptctl.sources import file_size, is_remote, open_file, open_source
 
 MIN_READ = 64 * 1024  # strided reads fetch at least this much storage at once
 MAX_PICKLE_IN_MEMORY = 1 << 30  # a compressed data.pkl larger than this is refused
@@ -246,11 +246,11 @@ class PickleBasedReader(Reader):
 
     def _pread(self, path: str, offset: int, n: int) -> bytes:
         src = self._src(path)
-        if src.remote and n > 2 * PIECE:  # large remote reads: several ranged requests in flight
+        if src.remote:  # read-ahead window for small tensors, several requests in flight for big ones
             if offset + n > src.size:
                 raise CorruptFile(f"file ends at byte {src.size}, expected data up to byte {offset + n} "
                                   "(truncated?)", path if path != os.fspath(self.path) else self.path)
-            return b"".join(src.iter_range(offset, n, PIECE))
+            return b"".join(src.iter_range(offset, n, n or 1))
         parts = []
         got = 0
         while got < n:
