@@ -876,7 +876,7 @@ def check_writable_target(path) -> None:
     """Writing to remote storage is not supported yet: one line, before anything is read."""
     if is_remote(path):
         raise UsageError(f"writing to {protocol(path)}:// is not supported yet; write a local file "
-                         f"and upload it ({path})")
+                         f"and upload it ({as_path(path)})")
 
 
 __all__ = ["open_source", "open_file", "file_size", "as_path", "is_remote", "RemotePath", "LocalSource",

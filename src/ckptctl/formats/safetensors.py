@@ -168,13 +168,15 @@ class SafetensorsReader(Reader):
     def _load_info(self) -> CheckpointInfo:
         src = self._open()
         size = src.size
-        head = src.pread(0, 8) if size >= 8 else b""
+        # remote: one request for the length and (usually) the whole header; local: exact preads
+        first = src.pread(0, min(size, 64 * 1024) if src.remote else 8) if size >= 8 else b""
+        head = first[:8]
         if size < 8:
             parse_header(head, size, self.path)
         n = int.from_bytes(head, "little")
         raw = head
         if n <= MAX_HEADER and 8 + n <= size:
-            raw = head + self._pread_exact(src, n, 8)
+            raw = first[:8 + n] if len(first) >= 8 + n else head + self._pread_exact(src, n, 8)
         n, entries, metadata = parse_header(raw, size, self.path)
         base = 8 + n
         tensors: list[TensorInfo] = []
