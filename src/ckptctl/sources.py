@@ -19,6 +19,21 @@ Paths: a remote URL is carried as a `RemotePath`, which answers the read-only qu
 ask a `pathlib.Path` (`/`, `name`, `parent`, `suffix`, `exists`, `is_file`, `is_dir`, `iterdir`,
 `stat`) from one listing per folder, so that folder logic (sharded, DCP, Keras indexes) needs no
 change. `as_path(p)` gives a `RemotePath` for URLs and a `Path` otherwise.
+
+Adopting this in a reader (a few mechanical lines; local behaviour and speed stay as they were):
+
+- `self.path` is already a Path or RemotePath (Reader.__init__ calls as_path): use `self.path`
+  and `self.path.parent / name`, never `Path(self.path)` (that would lose the `//` of a URL).
+- `fd = os.open(p, ...)` + `os.pread(fd, n, off)`  ->  `src = open_source(p)` + `src.pread(off, n)`;
+  `os.fstat(fd).st_size` -> `src.size`; `src.close()` in close().
+- `pread_chunks(fd, off, n, size)` (tensor bytes)  ->  `src.iter_range(off, n, size)`.
+- `open(p, "rb")` for zipfile / pickles / h5py  ->  `open_file(p) if is_remote(p) else open(p, "rb")`
+  (or just `open_file(p)`); `os.fstat(f.fileno()).st_size` -> `file_size(f)`.
+- `os.path.getsize(p)` / `os.stat(p)` -> `as_path(p).stat().st_size`; `os.scandir(d)` /
+  `os.listdir(d)` -> `as_path(d).iterdir()` (one LIST per folder, cached per invocation);
+  `Path(p).read_bytes()` -> `as_path(p).read_bytes()`.
+- byte_range(): nothing to do; open_reader() turns it off for remote readers (writers then
+  stream through iter_chunks instead of copy_file_range).
 """
 
 from __future__ import annotations
