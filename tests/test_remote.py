@@ -278,7 +278,7 @@ def test_secret_storage_option_never_printed(s3_env):
     assert secret not in res.stderr and "Traceback" not in res.stderr
 
 
-def test_errors_http_missing_denied_norange_timeout(http_server, big):
+def test_errors_http_missing_denied_norange_timeout(http_server, big, tmp_path):
     os.link(big[0] / "model.safetensors", http_server.root / "model.safetensors")
     url = f"{http_server.url}/model.safetensors"
     res = cli("inspect", f"{http_server.url}/nothing.safetensors")
@@ -289,13 +289,23 @@ def test_errors_http_missing_denied_norange_timeout(http_server, big):
     assert res.exit_code == 1
     assert "access denied" in _one_line(res) and url in res.stderr
 
-    http_server.mode = "ignore-range"  # refuses; fetches no more than a header's worth
+    # a server that ignores Range: what lies in the first block still reads (bounded: the rest of
+    # the 200 body is never read); a read further in is refused, not downloaded whole
+    os.link(big[0] / "model.pt", http_server.root / "model.pt")
+    http_server.mode = "ignore-range"
     http_server.reset()
-    res = cli("inspect", url)
+    res = cli("inspect", "--format", "json", url)
+    assert res.exit_code == 0, res.stderr
+    assert len(json.loads(res.stdout)["tensors"]) == 20
+    res = cli("inspect", f"{http_server.url}/model.pt")  # the zip directory sits at the end
     assert res.exit_code == 1
     line = _one_line(res)
-    assert "ignores HTTP Range" in line and url in line
-    assert http_server.bytes < 100 * MB  # (the refused response's body is not read)
+    assert "ignores HTTP Range" in line and f"{http_server.url}/model.pt" in line
+    res = cli("convert", url, tmp_path / "x.safetensors")
+    assert res.exit_code == 1 and "ignores HTTP Range" in _one_line(res)
+    assert not (tmp_path / "x.safetensors").exists()
+    # the server pushes what the socket buffers take before the client hangs up; never a whole object
+    assert http_server.bytes < 100 * MB, http_server.bytes
 
     http_server.mode = "slow"
     res = cli("inspect", url, env={"CKPTCTL_TIMEOUT": "0.5"})

@@ -866,6 +866,23 @@ class CachedFile(io.RawIOBase):
         super().close()
 
 
+class FdSource(LocalSource):
+    """A LocalSource over a descriptor the caller owns (not closed here)."""
+
+    def __init__(self, fd: int):
+        self.path = self.url = f"<fd {fd}>"
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def close(self) -> None:
+        pass
+
+
+def as_source(src):
+    """A source from a source, or from an os-level descriptor (int) kept open by its owner."""
+    return FdSource(src) if isinstance(src, int) else src
+
+
 def open_source(path) -> LocalSource | RemoteSource:
     """A byte source for a local path or a URL (raises OSError locally, CkptError remotely)."""
     if is_remote(path):

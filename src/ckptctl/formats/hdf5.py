@@ -147,6 +147,8 @@ class HDF5Reader(Reader):
             self._src = open_source(self.path)
         return self._src
 
+    _fdesc = _source  # the name subclasses used when this was an os-level descriptor
+
     def close(self) -> None:
         if self._f is not None:
             try:

@@ -35,7 +35,7 @@ from ckptctl.errors import CkptError, CorruptFile, NotFound, UnknownFormat
 from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.formats.hdf5 import HDF5Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
-from ckptctl.sources import is_remote, open_file
+from ckptctl.sources import as_source, is_remote, open_file
 
 WEIGHTS_MEMBER = "model.weights.h5"
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json / metadata.json / a shard index larger than this is not read
@@ -51,7 +51,7 @@ class _Window(io.RawIOBase):
 
     def __init__(self, fd: int, start: int, length: int):
         super().__init__()
-        self._src, self._start, self._len, self._pos = fd, start, length, 0  # fd: a sources.*Source
+        self._src, self._start, self._len, self._pos = as_source(fd), start, length, 0  # a source (or an fd)
 
     def readable(self) -> bool:
         return True
@@ -141,7 +141,7 @@ class _Inflater(io.RawIOBase):
         import zlib
 
         self._zlib = zlib
-        self._src, self._start, self._csize, self._usize = fd, start, csize, usize  # fd: a sources.*Source
+        self._src, self._start, self._csize, self._usize = as_source(fd), start, csize, usize  # a source or fd
         self._member, self._path = member, path
         self._spacing = max(self.MIN_SPACING, -(-usize // self.MAX_SNAPSHOTS))
         # a state: [upos (bytes output so far), cpos (next compressed byte to feed), decompressor, tail]
@@ -232,7 +232,7 @@ def _zip_source(path):
 
 def _member_start(src, zinfo: zipfile.ZipInfo, file_size: int, path) -> int:
     """Offset in the zip file of a member's first data byte, from its local file header."""
-    head = src.pread(zinfo.header_offset, _LOCAL_HEADER.size)
+    head = as_source(src).pread(zinfo.header_offset, _LOCAL_HEADER.size)
     if len(head) != _LOCAL_HEADER.size:
         raise CorruptFile(f"zip member {zinfo.filename}: local header past the end of the file (truncated?)", path)
     fields = _LOCAL_HEADER.unpack(head)
