@@ -22,6 +22,10 @@ HELP = (
 # has an option of the same name.
 GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose",
                 "--no-color": "no_color"}
+# Global options with a value, also accepted after the command (`ckptctl inspect s3://b/x
+# --storage-option anon=true`): they configure remote storage for every path of the command.
+GLOBAL_VALUE_OPTIONS = ("--storage-option",)
+_STORAGE_META = "ckptctl.storage_options"
 # words people type for a command that is called something else here
 SYNONYMS = {
     "list": "ls", "info": "inspect", "show": "inspect", "stat": "inspect", "cat": "inspect",
@@ -56,6 +60,9 @@ class CkptctlGroup(TyperGroup):
             _suggest_synonym(e, args, self.commands)
             raise
         if cmd is not None and not ctx.resilient_parsing:
+            rest, values = hoist_global_values(cmd, rest)
+            if values:
+                ctx.meta[_STORAGE_META] = values
             rest, found = hoist_global_flags(cmd, rest)
             if found:
                 ctx.meta[_GLOBAL_META] = found
@@ -135,6 +142,33 @@ def hoist_global_flags(cmd, args: list[str]) -> tuple[list[str], set[str]]:
     return rest, found
 
 
+def hoist_global_values(cmd, args: list[str]) -> tuple[list[str], list[str]]:
+    """Take `--storage-option VALUE` / `--storage-option=VALUE` out of a command's arguments."""
+    own = {o for p in getattr(cmd, "params", ()) for o in getattr(p, "opts", ())}
+    rest: list[str] = []
+    values: list[str] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok == "--":
+            rest.extend(args[i:])
+            break
+        name = tok.split("=", 1)[0]
+        if name in GLOBAL_VALUE_OPTIONS and name not in own:
+            if "=" in tok:
+                values.append(tok.split("=", 1)[1])
+            elif i + 1 < len(args):
+                values.append(args[i + 1])
+                i += 1
+            else:
+                rest.append(tok)  # click then says the option needs a value
+            i += 1
+            continue
+        rest.append(tok)
+        i += 1
+    return rest, values
+
+
 def _suggest_synonym(e: Exception, args: list[str], commands) -> None:
     msg = getattr(e, "message", None)
     if not isinstance(msg, str) or not args or "No such command" not in msg or "Did you mean" in msg:
@@ -180,8 +214,22 @@ def main_callback(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")] = False,
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option("--storage-option", metavar="<key=value>",
+                     help="Option for remote storage (s3://, gs://, az://, hf://, https://), repeatable; "
+                          "e.g. anon=true, endpoint_url=http://host:9000. Credentials come from each "
+                          "SDK's usual environment (AWS_PROFILE, AWS_ENDPOINT_URL, HF_TOKEN, ...)."),
+    ] = None,
 ) -> None:
     after = ctx.meta.get(_GLOBAL_META, set())  # the same flags given after the command
+    from ckptctl import sources
+
+    try:  # a fresh remote configuration per invocation (matters in-process)
+        sources.configure(list(storage_option or []) + list(ctx.meta.get(_STORAGE_META, [])))
+    except Exception as e:  # noqa: BLE001 - a malformed KEY=VALUE: one line, exit 2
+        output.error(str(e))
+        raise typer.Exit(2) from None
     output.STATE.no_color = no_color or "no_color" in after
     output.STATE.quiet = quiet or "quiet" in after
     output.STATE.verbose = verbose or "verbose" in after

@@ -13,6 +13,7 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.errors import CkptError, UsageError
+from ckptctl.sources import as_path, is_remote, redact
 
 
 def debug_enabled() -> bool:
@@ -29,6 +30,12 @@ def handle_errors(fn: Callable | None = None, *, error_code: int | None = None):
     def deco(f: Callable) -> Callable:
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                _remote_summary()
+
+        def _inner(*args, **kwargs):
             try:
                 return f(*args, **kwargs)
             except typer.Exit:
@@ -77,6 +84,8 @@ def check_paths(*paths: str | os.PathLike | None) -> None:
         if isinstance(p, (list, tuple)):
             check_paths(*p)
             continue
+        if is_remote(p):
+            continue  # a URL: the reader reports a missing object (one request, not two)
         try:
             os.stat(p)
         except FileNotFoundError:
@@ -88,10 +97,27 @@ def check_paths(*paths: str | os.PathLike | None) -> None:
             pass  # not a directory, permission denied, ...: the command reports it (exit 1)
 
 
+def refuse_remote(what: str, *paths) -> None:
+    """One line (exit 2) when a command that does not read remote storage yet gets a URL."""
+    for p in paths:
+        if isinstance(p, (list, tuple)):
+            refuse_remote(what, *p)
+        elif p is not None and is_remote(p):
+            raise UsageError(f"{what} on remote storage ({as_path(p)}) is not supported yet")
+
+
+def _remote_summary() -> None:
+    """-v: what remote storage cost this command (ranged GETs and bytes received)."""
+    from ckptctl.sources import STATS
+
+    if STATS["requests"]:
+        output.debug(f"remote: {STATS['requests']} ranged requests, {STATS['bytes']:,} bytes received")
+
+
 def _report(msg: str) -> None:
     if debug_enabled():
         traceback.print_exc(file=sys.stderr)
-    output.error(msg)
+    output.error(redact(msg))  # never a storage-option secret or a credential from the environment
 
 
 FormatOpt = Annotated[

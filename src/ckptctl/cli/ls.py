@@ -130,7 +130,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
         wide: WideOpt = False,
     ) -> None:
-        from ckptctl.cli.common import check_paths; check_paths(run_dirs)  # first: a typo says so
+        from ckptctl.cli.common import check_paths, refuse_remote; check_paths(run_dirs)  # first: a typo says so
+        refuse_remote("ls", run_dirs)
         from ckptctl.ops.runs import scan_run
 
         if mode is not None and best is None:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import FormatOpt, WideOpt, check_paths, handle_errors
+from ckptctl.cli.common import FormatOpt, WideOpt, check_paths, handle_errors, refuse_remote
 from ckptctl.cli.complete import complete_metric_names
 from ckptctl.cli.output import Column, Fmt, clean, human_bytes
 from ckptctl.errors import CkptError, NotFound, UsageError
@@ -95,6 +95,7 @@ def register(app: typer.Typer) -> None:
         wide: WideOpt = False,
     ) -> None:
         check_paths(run_dirs)  # first: a typo says so
+        refuse_remote("prune", run_dirs)
         from ckptctl.ops.prune import Policy, check_trash, execute, make_plan, validate
         from ckptctl.ops.runs import parse_duration, scan_run
 

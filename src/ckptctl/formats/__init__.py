@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ckptctl.errors import CorruptFile, NotFound, UnknownFormat
 from ckptctl.formats.base import Reader, Writer
+from ckptctl.sources import as_path, is_remote, open_file, open_source
 
 # format name -> (module, reader class)
 READERS: dict[str, tuple[str, str]] = {
@@ -68,8 +69,15 @@ _OTHER_MAGIC = [
 
 
 def _head(path: Path, n: int = 4096) -> bytes:
+    if is_remote(path):
+        with open_source(path) as src:
+            return src.pread(0, n)
     with open(path, "rb") as f:
         return f.read(n)
+
+
+def _size(path) -> int:
+    return path.stat().st_size  # a RemotePath answers from its folder listing (or one HEAD)
 
 
 def _describe_unknown(head: bytes) -> str:
@@ -121,7 +129,7 @@ def _sniff_zip(path: Path) -> str:
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as z:
+        with open_file(path) as f, zipfile.ZipFile(f) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, OverflowError) as e:
         raise CorruptFile(f"corrupt zip archive ({e})", path) from None
@@ -201,12 +209,18 @@ def names_something(path: str | os.PathLike) -> bool:
 
 
 def resolve(path: str | os.PathLike) -> tuple[str, Path]:
-    """(format name, the path its reader opens) by content; raises a CkptError otherwise."""
-    p = Path(path)
+    """(format name, the path its reader opens) by content; raises a CkptError otherwise.
+
+    URLs (s3://, https://, ...) work alike: a remote folder (prefix) is resolved from one listing,
+    a remote file sniffed from a ranged read of its head.
+    """
+    p = as_path(path)
     try:
         if p.is_dir():
             return _sniff_dir(p)
         if not p.exists():
+            if is_remote(p):
+                raise NotFound("no such object (key or URL not found)", p)
             if _tf_file(p) is not None:
                 return "tf-bundle", p
             raise NotFound("no such file or directory", p)
@@ -217,7 +231,7 @@ def resolve(path: str | os.PathLike) -> tuple[str, Path]:
 
 def sniff(path: str | os.PathLike) -> str:
     """The format of one file, by its first bytes."""
-    p = Path(path)
+    p = as_path(path)
     try:
         head = _head(p)
     except FileNotFoundError:
@@ -242,12 +256,12 @@ def sniff(path: str | os.PathLike) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         # a u64 header length then '{'; a pickle's first 8 bytes read as u64 are far too big
         n = int.from_bytes(head[:8], "little")
-        if head[0] != 0x80 or n + 8 <= p.stat().st_size:
+        if head[0] != 0x80 or n + 8 <= _size(p):
             return "safetensors"
     if len(head) >= 10 and head[8:9] in (b" ", b"\t", b"\n", b"\r") and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
         # JSON may start with whitespace (the reference accepts it): then N must fit the file
         n = int.from_bytes(head[:8], "little")
-        if 0 < n and n + 8 <= p.stat().st_size:
+        if 0 < n and n + 8 <= _size(p):
             return "safetensors"
     if p.name.endswith(INDEX_SUFFIXES) and head.lstrip()[:1] == b"{":
         return "sharded"
@@ -263,9 +277,9 @@ def sniff(path: str | os.PathLike) -> str:
         if tf_bundle.is_index(p):
             return "tf-bundle"
     # HDF5 files may carry a user block: the superblock then sits at 512, 1024, 2048, ...
-    size = p.stat().st_size
+    size = _size(p)
     off = 512
-    with open(p, "rb") as f:
+    with open_file(p) as f:
         while off + 8 <= size and off <= 1 << 20:
             f.seek(off)
             if f.read(8) == HDF5_MAGIC:
@@ -289,10 +303,15 @@ def open_reader(path: str | os.PathLike, **opts) -> Reader:
     reader_cls = getattr(importlib.import_module(module), cls)
     accepted = getattr(reader_cls, "options", ())
     opts = {k: v for k, v in {**READER_OPTIONS, **opts}.items() if k in accepted}
-    if fmt == "tf-bundle" and Path(path).is_dir():
+    if fmt == "tf-bundle" and not is_remote(path) and Path(path).is_dir():
         tf = _tf_dir(Path(path))
         opts["note"] = tf[1] if tf else ""
-    return reader_cls(target, **opts)
+    reader = reader_cls(target, **opts)
+    if is_remote(target):
+        # byte ranges name files for os.open / copy_file_range: a remote object has none, so
+        # consumers (convert, diff, average) take the streaming path through iter_chunks
+        reader.byte_range = lambda name: None
+    return reader
 
 
 def writer_class(fmt: str) -> type[Writer]:

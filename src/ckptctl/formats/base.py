@@ -28,7 +28,9 @@ class Reader:
     format: str = "?"
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        from ckptctl.sources import as_path
+
+        self.path = as_path(path)  # a Path, or a RemotePath for URLs (same read-only interface)
         self._info: CheckpointInfo | None = None
 
     # -- metadata ---------------------------------------------------------------------------

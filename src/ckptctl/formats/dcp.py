@@ -29,6 +29,7 @@ from ckptctl.formats.torch_zip import (
     pickle_failure, FileBlob, _swap, _pieces,
 )
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
+from ckptctl.sources import as_path, file_size, is_remote, open_file
 
 BYTES_ITEM_MAX = 1 << 20  # non-tensor items up to this size are read for their value
 
@@ -75,12 +76,12 @@ class DCPReader(PickleBasedReader):
         self._items: dict[tuple[str, int], TensorLoc] = {}
 
     def _load_info(self) -> CheckpointInfo:
-        folder = Path(self.path)
+        folder = self.path  # a Path, or a sources.RemotePath
         md_path = folder / ".metadata"
         if not md_path.is_file():
             raise NotFound("no .metadata in this folder: not a torch.distributed.checkpoint", folder)
-        with open(md_path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open_file(md_path) as f:
+            size = file_size(f)
             m = pickles.Machine(f, start=0, end=size, path=md_path)
             try:
                 root = m.load()
@@ -116,8 +117,8 @@ class DCPReader(PickleBasedReader):
             if full.endswith(".metadata"):
                 continue
             try:
-                sizes[full] = os.stat(full).st_size
-            except OSError:
+                sizes[full] = as_path(full).stat().st_size
+            except (OSError, NotFound):
                 raise CorruptFile(f"data file {os.path.basename(full)} is missing", folder) from None
         for (fqn, _), (full, o, ln, _td) in index.items():
             if o + ln > sizes[full]:
@@ -193,7 +194,7 @@ class DCPReader(PickleBasedReader):
         if td or ln > BYTES_ITEM_MAX:
             objects.append(ObjectInfo(fqn, "bytes"))
             return
-        with open(full, "rb") as f:
+        with open_file(full) as f:
             f.seek(o)
             head = f.read(4)
         if head != b"PK\x03\x04":
@@ -307,7 +308,7 @@ class DCPReader(PickleBasedReader):
         if not isinstance(loc, DCPLoc) or len(loc.chunks) != 1:
             return None
         cl = self._item_loc(loc.chunks[0], t.dtype, t.name)
-        if cl.swap or (t.numel and not c_contiguous(t.shape, cl.stride)):
+        if cl.swap or (t.numel and not c_contiguous(t.shape, cl.stride)) or is_remote(cl.blob.path):
             return None
         return (cl.blob.path, cl.blob.file_offset(self) + cl.byte_base, t.nbytes)
 

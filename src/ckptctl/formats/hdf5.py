@@ -19,8 +19,9 @@ from typing import Any
 
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, NotFound
-from ckptctl.formats.base import CHUNK, Reader, pread_chunks
+from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
+from ckptctl.sources import is_remote, open_source
 
 ALIASES_ATTR = "ckptctl.aliases"  # root attribute written by `ckptctl convert --dedupe`
 ESCAPING_ATTR = "ckptctl.name_escaping"  # "percent": names mapped by ckptctl's writer (write_hdf5.py)
@@ -104,16 +105,19 @@ class HDF5Reader(Reader):
     def __init__(self, path):
         super().__init__(path)
         self._f = None
-        self._fd: int | None = None
+        self._src = None  # sources.LocalSource / RemoteSource for direct reads of contiguous data
+        self._fobj = None  # the file object h5py reads when the file is remote
 
     # -- file access ---------------------------------------------------------------------------
     def _file(self):
         if self._f is None:
             import h5py
 
-            if not os.path.exists(self.path):
+            if is_remote(self.path):
+                self._fobj = self._source().open()  # h5py reads any file object (block-cached)
+            elif not os.path.exists(self.path):
                 raise NotFound("no such file or directory", self.path)
-            if not os.access(self.path, os.R_OK):
+            elif not os.access(self.path, os.R_OK):
                 raise NotFound("permission denied", self.path)
             try:
                 self._f = self._open_h5(h5py)
@@ -127,6 +131,8 @@ class HDF5Reader(Reader):
 
     def _open_h5(self, h5py):
         """The h5py.File to list and read; a subclass may open one over a file object instead."""
+        if self._fobj is not None:
+            return h5py.File(self._fobj, "r")
         try:
             return h5py.File(self.path, "r")
         except OSError as e:
@@ -135,10 +141,13 @@ class HDF5Reader(Reader):
                 raise
             return h5py.File(self.path, "r", locking=False)
 
-    def _fdesc(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        return self._fd
+    def _source(self):
+        """The file's byte source (sources.open_source): pread / iter_range / size."""
+        if self._src is None:
+            self._src = open_source(self.path)
+        return self._src
+
+    _fdesc = _source  # the name subclasses used when this was an os-level descriptor
 
     def close(self) -> None:
         if self._f is not None:
@@ -146,9 +155,12 @@ class HDF5Reader(Reader):
                 self._f.close()
             finally:
                 self._f = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._fobj is not None:
+            self._fobj.close()
+            self._fobj = None
+        if self._src is not None:
+            self._src.close()
+            self._src = None
 
     # -- metadata ------------------------------------------------------------------------------
     def _load_info(self) -> CheckpointInfo:
@@ -434,7 +446,7 @@ class HDF5Reader(Reader):
     # -- data ----------------------------------------------------------------------------------
     def byte_range(self, name: str) -> tuple[str, int, int] | None:
         loc: _Loc = self.tensor_info(name).loc
-        if loc.offset is None:
+        if loc.offset is None or is_remote(self.path):
             return None
         return (str(self.path), loc.offset, loc.length)
 
@@ -445,7 +457,7 @@ class HDF5Reader(Reader):
             return
         if loc.offset is not None:
             try:
-                yield from pread_chunks(self._fdesc(), loc.offset, loc.length, size)
+                yield from self._source().iter_range(loc.offset, loc.length, size)
             except CorruptFile as e:
                 raise CorruptFile(f"dataset {loc.path}: {e.message}", self.path) from None
             return

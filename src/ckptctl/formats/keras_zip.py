@@ -35,6 +35,7 @@ from ckptctl.errors import CkptError, CorruptFile, NotFound, UnknownFormat
 from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.formats.hdf5 import HDF5Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.sources import as_source, is_remote, open_file
 
 WEIGHTS_MEMBER = "model.weights.h5"
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json / metadata.json / a shard index larger than this is not read
@@ -50,7 +51,7 @@ class _Window(io.RawIOBase):
 
     def __init__(self, fd: int, start: int, length: int):
         super().__init__()
-        self._fd, self._start, self._len, self._pos = fd, start, length, 0
+        self._src, self._start, self._len, self._pos = as_source(fd), start, length, 0  # a source (or an fd)
 
     def readable(self) -> bool:
         return True
@@ -72,7 +73,7 @@ class _Window(io.RawIOBase):
         n = max(0, min(len(b), self._len - self._pos))
         if not n:
             return 0
-        data = os.pread(self._fd, n, self._start + self._pos)
+        data = self._src.pread(self._start + self._pos, n)
         got = len(data)
         memoryview(b)[:got] = data
         self._pos += got
@@ -140,7 +141,7 @@ class _Inflater(io.RawIOBase):
         import zlib
 
         self._zlib = zlib
-        self._fd, self._start, self._csize, self._usize = fd, start, csize, usize
+        self._src, self._start, self._csize, self._usize = as_source(fd), start, csize, usize  # a source or fd
         self._member, self._path = member, path
         self._spacing = max(self.MIN_SPACING, -(-usize // self.MAX_SNAPSHOTS))
         # a state: [upos (bytes output so far), cpos (next compressed byte to feed), decompressor, tail]
@@ -178,7 +179,7 @@ class _Inflater(io.RawIOBase):
                 data = tail
             else:
                 want = min(self.IN_STEP, self._csize - cpos)
-                data = os.pread(self._fd, want, self._start + cpos) if want > 0 else b""
+                data = self._src.pread(self._start + cpos, want) if want > 0 else b""
                 cpos += len(data)
                 if not data and d.eof:
                     break
@@ -222,9 +223,16 @@ class _Inflater(io.RawIOBase):
         return n
 
 
-def _member_start(fd: int, zinfo: zipfile.ZipInfo, file_size: int, path) -> int:
+def _zip_source(path):
+    """The zip file to open: its path when local (zipfile opens it), a cached file object when remote."""
+    import contextlib
+
+    return open_file(path) if is_remote(path) else contextlib.nullcontext(path)
+
+
+def _member_start(src, zinfo: zipfile.ZipInfo, file_size: int, path) -> int:
     """Offset in the zip file of a member's first data byte, from its local file header."""
-    head = os.pread(fd, _LOCAL_HEADER.size, zinfo.header_offset)
+    head = as_source(src).pread(zinfo.header_offset, _LOCAL_HEADER.size)
     if len(head) != _LOCAL_HEADER.size:
         raise CorruptFile(f"zip member {zinfo.filename}: local header past the end of the file (truncated?)", path)
     fields = _LOCAL_HEADER.unpack(head)
@@ -294,7 +302,7 @@ def config_code(path) -> list[str]:
     """
     warnings: list[str] = []
     try:
-        with zipfile.ZipFile(path) as zf:
+        with _zip_source(path) as f, zipfile.ZipFile(f) as zf:
             config = _read_json(zf, "config.json", warnings)
     except FileNotFoundError:
         raise NotFound("no such file or directory", path) from None
@@ -338,7 +346,7 @@ class KerasZipReader(HDF5Reader):
     def _open_zip(self) -> zipfile.ZipFile:
         if self._zip is None:
             try:
-                self._zip = zipfile.ZipFile(self.path)
+                self._zip = zipfile.ZipFile(open_file(self.path) if is_remote(self.path) else self.path)
             except FileNotFoundError:
                 raise NotFound("no such file or directory", self.path) from None
             except PermissionError:
@@ -374,15 +382,15 @@ class KerasZipReader(HDF5Reader):
             if zinfo.compress_size != zinfo.file_size:
                 raise CorruptFile(f"zip member {zinfo.filename}: stored with {zinfo.compress_size} bytes but "
                                   f"{zinfo.file_size} declared", self.path)
-            fd = self._fdesc()
-            start = _member_start(fd, zinfo, os.fstat(fd).st_size, self.path)
+            fd = self._source()
+            start = _member_start(fd, zinfo, fd.size, self.path)
             self.base_offset = start
             self._stream = _Window(fd, start, zinfo.file_size)
         else:
             method = _METHODS.get(zinfo.compress_type, f"method {zinfo.compress_type}")
             if zinfo.compress_type == zipfile.ZIP_DEFLATED:
-                fd = self._fdesc()
-                start = _member_start(fd, zinfo, os.fstat(fd).st_size, self.path)
+                fd = self._source()
+                start = _member_start(fd, zinfo, fd.size, self.path)
                 self._stream = _Inflater(fd, start, zinfo.compress_size, zinfo.file_size, zinfo.filename, self.path)
             else:  # bzip2, lzma: zipfile's stream (a seek backwards decompresses again from the start)
                 try:
@@ -465,10 +473,10 @@ class KerasShardedReader(Reader):
 
     def _index(self) -> tuple[dict, dict[str, str]]:
         try:
-            size = os.path.getsize(self.path)
+            size = self.path.stat().st_size  # Path or sources.RemotePath
             if size > MAX_JSON_BYTES:
                 raise CorruptFile(f"index is {size} bytes; that is not a Keras shard index", self.path)
-            raw = Path(self.path).read_bytes()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             raise NotFound("no such file or directory", self.path) from None
         except PermissionError:
@@ -499,10 +507,10 @@ class KerasShardedReader(Reader):
     def _shard_names(self, wm: dict[str, str]) -> list[str]:
         """Shards the index names, then any `<base>_NNNNN.weights.h5` beside it, by number."""
         names = list(dict.fromkeys(wm.values()))
-        base = shard_base(Path(self.path))
-        folder = Path(self.path).parent
+        base = shard_base(self.path)
+        folder = self.path.parent
         try:
-            beside = [e.name for e in os.scandir(folder)
+            beside = [e.name for e in folder.iterdir()
                       if e.name.startswith(base + "_") and _SHARD_RE.search(e.name)
                       and e.name[len(base):].count("_") == 1]
         except OSError:
@@ -518,7 +526,7 @@ class KerasShardedReader(Reader):
     def _shard(self, shard: str) -> HDF5Reader:
         r = self._shards.get(shard)
         if r is None:
-            p = Path(self.path).parent / shard
+            p = self.path.parent / shard
             if not p.exists():
                 raise NotFound(f"shard {shard} named in the index is missing", self.path)
             if not p.is_file():
@@ -538,7 +546,7 @@ class KerasShardedReader(Reader):
                 info = self._shard(shard).info()
             except CkptError as e:
                 raise type(e)(f"shard {shard}: {e.message}", self.path) from None
-            files.append(str(Path(self.path).parent / shard))
+            files.append(str(self.path.parent / shard))
             warnings += [f"{shard}: {w}" for w in info.warnings]
             held[shard] = set()
             for t in info.tensors:

@@ -8,14 +8,14 @@ CorruptFile naming what is wrong. Tensor bytes are read with os.pread in bounded
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, NotFound
-from ckptctl.formats.base import CHUNK, Reader, pread_chunks
+from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.sources import is_remote, open_source
 
 MAX_HEADER = 100_000_000  # the reference's limit on N
 U64_MAX = (1 << 64) - 1
@@ -144,37 +144,39 @@ class SafetensorsReader(Reader):
 
     def __init__(self, path):
         super().__init__(path)
-        self._fd: int | None = None
+        self._src = None  # sources.LocalSource / RemoteSource
 
     # -- file access ---------------------------------------------------------------------------
-    def _open(self) -> int:
-        if self._fd is None:
+    def _open(self):
+        if self._src is None:
             try:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                self._src = open_source(self.path)
             except FileNotFoundError:
                 raise NotFound("no such file or directory", self.path) from None
             except PermissionError:
                 raise NotFound("permission denied", self.path) from None
             except IsADirectoryError:
                 raise NotFound("is a directory, expected a .safetensors file", self.path) from None
-        return self._fd
+        return self._src
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._src is not None:
+            self._src.close()
+            self._src = None
 
     # -- metadata ------------------------------------------------------------------------------
     def _load_info(self) -> CheckpointInfo:
-        fd = self._open()
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0) if size >= 8 else b""
+        src = self._open()
+        size = src.size
+        # remote: one request for the length and (usually) the whole header; local: exact preads
+        first = src.pread(0, min(size, 64 * 1024) if src.remote else 8) if size >= 8 else b""
+        head = first[:8]
         if size < 8:
             parse_header(head, size, self.path)
         n = int.from_bytes(head, "little")
         raw = head
         if n <= MAX_HEADER and 8 + n <= size:
-            raw = head + self._pread_exact(fd, n, 8)
+            raw = first[:8 + n] if len(first) >= 8 + n else head + self._pread_exact(src, n, 8)
         n, entries, metadata = parse_header(raw, size, self.path)
         base = 8 + n
         tensors: list[TensorInfo] = []
@@ -190,12 +192,12 @@ class SafetensorsReader(Reader):
             files=[str(self.path)], warnings=warnings,
         )
 
-    def _pread_exact(self, fd: int, n: int, offset: int) -> bytes:
+    def _pread_exact(self, src, n: int, offset: int) -> bytes:
         parts = []
         pos = offset
         end = offset + n
         while pos < end:
-            chunk = os.pread(fd, min(end - pos, CHUNK), pos)
+            chunk = src.pread(pos, min(end - pos, CHUNK))
             if not chunk:
                 raise CorruptFile(f"file ends at byte {pos} while reading the header", self.path)
             parts.append(chunk)
@@ -230,12 +232,14 @@ class SafetensorsReader(Reader):
 
     def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes]:
         loc = self._loc(name)
-        fd = self._open()
+        src = self._open()
         try:
-            yield from pread_chunks(fd, loc.offset, loc.length, size)
+            yield from src.iter_range(loc.offset, loc.length, size)
         except CorruptFile as e:
             raise CorruptFile(f"tensor {name!r}: {e.message} (file truncated?)", e.path or self.path) from None
 
-    def byte_range(self, name: str) -> tuple[str, int, int]:
+    def byte_range(self, name: str) -> tuple[str, int, int] | None:
+        if is_remote(self.path):
+            return None
         loc = self._loc(name)
         return (str(self.path), loc.offset, loc.length)

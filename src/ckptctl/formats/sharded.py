@@ -33,10 +33,10 @@ class ShardedReader(Reader):
     # -- index ---------------------------------------------------------------------------------
     def _read_index(self) -> tuple[dict, dict[str, str]]:
         try:
-            size = os.path.getsize(self.path)
+            size = self.path.stat().st_size  # Path or sources.RemotePath
             if size > MAX_INDEX_BYTES:
                 raise CorruptFile(f"index is {size} bytes; that is not a shard index", self.path)
-            raw = Path(self.path).read_bytes()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             raise NotFound("no such file or directory", self.path) from None
         except PermissionError:
@@ -74,7 +74,7 @@ class ShardedReader(Reader):
             raise CorruptFile(f"shard name {shard!r} holds a NUL byte", self.path)
 
     def _shard_path(self, shard: str) -> Path:
-        return Path(self.path).parent / shard
+        return self.path.parent / shard
 
     def _shard(self, shard: str) -> Reader:
         r = self._shards.get(shard)

@@ -23,6 +23,7 @@ from ckptctl.errors import CorruptFile
 from ckptctl.formats import pickles
 from ckptctl.formats.torch_zip import FileBlob, PickleBasedReader, checkpoint_info, pickle_failure, storage_dtype
 from ckptctl.model import CheckpointInfo
+from ckptctl.sources import file_size, is_remote, open_file
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -42,8 +43,8 @@ class TorchLegacyReader(PickleBasedReader):
         def persistent_load(pid: Any) -> Any:
             return self._storage(pid, roots, views)
 
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open_file(path) if is_remote(path) else open(path, "rb") as f:
+            size = file_size(f)
             pos = 0
             ahead = b""  # read past the previous pickle's end: where the next one starts
 
@@ -166,8 +167,8 @@ class PickleReader(PickleBasedReader):
     def _load_info(self) -> CheckpointInfo:
         path = os.fspath(self.path)
         warnings: list[str] = []
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open_file(path) if is_remote(path) else open(path, "rb") as f:
+            size = file_size(f)
             m = pickles.Machine(f, start=0, end=size, path=self.path)
             try:
                 root = m.load()

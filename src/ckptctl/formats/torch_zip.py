@@ -34,6 +34,7 @@ from ckptctl.errors import CorruptFile, UnknownFormat
 from ckptctl.formats import pickles
 from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.sources import file_size, is_remote, open_file, open_source
 
 MIN_READ = 64 * 1024  # strided reads fetch at least this much storage at once
 MAX_PICKLE_IN_MEMORY = 1 << 30  # a compressed data.pkl larger than this is refused
@@ -234,25 +235,30 @@ class PickleBasedReader(Reader):
 
     def __init__(self, path, raw_names: bool = False):
         super().__init__(path)
-        self._fds: dict[str, int] = {}
+        self._srcs: dict[str, Any] = {}  # file -> sources.LocalSource / RemoteSource
         self.raw_names = raw_names  # list modules as the pickle holds them, not by state_dict() names
 
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
+    def _src(self, path: str):
+        src = self._srcs.get(path)
+        if src is None:
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                src = open_source(path)
             except OSError as e:
                 raise CorruptFile(f"cannot open {path}: {e.strerror or e}", self.path) from None
-            self._fds[path] = fd
-        return fd
+            self._srcs[path] = src
+        return src
 
     def _pread(self, path: str, offset: int, n: int) -> bytes:
-        fd = self._fd(path)
+        src = self._src(path)
+        if src.remote:  # read-ahead window for small tensors, several requests in flight for big ones
+            if offset + n > src.size:
+                raise CorruptFile(f"file ends at byte {src.size}, expected data up to byte {offset + n} "
+                                  "(truncated?)", path if path != os.fspath(self.path) else self.path)
+            return b"".join(src.iter_range(offset, n, n or 1))
         parts = []
         got = 0
         while got < n:
-            chunk = os.pread(fd, n - got, offset + got)
+            chunk = src.pread(offset + got, n - got)
             if not chunk:
                 raise CorruptFile(
                     f"file ends at byte {offset + got}, expected data up to byte {offset + n} (truncated?)",
@@ -263,10 +269,10 @@ class PickleBasedReader(Reader):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        srcs, self._srcs = self._srcs, {}
+        for src in srcs.values():
             try:
-                os.close(fd)
+                src.close()
             except OSError:
                 pass
 
@@ -292,6 +298,8 @@ class PickleBasedReader(Reader):
         if not isinstance(loc, TensorLoc) or loc.swap or not isinstance(loc.blob, FileBlob):
             return None
         if t.nbytes and not c_contiguous(t.shape, loc.stride):
+            return None
+        if is_remote(loc.blob.path):
             return None
         return (loc.blob.path, loc.blob.file_offset(self) + loc.byte_base, t.nbytes)
 
@@ -432,10 +440,10 @@ class TorchArchive:
         self.label = label if label is not None else path  # for messages
         self.base = base
         try:
-            self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            self._f = open_file(self.path) if is_remote(self.path) else open(self.path, "rb")  # noqa: SIM115
         except OSError as e:
             raise CorruptFile(f"cannot open: {e.strerror or e}", self.label) from None
-        size = os.fstat(self._f.fileno()).st_size
+        size = file_size(self._f)
         if length is None:
             length = size - base
         if base + length > size:
@@ -789,7 +797,7 @@ def scan_zip_pickles(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """(globals, errors) of every pickle member of any zip archive (for `scan`), never unpickling."""
     found: list[str] = []
     errors: list[str] = []
-    with open(path, "rb") as f:
+    with open_file(path) if is_remote(path) else open(path, "rb") as f:
         try:
             z = zipfile.ZipFile(f)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:

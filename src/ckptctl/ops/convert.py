@@ -26,6 +26,7 @@ from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
 from ckptctl.formats import open_reader, resolve, writer_class
 from ckptctl.formats.base import Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.sources import as_path, check_writable_target
 from ckptctl.ops.inspect import dangerous_globals
 from ckptctl.ops.select import Selection, select
 from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point
@@ -380,7 +381,8 @@ def plan_convert(
     force: bool = False,
     metadata: str = "keep",
 ) -> ConvertPlan:
-    src, dst = Path(src), Path(dst)
+    check_writable_target(dst)
+    src, dst = as_path(src), Path(dst)
     sharded = max_shard_size is not None
     if sharded and max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive")
@@ -390,7 +392,7 @@ def plan_convert(
     try:
         info = reader.info()
         _fmt, opened = resolve(src)
-        src_files = [Path(f) for f in info.files] + [opened]
+        src_files = [as_path(f) for f in info.files] + [opened]
         _check_destination(src, src_files, dst, sharded, force)
         if not info.tensors:
             danger = dangerous_globals(info)
