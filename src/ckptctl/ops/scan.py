@@ -203,7 +203,7 @@ NO_PICKLE_NOTES = {
 # files a folder scan looks at (besides anything whose first bytes are a pickle or a zip); names
 # like .model/.data are left to the content check: tokenizers and TF shards use them too
 SCAN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".joblib",
-                 ".zip", ".npz", ".keras", ".gguf")
+                 ".zip", ".npz", ".npy", ".keras", ".gguf")
 
 
 def scan_file(path: str | os.PathLike) -> ScanResult:
@@ -339,6 +339,10 @@ def _scan_unknown(p: str, res: ScanResult, e: UnknownFormat) -> ScanResult:
         res.pickle = False
         return res
     res.pickle = False
+    if head == b"\x93NUM":  # walk_file reads its header: an object array's payload is a pickle
+        res.format = "npy"
+        res.note = "a NumPy .npy array"
+        return res
     res.error = e.message
     return res
 
@@ -399,7 +403,7 @@ def _looks_scannable(path: Path) -> bool:
             head = f.read(4)
     except OSError:
         return False
-    return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head == b"PK\x03\x04"
+    return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head in (b"PK\x03\x04", b"\x93NUM")
 
 
 def _is_orbax(p: Path) -> bool:
