@@ -384,3 +384,43 @@ def test_random_opcode_streams_fail_cleanly_and_run_nothing(tmp_path):
         sys.meta_path.remove(Watch)
     assert _Probe.called == 0
     assert asked == []
+
+
+def test_mutated_checkpoints_fail_cleanly(tmp_path):
+    """Random byte flips, cuts and splices of real torch files (zip and legacy) and of a pickle
+    that carries a nested one: the scan walk and the readers raise nothing but CkptError."""
+    pytest.importorskip("hypothesis", reason="hypothesis is a dev extra")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ckptctl.formats import open_reader
+    from ckptctl.ops import scan as scan_mod
+
+    sd = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16)}
+    seeds = [_torch_bytes(sd), _torch_bytes(sd, legacy=True),
+             _p4(_call4("pickle", "loads", _bytes(pickle.dumps(sd["w"].numpy(), protocol=2))))]
+    target = tmp_path / "m.pt"
+
+    @settings(max_examples=80, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(st.sampled_from(range(len(seeds))), st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)),
+                                                        max_size=8), st.integers(0, 1 << 16), st.booleans())
+    def check(i, flips, cut, splice):
+        data = bytearray(seeds[i])
+        for off, val in flips:
+            data[off % len(data)] = val
+        if splice:
+            data = data[: cut % len(data)] + seeds[(i + 1) % len(seeds)]
+        elif cut % 3 == 0:
+            data = data[: cut % len(data)]
+        target.write_bytes(bytes(data))
+        scan_mod.walk_file(target)
+        try:
+            with open_reader(target) as rd:
+                info = rd.info()
+                for t in info.tensors[:4]:
+                    b"".join(bytes(c) for c in rd.iter_chunks(t.name))
+        except CkptError:
+            pass
+
+    check()
