@@ -231,7 +231,7 @@ UNREADABLE = {"legacy_appended.pt", "object_array.npy", "object_arrays.npz"}
 CLEAN_WEIGHTS = {"zip_comment.pt", "zip_extensionless_member.pt", "zip_extra_member.pt"}
 # inspect reads the file's main pickle only: these say UNSAFE there (scan names the rest)
 INSPECT_SILENT = CLEAN_WEIGHTS | UNREADABLE | {
-    "chain_through_module.pkl", "load_from_bytes.pkl", "load_from_bytes_computed.pkl", "load_from_bytes_zip.pkl",
+    "load_from_bytes.pkl", "load_from_bytes_computed.pkl", "load_from_bytes_zip.pkl",
     "numpy_object_bytes.pkl"}
 
 
@@ -298,6 +298,18 @@ def test_benign_files_stay_safe(tmp_path):
 ])
 def test_attribute_chains(module, name, cls):
     assert classify_pair(module, name) == cls
+
+
+@pytest.mark.parametrize(("name", "cls"), [
+    ("torch.serialization.os.system", "dangerous"), ("mylib.utils.subprocess.Popen", "dangerous"),
+    ("mylib.os", "unknown"), ("mylib.code.Net", "unknown"), ("mylib.system", "unknown"),
+])
+def test_module_reached_through_another_module(name, cls):
+    """The 'module.name' strings inspect and ls classify: a known module's attribute reached
+    through another module is dangerous; a package's own submodule names are not guessed at."""
+    from ckptctl.ops.scan import classify
+
+    assert classify(name) == cls
 
 
 # ---- the pickle machine under random opcode streams -------------------------------------------

@@ -79,6 +79,23 @@ def build(dest: Path) -> list[Path]:
     gen.mkdir()
     build_corpus(gen, gen / "MARKER")
     files += sorted(p for p in gen.iterdir() if p.name != "MARKER")
+    # benign controls: a scanner that flags these has false positives
+    import argparse
+    import pickle
+
+    import numpy as np
+    import torch
+
+    ok = dest / "benign"
+    ok.mkdir()
+    sd = {"w": torch.randn(8, 8), "b": torch.zeros(8, dtype=torch.bfloat16)}
+    torch.save(sd, ok / "benign_zip.pt")
+    torch.save(sd, ok / "benign_legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"model": sd, "args": argparse.Namespace(lr=0.1)}, ok / "benign_namespace.pt")
+    np.save(ok / "benign.npy", np.arange(10.0))
+    np.savez(ok / "benign.npz", a=np.ones(3))
+    (ok / "benign_dict.pkl").write_bytes(pickle.dumps({"step": 3, "loss": [1.0, 0.5]}, protocol=4))
+    files += sorted(ok.iterdir())
     return files
 
 

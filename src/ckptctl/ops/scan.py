@@ -111,6 +111,11 @@ def classify(global_name: str) -> str:
     # Class.__init__.__globals__): pickle resolves dotted names attribute by attribute
     if any(_dunder(x) and x not in _PLAIN_DUNDERS for x in parts[1:]):
         return "dangerous"
+    # `pkg.mod.os.system`: an attribute of a module that pkg.mod imported (pickle follows dotted
+    # names); the module split is unknown here, so only unmistakable module names count
+    for i in range(1, len(parts) - 1):
+        if parts[i] in _REEXPORTED and _listed(parts[i:]):
+            return "dangerous"
     return "unknown"
 
 
@@ -148,6 +153,8 @@ def _dunder(x: str) -> bool:
     return len(x) > 4 and x.startswith("__") and x.endswith("__")
 
 
+_REEXPORTED = frozenset({"os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "pty", "runpy",
+                         "importlib", "socket", "shutil", "ctypes", "marshal", "webbrowser"})
 # dunder names that are module names or plain pickle helpers, not an object's internals
 _PLAIN_DUNDERS = frozenset({"__main__", "__torch__", "__builtin__", "__mp_main__", "__newobj__", "__newobj_ex__"})
 
