@@ -271,8 +271,10 @@ class Machine:
         encoding: str = "latin1",
         path=None,
         preload: bytes = b"",
+        lenient: bool = True,
     ):
         self.path = path
+        self.lenient = lenient  # on failure, list the rest's globals by opcodes (reads up to LENIENT_MAX)
         self.persistent_load = persistent_load
         self.encoding = encoding
         self.globals: list[str] = []
@@ -383,7 +385,7 @@ class Machine:
             with no_gc():
                 return self._load()
         except PickleError as e:
-            if not e.more_globals:
+            if not e.more_globals and self.lenient:
                 e.more_pairs = self._lenient()
                 e.more_globals = [f"{a}.{b}" for a, b in e.more_pairs]
             raise

@@ -528,7 +528,9 @@ def _stream(w: Walk, f, start: int, end: int, where: str, depth: int, strict: bo
         w.walked += 1
         label = where if k == 1 else f"{where} #{k} (byte {pos - start})"
         first = _read_at(f, pos, 2)
-        m = Machine(f, start=pos, end=end, path=None)
+        # what follows a failure is listed by opcodes only where a pickle surely starts (the
+        # listing reads up to 64 MiB: not for the raw bytes after a legacy file's pickles)
+        m = Machine(f, start=pos, end=end, path=None, lenient=first in _PROTO or (k == 1 and strict))
         err = None
         try:
             m.load()
@@ -537,7 +539,7 @@ def _stream(w: Walk, f, start: int, end: int, where: str, depth: int, strict: bo
         except Exception as e:  # noqa: BLE001 - a bug in the machine must not hide the file's globals
             err = PickleError(f"{type(e).__name__}: {e}")
         pairs = list(m.pairs)
-        if err is not None and (k == 1 or pairs or first in _PROTO):
+        if err is not None:
             pairs += [p for p in err.more_pairs if p not in pairs]
         if err is not None and k == 1 and not strict and not pairs:
             return  # not a pickle at all (a zip's prefix, some other format): nothing to say
