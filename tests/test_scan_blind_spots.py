@@ -64,6 +64,16 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+class Call:
+    """Pickled (never unpickled) as func(arg)."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return (self.func, (self.arg,))
+
+
 class ObjectArrayWithPickledBytes:
     """An object-dtype numpy array whose data is a pickle (numpy's own reduce, data swapped)."""
 
@@ -129,6 +139,12 @@ def build_corpus(d, marker) -> dict[str, tuple[str, str | None]]:
         "posix.system" if os.name == "posix" else "nt.system", "payload (depth 1) > member")
     put("pickle_loads.pkl", _p4(_call4("pickle", "loads", _bytes(ev))), "os.system", "pickle.loads payload (depth 1)")
     put("pickle_loads_call.pkl", _p4(_call4("_pickle", "loads", _bytes(b"\x80\x02N."))), "_pickle.loads", None)
+    put("pickle_loads_proto2.pkl", pickle.dumps(Call(pickle.loads, ev), protocol=2), "os.system",
+        "pickle.loads payload (depth 1)")  # protocol 2 writes the bytes as _codecs.encode(text, 'latin1')
+    put("torch_load_bytesio.pkl", _p4(_call4("torch", "load", _call4("_io", "BytesIO", _bytes(ev)))), "os.system",
+        "torch.load payload (depth 1)")
+    put("torch_load_bytesio_state.pkl", pickle.dumps(Call(torch.load, io.BytesIO(ev)), protocol=4), "os.system",
+        "torch.serialization.load payload (depth 1)")  # BytesIO pickles its bytes as BUILD state
     put("dill_loads.pkl", _p4(_call4("dill", "loads", _bytes(ev))), "os.system", "dill.loads payload")
     put("cloudpickle_loads.pkl", _p4(_call4("cloudpickle", "loads", _bytes(ev))), "os.system", "cloudpickle.loads")
     put("load_from_bytes_computed.pkl",

@@ -885,6 +885,8 @@ class Machine:
         arg = args[0] if args else None
         if arg is None and isinstance(kwargs, dict):
             arg = next((v for k, v in kwargs.items() if k in ("data", "b", "f", "file", "str", "s")), None)
+        if isinstance(arg, str) and not who.endswith(("loads", "_load_from_bytes")):
+            arg = None  # torch.load('other.pt'): a file name, not data (the loader is flagged by name)
         self.nested.append((who, nested_payload(arg)))
 
     def _new(self, cls: Any, args: Any, kwargs: Any) -> Any:
@@ -1266,8 +1268,11 @@ def nested_payload(arg: Any) -> bytes | Span | None:
         return arg
     if isinstance(arg, str):
         return arg.encode("latin1", "replace")  # python-2 pickles' byte strings
-    if isinstance(arg, Opaque) and arg.type in ("io.BytesIO", "_io.BytesIO") and arg.args:
-        return nested_payload(arg.args[0])
+    if isinstance(arg, Opaque) and arg.type in ("io.BytesIO", "_io.BytesIO"):
+        if arg.args:
+            return nested_payload(arg.args[0])
+        if isinstance(arg.state, tuple) and arg.state:  # BytesIO.__getstate__: (value, pos, dict)
+            return nested_payload(arg.state[0])
     return None
 
 
