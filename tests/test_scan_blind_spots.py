@@ -452,3 +452,85 @@ def test_mutated_checkpoints_fail_cleanly(tmp_path):
             pass
 
     check()
+
+
+def test_random_pickle_programs_fail_cleanly_and_run_nothing():
+    """hypothesis: well-formed pickle programs built from calls, BUILDs, NEWOBJs, containers,
+    persistent ids and nested pickle.loads bytes over a mix of real and probe globals, then a few
+    bytes flipped or the end cut: the machine, describe() and the scan walk raise CkptError or
+    nothing, and call nothing (the probe counts calls)."""
+    pytest.importorskip("hypothesis", reason="hypothesis is a dev extra")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ckptctl.formats import pickles
+    from ckptctl.ops import scan as scan_mod
+
+    mod = type(sys)(PROBE)
+    mod.boom = _probe_call
+    mod.Probe = _Probe
+    sys.modules[PROBE] = mod
+    globals_ = [(PROBE, "boom"), (PROBE, "Probe"), ("os", "system"), ("torch._utils", "_rebuild_tensor_v2"),
+                ("torch._utils", "_rebuild_tensor_v3"), ("collections", "OrderedDict"), ("builtins", "set"),
+                ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("numpy", "ndarray"),
+                ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"), ("torch.storage", "_load_from_bytes"),
+                ("pickle", "loads"), ("_io", "BytesIO"), ("torch._tensor", "_rebuild_from_type_v2"),
+                ("torch.nn.parameter", "Parameter"), ("torch", "FloatStorage"), ("torch", "float32"),
+                ("numpy.core.multiarray", "scalar"), ("_codecs", "encode"), ("builtins", "bytearray"),
+                ("torch._utils", "_rebuild_parameter"), ("torch", "Size"), ("builtins", "slice")]
+
+    def g(pair, stack: bool) -> bytes:
+        return _s(pair[0]) + _s(pair[1]) + b"\x93" if stack else f"c{pair[0]}\n{pair[1]}\n".encode()
+
+    leaf = st.one_of(
+        st.integers(-(1 << 40), 1 << 40).map(lambda i: b"\x8a" + bytes([8]) + i.to_bytes(8, "little", signed=True)),
+        st.integers(0, 255).map(lambda i: b"K" + bytes([i])), st.text(max_size=6).map(_s),
+        st.binary(max_size=8).map(_bytes), st.sampled_from([b"N", b"\x88", b"\x89", b")", b"]", b"}"]),
+        st.floats(allow_nan=True).map(lambda x: b"G" + struct.pack(">d", x)),
+        st.tuples(st.sampled_from(globals_), st.booleans()).map(lambda t: g(*t)),
+        st.sampled_from([_s("O8"), _s("f4"), _s("cpu"), _s("0")]),
+    )
+
+    def extend(child):
+        many = st.lists(child, max_size=4)
+        return st.one_of(
+            many.map(lambda xs: b"(" + b"".join(xs) + b"t"),  # tuple
+            many.map(lambda xs: b"](" + b"".join(xs) + b"e"),  # list
+            st.lists(st.tuples(st.text(max_size=3).map(_s), child), max_size=3).map(
+                lambda kv: b"}(" + b"".join(k + v for k, v in kv) + b"u"),
+            st.tuples(child, many).map(lambda t: t[0] + b"(" + b"".join(t[1]) + b"tR"),  # call
+            st.tuples(st.sampled_from(globals_), many).map(lambda t: g(t[0], True) + b"(" + b"".join(t[1]) + b"tR"),
+            st.tuples(st.sampled_from(globals_), many).map(lambda t: g(t[0], True) + b"(" + b"".join(t[1]) + b"t\x81"),
+            st.tuples(child, child).map(lambda t: t[0] + t[1] + b"b"),  # BUILD
+            many.map(lambda xs: b"(" + b"".join(xs) + b"tQ"),  # persistent id
+            child.map(lambda c: c + b"\x94h\x00"),  # MEMOIZE then GET
+            child.map(lambda c: g(("pickle", "loads"), True) + _bytes(b"\x80\x04" + c + b".") + b"\x85R"),
+        )
+
+    program = st.recursive(leaf, extend, max_leaves=25)
+
+    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(program, st.lists(st.tuples(st.integers(0, 1 << 12), st.integers(0, 255)), max_size=3),
+           st.integers(0, 1 << 12) | st.none())
+    def check(body, flips, cut):
+        data = bytearray(b"\x80\x04" + body + b".")
+        for off, val in flips:
+            data[off % len(data)] = val
+        if cut is not None:
+            data = data[: cut % (len(data) + 1)]
+        data = bytes(data)
+        try:
+            obj = pickles.Machine(data).load()
+            pickles.describe(obj)
+            pickles.describe(obj, raw_names=True)
+            pickles.render(obj)
+        except CkptError:
+            pass
+        w = scan_mod.Walk()
+        scan_mod._region(w, io.BytesIO(data), 0, len(data), "", 0, top=True)
+
+    try:
+        check()
+    finally:
+        del sys.modules[PROBE]
+    assert _Probe.called == 0
