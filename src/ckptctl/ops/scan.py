@@ -610,6 +610,7 @@ def _zip(w: Walk, f, start: int, end: int, where: str, depth: int) -> None:
     import re
     import struct
     import zipfile
+    import zlib
 
     from ckptctl.formats.torch_zip import _LOCAL, _Window
 
@@ -647,7 +648,7 @@ def _zip(w: Walk, f, start: int, end: int, where: str, depth: int) -> None:
                 with z.open(zi) as fh:
                     raw = fh.read(IN_MEMORY + 1)
             except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError,
-                    RuntimeError, __import__("zlib").error) as e:
+                    RuntimeError, zlib.error) as e:
                 if named:
                     w.errors.append(f"{label}: {e}")
                 continue
