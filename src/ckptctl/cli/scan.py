@@ -25,7 +25,9 @@ HELP = (
     "dtypes, OrderedDict, numpy arrays), [bold]unknown[/] (a class ckptctl does not know, e.g. "
     "argparse.Namespace) or [bold]dangerous[/] (can run code, touch files, processes or the network "
     "when the file is loaded with pickle or torch.load: os.system, builtins.eval, subprocess, ...). "
-    "Nothing in the files is run. safetensors and HDF5 files are 'safe (no pickle)'. Folders are "
+    "Every pickle in a file is walked: pickles back to back, every pickle member of a zip, a pickle "
+    "before a zip or in its comment, pickles nested as bytes (pickle.loads, torch.storage._load_from_bytes, "
+    "numpy object arrays). Nothing in the files is run. safetensors and HDF5 files are 'safe (no pickle)'. Folders are "
     "walked for checkpoint files.\n\n"
     "Exit status: 0 when nothing is dangerous (unknown globals are reported but do not fail), "
     "1 when any file asks for a dangerous global or could not be read."
@@ -44,6 +46,12 @@ def _verdict_text(r) -> str:
     if r.verdict == "safe" and not r.pickle and r.error is None:
         return "safe (no pickle)"
     return r.verdict
+
+
+def _with_where(r, name: str) -> str:
+    """'os.system (in member archive/extra.pkl)' when it was found somewhere other than the file's pickle."""
+    places = [w for w in r.where.get(name, []) if w != "pickle"]
+    return f"{name} (in {'; '.join(places[:3])})" if places else name
 
 
 def _rows(results, repeat: bool, all_globals: bool = True) -> list[dict]:
@@ -101,7 +109,7 @@ def register(app: typer.Typer) -> None:
             output.note(f"scanned {len(results)} file{'s' if len(results) != 1 else ''}: " + ", ".join(parts))
         bad = [r for r in results if r.verdict == "dangerous"]
         for r in bad:
-            names = ", ".join(n for n, c in r.globals if c == "dangerous")
+            names = ", ".join(_with_where(r, n) for n, c in r.globals if c == "dangerous")
             output.error(f"{r.path}: UNSAFE: asks for {names}; do not load it with pickle or torch.load")
         failed = [r for r in results if r.verdict == "error"]
         if bad or failed:

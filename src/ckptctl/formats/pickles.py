@@ -63,6 +63,7 @@ class PickleError(CorruptFile):
         self.globals = list(globals or [])
         self.pos = pos
         self.more_globals = list(more_globals or [])
+        self.more_pairs: list[tuple[str, str]] = []  # more_globals as (module, name)
 
 
 # ---- inert records ---------------------------------------------------------------------------
@@ -270,11 +271,18 @@ class Machine:
         encoding: str = "latin1",
         path=None,
         preload: bytes = b"",
+        lenient: bool = True,
     ):
         self.path = path
+        self.lenient = lenient  # on failure, list the rest's globals by opcodes (reads up to LENIENT_MAX)
         self.persistent_load = persistent_load
         self.encoding = encoding
         self.globals: list[str] = []
+        self.pairs: list[tuple[str, str]] = []  # (module, name) of every global, as asked for
+        # pickles the file carries as data and hands to a loader (pickle.loads(b'...'),
+        # torch.storage._load_from_bytes, an object-dtype numpy payload): (who, payload) with
+        # payload bytes | Span | None (built at load time: not a constant). `scan` walks them.
+        self.nested: list[tuple[str, Any]] = []
         self._globals_seen: dict[tuple[str, str], Global] = {}
         self.warnings: list[str] = []
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -349,13 +357,14 @@ class Machine:
             g = Global(module, name)
             self._globals_seen[key] = g
         self.globals.append(g.full)
+        self.pairs.append(key)
         return g
 
     def _fail(self, msg: str, pos: int | None = None):
         where = f" at byte {pos}" if pos is not None else ""
         raise PickleError(f"malformed pickle{where}: {msg}", self.path, self.globals, pos)
 
-    def _lenient(self) -> list[str]:
+    def _lenient(self) -> list[tuple[str, str]]:
         """Globals a plain opcode listing finds in this pickle (after a failure), not seen yet."""
         try:
             if self._file is None:
@@ -363,10 +372,10 @@ class Machine:
             else:
                 self._file.seek(self._start)
                 raw = self._file.read(min(self._end - self._start, LENIENT_MAX))
-            found = opcode_globals(raw)
+            found = opcode_global_pairs(raw)
         except Exception:  # noqa: BLE001 - best effort on a pickle already known to be bad
             return []
-        seen = set(self.globals)
+        seen = set(self.pairs)
         return [g for g in dict.fromkeys(found) if g not in seen]
 
     # -- the loop ------------------------------------------------------------------------------
@@ -376,8 +385,9 @@ class Machine:
             with no_gc():
                 return self._load()
         except PickleError as e:
-            if not e.more_globals:
-                e.more_globals = self._lenient()
+            if not e.more_globals and self.lenient:
+                e.more_pairs = self._lenient()
+                e.more_globals = [f"{a}.{b}" for a, b in e.more_pairs]
             raise
 
     def _load(self) -> Any:
@@ -860,6 +870,8 @@ class Machine:
         if type(args) is not tuple:
             self._fail(f"REDUCE with {_kind(args)} arguments")
         if isinstance(func, Global):
+            if func.full in NESTED_LOADERS:
+                self._nested(func.full, args, None)
             h = _HANDLERS.get(func.full)
             if h is not None:
                 return h(self, func, args, None)
@@ -868,12 +880,23 @@ class Machine:
             return Opaque(f"{func.type}(...)", args)
         self._fail(f"REDUCE calls a {_kind(func)}")
 
+    def _nested(self, who: str, args: tuple, kwargs: Any) -> None:
+        """A loader called on data of this pickle: remember the payload (a nested pickle)."""
+        arg = args[0] if args else None
+        if arg is None and isinstance(kwargs, dict):
+            arg = next((v for k, v in kwargs.items() if k in ("data", "b", "f", "file", "str", "s")), None)
+        if isinstance(arg, str) and not who.endswith(("loads", "_load_from_bytes")):
+            arg = None  # torch.load('other.pt'): a file name, not data (the loader is flagged by name)
+        self.nested.append((who, nested_payload(arg)))
+
     def _new(self, cls: Any, args: Any, kwargs: Any) -> Any:
         if type(args) is not tuple:
             self._fail(f"NEWOBJ with {_kind(args)} arguments")
         if kwargs is not None and not isinstance(kwargs, dict):
             self._fail("NEWOBJ_EX with non-dict keyword arguments")
         if isinstance(cls, Global):
+            if cls.full in NESTED_LOADERS:
+                self._nested(cls.full, args, kwargs)
             h = _HANDLERS.get(cls.full)
             if h is not None:
                 return h(self, cls, args, kwargs)
@@ -1222,6 +1245,35 @@ def _numpy_build(m: Machine, arr: NumpyArray, state: Any) -> None:
     if isinstance(raw, str):
         raw = raw.encode("latin1")  # python-2 era: bytes were str, decoded as latin1
     arr.data = raw
+    if arr.dtype is not None and arr.dtype.kind == "O" and isinstance(raw, (bytes, bytearray, Span)):
+        m.nested.append(("numpy object array", raw))  # object arrays' data is pickled objects
+
+
+# Calls that unpickle data the pickle itself carries. Their argument, when a constant, is a whole
+# nested pickle (or torch archive) that `scan` walks; the calls themselves are classified by name.
+NESTED_LOADERS = frozenset({
+    "pickle.loads", "pickle.load", "pickle._loads", "pickle._load", "_pickle.loads", "_pickle.load",
+    "cPickle.loads", "cPickle.load", "dill.loads", "dill.load", "dill._dill.loads", "dill._dill.load",
+    "cloudpickle.loads", "cloudpickle.load", "cloudpickle.cloudpickle.loads", "torch.storage._load_from_bytes",
+    "torch.load", "torch.serialization.load", "numpy.loads", "numpy.load", "joblib.load",
+    "pandas.read_pickle", "pandas.io.pickle.read_pickle", "pickle.Unpickler", "_pickle.Unpickler",
+})
+
+
+def nested_payload(arg: Any) -> bytes | Span | None:
+    """The bytes a loader would unpickle: a bytes constant, or a BytesIO built from one."""
+    if isinstance(arg, (bytes, bytearray)):
+        return bytes(arg)
+    if isinstance(arg, Span):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode("latin1", "replace")  # python-2 pickles' byte strings
+    if isinstance(arg, Opaque) and arg.type in ("io.BytesIO", "_io.BytesIO"):
+        if arg.args:
+            return nested_payload(arg.args[0])
+        if isinstance(arg.state, tuple) and arg.state:  # BytesIO.__getstate__: (value, pos, dict)
+            return nested_payload(arg.state[0])
+    return None
 
 
 _TORCH_UTILS = "torch._utils."
@@ -1322,7 +1374,12 @@ def opcode_globals(raw: bytes) -> list[str]:
     """Globals named by GLOBAL/INST/STACK_GLOBAL opcodes of one pickle, tracking strings through
     the memo like picklescan does. STACK_GLOBAL arguments that are not plain strings give
     '<unresolved>' names. Stops quietly at the first opcode it cannot parse."""
-    found: list[str] = []
+    return [f"{a}.{b}" for a, b in opcode_global_pairs(raw)]
+
+
+def opcode_global_pairs(raw: bytes) -> list[tuple[str, str]]:
+    """opcode_globals as (module, name) pairs."""
+    found: list[tuple[str, str]] = []
     memo: dict[int, Any] = {}
     recent: list[Any] = []  # what each push left on top, strings or None
     ops = _partial_ops(raw)
@@ -1331,7 +1388,7 @@ def opcode_globals(raw: bytes) -> list[str]:
             name = op.name
             if name in ("GLOBAL", "INST"):
                 mod, _, nm = str(arg).partition(" ")
-                found.append(f"{mod}.{nm}")
+                found.append((mod, nm))
                 recent.append(None)
             elif name in _STRING_OPS:
                 recent.append(arg if isinstance(arg, str) else None)
@@ -1344,7 +1401,7 @@ def opcode_globals(raw: bytes) -> list[str]:
             elif name == "STACK_GLOBAL":
                 a = recent[-2] if len(recent) >= 2 else None
                 b = recent[-1] if recent else None
-                found.append(f"{a if isinstance(a, str) else UNRESOLVED}.{b if isinstance(b, str) else UNRESOLVED}")
+                found.append((a if isinstance(a, str) else UNRESOLVED, b if isinstance(b, str) else UNRESOLVED))
                 recent.append(None)
             elif name in ("FRAME", "PROTO", "MARK", "STOP"):
                 pass

@@ -63,9 +63,22 @@ DANGEROUS: dict[str, str | frozenset[str]] = {
     "ensurepip": _ALL, "idlelib": _ALL, "lib2to3": _ALL, "distutils.file_util": _ALL,
     "cProfile": frozenset({"run", "runctx"}), "profile": frozenset({"run", "runctx", "Profile.run", "Profile.runctx"}),
     "doctest": frozenset({"debug_script"}),
+    "pandas": frozenset({"read_pickle"}), "pandas.io.pickle": _ALL, "numpy.lib.npyio": frozenset({"load"}),
+    "numpy.lib._npyio_impl": frozenset({"load"}), "torch.jit._serialization": frozenset({"load"}),
+    "yaml": frozenset({"load", "load_all", "unsafe_load", "unsafe_load_all", "full_load", "full_load_all"}),
+    "cloudpickle.cloudpickle": frozenset({"_builtin_type", "_make_function", "_function_setstate", "_make_cell",
+                                          "_make_empty_cell", "subimport", "_make_skeleton_class"}),
+    "pkgutil": frozenset({"resolve_name", "get_loader", "find_loader", "get_importer"}), "zipimport": _ALL,
+    "_imp": _ALL, "_posixsubprocess": _ALL, "_osx_support": _ALL, "_aix_support": _ALL, "_pyrepl": _ALL,
+    "uuid": frozenset({"_get_command_stdout", "_popen"}), "imaplib": frozenset({"IMAP4_stream"}),
+    "logging": frozenset({"FileHandler"}), "logging.config": _ALL, "test": _ALL, "tempfile": _ALL,
+    "_thread": frozenset({"start_new_thread", "start_new", "start_joinable_thread"}),
+    "threading": frozenset({"Thread", "Timer"}), "signal": _ALL,
     # call builders that turn data into calls
-    "functools": frozenset({"partial"}),
-    "operator": frozenset({"attrgetter", "itemgetter", "methodcaller"}),
+    "functools": frozenset({"partial", "partialmethod", "reduce"}),
+    "_functools": frozenset({"partial", "reduce"}),
+    "operator": frozenset({"attrgetter", "itemgetter", "methodcaller", "call"}),
+    "_operator": frozenset({"attrgetter", "itemgetter", "methodcaller", "call"}),
     # the network
     "socket": _ALL, "ssl": _ALL, "webbrowser": _ALL, "httplib": _ALL, "http.client": _ALL, "requests": _ALL,
     "urllib": _ALL, "urllib2": _ALL, "aiohttp": _ALL, "asyncio": _ALL, "ftplib": _ALL, "smtplib": _ALL,
@@ -91,19 +104,59 @@ def classify(global_name: str) -> str:
         return "dangerous"  # a STACK_GLOBAL built from something other than plain strings: evasion
     if global_name in _safe():
         return "safe"
-    # 'module.name' is ambiguous (both may hold dots): try every split
     parts = global_name.split(".")
+    if _listed(parts):
+        return "dangerous"
+    # attributes reached through an object's internals (builtins.eval.__call__, os.system.__self__,
+    # Class.__init__.__globals__): pickle resolves dotted names attribute by attribute
+    if any(_dunder(x) and x not in _PLAIN_DUNDERS for x in parts[1:]):
+        return "dangerous"
+    # `pkg.mod.os.system`: an attribute of a module that pkg.mod imported (pickle follows dotted
+    # names); the module split is unknown here, so only unmistakable module names count
+    for i in range(1, len(parts) - 1):
+        if parts[i] in _REEXPORTED and _listed(parts[i:]):
+            return "dangerous"
+    return "unknown"
+
+
+def classify_pair(module: str, name: str) -> str:
+    """classify() of a global asked for as (module, name). A dotted name is an attribute chain
+    that pickle (protocol 4+) follows from the module: `torch.serialization` + `os.system` is
+    os.system, reached through the module torch.serialization imported. Every tail of the chain
+    is classified too."""
+    cls = classify(f"{module}.{name}" if module else name)
+    if cls == "dangerous" or "." not in name:
+        return cls
+    chain = name.split(".")
+    for i in range(len(chain)):
+        if _listed(chain[i:]) or chain[i] in _BUILTINS:
+            return "dangerous"
+    return cls
+
+
+def _listed(parts: list[str]) -> bool:
+    """'module.name' split on dots is in DANGEROUS (the module part may hold dots: try every split)."""
     for i in range(1, len(parts) + 1):
         module = ".".join(parts[:i])
         rule = DANGEROUS.get(module)
         if rule is None:
             continue
         if rule == _ALL:
-            return "dangerous"
+            return True
         name = ".".join(parts[i:])
         if name in rule or name.split(".", 1)[0] in rule:
-            return "dangerous"
-    return "unknown"
+            return True
+    return False
+
+
+def _dunder(x: str) -> bool:
+    return len(x) > 4 and x.startswith("__") and x.endswith("__")
+
+
+_REEXPORTED = frozenset({"os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "pty", "runpy",
+                         "importlib", "socket", "shutil", "ctypes", "marshal", "webbrowser"})
+# dunder names that are module names or plain pickle helpers, not an object's internals
+_PLAIN_DUNDERS = frozenset({"__main__", "__torch__", "__builtin__", "__mp_main__", "__newobj__", "__newobj_ex__"})
 
 
 VERDICT_ORDER = {"dangerous": 3, "error": 2, "unknown": 1, "safe": 0}
@@ -117,6 +170,8 @@ class ScanResult:
     globals: list[tuple[str, str]] = field(default_factory=list)  # (name, class)
     error: str | None = None  # the file, or part of it, could not be read
     note: str | None = None
+    where: dict[str, list[str]] = field(default_factory=dict)  # global -> where it was found
+    unknown_format: bool = False  # no reader knows the file (walk_file may still find pickles)
 
     @property
     def verdict(self) -> str:
@@ -135,7 +190,7 @@ class ScanResult:
             "format": self.format,
             "verdict": self.verdict,
             "pickle": self.pickle,
-            "globals": [{"name": n, "class": c} for n, c in self.globals],
+            "globals": [{"name": n, "class": c, "where": self.where.get(n, [])} for n, c in self.globals],
             "error": self.error,
             "note": self.note,
         }
@@ -155,11 +210,45 @@ NO_PICKLE_NOTES = {
 # files a folder scan looks at (besides anything whose first bytes are a pickle or a zip); names
 # like .model/.data are left to the content check: tokenizers and TF shards use them too
 SCAN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".joblib",
-                 ".zip", ".npz", ".keras", ".gguf")
+                 ".zip", ".npz", ".npy", ".keras", ".gguf")
 
 
 def scan_file(path: str | os.PathLike) -> ScanResult:
-    """Scan one file or checkpoint folder. Never raises for what is inside the file."""
+    """Scan one file or checkpoint folder. Never raises for what is inside the file.
+
+    The file's reader lists what it understands; then every pickle reachable in the file is
+    walked (`walk_file`: concatenated pickles, zip members, a zip's prefix and comment, .npy
+    object payloads, pickles nested as bytes) and its globals are added, with where they were."""
+    res = _scan_format(path)
+    p = Path(path)
+    if not p.is_file():
+        return res
+    try:
+        walk = walk_file(p)
+    except OSError as e:
+        res.error = res.error or f"cannot read: {e.strerror or e}"
+        return res
+    merged: dict[str, str] = dict(res.globals)
+    for name, cls, where in walk.found:
+        old = merged.get(name)
+        if old is None or VERDICT_ORDER[cls] > VERDICT_ORDER[old]:
+            merged[name] = cls
+        places = res.where.setdefault(name, [])
+        if where not in places and len(places) < 8:
+            places.append(where)
+    res.globals = list(merged.items())
+    if walk.parsed or walk.found:
+        res.pickle = True
+        if res.unknown_format:  # not a checkpoint ckptctl reads, but it holds pickles
+            res.format = res.format or walk.kind or "pickle"
+            res.note, res.error = res.error or res.note, None
+    if walk.errors and res.error is None and res.pickle:
+        res.error = "; ".join(walk.errors[:3]) + (f" (and {len(walk.errors) - 3} more)" if len(walk.errors) > 3 else "")
+    return res
+
+
+def _scan_format(path: str | os.PathLike) -> ScanResult:
+    """What the file's own reader lists."""
     from ckptctl.formats import open_reader, resolve
     from ckptctl.formats.pickles import PickleError
 
@@ -168,6 +257,7 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
     try:
         fmt, target = resolve(path)
     except UnknownFormat as e:
+        res.unknown_format = True
         return _scan_unknown(p, res, e)
     except CkptError as e:
         res.error = e.message
@@ -250,19 +340,16 @@ def _scan_unknown(p: str, res: ScanResult, e: UnknownFormat) -> ScanResult:
             head = f.read(4)
     except OSError:
         head = b""
-    if head == b"PK\x03\x04":
-        from ckptctl.formats.torch_zip import scan_zip_pickles
-
-        names, errors = scan_zip_pickles(p)
+    if head == b"PK\x03\x04":  # walk_file lists its pickles
         res.format = "zip"
-        res.globals = _classified(names)
         res.note = e.message
-        if not names:
-            res.pickle = False
-        if errors:
-            res.error = "; ".join(errors[:3])
+        res.pickle = False
         return res
     res.pickle = False
+    if head == b"\x93NUM":  # walk_file reads its header: an object array's payload is a pickle
+        res.format = "npy"
+        res.note = "a NumPy .npy array"
+        return res
     res.error = e.message
     return res
 
@@ -278,15 +365,19 @@ def _scan_sharded(p: str, res: ScanResult, index: Path) -> ScanResult:
         return res
     pickled = False
     errors: list[str] = []
-    names: list[str] = []
+    merged: dict[str, str] = {}
     for f in files:
         sub = scan_file(f)
         pickled = pickled or sub.pickle
-        names += [n for n, _ in sub.globals]
+        for n, c in sub.globals:
+            if n not in merged or VERDICT_ORDER[c] > VERDICT_ORDER[merged[n]]:
+                merged[n] = c
+        for n, places in sub.where.items():
+            res.where.setdefault(n, []).extend(f"{os.path.basename(f)}: {w}" for w in places[:4])
         if sub.error:
             errors.append(f"{os.path.basename(f)}: {sub.error}")
     res.pickle = pickled
-    res.globals = _classified(names)
+    res.globals = list(merged.items())
     if errors:
         res.error = "; ".join(errors)
     return res
@@ -319,7 +410,7 @@ def _looks_scannable(path: Path) -> bool:
             head = f.read(4)
     except OSError:
         return False
-    return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head == b"PK\x03\x04"
+    return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head in (b"PK\x03\x04", b"\x93NUM")
 
 
 def _is_orbax(p: Path) -> bool:
@@ -359,3 +450,214 @@ def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
 
 def scan(paths: list[str | os.PathLike]) -> list[ScanResult]:
     return [scan_file(p) for p, _named in expand(paths)]
+
+
+# ---- every pickle a file holds ---------------------------------------------------------------
+MAX_DEPTH = 8  # pickles nested as bytes inside pickles (deeper: dangerous, not walked)
+MAX_PICKLES = 4096  # pickles walked in one file, every view and depth together
+MAX_CONCAT = 256  # pickles back to back in one stream
+IN_MEMORY = 256 << 20  # a compressed member or nested payload larger than this is not walked
+# zip members that loaders unpickle by their name; other members are sniffed for a pickle start
+PICKLE_NAMES = (".pkl", ".pickle", ".debug_pkl", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".dill", ".npy")
+_PROTO = tuple(bytes([0x80, v]) for v in range(2, 6))
+_ZIP_END = b"PK\x05\x06"
+
+
+@dataclass
+class Walk:
+    """What walk_file found: (global, class, where) for every global every pickle asks for."""
+
+    found: list[tuple[str, str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    parsed: int = 0  # pickles read to their STOP
+    walked: int = 0
+    kind: str | None = None  # 'zip' | 'npy' | None (what the file is when no reader knows it)
+
+    def add(self, name: str, cls: str, where: str) -> None:
+        self.found.append((name, cls, where))
+
+
+def walk_file(path: str | os.PathLike) -> Walk:
+    """Walk every pickle reachable in a file, never running anything: the pickles back to back
+    at its start (legacy torch writes five; `pickle.load` runs the first, a loader calling it
+    again the next), every pickle member of a zip found in it (wherever the zip starts: a pickle
+    followed by a zip is both), a pickle in a zip's comment, the pickled payload of an
+    object-dtype .npy, and pickles carried as bytes and handed to a loader
+    (`pickle.loads(b'...')`, `torch.storage._load_from_bytes`, numpy object arrays), to depth
+    MAX_DEPTH. Raises OSError only."""
+    w = Walk()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if head.startswith(b"PK\x03\x04"):
+            w.kind = "zip"
+        elif head.startswith(b"\x93NUMPY"):
+            w.kind = "npy"
+        _region(w, f, 0, size, "", 0, top=True)
+    return w
+
+
+def _read_at(f, off: int, n: int) -> bytes:
+    f.seek(off)
+    return f.read(n)
+
+
+def _region(w: Walk, f, start: int, end: int, where: str, depth: int, top: bool = False, named: bool = True) -> None:
+    """Every view of f[start:end]: a pickle stream at its start, an .npy, a zip anywhere in it."""
+    if depth > MAX_DEPTH:
+        w.add(f"<pickles nested deeper than {MAX_DEPTH}>", "dangerous", where)
+        return
+    head = _read_at(f, start, 8)
+    if head.startswith(b"\x93NUMPY"):
+        _npy(w, f, start, end, where, depth)
+    elif not head.startswith(b"PK\x03\x04"):
+        _stream(w, f, start, end, where or "pickle", depth, strict=named and not top)
+    tail_at = max(start, end - (65535 + 22))
+    if _ZIP_END in _read_at(f, tail_at, end - tail_at):
+        _zip(w, f, start, end, where, depth)
+
+
+def _stream(w: Walk, f, start: int, end: int, where: str, depth: int, strict: bool) -> None:
+    """The pickles back to back from `start`, until the end, garbage or a broken one."""
+    from ckptctl.formats.pickles import Machine, PickleError
+
+    pos = start
+    for k in range(1, MAX_CONCAT + 1):
+        if pos >= end or w.walked >= MAX_PICKLES:
+            return
+        w.walked += 1
+        label = where if k == 1 else f"{where} #{k} (byte {pos - start})"
+        first = _read_at(f, pos, 2)
+        # what follows a failure is listed by opcodes only where a pickle surely starts (the
+        # listing reads up to 64 MiB: not for the raw bytes after a legacy file's pickles)
+        m = Machine(f, start=pos, end=end, path=None, lenient=first in _PROTO or (k == 1 and strict))
+        err = None
+        try:
+            m.load()
+        except PickleError as e:
+            err = e
+        except Exception as e:  # noqa: BLE001 - a bug in the machine must not hide the file's globals
+            err = PickleError(f"{type(e).__name__}: {e}")
+        pairs = list(m.pairs)
+        if err is not None:
+            pairs += [p for p in err.more_pairs if p not in pairs]
+        if err is not None and k == 1 and not strict and not pairs:
+            return  # not a pickle at all (a zip's prefix, some other format): nothing to say
+        for module, name in dict.fromkeys(pairs):
+            full = f"{module}.{name}" if module else name
+            w.add(full, classify_pair(module, name), label)
+        for who, payload in m.nested:
+            _nested(w, f, who, payload, label, depth)
+        if err is not None:
+            if k == 1 or pairs:
+                w.errors.append(f"{label}: {err.message}")
+            return
+        w.parsed += 1
+        if m.pos <= pos:
+            return
+        pos = m.pos
+
+
+def _nested(w: Walk, f, who: str, payload, where: str, depth: int) -> None:
+    """A pickle (or torch archive) the file carries as data and hands to a loader."""
+    import io
+
+    from ckptctl.formats.pickles import Span
+
+    label = f"{where} > {who} payload (depth {depth + 1})"
+    if payload is None:
+        if classify(who) != "dangerous":  # the loader is flagged by name; this one only by its payload
+            w.add(f"{who}(<bytes built at load time>)", "dangerous", where)
+        return
+    if isinstance(payload, Span):
+        _region(w, f, payload.offset, payload.offset + payload.length, label, depth + 1)
+    elif len(payload) <= IN_MEMORY:
+        _region(w, io.BytesIO(payload), 0, len(payload), label, depth + 1)
+
+
+def _npy(w: Walk, f, start: int, end: int, where: str, depth: int) -> None:
+    """An .npy whose dtype holds objects: numpy.load(allow_pickle=True) unpickles its payload."""
+    import ast
+    import struct
+
+    raw = _read_at(f, start, 12)
+    if len(raw) < 10:
+        return
+    if raw[6] == 1:
+        hlen, hstart = struct.unpack_from("<H", raw, 8)[0], 10
+    elif len(raw) >= 12:
+        hlen, hstart = struct.unpack_from("<I", raw, 8)[0], 12
+    else:
+        return
+    if hlen > 1 << 20:
+        w.errors.append(f"{where or 'npy'}: header of {hlen} bytes")
+        return
+    text = _read_at(f, start + hstart, hlen).decode("latin1")
+    try:
+        header = ast.literal_eval(text)
+        descr = header["descr"] if isinstance(header, dict) else None
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
+        w.errors.append(f"{where or 'npy'}: unreadable .npy header")
+        return
+    if "O" in repr(descr):
+        label = f"{where + ' > ' if where else ''}npy object payload"
+        _stream(w, f, start + hstart + hlen, end, label, depth + 1, strict=True)
+
+
+def _zip(w: Walk, f, start: int, end: int, where: str, depth: int) -> None:
+    """Every pickle member of the zip that ends f[start:end] (and a pickle in its comment)."""
+    import io
+    import re
+    import struct
+    import zipfile
+    import zlib
+
+    from ckptctl.formats.torch_zip import _LOCAL, _Window
+
+    try:
+        z = zipfile.ZipFile(_Window(f, start, end - start))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error, KeyError,
+            NotImplementedError, UnicodeDecodeError):
+        return
+    pre = f"{where} > " if where else ""
+    storage = re.compile(r"(^|/)data/\d+$")  # torch storages: raw tensor bytes, never unpickled
+    with z:
+        for zi in z.infolist():
+            if zi.is_dir() or storage.search(zi.filename):
+                continue
+            named = zi.filename.rsplit("/", 1)[-1].lower().endswith(PICKLE_NAMES)
+            label = f"{pre}member {zi.filename}"
+            try:
+                if zi.compress_type == zipfile.ZIP_STORED:
+                    sig, *_rest, nlen, xlen = _LOCAL.unpack(_read_at(f, start + zi.header_offset, _LOCAL.size))
+                    if sig != b"PK\x03\x04":
+                        raise ValueError("bad local header")
+                    off = start + zi.header_offset + _LOCAL.size + nlen + xlen
+                    head = _read_at(f, off, 8)
+                    if named or _sniff(head):
+                        _region(w, f, off, min(off + zi.compress_size, end), label, depth, named=named)
+                    continue
+                with z.open(zi) as fh:
+                    head = fh.read(8)
+                if not (named or _sniff(head)):
+                    continue
+                if zi.file_size > IN_MEMORY:
+                    w.errors.append(f"{label}: compressed and too large to scan ({zi.file_size} bytes)")
+                    w.add(f"<unscanned pickle member {zi.filename}>", "unknown", label)
+                    continue
+                with z.open(zi) as fh:
+                    raw = fh.read(IN_MEMORY + 1)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError,
+                    RuntimeError, zlib.error) as e:
+                if named:
+                    w.errors.append(f"{label}: {e}")
+                continue
+            _region(w, io.BytesIO(raw), 0, len(raw), label, depth, named=named)
+        comment = z.comment
+    if comment and _sniff(comment[:8]):
+        _stream(w, io.BytesIO(comment), 0, len(comment), f"{pre}zip comment", depth, strict=False)
+
+
+def _sniff(head: bytes) -> bool:
+    """Bytes that start a pickle some loader may run (protocol 2+), a zip or an .npy."""
+    return head.startswith(_PROTO) or head.startswith((b"PK\x03\x04", b"\x93NUMPY"))
