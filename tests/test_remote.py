@@ -340,3 +340,25 @@ def test_credentials_in_urls_never_printed(http_server):
         assert res.exit_code == 1
         line = _one_line(res)
         assert secret not in res.stderr and "***" in line, line
+
+
+def test_formats_not_yet_read_remotely_say_so_in_one_line(http_server):
+    """TF bundles, GGUF and Orbax readers do not read through sources yet: a remote path to one of
+    them is refused in one line (exit 2), never an internal error or a download."""
+    import shutil
+
+    jax = REAL.parent / "jax_gguf"
+    if not (TF.is_dir() and jax.is_dir()):
+        pytest.skip("../shared/fixtures/tensorflow or jax_gguf is absent")
+    www = http_server.root
+    shutil.copytree(TF / "tf2_manager_run", www / "tf")
+    shutil.copy(jax / "tiny-llama.gguf", www / "m.gguf")
+    for name, what in (("tf/ckpt-20.index", "TensorFlow checkpoint"),
+                       ("tf/ckpt-20.data-00000-of-00001", "TensorFlow checkpoint"),
+                       ("m.gguf", "gguf checkpoint")):
+        r = run("inspect", f"{http_server.url}/{name}")
+        assert r.returncode == 2, (name, r.returncode, r.stderr)
+        assert r.stdout == "" and "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and what in lines[0] and "cannot be read yet" in lines[0], (name, r.stderr)
+    assert http_server.bytes < 64 * 1024  # nothing was downloaded whole

@@ -11,7 +11,7 @@ import importlib
 import os
 from pathlib import Path
 
-from ckptctl.errors import CorruptFile, NotFound, UnknownFormat
+from ckptctl.errors import CorruptFile, NotFound, UnknownFormat, UsageError
 from ckptctl.formats.base import Reader, Writer
 from ckptctl.sources import as_path, is_remote, open_file, open_source
 
@@ -186,8 +186,19 @@ def _sniff_dir(path: Path) -> tuple[str, Path]:
     )
 
 
+# formats whose readers read through ckptctl.sources, so also from s3://, https://, ...
+REMOTE_FORMATS = ("safetensors", "torch-zip", "torch-legacy", "pickle", "hdf5", "sharded", "dcp", "keras",
+                  "keras-sharded", "torchscript")
+
+
+def _remote_not_yet(what: str, path) -> UsageError:
+    return UsageError(f"{path}: {what} on remote storage cannot be read yet; copy it to a local disk first")
+
+
 def _tf_dir(path: Path) -> tuple[Path, str] | None:
     """(prefix, note) of the TF checkpoint a folder names (SavedModel, `checkpoint` state file)."""
+    if is_remote(path):
+        return None
     from ckptctl.formats import tf_bundle
 
     return tf_bundle.resolve_dir(path)
@@ -196,6 +207,10 @@ def _tf_dir(path: Path) -> tuple[Path, str] | None:
 def _tf_file(p: Path) -> Path | None:
     """The prefix when `p` is a TF checkpoint prefix (not a file), P.index or P.data-K-of-N."""
     name = p.name
+    if is_remote(p):
+        if name.endswith(".index") or ".data-" in name:
+            raise _remote_not_yet("a TensorFlow checkpoint", p)
+        return None
     if p.exists() and not (name.endswith(".index") or ".data-" in name):
         return None
     from ckptctl.formats import tf_bundle
@@ -306,6 +321,8 @@ def open_reader(path: str | os.PathLike, **opts) -> Reader:
     if fmt == "tf-bundle" and not is_remote(path) and Path(path).is_dir():
         tf = _tf_dir(Path(path))
         opts["note"] = tf[1] if tf else ""
+    if is_remote(target) and fmt not in REMOTE_FORMATS:
+        raise _remote_not_yet(f"a {fmt} checkpoint", target)
     reader = reader_cls(target, **opts)
     if is_remote(target):
         # byte ranges name files for os.open / copy_file_range: a remote object has none, so
