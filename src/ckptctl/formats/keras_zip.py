@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import struct
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from ckptctl.errors import CkptError, CorruptFile, NotFound, UnknownFormat
 from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.formats.hdf5 import HDF5Reader
+from ckptctl.formats.sharded import read_weight_map
 from ckptctl.model import CheckpointInfo, TensorInfo
 from ckptctl.sources import as_source, is_remote, open_file
 
@@ -472,37 +472,8 @@ class KerasShardedReader(Reader):
         self._where: dict[str, str] = {}
 
     def _index(self) -> tuple[dict, dict[str, str]]:
-        try:
-            size = self.path.stat().st_size  # Path or sources.RemotePath
-            if size > MAX_JSON_BYTES:
-                raise CorruptFile(f"index is {size} bytes; that is not a Keras shard index", self.path)
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            raise NotFound("no such file or directory", self.path) from None
-        except PermissionError:
-            raise NotFound("permission denied", self.path) from None
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise CorruptFile("index is not UTF-8 text", self.path) from None
-        except json.JSONDecodeError as e:
-            raise CorruptFile(f"index is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
-                              self.path) from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
-            raise CorruptFile('Keras shard index has no "weight_map" object ({"/layers/<name>/vars": '
-                              '"<base>_00000.weights.h5", ...})', self.path)
-        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-        wm = doc["weight_map"]
-        for group, shard in wm.items():
-            if not isinstance(shard, str) or not shard:
-                raise CorruptFile(f"weight_map entry {group!r} names no shard file ({shard!r})", self.path)
-            posix, win = PurePosixPath(shard), PureWindowsPath(shard)
-            if posix.is_absolute() or win.is_absolute() or win.drive or shard.startswith(("/", "\\")):
-                raise CorruptFile(f"shard {shard!r} is an absolute path; shards must lie beside the index",
-                                  self.path)
-            if ".." in posix.parts or ".." in win.parts or "\x00" in shard:
-                raise CorruptFile(f"shard {shard!r} points outside the checkpoint folder", self.path)
-        return meta, wm
+        return read_weight_map(self.path, MAX_JSON_BYTES, "Keras shard index",
+                               '{"weight_map": {"/layers/<name>/vars": "<base>_00000.weights.h5", ...}}')
 
     def _shard_names(self, wm: dict[str, str]) -> list[str]:
         """Shards the index names, then any `<base>_NNNNN.weights.h5` beside it, by number."""

@@ -9,7 +9,6 @@ are delegated to the shard that holds the tensor.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -32,46 +31,8 @@ class ShardedReader(Reader):
 
     # -- index ---------------------------------------------------------------------------------
     def _read_index(self) -> tuple[dict, dict[str, str]]:
-        try:
-            size = self.path.stat().st_size  # Path or sources.RemotePath
-            if size > MAX_INDEX_BYTES:
-                raise CorruptFile(f"index is {size} bytes; that is not a shard index", self.path)
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            raise NotFound("no such file or directory", self.path) from None
-        except PermissionError:
-            raise NotFound("permission denied", self.path) from None
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise CorruptFile("index is not UTF-8 text", self.path) from None
-        except json.JSONDecodeError as e:
-            raise CorruptFile(f"index is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
-                              self.path) from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
-            raise CorruptFile('index has no "weight_map" object (expected {"metadata": ..., "weight_map": '
-                              "{tensor: shard file}})", self.path)
-        meta = doc.get("metadata")
-        if meta is None:
-            meta = {}
-        if not isinstance(meta, dict):
-            raise CorruptFile('index "metadata" is not an object', self.path)
-        wm = doc["weight_map"]
-        for name, shard in wm.items():
-            if not isinstance(shard, str) or not shard:
-                raise CorruptFile(f"weight_map entry {name!r} names no shard file ({shard!r})", self.path)
-            self._check_shard_name(shard)
-        return meta, wm
-
-    def _check_shard_name(self, shard: str) -> None:
-        """Shard names are file names beside the index: no absolute paths, no '..'."""
-        posix, win = PurePosixPath(shard), PureWindowsPath(shard)
-        if posix.is_absolute() or win.is_absolute() or win.drive or shard.startswith(("/", "\\")):
-            raise CorruptFile(f"shard {shard!r} is an absolute path; shards must lie beside the index", self.path)
-        if ".." in posix.parts or ".." in win.parts:
-            raise CorruptFile(f"shard {shard!r} points outside the checkpoint folder ('..')", self.path)
-        if "\x00" in shard:
-            raise CorruptFile(f"shard name {shard!r} holds a NUL byte", self.path)
+        return read_weight_map(self.path, MAX_INDEX_BYTES, "shard index",
+                               '{"metadata": ..., "weight_map": {tensor: shard file}}')
 
     def _shard_path(self, shard: str) -> Path:
         return self.path.parent / shard
@@ -183,3 +144,51 @@ class ShardedReader(Reader):
         self._shards.clear()
         if errors:
             raise errors[0]
+
+
+def read_weight_map(path, limit: int, what: str, shape: str) -> tuple[dict, dict[str, str]]:
+    """(metadata, weight_map) of a JSON shard index (HF `*.index.json`, Keras `*.weights.json`).
+
+    Checked: size under `limit`, UTF-8 JSON, a `weight_map` object whose values are shard file
+    names beside the index (no absolute path, no '..', no NUL). `what` and `shape` name the index
+    and its expected layout in the messages.
+    """
+    try:
+        size = path.stat().st_size  # Path or sources.RemotePath
+        if size > limit:
+            raise CorruptFile(f"index is {size} bytes; that is not a {what}", path)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFound("no such file or directory", path) from None
+    except PermissionError:
+        raise NotFound("permission denied", path) from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CorruptFile("index is not UTF-8 text", path) from None
+    except json.JSONDecodeError as e:
+        raise CorruptFile(f"index is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", path) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise CorruptFile(f'{what} has no "weight_map" object (expected {shape})', path)
+    meta = doc.get("metadata")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise CorruptFile('index "metadata" is not an object', path)
+    wm = doc["weight_map"]
+    for name, shard in wm.items():
+        if not isinstance(shard, str) or not shard:
+            raise CorruptFile(f"weight_map entry {name!r} names no shard file ({shard!r})", path)
+        check_shard_name(shard, path)
+    return meta, wm
+
+
+def check_shard_name(shard: str, index) -> None:
+    """Shard names are file names beside the index: no absolute paths, no '..'."""
+    posix, win = PurePosixPath(shard), PureWindowsPath(shard)
+    if posix.is_absolute() or win.is_absolute() or win.drive or shard.startswith(("/", "\\")):
+        raise CorruptFile(f"shard {shard!r} is an absolute path; shards must lie beside the index", index)
+    if ".." in posix.parts or ".." in win.parts:
+        raise CorruptFile(f"shard {shard!r} points outside the checkpoint folder ('..')", index)
+    if "\x00" in shard:
+        raise CorruptFile(f"shard name {shard!r} holds a NUL byte", index)
