@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
             output.warn(f"no tensor matches {', '.join(filters)}")
         rows = [t.to_json() for t in result.tensors]
         if fmt == InspectFmt.json:
-            doc = info.to_json()
+            doc = info.to_json(tensors=False)
             # totals of the part shown (the model weights by default), as `ls` counts them
             doc.update(num_tensors=result.num_tensors, num_params=result.num_params,
                        total_bytes=result.total_bytes, dtypes=result.dtype_mix)

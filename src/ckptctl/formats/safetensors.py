@@ -33,11 +33,13 @@ class _DuplicateKey(ValueError):
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    d: dict = {}
-    for k, v in pairs:
-        if k in d:
-            raise _DuplicateKey(k)
-        d[k] = v
+    d = dict(pairs)  # in C; the loop below only runs when a key came twice
+    if len(d) != len(pairs):
+        seen: set = set()
+        for k, _v in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
     return d
 
 
