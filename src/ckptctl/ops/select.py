@@ -90,7 +90,8 @@ def default_part(names: list[str]) -> tuple[str, set[str]]:
         return root, {n for n in names if under(n, root) is None}
     from ckptctl.ops.runs import NON_MODEL_HEADS
 
-    state = {n for n in names if re.split(r"[/.]", n, maxsplit=1)[0] in NON_MODEL_HEADS}
+    # the first part before any '/' or '.' (re.split per name cost ~1 µs: 10^5 names, issue 13)
+    state = {n for n in names if n.split("/", 1)[0].split(".", 1)[0] in NON_MODEL_HEADS}
     return ("", state) if state and len(state) < len(names) else ("", set())
 
 
