@@ -143,8 +143,10 @@ def test_name_index_follows_the_list():
     assert info.tensor("b").dtype == "int8"
     with pytest.raises(KeyError):
         info.tensor("t0")
+    info.tensors.append(T("c", "int32", (1,), 4))
+    assert info.tensor("c").dtype == "int32"
     info.tensors.reverse()  # same list, same length, moved: a stale hit is noticed
-    assert info.tensor("b").dtype == "int16"
+    assert info.tensor("c").dtype == "int32" and info.tensor("b").dtype == "int16"
 
 
 def test_sharded_folder_of_many_shards(tmp_path):
