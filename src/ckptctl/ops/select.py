@@ -127,6 +127,8 @@ def rename_one(name: str, strip_prefix: list[str] | None, rename: list[tuple[re.
 
 def find_collisions(pairs: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
     """[(new name, [source names])] for every new name given to more than one source."""
+    if len({new for _src, new in pairs}) == len(pairs):
+        return []
     by_new: dict[str, list[str]] = {}
     for src, new in pairs:
         by_new.setdefault(new, []).append(src)
@@ -155,6 +157,8 @@ def _renamed(t: TensorInfo, name: str, alias_of: str | None) -> TensorInfo:
 
 def retie(pairs: list[tuple[TensorInfo, TensorInfo]], all_tensors: list[TensorInfo]):
     """Point each kept alias at the kept primary of its group (new names)."""
+    if all(t.alias_of is None for t in all_tensors) and all(new.alias_of is None for _src, new in pairs):
+        return list(pairs)  # no tied weights (the common case): nothing to point anywhere
     roots = alias_roots(all_tensors)
     first_kept: dict[str, str] = {}  # group root (source name) -> first kept output name
     out = []
