@@ -54,7 +54,7 @@ def _fmt(n: int) -> str:
 def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict[str, str] | None]:
     """Validate a whole header. `raw` holds at least the first 8 + N bytes of the file.
 
-    Returns (N, {name: entry}, __metadata__). Raises CorruptFile with a precise message.
+    Returns (N, {name: entry} in the order of the data, __metadata__). Raises CorruptFile with a precise message.
     """
     if file_size < 8:
         raise CorruptFile(f"file is {file_size} bytes, too short for a safetensors header (8-byte length)", path)
@@ -115,7 +115,8 @@ def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict
 
     # the reference's validate(): sorted by offsets, the tensors must tile the buffer exactly
     pos = 0
-    for name, (dt, shape, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+    ordered = sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3]))
+    for name, (dt, shape, b, e) in ordered:
         if b != pos or e < b:
             if b > pos:
                 what = f"a hole: bytes {_fmt(pos)}..{_fmt(b)} of the data belong to no tensor"
@@ -147,7 +148,7 @@ def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict
             f"(8 + {_fmt(n)} header + {_fmt(pos)} data)",
             path,
         )
-    return n, entries, metadata
+    return n, dict(ordered), metadata  # in the order of the data (sorted once, here)
 
 
 class SafetensorsReader(Reader):
@@ -189,8 +190,8 @@ class SafetensorsReader(Reader):
         n, entries, metadata = parse_header(raw, size, self.path)
         base = 8 + n
         tensors: list[TensorInfo] = []
-        for name, (dt, shape, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
-            tensors.append(TensorInfo(name, dt.name, shape, e - b, loc=_Loc(base + b, e - b)))
+        for name, (dt, shape, b, e) in entries.items():  # parse_header gives them in data order
+            tensors.append(TensorInfo(name, dt.name, shape, e - b, None, _Loc(base + b, e - b)))
         meta = dict(metadata or {})
         warnings: list[str] = []
         aliases = meta.pop(ALIASES_KEY, None)
