@@ -63,9 +63,13 @@ def generate(d: str, n: int, shards: int) -> dict[str, str]:
         wm.update(dict.fromkeys(part, fn))
     with open(os.path.join(paths["sharded"], "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": 16 * n}, "weight_map": wm}, f)
-    subprocess.run([PY, "-c", "import sys, torch\nn = sys.argv[2:]\n"
+    listing = os.path.join(d, "names.json")
+    with open(listing, "w") as f:
+        json.dump(tn, f)
+    subprocess.run([PY, "-c", "import json, sys, torch\nn = json.load(open(sys.argv[2]))\n"
                     "torch.save({k: torch.zeros(2, 4, dtype=torch.bfloat16) for k in n}, sys.argv[1])",
-                    paths["pt"], *tn], check=True)
+                    paths["pt"], listing], check=True)
+    os.remove(listing)
     return paths
 
 
