@@ -69,10 +69,32 @@ class CheckpointInfo:
     files: list[str] = field(default_factory=list)  # every file of a multi-file checkpoint
     warnings: list[str] = field(default_factory=list)
 
+    _index: tuple[list, int, dict[str, int]] | None = field(default=None, init=False, repr=False, compare=False)
+
     def tensor(self, name: str) -> TensorInfo:
-        for t in self.tensors:
-            if t.name == name:
-                return t
+        """The first tensor named `name`; KeyError if none.
+
+        Looked up in a name -> position index built on first use (a linear scan per lookup made
+        sharded folders and diffs of 10^5 tensors quadratic, issue 13). `tensors` is a plain list
+        callers may replace or extend, so the index is rebuilt when the list is another one or its
+        length changed, and every hit is checked against the list (a stale one rebuilds it).
+        Nothing in ckptctl assigns to tensors[i]; a miss in an index of this list is believed."""
+        tensors = self.tensors
+        for rebuild in (False, True):
+            cached = self._index
+            if rebuild or cached is None or cached[0] is not tensors or cached[1] != len(tensors):
+                idx: dict[str, int] = {}
+                for i, t in enumerate(tensors):
+                    idx.setdefault(t.name, i)
+                self._index = cached = (tensors, len(tensors), idx)
+                rebuild = True
+            i = cached[2].get(name)
+            if i is None:
+                break  # the index is of this very list: the name is not in it
+            if tensors[i].name == name:
+                return tensors[i]
+            if rebuild:  # pragma: no cover - a fresh index always holds its own names
+                break
         raise KeyError(name)
 
     @property
@@ -98,7 +120,9 @@ class CheckpointInfo:
         """dtype -> number of tensors, most common first."""
         return dict(Counter(t.dtype for t in self.tensors).most_common())
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, tensors: bool = True) -> dict[str, Any]:
+        """The document `inspect --format json` starts from; without `tensors` (a caller that puts
+        its own rows there) the per-tensor part is left empty rather than built and dropped."""
         return {
             "path": self.path,
             "format": self.format,
@@ -111,5 +135,5 @@ class CheckpointInfo:
             "objects": [o.to_json() for o in self.objects],
             "files": self.files,
             "warnings": self.warnings,
-            "tensors": [t.to_json() for t in self.tensors],
+            "tensors": [t.to_json() for t in self.tensors] if tensors else [],
         }

@@ -55,6 +55,12 @@ TENSOR_COLUMNS = [
     Column("alias_of", "tied to", human=lambda a: clean(a) if a else ""),
 ]
 
+FOLD_ABOVE = 1000  # tables of more rows are folded unless --no-fold (--fold: at any size)
+# a folded table: a row may stand for many tensors (ops/inspect.py fold); params and bytes are its totals
+FOLDED_COLUMNS = [TENSOR_COLUMNS[0],
+                  Column("count", "tensors", human=lambda n: f"{n:,}", justify="right"),
+                  *TENSOR_COLUMNS[1:]]
+
 
 def register(app: typer.Typer) -> None:
     @app.command(
@@ -82,6 +88,12 @@ def register(app: typer.Typer) -> None:
                                                 help="Show only the sub-tree PATH (e.g. optimizer_states/0).")] = None,
         all_: Annotated[bool, typer.Option("--all", help="Training checkpoints: show every tensor (optimizer "
                                            "state, ...), not just the model weights.")] = False,
+        fold: Annotated[bool | None, typer.Option(
+            "--fold/--no-fold",
+            help="Table and markdown: one row for tensors whose names differ only in numbers "
+            "(layers.{0..59}.experts.{0..255}.w1) and that share dtype and shape; params and bytes are "
+            f"the row's totals. Default: folded above {FOLD_ABOVE:,} rows. JSON and CSV always list "
+            "every tensor.")] = None,
         wide: WideOpt = False,
         raw_names: RawNamesOpt = False,
     ) -> None:
@@ -113,9 +125,18 @@ def register(app: typer.Typer) -> None:
             output.warn(f"{info.path}: {w}")
         if filters and not result.tensors:
             output.warn(f"no tensor matches {', '.join(filters)}")
+        if fmt in (InspectFmt.table, InspectFmt.markdown) and (
+                fold or (fold is None and len(result.tensors) > FOLD_ABOVE)):
+            from ckptctl.ops.inspect import fold as fold_rows
+
+            folds = fold_rows(result.tensors)
+            if len(folds) < len(result.tensors):
+                _summary(info, result, markdown=fmt == InspectFmt.markdown, rows=len(folds))
+                output.render_rows([f.row() for f in folds], FOLDED_COLUMNS, fmt.value)
+                return
         rows = [t.to_json() for t in result.tensors]
         if fmt == InspectFmt.json:
-            doc = info.to_json()
+            doc = info.to_json(tensors=False)
             # totals of the part shown (the model weights by default), as `ls` counts them
             doc.update(num_tensors=result.num_tensors, num_params=result.num_params,
                        total_bytes=result.total_bytes, dtypes=result.dtype_mix)
@@ -138,7 +159,7 @@ def register(app: typer.Typer) -> None:
             output.render_rows(rows, TENSOR_COLUMNS, fmt.value)
 
 
-def _summary(info, result, markdown: bool) -> None:
+def _summary(info, result, markdown: bool, rows: int | None = None) -> None:
     dtype_mix = ", ".join(f"{d} ×{n}" for d, n in result.dtype_mix.items()) or "-"
     tied = sum(1 for t in result.part if t.alias_of)
     of = ""
@@ -157,6 +178,9 @@ def _summary(info, result, markdown: bool) -> None:
         lines.append(("files", str(len(info.files))))
     if len(result.tensors) != result.num_tensors:
         lines.append(("shown", f"{len(result.tensors)} of {result.num_tensors}"))
+    if rows is not None:
+        lines.append(("rows", f"{rows:,} for {len(result.tensors):,} tensors (names that differ only in numbers, "
+                      "with one dtype and shape, share a row; --no-fold for one row per tensor)"))
     for k, v in info.metadata.items():
         text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
         if len(text) > 200 and not output.STATE.wide:

@@ -78,7 +78,9 @@ def inspect(path: str | os.PathLike, filters: list[str] | None = None, sort: str
     with open_reader(path) as reader:
         info = reader.info()
     part, kind, root = list(info.tensors), "all", ""
-    if info.tensors and (key is not None or not all_):
+    if info.tensors and key is None and not all_ and _plain_model(info.tensors):
+        pass  # what select() would give: every tensor, without building 10^5 renamed copies
+    elif info.tensors and (key is not None or not all_):
         sel = select(info.tensors, key=key, all_=all_)
         part = [src for src, _out in sel.pairs]
         root = sel.root
@@ -87,6 +89,16 @@ def inspect(path: str | os.PathLike, filters: list[str] | None = None, sort: str
                if match_any(t.name, filters) or (root and match_any(under(t.name, root) or "", filters))]
     return Inspection(info=info, tensors=sort_tensors(tensors, sort), dangerous=dangerous_globals(info),
                       part=part, part_kind=kind, root=root)
+
+
+def _plain_model(tensors: list[TensorInfo]) -> bool:
+    """True when the default part (ops/select.py) is every tensor as it is: no training layout
+    (state_dict/, optimizer state) and no name twice (select() would refuse a clash)."""
+    from ckptctl.ops.select import default_part
+
+    names = [t.name for t in tensors]
+    root, left = default_part(names)
+    return not root and not left and len(set(names)) == len(names)
 
 
 def dangerous_globals(info: CheckpointInfo) -> list[str]:
@@ -131,3 +143,116 @@ def build_tree(tensors: list[TensorInfo]) -> TreeNode:
         leaf.nbytes = t.nbytes
         leaf.numel = t.numel
     return root
+
+
+# ---- folding repeated structure (inspect's table and markdown) ------------------------------------
+@dataclass
+class Fold:
+    """One table row standing for `tensors`: names that differ only in whole-number components,
+    with one dtype and one shape (and no tied weights). `name` writes the numbers that vary as
+    `{0..59}` / `{0..6,8..255}`; the members are exactly the product of those sets."""
+
+    name: str
+    tensors: list[TensorInfo]
+
+    @property
+    def count(self) -> int:
+        return len(self.tensors)
+
+    def row(self) -> dict:
+        t = self.tensors[0]
+        if len(self.tensors) == 1:
+            return {**t.to_json(), "count": 1}
+        return {"name": self.name, "dtype": t.dtype, "shape": list(t.shape), "count": len(self.tensors),
+                "numel": sum(x.numel for x in self.tensors), "nbytes": sum(x.nbytes for x in self.tensors),
+                "alias_of": None}
+
+
+def _index_sets_text(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '{0..2,5,7,8}'; one value -> '5'."""
+    if len(values) == 1:
+        return str(values[0])
+    runs: list[str] = []
+    start = prev = values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(str(start) if start == prev else f"{start},{prev}" if prev == start + 1 else f"{start}..{prev}")
+        if v is not None:
+            start = prev = v
+    return "{" + ",".join(runs) + "}"
+
+
+def _fold_group(members: list[tuple[tuple[int, ...], int]], k: int) -> list[tuple[list[list[int]], list[int]]]:
+    """members: (index tuple, position in the table). Pieces (index sets per position, positions)
+    whose index tuples are exactly the product of the sets: split on the first position that
+    varies when the whole is not a product, fold each part, and merge the parts that came out
+    alike."""
+    sets = [sorted({m[0][i] for m in members}) for i in range(k)]
+    size = 1
+    for s in sets:
+        size *= len(s)
+    if size == len(members):
+        return [(sets, [m[1] for m in members])]
+    i = next((j for j in range(k) if len(sets[j]) > 1), None)
+    if i is None:  # the same name twice: no folding
+        return [([[v] for v in m[0]], [m[1]]) for m in members]
+    parts: dict[int, list] = {}
+    for m in members:
+        parts.setdefault(m[0][i], []).append(m)
+    merged: dict[tuple, tuple[list[list[int]], list[int]]] = {}
+    for v in sorted(parts):
+        for psets, pos in _fold_group(parts[v], k):
+            rest = tuple(tuple(s) for j, s in enumerate(psets) if j != i)
+            got = merged.get(rest)
+            if got is None:
+                merged[rest] = (psets, list(pos))
+            else:
+                got[0][i] = sorted(set(got[0][i]) | set(psets[i]))
+                got[1].extend(pos)
+    return list(merged.values())
+
+
+_NUMBER = None  # re: a whole '.'/'/'-separated component that is a number without leading zeros
+
+
+def fold(tensors: list[TensorInfo]) -> list[Fold]:
+    """Rows for a table of `tensors`: those whose names differ only in whole-number components
+    ('.'/'/'-separated, written without leading zeros) and that share dtype and shape folded into
+    one row (tied weights never fold), at the place of their first member; order kept."""
+    global _NUMBER
+    if _NUMBER is None:
+        import re
+
+        _NUMBER = re.compile(r"(?:(?<=[./])|^)(?:0|[1-9][0-9]*)(?=[./]|$)")
+    sub, findall = _NUMBER.sub, _NUMBER.findall
+    groups: dict[tuple, list[tuple[tuple[int, ...], int]]] = {}
+    slots: list[tuple | None] = []  # per position: its group's key, or None for a row of its own
+    for pos, t in enumerate(tensors):
+        name = t.name
+        tpl = sub("\0", name) if t.alias_of is None and "\0" not in name else name
+        if tpl is name or tpl == name:  # no number (or tied, or a NUL in the name): a row of its own
+            slots.append(None)
+            continue
+        key = (tpl, t.dtype, t.shape)
+        groups.setdefault(key, []).append((tuple(map(int, findall(name))), pos))
+        slots.append(key)
+    first: dict[int, Fold] = {}  # position of a row's first member -> the row
+    for key, members in groups.items():
+        pieces = key[0].split("\0")
+        for sets, positions in _fold_group(members, len(pieces) - 1):
+            positions.sort()
+            members_t = [tensors[p] for p in positions]
+            if len(members_t) == 1:
+                name = members_t[0].name
+            else:
+                name = pieces[0] + "".join(_index_sets_text(s) + p for s, p in zip(sets, pieces[1:]))
+            first[positions[0]] = Fold(name, members_t)
+    out: list[Fold] = []
+    for pos, t in enumerate(tensors):
+        if slots[pos] is None:
+            out.append(Fold(t.name, [t]))
+        elif pos in first:
+            out.append(first[pos])
+    return out
