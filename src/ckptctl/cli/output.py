@@ -252,16 +252,13 @@ def print_json(obj: Any) -> None:
     try:  # the common case: plain values only, encoded in one pass
         text = _dumps_indent2(obj)
     except _Unusual:
-        text = None
-    if text is not None:
-        sys.stdout.write(text.translate(_JSON_CTRL) + "\n")
-        return
-    try:  # most documents hold no NaN/Inf: encode them as they are (the walk costs ~50% more)
-        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
-    except ValueError:  # a non-finite float (or a cycle): rewrite the document strictly
-        text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False)
+        try:  # most documents hold no NaN/Inf: encode them as they are (the walk costs ~50% more)
+            text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
+        except ValueError:  # a non-finite float (or a cycle): rewrite the document strictly
+            text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    text = text.translate(_JSON_CTRL)
     if not text.isascii():
-        text = _SURROGATE.sub(_escape_surrogate, text.translate(_JSON_CTRL))
+        text = _SURROGATE.sub(_escape_surrogate, text)
     sys.stdout.write(text + "\n")
 
 
