@@ -450,6 +450,33 @@ def test_two_prunes_started_together(tmp_path):
     assert sha(root / "model_00002000.safetensors") == keep
 
 
+def test_file_removed_between_check_and_unlink_is_one_clean_line(tmp_path, monkeypatch):
+    """The window test_two_prunes_started_together hits only by chance, made certain: another
+    prune removes a planned file after this one re-checked it and before it unlinks it."""
+    from conftest import cli
+
+    from ckptctl.ops import prune as prune_ops
+
+    root = st_run(tmp_path / "run", steps=(100, 200, 300))
+    age_tree(root, 3600)
+    keep = sha(root / "model_00000300.safetensors")
+    verify = prune_ops._verify
+
+    def verify_then_lose_the_race(d):
+        verify(d)
+        for snap in d.snapshot:
+            os.unlink(snap.path)
+
+    monkeypatch.setattr(prune_ops, "_verify", verify_then_lose_the_race)
+    r = cli("prune", root, "--keep-last", "1", "--yes")
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "disappeared since the plan was made" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert sorted(os.listdir(root)) == ["model_00000200.safetensors", "model_00000300.safetensors"]
+    assert sha(root / "model_00000300.safetensors") == keep
+
+
 def test_prune_racing_a_writer(tmp_path):
     """While prune is stopped between its plan and the first deletion, a trainer saves a new
     checkpoint and rewrites one the plan named: the new one survives, the rewritten one is

@@ -410,7 +410,10 @@ def _verify(d: Decision) -> None:
 
 def _delete(d: Decision, outcome: Outcome) -> None:
     for snap in d.snapshot:  # unlink never follows a symlink: a link is removed, its target is not
-        os.unlink(snap.path)
+        try:
+            os.unlink(snap.path)
+        except FileNotFoundError:  # removed by someone else between _verify and here (another prune)
+            raise PruneError(f"{snap.path} disappeared since the plan was made") from None
         outcome.partial.append(snap.path)
     for folder in d.ckpt.dirs:  # deepest first
         os.rmdir(folder)
