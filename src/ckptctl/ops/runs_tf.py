@@ -551,16 +551,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    from ckptctl.formats.writeutil import fsync_dir
+
+    fsync_dir(path.parent)
 
 
 def after_prune(removed: list[RunCheckpoint]) -> list[StateRewrite]:
