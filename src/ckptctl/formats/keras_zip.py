@@ -46,12 +46,11 @@ _METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfi
             zipfile.ZIP_LZMA: "lzma"}
 
 
-class _Window(io.RawIOBase):
-    """A read-only, seekable file object over bytes [start, start + length) of an open file."""
+class _Seekable(io.RawIOBase):
+    """A read-only, seekable file object of `_size` bytes; subclasses read at `self._pos`."""
 
-    def __init__(self, fd: int, start: int, length: int):
-        super().__init__()
-        self._src, self._start, self._len, self._pos = as_source(fd), start, length, 0  # a source (or an fd)
+    _size = 0
+    _pos = 0
 
     def readable(self) -> bool:
         return True
@@ -63,14 +62,22 @@ class _Window(io.RawIOBase):
         return self._pos
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         if base + pos < 0:
             raise ValueError("negative seek position")
         self._pos = base + pos
         return self._pos
 
+
+class _Window(_Seekable):
+    """A read-only, seekable file object over bytes [start, start + length) of an open file."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        super().__init__()
+        self._src, self._start, self._size, self._pos = as_source(fd), start, length, 0  # a source (or an fd)
+
     def readinto(self, b) -> int:
-        n = max(0, min(len(b), self._len - self._pos))
+        n = max(0, min(len(b), self._size - self._pos))
         if not n:
             return 0
         data = self._src.pread(self._start + self._pos, n)
@@ -121,7 +128,7 @@ class _Inflating(io.RawIOBase):
             super().close()
 
 
-class _Inflater(io.RawIOBase):
+class _Inflater(_Seekable):
     """Random access to a deflated zip member in bounded memory, without extracting it.
 
     Decompresses forward from the member's first compressed byte (os.pread) and keeps a snapshot
@@ -141,7 +148,7 @@ class _Inflater(io.RawIOBase):
         import zlib
 
         self._zlib = zlib
-        self._src, self._start, self._csize, self._usize = as_source(fd), start, csize, usize  # a source or fd
+        self._src, self._start, self._csize, self._size = as_source(fd), start, csize, usize  # a source or fd
         self._member, self._path = member, path
         self._spacing = max(self.MIN_SPACING, -(-usize // self.MAX_SNAPSHOTS))
         # a state: [upos (bytes output so far), cpos (next compressed byte to feed), decompressor, tail]
@@ -152,22 +159,6 @@ class _Inflater(io.RawIOBase):
 
     def _fail(self, why: str) -> CorruptFile:
         return CorruptFile(f"zip member {self._member}: cannot decompress it ({why})"[:300], self._path)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._usize}[whence]
-        if base + pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + pos
-        return self._pos
 
     def _produce(self, n: int) -> bytes:
         """Up to n decompressed bytes from the current state, which moves past them."""
@@ -189,7 +180,7 @@ class _Inflater(io.RawIOBase):
                 raise self._fail(str(e)) from None
             tail = d.unconsumed_tail
             if not chunk and not data:
-                raise self._fail(f"data ends at byte {upos} of {self._usize} (truncated?)")
+                raise self._fail(f"data ends at byte {upos} of {self._size} (truncated?)")
             out.append(chunk)
             got += len(chunk)
             upos += len(chunk)
@@ -208,16 +199,16 @@ class _Inflater(io.RawIOBase):
                 self._state = [upos, cpos, d.copy(), tail]
         while self._state[0] < target:
             if not self._produce(min(self.SKIP_STEP, target - self._state[0])):
-                raise self._fail(f"data ends at byte {self._state[0]} of {self._usize} (truncated?)")
+                raise self._fail(f"data ends at byte {self._state[0]} of {self._size} (truncated?)")
 
     def readinto(self, b) -> int:
-        n = max(0, min(len(b), self._usize - self._pos))
+        n = max(0, min(len(b), self._size - self._pos))
         if not n:
             return 0
         self._goto(self._pos)
         data = self._produce(n)
         if len(data) < n:
-            raise self._fail(f"data ends at byte {self._pos + len(data)} of {self._usize} (truncated?)")
+            raise self._fail(f"data ends at byte {self._pos + len(data)} of {self._size} (truncated?)")
         memoryview(b)[:n] = data
         self._pos += n
         return n
