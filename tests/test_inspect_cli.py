@@ -74,6 +74,27 @@ def test_markdown_and_tree(model):
     assert "(3 tensors" in tree  # encoder subtotal
 
 
+def test_tree_counts_a_tied_weight_once(tmp_path):
+    """`inspect --format tree` totals equal the header's: a tied weight (one storage under two
+    names, as torch.save writes an LM head tied to its embedding) is listed but counted once."""
+    import torch
+
+    emb = torch.arange(64 * 16, dtype=torch.float32).reshape(64, 16)
+    sd = {"model.embed.weight": emb, "lm_head.weight": emb, "model.norm.weight": torch.ones(16)}
+    path = tmp_path / "tied.pt"
+    torch.save(sd, path)
+    tree = cli("inspect", path, "--format", "tree", "--all").stdout
+    unique = 64 * 16 * 4 + 16 * 4  # bytes of the two distinct tensors, as torch stores them
+    doc = json.loads(cli("inspect", path, "--format", "json", "--all").stdout)
+    assert doc["total_bytes"] == unique
+    assert f"4.2 kB ({unique:,} bytes)" in tree  # the header's size line
+    root = next(line for line in tree.splitlines() if line.startswith(str(path)))
+    assert root.endswith("(3 tensors, 4.2 kB)"), root  # 8.3 kB when the tie was counted twice
+    assert "tied to model.embed.weight" in tree
+    lm = next(line for line in tree.splitlines() if "lm_head/" in line)
+    assert "0 params" in lm and "0 B" in lm, lm  # its bytes are counted under model.embed
+
+
 def test_filter_and_sort(model):
     path, _ = model
     doc = json.loads(cli("inspect", path, "-f", "json", "--filter", "encoder.*", "--sort", "size").stdout)

@@ -216,6 +216,8 @@ def _tree(result) -> None:
         if node.tensor is not None:
             t = node.tensor
             shape = "[" + ", ".join(map(str, t.shape)) + "]"
+            if t.alias_of is not None:
+                return f"{clean(node.name)}  {t.dtype} {shape}  tied to {clean(t.alias_of)}"
             return f"{clean(node.name)}  {t.dtype} {shape}  {human_bytes(t.nbytes)}"
         return f"{clean(node.name)}/  ({node.count} tensors, {human_count(node.numel)} params, {human_bytes(node.nbytes)})"
 

@@ -126,15 +126,18 @@ def build_tree(tensors: list[TensorInfo]) -> TreeNode:
     root = TreeNode("")
     for t in tensors:
         parts = [p for p in re.split(r"[./]", t.name) if p != ""] or [t.name]
+        # a tied weight is listed under its own name but its bytes and elements are counted once,
+        # where the tensor it ties to is (as the header's totals and `CheckpointInfo` count them)
+        nbytes, numel = (0, 0) if t.alias_of is not None else (t.nbytes, t.numel)
         node = root
         node.count += 1
-        node.nbytes += t.nbytes
-        node.numel += t.numel
+        node.nbytes += nbytes
+        node.numel += numel
         for part in parts[:-1]:
             node = node.children.setdefault(part, TreeNode(part))
             node.count += 1
-            node.nbytes += t.nbytes
-            node.numel += t.numel
+            node.nbytes += nbytes
+            node.numel += numel
         leaf = node.children.setdefault(parts[-1], TreeNode(parts[-1]))
         if leaf.tensor is not None:  # two names that split the same way ('a.b' and 'a/b')
             leaf = node.children.setdefault(t.name, TreeNode(t.name))
