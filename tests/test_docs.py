@@ -1,6 +1,6 @@
 """Generated docs (completions, man page, CLI reference, help snapshots) and shell completion.
 
-When a command's help changes, these tests fail until `python -m ckptctl.docs` is rerun: that is
+When a command's help changes, these tests fail until `python -m ckptctl.cli.docs` is rerun: that is
 the point. The dynamic completers are tested directly and through the shell protocol.
 """
 
@@ -22,14 +22,14 @@ import pytest
 import typer
 from conftest import REAL, REPO, cli, real_files
 
-from ckptctl import docs
+from ckptctl.cli import docs
 from ckptctl.cli import complete
 
 TREE = docs.command_tree()
 COMMANDS = [c.name for c in TREE.commands]
 SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "GLOBAL OPTIONS", "COMMANDS", "EXIT STATUS", "ENVIRONMENT",
             "SHELL COMPLETION", "EXAMPLES", "SEE ALSO"]
-REGEN = "stale: run `python -m ckptctl.docs` and commit the result"
+REGEN = "stale: run `python -m ckptctl.cli.docs` and commit the result"
 
 
 def py(*args, env=None, cwd=None, timeout=180) -> subprocess.CompletedProcess:
@@ -46,7 +46,7 @@ def generated() -> dict[str, str]:
 
 # ---- the committed files match the app ------------------------------------------------------------
 def test_generated_files_are_up_to_date():
-    p = py("-m", "ckptctl.docs", "--check", "--root", REPO)
+    p = py("-m", "ckptctl.cli.docs", "--check", "--root", REPO)
     assert p.returncode == 0, f"{REGEN}\n{p.stderr}"
 
 
@@ -67,7 +67,7 @@ def test_snapshots_are_plain_and_fixed_width(generated):
 
 
 def docs_main(capsys, *args) -> SimpleNamespace:
-    """`python -m ckptctl.docs ARGS` in-process (the subprocess form is tested above)."""
+    """`python -m ckptctl.cli.docs ARGS` in-process (the subprocess form is tested above)."""
     rc = docs.main([*map(os.fspath, args)])
     out = capsys.readouterr()
     return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
@@ -83,7 +83,7 @@ def test_check_names_every_stale_file_and_write_repairs_them(tmp_path, generated
     (tmp_path / docs.snapshot_name("ckptctl inspect")).unlink()
     (tmp_path / docs.SNAPSHOT_DIR / "help_ckptctl_gone.txt").write_text("old\n")
     (tmp_path / "completions/ckptctl.fish").write_text("# hand-edited\n")
-    p = py("-m", "ckptctl.docs", "--check", "--root", tmp_path)  # the real exit code, from a process
+    p = py("-m", "ckptctl.cli.docs", "--check", "--root", tmp_path)  # the real exit code, from a process
     assert p.returncode == 1
     assert "man/ckptctl.1: out of date" in p.stderr
     assert "help_ckptctl_inspect.txt: missing" in p.stderr

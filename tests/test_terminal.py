@@ -414,7 +414,7 @@ def test_did_you_mean_for_commands_and_options(hostile):
 
 
 def test_bare_ckptctl_lists_commands_and_a_tip():
-    from ckptctl.docs import command_tree
+    from ckptctl.cli.docs import command_tree
 
     p = run_piped()
     assert p.returncode == 0, p.stderr

@@ -1,0 +1,5 @@
+import sys
+
+from ckptctl.cli.docs import main
+
+sys.exit(main())
