@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from ckptctl import dtypes
 from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
 from ckptctl.model import TensorInfo
-from ckptctl.ops.diff import (
-    BLOCK, Cursor, FileView, as_array, cancel_and_close, itemsize, numeric_kind, open_checkpoint,
-)
+from ckptctl.ops.diff import open_checkpoint
+from ckptctl.ops import stream
+from ckptctl.ops.stream import BLOCK, Cursor, FileView, as_array, cancel_and_close, itemsize, numeric_kind
 
 if TYPE_CHECKING:
     from ckptctl.formats.base import Reader
@@ -516,9 +516,9 @@ def _mean_chunks_parallel(plan: AveragePlan, t: AvgTensor, rngs: list[tuple[str,
             hi = min(numel, lo + elems)
             i = next((i for i, b in enumerate(free) if len(b) >= elems * osz), None)
             obuf = free.pop(i) if i is not None else bytearray(elems * osz)  # by position: == compares bytes
-            pending.append((lo, hi, obuf, _pool_submit(work, lo, hi, obuf)))
+            pending.append((lo, hi, obuf, stream.submit(work, lo, hi, obuf)))
 
-        for _ in range(_threads() + 1):
+        for _ in range(stream.threads() + 1):
             submit_next()
         while pending:
             lo, hi, obuf, fut = pending.pop(0)
@@ -560,7 +560,7 @@ def _mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryvi
         outs = [np.frombuffer(plan.buffer(("out", j), elems * out_np.itemsize), dtype=out_np, count=elems)
                 for j in range(2)]
         combine = _Combiner(plan, t)
-        threads = _threads()
+        threads = stream.threads()
         nchunks = -(-numel // elems)
 
         def read(c: int) -> list:
@@ -581,7 +581,7 @@ def _mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryvi
             m = len(xs[0])
             per = -(-m // threads)
             per += -per % BLOCK
-            return [_pool_submit(combine.run, xs, out, lo, min(m, lo + per)) for lo in range(0, m, per)]
+            return [stream.submit(combine.run, xs, out, lo, min(m, lo + per)) for lo in range(0, m, per)]
 
         xs = read(0)
         futs = submit(xs, outs[0])
@@ -666,20 +666,4 @@ class _Combiner:
                     out[b:e] = cast_array(A, self.out_dtype)
 
 
-_POOL = None
-_POOL_LOCK = threading.Lock()
 _TLS = threading.local()
-
-
-def _threads() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-def _pool_submit(fn, *args):
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _POOL = ThreadPoolExecutor(_threads(), thread_name_prefix="ckptctl-average")
-    return _POOL.submit(fn, *args)
