@@ -14,11 +14,10 @@ any arithmetic (the fast path); the arithmetic runs only on chunks whose bytes d
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,8 @@ from ckptctl import dtypes
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.formats import open_reader
 from ckptctl.model import CheckpointInfo, TensorInfo
-from ckptctl.ops.diff_values import Comparer, TensorDiff
+from ckptctl.ops.diff_result import DiffResult, TensorDiff, rel_key
+from ckptctl.ops.diff_values import Comparer
 from ckptctl.ops.stream import numeric_kind
 
 if TYPE_CHECKING:
@@ -178,79 +178,6 @@ def name_hint(names_a: list[str], names_b: list[str]) -> str | None:
         what.append(f"reading '/' as '.' in {'A' if dots == 1 else 'B'}")
     return f"{matched} tensor names match after {' and '.join(what)}: try {' '.join(opts)}"
 
-
-def _rel_key(d: TensorDiff) -> tuple:
-    """Sort changed tensors: structural changes first, then new NaN/Inf, then by relative change."""
-    structural = d.shape_changed or d.error is not None
-    nonfinite_changed = (d.nan_a, d.inf_a) != (d.nan_b, d.inf_b)
-    r = d.rel_l2
-    if r is None or math.isnan(r):
-        r = math.inf
-    return (not structural, not nonfinite_changed, -r, -(d.num_diff or 0), d.name)
-
-
-@dataclass
-class DiffResult:
-    path_a: str
-    path_b: str
-    format_a: str
-    format_b: str
-    values: bool  # were values compared
-    atol: float | None
-    rtol: float | None
-    only_in_a: list[str] = field(default_factory=list)
-    only_in_b: list[str] = field(default_factory=list)
-    changed: list[TensorDiff] = field(default_factory=list)
-    identical: list[str] = field(default_factory=list)
-    metadata_changes: list[dict[str, Any]] = field(default_factory=list)
-    hint: str | None = None
-    key_a: str | None = None
-    key_b: str | None = None
-    bytes_compared: int = 0
-    ignore_dtype: bool = False
-    side_a: Side | None = None
-    side_b: Side | None = None
-    dtype_only: list[TensorDiff] = field(default_factory=list)  # dtype changed, values within tolerance
-
-    @property
-    def equal(self) -> bool:
-        """Same tensor names, dtypes, shapes and (when compared) values. File metadata is shown
-        but does not count: a .pt and its safetensors conversion are equal."""
-        return not (self.only_in_a or self.only_in_b or self.changed)
-
-    @property
-    def nonfinite(self) -> list[str]:
-        return [d.name for d in self.changed if d.nonfinite]
-
-    @property
-    def left_out(self) -> tuple[int, int]:
-        """Tensors each side left out by the model-weights default (optimizer state, ...)."""
-        return tuple(s.left_out if s is not None else 0 for s in (self.side_a, self.side_b))  # type: ignore[return-value]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "a": self.path_a,
-            "b": self.path_b,
-            "format_a": self.format_a,
-            "format_b": self.format_b,
-            "equal": self.equal,
-            "values_compared": self.values,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "key_a": self.key_a,
-            "key_b": self.key_b,
-            "only_in_a": self.only_in_a,
-            "only_in_b": self.only_in_b,
-            "changed": [d.to_json() for d in self.changed],
-            "num_identical": len(self.identical),
-            "num_changed": len(self.changed),
-            "ignore_dtype": self.ignore_dtype,
-            "num_dtype_only": len(self.dtype_only),
-            "selection": {"a": self.side_a.to_json() if self.side_a else None,
-                          "b": self.side_b.to_json() if self.side_b else None},
-            "metadata_changes": self.metadata_changes,
-            "hint": self.hint,
-        }
 
 def cast_tolerance(dtype_a: str, dtype_b: str) -> tuple[float, float]:
     """(atol, rtol) for `--ignore-dtype` without --atol/--rtol: equal up to the cast.
@@ -404,7 +331,7 @@ def diff_checkpoints(
                 res.changed.append(d)
             if d.dtype_only:
                 res.dtype_only.append(d)
-        res.changed.sort(key=_rel_key)
+        res.changed.sort(key=rel_key)
         return res
     finally:
         for r in (ra, rb):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.model import TensorInfo
 from ckptctl.ops.diff import open_checkpoint, pick, resolve_key
-from ckptctl.ops.diff_values import json_float
+from ckptctl.ops.diff_result import json_float
 from ckptctl.ops.stream import BLOCK, ChunkSource, as_array, dot, itemsize, numeric_kind
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ckptctl.errors import CkptError
 from ckptctl.ops.diff import diff_checkpoints
-from ckptctl.ops.diff_values import json_float
+from ckptctl.ops.diff_result import json_float
 
 
 # ---- two runs --------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """diff, one tensor pair: stream both tensors' bytes and reduce them into statistics.
 
 `Comparer.compare` reads the two tensors in lockstep (ops/stream.py) and returns an accumulator
-(`_Acc`); `TensorDiff.from_acc` turns it into the per-tensor result. Identical bytes are
-identical without any arithmetic (the fast path); the arithmetic runs only on chunks whose
-bytes differ. `cast_tolerance` is the tolerance of `--ignore-dtype`.
+(`Acc`); `TensorDiff.from_acc` (ops/diff_result.py) turns it into the per-tensor result.
+Identical bytes are identical without any arithmetic (the fast path); the arithmetic runs only
+on chunks whose bytes differ.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ckptctl.errors import CorruptFile
 from ckptctl.model import TensorInfo
@@ -33,7 +33,7 @@ _TLS = threading.local()
 
 # ---- per-tensor statistics -----------------------------------------------------------------------
 @dataclass
-class _Acc:
+class Acc:
     numel: int = 0
     n_diff: int = 0
     n_finite: int = 0  # element pairs where both sides are finite (the statistics' population)
@@ -50,7 +50,7 @@ class _Acc:
     arith: bool = False  # any arithmetic done (False: every chunk was byte-identical)
 
 
-def _merge(acc: _Acc, part: _Acc) -> None:
+def _merge(acc: Acc, part: Acc) -> None:
     acc.arith = acc.arith or part.arith
     acc.n_diff += part.n_diff
     acc.n_finite += part.n_finite
@@ -138,20 +138,20 @@ class Comparer:
             futs.append(self._submit(self._values_part, x[lo: lo + per], y[lo: lo + per], ka, kb, same))
         return futs
 
-    def _values_part(self, x, y, ka: str, kb: str, same: bool) -> _Acc:
-        part = _Acc()
+    def _values_part(self, x, y, ka: str, kb: str, same: bool) -> Acc:
+        part = Acc()
         self._values(part, x, y, ka, kb, same)
         return part
 
     # -- one tensor pair ---------------------------------------------------------------------------
-    def compare(self, ra: Reader, ta: TensorInfo, rb: Reader, tb: TensorInfo, progress: Progress = None) -> _Acc:
+    def compare(self, ra: Reader, ta: TensorInfo, rb: Reader, tb: TensorInfo, progress: Progress = None) -> Acc:
         """Stream both tensors (same numel) and return the filled accumulator.
 
         While the arithmetic of chunk k runs in worker threads (numpy releases the GIL), the
         main thread reads chunk k+1 into the other of two buffers per side.
         """
         ka, kb = numeric_kind(ta.dtype), numeric_kind(tb.dtype)
-        acc = _Acc(numel=ta.numel)
+        acc = Acc(numel=ta.numel)
         same = ta.dtype == tb.dtype
         if "bytes" in (ka, kb) and not same:
             raise ValueError("cannot compare values of these dtypes")
@@ -226,7 +226,7 @@ class Comparer:
         return acc
 
     def _compare_parallel(self, ta: TensorInfo, tb: TensorInfo, rng_a, rng_b, ka: str, kb: str, same: bool,
-                          acc: _Acc, progress: Progress) -> _Acc:
+                          acc: Acc, progress: Progress) -> Acc:
         """Both tensors lie contiguous in files: cut the element range into items; a worker reads
         its item from both files (pread) and compares it, so reading and arithmetic use every
         core. Byte-identical items need no arithmetic unless another item differs; then their
@@ -250,7 +250,7 @@ class Comparer:
                 try:
                     if same and same_bytes(fa.view, fb.view):
                         return None
-                    part = _Acc()
+                    part = Acc()
                     self._values(part, as_array(fa.view, ta.dtype), as_array(fb.view, tb.dtype), ka, kb, same)
                     return part
                 finally:
@@ -258,8 +258,8 @@ class Comparer:
             finally:
                 fa.close()
 
-        def self_stats(lo: int, hi: int) -> _Acc:
-            part = _Acc()
+        def self_stats(lo: int, hi: int) -> Acc:
+            part = Acc()
             fa = read(0, rng_a, ta, isa, lo, hi)
             try:
                 self._self_stats(part, as_array(fa.view, ta.dtype))
@@ -297,7 +297,7 @@ class Comparer:
             cancel_and_close([fut for _lo, _hi, fut in pending], fds.values())
         return acc
 
-    def _prefix_stats(self, acc: _Acc, ra: Reader, ta: TensorInfo, n: int) -> None:
+    def _prefix_stats(self, acc: Acc, ra: Reader, ta: TensorInfo, n: int) -> None:
         """Statistics of the byte-identical leading elements, read again from side A only."""
         done = 0
         for chunk in ChunkSource(ra, ta, READ_BYTES - READ_BYTES % itemsize(ta.dtype), bufs=self._rbuf_prefix):
@@ -308,7 +308,7 @@ class Comparer:
             if done >= n:
                 break
 
-    def _self_stats(self, acc: _Acc, x: np.ndarray) -> None:
+    def _self_stats(self, acc: Acc, x: np.ndarray) -> None:
         """Accumulate a chunk that is the same on both sides (d = 0)."""
         import numpy as np
 
@@ -345,7 +345,7 @@ class Comparer:
             acc.inf_a += inf
             acc.inf_b += inf
 
-    def _values(self, acc: _Acc, x: np.ndarray, y: np.ndarray, ka: str, kb: str, same: bool) -> None:
+    def _values(self, acc: Acc, x: np.ndarray, y: np.ndarray, ka: str, kb: str, same: bool) -> None:
         import numpy as np
 
         acc.arith = True
@@ -424,7 +424,7 @@ class Comparer:
                     acc.max_abs = max(acc.max_abs, float(Df.max()))
                     acc.sum_abs += float(Df.sum())
 
-    def _complex(self, acc: _Acc, x: np.ndarray, y: np.ndarray, same: bool) -> None:
+    def _complex(self, acc: Acc, x: np.ndarray, y: np.ndarray, same: bool) -> None:
         import numpy as np
 
         with np.errstate(all="ignore"):
@@ -460,131 +460,3 @@ class Comparer:
                     ad = np.abs(Df)
                     acc.max_abs = max(acc.max_abs, float(ad.max()))
                     acc.sum_abs += float(ad.sum())
-
-
-# ---- results ------------------------------------------------------------------------------------
-@dataclass
-class TensorDiff:
-    name: str
-    dtype_a: str
-    dtype_b: str
-    shape_a: tuple[int, ...]
-    shape_b: tuple[int, ...]
-    compared: bool = False  # values were compared
-    numel: int = 0
-    num_diff: int | None = None
-    max_abs_diff: float | None = None
-    mean_abs_diff: float | None = None
-    rel_l2: float | None = None
-    cosine: float | None = None
-    norm_a: float | None = None
-    norm_b: float | None = None
-    nan_a: int = 0
-    nan_b: int = 0
-    inf_a: int = 0
-    inf_b: int = 0
-    error: str | None = None
-    ignore_dtype: bool = False  # --ignore-dtype: a dtype change alone is not a difference
-    atol: float | None = None  # the tolerance these values were compared with (None, None: exact)
-    rtol: float | None = None
-
-    @property
-    def dtype_changed(self) -> bool:
-        return self.dtype_a != self.dtype_b
-
-    @property
-    def shape_changed(self) -> bool:
-        return tuple(self.shape_a) != tuple(self.shape_b)
-
-    @property
-    def values_differ(self) -> bool:
-        return bool(self.num_diff)
-
-    @property
-    def identical(self) -> bool:
-        if self.dtype_changed and not (self.ignore_dtype and self.compared):
-            return False  # (values of dtypes without arithmetic cannot be compared across a cast)
-        return not self.shape_changed and self.error is None and (not self.compared or not self.num_diff)
-
-    @property
-    def dtype_only(self) -> bool:
-        """Only the dtype changed: the values were compared and all are within tolerance."""
-        return (self.dtype_changed and self.compared and not self.num_diff and not self.shape_changed
-                and self.error is None)
-
-    @property
-    def nonfinite(self) -> bool:
-        return bool(self.nan_a or self.nan_b or self.inf_a or self.inf_b)
-
-    @property
-    def change(self) -> str:
-        parts = []
-        if self.shape_changed:
-            parts.append(f"shape {list(self.shape_a)} -> {list(self.shape_b)}")
-        if self.dtype_changed:
-            parts.append(f"dtype {self.dtype_a} -> {self.dtype_b}"
-                         + (" (values not comparable)" if self.ignore_dtype and not self.compared
-                            and not self.shape_changed else ""))
-        if self.compared and self.num_diff:
-            parts.append("values")
-        if self.error:
-            parts.append(f"unreadable: {self.error}")
-        return ", ".join(parts) or "identical"
-
-    @classmethod
-    def from_acc(cls, name: str, ta: TensorInfo, tb: TensorInfo, acc: _Acc) -> TensorDiff:
-        d = cls(name, ta.dtype, tb.dtype, tuple(ta.shape), tuple(tb.shape), compared=True, numel=acc.numel,
-                num_diff=acc.n_diff, nan_a=acc.nan_a, nan_b=acc.nan_b, inf_a=acc.inf_a, inf_b=acc.inf_b)
-        if numeric_kind(ta.dtype) == "bytes":
-            return d  # raw bytes: equal or not, no arithmetic
-        if not acc.arith:
-            # identical through the fast path: no arithmetic was needed
-            d.max_abs_diff, d.mean_abs_diff, d.rel_l2, d.cosine = 0.0, 0.0, 0.0, 1.0
-            return d
-        if acc.numel and not acc.n_finite:  # no pair with both sides finite: no statistic, not 0
-            d.max_abs_diff = d.mean_abs_diff = d.rel_l2 = d.cosine = math.nan
-            return d
-        d.norm_a = math.sqrt(acc.ssq_a)
-        d.norm_b = math.sqrt(acc.ssq_b)
-        d.max_abs_diff = acc.max_abs
-        d.mean_abs_diff = acc.sum_abs / acc.n_finite if acc.n_finite else (0.0 if not acc.numel else None)
-        nd = math.sqrt(acc.ssq_d)
-        if d.norm_a > 0:
-            d.rel_l2 = nd / d.norm_a
-        else:
-            d.rel_l2 = 0.0 if nd == 0 else math.inf
-        if d.norm_a > 0 and d.norm_b > 0:
-            d.cosine = max(-1.0, min(1.0, acc.dot_ab / (d.norm_a * d.norm_b)))
-        else:
-            d.cosine = 1.0 if d.norm_a == d.norm_b else 0.0
-        return d
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "change": self.change,
-            "dtype_a": self.dtype_a,
-            "dtype_b": self.dtype_b,
-            "dtype_changed": self.dtype_changed,
-            "shape_a": list(self.shape_a),
-            "shape_b": list(self.shape_b),
-            "numel": self.numel,
-            "num_diff": self.num_diff,
-            "frac_diff": (self.num_diff / self.numel) if self.num_diff is not None and self.numel else None,
-            "max_abs_diff": json_float(self.max_abs_diff),
-            "mean_abs_diff": json_float(self.mean_abs_diff),
-            "rel_l2": json_float(self.rel_l2),
-            "cosine": json_float(self.cosine),
-            "nan_a": self.nan_a,
-            "nan_b": self.nan_b,
-            "inf_a": self.inf_a,
-            "inf_b": self.inf_b,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "error": self.error,
-        }
-
-def json_float(v: float | None) -> float | None:
-    """Numbers for JSON stay floats, inf and nan included: the output layer (print_json) writes
-    the non-finite ones in its one documented, strict-JSON form."""
-    return None if v is None else float(v)
