@@ -356,16 +356,31 @@ def _compare_all(ra, rb, sa, sb, todo, results, atol, rtol, progress_factory, re
             cmp.close()
 
 
+def _tolerance(res: DiffResult, ta: TensorInfo, tb: TensorInfo) -> tuple[float | None, float | None]:
+    tol = (res.atol, res.rtol)
+    if res.ignore_dtype and ta.dtype != tb.dtype and tol == (None, None):
+        tol = cast_tolerance(ta.dtype, tb.dtype)
+    return tol
+
+
 def _compare_each(cmp, ra, rb, todo, results, names_a, names_b, bar, res: DiffResult) -> None:
     adv = bar.advance if bar is not None else None
+    # the pairs compared, in order, announced first so the item workers can run ahead across tensors
+    # (a tied pair whose twin was compared before reuses that result)
+    done: set[str] = set()
+    pairs = []
+    for n, ta, tb in todo:
+        twin = _tied_twin(ta, tb, names_a, names_b)
+        if twin is None or twin not in done:
+            pairs.append((ta, tb, _tolerance(res, ta, tb)))
+        done.add(n)
+    cmp.start(ra, rb, pairs)
     for n, ta, tb in todo:
         twin = _tied_twin(ta, tb, names_a, names_b)
         if twin is not None and twin in results and results[twin].compared:
             results[n] = TensorDiff(**{**results[twin].__dict__, "name": n})
             continue
-        tol = (res.atol, res.rtol)
-        if res.ignore_dtype and ta.dtype != tb.dtype and tol == (None, None):
-            tol = cast_tolerance(ta.dtype, tb.dtype)
+        tol = _tolerance(res, ta, tb)
         cmp.set_tolerance(*tol)
         acc = cmp.compare(ra, ta, rb, tb, adv)  # a read error is an error (exit 2), not a difference
         results[n] = TensorDiff.from_acc(n, ta, tb, acc)

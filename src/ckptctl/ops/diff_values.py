@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ckptctl.errors import CorruptFile
 from ckptctl.model import TensorInfo
 from ckptctl.ops.stream import (
-    BLOCK, ChunkSource, FileView, Progress, as_array, cancel_and_close, contiguous_range, dot, itemsize,
+    BLOCK, Ahead, ChunkSource, FileView, Progress, as_array, cancel_and_close, contiguous_range, dot, itemsize,
     lockstep, numeric_kind, same_bytes, uint_view,
 )
 
@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ckptctl.formats.base import Reader
+
+def _tol(atol: float | None, rtol: float | None) -> tuple[bool, float, float]:
+    """(is set, atol, rtol) as the Comparer holds a tolerance."""
+    return (atol is not None or rtol is not None, float(atol or 0.0), float(rtol or 0.0))
+
 
 READ_BYTES = 16 * 1024 * 1024  # bytes read from a file per call, per side
 ITEM_BYTES = 16 * 1024 * 1024  # both sides together, per work item of the parallel compare
@@ -101,6 +106,9 @@ class Comparer:
         self._rbuf1_a: list[bytearray] = [bytearray(0)]  # one: no overlap
         self._rbuf1_b: list[bytearray] = [bytearray(0)]
         self._rbuf_prefix: list[bytearray] = [bytearray(0)]  # re-reading an identical prefix
+        self._ahead: Ahead | None = None  # items of the pairs announced by start()
+        self._planned: dict[tuple[int, int], int] = {}  # (id(ta), id(tb)) -> its number in that plan
+        self._fds: dict[str, int] = {}  # files the item workers read, open until close()
 
     @property
     def bufs(self) -> _Buffers:
@@ -111,9 +119,14 @@ class Comparer:
         return b
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        fds, self._fds = list(self._fds.values()), {}
+        cancel_and_close((), fds)
 
     def set_tolerance(self, atol: float | None, rtol: float | None) -> None:
         """Change the tolerance between two `compare` calls (each one finishes its work first)."""
@@ -170,10 +183,8 @@ class Comparer:
                     progress(len(ca) + len(cb))
             return acc
         threaded = self.threads > 1 and "complex" not in (ka, kb) and ta.numel > 2 * BLOCK
-        if threaded:
-            rng_a, rng_b = contiguous_range(ra, ta), contiguous_range(rb, tb)
-            if rng_a is not None and rng_b is not None:
-                return self._compare_parallel(ta, tb, rng_a, rng_b, ka, kb, same, acc, progress)
+        if threaded and self._compare_parallel(ra, ta, rb, tb, acc, progress) is not None:
+            return acc
         nb = 2 if threaded else 1
         bufs_a, bufs_b = (self._rbufs_a, self._rbufs_b) if threaded else (self._rbuf1_a, self._rbuf1_b)
         src_a = ChunkSource(ra, ta, elems * itemsize(ta.dtype), bufs=bufs_a)
@@ -225,77 +236,117 @@ class Comparer:
                         pass
         return acc
 
-    def _compare_parallel(self, ta: TensorInfo, tb: TensorInfo, rng_a, rng_b, ka: str, kb: str, same: bool,
-                          acc: Acc, progress: Progress) -> Acc:
-        """Both tensors lie contiguous in files: cut the element range into items; a worker reads
-        its item from both files (pread) and compares it, so reading and arithmetic use every
-        core. Byte-identical items need no arithmetic unless another item differs; then their
-        |a|^2 (= |b|^2 = a.b) is computed afterwards. Results merge in item order."""
-        isa, isb = itemsize(ta.dtype), itemsize(tb.dtype)
-        numel = ta.numel
-        elems = max(BLOCK, min(1 << 21, ITEM_BYTES // (isa + isb)))
-        elems -= elems % BLOCK
-        fds = {}
-        for f, _o, _n in (rng_a, rng_b):
-            if f not in fds:
-                fds[f] = os.open(f, os.O_RDONLY)
+    # -- item workers: contiguous tensors cut into items, read and compared ahead -----------------
+    def start(self, ra: Reader, rb: Reader, pairs: list[tuple[TensorInfo, TensorInfo, tuple]]) -> None:
+        """Announce the pairs `compare` will be called with, in that order, each with the
+        (atol, rtol) it will be compared with. Those that go to item workers (both contiguous in
+        files, real or integer values, more than two blocks) are then read and compared up to a
+        few items ahead, across tensor boundaries: with many small tensors both cores stay busy
+        instead of idling at the end of each one. Results are exactly those of compare alone."""
+        plan = []
+        for ta, tb, tol in pairs:
+            rngs = self._item_ranges(ra, ta, rb, tb)
+            if rngs is not None:
+                self._planned[(id(ta), id(tb))] = len(plan)
+                plan.append((len(plan), ta, tb, *rngs, _tol(*tol)))
+        if plan:
+            self._ahead = Ahead(self._items(plan), self._item, self.threads + 2, self._submit)
 
-        def read(slot: int, rng, t: TensorInfo, isz: int, lo: int, hi: int) -> FileView:
-            return FileView(fds[rng[0]], rng[0], rng[1] + lo * isz, (hi - lo) * isz, t.name, slot)
+    def _item_ranges(self, ra: Reader, ta: TensorInfo, rb: Reader, tb: TensorInfo):
+        kinds = (numeric_kind(ta.dtype), numeric_kind(tb.dtype))
+        if self.threads < 2 or "complex" in kinds or "bytes" in kinds or ta.numel <= 2 * BLOCK:
+            return None
+        rng_a, rng_b = contiguous_range(ra, ta), contiguous_range(rb, tb)
+        return None if rng_a is None or rng_b is None else (rng_a, rng_b)
 
-        def work(lo: int, hi: int):
-            fa = read(0, rng_a, ta, isa, lo, hi)
-            try:
-                fb = read(1, rng_b, tb, isb, lo, hi)
-                try:
-                    if same and same_bytes(fa.view, fb.view):
-                        return None
-                    part = Acc()
-                    self._values(part, as_array(fa.view, ta.dtype), as_array(fb.view, tb.dtype), ka, kb, same)
-                    return part
-                finally:
-                    fb.close()
-            finally:
-                fa.close()
+    def _items(self, plan):
+        """(k, ta, tb, rng_a, rng_b, tol, lo, hi) for every item of every planned pair; opens
+        the files (in the consumer's thread) as they are reached."""
+        for k, ta, tb, rng_a, rng_b, tol in plan:
+            for f in (rng_a[0], rng_b[0]):
+                if f not in self._fds:
+                    self._fds[f] = os.open(f, os.O_RDONLY)
+            isa, isb = itemsize(ta.dtype), itemsize(tb.dtype)
+            elems = max(BLOCK, min(1 << 21, ITEM_BYTES // (isa + isb)))
+            elems -= elems % BLOCK
+            for lo in range(0, ta.numel, elems):
+                yield k, ta, tb, rng_a, rng_b, tol, lo, min(ta.numel, lo + elems)
 
-        def self_stats(lo: int, hi: int) -> Acc:
-            part = Acc()
-            fa = read(0, rng_a, ta, isa, lo, hi)
-            try:
-                self._self_stats(part, as_array(fa.view, ta.dtype))
-            finally:
-                fa.close()
-            return part
+    def _view(self, slot: int, rng, t: TensorInfo, lo: int, hi: int) -> FileView:
+        isz = itemsize(t.dtype)
+        return FileView(self._fds[rng[0]], rng[0], rng[1] + lo * isz, (hi - lo) * isz, t.name, slot)
 
-        same_ranges: list[tuple[int, int]] = []
-        pending: list = []
-        starts = iter(range(0, numel, elems))
-
-        def submit_next() -> None:
-            lo = next(starts, None)
-            if lo is not None:
-                hi = min(numel, lo + elems)
-                pending.append((lo, hi, self._submit(work, lo, hi)))
-
+    def _item(self, _k, ta: TensorInfo, tb: TensorInfo, rng_a, rng_b, tol, lo: int, hi: int) -> Acc | None:
+        """One item, in a worker: None when its bytes are identical (no arithmetic), else its Acc."""
+        same = ta.dtype == tb.dtype
+        fa = self._view(0, rng_a, ta, lo, hi)
         try:
-            for _ in range(self.threads + 1):
-                submit_next()
-            while pending:
-                lo, hi, fut = pending.pop(0)
-                part = fut.result()
-                submit_next()
-                if part is None:
-                    same_ranges.append((lo, hi))
-                else:
-                    _merge(acc, part)
-                if progress:
-                    progress((hi - lo) * (isa + isb))
-            if acc.arith and same_ranges:
-                for f in [self._submit(self_stats, lo, hi) for lo, hi in same_ranges]:
-                    _merge(acc, f.result())
+            fb = self._view(1, rng_b, tb, lo, hi)
+            try:
+                if same and same_bytes(fa.view, fb.view):
+                    return None
+                part = Acc()
+                self._values(part, as_array(fa.view, ta.dtype), as_array(fb.view, tb.dtype),
+                             numeric_kind(ta.dtype), numeric_kind(tb.dtype), same, tol)
+                return part
+            finally:
+                fb.close()
         finally:
-            cancel_and_close([fut for _lo, _hi, fut in pending], fds.values())
+            fa.close()
+
+    def _self_item(self, ta: TensorInfo, rng_a, lo: int, hi: int) -> Acc:
+        part = Acc()
+        fa = self._view(0, rng_a, ta, lo, hi)
+        try:
+            self._self_stats(part, as_array(fa.view, ta.dtype))
+        finally:
+            fa.close()
+        return part
+
+    def _compare_items(self, ahead: Ahead, k: int, acc: Acc, progress: Progress) -> Acc:
+        """Merge the items of planned pair `k` in item order. Byte-identical items need no
+        arithmetic unless another item differs; then their |a|^2 (= |b|^2 = a.b) is computed
+        afterwards, from side A."""
+        same_ranges: list[tuple[int, int]] = []
+        ta = rng_a = None
+        while True:
+            head = ahead.peek()
+            if head is None or head[0] > k:
+                break
+            (kk, ta, tb, rng_a, _rb, _tol, lo, hi), part = ahead.pop()
+            if kk < k:
+                continue  # a planned pair the caller did not compare after all
+            if part is None:
+                same_ranges.append((lo, hi))
+            else:
+                _merge(acc, part)
+            if progress:
+                progress((hi - lo) * (itemsize(ta.dtype) + itemsize(tb.dtype)))
+        if acc.arith and same_ranges:
+            futs = [self._submit(self._self_item, ta, rng_a, lo, hi) for lo, hi in same_ranges]
+            try:
+                for f in futs:
+                    _merge(acc, f.result())
+            finally:
+                cancel_and_close(futs, ())
         return acc
+
+    def _compare_parallel(self, ra: Reader, ta: TensorInfo, rb: Reader, tb: TensorInfo, acc: Acc,
+                          progress: Progress) -> Acc | None:
+        """compare() of a pair for the item workers: its planned items, or items of its own;
+        None when the pair cannot go to item workers."""
+        k = self._planned.pop((id(ta), id(tb)), None)
+        if k is not None and self._ahead is not None:
+            return self._compare_items(self._ahead, k, acc, progress)
+        rngs = self._item_ranges(ra, ta, rb, tb)
+        if rngs is None:
+            return None
+        own = (0, ta, tb, *rngs, (self.tol, self.atol, self.rtol))
+        ahead = Ahead(self._items([own]), self._item, self.threads + 1, self._submit)
+        try:
+            return self._compare_items(ahead, 0, acc, progress)
+        finally:
+            ahead.close()
 
     def _prefix_stats(self, acc: Acc, ra: Reader, ta: TensorInfo, n: int) -> None:
         """Statistics of the byte-identical leading elements, read again from side A only."""
@@ -345,15 +396,19 @@ class Comparer:
             acc.inf_a += inf
             acc.inf_b += inf
 
-    def _values(self, acc: Acc, x: np.ndarray, y: np.ndarray, ka: str, kb: str, same: bool) -> None:
+    def _values(self, acc: Acc, x: np.ndarray, y: np.ndarray, ka: str, kb: str, same: bool,
+                tol: tuple[bool, float, float] | None = None) -> None:
+        """Accumulate a chunk pair; `tol` (is_set, atol, rtol) overrides the Comparer's tolerance
+        (item workers run ahead, while the Comparer is set for an earlier tensor)."""
         import numpy as np
 
+        tol_set, atol, rtol = tol if tol is not None else (self.tol, self.atol, self.rtol)
         acc.arith = True
         if "complex" in (ka, kb):
             self._complex(acc, x, y, same)
             return
         exact_ints = ka in ("int", "bool") and kb in ("int", "bool")
-        bits = same and (exact_ints or not self.tol)  # differing elements = differing bits
+        bits = same and (exact_ints or not tol_set)  # differing elements = differing bits
         b = self.bufs
         with np.errstate(all="ignore"):
             for i in range(0, len(x), BLOCK):
@@ -372,7 +427,7 @@ class Comparer:
                 elif exact_ints:
                     np.not_equal(xs, ys, out=B)
                     n_diff = int(np.count_nonzero(B))
-                elif not self.tol:
+                elif not tol_set:
                     np.not_equal(X, Y, out=B)
                     if not finite:
                         B &= ~(np.isnan(X) & np.isnan(Y))
@@ -380,8 +435,8 @@ class Comparer:
                 else:
                     T, C = b.T[:k], b.C[:k]
                     np.abs(Y, out=T)
-                    T *= self.rtol
-                    T += self.atol
+                    T *= rtol
+                    T += atol
                     np.abs(D, out=D)
                     np.less_equal(D, T, out=B)
                     if not finite:

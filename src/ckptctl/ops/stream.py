@@ -432,3 +432,51 @@ def submit(fn, *args):
 
             _POOL = ThreadPoolExecutor(threads(), thread_name_prefix="ckptctl-average")
     return _POOL.submit(fn, *args)
+
+
+class Ahead:
+    """fn(*item) for each item of `items` on worker threads, up to `depth` items ahead of the
+    consumer; `pop` hands the results back in item order.
+
+    Items may span many tensors: the workers keep going across a tensor boundary while the
+    consumer still finishes (merges, writes) the tensor before, so both cores stay busy on
+    checkpoints made of many small tensors. `items` is advanced lazily, in the consumer's
+    thread only (it may allocate buffers or open files). `close` cancels what has not started
+    and waits for what has (its errors are dropped: the caller is already leaving).
+    """
+
+    def __init__(self, items, fn: Callable, depth: int, submit_fn: Callable | None = None):
+        from collections import deque
+
+        self._items = iter(items)
+        self._fn = fn
+        self._depth = max(1, depth)
+        self._submit = submit_fn or submit
+        self._pending: Any = deque()
+        self._ended = False
+
+    def _fill(self) -> None:
+        while not self._ended and len(self._pending) < self._depth:
+            item = next(self._items, None)
+            if item is None:
+                self._ended = True
+                return
+            self._pending.append((item, self._submit(self._fn, *item)))
+
+    def peek(self):
+        """The oldest item not yet popped (None at the end); starts the work up to `depth`."""
+        self._fill()
+        return self._pending[0][0] if self._pending else None
+
+    def pop(self):
+        """(item, fn's result) of the oldest item; raises what fn raised."""
+        self._fill()
+        item, fut = self._pending.popleft()
+        res = fut.result()
+        self._fill()
+        return item, res
+
+    def close(self) -> None:
+        cancel_and_close([f for _i, f in self._pending], ())
+        self._pending.clear()
+        self._ended = True
