@@ -32,7 +32,7 @@ from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
 from ckptctl.model import TensorInfo
 from ckptctl.ops.diff import open_checkpoint
 from ckptctl.ops import stream
-from ckptctl.ops.stream import BLOCK, Cursor, FileView, as_array, cancel_and_close, itemsize, numeric_kind
+from ckptctl.ops.stream import BLOCK, Ahead, Cursor, FileView, as_array, cancel_and_close, itemsize, numeric_kind
 
 if TYPE_CHECKING:
     from ckptctl.formats.base import Reader
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 CHUNK_ELEMS = 1 << 21  # elements per step (a float64 accumulator of 16 MiB)
 READ_BUDGET = 64 * 1024 * 1024  # at most this many raw bytes per step
 ITEM_BUDGET = 16 * 1024 * 1024  # raw bytes (all inputs together) one worker reads for one item
+AHEAD_ITEMS = 8  # items combined ahead of the writer (each holds one output buffer)
 META_PREFIX = "averaged."  # provenance keys in the output's file metadata
 
 
@@ -415,6 +416,7 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
 
     W = writer_class(plan.fmt)
     w = W(plan.dst, [t.out for t in plan.tensors], plan.metadata)
+    items = _MeanItems(plan, progress)
     try:
         for t in plan.tensors:
             if t.mode == "alias":
@@ -422,15 +424,13 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
             if t.mode == "copy":
                 _copy_last(w, plan, t, progress)
             else:
-                rngs = _byte_ranges(plan, t)
-                chunks = (_mean_chunks_parallel(plan, t, rngs, progress) if rngs is not None
-                          else _mean_chunks(plan, t, progress))
-                w.add(t.out, chunks)
+                w.add(t.out, items.chunks(t) if items.covers(t) else _mean_chunks(plan, t, progress))
         w.finish()
     except BaseException:
         w.abort()
         raise
     finally:
+        items.close()
         plan.close()
     return AverageResult(plan.dst, plan.fmt, len(plan.tensors), len(plan.averaged),
                          [t.out.name for t in plan.copied], plan.dst.stat().st_size)
@@ -469,67 +469,96 @@ def _byte_ranges(plan: AveragePlan, t: AvgTensor) -> list[tuple[str, int, int]] 
     return out
 
 
-def _mean_chunks_parallel(plan: AveragePlan, t: AvgTensor, rngs: list[tuple[str, int, int]],
-                          progress) -> Iterator[memoryview]:
-    """The averaged tensor's bytes when every input holds it contiguously (safetensors, torch zip,
-    contiguous HDF5): the element range is cut into items; a worker thread reads its item from
-    every input (pread) and combines it block by block, so reading and arithmetic use both cores
-    while the main thread writes finished items in order. Same arithmetic as _mean_chunks."""
-    import numpy as np
+class _MeanItems:
+    """The averaged bytes of every tensor that each input holds contiguously (safetensors, torch
+    zip, contiguous HDF5), from item workers that run ahead of the writer across tensors.
 
-    numel = t.out.numel
-    if numel == 0:
-        return
-    isz = [itemsize(s.dtype) for s in t.srcs]
-    elems = max(BLOCK, min(CHUNK_ELEMS, ITEM_BUDGET // sum(isz)))
-    elems -= elems % BLOCK
-    elems = min(elems, numel)
-    out_np = dtypes.numpy_dtype(t.out.dtype)
-    osz = out_np.itemsize
-    combine = _Combiner(plan, t)
-    fds: dict[str, int] = {}
-    free: list[bytearray] = plan._buffers.setdefault("outfree", [])
-    pending: list = []
-    try:
-        for f, _off, _len in rngs:
-            if f not in fds:
-                fds[f] = os.open(f, os.O_RDONLY)
+    Each tensor's element range is cut into items; a worker maps its item in every input and
+    combines it block by block into an output buffer (_Combiner: the arithmetic of
+    _mean_chunks). Up to AHEAD_ITEMS items, of this tensor and the next ones, are combined while
+    the main thread writes, so the writer's waits (write-back, fsync of a full queue) and the
+    ends of small tensors leave no core idle. Output buffers go back to a free list once written.
+    """
 
-        def work(lo: int, hi: int, obuf: bytearray) -> None:
-            m = hi - lo
-            views: list[FileView] = []
-            try:
-                for k, ((f, off, _len), s) in enumerate(zip(rngs, t.srcs)):
-                    views.append(FileView(fds[f], f, off + lo * isz[k], m * isz[k], s.name, k))
-                combine.run([as_array(v.view, s.dtype) for v, s in zip(views, t.srcs)],
-                            np.frombuffer(obuf, dtype=out_np, count=m), 0, m)
-            finally:
-                for v in views:
-                    v.close()
+    def __init__(self, plan: AveragePlan, progress):
+        self.plan = plan
+        self.progress = progress
+        self.rngs: dict[int, list[tuple[str, int, int]]] = {}
+        for t in plan.tensors:
+            if t.mode == "mean" and t.out.numel:
+                r = _byte_ranges(plan, t)
+                if r is not None:
+                    self.rngs[id(t)] = r
+        self.fds: dict[str, int] = {}
+        self.free: list[bytearray] = plan._buffers.setdefault("outfree", [])
+        self.ahead: Ahead | None = None
 
-        starts = iter(range(0, numel, elems))
+    def covers(self, t: AvgTensor) -> bool:
+        return id(t) in self.rngs
 
-        def submit_next() -> None:
-            lo = next(starts, None)
-            if lo is None:
+    def _items(self):
+        """(t, lo, hi, output buffer, combiner) for every item, in the order the writer takes the
+        tensors; runs in the main thread (it opens files and takes buffers)."""
+        for t in self.plan.tensors:
+            rngs = self.rngs.get(id(t))
+            if rngs is None:
+                continue
+            for f, _off, _len in rngs:
+                if f not in self.fds:
+                    self.fds[f] = os.open(f, os.O_RDONLY)
+            isz = [itemsize(s.dtype) for s in t.srcs]
+            numel = t.out.numel
+            elems = max(BLOCK, min(CHUNK_ELEMS, ITEM_BUDGET // sum(isz)))
+            elems -= elems % BLOCK
+            elems = min(elems, numel)
+            need = elems * dtypes.numpy_dtype(t.out.dtype).itemsize
+            combine = _Combiner(self.plan, t)
+            for lo in range(0, numel, elems):
+                i = next((i for i, b in enumerate(self.free) if len(b) >= need), None)
+                obuf = self.free.pop(i) if i is not None else bytearray(need)  # by position: == compares bytes
+                yield t, lo, min(numel, lo + elems), obuf, combine
+
+    def _work(self, t: AvgTensor, lo: int, hi: int, obuf: bytearray, combine: _Combiner) -> None:
+        import numpy as np
+
+        m = hi - lo
+        views: list[FileView] = []
+        try:
+            for k, ((f, off, _len), s) in enumerate(zip(self.rngs[id(t)], t.srcs)):
+                isz = itemsize(s.dtype)
+                views.append(FileView(self.fds[f], f, off + lo * isz, m * isz, s.name, k))
+            combine.run([as_array(v.view, s.dtype) for v, s in zip(views, t.srcs)],
+                        np.frombuffer(obuf, dtype=dtypes.numpy_dtype(t.out.dtype), count=m), 0, m)
+        finally:
+            for v in views:
+                v.close()
+
+    def chunks(self, t: AvgTensor) -> Iterator[memoryview]:
+        """Tensor t's averaged bytes, item after item (t must be the next covered tensor)."""
+        if self.ahead is None:
+            self.ahead = Ahead(self._items(), self._work, max(stream.threads() + 1, AHEAD_ITEMS))
+        head = self.ahead.peek()
+        if head is None or head[0] is not t:
+            raise RuntimeError(f"average: tensor {t.out.name!r} asked for out of order")
+        osz = dtypes.numpy_dtype(t.out.dtype).itemsize
+        insz = sum(itemsize(s.dtype) for s in t.srcs)
+        while True:
+            head = self.ahead.peek()
+            if head is None or head[0] is not t:
                 return
-            hi = min(numel, lo + elems)
-            i = next((i for i, b in enumerate(free) if len(b) >= elems * osz), None)
-            obuf = free.pop(i) if i is not None else bytearray(elems * osz)  # by position: == compares bytes
-            pending.append((lo, hi, obuf, stream.submit(work, lo, hi, obuf)))
-
-        for _ in range(stream.threads() + 1):
-            submit_next()
-        while pending:
-            lo, hi, obuf, fut = pending.pop(0)
-            fut.result()
-            submit_next()
-            if progress:
-                progress((hi - lo) * sum(isz))
+            (_t, lo, hi, obuf, _c), _none = self.ahead.pop()
+            if self.progress:
+                self.progress((hi - lo) * insz)
             yield memoryview(obuf)[: (hi - lo) * osz]
-            free.append(obuf)
-    finally:  # an error: let running work finish before closing files
-        cancel_and_close([fut for _lo, _hi, _b, fut in pending], fds.values())
+            self.free.append(obuf)
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for what has, close the files."""
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
+        fds, self.fds = list(self.fds.values()), {}
+        cancel_and_close((), fds)
 
 
 def _mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryview]:
