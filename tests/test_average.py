@@ -16,6 +16,7 @@ from conftest import cli, run
 from ckptctl.errors import CkptError
 from ckptctl.formats import open_reader
 from ckptctl.ops import average as ops
+from ckptctl.ops import average_combine
 
 HAVE_TORCH_READER = importlib.util.find_spec("ckptctl.formats.torch_zip") is not None
 needs_torch_reader = pytest.mark.skipif(not HAVE_TORCH_READER, reason="torch zip reader not built yet")
@@ -257,9 +258,9 @@ def test_run_folder_selection(tmp_path):
 
 
 def test_streaming_in_small_chunks_matches_reference(tmp_path, monkeypatch):
-    monkeypatch.setattr(ops, "CHUNK_ELEMS", 1000)
-    monkeypatch.setattr(ops, "READ_BUDGET", 4000)
-    monkeypatch.setattr(ops, "BLOCK", 256)
+    monkeypatch.setattr(average_combine, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(average_combine, "READ_BUDGET", 4000)
+    monkeypatch.setattr(average_combine, "BLOCK", 256)
     rng = np.random.default_rng(2)
     states = [{"w": rng.standard_normal(12_345).astype(np.float32),
                "h": rng.standard_normal(3_001).astype(ml_dtypes.bfloat16)} for _ in range(3)]
