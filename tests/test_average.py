@@ -344,3 +344,26 @@ def test_dry_run_writes_nothing(tmp_path):
 def test_help():
     r = cli("average", "--help")
     assert r.exit_code == 0 and "--ema" in r.stdout and "--best-n" in r.stdout
+
+
+def test_items_ahead_across_tensors_match_reference(tmp_path, monkeypatch):
+    """Item workers combine later tensors while earlier ones are written: many tensors of a few
+    items each, integer tensors (copied) in between, every output byte as the float64 reference."""
+    monkeypatch.setattr(average_combine, "ITEM_BUDGET", 3 * 4 * 700)  # ~700 elements per item
+    monkeypatch.setattr(average_combine, "BLOCK", 128)
+    monkeypatch.setattr(average_combine, "AHEAD_ITEMS", 5)
+    rng = np.random.default_rng(5)
+    names = [f"layer{i}.w" for i in range(15)]
+    states = []
+    for k in range(3):
+        st = {n: rng.standard_normal(1_000 + 311 * i).astype(np.float32) for i, n in enumerate(names)}
+        st["layer7.steps"] = np.array([k, 10 + k], dtype=np.int64)
+        states.append(st)
+    paths = [save(tmp_path / f"s{i}.safetensors", s) for i, s in enumerate(states)]
+    r = cli("average", *paths, "-o", tmp_path / "o.safetensors")
+    assert r.exit_code == 0, r.output
+    got, _ = load(tmp_path / "o.safetensors")
+    for n in names:
+        acc = states[0][n].astype(np.float64) + states[1][n].astype(np.float64) + states[2][n].astype(np.float64)
+        assert bits(got[n]) == bits(to_dtype(acc / 3, np.float32)), n
+    assert got["layer7.steps"].tolist() == [2, 12]

@@ -698,3 +698,44 @@ def test_real_sharded_folder_against_a_copy_with_one_shard_changed(tmp_path):
     assert p.returncode == 1, p.stderr
     doc = json.loads(p.stdout)
     assert len(doc["changed"]) == 1 and doc["changed"][0]["num_diff"] == 1 and doc["num_identical"] == 35
+
+
+def test_item_workers_across_many_tensors_keep_each_tensors_verdict_and_tolerance(tmp_path, monkeypatch):
+    """diff runs items of later tensors ahead while it merges earlier ones: each tensor must get
+    its own statistics and its own --ignore-dtype cast tolerance, identical tensors in between
+    stay arithmetic-free, and a tied pair reuses its twin's result."""
+    monkeypatch.setattr(diff_values, "ITEM_BYTES", 4096)  # several items per tensor
+    monkeypatch.setattr(diff_values, "BLOCK", 256)
+    init = diff_values.Comparer.__init__
+    monkeypatch.setattr(diff_values.Comparer, "__init__", lambda self, *a, **k: init(self, *a, threads=2))
+    rng = np.random.default_rng(11)
+    a, b = {}, {}
+    for i in range(12):
+        x = rng.standard_normal(3_000 + 97 * i).astype(np.float32)
+        a[f"t{i:02d}"] = x
+        y = x.copy()
+        if i % 3 == 1:
+            y[::7] += np.float32(0.01 * (i + 1))
+        b[f"t{i:02d}"] = y
+    # cast pairs: bf16 (eps 2**-7) and float16 (eps 2**-10) tolerances, side by side
+    base = (rng.standard_normal(4_000) + 4).astype(np.float32)
+    a["to_bf16"], b["to_bf16"] = base, base.astype(ml_dtypes.bfloat16)
+    a["to_f16"] = base
+    f16 = base.astype(np.float16)
+    f16[1234] = np.float16(base[1234] * (1 + 2.0 ** -8))  # within bf16's tolerance, not float16's
+    b["to_f16"] = f16
+    pa, pb = save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b)
+    res = ops.diff_checkpoints(pa, pb, ignore_dtype=True)
+    by = {d.name: d for d in res.changed}
+    assert "to_bf16" not in by and [d.name for d in res.dtype_only] == ["to_bf16"]
+    assert by["to_f16"].num_diff == 1 and by["to_f16"].rtol == 2.0 ** -10
+    for i in range(12):
+        n = f"t{i:02d}"
+        if i % 3 != 1:
+            assert n in res.identical
+            continue
+        exp = ref_stats(a[n], b[n])
+        assert by[n].num_diff == len(range(0, a[n].size, 7))
+        assert by[n].max_abs_diff == pytest.approx(exp["max_abs_diff"], rel=1e-12)
+        assert by[n].rel_l2 == pytest.approx(exp["rel_l2"], rel=1e-9)
+        assert by[n].cosine == pytest.approx(exp["cosine"], rel=1e-12)
