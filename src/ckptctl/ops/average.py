@@ -415,8 +415,9 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
 
     W = writer_class(plan.fmt)
     w = W(plan.dst, [t.out for t in plan.tensors], plan.metadata)
-    items = MeanItems(plan, progress)
+    items: MeanItems | None = None
     try:
+        items = MeanItems(plan, progress)
         for t in plan.tensors:
             if t.mode == "alias":
                 continue
@@ -429,7 +430,8 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
         w.abort()
         raise
     finally:
-        items.close()
+        if items is not None:
+            items.close()  # (workers finish before the inputs close)
         plan.close()
     return AverageResult(plan.dst, plan.fmt, len(plan.tensors), len(plan.averaged),
                          [t.out.name for t in plan.copied], plan.dst.stat().st_size)
