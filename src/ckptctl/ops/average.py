@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from ckptctl import dtypes
 from ckptctl.errors import CkptError, Incompatible, UsageError
 from ckptctl.model import TensorInfo
-from ckptctl.ops.diff import open_checkpoint
 from ckptctl.ops.average_combine import MeanItems, mean_chunks
+from ckptctl.ops.diff import open_checkpoint
 from ckptctl.ops.stream import numeric_kind
 
 if TYPE_CHECKING:

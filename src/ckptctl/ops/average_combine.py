@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile
 from ckptctl.ops import stream
-from ckptctl.ops.stream import BLOCK, Ahead, Cursor, FileView, as_array, cancel_and_close, itemsize, numeric_kind
+from ckptctl.ops.stream import (
+    BLOCK,
+    Ahead,
+    Cursor,
+    FileView,
+    as_array,
+    cancel_and_close,
+    itemsize,
+    numeric_kind,
+)
 
 if TYPE_CHECKING:
     from ckptctl.ops.average import AveragePlan, AvgTensor

@@ -104,8 +104,9 @@ def along_run(
     Each file is read once: for each tensor, the same chunk of every checkpoint is read in step
     order and compared with the previous step's chunk (the only one kept, as float64).
     """
-    import numpy as np
     from contextlib import nullcontext
+
+    import numpy as np
 
     from ckptctl.ops.runs import discover
 

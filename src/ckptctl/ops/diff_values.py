@@ -17,8 +17,20 @@ from typing import TYPE_CHECKING
 from ckptctl.errors import CorruptFile
 from ckptctl.model import TensorInfo
 from ckptctl.ops.stream import (
-    BLOCK, Ahead, ChunkSource, FileView, Progress, as_array, cancel_and_close, contiguous_range, dot, itemsize,
-    lockstep, numeric_kind, same_bytes, uint_view,
+    BLOCK,
+    Ahead,
+    ChunkSource,
+    FileView,
+    Progress,
+    as_array,
+    cancel_and_close,
+    contiguous_range,
+    dot,
+    itemsize,
+    lockstep,
+    numeric_kind,
+    same_bytes,
+    uint_view,
 )
 
 if TYPE_CHECKING:
