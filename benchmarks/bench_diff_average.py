@@ -8,7 +8,10 @@ norms) under --dir (default /tmp/ckptctl-bench, deleted at the end unless --keep
 safetensors and as PyTorch zip (.pt). B is A plus small noise in every tensor, so every byte
 differs and diff does all of its arithmetic (the worst case; identical bytes take the fast path,
 shown in a separate row). Every candidate runs as a fresh process on a warm page cache; the
-table gives the best wall time of --repeat runs and the peak RSS (/usr/bin/time's %M).
+candidates of a table run in turns (A, B, C, A, B, C, ...) so a slow minute of a shared disk hits
+them alike; the table gives the best wall time and the best CPU seconds (user + sys) of --repeat
+runs and the peak RSS (/usr/bin/time's %U %S %M). `--before OLD/src` adds every ckptctl row run
+from an older source tree, interleaved with the current one (before/after in one table).
 
 Baselines:
   cat          `cat A B > /dev/null`: reading the inputs once
@@ -17,7 +20,8 @@ Baselines:
                relative L2 and cosine, like a notebook would
   fairseq avg  fairseq's scripts/average_checkpoints.py: torch.load each file, sum in the
                parameter dtype, divide, torch.save
-Targets (issue 5): peak RSS < 400 MB; diff <= 2x cat; average <= 1.5x cat.
+Targets (issue 13): peak RSS < 400 MB; diff of equal files <= 1.5x cat, every byte different <= 2.5x
+cat; average <= 1.2x the floor.
 """
 
 from __future__ import annotations
@@ -129,22 +133,22 @@ def to_pt(src: Path, dst: Path) -> None:
     subprocess.run([sys.executable, "-c", code, str(src), str(dst)], check=True)
 
 
-def measure(cmd: list[str], ok=(0,)) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one fresh process, by /usr/bin/time.
+def measure(cmd: list[str], ok=(0,), env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds user+sys, peak RSS in MB) of one fresh process, by /usr/bin/time.
 
     Not os.wait4 on our own child: a child forked from this (large) process counts the pages it
     shared with us before exec in its peak RSS.
     """
     stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"ckptctl-bench-time-{os.getpid()}.txt"
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *cmd],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(stats), *cmd],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     wall = time.perf_counter() - t0
     if p.returncode not in ok:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.decode(errors='replace')[-2000:]}")
-    rss_kb = stats.read_text().split()[-1]
+    _e, user, sys_, rss_kb = stats.read_text().split()[-4:]
     stats.unlink()
-    return wall, int(rss_kb) / 1024
+    return wall, float(user) + float(sys_), int(rss_kb) / 1024
 
 
 def warm(files) -> None:
@@ -152,19 +156,36 @@ def warm(files) -> None:
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
 
 
-def best(cmd: list[str], repeat: int, ok=(0,), cleanup: Path | None = None, inputs=()) -> tuple[float, float]:
-    walls, rss = [], []
-    for _ in range(repeat):
-        if cleanup is not None and cleanup.exists():
-            cleanup.unlink()
-        if inputs:
-            warm(inputs)
-        w, r = measure(cmd, ok)
-        walls.append(w)
-        rss.append(r)
-    if cleanup is not None and cleanup.exists():
-        cleanup.unlink()
-    return min(walls), max(rss)
+class Cand:
+    """One command of a table; its runs are interleaved with the other candidates of the table."""
+
+    def __init__(self, label: str, cmd: list[str], ok=(0,), inputs=(), cleanup: Path | None = None,
+                 env: dict | None = None, repeat: int | None = None):
+        self.label, self.cmd, self.ok, self.inputs, self.cleanup, self.env = label, cmd, ok, inputs, cleanup, env
+        self.repeat = repeat
+        self.runs: list[tuple[float, float, float]] = []
+
+    def run(self) -> None:
+        if self.cleanup is not None and self.cleanup.exists():
+            self.cleanup.unlink()
+        if self.inputs:
+            warm(self.inputs)
+        self.runs.append(measure(self.cmd, self.ok, self.env))
+        if self.cleanup is not None and self.cleanup.exists():
+            self.cleanup.unlink()
+
+    @property
+    def best(self) -> tuple[float, float, float]:
+        """Best wall, best CPU seconds (each over the runs), the largest peak RSS."""
+        return (min(r[0] for r in self.runs), min(r[1] for r in self.runs), max(r[2] for r in self.runs))
+
+
+def interleave(cands: list[Cand], repeat: int) -> None:
+    """A, B, C, A, B, C, ...: a slow minute of the shared disk hits every candidate alike."""
+    for i in range(repeat):
+        for c in cands:
+            if i < (c.repeat if c.repeat is not None else repeat):
+                c.run()
 
 
 def main() -> None:
@@ -173,83 +194,109 @@ def main() -> None:
     ap.add_argument("--avg-gb", type=float, default=1.0)
     ap.add_argument("--avg-n", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/ckptctl-bench"))
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per candidate (best of N, interleaved)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the torch.load baselines (they need RAM)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--skip-pt", action="store_true", help="no .pt files (no torch needed)")
+    ap.add_argument("--only", choices=("diff", "average"), help="one of the two tables")
+    ap.add_argument("--before", type=Path, metavar="SRC",
+                    help="also run every ckptctl row with PYTHONPATH=SRC (an older src/ tree), interleaved")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files (and reuse them next time)")
     args = ap.parse_args()
     d = args.dir
     d.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     ck = [py, "-m", "ckptctl"]
-    rows: list[tuple[str, str, float, float, float | None]] = []
+    here = os.environ.copy()
+    old = None
+    if args.before is not None:
+        old = {**here, "PYTHONPATH": str(args.before.resolve())}
+
+    def ckpt(label: str, argv: list[str], **kw) -> list[Cand]:
+        out = [Cand(label, [*ck, *argv], env=here, **kw)]
+        if old is not None:
+            out.append(Cand(label + " [before]", [*ck, *argv], env=old, **kw))
+        return out
+
+    tables: list[tuple[str, list[Cand]]] = []
     try:
-        # ---- data
+        # ---- data (kept files are reused when their size matches)
         t0 = time.perf_counter()
         specs = transformer_specs(int(args.diff_gb * 1e9))
         A, B = d / "A.safetensors", d / "B.safetensors"
-        write_safetensors(A, specs, seed=1)
-        write_safetensors(B, specs, seed=1, noise_seed=2)
         avg_specs = transformer_specs(int(args.avg_gb * 1e9))
         inputs = [d / f"step_{(i + 1) * 1000}.safetensors" for i in range(args.avg_n)]
-        for i, p in enumerate(inputs):
-            write_safetensors(p, avg_specs, seed=1, noise_seed=10 + i, noise=0.05)
+        want = {A: (specs, 1, None, 1e-3), B: (specs, 1, 2, 1e-3)}
+        want.update({p: (avg_specs, 1, 10 + i, 0.05) for i, p in enumerate(inputs)})
         pts = {}
-        if not args.skip_naive:
-            for p in [A, B, *inputs]:
+        for p, (sp, seed, ns, noise) in want.items():
+            size = sum(int(np.prod(s)) * 4 for _n, s in sp)
+            if not (p.exists() and p.stat().st_size > size):
+                write_safetensors(p, sp, seed=seed, noise_seed=ns, noise=noise)
+            if not args.skip_pt:
                 pts[p] = p.with_suffix(".pt")
-                to_pt(p, pts[p])
-        print(f"generated in {time.perf_counter() - t0:.0f} s: diff 2 x {A.stat().st_size / 1e9:.2f} GB "
+                if not pts[p].exists() or pts[p].stat().st_mtime < p.stat().st_mtime:
+                    to_pt(p, pts[p])
+        print(f"data ready in {time.perf_counter() - t0:.0f} s: diff 2 x {A.stat().st_size / 1e9:.2f} GB "
               f"({len(specs)} tensors), average {args.avg_n} x {inputs[0].stat().st_size / 1e9:.2f} GB "
               f"({len(avg_specs)} tensors)", file=sys.stderr)
 
         # ---- diff
-        cat_w, cat_r = best(["cat", str(A), str(B)], args.repeat, inputs=[A, B])
-        rows.append(("diff 2 x %.1f GB" % args.diff_gb, "cat A B > /dev/null", cat_w, cat_r, 1.0))
-        w, r = best([*ck, "diff", str(A), str(B), "--format", "json"], args.repeat, ok=(1,), inputs=[A, B])
-        rows.append(("", "ckptctl diff (safetensors, every byte differs)", w, r, w / cat_w))
-        w, r = best([*ck, "diff", str(A), str(A), "--format", "json"], args.repeat, ok=(0,), inputs=[A])
-        rows.append(("", "ckptctl diff A A (identical: byte fast path)", w, r, w / cat_w))
-        if pts:
-            w, r = best([*ck, "diff", str(pts[A]), str(pts[B]), "--format", "json"], args.repeat, ok=(1,),
-                        inputs=[pts[A], pts[B]])
-            rows.append(("", "ckptctl diff (.pt zip, every byte differs)", w, r, w / cat_w))
-            w, r = best([*ck, "diff", str(A), str(pts[A]), "--format", "json"], args.repeat, ok=(0,),
-                        inputs=[A, pts[A]])
-            rows.append(("", "ckptctl diff A.safetensors A.pt (equal)", w, r, w / cat_w))
-            w, r = best([py, "-c", NAIVE_DIFF, str(pts[A]), str(pts[B])], 1, inputs=[pts[A], pts[B]])
-            rows.append(("", "naive: torch.load both + float64 stats", w, r, w / cat_w))
+        if args.only in (None, "diff"):
+            c: list[Cand] = [Cand("cat A B > /dev/null", ["cat", str(A), str(B)], inputs=[A, B])]
+            c += ckpt("ckptctl diff A B (safetensors, every byte differs)", ["diff", str(A), str(B), "--format", "json"],
+                      ok=(1,), inputs=[A, B])
+            c += ckpt("ckptctl diff A A (identical bytes)", ["diff", str(A), str(A), "--format", "json"], inputs=[A])
+            if pts:
+                c += ckpt("ckptctl diff A.safetensors A.pt (equal)", ["diff", str(A), str(pts[A]), "--format", "json"],
+                          inputs=[A, pts[A]])
+                c += ckpt("ckptctl diff A.pt B.pt (every byte differs)",
+                          ["diff", str(pts[A]), str(pts[B]), "--format", "json"], ok=(1,), inputs=[pts[A], pts[B]])
+                if not args.skip_naive:
+                    c.append(Cand("naive: torch.load both + float64 stats", [py, "-c", NAIVE_DIFF, str(pts[A]),
+                                                                            str(pts[B])], inputs=[pts[A], pts[B]],
+                                  repeat=1))
+            tables.append((f"diff 2 x {args.diff_gb:g} GB", c))
 
         # ---- average
-        out = d / "avg.safetensors"
-        cat_w, cat_r = best(["cat", *map(str, inputs)], args.repeat, inputs=inputs)
-        rows.append((f"average {args.avg_n} x {args.avg_gb:.1f} GB", "cat inputs > /dev/null", cat_w, cat_r, 1.0))
-        floor = d / "floor.safetensors"
-        w, r = best(["sh", "-c", 'cat "$@" > /dev/null && cp "$1" "$0" && sync "$0"', str(floor), *map(str, inputs)],
-                    args.repeat, cleanup=floor, inputs=inputs)
-        rows.append(("", "floor: cat inputs + cp one input + sync (the output must be written too)", w, r,
-                     w / cat_w))
-        w, r = best([*ck, "average", *map(str, inputs), "-o", str(out), "--format", "json"], args.repeat,
-                    cleanup=out, inputs=inputs)
-        rows.append(("", "ckptctl average -> safetensors", w, r, w / cat_w))
-        out_pt = d / "avg.pt"
-        if pts:
-            w, r = best([*ck, "average", *map(str, inputs), "-o", str(out_pt), "--format", "json"], args.repeat,
-                        cleanup=out_pt, inputs=inputs)
-            rows.append(("", "ckptctl average -> .pt", w, r, w / cat_w))
-            ptin = [pts[p] for p in inputs]
-            w, r = best([*ck, "average", *map(str, ptin), "-o", str(out), "--format", "json"], args.repeat,
-                        cleanup=out, inputs=ptin)
-            rows.append(("", "ckptctl average .pt inputs -> safetensors", w, r, w / cat_w))
-            w, r = best([py, "-c", FAIRSEQ_AVG, *map(str, ptin), str(out_pt)], 1, cleanup=out_pt, inputs=ptin)
-            rows.append(("", "fairseq average_checkpoints (torch.load, .pt)", w, r, w / cat_w))
+        if args.only in (None, "average"):
+            out = d / "avg.safetensors"
+            floor = d / "floor.safetensors"
+            c = [Cand("cat inputs > /dev/null", ["cat", *map(str, inputs)], inputs=inputs),
+                 Cand("floor: cat inputs + cp one input + sync (the output must be written too)",
+                      ["sh", "-c", 'cat "$@" > /dev/null && cp "$1" "$0" && sync "$0"', str(floor), *map(str, inputs)],
+                      cleanup=floor, inputs=inputs)]
+            c += ckpt("ckptctl average -> safetensors", ["average", *map(str, inputs), "-o", str(out), "--format", "json"],
+                      cleanup=out, inputs=inputs)
+            if pts:
+                out_pt = d / "avg.pt"
+                ptin = [pts[p] for p in inputs]
+                c += ckpt("ckptctl average -> .pt", ["average", *map(str, inputs), "-o", str(out_pt), "--format", "json"],
+                          cleanup=out_pt, inputs=inputs)
+                c += ckpt("ckptctl average .pt inputs -> safetensors",
+                          ["average", *map(str, ptin), "-o", str(out), "--format", "json"], cleanup=out, inputs=ptin)
+                if not args.skip_naive:
+                    c.append(Cand("fairseq average_checkpoints (torch.load, .pt)",
+                                  [py, "-c", FAIRSEQ_AVG, *map(str, ptin), str(out_pt)], cleanup=out_pt, inputs=ptin,
+                                  repeat=1))
+            tables.append((f"average {args.avg_n} x {args.avg_gb:g} GB", c))
+
+        for _task, cands in tables:
+            interleave(cands, args.repeat)
     finally:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)
 
-    print("| task | candidate | wall (s) | peak RSS (MB) | x cat |")
-    print("|---|---|---:|---:|---:|")
-    for task, cand, w, r, ratio in rows:
-        print(f"| {task} | {cand} | {w:.2f} | {r:.0f} | {ratio:.2f} |")
+    print(f"best of {args.repeat}, candidates interleaved, warm page cache; CPU = user + sys of the process; "
+          f"x = wall / the table's first row (x floor for average: wall / the floor row)")
+    print("| task | candidate | wall (s) | CPU (s) | peak RSS (MB) | x first | x floor |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for task, cands in tables:
+        base = cands[0].best[0]
+        fl = next((c.best[0] for c in cands if c.label.startswith("floor")), None)
+        for i, c in enumerate(cands):
+            w, cpu, r = c.best
+            xf = f"{w / fl:.2f}" if fl else ""
+            print(f"| {task if i == 0 else ''} | {c.label} | {w:.2f} | {cpu:.2f} | {r:.0f} | {w / base:.2f} | {xf} |")
 
 
 if __name__ == "__main__":

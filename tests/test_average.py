@@ -16,6 +16,7 @@ from conftest import cli, run
 from ckptctl.errors import CkptError
 from ckptctl.formats import open_reader
 from ckptctl.ops import average as ops
+from ckptctl.ops import average_combine
 
 HAVE_TORCH_READER = importlib.util.find_spec("ckptctl.formats.torch_zip") is not None
 needs_torch_reader = pytest.mark.skipif(not HAVE_TORCH_READER, reason="torch zip reader not built yet")
@@ -257,9 +258,9 @@ def test_run_folder_selection(tmp_path):
 
 
 def test_streaming_in_small_chunks_matches_reference(tmp_path, monkeypatch):
-    monkeypatch.setattr(ops, "CHUNK_ELEMS", 1000)
-    monkeypatch.setattr(ops, "READ_BUDGET", 4000)
-    monkeypatch.setattr(ops, "BLOCK", 256)
+    monkeypatch.setattr(average_combine, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(average_combine, "READ_BUDGET", 4000)
+    monkeypatch.setattr(average_combine, "BLOCK", 256)
     rng = np.random.default_rng(2)
     states = [{"w": rng.standard_normal(12_345).astype(np.float32),
                "h": rng.standard_normal(3_001).astype(ml_dtypes.bfloat16)} for _ in range(3)]
@@ -343,3 +344,26 @@ def test_dry_run_writes_nothing(tmp_path):
 def test_help():
     r = cli("average", "--help")
     assert r.exit_code == 0 and "--ema" in r.stdout and "--best-n" in r.stdout
+
+
+def test_items_ahead_across_tensors_match_reference(tmp_path, monkeypatch):
+    """Item workers combine later tensors while earlier ones are written: many tensors of a few
+    items each, integer tensors (copied) in between, every output byte as the float64 reference."""
+    monkeypatch.setattr(average_combine, "ITEM_BUDGET", 3 * 4 * 700)  # ~700 elements per item
+    monkeypatch.setattr(average_combine, "BLOCK", 128)
+    monkeypatch.setattr(average_combine, "AHEAD_ITEMS", 5)
+    rng = np.random.default_rng(5)
+    names = [f"layer{i}.w" for i in range(15)]
+    states = []
+    for k in range(3):
+        st = {n: rng.standard_normal(1_000 + 311 * i).astype(np.float32) for i, n in enumerate(names)}
+        st["layer7.steps"] = np.array([k, 10 + k], dtype=np.int64)
+        states.append(st)
+    paths = [save(tmp_path / f"s{i}.safetensors", s) for i, s in enumerate(states)]
+    r = cli("average", *paths, "-o", tmp_path / "o.safetensors")
+    assert r.exit_code == 0, r.output
+    got, _ = load(tmp_path / "o.safetensors")
+    for n in names:
+        acc = states[0][n].astype(np.float64) + states[1][n].astype(np.float64) + states[2][n].astype(np.float64)
+        assert bits(got[n]) == bits(to_dtype(acc / 3, np.float32)), n
+    assert got["layer7.steps"].tolist() == [2, 12]

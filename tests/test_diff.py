@@ -14,6 +14,7 @@ import pytest
 from conftest import REAL, cli, needs_real, real_expected, real_manifest, real_params, run
 
 from ckptctl.ops import diff as ops
+from ckptctl.ops import diff_along, diff_values, stream
 
 HAVE_TORCH_READER = importlib.util.find_spec("ckptctl.formats.torch_zip") is not None
 needs_torch_reader = pytest.mark.skipif(not HAVE_TORCH_READER, reason="torch zip reader not built yet")
@@ -122,7 +123,7 @@ def test_json_reports_structure_and_exact_statistics(pair):
 def test_identical_files_exit_0_and_self_diff_needs_no_arithmetic(pair, monkeypatch):
     pa, _pb, _a, _b = pair
     calls = []
-    monkeypatch.setattr(ops.Comparer, "_values", lambda self, *a: calls.append(a))
+    monkeypatch.setattr(diff_values.Comparer, "_values", lambda self, *a: calls.append(a))
     r = cli("diff", pa, pa)
     assert r.exit_code == 0, r.output
     assert "equal (bit-exact)" in r.stdout
@@ -135,11 +136,11 @@ def test_multi_chunk_streaming_matches_reference(tmp_path, monkeypatch, threads)
 
     threads=1 streams both sides in lockstep (re-reading an identical prefix); threads=2 cuts
     the tensors into items that workers read and compare on their own."""
-    monkeypatch.setattr(ops, "READ_BYTES", 4096)
-    monkeypatch.setattr(ops, "ITEM_BYTES", 4096)
-    monkeypatch.setattr(ops, "BLOCK", 256)
-    init = ops.Comparer.__init__
-    monkeypatch.setattr(ops.Comparer, "__init__", lambda self, *a, **k: init(self, *a, threads=threads))
+    monkeypatch.setattr(diff_values, "READ_BYTES", 4096)
+    monkeypatch.setattr(diff_values, "ITEM_BYTES", 4096)
+    monkeypatch.setattr(diff_values, "BLOCK", 256)
+    init = diff_values.Comparer.__init__
+    monkeypatch.setattr(diff_values.Comparer, "__init__", lambda self, *a, **k: init(self, *a, threads=threads))
     rng = np.random.default_rng(3)
     a = {"w": rng.standard_normal(10_000).astype(np.float32),
          "h": rng.standard_normal(5_003).astype(ml_dtypes.bfloat16),
@@ -465,8 +466,8 @@ def test_two_runs_align_by_step(tmp_path):
 
 def test_along_a_run(tmp_path, monkeypatch):
     states = make_run(tmp_path / "run", [10, 20, 30, 40, 50], seed=3, nan_at=40)
-    monkeypatch.setattr(ops, "ALONG_CHUNK", 32)  # several chunks per tensor
-    monkeypatch.setattr(ops, "BLOCK", 16)
+    monkeypatch.setattr(diff_along, "ALONG_CHUNK", 32)  # several chunks per tensor
+    monkeypatch.setattr(diff_along, "BLOCK", 16)
     r = cli("diff", tmp_path / "run", "--along", "-f", "json")
     assert r.exit_code == 1, r.output  # a checkpoint holds NaN
     doc = json.loads(r.stdout)
@@ -479,7 +480,7 @@ def test_along_a_run(tmp_path, monkeypatch):
     def flat(s):
         return np.concatenate([states[s][k].astype(np.float64).ravel() for k in ("a.weight", "a.bias")])
 
-    res = ops.along_run(tmp_path / "run")  # the numbers, as floats (NaN included)
+    res = diff_along.along_run(tmp_path / "run")  # the numbers, as floats (NaN included)
     for i, s in enumerate([10, 20, 30, 40, 50]):
         got = res.steps[i]
         exp = np.linalg.norm(flat(s))
@@ -505,18 +506,18 @@ def test_along_a_run(tmp_path, monkeypatch):
 
 def test_lockstep_reads_stay_bounded(tmp_path, monkeypatch):
     """No read asks for more than READ_BYTES, whatever the tensor size."""
-    monkeypatch.setattr(ops, "READ_BYTES", 1 << 16)
+    monkeypatch.setattr(diff_values, "READ_BYTES", 1 << 16)
     big = {"w": np.arange(100_000, dtype=np.float32)}
     pa, pb = save(tmp_path / "a.safetensors", big), save(tmp_path / "b.safetensors", {"w": big["w"] + 1})
     sizes = []
-    real_pread = ops.ChunkSource._pread
+    real_pread = stream.ChunkSource._pread
 
     def spy(self, file, offset, length):
         for v in real_pread(self, file, offset, length):
             sizes.append(len(v))
             yield v
 
-    monkeypatch.setattr(ops.ChunkSource, "_pread", spy)
+    monkeypatch.setattr(stream.ChunkSource, "_pread", spy)
     res = ops.diff_checkpoints(pa, pb)
     assert res.changed[0].max_abs_diff == 1.0
     assert sizes and max(sizes) <= 1 << 16 and sum(sizes) == 2 * 400_000
@@ -697,3 +698,44 @@ def test_real_sharded_folder_against_a_copy_with_one_shard_changed(tmp_path):
     assert p.returncode == 1, p.stderr
     doc = json.loads(p.stdout)
     assert len(doc["changed"]) == 1 and doc["changed"][0]["num_diff"] == 1 and doc["num_identical"] == 35
+
+
+def test_item_workers_across_many_tensors_keep_each_tensors_verdict_and_tolerance(tmp_path, monkeypatch):
+    """diff runs items of later tensors ahead while it merges earlier ones: each tensor must get
+    its own statistics and its own --ignore-dtype cast tolerance, identical tensors in between
+    stay arithmetic-free, and a tied pair reuses its twin's result."""
+    monkeypatch.setattr(diff_values, "ITEM_BYTES", 4096)  # several items per tensor
+    monkeypatch.setattr(diff_values, "BLOCK", 256)
+    init = diff_values.Comparer.__init__
+    monkeypatch.setattr(diff_values.Comparer, "__init__", lambda self, *a, **k: init(self, *a, threads=2))
+    rng = np.random.default_rng(11)
+    a, b = {}, {}
+    for i in range(12):
+        x = rng.standard_normal(3_000 + 97 * i).astype(np.float32)
+        a[f"t{i:02d}"] = x
+        y = x.copy()
+        if i % 3 == 1:
+            y[::7] += np.float32(0.01 * (i + 1))
+        b[f"t{i:02d}"] = y
+    # cast pairs: bf16 (eps 2**-7) and float16 (eps 2**-10) tolerances, side by side
+    base = (rng.standard_normal(4_000) + 4).astype(np.float32)
+    a["to_bf16"], b["to_bf16"] = base, base.astype(ml_dtypes.bfloat16)
+    a["to_f16"] = base
+    f16 = base.astype(np.float16)
+    f16[1234] = np.float16(base[1234] * (1 + 2.0 ** -8))  # within bf16's tolerance, not float16's
+    b["to_f16"] = f16
+    pa, pb = save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b)
+    res = ops.diff_checkpoints(pa, pb, ignore_dtype=True)
+    by = {d.name: d for d in res.changed}
+    assert "to_bf16" not in by and [d.name for d in res.dtype_only] == ["to_bf16"]
+    assert by["to_f16"].num_diff == 1 and by["to_f16"].rtol == 2.0 ** -10
+    for i in range(12):
+        n = f"t{i:02d}"
+        if i % 3 != 1:
+            assert n in res.identical
+            continue
+        exp = ref_stats(a[n], b[n])
+        assert by[n].num_diff == len(range(0, a[n].size, 7))
+        assert by[n].max_abs_diff == pytest.approx(exp["max_abs_diff"], rel=1e-12)
+        assert by[n].rel_l2 == pytest.approx(exp["rel_l2"], rel=1e-9)
+        assert by[n].cosine == pytest.approx(exp["cosine"], rel=1e-12)

@@ -16,6 +16,7 @@ from conftest import cli, run
 torch = pytest.importorskip("torch")
 
 from ckptctl.ops import diff as ops  # noqa: E402
+from ckptctl.ops.diff_along import along_run  # noqa: E402
 
 CALLBACK = ("ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
             "'every_n_epochs': 1, 'train_time_interval': None}")
@@ -161,7 +162,7 @@ def test_along_uses_model_weights_only(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "no NaN/Inf in any checkpoint" in p.stdout
     assert "comparing model weights only (state_dict/; 21 optimizer/other tensors left out" in p.stderr
-    res = ops.along_run(run_dir)
+    res = along_run(run_dir)
     assert res.num_tensors == 6
     for s, step in zip(res.steps, (100, 200, 300)):
         flat = np.concatenate([t.double().numpy().ravel() for t in states[step].values()])
@@ -170,7 +171,7 @@ def test_along_uses_model_weights_only(tmp_path):
     # --all: everything, so the callbacks' inf and the optimizer's NaN show
     p = run("diff", run_dir, "--along", "--all")
     assert p.returncode == 1 and "first NaN/Inf at step 100" in p.stdout
-    res = ops.along_run(run_dir, all_=True)
+    res = along_run(run_dir, all_=True)
     assert [s.nonfinite for s in res.steps] == [1, 1, 1 + 2 * sum(t.numel() for t in states[300].values())]
     assert math.isinf(res.steps[0].weight_norm)
 
@@ -217,7 +218,7 @@ def test_along_after_nan_reports_nan_not_zero(tmp_path):
 
 def test_along_inf_is_inf(tmp_path):
     _st_run(tmp_path / "run", (1, 2, 3), {2: {"blocks.1.weight": float("inf")}, 3: {"blocks.1.weight": float("inf")}})
-    res = ops.along_run(tmp_path / "run")
+    res = along_run(tmp_path / "run")
     assert math.isinf(res.steps[1].weight_norm) and math.isinf(res.steps[1].update_rel_l2)
     assert math.isnan(res.steps[2].update_rel_l2)  # inf - inf
     assert res.steps[1].nonfinite == 16 and res.steps[1].nonfinite_tensors == ["blocks.1.weight"]

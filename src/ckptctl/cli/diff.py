@@ -133,6 +133,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from ckptctl.cli.common import check_paths; check_paths(a, b)  # first: a typo says so
         from ckptctl.ops import diff as ops
+        from ckptctl.ops.diff_along import along_run
+        from ckptctl.ops.diff_runs import diff_runs
         from ckptctl.ops.runs import is_run_dir
 
         output.STATE.wide = output.STATE.wide or wide
@@ -146,7 +148,7 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("--along walks the checkpoints of a run folder; this is not one", a)
             if ignore_dtype:
                 raise UsageError("--ignore-dtype compares two checkpoints (or two runs), not --along")
-            res = ops.along_run(a, progress_factory=_bar("along"), **kw)
+            res = along_run(a, progress_factory=_bar("along"), **kw)
             _left_out_note(res.left_out, res.left_out, res.root)
             _show_along(res, fmt)
             raise typer.Exit(1 if res.first_nonfinite else 0)
@@ -155,7 +157,7 @@ def register(app: typer.Typer) -> None:
         run_a, run_b = is_run_dir(a), is_run_dir(b)
         vkw = dict(kw, atol=atol, rtol=rtol, values=not no_values, ignore_dtype=ignore_dtype)
         if run_a and run_b:
-            res = ops.diff_runs(a, b, progress_factory=_bar("diff"), **vkw)
+            res = diff_runs(a, b, progress_factory=_bar("diff"), **vkw)
             _left_out_note(*res.left_out, res.root)
             _show_runs(res, fmt)
             raise typer.Exit(0 if res.equal else 1)

@@ -21,25 +21,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptctl import dtypes
-from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
+from ckptctl.errors import CkptError, Incompatible, UsageError
 from ckptctl.model import TensorInfo
-from ckptctl.ops.diff import (
-    BLOCK, Cursor, FileView, as_array, cancel_and_close, itemsize, numeric_kind, open_checkpoint,
-)
+from ckptctl.ops.average_combine import MeanItems, mean_chunks
+from ckptctl.ops.diff import open_checkpoint
+from ckptctl.ops.stream import numeric_kind
 
 if TYPE_CHECKING:
     from ckptctl.formats.base import Reader
 
-CHUNK_ELEMS = 1 << 21  # elements per step (a float64 accumulator of 16 MiB)
-READ_BUDGET = 64 * 1024 * 1024  # at most this many raw bytes per step
-ITEM_BUDGET = 16 * 1024 * 1024  # raw bytes (all inputs together) one worker reads for one item
 META_PREFIX = "averaged."  # provenance keys in the output's file metadata
 
 
@@ -103,6 +99,10 @@ class AveragePlan:
         if b is None or len(b) < size:
             b = self._buffers[key] = bytearray(size)
         return b
+
+    def free_list(self, key) -> list[bytearray]:
+        """A list of spare buffers, kept and reused across tensors."""
+        return self._buffers.setdefault(key, [])
 
     def close(self) -> None:
         self._buffers.clear()
@@ -415,22 +415,23 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
 
     W = writer_class(plan.fmt)
     w = W(plan.dst, [t.out for t in plan.tensors], plan.metadata)
+    items: MeanItems | None = None
     try:
+        items = MeanItems(plan, progress)
         for t in plan.tensors:
             if t.mode == "alias":
                 continue
             if t.mode == "copy":
                 _copy_last(w, plan, t, progress)
             else:
-                rngs = _byte_ranges(plan, t)
-                chunks = (_mean_chunks_parallel(plan, t, rngs, progress) if rngs is not None
-                          else _mean_chunks(plan, t, progress))
-                w.add(t.out, chunks)
+                w.add(t.out, items.chunks(t) if items.covers(t) else mean_chunks(plan, t, progress))
         w.finish()
     except BaseException:
         w.abort()
         raise
     finally:
+        if items is not None:
+            items.close()  # (workers finish before the inputs close)
         plan.close()
     return AverageResult(plan.dst, plan.fmt, len(plan.tensors), len(plan.averaged),
                          [t.out.name for t in plan.copied], plan.dst.stat().st_size)
@@ -453,233 +454,3 @@ def _copy_last(w, plan: AveragePlan, t: AvgTensor, progress) -> None:
             yield c
 
     w.add(t.out, chunks())
-
-
-def _byte_ranges(plan: AveragePlan, t: AvgTensor) -> list[tuple[str, int, int]] | None:
-    """(file, offset, length) of the tensor in every input, or None if one is not contiguous."""
-    out = []
-    for inp, s in zip(plan.inputs, t.srcs):
-        try:
-            r = inp.reader.byte_range(s.name)
-        except Exception:  # noqa: BLE001 - the generic path then
-            r = None
-        if r is None or r[2] != s.nbytes:
-            return None
-        out.append(r)
-    return out
-
-
-def _mean_chunks_parallel(plan: AveragePlan, t: AvgTensor, rngs: list[tuple[str, int, int]],
-                          progress) -> Iterator[memoryview]:
-    """The averaged tensor's bytes when every input holds it contiguously (safetensors, torch zip,
-    contiguous HDF5): the element range is cut into items; a worker thread reads its item from
-    every input (pread) and combines it block by block, so reading and arithmetic use both cores
-    while the main thread writes finished items in order. Same arithmetic as _mean_chunks."""
-    import numpy as np
-
-    numel = t.out.numel
-    if numel == 0:
-        return
-    isz = [itemsize(s.dtype) for s in t.srcs]
-    elems = max(BLOCK, min(CHUNK_ELEMS, ITEM_BUDGET // sum(isz)))
-    elems -= elems % BLOCK
-    elems = min(elems, numel)
-    out_np = dtypes.numpy_dtype(t.out.dtype)
-    osz = out_np.itemsize
-    combine = _Combiner(plan, t)
-    fds: dict[str, int] = {}
-    free: list[bytearray] = plan._buffers.setdefault("outfree", [])
-    pending: list = []
-    try:
-        for f, _off, _len in rngs:
-            if f not in fds:
-                fds[f] = os.open(f, os.O_RDONLY)
-
-        def work(lo: int, hi: int, obuf: bytearray) -> None:
-            m = hi - lo
-            views: list[FileView] = []
-            try:
-                for k, ((f, off, _len), s) in enumerate(zip(rngs, t.srcs)):
-                    views.append(FileView(fds[f], f, off + lo * isz[k], m * isz[k], s.name, k))
-                combine.run([as_array(v.view, s.dtype) for v, s in zip(views, t.srcs)],
-                            np.frombuffer(obuf, dtype=out_np, count=m), 0, m)
-            finally:
-                for v in views:
-                    v.close()
-
-        starts = iter(range(0, numel, elems))
-
-        def submit_next() -> None:
-            lo = next(starts, None)
-            if lo is None:
-                return
-            hi = min(numel, lo + elems)
-            i = next((i for i, b in enumerate(free) if len(b) >= elems * osz), None)
-            obuf = free.pop(i) if i is not None else bytearray(elems * osz)  # by position: == compares bytes
-            pending.append((lo, hi, obuf, _pool_submit(work, lo, hi, obuf)))
-
-        for _ in range(_threads() + 1):
-            submit_next()
-        while pending:
-            lo, hi, obuf, fut = pending.pop(0)
-            fut.result()
-            submit_next()
-            if progress:
-                progress((hi - lo) * sum(isz))
-            yield memoryview(obuf)[: (hi - lo) * osz]
-            free.append(obuf)
-    finally:  # an error: let running work finish before closing files
-        cancel_and_close([fut for _lo, _hi, _b, fut in pending], fds.values())
-
-
-def _mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryview]:
-    """The averaged tensor's bytes in the output dtype, one chunk at a time.
-
-    Pipeline: the main thread reads chunk c+1 of every input (pread into the other of two
-    buffer sets) while worker threads combine chunk c block by block (a block of every input
-    at a time, so the accumulator stays in cache; each element's operations run in input
-    order in one thread, so the result does not depend on the threads); the writer writes
-    chunk c while chunk c+1 is being combined.
-    """
-    import numpy as np
-
-    n = len(plan.inputs)
-    numel = t.out.numel
-    if numel == 0:
-        return
-    isz = max(itemsize(s.dtype) for s in t.srcs)
-    elems = max(BLOCK, min(CHUNK_ELEMS, READ_BUDGET // (2 * n * isz)))
-    elems -= elems % BLOCK
-    elems = min(elems, numel)
-    cursors = [Cursor(i.reader, s, elems * itemsize(s.dtype)) for i, s in zip(plan.inputs, t.srcs)]
-    try:
-        # buffers live as long as the plan: fresh ones would cost a page fault per 4 KiB per tensor
-        bufsets = [[plan.buffer(("in", j, k), elems * itemsize(s.dtype)) for k, s in enumerate(t.srcs)]
-                   for j in range(2)]
-        out_np = dtypes.numpy_dtype(t.out.dtype)
-        outs = [np.frombuffer(plan.buffer(("out", j), elems * out_np.itemsize), dtype=out_np, count=elems)
-                for j in range(2)]
-        combine = _Combiner(plan, t)
-        threads = _threads()
-        nchunks = -(-numel // elems)
-
-        def read(c: int) -> list:
-            xs = []
-            for k, (cur, s) in enumerate(zip(cursors, t.srcs)):
-                v = cur.read_into(bufsets[c % 2][k])
-                if v is None:
-                    raise CorruptFile(f"tensor {s.name!r}: data ends early", plan.inputs[k].path)
-                xs.append(as_array(v, s.dtype))
-                if progress:
-                    progress(len(v))
-            m = len(xs[0])
-            if any(len(x) != m for x in xs):
-                raise CorruptFile(f"tensor {t.out.name!r}: inputs hold different amounts of data")
-            return xs
-
-        def submit(xs: list, out) -> list:
-            m = len(xs[0])
-            per = -(-m // threads)
-            per += -per % BLOCK
-            return [_pool_submit(combine.run, xs, out, lo, min(m, lo + per)) for lo in range(0, m, per)]
-
-        xs = read(0)
-        futs = submit(xs, outs[0])
-        for c in range(nchunks):
-            m = len(xs[0])
-            nxt = read(c + 1) if c + 1 < nchunks else None  # overlaps the arithmetic of chunk c
-            for f in futs:
-                f.result()
-            if nxt is not None:
-                futs = submit(nxt, outs[(c + 1) % 2])
-            yield memoryview(outs[c % 2][:m].view(np.uint8))
-            xs = nxt
-        for k, cur in enumerate(cursors):
-            if cur.read_into(bufsets[0][k]) is not None:
-                raise CorruptFile(f"tensor {t.srcs[k].name!r}: more data than its shape", plan.inputs[k].path)
-    finally:
-        for cur in cursors:
-            cur.close()
-
-
-class _Combiner:
-    """The per-element arithmetic of one tensor, on a block range of one chunk."""
-
-    def __init__(self, plan: AveragePlan, t: AvgTensor):
-        import numpy as np
-
-        self.method = plan.method
-        self.n = len(plan.inputs)
-        complex_ = numeric_kind(t.out.dtype) == "complex"
-        self.adt = np.dtype(np.complex128) if complex_ else np.dtype(plan.accumulate)
-        self.complex = complex_
-        at = self.adt.type
-        self.ws = [at(w) for w in plan.raw_weights] if plan.raw_weights is not None else None
-        self.total = at(math.fsum(plan.raw_weights)) if plan.raw_weights is not None else None
-        self.keep = at(plan.decay) if plan.decay is not None else None
-        self.take = at(1.0 - plan.decay) if plan.decay is not None else None
-        self.count = at(self.n)
-        self.out_dtype = t.out.dtype
-
-    def _bufs(self):
-        """Two accumulator blocks for this thread, kept across tensors (no page faults per tensor)."""
-        import numpy as np
-
-        cache = getattr(_TLS, "blocks", None)
-        if cache is None:
-            cache = _TLS.blocks = {}
-        b = cache.get((self.adt, BLOCK))
-        if b is None:
-            b = cache[(self.adt, BLOCK)] = (np.empty(BLOCK, self.adt), np.empty(BLOCK, self.adt))
-        return b
-
-    def run(self, xs: list, out, lo: int, hi: int) -> None:
-        import numpy as np
-
-        from ckptctl.ops.convert import cast_array
-
-        A0, T0 = self._bufs()
-        with np.errstate(all="ignore"):
-            for b in range(lo, hi, BLOCK):
-                e = min(hi, b + BLOCK)
-                A, T = A0[: e - b], T0[: e - b]
-                if self.method == "mean":
-                    np.copyto(A, xs[0][b:e], casting="unsafe")
-                    for x in xs[1:]:
-                        np.add(A, x[b:e], out=A, casting="unsafe")
-                    A /= self.count
-                elif self.method == "weighted":
-                    np.multiply(xs[0][b:e], self.ws[0], out=A, casting="unsafe")
-                    for x, w in zip(xs[1:], self.ws[1:]):
-                        np.multiply(x[b:e], w, out=T, casting="unsafe")
-                        A += T
-                    A /= self.total
-                else:  # ema, oldest first
-                    np.copyto(A, xs[0][b:e], casting="unsafe")
-                    for x in xs[1:]:
-                        A *= self.keep
-                        np.multiply(x[b:e], self.take, out=T, casting="unsafe")
-                        A += T
-                if self.complex:
-                    out[b:e] = A
-                else:
-                    out[b:e] = cast_array(A, self.out_dtype)
-
-
-_POOL = None
-_POOL_LOCK = threading.Lock()
-_TLS = threading.local()
-
-
-def _threads() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-def _pool_submit(fn, *args):
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _POOL = ThreadPoolExecutor(_threads(), thread_name_prefix="ckptctl-average")
-    return _POOL.submit(fn, *args)

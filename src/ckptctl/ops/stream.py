@@ -1,0 +1,482 @@
+"""Streaming reads of tensor bytes, shared by diff, average and convert's verify.
+
+What lives here, and nothing about what the callers compute:
+  * reading one tensor's bytes a bounded chunk at a time: `ChunkSource` (an iterator, pread into
+    reused buffers or regrouped `iter_chunks` pieces), `Cursor` (the caller's buffers), and
+    `FileView` (a mapped byte range, unmapped on close) for item workers;
+  * `contiguous_range` (the one file range a tensor occupies, if any), `pread_into`,
+    `lockstep` (two chunk streams side by side), `as_array` (raw bytes as a numpy view);
+  * `same_bytes` (memcmp without copies), `dot` (single-threaded BLAS for the calling thread);
+  * the worker pool for item-parallel work (`threads`, `submit`) and the clean-up after it
+    (`cancel_and_close`), and per-thread buffers kept for the thread's life (`tls_buffer`).
+
+numpy is imported lazily, only by the functions that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ckptctl import dtypes
+from ckptctl.errors import CorruptFile
+from ckptctl.model import TensorInfo
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ckptctl.formats.base import Reader
+
+BLOCK = 1 << 17  # elements per arithmetic block (fits the L2 cache as float64)
+Progress = Callable[[int], None] | None
+
+
+def numeric_kind(dtype: str) -> str:
+    """'float' | 'complex' | 'int' | 'bool' | 'bytes' (no arithmetic: compare bytes only)."""
+    d = dtypes.BY_NAME[dtype]
+    if d.kind in ("float", "complex", "int", "uint", "bool") and d.bits % 8 == 0:
+        dt = dtypes.numpy_dtype(dtype)
+        if dt is not None and dt.itemsize * 8 == d.bits:
+            return {"uint": "int"}.get(d.kind, d.kind)
+    return "bytes"
+
+
+def itemsize(dtype: str) -> int:
+    return dtypes.BY_NAME[dtype].itemsize
+
+
+class ChunkSource:
+    """Read one tensor's logical bytes in chunks of a fixed size (the last may be shorter).
+
+    Uses pread into reused buffers when the reader names a contiguous byte range (no allocation
+    per chunk); otherwise regroups the reader's `iter_chunks` pieces. With one buffer, a yielded
+    chunk is valid until the next is requested; with `bufs` of two, chunk k stays valid until
+    chunk k+2 is requested (so it can be worked on while the next one is read).
+    """
+
+    def __init__(self, reader: Reader, t: TensorInfo, chunk_bytes: int, buf: bytearray | None = None,
+                 bufs: list[bytearray] | None = None):
+        self.reader = reader
+        self.t = t
+        self.chunk_bytes = max(1, chunk_bytes)
+        self.bufs = bufs if bufs else [buf if buf is not None else bytearray(0)]
+
+    def __iter__(self) -> Iterator[memoryview | bytes]:
+        t = self.t
+        if t.nbytes == 0:
+            return
+        rng = None
+        try:
+            rng = self.reader.byte_range(t.name)
+        except Exception:  # noqa: BLE001 - fall back to the generic path
+            rng = None
+        if rng is not None and rng[2] == t.nbytes:
+            yield from self._pread(*rng)
+            return
+        yield from self._regroup()
+
+    def _pread(self, file: str, offset: int, length: int) -> Iterator[memoryview]:
+        size = min(self.chunk_bytes, length)
+        for i, b in enumerate(self.bufs):
+            if len(b) < size:
+                self.bufs[i] = bytearray(size)
+        views = [memoryview(b) for b in self.bufs]
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            pos = 0
+            k = 0
+            while pos < length:
+                view = views[k % len(views)]
+                k += 1
+                want = min(size, length - pos)
+                got = 0
+                while got < want:
+                    n = os.preadv(fd, [view[got:want]], offset + pos + got)
+                    if n == 0:
+                        raise CorruptFile(
+                            f"tensor {self.t.name!r}: file ends at byte {offset + pos + got}, "
+                            f"expected data up to byte {offset + length}", file,
+                        )
+                    got += n
+                pos += want
+                yield view[:want]
+        finally:
+            os.close(fd)
+
+    def _regroup(self) -> Iterator[bytes | memoryview]:
+        size = self.chunk_bytes
+        total = 0
+        pending = bytearray()
+        stable = len(self.bufs) > 1  # the consumer keeps a chunk across one more read
+        for piece in self.reader.iter_chunks(self.t.name, size):
+            mv = memoryview(piece).cast("B")
+            total += len(mv)
+            if total > self.t.nbytes:
+                break
+            if not pending and len(mv) == size:
+                yield bytes(mv) if stable and not isinstance(piece, bytes) else mv
+                continue
+            pending += mv
+            while len(pending) >= size:
+                yield bytes(pending[:size])
+                del pending[:size]
+        if total != self.t.nbytes:
+            raise CorruptFile(
+                f"tensor {self.t.name!r}: got {total} bytes, expected {self.t.nbytes}", self.reader.path
+            )
+        if pending:
+            yield bytes(pending)
+
+
+class Cursor:
+    """Reads one tensor's bytes, chunk after chunk, into buffers the caller provides."""
+
+    def __init__(self, reader: Reader, t: TensorInfo, chunk_bytes: int):
+        self.t = t
+        self.chunk_bytes = max(1, chunk_bytes)
+        self.fd: int | None = None
+        self.gen: Iterator | None = None
+        rng = None
+        try:
+            rng = reader.byte_range(t.name)
+        except Exception:  # noqa: BLE001 - fall back to the generic path
+            rng = None
+        if rng is not None and rng[2] == t.nbytes:
+            self.file, self.offset, self.length = rng
+            self.fd = os.open(rng[0], os.O_RDONLY)
+            self.pos = 0
+        else:
+            self.gen = iter(ChunkSource(reader, t, self.chunk_bytes))
+
+    def read_into(self, buf: bytearray) -> memoryview | None:
+        """The next chunk, in `buf` (at least chunk_bytes long); None at the end."""
+        view = memoryview(buf)
+        if self.gen is not None:
+            c = next(self.gen, None)
+            if c is None:
+                return None
+            n = len(c)
+            view[:n] = c
+            return view[:n]
+        if self.pos >= self.length:
+            return None
+        want = min(self.chunk_bytes, self.length - self.pos)
+        got = 0
+        while got < want:
+            n = os.preadv(self.fd, [view[got:want]], self.offset + self.pos + got)
+            if n == 0:
+                raise CorruptFile(f"tensor {self.t.name!r}: file ends at byte {self.offset + self.pos + got}, "
+                                  f"expected data up to byte {self.offset + self.length}", self.file)
+            got += n
+        self.pos += want
+        return view[:want]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.gen = None
+
+
+def as_array(buf, dtype: str) -> np.ndarray:
+    """A flat numpy view of raw little-endian bytes (bool as uint8, bf16/fp8 via ml_dtypes)."""
+    import numpy as np
+
+    kind = numeric_kind(dtype)
+    if kind == "bool":
+        return np.frombuffer(buf, dtype=np.uint8)
+    if kind == "bytes":
+        return np.frombuffer(buf, dtype=np.uint8)
+    return np.frombuffer(buf, dtype=dtypes.numpy_dtype(dtype))
+
+
+_BLAS_LOCAL: Any = None  # openblas_set_num_threads_local, False when not available
+_TLS = threading.local()
+
+
+def blas_one_thread() -> bool:
+    """Make BLAS single-threaded for the calling thread only (OpenBLAS >= 0.3.27).
+
+    OpenBLAS's threaded ddot spins waiting for idle cores; on a busy 2-core machine it ran
+    3-40x slower than one thread. `openblas_set_num_threads_local` changes the calling thread
+    alone, so nothing else in the process is affected. False when numpy's BLAS is not an
+    OpenBLAS we can find: callers then use numpy's own loop (einsum), about 2x slower.
+    """
+    global _BLAS_LOCAL
+    done = getattr(_TLS, "blas1", None)
+    if done is not None:
+        return done
+    if _BLAS_LOCAL is None:
+        _BLAS_LOCAL = False
+        try:
+            import ctypes
+            import glob
+
+            import numpy as np
+
+            base = os.path.dirname(os.path.dirname(np.__file__))
+            for lib in sorted(glob.glob(os.path.join(base, "numpy.libs", "lib*openblas*.so*"))):
+                fn = getattr(ctypes.CDLL(lib), "openblas_set_num_threads_local", None)
+                if fn is not None:
+                    fn.argtypes = [ctypes.c_int]
+                    fn.restype = ctypes.c_int
+                    _BLAS_LOCAL = fn
+                    break
+        except (OSError, AttributeError, ImportError):
+            _BLAS_LOCAL = False
+    ok = False
+    if _BLAS_LOCAL:
+        try:
+            _BLAS_LOCAL(1)
+            ok = True
+        except Exception:  # noqa: BLE001
+            ok = False
+    _TLS.blas1 = ok
+    return ok
+
+
+def dot(x: np.ndarray, y: np.ndarray) -> float:
+    """Re(sum(conj(x) * y)) of two contiguous float64/complex128 vectors.
+
+    Single-threaded BLAS when that can be arranged for this thread (see blas_one_thread),
+    else numpy's own loop (einsum): never OpenBLAS's default threading, which spins.
+    """
+    import numpy as np
+
+    if blas_one_thread():
+        if np.iscomplexobj(x):
+            return float(np.vdot(x, y).real)
+        return float(np.dot(x, y))
+    if np.iscomplexobj(x):
+        return float(np.einsum("i,i->", np.conj(x), y).real)
+    return float(np.einsum("i,i->", x, y))
+
+
+def uint_view(x: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.itemsize]) if x.itemsize <= 8 \
+        else x.view(np.uint64)
+
+
+_MEMCMP: Any = None
+
+
+def _memcmp():
+    global _MEMCMP
+    if _MEMCMP is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None).memcmp
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            fn.restype = ctypes.c_int
+            _MEMCMP = fn
+        except (OSError, AttributeError):
+            _MEMCMP = False
+    return _MEMCMP
+
+
+def same_bytes(a, b) -> bool:
+    """memcmp of two buffers without copying them (memoryview == memoryview compares item by
+    item in Python's struct machinery: far slower)."""
+    if isinstance(a, bytes) and isinstance(b, bytes):
+        return a == b
+    if len(a) != len(b):
+        return False
+    if not len(a):
+        return True
+    fn = _memcmp()
+    if fn:
+        import numpy as np
+
+        pa = np.frombuffer(a, np.uint8).ctypes.data
+        pb = np.frombuffer(b, np.uint8).ctypes.data
+        return fn(pa, pb, len(a)) == 0
+    return bytes(a) == bytes(b)
+
+
+def contiguous_range(reader: Reader, t: TensorInfo) -> tuple[str, int, int] | None:
+    try:
+        r = reader.byte_range(t.name)
+    except Exception:  # noqa: BLE001 - the generic path then
+        return None
+    return r if r is not None and r[2] == t.nbytes else None
+
+
+def pread_into(fd: int, view: memoryview, offset: int, file: str, name: str) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise CorruptFile(f"tensor {name!r}: file ends at byte {offset + got}, expected data up to byte "
+                              f"{offset + len(view)}", file)
+        got += n
+
+
+_MAP_FLAGS: int | None = None
+
+
+def _map_flags() -> int:
+    global _MAP_FLAGS
+    if _MAP_FLAGS is None:
+        import mmap
+
+        _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return _MAP_FLAGS
+
+
+class FileView:
+    """Bytes [offset, offset + length) of a file as a read-only buffer, without copying them.
+
+    Maps the range (MAP_POPULATE: the page-cache pages are wired in one call) and unmaps it on
+    `close`, so the process's RSS only holds the ranges being worked on. Mapping cached pages
+    cost ~15 ms per GB here, against ~200 ms per GB for pread's copy. Falls back to pread into
+    a thread buffer when mapping fails. The size is checked first: a file cut short since it
+    was opened is a clean error, not a SIGBUS.
+    """
+
+    __slots__ = ("view", "_mm", "_mv")
+
+    def __init__(self, fd: int, file: str, offset: int, length: int, name: str, slot: int):
+        import mmap
+
+        self._mm = self._mv = None
+        if offset + length > os.fstat(fd).st_size:
+            raise CorruptFile(f"tensor {name!r}: file ends before byte {offset + length}", file)
+        if length == 0:
+            self.view = memoryview(b"")
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            self._mm = mmap.mmap(fd, offset + length - start, flags=_map_flags(), prot=mmap.PROT_READ, offset=start)
+        except (OSError, ValueError, OverflowError):
+            self._mm = None
+        if self._mm is not None:
+            self._mv = memoryview(self._mm)
+            self.view = self._mv[offset - start: offset - start + length]
+            return
+        self.view = memoryview(tls_buffer(slot, length))[:length]
+        pread_into(fd, self.view, offset, file, name)
+
+    def close(self) -> None:
+        """Unmap; every array made from `view` must be gone by now."""
+        for v in (self.view, self._mv):
+            if v is not None:
+                try:
+                    v.release()
+                except BufferError:  # still exported: the mapping goes when the last user does
+                    return
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+
+
+def cancel_and_close(futures, fds) -> None:
+    """Cleanup after item workers: cancel pending `futures`, wait for those already running
+    (their errors are dropped: the caller is already leaving), then close `fds`."""
+    for fut in futures:
+        fut.cancel()
+        try:
+            fut.result()
+        except BaseException:  # noqa: BLE001
+            pass
+    for fd in fds:
+        os.close(fd)
+
+
+def tls_buffer(k: int, size: int) -> bytearray:
+    """Read buffer k of the calling thread, kept for the thread's life (fresh pages cost a fault each)."""
+    bufs = getattr(_TLS, "reads", None)
+    if bufs is None:
+        bufs = _TLS.reads = []
+    while len(bufs) <= k:
+        bufs.append(bytearray(0))
+    if len(bufs[k]) < size:
+        bufs[k] = bytearray(size)
+    return bufs[k]
+
+
+def lockstep(src_a, src_b, ta: TensorInfo, tb: TensorInfo) -> Iterator[tuple[Any, Any]]:
+    ia, ib = iter(src_a), iter(src_b)
+    while True:
+        ca = next(ia, None)
+        cb = next(ib, None)
+        if ca is None and cb is None:
+            return
+        if ca is None or cb is None:
+            raise CorruptFile(f"tensor {ta.name!r}: the two sides hold different amounts of data")
+        yield ca, cb
+
+
+# ---- item workers --------------------------------------------------------------------------------
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def threads() -> int:
+    """Worker threads for item-parallel work: the cores, at most two."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def submit(fn, *args):
+    """Run fn(*args) on the process's shared worker pool (started on first use); a Future."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(threads(), thread_name_prefix="ckptctl-average")
+    return _POOL.submit(fn, *args)
+
+
+class Ahead:
+    """fn(*item) for each item of `items` on worker threads, up to `depth` items ahead of the
+    consumer; `pop` hands the results back in item order.
+
+    Items may span many tensors: the workers keep going across a tensor boundary while the
+    consumer still finishes (merges, writes) the tensor before, so both cores stay busy on
+    checkpoints made of many small tensors. `items` is advanced lazily, in the consumer's
+    thread only (it may allocate buffers or open files). `close` cancels what has not started
+    and waits for what has (its errors are dropped: the caller is already leaving).
+    """
+
+    def __init__(self, items, fn: Callable, depth: int, submit_fn: Callable | None = None):
+        from collections import deque
+
+        self._items = iter(items)
+        self._fn = fn
+        self._depth = max(1, depth)
+        self._submit = submit_fn or submit
+        self._pending: Any = deque()
+        self._ended = False
+
+    def _fill(self) -> None:
+        while not self._ended and len(self._pending) < self._depth:
+            item = next(self._items, None)
+            if item is None:
+                self._ended = True
+                return
+            self._pending.append((item, self._submit(self._fn, *item)))
+
+    def peek(self):
+        """The oldest item not yet popped (None at the end); starts the work up to `depth`."""
+        self._fill()
+        return self._pending[0][0] if self._pending else None
+
+    def pop(self):
+        """(item, fn's result) of the oldest item; raises what fn raised."""
+        self._fill()
+        item, fut = self._pending.popleft()
+        res = fut.result()
+        self._fill()
+        return item, res
+
+    def close(self) -> None:
+        cancel_and_close([f for _i, f in self._pending], ())
+        self._pending.clear()
+        self._ended = True
