@@ -7,7 +7,8 @@ u64 sizes `ne[]` fastest-first, u32 ggml type, u64 offset); padding to `general.
 (default 32); then the data, each tensor at data_start + offset.
 
 Only the header is read, through a bounded window: listing a 100 GB file reads its first few
-megabytes (tokenizer arrays included) and nothing else. Every length and count is checked
+megabytes (tokenizer arrays included) and nothing else. Bytes come through ckptctl.sources (a local
+file or a remote object: the window is then one ranged request, 64 KiB first, doubling to 4 MiB). Every length and count is checked
 against the file size before it is used, so a corrupt file is one CorruptFile, never a huge
 allocation or a traceback. Shapes are reported row-major (ne[] reversed), like gguf-py's reader
 and numpy. Unquantized types map to ckptctl's dtype names (F32 -> float32, ...); block-quantized
@@ -17,14 +18,14 @@ ones are `gguf:<TYPE>` (`gguf:Q8_0`): listed, diffed as bytes, never converted.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ckptctl.errors import CorruptFile, NotFound
-from ckptctl.formats.base import CHUNK, Reader, pread_chunks
+from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.sources import as_source, open_source
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -127,8 +128,8 @@ def _f32(x: float) -> float:
 class _Cursor:
     """Sequential little-endian reads of the header through a bounded pread window."""
 
-    def __init__(self, fd: int, size: int, path):
-        self.fd, self.size, self.path = fd, size, path
+    def __init__(self, src, size: int, path):
+        self.src, self.size, self.path = as_source(src), size, path  # a sources.*Source (or an fd)
         self.pos = 0
         self.win = b""
         self.win_start = 0
@@ -158,7 +159,7 @@ class _Cursor:
         parts = []
         end = offset + n
         while offset < end:
-            chunk = os.pread(self.fd, min(end - offset, CHUNK), offset)
+            chunk = self.src.pread(offset, min(end - offset, CHUNK))
             if not chunk:
                 self.fail(f"file ends at byte {offset} while reading the header")
             parts.append(chunk)
@@ -223,10 +224,11 @@ class _Cursor:
 class GGUFHeader:
     """Everything before the tensor data: version, metadata, tensor infos, data start."""
 
-    def __init__(self, fd: int, size: int, path=None):
+    def __init__(self, src, size: int, path=None):
+        """`src`: a sources.LocalSource / RemoteSource (or an os-level descriptor)."""
         self.path = path
         self.size = size
-        c = _Cursor(fd, size, path)
+        c = _Cursor(src, size, path)
         head = c.take(4, "the GGUF magic") if size >= 4 else b""
         if size < 4 or head != MAGIC:
             raise CorruptFile(f"not a GGUF file: bad magic {bytes(head)!r} (expected b'GGUF')", path)
@@ -362,8 +364,11 @@ class GGUFHeader:
         changed tokenizer whose length stayed the same)."""
         h = hashlib.sha256()
         pos = start
+        if c.win_start <= start and end <= c.win_start + len(c.win):  # still in the window: no re-read
+            h.update(c.win[start - c.win_start:end - c.win_start])
+            return h.hexdigest()[:12]
         while pos < end:
-            chunk = os.pread(c.fd, min(end - pos, CHUNK), pos)
+            chunk = c.src.pread(pos, min(end - pos, CHUNK))
             if not chunk:
                 c.fail(f"file ends at byte {pos} while reading the header")
             h.update(chunk)
@@ -376,29 +381,29 @@ class GGUFReader(Reader):
 
     def __init__(self, path):
         super().__init__(path)
-        self._fd: int | None = None
+        self._src = None  # sources.LocalSource / RemoteSource
         self.header: GGUFHeader | None = None
 
-    def _open(self) -> int:
-        if self._fd is None:
+    def _open(self):
+        if self._src is None:
             try:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                self._src = open_source(self.path)
             except FileNotFoundError:
                 raise NotFound("no such file or directory", self.path) from None
             except PermissionError:
                 raise NotFound("permission denied", self.path) from None
             except IsADirectoryError:
                 raise NotFound("is a directory, expected a .gguf file", self.path) from None
-        return self._fd
+        return self._src
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._src is not None:
+            self._src.close()
+            self._src = None
 
     def _load_info(self) -> CheckpointInfo:
-        fd = self._open()
-        h = self.header = GGUFHeader(fd, os.fstat(fd).st_size, self.path)
+        src = self._open()
+        h = self.header = GGUFHeader(src, src.size, self.path)
         tensors = []
         for name, tname, ne, off, nbytes in h.tensors:
             shape = tuple(reversed(ne))
@@ -417,9 +422,9 @@ class GGUFReader(Reader):
 
     def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes]:
         loc = self._loc(name)
-        fd = self._open()
+        src = self._open()
         try:
-            yield from pread_chunks(fd, loc.offset, loc.length, size)
+            yield from src.iter_range(loc.offset, loc.length, size)
         except CorruptFile as e:
             raise CorruptFile(f"tensor {name!r}: {e.message} (file truncated?)", e.path or self.path) from None
 
