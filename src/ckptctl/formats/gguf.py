@@ -35,6 +35,7 @@ MAX_DIMS = 64  # ggml has 4; anything this large is corruption, not a tensor
 SUMMARY_OVER = 16  # arrays longer than this are summarised in the metadata, not listed
 MAX_NAME = 64 * 1024  # a key or tensor name longer than this is corruption (ggml allows 64 bytes)
 MAX_VALUE = 1024 * 1024  # string values longer than this are summarised, never read into memory
+KEEP_MAX = 64 * 1024 * 1024  # header windows kept for an array's digest (beyond: read again)
 
 # ggml type id -> (name, elements per block, bytes per block); from ggml.h / gguf-py constants
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -134,6 +135,8 @@ class _Cursor:
         self.win = b""
         self.win_start = 0
         self.next_window = FIRST_WINDOW  # doubles up to WINDOW: small headers read little past their end
+        self.keep_from: int | None = None  # while set, windows left behind are kept (array digests)
+        self.kept: list[tuple[int, bytes]] = []
 
     def fail(self, msg: str):
         raise CorruptFile(msg, self.path)
@@ -148,10 +151,17 @@ class _Cursor:
                 data = self._read(self.pos, n)
                 self.pos += n
                 return data
-            self.win = self._read(self.pos, min(max(n, self.next_window), self.size - self.pos))
+            if self.keep_from is not None and self.win and sum(len(b) for _s, b in self.kept) < KEEP_MAX:
+                self.kept.append((self.win_start, self.win))
+            start = self.pos
+            if self.keep_from is not None and self.win:  # no gap between kept windows (skipped strings)
+                wend = self.win_start + len(self.win)
+                if wend < start <= wend + FIRST_WINDOW:
+                    start = wend
+            self.win = self._read(start, min(max(n + self.pos - start, self.next_window), self.size - start))
             self.next_window = min(2 * self.next_window, WINDOW)
-            self.win_start = self.pos
-            lo = 0
+            self.win_start = start
+            lo = self.pos - start
         self.pos += n
         return self.win[lo: lo + n]
 
@@ -349,6 +359,9 @@ class GGUFHeader:
             items = [self._value(c, etype, f"{what}[{k}]", depth + 1)[0] for k in range(count)]
             return items, tag
         start = c.pos
+        outer = c.keep_from
+        if outer is None:
+            c.keep_from = start
         if etype == T_STRING:
             c.skip_strings(count, what)
         elif etype == T_ARRAY:
@@ -356,7 +369,11 @@ class GGUFHeader:
                 self._value(c, etype, f"{what}[{k}]", depth + 1)
         else:
             c.pos += count * min_size  # checked against the file size above
-        return f"[{count} {noun}, sha256:{self._digest(c, start, c.pos)}]", tag
+        digest = self._digest(c, start, c.pos)
+        c.keep_from = outer
+        if outer is None:
+            c.kept.clear()
+        return f"[{count} {noun}, sha256:{digest}]", tag
 
     @staticmethod
     def _digest(c: _Cursor, start: int, end: int) -> str:
@@ -364,8 +381,12 @@ class GGUFHeader:
         changed tokenizer whose length stayed the same)."""
         h = hashlib.sha256()
         pos = start
-        if c.win_start <= start and end <= c.win_start + len(c.win):  # still in the window: no re-read
-            h.update(c.win[start - c.win_start:end - c.win_start])
+        for ws, wb in [*c.kept, (c.win_start, c.win)]:  # the header windows read since `start`: no re-read
+            if ws <= pos < ws + len(wb):
+                take = min(end, ws + len(wb)) - pos
+                h.update(memoryview(wb)[pos - ws:pos - ws + take])
+                pos += take
+        if pos >= end:
             return h.hexdigest()[:12]
         while pos < end:
             chunk = c.src.pread(pos, min(end - pos, CHUNK))
