@@ -210,7 +210,9 @@ class RangeServer:
     """A real HTTP/1.1 server on 127.0.0.1 serving files under `root`, honouring Range.
 
     Counts requests and body bytes. `mode` switches behaviour for error tests: "normal",
-    "ignore-range" (200 with the whole body), "slow" (sleeps before answering), "deny" (403).
+    "ignore-range" (200 with the whole body), "slow" (sleeps before answering), "deny" (403),
+    "reset" (ranged GETs for which `cut(path, start)` is true send half their body, then the
+    connection is reset).
     """
 
     def __init__(self, root: Path):
@@ -223,6 +225,7 @@ class RangeServer:
         self.requests = 0
         self.bytes = 0
         self.mode = "normal"
+        self.cut = lambda path, start: True  # which ranged GETs "reset" mode cuts
         self._lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -251,6 +254,25 @@ class RangeServer:
                         return
                     with srv._lock:
                         srv.bytes += len(body)
+
+            def _reset(self, body: bytes, start: int, end: int, size: int):
+                import socket
+                import struct
+
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+                with srv._lock:
+                    srv.bytes += len(body) // 2
+                self.close_connection = True
+                self.connection.close()  # RST: linger 0
 
             def do_HEAD(self):
                 self._serve(head=True)
@@ -285,6 +307,8 @@ class RangeServer:
                     with open(p, "rb") as f:
                         f.seek(start)
                         body = f.read(end - start + 1)
+                    if srv.mode == "reset" and srv.cut(self.path, start):
+                        return self._reset(body, start, end, size)
                     return self._send(206, body, {"Content-Range": f"bytes {start}-{end}/{size}",
                                                   "Accept-Ranges": "bytes"})
                 if srv.mode == "ignore-range":  # stream the whole body like a server without Range

@@ -495,6 +495,10 @@ def remote_error(e: BaseException, url) -> CkptError:
     if "range requests" in low:
         return RangeIgnored("the server ignores HTTP Range requests (it sends the whole object); ckptctl "
                             "reads only the bytes it needs and refuses to download it all", url)
+    if name in ("ClientPayloadError", "ContentLengthError", "IncompleteRead", "ResponseStreamingError") \
+            or isinstance(e, ConnectionResetError) or "connection reset" in low:
+        return CkptError(f"connection cut half way through a read, {RETRIES} attempts (server reset or closed "
+                         "it before the whole range arrived)", url)
     if isinstance(e, (ConnectionError,)) or "connect" in name.lower() or "disconnect" in name.lower():
         return CkptError(f"connection failed after {RETRIES} attempts ({text or name})", url)
     if st is not None:

@@ -188,7 +188,7 @@ def _sniff_dir(path: Path) -> tuple[str, Path]:
 
 # formats whose readers read through ckptctl.sources, so also from s3://, https://, ...
 REMOTE_FORMATS = ("safetensors", "torch-zip", "torch-legacy", "pickle", "hdf5", "sharded", "dcp", "keras",
-                  "keras-sharded", "torchscript")
+                  "keras-sharded", "torchscript", "tf-bundle", "gguf", "orbax")
 
 
 def _remote_not_yet(what: str, path) -> UsageError:
@@ -197,8 +197,6 @@ def _remote_not_yet(what: str, path) -> UsageError:
 
 def _tf_dir(path: Path) -> tuple[Path, str] | None:
     """(prefix, note) of the TF checkpoint a folder names (SavedModel, `checkpoint` state file)."""
-    if is_remote(path):
-        return None
     from ckptctl.formats import tf_bundle
 
     return tf_bundle.resolve_dir(path)
@@ -207,10 +205,6 @@ def _tf_dir(path: Path) -> tuple[Path, str] | None:
 def _tf_file(p: Path) -> Path | None:
     """The prefix when `p` is a TF checkpoint prefix (not a file), P.index or P.data-K-of-N."""
     name = p.name
-    if is_remote(p):
-        if name.endswith(".index") or ".data-" in name:
-            raise _remote_not_yet("a TensorFlow checkpoint", p)
-        return None
     if p.exists() and not (name.endswith(".index") or ".data-" in name):
         return None
     from ckptctl.formats import tf_bundle
@@ -234,10 +228,10 @@ def resolve(path: str | os.PathLike) -> tuple[str, Path]:
         if p.is_dir():
             return _sniff_dir(p)
         if not p.exists():
+            if _tf_file(p) is not None:  # a TF prefix names no object itself: P.index beside it
+                return "tf-bundle", p
             if is_remote(p):
                 raise NotFound("no such object (key or URL not found)", p)
-            if _tf_file(p) is not None:
-                return "tf-bundle", p
             raise NotFound("no such file or directory", p)
         return sniff(p), p
     except PermissionError:
@@ -318,8 +312,8 @@ def open_reader(path: str | os.PathLike, **opts) -> Reader:
     reader_cls = getattr(importlib.import_module(module), cls)
     accepted = getattr(reader_cls, "options", ())
     opts = {k: v for k, v in {**READER_OPTIONS, **opts}.items() if k in accepted}
-    if fmt == "tf-bundle" and not is_remote(path) and Path(path).is_dir():
-        tf = _tf_dir(Path(path))
+    if fmt == "tf-bundle" and as_path(path).is_dir():
+        tf = _tf_dir(as_path(path))
         opts["note"] = tf[1] if tf else ""
     if is_remote(target) and fmt not in REMOTE_FORMATS:
         raise _remote_not_yet(f"a {fmt} checkpoint", target)

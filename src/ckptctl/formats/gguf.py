@@ -7,7 +7,8 @@ u64 sizes `ne[]` fastest-first, u32 ggml type, u64 offset); padding to `general.
 (default 32); then the data, each tensor at data_start + offset.
 
 Only the header is read, through a bounded window: listing a 100 GB file reads its first few
-megabytes (tokenizer arrays included) and nothing else. Every length and count is checked
+megabytes (tokenizer arrays included) and nothing else. Bytes come through ckptctl.sources (a local
+file or a remote object: the window is then one ranged request, 64 KiB first, doubling to 4 MiB). Every length and count is checked
 against the file size before it is used, so a corrupt file is one CorruptFile, never a huge
 allocation or a traceback. Shapes are reported row-major (ne[] reversed), like gguf-py's reader
 and numpy. Unquantized types map to ckptctl's dtype names (F32 -> float32, ...); block-quantized
@@ -17,14 +18,14 @@ ones are `gguf:<TYPE>` (`gguf:Q8_0`): listed, diffed as bytes, never converted.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ckptctl.errors import CorruptFile, NotFound
-from ckptctl.formats.base import CHUNK, Reader, pread_chunks
+from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.sources import as_source, open_source
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -34,6 +35,7 @@ MAX_DIMS = 64  # ggml has 4; anything this large is corruption, not a tensor
 SUMMARY_OVER = 16  # arrays longer than this are summarised in the metadata, not listed
 MAX_NAME = 64 * 1024  # a key or tensor name longer than this is corruption (ggml allows 64 bytes)
 MAX_VALUE = 1024 * 1024  # string values longer than this are summarised, never read into memory
+KEEP_MAX = 64 * 1024 * 1024  # header windows kept for an array's digest (beyond: read again)
 
 # ggml type id -> (name, elements per block, bytes per block); from ggml.h / gguf-py constants
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -127,12 +129,14 @@ def _f32(x: float) -> float:
 class _Cursor:
     """Sequential little-endian reads of the header through a bounded pread window."""
 
-    def __init__(self, fd: int, size: int, path):
-        self.fd, self.size, self.path = fd, size, path
+    def __init__(self, src, size: int, path):
+        self.src, self.size, self.path = as_source(src), size, path  # a sources.*Source (or an fd)
         self.pos = 0
         self.win = b""
         self.win_start = 0
         self.next_window = FIRST_WINDOW  # doubles up to WINDOW: small headers read little past their end
+        self.keep_from: int | None = None  # while set, windows left behind are kept (array digests)
+        self.kept: list[tuple[int, bytes]] = []
 
     def fail(self, msg: str):
         raise CorruptFile(msg, self.path)
@@ -147,10 +151,17 @@ class _Cursor:
                 data = self._read(self.pos, n)
                 self.pos += n
                 return data
-            self.win = self._read(self.pos, min(max(n, self.next_window), self.size - self.pos))
+            if self.keep_from is not None and self.win and sum(len(b) for _s, b in self.kept) < KEEP_MAX:
+                self.kept.append((self.win_start, self.win))
+            start = self.pos
+            if self.keep_from is not None and self.win:  # no gap between kept windows (skipped strings)
+                wend = self.win_start + len(self.win)
+                if wend < start <= wend + FIRST_WINDOW:
+                    start = wend
+            self.win = self._read(start, min(max(n + self.pos - start, self.next_window), self.size - start))
             self.next_window = min(2 * self.next_window, WINDOW)
-            self.win_start = self.pos
-            lo = 0
+            self.win_start = start
+            lo = self.pos - start
         self.pos += n
         return self.win[lo: lo + n]
 
@@ -158,7 +169,7 @@ class _Cursor:
         parts = []
         end = offset + n
         while offset < end:
-            chunk = os.pread(self.fd, min(end - offset, CHUNK), offset)
+            chunk = self.src.pread(offset, min(end - offset, CHUNK))
             if not chunk:
                 self.fail(f"file ends at byte {offset} while reading the header")
             parts.append(chunk)
@@ -223,10 +234,11 @@ class _Cursor:
 class GGUFHeader:
     """Everything before the tensor data: version, metadata, tensor infos, data start."""
 
-    def __init__(self, fd: int, size: int, path=None):
+    def __init__(self, src, size: int, path=None):
+        """`src`: a sources.LocalSource / RemoteSource (or an os-level descriptor)."""
         self.path = path
         self.size = size
-        c = _Cursor(fd, size, path)
+        c = _Cursor(src, size, path)
         head = c.take(4, "the GGUF magic") if size >= 4 else b""
         if size < 4 or head != MAGIC:
             raise CorruptFile(f"not a GGUF file: bad magic {bytes(head)!r} (expected b'GGUF')", path)
@@ -347,6 +359,9 @@ class GGUFHeader:
             items = [self._value(c, etype, f"{what}[{k}]", depth + 1)[0] for k in range(count)]
             return items, tag
         start = c.pos
+        outer = c.keep_from
+        if outer is None:
+            c.keep_from = start
         if etype == T_STRING:
             c.skip_strings(count, what)
         elif etype == T_ARRAY:
@@ -354,7 +369,11 @@ class GGUFHeader:
                 self._value(c, etype, f"{what}[{k}]", depth + 1)
         else:
             c.pos += count * min_size  # checked against the file size above
-        return f"[{count} {noun}, sha256:{self._digest(c, start, c.pos)}]", tag
+        digest = self._digest(c, start, c.pos)
+        c.keep_from = outer
+        if outer is None:
+            c.kept.clear()
+        return f"[{count} {noun}, sha256:{digest}]", tag
 
     @staticmethod
     def _digest(c: _Cursor, start: int, end: int) -> str:
@@ -362,8 +381,15 @@ class GGUFHeader:
         changed tokenizer whose length stayed the same)."""
         h = hashlib.sha256()
         pos = start
+        for ws, wb in [*c.kept, (c.win_start, c.win)]:  # the header windows read since `start`: no re-read
+            if ws <= pos < ws + len(wb):
+                take = min(end, ws + len(wb)) - pos
+                h.update(memoryview(wb)[pos - ws:pos - ws + take])
+                pos += take
+        if pos >= end:
+            return h.hexdigest()[:12]
         while pos < end:
-            chunk = os.pread(c.fd, min(end - pos, CHUNK), pos)
+            chunk = c.src.pread(pos, min(end - pos, CHUNK))
             if not chunk:
                 c.fail(f"file ends at byte {pos} while reading the header")
             h.update(chunk)
@@ -376,29 +402,29 @@ class GGUFReader(Reader):
 
     def __init__(self, path):
         super().__init__(path)
-        self._fd: int | None = None
+        self._src = None  # sources.LocalSource / RemoteSource
         self.header: GGUFHeader | None = None
 
-    def _open(self) -> int:
-        if self._fd is None:
+    def _open(self):
+        if self._src is None:
             try:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                self._src = open_source(self.path)
             except FileNotFoundError:
                 raise NotFound("no such file or directory", self.path) from None
             except PermissionError:
                 raise NotFound("permission denied", self.path) from None
             except IsADirectoryError:
                 raise NotFound("is a directory, expected a .gguf file", self.path) from None
-        return self._fd
+        return self._src
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._src is not None:
+            self._src.close()
+            self._src = None
 
     def _load_info(self) -> CheckpointInfo:
-        fd = self._open()
-        h = self.header = GGUFHeader(fd, os.fstat(fd).st_size, self.path)
+        src = self._open()
+        h = self.header = GGUFHeader(src, src.size, self.path)
         tensors = []
         for name, tname, ne, off, nbytes in h.tensors:
             shape = tuple(reversed(ne))
@@ -417,9 +443,9 @@ class GGUFReader(Reader):
 
     def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes]:
         loc = self._loc(name)
-        fd = self._open()
+        src = self._open()
         try:
-            yield from pread_chunks(fd, loc.offset, loc.length, size)
+            yield from src.iter_range(loc.offset, loc.length, size)
         except CorruptFile as e:
             raise CorruptFile(f"tensor {name!r}: {e.message} (file truncated?)", e.path or self.path) from None
 

@@ -19,7 +19,8 @@ in TensorStore's `kvstore/ocdbt/index.rst` (and `format/*.h`); what is read here
 
 Data file paths are relative to the database folder: transitive path (from the parent) + base path
 + relative path. Listing keys reads the manifest and the B+tree nodes only; out-of-line values are
-read on demand with pread, so nothing here holds tensor data.
+read on demand with pread, so nothing here holds tensor data. Reads go through ckptctl.sources: the
+folder may be a URL, each node or value is then one ranged GET of exactly its bytes.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from ckptctl.errors import CorruptFile, NotFound
+from ckptctl.sources import NoSuchObject, as_path, is_remote, open_source
 
 MANIFEST_MAGIC = 0x0CDB3A2A
 VERSION_NODE_MAGIC = 0x0CDB1234
@@ -184,11 +186,17 @@ def _data_file_table(buf: _Buf, transitive: str) -> list[tuple[str, str]]:
     return out
 
 
+def _listdir(p) -> list[str]:
+    if is_remote(p):
+        return [e.name for e in as_path(p).iterdir()]
+    return os.listdir(p)
+
+
 class OcdbtStore:
     """The newest version of one OCDBT database folder, as {key: ValueRef}."""
 
     def __init__(self, root: str | os.PathLike, label: str | None = None):
-        self.root = Path(root)
+        self.root = as_path(root)  # a Path, or a sources.RemotePath
         self.label = label or os.fspath(self.root)
         self._values: dict[bytes, ValueRef] | None = None
         self.files: set[str] = set()  # data files the tree references (nodes and values)
@@ -203,15 +211,15 @@ class OcdbtStore:
 
     def _pread(self, path: str, offset: int, length: int, what: str) -> bytes:
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            src = open_source(path)
+        except (FileNotFoundError, NoSuchObject):
             raise CorruptFile(f"data file {os.path.relpath(path, self.root)} is missing ({what})", self.root) from None
         except OSError as e:
             raise NotFound(f"cannot open {os.path.relpath(path, self.root)}: {e.strerror}", self.root) from None
         try:
-            data = os.pread(fd, length, offset)
+            data = src.pread(offset, length)
         finally:
-            os.close(fd)
+            src.close()
         if len(data) != length:
             raise CorruptFile(
                 f"data file {os.path.relpath(path, self.root)} ends before byte {offset + length} "
@@ -223,7 +231,7 @@ class OcdbtStore:
         mpath = self.root / "manifest.ocdbt"
         try:
             raw = mpath.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NoSuchObject):
             raise CorruptFile("no manifest.ocdbt (OCDBT database missing or save incomplete)", self.root) from None
         except OSError as e:
             raise NotFound(f"cannot read manifest.ocdbt: {e.strerror}", self.root) from None
@@ -239,7 +247,7 @@ class OcdbtStore:
         elif method != 0:
             buf.fail(f"unknown compression method {method}")
         if kind == 1:  # numbered manifests: the newest manifest.<16 hex digits> holds the versions
-            nums = sorted(n for n in os.listdir(self.root) if len(n) == 25 and n.startswith("manifest.")
+            nums = sorted(n for n in _listdir(self.root) if len(n) == 25 and n.startswith("manifest.")
                           and all(c in "0123456789abcdef" for c in n[9:]))
             if not nums:
                 raise CorruptFile("numbered OCDBT manifest without any manifest.<generation> file", self.root)
@@ -351,8 +359,9 @@ class OcdbtStore:
             size = sizes.get(ref.file)
             if size is None:
                 try:
-                    size = sizes[ref.file] = os.stat(ref.file).st_size
-                except OSError:
+                    size = sizes[ref.file] = (as_path(ref.file).stat() if is_remote(ref.file)
+                                              else os.stat(ref.file)).st_size
+                except (OSError, NoSuchObject):
                     raise CorruptFile(f"data file {os.path.relpath(ref.file, self.root)} is missing "
                                       f"(holds {key.decode(errors='replace')!r})", self.root) from None
             if ref.offset + ref.length > size:

@@ -14,6 +14,9 @@ the OCDBT manifest and B+tree nodes and each array's `.zarray` / `zarr.json`: no
 Values are decoded chunk by chunk (Zarr v2 and v3; zstd, gzip, zlib or no compression; v3
 `bytes`, `crc32c`, `transpose` and `sharding_indexed` codecs), so memory stays bounded by one
 chunk row of a tensor. `zstandard` decompresses zstd; nothing else outside numpy is needed.
+
+Bytes and listings come through ckptctl.sources, so the folder may be a URL (s3://b/run/100): one
+LIST per folder, one GET per JSON file / manifest / B+tree node, ranged GETs for chunk bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ckptctl.errors import CorruptFile, NotFound, UnknownFormat
 from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.formats.ocdbt import OcdbtStore, ValueRef, zstd_decompress
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
+from ckptctl.sources import as_path, is_remote, open_source
 
 ITEM_MARKERS = ("_METADATA", "manifest.ocdbt", "_sharding", "array_metadatas")
 JSON_MAX = 64 << 20
@@ -47,10 +51,17 @@ _V3 = {"float64": "float64", "float32": "float32", "float16": "float16", "bfloat
        "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz"}
 
 
+def listdir(p) -> list[str]:
+    """The names in a folder: os.listdir, or one (cached) LIST of a remote prefix; OSError when none."""
+    if is_remote(p):
+        return [e.name for e in as_path(p).iterdir()]
+    return os.listdir(p)
+
+
 def is_item_dir(p: Path) -> bool:
     """A folder holding one Orbax item / single save (`_METADATA` or an OCDBT manifest)."""
     try:
-        names = set(os.listdir(p))
+        names = set(listdir(p))
     except OSError:
         return False
     return "_METADATA" in names or "manifest.ocdbt" in names or (
@@ -60,7 +71,7 @@ def is_item_dir(p: Path) -> bool:
 def item_dirs(step: Path) -> list[Path]:
     """Item folders of a step folder that hold arrays, `default` first."""
     try:
-        entries = sorted(os.listdir(step))
+        entries = sorted(listdir(step))
     except OSError:
         return []
     items = [step / n for n in entries if (step / n).is_dir() and not (step / n).is_symlink()
@@ -74,7 +85,7 @@ def is_orbax_dir(p: Path) -> bool:
     if is_item_dir(p):
         return True
     try:
-        names = set(os.listdir(p))
+        names = set(listdir(p))
     except OSError:
         return False
     if "_CHECKPOINT_METADATA" in names:
@@ -85,7 +96,7 @@ def is_orbax_dir(p: Path) -> bool:
 def run_hint(p: Path) -> str | None:
     """A message for a CheckpointManager run folder (step folders inside), else None."""
     try:
-        steps = sorted((n for n in os.listdir(p) if n.isdigit() and is_orbax_dir(p / n)), key=int)
+        steps = sorted((n for n in listdir(p) if n.isdigit() and is_orbax_dir(p / n)), key=int)
     except OSError:
         return None
     if not steps:
@@ -97,8 +108,14 @@ def run_hint(p: Path) -> str | None:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        with open(path, "rb") as f:
-            data = f.read(JSON_MAX + 1)
+        if is_remote(path):
+            if not as_path(path).is_file():
+                return None
+            with open_source(path) as src:
+                data = src.pread(0, min(src.size, JSON_MAX + 1))
+        else:
+            with open(path, "rb") as f:
+                data = f.read(JSON_MAX + 1)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -343,7 +360,7 @@ def _fill_pieces(fill: bytes, want: int, size: int) -> Iterator[bytes]:
 def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size: int, what: str, where):
     """Decode one stored chunk with bounded memory: yield its first `want` bytes, check it holds
     exactly `expect` bytes (the rest is read and dropped: padding of an edge chunk)."""
-    fd = os.open(ref.file, os.O_RDONLY) if ref.inline is None else -1
+    src = open_source(ref.file) if ref.inline is None else None
     try:
         pos, end = ref.offset, ref.offset + ref.length
 
@@ -354,8 +371,10 @@ def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size:
                 return b""
             if ref.inline is not None:
                 data = ref.inline[pos - ref.offset : pos - ref.offset + n]
+            elif src.remote:  # sequential pieces coalesce into ranged GETs of a growing window
+                data = src.read_ahead(pos, n)
             else:
-                data = os.pread(fd, n, pos)
+                data = src.pread(pos, n)
             if not data:
                 raise CorruptFile(f"{what}: data file ends early (truncated?)", where)
             pos += len(data)
@@ -409,8 +428,8 @@ def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size:
             raise CorruptFile(f"{what}: decodes to {got} bytes, the chunk needs {expect} (truncated or corrupt)",
                               where)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        if src is not None:
+            src.close()
 
 
 # ---- key-value stores ---------------------------------------------------------------------------
@@ -426,25 +445,52 @@ class _DirStore:
         if not key or "\x00" in key or "\\" in key or key.startswith("/") or ".." in parts:
             raise CorruptFile(f"array key {key!r:.80} points outside the checkpoint folder", self.root)
         p = self.root / key
-        try:
-            st = os.stat(p)
-        except OSError:
-            return None
-        if not os.path.isfile(p):
-            return None
+        if is_remote(p):  # from the listing of the array's folder (one LIST per folder)
+            try:
+                if not p.is_file():
+                    return None
+                size = p.stat().st_size
+            except (OSError, NotFound):
+                return None
+        else:
+            try:
+                st = os.stat(p)
+            except OSError:
+                return None
+            if not os.path.isfile(p):
+                return None
+            size = st.st_size
         self.files.add(os.fspath(p))
-        return ValueRef(st.st_size, file=os.fspath(p), offset=0)
+        return ValueRef(size, file=os.fspath(p), offset=0)
 
     def read(self, ref: ValueRef, what: str) -> bytes:
         assert ref.file is not None
-        with open(ref.file, "rb") as f:
-            data = f.read(ref.length + 1)
+        if is_remote(ref.file):
+            with open_source(ref.file) as src:
+                data = src.pread(0, ref.length + 1)
+        else:
+            with open(ref.file, "rb") as f:
+                data = f.read(ref.length + 1)
         if len(data) != ref.length:
             raise CorruptFile(f"{what}: file changed while reading", self.root)
         return data
 
     def keys(self) -> list[bytes]:
         out = []
+        if is_remote(self.root):
+            todo = [(self.root, "")]
+            while todo:
+                folder, rel = todo.pop()
+                try:
+                    entries = list(as_path(folder).iterdir())
+                except OSError:
+                    continue
+                for e in entries:
+                    if e.is_dir():
+                        todo.append((e, rel + e.name + "/"))
+                    else:
+                        out.append((rel + e.name).encode())
+            return sorted(out)
         for dp, _dn, fn in os.walk(self.root):
             for n in fn:
                 out.append(os.path.relpath(os.path.join(dp, n), self.root).replace(os.sep, "/").encode())
@@ -470,7 +516,7 @@ class OrbaxReader(Reader):
 
     def __init__(self, path):
         super().__init__(path)
-        p = Path(path)
+        p = self.path  # a Path, or a sources.RemotePath
         if not p.is_dir():
             raise NotFound("not a folder", p)
         self._items: list[_Item] = []
@@ -495,7 +541,7 @@ class OrbaxReader(Reader):
         if item.store is None:
             if (item.path / "manifest.ocdbt").is_file():
                 item.store = OcdbtStore(item.path)
-            elif any(n.startswith("ocdbt.process_") for n in os.listdir(item.path)):
+            elif any(n.startswith("ocdbt.process_") for n in listdir(item.path)):
                 raise CorruptFile("no manifest.ocdbt beside the ocdbt.process_* folders "
                                   "(the save did not finish?)", item.path)
             else:
@@ -503,7 +549,7 @@ class OrbaxReader(Reader):
         return item.store
 
     def _load_info(self) -> CheckpointInfo:
-        root = Path(self.path)
+        root = self.path
         tensors: list[TensorInfo] = []
         objects: list[ObjectInfo] = []
         meta: dict[str, Any] = {}
@@ -523,7 +569,7 @@ class OrbaxReader(Reader):
             files.append(os.fspath(root / "_CHECKPOINT_METADATA"))
         # JSON items of a step folder (metrics/metrics)
         if not is_item_dir(root):
-            for d in sorted(os.listdir(root)):
+            for d in sorted(listdir(root)):
                 sub = root / d
                 if sub.is_dir() and not sub.is_symlink() and not is_item_dir(sub) and (sub / d).is_file():
                     doc = _read_json(sub / d, f"{d}/{d}")

@@ -10,7 +10,11 @@ bytes are read on demand with os.pread, and each tensor's CRC32C is checked when
 
 Names: TF 2's `/.ATTRIBUTES/VARIABLE_VALUE` suffix is dropped (`model/dense/kernel`); the raw key
 stays in JSON as `key`. `_CHECKPOINTABLE_OBJECT_GRAPH` is metadata, not a tensor: it gives each
-variable's old-style `full_name` and ties optimizer slots to their variable. String tensors are
+variable's old-style `full_name` and ties optimizer slots to their variable.
+
+Bytes come through ckptctl.sources, so a prefix may be a URL (s3://b/run/ckpt-20): listing reads
+the .index object (and the `checkpoint` state file of a folder), tensor bytes are ranged reads of
+the data shards. String tensors are
 listed with dtype `string`; their bytes are TF's own record (varint lengths, a masked CRC of them,
 the strings), which no target format holds. Partitioned variables (`slices`) are listed with their
 full shape and read when they are split along the first axis only.
@@ -29,6 +33,7 @@ from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, Incompatible, NotFound
 from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.sources import as_path, is_remote, open_source
 
 MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -349,8 +354,13 @@ def _entry(value: bytes, key: str) -> dict:
     }
 
 
+def _plus(p: Path, suffix: str) -> Path:
+    """`p` with `suffix` appended to its name (a Path, or a sources.RemotePath for URLs)."""
+    return p.with_name(p.name + suffix) if is_remote(p) else Path(f"{p}{suffix}")
+
+
 def data_file(prefix: Path, shard: int, num_shards: int) -> Path:
-    return Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
+    return _plus(prefix, f".data-{shard:05d}-of-{num_shards:05d}")
 
 
 def prefix_of(path: Path) -> Path | None:
@@ -367,13 +377,10 @@ def prefix_of(path: Path) -> Path | None:
 def is_index(path: Path) -> bool:
     """Whether the file ends with a LevelDB table footer (the TF index magic)."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            if size < FOOTER_SIZE:
+        with open_source(path) as src:
+            if src.size < FOOTER_SIZE:
                 return False
-            f.seek(size - 8)
-            return int.from_bytes(f.read(8), "little") == MAGIC
+            return int.from_bytes(src.pread(src.size - 8, 8), "little") == MAGIC
     except OSError:
         return False
 
@@ -383,7 +390,7 @@ def read_state_file(path: Path) -> tuple[str | None, list[str]]:
     latest = None
     every: list[str] = []
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = as_path(path).read_bytes().decode("utf-8", errors="replace")
     except OSError:
         return None, []
     for line in text.splitlines():
@@ -399,6 +406,14 @@ def read_state_file(path: Path) -> tuple[str | None, list[str]]:
 
 
 def _state_prefix(folder: Path, value: str) -> Path:
+    if is_remote(folder):  # a path of the machine that wrote it means nothing here: relative only
+        from pathlib import PurePosixPath
+
+        v = PurePosixPath(value)
+        p = folder / value if not v.is_absolute() else folder / v.name
+        if not _plus(p, ".index").is_file() and _plus(folder / v.name, ".index").is_file():
+            return folder / v.name
+        return p
     p = Path(value)
     if not p.is_absolute():
         p = folder / p
@@ -413,7 +428,7 @@ def resolve_dir(folder: Path) -> tuple[Path, str] | None:
     """(prefix, note) when a folder names one TF checkpoint: a SavedModel, a run folder with a
     `checkpoint` state file, or a folder holding exactly one P.index; else None."""
     for sub in (folder / "variables" / "variables", folder / "variables"):
-        if Path(f"{sub}.index").is_file():
+        if _plus(sub, ".index").is_file():
             return sub, ""
     state = folder / "checkpoint"
     if state.is_file():
@@ -436,16 +451,16 @@ def resolve_dir(folder: Path) -> tuple[Path, str] | None:
 def resolve_path(p: Path) -> Path | None:
     """The prefix when `p` names a TF checkpoint by its prefix, index or a data file; else None."""
     if not p.exists():
-        if Path(f"{p}.index").is_file():
+        if _plus(p, ".index").is_file():
             return p
         return None
     if p.is_file():
         pre = prefix_of(p)
         if pre is None:
             return None
-        index = Path(f"{pre}.index")
+        index = _plus(pre, ".index")
         if p.name.endswith(".index"):  # the index itself: by its magic, or (broken) beside its data
-            if is_index(p) or any(pre.parent.glob(f"{glob.escape(pre.name)}.data-*-of-*")):
+            if is_index(p) or _has_data_files(pre):
                 return pre
             return None
         if index.is_file():
@@ -454,49 +469,62 @@ def resolve_path(p: Path) -> Path | None:
     return None
 
 
+def _has_data_files(pre: Path) -> bool:
+    """Whether any P.data-K-of-N lies beside the prefix P."""
+    if is_remote(pre):
+        import fnmatch
+
+        pattern = f"{glob.escape(pre.name)}.data-*-of-*"
+        try:
+            return any(fnmatch.fnmatchcase(e.name, pattern) for e in pre.parent.iterdir())
+        except FileNotFoundError:
+            return False
+    return any(pre.parent.glob(f"{glob.escape(pre.name)}.data-*-of-*"))
+
+
 # ---- the reader ----------------------------------------------------------------------------------
 class TFBundleReader(Reader):
     format = "tf-bundle"
 
     def __init__(self, path: str | os.PathLike, note: str = ""):
-        p = Path(path)
+        p = as_path(path)
         pre = prefix_of(p) if p.is_file() else None
         self.prefix = pre if pre is not None else p
         super().__init__(self.prefix)
         self.note = note
-        self.index_path = Path(f"{self.prefix}.index")
-        self._fds: dict[int, int] = {}
+        self.index_path = _plus(self.prefix, ".index")
+        self._srcs: dict[int, object] = {}  # shard -> sources.LocalSource / RemoteSource
         self._shards: list[Path] = []
         self._verified: set[str] = set()
         self.big_endian = False
 
     # -- files -----------------------------------------------------------------------------------
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
+    def _src(self, shard: int):
+        src = self._srcs.get(shard)
+        if src is None:
             path = self._shards[shard]
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                src = open_source(path)
             except FileNotFoundError:
                 raise NotFound("data shard missing (no such file)", path) from None
             except OSError as e:
                 raise NotFound(e.strerror or str(e), path) from None
-            self._fds[shard] = fd
-        return fd
+            self._srcs[shard] = src
+        return src
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for src in self._srcs.values():
+            src.close()
+        self._srcs.clear()
 
     # -- metadata ------------------------------------------------------------------------------
     def _read_index(self) -> bytes:
         try:
-            with open(self.index_path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > MAX_INDEX:
-                    raise CorruptFile(f"index is {size} bytes: too large for a TF checkpoint index", self.index_path)
-                return f.read()
+            with open_source(self.index_path) as src:
+                if src.size > MAX_INDEX:
+                    raise CorruptFile(f"index is {src.size} bytes: too large for a TF checkpoint index",
+                                      self.index_path)
+                return src.pread(0, src.size) if src.size else b""
         except FileNotFoundError:
             raise NotFound("no such file (a TF checkpoint prefix P needs P.index)", self.index_path) from None
         except IsADirectoryError:
@@ -535,7 +563,7 @@ class TFBundleReader(Reader):
             if k not in shard_sizes:
                 try:
                     shard_sizes[k] = self._shards[k].stat().st_size
-                except FileNotFoundError:
+                except (FileNotFoundError, NotFound):
                     raise NotFound("data shard missing (no such file)", self._shards[k]) from None
                 except OSError as e:
                     raise NotFound(e.strerror or str(e), self._shards[k]) from None
@@ -700,13 +728,14 @@ class TFBundleReader(Reader):
     # -- data ----------------------------------------------------------------------------------
     def _read_piece(self, p: _Piece, name: str, swap: int, size: int = CHUNK,
                     check: bool = True) -> Iterator[bytes]:
-        fd = self._fd(p.shard)
+        src = self._src(p.shard)
         size = max(16, size - size % 16)
         pos, end = p.offset, p.offset + p.size
         crc = 0
+        ranged = src.iter_range(pos, p.size, size) if src.remote and end <= src.size else None
         while pos < end:
             want = min(size, end - pos)
-            chunk = os.pread(fd, want, pos)
+            chunk = next(ranged, b"") if ranged is not None else src.pread(pos, want)
             if not chunk:
                 raise CorruptFile(f"tensor {name!r}: data shard ends at byte {pos}, expected data up to "
                                   f"byte {end} (truncated?)", self._shards[p.shard])

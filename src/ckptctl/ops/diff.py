@@ -300,7 +300,7 @@ def diff_checkpoints(
             what = " ".join([f"--include {p}" for p in list(include or ()) + list(filters or ())]
                             + [f"--exclude {p}" for p in exclude or ()])
             raise UsageError(f"no tensor left to compare in either checkpoint after {what}")
-        res = DiffResult(str(path_a), str(path_b), ia.format, ib.format, values, atol, rtol, key_a=ka, key_b=kb,
+        res = DiffResult(_shown(path_a), _shown(path_b), ia.format, ib.format, values, atol, rtol, key_a=ka, key_b=kb,
                          ignore_dtype=ignore_dtype, side_a=side_a, side_b=side_b)
         res.only_in_a = [n for n in sa if n not in sb]
         res.only_in_b = [n for n in sb if n not in sa]
@@ -396,3 +396,10 @@ def _tied_twin(ta: TensorInfo, tb: TensorInfo, names_a: dict[str, str], names_b:
         if na is not None and na == nb:
             return na
     return None
+
+
+def _shown(path) -> str:
+    """A path as given; a URL whole again (a Path folds the '//' of s3://b/k)."""
+    from ckptctl.sources import as_path
+
+    return str(as_path(path))

@@ -219,14 +219,19 @@ def scan_file(path: str | os.PathLike) -> ScanResult:
     The file's reader lists what it understands; then every pickle reachable in the file is
     walked (`walk_file`: concatenated pickles, zip members, a zip's prefix and comment, .npy
     object payloads, pickles nested as bytes) and its globals are added, with where they were."""
+    from ckptctl.sources import as_path
+
     res = _scan_format(path)
-    p = Path(path)
+    p = as_path(path)  # a URL stays one
     if not p.is_file():
         return res
     try:
         walk = walk_file(p)
     except OSError as e:
         res.error = res.error or f"cannot read: {e.strerror or e}"
+        return res
+    except CkptError as e:  # a remote read failed
+        res.error = res.error or e.message
         return res
     merged: dict[str, str] = dict(res.globals)
     for name, cls, where in walk.found:
@@ -424,7 +429,12 @@ def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
 
     A DCP folder (with .metadata) is one checkpoint; its .distcp files are not listed again.
     """
+    from ckptctl.sources import is_remote
+
     for raw in paths:
+        if is_remote(raw):
+            yield from _expand_remote(raw)
+            continue
         p = Path(raw)
         if not p.is_dir():
             yield p, True
@@ -446,6 +456,40 @@ def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
                 fp = here / name
                 if fp.is_file() and _looks_scannable(fp):
                     yield fp, False
+
+
+def _expand_remote(url) -> Iterator[tuple[Path, bool]]:
+    """expand() for a URL: the same walk, from one (cached) listing per remote folder."""
+    from ckptctl.sources import as_path, open_source
+
+    p = as_path(url)
+    if not p.is_dir():
+        yield p, True
+        return
+    if (p / ".metadata").is_file() or _is_orbax(p):
+        yield p, True
+        return
+    todo = [p]
+    while todo:
+        here = todo.pop(0)
+        subs, files = [], []
+        for e in here.iterdir():
+            if not e.is_dir():
+                files.append(e)
+            elif (e / ".metadata").is_file() or _is_orbax(e):
+                yield e, False
+            else:
+                subs.append(e)
+        for e in files:
+            if e.name.lower().endswith(SCAN_SUFFIXES) or (
+                    e.name.endswith(".index") and _looks_scannable(e)):
+                yield e, False
+            elif not e.name.endswith(".index"):
+                with open_source(e) as src:
+                    head = src.pread(0, 4)
+                if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head in (b"PK\x03\x04", b"\x93NUM"):
+                    yield e, False
+        todo[:0] = subs  # depth first, in name order, like os.walk with sorted dirs
 
 
 def scan(paths: list[str | os.PathLike]) -> list[ScanResult]:
@@ -485,9 +529,11 @@ def walk_file(path: str | os.PathLike) -> Walk:
     object-dtype .npy, and pickles carried as bytes and handed to a loader
     (`pickle.loads(b'...')`, `torch.storage._load_from_bytes`, numpy object arrays), to depth
     MAX_DEPTH. Raises OSError only."""
+    from ckptctl.sources import file_size, open_file
+
     w = Walk()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    with open_file(path) as f:  # a remote object: a block-cached file of ranged reads
+        size = file_size(f)
         head = f.read(8)
         if head.startswith(b"PK\x03\x04"):
             w.kind = "zip"
