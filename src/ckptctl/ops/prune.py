@@ -23,8 +23,8 @@ from typing import Any
 
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.formats.writeutil import clean_stale_temps, fsync_dir, hold_lock, pause_point, temp_name
-from ckptctl.ops import runs_tf
 from ckptctl.ops.runs import Run, RunCheckpoint
+from ckptctl.ops.runs import tf as runs_tf
 
 # metric names where bigger is better; everything else (losses, perplexity, error rates) is min
 _MAX_METRIC = re.compile(
@@ -318,7 +318,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
         if age < policy.min_age:
             p.append(f"modified {_age(age)} ago, under --min-age {policy.min_age_text} (may be being written)")
         if c.incomplete:
-            from ckptctl.ops.runs_orbax import in_progress
+            from ckptctl.ops.runs.orbax import in_progress
 
             held = in_progress(c)  # an Orbax save without its commit marker may still be running
             if held:

@@ -35,7 +35,7 @@ def _numeric(d: Any) -> dict[str, float]:
 
 
 def _json(path: Path) -> Any:
-    from ckptctl.ops.runs import _read_json
+    from ckptctl.ops.runs.walk import _read_json
 
     return _read_json(path, 1 << 20) if path.is_file() else None
 
@@ -74,7 +74,7 @@ def enrich(c, read_info: bool) -> None:
     meta = _json(c.path / "_CHECKPOINT_METADATA")
     if isinstance(meta, dict):
         for key in ("custom", "custom_metadata"):
-            from ckptctl.ops.runs import _numeric_into
+            from ckptctl.ops.runs.enrich import _numeric_into
 
             if isinstance(meta.get(key), dict):
                 _numeric_into(c, meta[key], "metadata")

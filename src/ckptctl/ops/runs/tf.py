@@ -1,4 +1,4 @@
-"""TensorFlow and Keras run layouts, plugged into ops/runs.py (discovery) and ops/prune.py.
+"""TensorFlow and Keras run layouts, plugged into ops/runs/ (discovery) and ops/prune.py.
 
 TensorFlow (`tf.train.CheckpointManager`, TF 1 `tf.train.Saver`, `Checkpoint.save`):
   ckpt-10.index + ckpt-10.data-00000-of-00001 (+ more shards), ..., and a `checkpoint` state file
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # runs.py imports this module; the names it shares are imported lazily
-    from ckptctl.ops.runs import Run, RunCheckpoint
+if TYPE_CHECKING:  # the runs package imports this module; the names it shares are imported lazily
+    from ckptctl.ops.runs.model import Run, RunCheckpoint
 
 TF_FORMAT = "tf-bundle"
 KERAS_FORMAT = "keras"
@@ -103,7 +103,7 @@ def parse_state(path: Path, text: str) -> StateFile:
 
 
 def read_state(folder: Path) -> StateFile | None:
-    from ckptctl.ops.runs import _read_small_text
+    from ckptctl.ops.runs.walk import _read_small_text
 
     p = folder / STATE_FILE
     if not p.is_file() or p.is_symlink():
@@ -132,7 +132,9 @@ def tf_step(prefix: str) -> int | None:
 
 def scan_tf_groups(folder: Path, names: list[str], claimed: set[str], run: Run) -> None:
     """One RunCheckpoint per TF prefix in `folder`: its .index and every data shard."""
-    from ckptctl.ops.runs import RunCheckpoint, _file_stats, parse_name
+    from ckptctl.ops.runs.model import RunCheckpoint
+    from ckptctl.ops.runs.names import parse_name
+    from ckptctl.ops.runs.walk import _file_stats
 
     groups: dict[str, dict[str, Any]] = {}
     for n in names:
@@ -201,7 +203,7 @@ def tf_prefix_of(path: Path) -> str | None:
 
 def single(path: Path) -> RunCheckpoint | None:
     """The TF checkpoint `path` names (all its files), as ls of one checkpoint shows it."""
-    from ckptctl.ops.runs import Run
+    from ckptctl.ops.runs.model import Run
 
     prefix = tf_prefix_of(path)
     if prefix is None:
@@ -399,7 +401,7 @@ def reader_registered(fmt: str) -> bool:
 
 def enrich(c: RunCheckpoint, read_info: bool) -> None:
     """Step/epoch/metrics of a TF or Keras checkpoint, and its info through the normal reader."""
-    from ckptctl.ops.runs import parse_name, untmp
+    from ckptctl.ops.runs.names import parse_name, untmp
 
     name = untmp(c.path.name) if c.incomplete else c.path.name
     if c.layout == "keras":
