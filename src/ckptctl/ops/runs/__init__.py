@@ -28,12 +28,20 @@ from __future__ import annotations
 
 from ckptctl.ops.runs import orbax, tf  # noqa: F401 - framework layouts (ops/prune.py uses them)
 from ckptctl.ops.runs.detect import is_checkpoint_dir, is_run_dir
-from ckptctl.ops.runs.discover import POOL_STATE, PARALLEL_MIN, discover, scan_run, sort_key
+from ckptctl.ops.runs.discover import PARALLEL_MIN, POOL_STATE, discover, scan_run, sort_key
 from ckptctl.ops.runs.enrich import primary_file
 from ckptctl.ops.runs.model import Run, RunCheckpoint, bytes_on_disk
 from ckptctl.ops.runs.names import (
-    AUX_NAMES, FILE_SUFFIXES, INDEX_SUFFIXES, NON_MODEL_HEADS, OPTIM_HEADS, parse_duration, parse_name, role_of,
-    strip_suffix, untmp,
+    AUX_NAMES,
+    FILE_SUFFIXES,
+    INDEX_SUFFIXES,
+    NON_MODEL_HEADS,
+    OPTIM_HEADS,
+    parse_duration,
+    parse_name,
+    role_of,
+    strip_suffix,
+    untmp,
 )
 
 _primary_file = primary_file  # the name ops/diff.py looks up

@@ -8,9 +8,15 @@ from pathlib import Path
 
 from ckptctl.ops.runs import tf as runs_tf
 from ckptctl.ops.runs.names import (
-    AUX_NAMES, EPOCH_PATTERN, FILE_SUFFIXES, INDEX_SUFFIXES, SHARD_NAME, STEP_PATTERNS, TF_DATA, strip_suffix,
+    AUX_NAMES,
+    EPOCH_PATTERN,
+    FILE_SUFFIXES,
+    INDEX_SUFFIXES,
+    SHARD_NAME,
+    STEP_PATTERNS,
+    TF_DATA,
+    strip_suffix,
 )
-
 
 # ---- what a folder is --------------------------------------------------------------------------
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "commit_success.txt", "manifest.ocdbt")

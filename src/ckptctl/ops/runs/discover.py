@@ -11,12 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from ckptctl.errors import NotFound, UsageError
+from ckptctl.ops.runs import keras
 from ckptctl.ops.runs import tf as runs_tf
-from ckptctl.ops.runs.detect import _checkpoint_layout, _has_checkpoint_file, _is_checkpoint_file_name, is_checkpoint_dir
+from ckptctl.ops.runs.detect import (
+    _checkpoint_layout,
+    _has_checkpoint_file,
+    _is_checkpoint_file_name,
+    is_checkpoint_dir,
+)
 from ckptctl.ops.runs.enrich import _enrich
 from ckptctl.ops.runs.model import Run, RunCheckpoint
 from ckptctl.ops.runs.names import (
-    FAIRSEQ, FAIRSEQ_EPOCH, FILE_SUFFIXES, INDEX_SUFFIXES, TMP_DIR, TMP_FILE, role_of, strip_suffix,
+    FAIRSEQ,
+    FAIRSEQ_EPOCH,
+    FILE_SUFFIXES,
+    INDEX_SUFFIXES,
+    TMP_DIR,
+    TMP_FILE,
+    role_of,
+    strip_suffix,
 )
 from ckptctl.ops.runs.walk import _file_stats, _read_json, _read_small_text, _walk_files
 
@@ -243,7 +256,7 @@ def _file_checkpoint(path: Path, run: Path) -> RunCheckpoint:
     layout = "file"
     if path.suffix == ".ckpt":
         layout = "lightning"
-    elif runs_tf.is_keras_name(path.name):  # before fairseq: checkpoint3.keras is Keras epoch 3
+    elif keras.is_keras_name(path.name):  # before fairseq: checkpoint3.keras is Keras epoch 3
         layout = "keras"
     elif FAIRSEQ.match(strip_suffix(path.name)) or FAIRSEQ_EPOCH.match(strip_suffix(path.name)):
         layout = "fairseq"
@@ -307,7 +320,7 @@ def _resolve_copies(run: Run) -> None:
                     twin = s
                     break
         if twin is None and c.layout == "keras":  # best.keras: a byte copy of one epoch's file?
-            twin = runs_tf.keras_twin(c, stepped)
+            twin = keras.keras_twin(c, stepped)
         if twin is not None:
             twin.aliases.append(c.path.name)
             twin.aliases.extend(c.aliases)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
-from typing import Any
 
 from ckptctl.errors import CkptError
 from ckptctl.model import CheckpointInfo
 from ckptctl.ops.runs import tf as runs_tf
+from ckptctl.ops.runs.hf_trainer import trainer_state
+from ckptctl.ops.runs.lightning import lightning_callbacks
 from ckptctl.ops.runs.model import RunCheckpoint
 from ckptctl.ops.runs.names import AUX_NAMES, EPOCH_KEYS, FILE_SUFFIXES, STEP_KEYS, parse_name, untmp
-from ckptctl.ops.runs.walk import _read_json
+from ckptctl.ops.runs.values import _as_float, _as_int, _flatten
 
 
 def _enrich(c: RunCheckpoint, read_info: bool) -> None:
@@ -32,42 +33,12 @@ def _enrich(c: RunCheckpoint, read_info: bool) -> None:
         enrich_orbax(c, read_info)
         return
     if c.layout == "hf-trainer":
-        _trainer_state(c)
+        trainer_state(c)
     if not read_info:
         return
     if c.error is not None and not c.files:
         return
     _read_info(c)
-
-
-def _trainer_state(c: RunCheckpoint) -> None:
-    doc = _read_json(c.path / "trainer_state.json")
-    if not isinstance(doc, dict):
-        if (c.path / "trainer_state.json").exists() and c.error is None:
-            c.error = "trainer_state.json is not valid JSON"
-        return
-    gs = doc.get("global_step")
-    if isinstance(gs, int) and not isinstance(gs, bool):
-        c.step, c.step_source = gs, "trainer_state"
-    ep = doc.get("epoch")
-    if isinstance(ep, (int, float)) and not isinstance(ep, bool):
-        c.epoch = int(ep) if float(ep).is_integer() else c.epoch
-        c.metrics.setdefault("epoch", float(ep))
-    for entry in doc.get("log_history") or []:
-        if not isinstance(entry, dict) or entry.get("step") != c.step:
-            continue
-        for k, v in entry.items():
-            if k in ("step", "epoch") or isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            f = _as_float(v)  # an int too big for a float is not a metric (float() would raise)
-            if f is not None:
-                c.metrics[k] = f
-    best = doc.get("best_model_checkpoint")
-    if isinstance(best, str) and best:
-        ref: dict[str, Any] = {"source": "trainer_state best_model_checkpoint", "path": best}
-        if isinstance(doc.get("best_metric"), (int, float)):
-            ref["score"] = float(doc["best_metric"])
-        c.best_ref = ref
 
 
 def _read_info(c: RunCheckpoint) -> None:
@@ -143,7 +114,7 @@ def _from_info(c: RunCheckpoint, reader, info: CheckpointInfo) -> None:
         f = _as_float(meta.get(k))
         if f is not None:
             c.metrics.setdefault(k.split("/", 1)[1] if k.endswith("val_loss") else "best_val_loss", f)
-    _lightning_callbacks(c, reader, info, meta)
+    lightning_callbacks(c, reader, info, meta)
 
 
 def _numeric_into(c: RunCheckpoint, d: dict, source: str) -> None:
@@ -163,98 +134,3 @@ def _numeric_into(c: RunCheckpoint, d: dict, source: str) -> None:
         f = _as_float(v)
         if f is not None:
             c.metrics[key] = f
-
-
-_CB = re.compile(r"^callbacks/(?P<cb>ModelCheckpoint.*?)/(?P<field>monitor|best_model_score|best_model_path|current_score)$")
-
-
-def _lightning_callbacks(c: RunCheckpoint, reader, info: CheckpointInfo, meta: dict[str, Any]) -> None:
-    found: dict[str, dict[str, Any]] = {}
-    for k, v in meta.items():
-        m = _CB.match(k)
-        if m:
-            found.setdefault(m.group("cb"), {})[m.group("field")] = v
-    for t in info.tensors:
-        m = _CB.match(t.name)
-        if m and m.group("field") == "current_score" and t.numel == 1 and t.nbytes <= 16:  # the one read
-            try:
-                arr = reader.read(t.name)
-                found.setdefault(m.group("cb"), {})[m.group("field")] = float(arr.reshape(-1)[0])
-            except Exception:  # noqa: BLE001 - a score we cannot read is just not shown
-                continue
-    for cb, d in found.items():
-        monitor = d.get("monitor")
-        if not isinstance(monitor, str):
-            mm = re.search(r"'monitor':\s*'([^']+)'", cb)
-            monitor = mm.group(1) if mm else None
-        if not monitor:
-            continue
-        cur = _as_float(d.get("current_score"))
-        if cur is not None:
-            c.metrics[monitor] = cur
-        best_path = d.get("best_model_path")
-        if isinstance(best_path, str) and best_path:
-            ref: dict[str, Any] = {"source": f"Lightning ModelCheckpoint best_model_path ({monitor})",
-                                   "path": best_path, "monitor": monitor}
-            score = _as_float(d.get("best_model_score"))
-            if score is not None:
-                ref["score"] = score
-            mode = re.search(r"'mode':\s*'(min|max)'", cb)
-            if mode:
-                ref["mode"] = mode.group(1)
-            c.best_ref = ref
-
-
-def _flatten(d: Any, prefix: str = "", out: dict[str, Any] | None = None, depth: int = 0) -> dict[str, Any]:
-    out = {} if out is None else out
-    if isinstance(d, dict) and depth < 6:
-        for k, v in d.items():
-            key = f"{prefix}/{k}" if prefix else str(k)
-            if isinstance(v, (dict, list)) and depth < 5:
-                _flatten(v, key, out, depth + 1)
-            out[key] = v
-    elif isinstance(d, list) and depth < 6:
-        for i, v in enumerate(d[:64]):
-            key = f"{prefix}/{i}"
-            if isinstance(v, (dict, list)):
-                _flatten(v, key, out, depth + 1)
-            out[key] = v
-    return out
-
-
-def _as_int(v: Any) -> int | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*", v):
-        return int(v)
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        try:
-            return _as_int(v.item())
-        except Exception:  # noqa: BLE001
-            return None
-    return None
-
-
-def _as_float(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        try:
-            return float(v)
-        except OverflowError:
-            return None
-    if isinstance(v, str):
-        s = v.strip()
-        if re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", s, re.I):
-            return float(s)
-        return None
-    if hasattr(v, "item") and not isinstance(v, bytes):
-        try:
-            return _as_float(v.item())
-        except Exception:  # noqa: BLE001
-            return None
-    return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from ckptctl.errors import UsageError
-from ckptctl.ops.runs import tf as runs_tf
+from ckptctl.ops.runs import keras
 
 # file suffixes that hold one checkpoint each
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".keras", ".gguf")
@@ -105,8 +105,8 @@ def parse_name(name: str) -> tuple[int | None, int | None, dict[str, float]]:
 
 
 def role_of(name: str) -> str | None:
-    if runs_tf.is_keras_name(name):
-        return runs_tf.keras_role(name)
+    if keras.is_keras_name(name):
+        return keras.keras_role(name)
     m = ROLE_STEM.match(strip_suffix(name))
     return m.group(1).lower() if m else None
 
