@@ -23,8 +23,8 @@ from typing import Any
 
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.formats.writeutil import clean_stale_temps, fsync_dir, hold_lock, pause_point, temp_name
-from ckptctl.ops.runs import Run, RunCheckpoint
-from ckptctl.ops.runs import tf as runs_tf
+from ckptctl.ops.runs import Run, RunCheckpoint, layouts
+from ckptctl.ops.runs.tf import StateRewrite
 
 # metric names where bigger is better; everything else (losses, perplexity, error rates) is min
 _MAX_METRIC = re.compile(
@@ -146,7 +146,7 @@ class Outcome:
     partial: list[Path] = field(default_factory=list)  # files of `failed` already removed
     not_attempted: list[Decision] = field(default_factory=list)
     moved_to: dict[str, str] = field(default_factory=dict)
-    state_files: list[runs_tf.StateRewrite] = field(default_factory=list)  # TF `checkpoint` files rewritten
+    state_files: list[StateRewrite] = field(default_factory=list)  # TF `checkpoint` files rewritten
 
     @property
     def bytes_freed(self) -> int:
@@ -225,7 +225,7 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
         except OSError as e:
             d.keep = True
             d.reasons.append(f"could not stat its files ({e.strerror}); kept")
-    for s in runs_tf.plan_state([d.ckpt for d in plan.to_delete]):
+    for s in layouts.plan_prune([d.ckpt for d in plan.to_delete]):
         if s.error:
             plan.warnings.append(f"{s.path}: TensorFlow checkpoint state {s.error}; it will still name "
                                  f"{', '.join(s.dropped)} once deleted")
@@ -318,9 +318,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
         if age < policy.min_age:
             p.append(f"modified {_age(age)} ago, under --min-age {policy.min_age_text} (may be being written)")
         if c.incomplete:
-            from ckptctl.ops.runs.orbax import in_progress
-
-            held = in_progress(c)  # an Orbax save without its commit marker may still be running
+            held = layouts.in_progress(c)  # an Orbax save without its commit marker may still be running
             if held:
                 p.append(f"{held}: never deleted, even with --include-broken")
             elif not policy.include_broken:
@@ -536,7 +534,7 @@ def execute(plan: Plan, trash: Path | None = None) -> Outcome:
         gone = [d.ckpt for d in outcome.done]
         if outcome.failed is not None and outcome.partial:
             gone.append(outcome.failed.ckpt)
-        outcome.state_files = runs_tf.after_prune(gone)
+        outcome.state_files = layouts.after_prune(gone)
     return outcome
 
 

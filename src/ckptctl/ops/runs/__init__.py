@@ -26,10 +26,11 @@ The names below are the public API other modules import.
 
 from __future__ import annotations
 
-from ckptctl.ops.runs import orbax, tf  # noqa: F401 - framework layouts (ops/prune.py uses them)
+from ckptctl.ops.runs import orbax, tf  # noqa: F401 - framework layouts
 from ckptctl.ops.runs.detect import is_checkpoint_dir, is_run_dir
 from ckptctl.ops.runs.discover import PARALLEL_MIN, POOL_STATE, discover, scan_run, sort_key
 from ckptctl.ops.runs.enrich import primary_file
+from ckptctl.ops.runs.layouts import LAYOUTS, for_layout, role_of
 from ckptctl.ops.runs.model import Run, RunCheckpoint, bytes_on_disk
 from ckptctl.ops.runs.names import (
     AUX_NAMES,
@@ -39,7 +40,6 @@ from ckptctl.ops.runs.names import (
     OPTIM_HEADS,
     parse_duration,
     parse_name,
-    role_of,
     strip_suffix,
     untmp,
 )
@@ -48,6 +48,6 @@ _primary_file = primary_file  # the name ops/diff.py looks up
 
 __all__ = [
     "AUX_NAMES", "FILE_SUFFIXES", "INDEX_SUFFIXES", "NON_MODEL_HEADS", "OPTIM_HEADS", "PARALLEL_MIN", "POOL_STATE",
-    "Run", "RunCheckpoint", "bytes_on_disk", "discover", "is_checkpoint_dir", "is_run_dir", "parse_duration",
+    "LAYOUTS", "Run", "RunCheckpoint", "for_layout", "bytes_on_disk", "discover", "is_checkpoint_dir", "is_run_dir", "parse_duration",
     "parse_name", "primary_file", "role_of", "scan_run", "sort_key", "strip_suffix", "untmp",
 ]

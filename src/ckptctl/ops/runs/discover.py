@@ -11,25 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from ckptctl.errors import NotFound, UsageError
-from ckptctl.ops.runs import keras
-from ckptctl.ops.runs import tf as runs_tf
+from ckptctl.ops.runs import layouts
 from ckptctl.ops.runs.detect import (
     _checkpoint_layout,
-    _has_checkpoint_file,
     _is_checkpoint_file_name,
     is_checkpoint_dir,
 )
 from ckptctl.ops.runs.enrich import _enrich
+from ckptctl.ops.runs.generic import _has_checkpoint_file
 from ckptctl.ops.runs.model import Run, RunCheckpoint
 from ckptctl.ops.runs.names import (
-    FAIRSEQ,
-    FAIRSEQ_EPOCH,
     FILE_SUFFIXES,
     INDEX_SUFFIXES,
     TMP_DIR,
     TMP_FILE,
-    role_of,
-    strip_suffix,
 )
 from ckptctl.ops.runs.walk import _file_stats, _read_json, _read_small_text, _walk_files
 
@@ -50,7 +45,7 @@ def scan_run(run_dir: str | os.PathLike, recursive: bool = False, read_info: boo
     try:
         st = os.stat(root)
     except FileNotFoundError:
-        if runs_tf.tf_prefix_of(root) is None:  # run/ckpt-20 names a TF checkpoint by its prefix
+        if not layouts.names_checkpoint(root):  # run/ckpt-20 names a TF checkpoint by its prefix
             raise NotFound("no such file or directory", root) from None
         st = None
     except PermissionError:
@@ -145,8 +140,8 @@ def sort_key(c: RunCheckpoint):
 
 
 def _make_single(path: Path, run: Path) -> RunCheckpoint | None:
-    if runs_tf.tf_prefix_of(path) is not None:  # run/ckpt-20, ckpt-20.index, ckpt-20.data-00000-of-00001
-        return runs_tf.single(path)
+    if layouts.names_checkpoint(path):  # run/ckpt-20, ckpt-20.index, ckpt-20.data-00000-of-00001
+        return layouts.single(path)
     if path.is_dir():
         layout = _checkpoint_layout(path)
         if layout is None:
@@ -174,8 +169,9 @@ def _scan_dir(folder: Path, root: Path, run: Run, recursive: bool) -> None:
             c = _index_checkpoint(Path(e.path), folder, claimed, run.warnings)
             if c is not None:
                 run.checkpoints.append(c)
-    # 2. TensorFlow name-prefix groups (ckpt-5.index + ckpt-5.data-00000-of-00001)
-    runs_tf.scan_tf_groups(folder, names, claimed, run)
+    # 2. groups of loose files a layout claims (TF prefixes: ckpt-5.index + ckpt-5.data-00000-of-00001)
+    for lay in layouts.LAYOUTS:
+        lay.scan(folder, names, claimed, run)
     # 3. everything else
     for e in entries:
         n = e.name
@@ -196,7 +192,7 @@ def _scan_dir(folder: Path, root: Path, run: Run, recursive: bool) -> None:
             continue
         if not e.is_file(follow_symlinks=False):
             continue
-        if n in ("latest", "checkpoint", "latest_checkpointed_iteration.txt"):
+        if n in layouts.ALIAS_FILES:  # `latest` (DeepSpeed), TF `checkpoint`, Megatron's iteration file
             alias_files.append(p)
             continue
         if TMP_FILE.search(n) and _is_checkpoint_file_name(TMP_FILE.sub("", n).lstrip(".")):
@@ -235,15 +231,7 @@ def _resolve_links(run: Run, root: Path) -> None:
         text = _read_small_text(f, 4096)
         if not text:
             continue
-        target_name = None
-        if f.name == "checkpoint":  # TF CheckpointManager state: model_checkpoint_path: "ckpt-5"
-            target_name = runs_tf.state_latest(text)
-        elif f.name == "latest_checkpointed_iteration.txt":  # Megatron: an iteration number
-            t = text.strip()
-            if t.isdigit():
-                target_name = f"iter_{int(t):07d}"
-        else:  # DeepSpeed: a tag like global_step1200
-            target_name = text.strip()
+        target_name = layouts.ALIAS_FILES[f.name].alias_target(f.name, text)
         if not target_name or "\n" in target_name:
             continue
         target = os.path.realpath(f.parent / target_name)
@@ -253,13 +241,7 @@ def _resolve_links(run: Run, root: Path) -> None:
 
 def _file_checkpoint(path: Path, run: Path) -> RunCheckpoint:
     mtime, size = _file_stats([path])
-    layout = "file"
-    if path.suffix == ".ckpt":
-        layout = "lightning"
-    elif keras.is_keras_name(path.name):  # before fairseq: checkpoint3.keras is Keras epoch 3
-        layout = "keras"
-    elif FAIRSEQ.match(strip_suffix(path.name)) or FAIRSEQ_EPOCH.match(strip_suffix(path.name)):
-        layout = "fairseq"
+    layout = layouts.claim_file(path.name)  # lightning, keras, fairseq, ... else "file"
     return RunCheckpoint(path=path, files=[path], step=None, step_source="none", format=None, size=size,
                          mtime=mtime, run=run, layout=layout)
 
@@ -290,12 +272,9 @@ def _dir_checkpoint(path: Path, run: Path, layout: str) -> RunCheckpoint:
     if TMP_DIR.match(path.name):
         c.incomplete = True
         c.error = "incomplete: a temporary folder of a save in progress or interrupted"
-    elif layout == "hf-trainer" and "trainer_state.json" not in names:
+    elif (why := layouts.for_layout(layout).incomplete(c, names)) is not None:
         c.incomplete = True
-        c.error = "incomplete: no trainer_state.json (save interrupted?)"
-    elif layout == "dcp" and ".metadata" not in names:
-        c.incomplete = True
-        c.error = "incomplete: .distcp files without .metadata (save interrupted?)"
+        c.error = why
     elif not files:
         c.incomplete = True
         c.error = "incomplete: empty folder"
@@ -307,9 +286,9 @@ def _dir_checkpoint(path: Path, run: Path, layout: str) -> RunCheckpoint:
 def _resolve_copies(run: Run) -> None:
     """checkpoint_last.pt / last.ckpt / checkpoint_best.pt: aliases when they equal a stepped one."""
     keep: list[RunCheckpoint] = []
-    stepped = [c for c in run.checkpoints if role_of(c.path.name) is None]
+    stepped = [c for c in run.checkpoints if layouts.role_of(c.path.name) is None]
     for c in run.checkpoints:
-        role = role_of(c.path.name) if len(c.files) == 1 else None
+        role = layouts.role_of(c.path.name) if len(c.files) == 1 else None
         if role is None:
             keep.append(c)
             continue
@@ -319,8 +298,8 @@ def _resolve_copies(run: Run) -> None:
                 if s.run == c.run and s.step == c.step and s.size == c.size and s.error is None and len(s.files) == 1:
                     twin = s
                     break
-        if twin is None and c.layout == "keras":  # best.keras: a byte copy of one epoch's file?
-            twin = keras.keras_twin(c, stepped)
+        if twin is None:  # best.keras: a byte copy of one epoch's file?
+            twin = layouts.for_layout(c.layout).twin(c, stepped)
         if twin is not None:
             twin.aliases.append(c.path.name)
             twin.aliases.extend(c.aliases)

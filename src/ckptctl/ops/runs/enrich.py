@@ -9,31 +9,31 @@ from pathlib import Path
 
 from ckptctl.errors import CkptError
 from ckptctl.model import CheckpointInfo
-from ckptctl.ops.runs import tf as runs_tf
-from ckptctl.ops.runs.hf_trainer import trainer_state
-from ckptctl.ops.runs.lightning import lightning_callbacks
 from ckptctl.ops.runs.model import RunCheckpoint
 from ckptctl.ops.runs.names import AUX_NAMES, EPOCH_KEYS, FILE_SUFFIXES, STEP_KEYS, parse_name, untmp
 from ckptctl.ops.runs.values import _as_float, _as_int, _flatten
 
 
 def _enrich(c: RunCheckpoint, read_info: bool) -> None:
-    if c.layout in runs_tf.LAYOUTS:
-        runs_tf.enrich(c, read_info)
-        return
+    from ckptctl.ops.runs.layouts import for_layout
+
+    for_layout(c.layout).enrich(c, read_info)
+
+
+def name_fields(c: RunCheckpoint) -> None:
+    """Step, epoch and metrics from the checkpoint's name (a temporary one as it will be named)."""
     step, epoch, metrics = parse_name(untmp(c.path.name) if c.incomplete else c.path.name)
     c.metrics.update(metrics)
     if step is not None:
         c.step, c.step_source = step, "name"
     if epoch is not None:
         c.epoch = epoch
-    if c.layout == "orbax":
-        from ckptctl.ops.runs.orbax import enrich as enrich_orbax
 
-        enrich_orbax(c, read_info)
-        return
-    if c.layout == "hf-trainer":
-        trainer_state(c)
+
+def default_enrich(c: RunCheckpoint, read_info: bool, layout) -> None:
+    """What most layouts do: the name, the layout's side files, then the reader's metadata."""
+    name_fields(c)
+    layout.side_files(c)
     if not read_info:
         return
     if c.error is not None and not c.files:
@@ -48,7 +48,7 @@ def _read_info(c: RunCheckpoint) -> None:
         try:
             fmt, target = formats.resolve(c.path)
         except CkptError:
-            alt = primary_file(c) if c.path.is_dir() and c.layout in ("folder", "deepspeed", "hf-trainer") else None
+            alt = primary_file(c) if c.path.is_dir() and picks_model_file(c.layout) else None
             if alt is None:
                 raise
             fmt, target = formats.resolve(alt)
@@ -85,8 +85,6 @@ def primary_file(c: RunCheckpoint) -> Path | None:
 def _from_info(c: RunCheckpoint, reader, info: CheckpointInfo) -> None:
     """Step, epoch and metrics from what the reader found (file metadata, Lightning callbacks)."""
     meta = _flatten(info.metadata)
-    if c.layout == "file" and info.kind:
-        c.layout = "lightning" if info.kind == "lightning" else c.layout
     inner_step = None
     for k in STEP_KEYS:
         v = _as_int(meta.get(k))
@@ -114,7 +112,17 @@ def _from_info(c: RunCheckpoint, reader, info: CheckpointInfo) -> None:
         f = _as_float(meta.get(k))
         if f is not None:
             c.metrics.setdefault(k.split("/", 1)[1] if k.endswith("val_loss") else "best_val_loss", f)
-    lightning_callbacks(c, reader, info, meta)
+    from ckptctl.ops.runs.layouts import LAYOUTS
+
+    for lay in LAYOUTS:  # what each framework stores inside a file (Lightning callbacks, ...)
+        lay.from_info(c, reader, info, meta)
+
+
+def picks_model_file(layout: str) -> bool:
+    """A multi-file folder (HF Trainer, DeepSpeed, model folder) whose model file discovery picks."""
+    from ckptctl.ops.runs.layouts import for_layout
+
+    return layout in for_layout(layout).model_file_in_folder
 
 
 def _numeric_into(c: RunCheckpoint, d: dict, source: str) -> None:

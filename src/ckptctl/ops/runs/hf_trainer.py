@@ -4,8 +4,11 @@ run's best_model_checkpoint come from trainer_state.json."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckptctl.ops.runs.base import Layout
 from ckptctl.ops.runs.values import _as_float
 from ckptctl.ops.runs.walk import _read_json
 
@@ -41,3 +44,24 @@ def trainer_state(c: RunCheckpoint) -> None:
         if isinstance(doc.get("best_metric"), (int, float)):
             ref["score"] = float(doc["best_metric"])
         c.best_ref = ref
+
+
+STEP_DIR = re.compile(r"^(tmp-)?checkpoint-\d+$")
+
+
+class HFTrainer(Layout):
+    name = "hf-trainer"
+    owns = ("hf-trainer",)
+    model_file_in_folder = ("hf-trainer",)
+
+    def claim_dir(self, path: Path, names: list[str], nameset: set[str]) -> str | None:
+        return "hf-trainer" if STEP_DIR.match(path.name) else None
+
+    def incomplete(self, c: RunCheckpoint, names: set[str]) -> str | None:
+        return None if "trainer_state.json" in names else "incomplete: no trainer_state.json (save interrupted?)"
+
+    def side_files(self, c: RunCheckpoint) -> None:
+        trainer_state(c)
+
+
+LAYOUT = HFTrainer()

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ckptctl.ops.runs.base import Layout
+
 if TYPE_CHECKING:
     from ckptctl.ops.runs.model import RunCheckpoint
 
@@ -174,3 +176,25 @@ def keras_twin(c: RunCheckpoint, cands: list[RunCheckpoint]) -> RunCheckpoint | 
         if _zip_members(s.path) == mine:
             hits.append(s)
     return max(hits, key=lambda s: (s.epoch or 0, s.mtime)) if hits else None
+
+
+class Keras(Layout):
+    name = "keras"
+    owns = ("keras",)
+
+    def claim_file(self, name: str) -> str | None:
+        return "keras" if is_keras_name(name) else None  # before fairseq: checkpoint3.keras is Keras epoch 3
+
+    def enrich(self, c: RunCheckpoint, read_info: bool) -> None:
+        from ckptctl.ops.runs.tf import enrich
+
+        enrich(c, read_info)  # the TF/Keras reading path (registry readers, names by parse_keras_name)
+
+    def role(self, name: str) -> str | None:
+        return (keras_role(name) or "") if is_keras_name(name) else None
+
+    def twin(self, c: RunCheckpoint, stepped: list[RunCheckpoint]) -> RunCheckpoint | None:
+        return keras_twin(c, stepped)
+
+
+LAYOUT = Keras()

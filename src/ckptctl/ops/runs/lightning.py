@@ -5,9 +5,11 @@ score, and holds the 0-d `current_score` tensor (the one tensor value run discov
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ckptctl.model import CheckpointInfo
+from ckptctl.ops.runs.base import Layout
 from ckptctl.ops.runs.values import _as_float
 
 if TYPE_CHECKING:
@@ -52,3 +54,19 @@ def lightning_callbacks(c: RunCheckpoint, reader, info: CheckpointInfo, meta: di
             if mode:
                 ref["mode"] = mode.group(1)
             c.best_ref = ref
+
+
+class Lightning(Layout):
+    name = "lightning"
+    owns = ("lightning",)
+
+    def claim_file(self, name: str) -> str | None:
+        return "lightning" if PurePosixPath(name).suffix == ".ckpt" else None
+
+    def from_info(self, c: RunCheckpoint, reader: Any, info: CheckpointInfo, meta: dict[str, Any]) -> None:
+        if c.layout == "file" and info.kind:  # a .pt written by Lightning's trainer
+            c.layout = "lightning" if info.kind == "lightning" else c.layout
+        lightning_callbacks(c, reader, info, meta)  # any file may carry ModelCheckpoint state
+
+
+LAYOUT = Lightning()

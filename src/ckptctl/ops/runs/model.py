@@ -47,7 +47,9 @@ class RunCheckpoint:
 
     @property
     def has_optimizer(self) -> bool | None:
-        if self.layout in ("hf-trainer", "folder", "deepspeed") and self.path.is_dir():
+        from ckptctl.ops.runs.enrich import picks_model_file
+
+        if picks_model_file(self.layout) and self.path.is_dir():
             for f in self.files:
                 if re.match(r"^(optimizer.*\.(pt|bin|safetensors)|.*optim_states\.pt)$", f.name) or any(
                     p.startswith("optimizer") for p in f.relative_to(self.path).parts[:-1]

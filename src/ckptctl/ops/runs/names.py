@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 from ckptctl.errors import UsageError
-from ckptctl.ops.runs import keras
 
 # file suffixes that hold one checkpoint each
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".keras", ".gguf")
@@ -102,13 +101,6 @@ def parse_name(name: str) -> tuple[int | None, int | None, dict[str, float]]:
         if m:
             step = int(m.group(1))
     return step, epoch, metrics
-
-
-def role_of(name: str) -> str | None:
-    if keras.is_keras_name(name):
-        return keras.keras_role(name)
-    m = ROLE_STEM.match(strip_suffix(name))
-    return m.group(1).lower() if m else None
 
 
 # ---- durations ---------------------------------------------------------------------------------

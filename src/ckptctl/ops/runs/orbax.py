@@ -17,10 +17,15 @@ Pure: no printing. Reads JSON side files and the checkpoint's metadata (never ar
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from ckptctl.ops.runs.base import Layout
+
 COMMIT_MARKER = "commit_success.txt"
+ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "commit_success.txt", "manifest.ocdbt")
+STEP_DIR = re.compile(r"^(\w+[_-])?\d+$")
 
 
 def _numeric(d: Any) -> dict[str, float]:
@@ -104,3 +109,41 @@ def enrich(c, read_info: bool) -> None:
         c.error = c.error or e.message
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         c.error = c.error or f"unreadable: {type(e).__name__}: {e}".splitlines()[0]
+
+
+def _orbax_items(path: Path, names: list[str]) -> bool:
+    """An Orbax step folder holds item folders (default/, state/, params/) with _METADATA etc."""
+    for n in names:
+        p = path / n
+        if p.is_dir() and not p.is_symlink():
+            try:
+                inner = set(os.listdir(p))
+            except OSError:
+                continue
+            if inner & {"_METADATA", "_sharding", "manifest.ocdbt", "checkpoint", "ocdbt.process_0"}:
+                return True
+    return False
+
+
+class Orbax(Layout):
+    name = "orbax"
+    owns = ("orbax",)
+
+    def claim_dir(self, path: Path, names: list[str], nameset: set[str]) -> str | None:
+        if STEP_DIR.match(path.name) and (nameset & set(ORBAX_MARKERS) or _orbax_items(path, names)):
+            return "orbax"
+        if ".orbax-checkpoint-tmp-" in path.name:
+            return "orbax"
+        return None
+
+    def enrich(self, c, read_info: bool) -> None:
+        from ckptctl.ops.runs.enrich import name_fields
+
+        name_fields(c)
+        enrich(c, read_info)
+
+    def in_progress(self, c) -> str | None:
+        return in_progress(c)
+
+
+LAYOUT = Orbax()

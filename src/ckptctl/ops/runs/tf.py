@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckptctl.ops.runs.base import RUN, Layout
+
 if TYPE_CHECKING:  # the runs package imports this module; the names it shares are imported lazily
     from ckptctl.ops.runs.model import Run, RunCheckpoint
 
@@ -407,3 +409,37 @@ def after_prune(removed: list[RunCheckpoint]) -> list[StateRewrite]:
         if r is not None:
             out.append(r)
     return out
+
+
+class TensorFlow(Layout):
+    name = "tf"
+    owns = ("tf", "tf-savedmodel")
+    alias_files = (STATE_FILE,)
+
+    def claim_dir(self, path: Path, names: list[str], nameset: set[str]) -> str | None:
+        kind = dir_kind(path, names)
+        return RUN if kind == "run" else kind
+
+    def names_checkpoint(self, path: Path) -> bool:  # run/ckpt-20, ckpt-20.index, ckpt-20.data-00000-of-00001
+        return tf_prefix_of(path) is not None
+
+    def single(self, path: Path) -> RunCheckpoint | None:
+        return single(path)
+
+    def scan(self, folder: Path, names: list[str], claimed: set[str], run: Run) -> None:
+        scan_tf_groups(folder, names, claimed, run)
+
+    def enrich(self, c: RunCheckpoint, read_info: bool) -> None:
+        enrich(c, read_info)
+
+    def alias_target(self, file_name: str, text: str) -> str | None:
+        return state_latest(text)  # model_checkpoint_path: "ckpt-5"
+
+    def plan_prune(self, ckpts: list[RunCheckpoint]) -> list[StateRewrite]:
+        return plan_state(ckpts)
+
+    def after_prune(self, removed: list[RunCheckpoint]) -> list[StateRewrite]:
+        return after_prune(removed)
+
+
+LAYOUT = TensorFlow()
