@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 from ckptctl.ops.runs import layouts
+from ckptctl.ops.runs.walk import entry_path, listdir, scandir
+from ckptctl.sources import as_path
 from ckptctl.ops.runs.names import (
     AUX_NAMES,
     FILE_SUFFIXES,
@@ -21,7 +23,7 @@ def _dir_layout(path: Path, names: list[str] | None = None) -> str | None:
     """The layout of a folder that is ONE checkpoint, or None (a run folder or something else):
     the first registered layout that claims it (layouts.py)."""
     try:
-        names = names if names is not None else os.listdir(path)
+        names = names if names is not None else listdir(path)
     except OSError:
         return None
     return layouts.claim_dir(path, names)
@@ -37,7 +39,7 @@ def _checkpoint_layout(path: Path) -> str | None:
     if layout not in ("folder", "sharded"):
         return layout
     try:
-        entries = list(os.scandir(path))
+        entries = scandir(path)
     except OSError:
         return layout
     models = 0
@@ -45,7 +47,7 @@ def _checkpoint_layout(path: Path) -> str | None:
         if e.is_symlink() or e.name.startswith("."):
             continue
         if e.is_dir():
-            if _dir_layout(Path(e.path)) is not None or _holds_checkpoints(Path(e.path)):
+            if _dir_layout(entry_path(e)) is not None or _holds_checkpoints(entry_path(e)):
                 return None
         elif e.is_file() and (e.name.endswith(INDEX_SUFFIXES) or (
                 _is_checkpoint_file_name(e.name) and not SHARD_NAME.search(strip_suffix(e.name)))):
@@ -56,14 +58,13 @@ def _checkpoint_layout(path: Path) -> str | None:
 def _holds_checkpoints(path: Path) -> bool:
     """A folder with a checkpoint file or checkpoint folder directly inside (a run)."""
     try:
-        with os.scandir(path) as it:
-            for e in it:
-                if e.is_symlink() or e.name.startswith("."):
-                    continue
-                if e.is_file() and _is_checkpoint_file_name(e.name):
-                    return True
-                if e.is_dir() and _dir_layout(Path(e.path)) is not None:
-                    return True
+        for e in scandir(path):
+            if e.is_symlink() or e.name.startswith("."):
+                continue
+            if e.is_file() and _is_checkpoint_file_name(e.name):
+                return True
+            if e.is_dir() and _dir_layout(entry_path(e)) is not None:
+                return True
     except OSError:
         return False
     return False
@@ -71,7 +72,7 @@ def _holds_checkpoints(path: Path) -> bool:
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """A folder that is one checkpoint (checkpoint-N/, DCP, Orbax step, shards, model folder)."""
-    p = Path(path)
+    p = as_path(path)
     return p.is_dir() and _checkpoint_layout(p) is not None
 
 
@@ -81,11 +82,11 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     Cheap: looks at names only. True when the folder is not itself one checkpoint and holds at
     least one checkpoint file or checkpoint folder.
     """
-    p = Path(path)
+    p = as_path(path)
     if not p.is_dir() or is_checkpoint_dir(p):
         return False
     try:
-        entries = list(os.scandir(p))
+        entries = scandir(p)
     except OSError:
         return False
     for e in entries:
@@ -93,7 +94,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
             continue
         if e.is_file() and (_is_checkpoint_file_name(e.name) or TF_DATA.match(e.name)):
             return True
-        if e.is_dir() and _checkpoint_layout(Path(e.path)) is not None:
+        if e.is_dir() and _checkpoint_layout(entry_path(e)) is not None:
             return True
     return False
 

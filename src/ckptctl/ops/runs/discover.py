@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ckptctl.errors import NotFound, UsageError
+from ckptctl.errors import CkptError, NotFound, UsageError
 from ckptctl.ops.runs import layouts
 from ckptctl.ops.runs.detect import (
     _checkpoint_layout,
@@ -26,7 +26,18 @@ from ckptctl.ops.runs.names import (
     TMP_DIR,
     TMP_FILE,
 )
-from ckptctl.ops.runs.walk import _file_stats, _read_json, _read_small_text, _walk_files
+from ckptctl.ops.runs.walk import (
+    _file_stats,
+    _read_json,
+    _read_small_text,
+    _walk_files,
+    entry_path,
+    is_remote,
+    lexists,
+    realpath,
+    scandir,
+)
+from ckptctl.sources import as_path
 
 
 # ---- discovery ---------------------------------------------------------------------------------
@@ -41,18 +52,22 @@ def scan_run(run_dir: str | os.PathLike, recursive: bool = False, read_info: boo
     `run_dir` may also be one checkpoint (a file or a checkpoint folder): the run is then that
     one checkpoint, in its parent folder.
     """
-    root = Path(run_dir)
-    try:
-        st = os.stat(root)
-    except FileNotFoundError:
-        if not layouts.names_checkpoint(root):  # run/ckpt-20 names a TF checkpoint by its prefix
-            raise NotFound("no such file or directory", root) from None
-        st = None
-    except PermissionError:
-        raise NotFound("permission denied", root) from None
-    except OSError as e:
-        raise NotFound(e.strerror or str(e), root) from None
-    if st is None or not stat.S_ISDIR(st.st_mode) or is_checkpoint_dir(root):
+    root = as_path(run_dir)
+    if is_remote(root):
+        folder = _remote_root(root)
+    else:
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
+            if not layouts.names_checkpoint(root):  # run/ckpt-20 names a TF checkpoint by its prefix
+                raise NotFound("no such file or directory", root) from None
+            st = None
+        except PermissionError:
+            raise NotFound("permission denied", root) from None
+        except OSError as e:
+            raise NotFound(e.strerror or str(e), root) from None
+        folder = st is not None and stat.S_ISDIR(st.st_mode)
+    if not folder or is_checkpoint_dir(root):
         parent = root.parent
         run = Run(path=parent, checkpoints=[])
         c = _make_single(root, parent)
@@ -71,6 +86,24 @@ def scan_run(run_dir: str | os.PathLike, recursive: bool = False, read_info: boo
     return run
 
 
+def _remote_root(root) -> bool:
+    """True when a remote path is a folder (a prefix with objects under it), False when it names one
+    checkpoint. One recursive listing of the prefix answers every later question about its folders."""
+    from ckptctl.sources import prefetch_tree
+
+    if root.protocol in ("http", "https"):
+        if root.is_file():  # one HEAD
+            return False
+        raise CkptError("http(s) has no listing, so a run folder cannot be listed there; name its checkpoint "
+                        "files (or use s3://, gs://, az://, hf://)", root)
+    if prefetch_tree(root):
+        return True
+    if root.is_file() or layouts.names_checkpoint(root):
+        return False
+    raise NotFound("no such object or prefix (nothing found under it)", root)
+
+
+REMOTE_WORKERS = 16  # header reads in flight when the checkpoints are remote (latency-bound, not CPU)
 PARALLEL_MIN = 24  # checkpoints that need a pickle parsed before a process pool pays off
 POOL_STATE: dict[str, Any] = {"used": False, "error": None}  # what the last discovery did (for tests)
 
@@ -91,6 +124,9 @@ def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
     (~5 ms for a Lightning .ckpt): with many of them, forked workers share it across cores."""
     heavy = [c for c in cks if read_info and c.layout not in ("orbax", "tf") and (
         c.path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl") or c.layout in ("dcp", "deepspeed"))]
+    if cks and is_remote(cks[0].path):
+        _enrich_threads(cks, read_info)
+        return
     jobs = _jobs()
     if jobs < 2 or len(heavy) < PARALLEL_MIN or "torch" in sys.modules or not hasattr(os, "fork"):
         for c in cks:
@@ -121,6 +157,16 @@ def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
     for batch, results in zip(batches, done):
         for c, r in zip(batch, results):
             c.__dict__.update(r.__dict__)
+
+
+def _enrich_threads(cks: list[RunCheckpoint], read_info: bool) -> None:
+    """Remote checkpoints: each needs a request or two (a header, a pickle's head, a side file)
+    whose time is the server's latency, so they are all in flight together, REMOTE_WORKERS at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(REMOTE_WORKERS, len(cks)))) as pool:
+        for _ in pool.map(lambda c: _enrich(c, read_info), cks):
+            pass
 
 
 def _enrich_batch(batch: list[RunCheckpoint]) -> list[RunCheckpoint]:
@@ -154,7 +200,7 @@ def _make_single(path: Path, run: Path) -> RunCheckpoint | None:
 
 def _scan_dir(folder: Path, root: Path, run: Run, recursive: bool) -> None:
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        entries = sorted(scandir(folder), key=lambda e: e.name)
     except PermissionError:
         raise NotFound("permission denied", folder) from None
     except OSError as e:
@@ -166,7 +212,7 @@ def _scan_dir(folder: Path, root: Path, run: Run, recursive: bool) -> None:
     # 1. sharded models at this level: the index claims its shards
     for e in entries:
         if e.name.endswith(INDEX_SUFFIXES) and e.is_file(follow_symlinks=False):
-            c = _index_checkpoint(Path(e.path), folder, claimed, run.warnings)
+            c = _index_checkpoint(entry_path(e), folder, claimed, run.warnings)
             if c is not None:
                 run.checkpoints.append(c)
     # 2. groups of loose files a layout claims (TF prefixes: ckpt-5.index + ckpt-5.data-00000-of-00001)
@@ -177,7 +223,7 @@ def _scan_dir(folder: Path, root: Path, run: Run, recursive: bool) -> None:
         n = e.name
         if n in claimed:
             continue
-        p = Path(e.path)
+        p = entry_path(e)
         if e.is_symlink():
             links.append(e)
             continue
@@ -205,13 +251,13 @@ def _scan_dir(folder: Path, root: Path, run: Run, recursive: bool) -> None:
             run.checkpoints.append(_file_checkpoint(p, folder))
         elif n.endswith(FILE_SUFFIXES):
             run.ignored.append(p)
-    run.links.extend(Path(e.path) for e in links)
+    run.links.extend(entry_path(e) for e in links)
     run.alias_files.extend(alias_files)
 
 
 def _resolve_links(run: Run, root: Path) -> None:
-    real_root = os.path.realpath(root)
-    by_real = {os.path.realpath(c.path): c for c in run.checkpoints}
+    real_root = realpath(root)
+    by_real = {realpath(c.path): c for c in run.checkpoints}
     for link in run.links:
         target = os.path.realpath(link)
         if target in by_real:
@@ -234,7 +280,7 @@ def _resolve_links(run: Run, root: Path) -> None:
         target_name = layouts.ALIAS_FILES[f.name].alias_target(f.name, text)
         if not target_name or "\n" in target_name:
             continue
-        target = os.path.realpath(f.parent / target_name)
+        target = realpath(f.parent / target_name)
         if target in by_real:
             by_real[target].aliases.append(f.name)
 
@@ -255,7 +301,7 @@ def _index_checkpoint(index: Path, folder: Path, claimed: set[str], warnings: li
             if os.path.isabs(shard) or ".." in Path(shard).parts:
                 continue
             p = folder / shard
-            if os.path.lexists(p):
+            if lexists(p):
                 files.append(p)
                 if len(Path(shard).parts) == 1:
                     claimed.add(shard)
@@ -339,7 +385,7 @@ def _match_path(ref: str, group: list[RunCheckpoint]) -> RunCheckpoint | None:
     ref_path = Path(ref)
     for c in group:  # exact path first (absolute or relative to the current folder)
         try:
-            if os.path.realpath(ref_path) == os.path.realpath(c.path):
+            if os.path.realpath(ref_path) == realpath(c.path):
                 return c
         except OSError:
             pass

@@ -5,11 +5,11 @@ Asked last: whatever no framework claims."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from ckptctl.ops.runs.base import Layout
+from ckptctl.ops.runs.walk import entry_path, scandir
 from ckptctl.ops.runs.names import EPOCH_PATTERN, FILE_SUFFIXES, INDEX_SUFFIXES, ROLE_STEM, STEP_PATTERNS, strip_suffix
 
 
@@ -22,12 +22,11 @@ def _explicit_step(name: str) -> bool:
 
 def _has_checkpoint_file(path: Path, depth: int = 2) -> bool:
     try:
-        with os.scandir(path) as it:
-            for e in it:
-                if e.is_file(follow_symlinks=False) and e.name.endswith(FILE_SUFFIXES + (".distcp",)):
-                    return True
-                if depth > 1 and e.is_dir(follow_symlinks=False) and _has_checkpoint_file(Path(e.path), depth - 1):
-                    return True
+        for e in scandir(path):
+            if e.is_file(follow_symlinks=False) and e.name.endswith(FILE_SUFFIXES + (".distcp",)):
+                return True
+            if depth > 1 and e.is_dir(follow_symlinks=False) and _has_checkpoint_file(entry_path(e), depth - 1):
+                return True
     except OSError:
         return False
     return False

@@ -151,10 +151,13 @@ def _zip_members(path: Path) -> list[tuple[str, int, int]] | None:
     """(name, CRC-32, size) of every member, from the zip's central directory (no member is read)."""
     import zipfile
 
+    from ckptctl.errors import CkptError
+    from ckptctl.sources import is_remote, open_file
+
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(open_file(path) if is_remote(path) else path) as z:
             return sorted((i.filename, i.CRC, i.file_size) for i in z.infolist())
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, OverflowError):
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, OverflowError, CkptError):
         return None
 
 

@@ -16,12 +16,12 @@ Pure: no printing. Reads JSON side files and the checkpoint's metadata (never ar
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from ckptctl.ops.runs.base import Layout
+from ckptctl.ops.runs.walk import entry_path, isfile, listdir, scandir
 
 COMMIT_MARKER = "commit_success.txt"
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "commit_success.txt", "manifest.ocdbt")
@@ -52,11 +52,10 @@ def _run_uses_markers(step_dir: Path) -> bool:
     there, only the temporary folder name says a save is in progress.)"""
     parent = step_dir.parent
     try:
-        with os.scandir(parent) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False) and ".orbax-checkpoint-tmp-" not in e.name \
-                        and os.path.isfile(os.path.join(e.path, COMMIT_MARKER)):
-                    return True
+        for e in scandir(parent):
+            if e.is_dir(follow_symlinks=False) and ".orbax-checkpoint-tmp-" not in e.name \
+                    and isfile(entry_path(e) / COMMIT_MARKER):
+                return True
     except OSError:
         return False
     return False
@@ -86,7 +85,7 @@ def enrich(c, read_info: bool) -> None:
         c.metrics.update(_numeric(meta.get("metrics")))
     # JSON items (JsonCheckpointHandler): <step>/<item>/<item>, e.g. metrics/metrics
     try:
-        names = sorted(os.listdir(c.path))
+        names = sorted(listdir(c.path))
     except OSError:
         names = []
     for n in names:
@@ -117,7 +116,7 @@ def _orbax_items(path: Path, names: list[str]) -> bool:
         p = path / n
         if p.is_dir() and not p.is_symlink():
             try:
-                inner = set(os.listdir(p))
+                inner = set(listdir(p))
             except OSError:
                 continue
             if inner & {"_METADATA", "_sharding", "manifest.ocdbt", "checkpoint", "ocdbt.process_0"}:

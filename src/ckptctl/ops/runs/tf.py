@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptctl.ops.runs.base import RUN, Layout
+from ckptctl.ops.runs.walk import isfile, islink, lexists, listdir, realpath
 
 if TYPE_CHECKING:  # the runs package imports this module; the names it shares are imported lazily
     from ckptctl.ops.runs.model import Run, RunCheckpoint
@@ -122,7 +123,7 @@ def state_latest(text: str) -> str | None:
 
 def _resolve_in(folder: Path, name: str) -> str:
     p = Path(name)
-    return os.path.realpath(p if p.is_absolute() else folder / p)
+    return realpath(p if p.is_absolute() else folder / p)
 
 
 # ---- TensorFlow prefixes -----------------------------------------------------------------------
@@ -140,7 +141,7 @@ def scan_tf_groups(folder: Path, names: list[str], claimed: set[str], run: Run) 
     groups: dict[str, dict[str, Any]] = {}
     for n in names:
         m = TF_FILE.match(n)
-        if not m or n in claimed or not os.path.isfile(folder / n) or os.path.islink(folder / n):
+        if not m or n in claimed or not isfile(folder / n) or islink(folder / n):
             continue
         g = groups.setdefault(m.group("prefix"), {"index": None, "shards": {}, "members": []})
         g["members"].append(n)
@@ -152,7 +153,7 @@ def scan_tf_groups(folder: Path, names: list[str], claimed: set[str], run: Run) 
         return
     state = read_state(folder)
     if state is not None:
-        here = {os.path.realpath(folder / p) for p in groups}
+        here = {realpath(folder / p) for p in groups}
         missing = [p for _, p in state.paths if _resolve_in(folder, p) not in here]
         if state.latest and _resolve_in(folder, state.latest) not in here:
             run.warnings.append(f"{state.path}: its latest checkpoint {state.latest!r} is not in this folder")
@@ -195,9 +196,9 @@ def tf_prefix_of(path: Path) -> str | None:
     """The TF prefix a path names: `ckpt-20.index`, `ckpt-20.data-00000-of-00001`, or `ckpt-20`
     itself when `ckpt-20.index` sits beside it (and no file or folder of that name exists)."""
     m = TF_FILE.match(path.name)
-    if m and os.path.isfile(path):
+    if m and isfile(path):
         return m.group("prefix")
-    if not os.path.lexists(path) and os.path.isfile(path.parent / f"{path.name}.index"):
+    if not lexists(path) and isfile(path.parent / f"{path.name}.index"):
         return path.name
     return None
 
@@ -211,7 +212,7 @@ def single(path: Path) -> RunCheckpoint | None:
         return None
     folder = path.parent
     try:
-        names = sorted(n for n in os.listdir(folder) if n.startswith(prefix + "."))
+        names = sorted(n for n in listdir(folder) if n.startswith(prefix + "."))
     except OSError:
         return None
     names = [n for n in names if (m := TF_FILE.match(n)) and m.group("prefix") == prefix]
@@ -332,7 +333,7 @@ def _removed_by_folder(ckpts: list[RunCheckpoint]) -> dict[Path, set[str]]:
     out: dict[Path, set[str]] = {}
     for c in ckpts:
         if c.layout == "tf":
-            out.setdefault(c.path.parent, set()).add(os.path.realpath(c.path))
+            out.setdefault(c.path.parent, set()).add(realpath(c.path))
     return out
 
 
