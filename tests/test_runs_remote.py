@@ -1,4 +1,4 @@
-"""`ls` of run folders on object storage: the loopback moto S3 server and a Range HTTP
+"""`ls` and `prune` of run folders on object storage: the loopback moto S3 server and a Range HTTP
 server from conftest.py (real servers, no client mocks).
 
 - ls s3://bucket/run gives the same JSON as ls of the same folder on disk (paths aside), planned
@@ -188,3 +188,85 @@ def test_ls_https_folder_refused_file_listed(http_server, tmp_path):
     assert one.returncode == 0, one.stderr
     rows = json.loads(one.stdout)
     assert [(r["step"], r["num_params"], r["metrics"]) for r in rows] == [(7, 20, {"eval_loss": 1.0})]
+
+
+# ---- prune ------------------------------------------------------------------------------------
+def _hf_bucket(env, tmp_path, bucket: str, steps=(100, 200, 300, 400, 500)):
+    root = hf_run(tmp_path / bucket, steps=steps, save_best=False)
+    (root / "README.md").write_text("not a checkpoint\n")
+    _upload(env, bucket, root, "run/")
+    return root
+
+
+def test_prune_s3_dry_run_then_yes_deletes_exactly_the_planned(s3_env, tmp_path):
+    root = _hf_bucket(s3_env, tmp_path, "prune-a")
+    before = _keys(s3_env, "prune-a", "run/")
+    per_ckpt = {s: {k for k in before if k.startswith(f"run/checkpoint-{s}/")} for s in (100, 200, 300, 400, 500)}
+    assert all(len(v) >= 2 for v in per_ckpt.values())  # model, trainer_state, optimizer ...
+    dry = run("prune", "s3://prune-a/run", "--keep-last", "3", "--min-age", "0", "--format", "json", env=s3_env)
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["dry_run"] is True
+    assert sorted(d["step"] for d in plan["checkpoints"] if d["action"] == "delete") == [100, 200]
+    assert _keys(s3_env, "prune-a", "run/") == before  # nothing touched
+    yes = run("prune", "s3://prune-a/run", "--keep-last", "3", "--min-age", "0", "--yes", env=s3_env)
+    assert yes.returncode == 0, yes.stderr
+    left = _keys(s3_env, "prune-a", "run/")
+    assert left == before - per_ckpt[100] - per_ckpt[200]
+    assert "run/README.md" in left
+    assert sorted(root.iterdir())  # the local copy is not involved
+
+
+def test_prune_s3_changed_object_is_skipped(s3_env, tmp_path, monkeypatch):
+    """An object rewritten between the plan and the deletion (same key, other bytes) is not
+    deleted: its checkpoint is skipped with one line, the others go."""
+    _hf_bucket(s3_env, tmp_path, "prune-b")
+    before = _keys(s3_env, "prune-b", "run/")
+    from ckptctl import sources
+    from ckptctl.ops import prune as pr
+    from ckptctl.ops.runs import scan_run
+
+    sources.configure([])
+    runs = [scan_run(sources.as_path("s3://prune-b/run"))]
+    plan = pr.make_plan(runs, pr.Policy(keep_last=2, min_age=0.0))
+    assert sorted(d.ckpt.step for d in plan.to_delete) == [100, 200, 300]
+    _client(s3_env).put_object(Bucket="prune-b", Key="run/checkpoint-200/trainer_state.json", Body=b'{"global_step": 200}')
+    outcome = pr.execute(plan)
+    assert sorted(d.ckpt.step for d in outcome.done) == [100, 300]
+    assert [d.ckpt.step for d in outcome.skipped] == [200]
+    assert "checkpoint-200/trainer_state.json changed since the plan was made" in outcome.skipped_messages[0]
+    left = _keys(s3_env, "prune-b", "run/")
+    assert {k for k in before - left} == {k for k in before if k.startswith(("run/checkpoint-100/", "run/checkpoint-300/"))}
+
+
+def test_prune_s3_changed_object_cli_one_line_exit_1(s3_env, tmp_path, monkeypatch):
+    _hf_bucket(s3_env, tmp_path, "prune-c", steps=(1, 2, 3))
+    from ckptctl.ops import prune as pr
+
+    real_verify = pr._verify_remote
+
+    def change_then_verify(d):  # the object changes right after the plan, before the re-check
+        if d.ckpt.step == 1:
+            _client(s3_env).put_object(Bucket="prune-c", Key="run/checkpoint-1/model.safetensors", Body=b"x" * 10)
+        return real_verify(d)
+
+    monkeypatch.setattr(pr, "_verify_remote", change_then_verify)
+    res = cli("prune", "s3://prune-c/run", "--keep-last", "1", "--min-age", "0", "--yes")
+    assert res.exit_code == 1
+    skipped = [ln for ln in res.stderr.splitlines() if "changed since the plan was made" in ln]
+    assert len(skipped) == 1 and "checkpoint-1/model.safetensors" in skipped[0]
+    left = _keys(s3_env, "prune-c", "run/")
+    assert any(k.startswith("run/checkpoint-1/") for k in left)  # skipped: all its objects stay
+    assert not any(k.startswith("run/checkpoint-2/") for k in left)
+    assert any(k.startswith("run/checkpoint-3/") for k in left)
+
+
+def test_prune_s3_trash_refused(s3_env, tmp_path):
+    _hf_bucket(s3_env, tmp_path, "prune-d", steps=(1, 2))
+    before = _keys(s3_env, "prune-d", "run/")
+    res = run("prune", "s3://prune-d/run", "--keep-last", "1", "--min-age", "0", "--yes", "--trash",
+              str(tmp_path / "trash"), env=s3_env)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "--trash" in res.stderr
+    assert _keys(s3_env, "prune-d", "run/") == before
+    assert not (tmp_path / "trash").exists()
