@@ -19,8 +19,10 @@ Everything is lazy: readers' `info()` (headers and pickles), small JSON/text sid
 The step stored inside a checkpoint beats the one parsed from its name.
 
 Modules: names (suffixes, name parsing, durations), model (RunCheckpoint, Run), walk (file-system
-helpers), detect (what a folder is), discover (walking a run, copies and bests), enrich (step,
-epoch, metrics of one checkpoint), and the framework layouts tf (TensorFlow, Keras) and orbax.
+questions, local or remote), detect (what a folder is), discovery (walking a run, copies and
+bests, the worker pools), enrich (step, epoch, metrics of one checkpoint), values (metadata as
+numbers). Framework layouts are plug-ins (base.Layout, registered in layouts.LAYOUTS): tf, keras,
+hf_trainer, dcp, orbax, deepspeed, lightning, fairseq, generic.
 The names below are the public API other modules import.
 """
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 from ckptctl.ops.runs import orbax, tf  # noqa: F401 - framework layouts
 from ckptctl.ops.runs.detect import is_checkpoint_dir, is_run_dir
-from ckptctl.ops.runs.discover import PARALLEL_MIN, POOL_STATE, discover, scan_run, sort_key
+from ckptctl.ops.runs.discovery import PARALLEL_MIN, POOL_STATE, discover, scan_run, sort_key
 from ckptctl.ops.runs.enrich import primary_file
 from ckptctl.ops.runs.layouts import LAYOUTS, for_layout, role_of
 from ckptctl.ops.runs.model import Run, RunCheckpoint, bytes_on_disk

@@ -1,6 +1,6 @@
 """The shape of a run-layout plug-in: one `Layout` per training framework, each answering the same
 questions about a folder and the checkpoints in it. `layouts.py` lists them in the order they are
-asked; the shared walking (discover.py) and enrichment (enrich.py) call them and hold no
+asked; the shared walking (discovery.py) and enrichment (enrich.py) call them and hold no
 framework's rules of their own.
 
 A layout overrides only what applies to it; the defaults say "not mine" / "nothing to add".
