@@ -50,6 +50,7 @@ _primary_file = primary_file  # the name ops/diff.py looks up
 
 __all__ = [
     "AUX_NAMES", "FILE_SUFFIXES", "INDEX_SUFFIXES", "NON_MODEL_HEADS", "OPTIM_HEADS", "PARALLEL_MIN", "POOL_STATE",
-    "LAYOUTS", "Run", "RunCheckpoint", "for_layout", "bytes_on_disk", "discover", "is_checkpoint_dir", "is_run_dir", "parse_duration",
+    "LAYOUTS", "Run", "RunCheckpoint", "for_layout", "bytes_on_disk", "discover", "is_checkpoint_dir", "is_run_dir",
+    "parse_duration",
     "parse_name", "primary_file", "role_of", "scan_run", "sort_key", "strip_suffix", "untmp",
 ]
