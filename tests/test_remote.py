@@ -327,9 +327,7 @@ def test_missing_extra_and_remote_destination(tmp_path, monkeypatch):
     res = cli("convert", tmp_path / "a.safetensors", "s3://bucket/out.safetensors")
     assert res.exit_code == 2
     assert "not supported yet" in _one_line(res)
-    for cmd in (["ls", "s3://bucket/run"], ["prune", "s3://bucket/run", "--keep-last", "1"]):
-        res = cli(*cmd)
-        assert res.exit_code == 2 and "not supported yet" in _one_line(res), cmd
+    # ls and prune on remote run folders: tests/test_runs_remote.py
 
 
 def test_credentials_in_urls_never_printed(http_server):

@@ -228,7 +228,7 @@ def test_saved_model_folders(tmp_path):
 ])
 def test_keras_names(name, step, epoch, metrics, tmp_path):
     from ckptctl.ops.runs import scan_run
-    from ckptctl.ops.runs_tf import parse_keras_name
+    from ckptctl.ops.runs.keras import parse_keras_name
 
     s, e, m = parse_keras_name(name)
     (tmp_path / "run").mkdir()

@@ -130,9 +130,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         wide: WideOpt = False,
     ) -> None:
-        from ckptctl.cli.common import check_paths, refuse_remote; check_paths(run_dirs)  # first: a typo says so
-        refuse_remote("ls", run_dirs)
+        from ckptctl.cli.common import check_paths; check_paths(run_dirs)  # first: a typo says so
         from ckptctl.ops.runs import scan_run
+        from ckptctl.sources import as_path
+
+        run_dirs = [as_path(p) for p in run_dirs]  # s3://bucket/run: a RemotePath (listings, header reads)
 
         if mode is not None and best is None:
             raise UsageError("--mode only applies to --best METRIC")

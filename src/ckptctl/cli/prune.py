@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import FormatOpt, WideOpt, check_paths, handle_errors, refuse_remote
+from ckptctl.cli.common import FormatOpt, WideOpt, check_paths, handle_errors
 from ckptctl.cli.complete import complete_metric_names
 from ckptctl.cli.output import Column, Fmt, clean, human_bytes
 from ckptctl.errors import CkptError, NotFound, UsageError
@@ -95,9 +95,11 @@ def register(app: typer.Typer) -> None:
         wide: WideOpt = False,
     ) -> None:
         check_paths(run_dirs)  # first: a typo says so
-        refuse_remote("prune", run_dirs)
-        from ckptctl.ops.prune import Policy, check_trash, execute, make_plan, validate
+        from ckptctl.ops.prune import TRASH_REMOTE, Policy, check_trash, execute, make_plan, validate
         from ckptctl.ops.runs import parse_duration, scan_run
+        from ckptctl.sources import as_path, is_remote
+
+        run_dirs = [as_path(p) for p in run_dirs]  # s3://bucket/run: planned from one recursive listing
 
         output.STATE.wide = output.STATE.wide or wide
         policy = Policy(
@@ -108,9 +110,14 @@ def register(app: typer.Typer) -> None:
             min_age_text=min_age, include_broken=include_broken,
         )
         validate(policy)
+        remote = [p for p in run_dirs if is_remote(p)]
+        if remote and trash is not None:
+            raise UsageError(TRASH_REMOTE)
         runs = []
         for p in run_dirs:
-            if not p.is_dir():
+            if is_remote(p):
+                _check_remote_run(p)
+            elif not p.is_dir():
                 if not os.path.lexists(p):
                     raise NotFound("no such file or directory", p)
                 raise UsageError("prune takes a run folder; to delete one file, use rm", p)
@@ -150,13 +157,29 @@ def register(app: typer.Typer) -> None:
             if sf.done:
                 output.note(f"{clean(sf.path)}: dropped {', '.join(map(clean, sf.dropped))} from the TensorFlow "
                             "checkpoint state (rewritten atomically)")
+        for msg in outcome.skipped_messages if outcome is not None else []:
+            output.warn(msg)  # one line per checkpoint left alone because an object changed
         if outcome is not None and outcome.failed is not None:
             raise CkptError(_failure_line(outcome, trash))
+        if outcome is not None and outcome.skipped:
+            n = len(outcome.skipped)
+            raise CkptError(f"{n} checkpoint{'s' if n != 1 else ''} skipped (see above); "
+                            f"{len(outcome.done)} deleted")
         bad = [sf for sf in (outcome.state_files if outcome is not None else []) if sf.error]
         if bad:
             sf = bad[0]
             raise CkptError(f"{sf.path}: could not drop {', '.join(sf.dropped)} from the TensorFlow checkpoint "
                             f"state ({sf.error}); the checkpoints were {'moved' if trash else 'deleted'}")
+
+
+def _check_remote_run(p) -> None:
+    """A remote run folder is a prefix with objects under it (one LIST); http(s) cannot be listed."""
+    if p.protocol in ("http", "https"):
+        raise UsageError("prune needs a listing of the run folder, which http(s) does not have", p)
+    if not p.is_dir():
+        if p.is_file():
+            raise UsageError("prune takes a run folder (a prefix holding checkpoints), not one object", p)
+        raise NotFound("no such prefix (nothing found under it)", p)
 
 
 def _render_plan(plan, runs, fmt: str, yes: bool, trash: Path | None) -> None:

@@ -5,6 +5,11 @@ readable checkpoints whose step is known, per run folder; everything else is kep
 says why. Deletion removes exactly the files recorded in the plan, after checking each one is
 still the same file (inode, size, mtime) and still inside the run folder; it never follows a
 symlink and stops at the first problem, reporting what was and was not deleted.
+
+On object storage (s3://, gs://, az://) the plan comes from one recursive listing; each object of
+a checkpoint is re-checked right before deletion (size and ETag / generation from a fresh HEAD,
+and no new object under a checkpoint-N/ prefix). A checkpoint with a changed object is skipped
+(Outcome.skipped) and the others still go; a failed DELETE stops like a local failure.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from typing import Any
 
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.formats.writeutil import clean_stale_temps, fsync_dir, hold_lock, pause_point, temp_name
-from ckptctl.ops import runs_tf
-from ckptctl.ops.runs import Run, RunCheckpoint
+from ckptctl.ops.runs import Run, RunCheckpoint, layouts
+from ckptctl.ops.runs.tf import StateRewrite
 
 # metric names where bigger is better; everything else (losses, perplexity, error rates) is min
 _MAX_METRIC = re.compile(
@@ -92,13 +97,43 @@ class FileSnap:
             other.dev, other.ino, other.size, other.mtime_ns, other.mode)
 
 
+@dataclass(frozen=True)
+class RemoteSnap:
+    """An object as the listing showed it when the plan was made."""
+
+    path: Any  # RemotePath
+    size: int
+    etag: str | None
+    generation: str | None
+
+    @classmethod
+    def of(cls, path, info: dict) -> RemoteSnap:
+        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        gen = info.get("generation") or info.get("VersionId") or info.get("version_id")
+        return cls(path, int(info.get("size") or 0), str(etag).strip('"') if etag else None,
+                   str(gen) if gen is not None else None)
+
+    def same_as(self, other: RemoteSnap) -> bool:
+        if self.size != other.size:
+            return False
+        if self.etag and other.etag and self.etag != other.etag:
+            return False
+        return not (self.generation and other.generation and self.generation != other.generation)
+
+
+def _remote(p) -> bool:
+    from ckptctl.sources import RemotePath
+
+    return isinstance(p, RemotePath)
+
+
 @dataclass
 class Decision:
     ckpt: RunCheckpoint
     keep: bool
     reasons: list[str]
     root: Path  # the run folder given on the command line (the deletion boundary)
-    snapshot: list[FileSnap] = field(default_factory=list)
+    snapshot: list[Any] = field(default_factory=list)  # FileSnap (local) or RemoteSnap
     protected_by: list[str] = field(default_factory=list)  # protections that apply
     kept_by: list[str] = field(default_factory=list)  # policies that keep it
 
@@ -146,13 +181,23 @@ class Outcome:
     partial: list[Path] = field(default_factory=list)  # files of `failed` already removed
     not_attempted: list[Decision] = field(default_factory=list)
     moved_to: dict[str, str] = field(default_factory=dict)
-    state_files: list[runs_tf.StateRewrite] = field(default_factory=list)  # TF `checkpoint` files rewritten
+    state_files: list[StateRewrite] = field(default_factory=list)  # TF `checkpoint` files rewritten
+    remote: bool = False
+    skipped: list[Decision] = field(default_factory=list)  # remote: an object changed since the plan
+    skipped_messages: list[str] = field(default_factory=list)
 
     @property
     def bytes_freed(self) -> int:
         return sum(d.ckpt.size for d in self.done)
 
     def to_json(self) -> dict[str, Any]:
+        out = self._json()
+        if self.remote:
+            out["skipped"] = [{"path": os.fspath(d.ckpt.path), "why": m}
+                              for d, m in zip(self.skipped, self.skipped_messages)]
+        return out
+
+    def _json(self) -> dict[str, Any]:
         return {
             "done": [os.fspath(d.ckpt.path) for d in self.done],
             "failed": os.fspath(self.failed.ckpt.path) if self.failed else None,
@@ -220,12 +265,24 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
         if absent:
             plan.warnings.append(f"--keep-steps: no checkpoint at step {', '.join(map(str, absent))}")
     for d in plan.to_delete:
+        if _remote(d.ckpt.path):  # from the listing the plan was made from: no request
+            try:
+                d.snapshot = [RemoteSnap.of(f, f.info()) for f in d.ckpt.files]
+            except CkptError as e:
+                d.keep = True
+                d.reasons.append(f"could not stat its objects ({e.message}); kept")
+            continue
         try:
             d.snapshot = [FileSnap.take(f) for f in d.ckpt.files]
         except OSError as e:
             d.keep = True
             d.reasons.append(f"could not stat its files ({e.strerror}); kept")
-    for s in runs_tf.plan_state([d.ckpt for d in plan.to_delete]):
+    remote_tf = sorted({os.fspath(d.ckpt.path.parent) for d in plan.to_delete
+                        if _remote(d.ckpt.path) and d.ckpt.layout == "tf"})
+    for folder in remote_tf:
+        plan.warnings.append(f"{folder}: the TensorFlow `checkpoint` state file is not rewritten on remote storage; "
+                             "it will still name the deleted checkpoints")
+    for s in layouts.plan_prune([d.ckpt for d in plan.to_delete if not _remote(d.ckpt.path)]):
         if s.error:
             plan.warnings.append(f"{s.path}: TensorFlow checkpoint state {s.error}; it will still name "
                                  f"{', '.join(s.dropped)} once deleted")
@@ -318,9 +375,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
         if age < policy.min_age:
             p.append(f"modified {_age(age)} ago, under --min-age {policy.min_age_text} (may be being written)")
         if c.incomplete:
-            from ckptctl.ops.runs_orbax import in_progress
-
-            held = in_progress(c)  # an Orbax save without its commit marker may still be running
+            held = layouts.in_progress(c)  # an Orbax save without its commit marker may still be running
             if held:
                 p.append(f"{held}: never deleted, even with --include-broken")
             elif not policy.include_broken:
@@ -527,8 +582,12 @@ def execute(plan: Plan, trash: Path | None = None) -> Outcome:
     Stops at the first problem: the Outcome then names the failed checkpoint, the files of it
     already removed, and the checkpoints not attempted.
     """
-    outcome = Outcome()
     todo = sorted(plan.to_delete, key=lambda d: (d.ckpt.step is None, d.ckpt.step or 0, d.ckpt.mtime))
+    if any(_remote(d.root) for d in plan.decisions):
+        if trash is not None:
+            raise UsageError(TRASH_REMOTE)
+        return _execute_remote(todo)
+    outcome = Outcome()
     pause_point("prune-planned")
     try:
         _execute(todo, trash, outcome)
@@ -536,7 +595,7 @@ def execute(plan: Plan, trash: Path | None = None) -> Outcome:
         gone = [d.ckpt for d in outcome.done]
         if outcome.failed is not None and outcome.partial:
             gone.append(outcome.failed.ckpt)
-        outcome.state_files = runs_tf.after_prune(gone)
+        outcome.state_files = layouts.after_prune(gone)
     return outcome
 
 
@@ -561,6 +620,67 @@ def _execute(todo: list[Decision], trash: Path | None, outcome: Outcome) -> None
         outcome.partial = []
         outcome.done.append(d)
         pause_point("pruned-one")
+
+
+# ---- deletion on object storage ----------------------------------------------------------------
+TRASH_REMOTE = ("--trash is not supported on remote storage (objects cannot be moved, only copied and "
+                "deleted); prune without --trash deletes them, after a dry run")
+
+
+def _verify_remote(d: Decision) -> None:
+    """Raise PruneError unless every planned object is still the one planned (fresh HEAD: size,
+    ETag / generation) and, for a checkpoint-N/ prefix, no object appeared under it."""
+    from ckptctl.sources import NoSuchObject, find, fresh_info
+
+    root = os.fspath(d.root).rstrip("/") + "/"
+    for snap in d.snapshot:
+        if not os.fspath(snap.path).startswith(root):
+            raise PruneError(f"{snap.path} is not under the run folder {d.root}; refusing")
+        try:
+            now = RemoteSnap.of(snap.path, fresh_info(snap.path))
+        except NoSuchObject:
+            raise PruneError(f"{snap.path} disappeared since the plan was made") from None
+        if not now.same_as(snap):
+            raise PruneError(f"{snap.path} changed since the plan was made (size or ETag); its checkpoint "
+                             f"{d.ckpt.path} was not deleted")
+    if d.ckpt.dirs:
+        planned = {os.fspath(s.path) for s in d.snapshot}
+        extra = sorted(os.fspath(p) for p, _ in find(d.ckpt.path, fresh=True) if os.fspath(p) not in planned)
+        if extra:
+            raise PruneError(f"{extra[0]} appeared since the plan was made (still being written?); its checkpoint "
+                             f"{d.ckpt.path} was not deleted")
+
+
+def _execute_remote(todo: list[Decision]) -> Outcome:
+    """Delete the planned objects checkpoint by checkpoint, oldest first; skip a checkpoint whose
+    objects changed since the plan; stop at the first failed DELETE."""
+    from ckptctl.sources import delete_object
+
+    outcome = Outcome(remote=True)
+    for i, d in enumerate(todo):
+        outcome.partial = []
+        try:
+            _verify_remote(d)
+        except PruneError as e:
+            outcome.skipped.append(d)
+            outcome.skipped_messages.append(e.message)
+            continue
+        except CkptError as e:
+            outcome.failed, outcome.failed_message = d, e.message
+            outcome.not_attempted = todo[i + 1:]
+            return outcome
+        try:
+            for snap in d.snapshot:
+                delete_object(snap.path)
+                outcome.partial.append(snap.path)
+        except CkptError as e:
+            outcome.failed = d
+            outcome.failed_message = f"{e.path}: {e.message}" if e.path else e.message
+            outcome.not_attempted = todo[i + 1:]
+            return outcome
+        outcome.partial = []
+        outcome.done.append(d)
+    return outcome
 
 
 def check_trash(trash: Path, plan: Plan) -> None:

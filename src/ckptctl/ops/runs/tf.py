@@ -1,4 +1,4 @@
-"""TensorFlow and Keras run layouts, plugged into ops/runs.py (discovery) and ops/prune.py.
+"""TensorFlow and Keras run layouts, plugged into ops/runs/ (discovery) and ops/prune.py.
 
 TensorFlow (`tf.train.CheckpointManager`, TF 1 `tf.train.Saver`, `Checkpoint.save`):
   ckpt-10.index + ckpt-10.data-00000-of-00001 (+ more shards), ..., and a `checkpoint` state file
@@ -37,11 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # runs.py imports this module; the names it shares are imported lazily
-    from ckptctl.ops.runs import Run, RunCheckpoint
+from ckptctl.ops.runs.base import RUN, Layout
+from ckptctl.ops.runs.walk import isfile, islink, lexists, listdir, realpath
+
+if TYPE_CHECKING:  # the runs package imports this module; the names it shares are imported lazily
+    from ckptctl.ops.runs.model import Run, RunCheckpoint
 
 TF_FORMAT = "tf-bundle"
-KERAS_FORMAT = "keras"
 LAYOUTS = ("tf", "tf-savedmodel", "keras")
 STATE_FILE = "checkpoint"
 
@@ -103,7 +105,7 @@ def parse_state(path: Path, text: str) -> StateFile:
 
 
 def read_state(folder: Path) -> StateFile | None:
-    from ckptctl.ops.runs import _read_small_text
+    from ckptctl.ops.runs.walk import _read_small_text
 
     p = folder / STATE_FILE
     if not p.is_file() or p.is_symlink():
@@ -121,7 +123,7 @@ def state_latest(text: str) -> str | None:
 
 def _resolve_in(folder: Path, name: str) -> str:
     p = Path(name)
-    return os.path.realpath(p if p.is_absolute() else folder / p)
+    return realpath(p if p.is_absolute() else folder / p)
 
 
 # ---- TensorFlow prefixes -----------------------------------------------------------------------
@@ -132,12 +134,14 @@ def tf_step(prefix: str) -> int | None:
 
 def scan_tf_groups(folder: Path, names: list[str], claimed: set[str], run: Run) -> None:
     """One RunCheckpoint per TF prefix in `folder`: its .index and every data shard."""
-    from ckptctl.ops.runs import RunCheckpoint, _file_stats, parse_name
+    from ckptctl.ops.runs.model import RunCheckpoint
+    from ckptctl.ops.runs.names import parse_name
+    from ckptctl.ops.runs.walk import _file_stats
 
     groups: dict[str, dict[str, Any]] = {}
     for n in names:
         m = TF_FILE.match(n)
-        if not m or n in claimed or not os.path.isfile(folder / n) or os.path.islink(folder / n):
+        if not m or n in claimed or not isfile(folder / n) or islink(folder / n):
             continue
         g = groups.setdefault(m.group("prefix"), {"index": None, "shards": {}, "members": []})
         g["members"].append(n)
@@ -149,7 +153,7 @@ def scan_tf_groups(folder: Path, names: list[str], claimed: set[str], run: Run) 
         return
     state = read_state(folder)
     if state is not None:
-        here = {os.path.realpath(folder / p) for p in groups}
+        here = {realpath(folder / p) for p in groups}
         missing = [p for _, p in state.paths if _resolve_in(folder, p) not in here]
         if state.latest and _resolve_in(folder, state.latest) not in here:
             run.warnings.append(f"{state.path}: its latest checkpoint {state.latest!r} is not in this folder")
@@ -192,23 +196,23 @@ def tf_prefix_of(path: Path) -> str | None:
     """The TF prefix a path names: `ckpt-20.index`, `ckpt-20.data-00000-of-00001`, or `ckpt-20`
     itself when `ckpt-20.index` sits beside it (and no file or folder of that name exists)."""
     m = TF_FILE.match(path.name)
-    if m and os.path.isfile(path):
+    if m and isfile(path):
         return m.group("prefix")
-    if not os.path.lexists(path) and os.path.isfile(path.parent / f"{path.name}.index"):
+    if not lexists(path) and isfile(path.parent / f"{path.name}.index"):
         return path.name
     return None
 
 
 def single(path: Path) -> RunCheckpoint | None:
     """The TF checkpoint `path` names (all its files), as ls of one checkpoint shows it."""
-    from ckptctl.ops.runs import Run
+    from ckptctl.ops.runs.model import Run
 
     prefix = tf_prefix_of(path)
     if prefix is None:
         return None
     folder = path.parent
     try:
-        names = sorted(n for n in os.listdir(folder) if n.startswith(prefix + "."))
+        names = sorted(n for n in listdir(folder) if n.startswith(prefix + "."))
     except OSError:
         return None
     names = [n for n in names if (m := TF_FILE.match(n)) and m.group("prefix") == prefix]
@@ -231,165 +235,6 @@ def dir_kind(path: Path, names: list[str]) -> str | None:
     return None
 
 
-# ---- Keras ModelCheckpoint names ---------------------------------------------------------------
-KERAS_SUFFIXES = (".weights.h5", ".keras", ".weights.json")  # .weights.json: Keras 3 sharded weights index
-KERAS_SHARDED_FORMAT = "keras-sharded"
-_H5 = (".h5", ".hdf5")
-_TOKEN = re.compile(
-    r"(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|(?<![A-Za-z])(?:nan|inf)(?![A-Za-z]))|(?P<word>[A-Za-z][A-Za-z_]*)"
-)
-EPOCH_WORDS = {"epoch", "epochs", "ep", "e"}
-STEP_WORDS = {"step", "steps", "global_step", "batch", "iter", "iteration"}
-# words that put a number in front of them without naming a metric (`w01`, `model-001`, `weights.03`)
-GENERIC_WORDS = {"w", "weights", "weight", "model", "ckpt", "checkpoint", "cp", "keras", "save", "saved", "run"}
-_METRIC_WORD = re.compile(
-    r"^(val|train|test|eval|valid|validation)_|loss|acc|auc|mae|mse|rmse|mape|f1|precision|recall|iou|"
-    r"dice|ppl|perplexity|err|score|bleu|rouge|top\d|reward|crossentropy|kl", re.I)
-
-
-def keras_stem(name: str) -> str | None:
-    """The user-written part of a Keras ModelCheckpoint file name, or None if not Keras-like."""
-    for suf in KERAS_SUFFIXES:
-        if name.endswith(suf) and len(name) > len(suf):
-            return name[: -len(suf)]
-    for suf in _H5:  # Keras 2: 'weights.{epoch:02d}-{val_loss:.2f}.hdf5'
-        if name.endswith(suf) and len(name) > len(suf):
-            stem = name[: -len(suf)]
-            if re.search(r"\d\.\d", stem) or re.search(r"(?:^|[-_.])(?:weights|epoch|ep)[-_.=]?\d", stem, re.I):
-                return stem
-    return None
-
-
-def is_keras_name(name: str) -> bool:
-    return keras_stem(name) is not None
-
-
-def parse_keras_name(name: str) -> tuple[int | None, int | None, dict[str, float]]:
-    """(step, epoch, metrics) from a ModelCheckpoint file name.
-
-    Every number of the name is a value. A value is named when a metric-like word stands before
-    it (`val_loss0.41`, `loss-0.41`) or any word with `=` (`lr=0.001`); the epoch is the value after
-    `epoch`/`ep`, else the first whole number standing on its own or after a generic word (`w01`,
-    `model-001`, `weights.03`); numbers glued to other words (`resnet50`) belong to the name.
-    Unnamed values after the epoch are "metric", "metric2", ... in order.
-    """
-    stem = keras_stem(name)
-    if stem is None:
-        stem = name
-    toks: list[tuple[str | None, str, str, int]] = []  # (label, sep, number text, start)
-    prev_word: tuple[str, int] | None = None  # (word, end)
-    prev_num_end: int | None = None
-    for m in _TOKEN.finditer(stem):
-        if m.group("word") is not None:
-            prev_word = (m.group("word"), m.end())
-            continue
-        text = m.group("num")
-        start = m.start()
-        label = sep = None
-        if prev_word is not None and (prev_num_end is None or prev_word[1] > prev_num_end):
-            gap = stem[prev_word[1]:start]
-            if re.fullmatch(r"[-_=:. ]?", gap):
-                label, sep = prev_word[0].rstrip("_"), gap
-                last = label.rsplit("_", 1)[-1]
-                if last != label and last.lower() in EPOCH_WORDS | STEP_WORDS:  # `ckpt_e07`, `run_step100`
-                    label = last
-        # `--0.41`, `=-0.41`: a negative value
-        if start >= 1 and stem[start - 1] == "-" and (start == 1 or stem[start - 2] in "-_=:"):
-            text = "-" + text
-        toks.append((label, sep or "", text, start))
-        prev_num_end = m.end()
-    step = epoch = None
-    epoch_at: int | None = None
-    for i, (label, sep, text, _) in enumerate(toks):
-        if label and label.lower() in EPOCH_WORDS and re.fullmatch(r"\d+", text):
-            epoch, epoch_at = int(text), i
-            break
-    if epoch is None:
-        for i, (label, sep, text, _) in enumerate(toks):
-            if not re.fullmatch(r"\d+", text):
-                continue
-            low = (label or "").lower()
-            if label is None or low in GENERIC_WORDS or (sep and not _METRIC_WORD.search(low) and sep != "="
-                                                         and low not in STEP_WORDS):
-                epoch, epoch_at = int(text), i
-                break
-    metrics: dict[str, float] = {}
-    unnamed = 0
-    for i, (label, sep, text, _) in enumerate(toks):
-        if i == epoch_at:
-            continue
-        low = (label or "").lower()
-        try:
-            v = float(text)
-        except ValueError:
-            continue
-        if label and low in STEP_WORDS and re.fullmatch(r"\d+", text):
-            step = int(text)
-            continue
-        if label and low not in GENERIC_WORDS and low not in EPOCH_WORDS and (sep == "=" or _METRIC_WORD.search(low)):
-            metrics[label] = v
-            continue
-        if epoch_at is not None and i < epoch_at:
-            continue  # part of the name (`resnet50-epoch03`)
-        if epoch_at is None and re.fullmatch(r"\d+", text):
-            continue
-        if label and sep == "" and low not in GENERIC_WORDS:
-            continue  # glued to a word: part of the name
-        unnamed += 1
-        metrics["metric" if unnamed == 1 else f"metric{unnamed}"] = v
-    return step, epoch, metrics
-
-
-_BEST = re.compile(r"(?:^|[-_.])best(?:$|[-_.])", re.I)
-
-
-def keras_role(name: str) -> str | None:
-    """`best.keras`, `best_model.keras`, `model_best.weights.h5`: the save_best_only file."""
-    stem = keras_stem(name)
-    if stem is None:
-        return None
-    if stem.endswith(".weights"):
-        stem = stem[: -len(".weights")]
-    if re.search(r"\d", stem):
-        return None
-    if _BEST.search(stem):
-        return "best"
-    m = re.match(r"^(?:(?:model|weights|checkpoint|ckpt)[_-]?)?(last|latest|final)(?:[_-]?(?:model|weights|checkpoint|ckpt))?$",
-                 stem, re.I)
-    return m.group(1).lower() if m else None
-
-
-def _zip_members(path: Path) -> list[tuple[str, int, int]] | None:
-    """(name, CRC-32, size) of every member, from the zip's central directory (no member is read)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return sorted((i.filename, i.CRC, i.file_size) for i in z.infolist())
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, OverflowError):
-        return None
-
-
-def keras_twin(c: RunCheckpoint, cands: list[RunCheckpoint]) -> RunCheckpoint | None:
-    """The epoch file that `best.keras` is a copy of: same size and the same members with the same
-    CRC-32s in the zip directory (ModelCheckpoint(save_best_only=True) next to a per-epoch one)."""
-    if not c.path.name.endswith(".keras") or c.error is not None:
-        return None
-    mine: list[tuple[str, int, int]] | None = None
-    hits = []
-    for s in cands:
-        if (s is c or s.layout != "keras" or s.run != c.run or s.size != c.size or s.error is not None
-                or not s.path.name.endswith(".keras") or len(s.files) != 1):
-            continue
-        if mine is None:
-            mine = _zip_members(c.path)
-            if not mine:
-                return None
-        if _zip_members(s.path) == mine:
-            hits.append(s)
-    return max(hits, key=lambda s: (s.epoch or 0, s.mtime)) if hits else None
-
-
 # ---- reading -----------------------------------------------------------------------------------
 def reader_registered(fmt: str) -> bool:
     from ckptctl import formats
@@ -399,7 +244,8 @@ def reader_registered(fmt: str) -> bool:
 
 def enrich(c: RunCheckpoint, read_info: bool) -> None:
     """Step/epoch/metrics of a TF or Keras checkpoint, and its info through the normal reader."""
-    from ckptctl.ops.runs import parse_name, untmp
+    from ckptctl.ops.runs.keras import KERAS_FORMAT, KERAS_SHARDED_FORMAT, parse_keras_name
+    from ckptctl.ops.runs.names import parse_name, untmp
 
     name = untmp(c.path.name) if c.incomplete else c.path.name
     if c.layout == "keras":
@@ -487,7 +333,7 @@ def _removed_by_folder(ckpts: list[RunCheckpoint]) -> dict[Path, set[str]]:
     out: dict[Path, set[str]] = {}
     for c in ckpts:
         if c.layout == "tf":
-            out.setdefault(c.path.parent, set()).add(os.path.realpath(c.path))
+            out.setdefault(c.path.parent, set()).add(realpath(c.path))
     return out
 
 
@@ -564,3 +410,37 @@ def after_prune(removed: list[RunCheckpoint]) -> list[StateRewrite]:
         if r is not None:
             out.append(r)
     return out
+
+
+class TensorFlow(Layout):
+    name = "tf"
+    owns = ("tf", "tf-savedmodel")
+    alias_files = (STATE_FILE,)
+
+    def claim_dir(self, path: Path, names: list[str], nameset: set[str]) -> str | None:
+        kind = dir_kind(path, names)
+        return RUN if kind == "run" else kind
+
+    def names_checkpoint(self, path: Path) -> bool:  # run/ckpt-20, ckpt-20.index, ckpt-20.data-00000-of-00001
+        return tf_prefix_of(path) is not None
+
+    def single(self, path: Path) -> RunCheckpoint | None:
+        return single(path)
+
+    def scan(self, folder: Path, names: list[str], claimed: set[str], run: Run) -> None:
+        scan_tf_groups(folder, names, claimed, run)
+
+    def enrich(self, c: RunCheckpoint, read_info: bool) -> None:
+        enrich(c, read_info)
+
+    def alias_target(self, file_name: str, text: str) -> str | None:
+        return state_latest(text)  # model_checkpoint_path: "ckpt-5"
+
+    def plan_prune(self, ckpts: list[RunCheckpoint]) -> list[StateRewrite]:
+        return plan_state(ckpts)
+
+    def after_prune(self, removed: list[RunCheckpoint]) -> list[StateRewrite]:
+        return after_prune(removed)
+
+
+LAYOUT = TensorFlow()

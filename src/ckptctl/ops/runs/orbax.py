@@ -16,11 +16,16 @@ Pure: no printing. Reads JSON side files and the checkpoint's metadata (never ar
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 from typing import Any
 
+from ckptctl.ops.runs.base import Layout
+from ckptctl.ops.runs.walk import entry_path, isfile, listdir, scandir
+
 COMMIT_MARKER = "commit_success.txt"
+ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "commit_success.txt", "manifest.ocdbt")
+STEP_DIR = re.compile(r"^(\w+[_-])?\d+$")
 
 
 def _numeric(d: Any) -> dict[str, float]:
@@ -35,7 +40,7 @@ def _numeric(d: Any) -> dict[str, float]:
 
 
 def _json(path: Path) -> Any:
-    from ckptctl.ops.runs import _read_json
+    from ckptctl.ops.runs.walk import _read_json
 
     return _read_json(path, 1 << 20) if path.is_file() else None
 
@@ -47,11 +52,10 @@ def _run_uses_markers(step_dir: Path) -> bool:
     there, only the temporary folder name says a save is in progress.)"""
     parent = step_dir.parent
     try:
-        with os.scandir(parent) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False) and ".orbax-checkpoint-tmp-" not in e.name \
-                        and os.path.isfile(os.path.join(e.path, COMMIT_MARKER)):
-                    return True
+        for e in scandir(parent):
+            if e.is_dir(follow_symlinks=False) and ".orbax-checkpoint-tmp-" not in e.name \
+                    and isfile(entry_path(e) / COMMIT_MARKER):
+                return True
     except OSError:
         return False
     return False
@@ -74,14 +78,14 @@ def enrich(c, read_info: bool) -> None:
     meta = _json(c.path / "_CHECKPOINT_METADATA")
     if isinstance(meta, dict):
         for key in ("custom", "custom_metadata"):
-            from ckptctl.ops.runs import _numeric_into
+            from ckptctl.ops.runs.enrich import _numeric_into
 
             if isinstance(meta.get(key), dict):
                 _numeric_into(c, meta[key], "metadata")
         c.metrics.update(_numeric(meta.get("metrics")))
     # JSON items (JsonCheckpointHandler): <step>/<item>/<item>, e.g. metrics/metrics
     try:
-        names = sorted(os.listdir(c.path))
+        names = sorted(listdir(c.path))
     except OSError:
         names = []
     for n in names:
@@ -104,3 +108,41 @@ def enrich(c, read_info: bool) -> None:
         c.error = c.error or e.message
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         c.error = c.error or f"unreadable: {type(e).__name__}: {e}".splitlines()[0]
+
+
+def _orbax_items(path: Path, names: list[str]) -> bool:
+    """An Orbax step folder holds item folders (default/, state/, params/) with _METADATA etc."""
+    for n in names:
+        p = path / n
+        if p.is_dir() and not p.is_symlink():
+            try:
+                inner = set(listdir(p))
+            except OSError:
+                continue
+            if inner & {"_METADATA", "_sharding", "manifest.ocdbt", "checkpoint", "ocdbt.process_0"}:
+                return True
+    return False
+
+
+class Orbax(Layout):
+    name = "orbax"
+    owns = ("orbax",)
+
+    def claim_dir(self, path: Path, names: list[str], nameset: set[str]) -> str | None:
+        if STEP_DIR.match(path.name) and (nameset & set(ORBAX_MARKERS) or _orbax_items(path, names)):
+            return "orbax"
+        if ".orbax-checkpoint-tmp-" in path.name:
+            return "orbax"
+        return None
+
+    def enrich(self, c, read_info: bool) -> None:
+        from ckptctl.ops.runs.enrich import name_fields
+
+        name_fields(c)
+        enrich(c, read_info)
+
+    def in_progress(self, c) -> str | None:
+        return in_progress(c)
+
+
+LAYOUT = Orbax()
