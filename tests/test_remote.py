@@ -324,9 +324,9 @@ def test_missing_extra_and_remote_destination(tmp_path, monkeypatch):
     from safetensors.numpy import save_file
 
     save_file({"a": np.arange(4, dtype=np.float32)}, tmp_path / "a.safetensors")
-    res = cli("convert", tmp_path / "a.safetensors", "s3://bucket/out.safetensors")
+    res = cli("convert", tmp_path / "a.safetensors", "https://example.org/out.safetensors")
     assert res.exit_code == 2
-    assert "not supported yet" in _one_line(res)
+    assert "https:// is read-only" in _one_line(res)
     for cmd in (["ls", "s3://bucket/run"], ["prune", "s3://bucket/run", "--keep-last", "1"]):
         res = cli(*cmd)
         assert res.exit_code == 2 and "not supported yet" in _one_line(res), cmd
