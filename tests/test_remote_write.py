@@ -182,12 +182,15 @@ def _existing(s3, key: str) -> str:
     return hashlib.sha256(get(s3, key)).hexdigest()
 
 
-def test_killed_with_an_upload_open_then_the_next_write_cleans_up(s3, tmp_path):
+def test_killed_with_an_upload_open_then_the_next_write_cleans_up(s3, tmp_path, monkeypatch):
     """SIGKILL while a multipart upload is open (parts sent, not completed): DST keeps its old
-    bytes; the unfinished upload is the killed run's only trace, and the next write to the same
-    DST aborts it (its process is gone) and succeeds."""
+    bytes; the unfinished upload and the local staged copy are the killed run's only traces, and
+    the next write to the same DST removes both (its process is gone) and succeeds."""
     from safetensors.torch import load_file
 
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    monkeypatch.setenv("CKPTCTL_TMPDIR", str(stage))
     sd = source(tmp_path / "m.pt", mb=40)
     old = _existing(s3, "model.safetensors")
     p = Paused(["convert", "--force", tmp_path / "m.pt", f"s3://{BUCKET}/model.safetensors"], "upload-parts")
@@ -195,10 +198,12 @@ def test_killed_with_an_upload_open_then_the_next_write_cleans_up(s3, tmp_path):
     p.kill()
     assert hashlib.sha256(get(s3, "model.safetensors")).hexdigest() == old
     assert list(keys(s3)) == ["model.safetensors"]  # no half object anywhere
+    assert len(list(stage.iterdir())) == 1
     res = run("convert", "--force", tmp_path / "m.pt", f"s3://{BUCKET}/model.safetensors")
     assert res.returncode == 0, res.stderr
     assert "(unfinished upload), left by an interrupted ckptctl run" in res.stderr
     assert pending(s3) == [] and list(keys(s3)) == ["model.safetensors"]
+    assert list(stage.iterdir()) == []
     (tmp_path / "d.safetensors").write_bytes(get(s3, "model.safetensors"))
     same_tensors(load_file(tmp_path / "d.safetensors"), sd)
 

@@ -222,6 +222,7 @@ class RemoteAtomicFile(AtomicFile):
         self.target = as_path(target)
         check_writable_target(self.target)
         check_bucket(self.target)
+        clean_stale_temps(Path(staging_dir()) / self.target.name)  # a killed run's staged file
         fd, name = tempfile.mkstemp(prefix=temp_name(self.target), dir=staging_dir())
         hold_lock(fd)
         self.fd = fd

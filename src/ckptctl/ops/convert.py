@@ -603,6 +603,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
         from ckptctl.sources import clean_stale_remote
 
         clean_stale_remote(dst)
+        clean_stale_temps(Path(staging_dir()) / dst.name)  # a killed run's local staging folder
     else:
         clean_stale_temps(dst)  # what a killed earlier run left
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{TMP_TAG}", dir=staging_dir() if remote else dst.parent))
@@ -793,6 +794,21 @@ def _expected_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo, buf: b
     return _source_chunks(plan, src, out)
 
 
+def _in_data_order(items: list, locs: dict) -> list:
+    """items (name, info) sorted by where each tensor's bytes lie (shard, offset) when the reader
+    knows it (safetensors, HDF5, shards of them); others keep their place."""
+    def key(i_item):
+        i, (name, _e) = i_item
+        loc = locs.get(name)
+        shard = ""
+        if isinstance(loc, tuple) and len(loc) == 2:
+            shard, loc = str(loc[0]), loc[1]
+        off = getattr(loc, "offset", None)
+        return (shard, off if isinstance(off, int) else i, i)
+
+    return [it for _i, it in sorted(enumerate(items), key=key)]
+
+
 def verify_output(plan: ConvertPlan, at: Path | None = None,
                   progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Re-read the output (at `at`, default DST) with ckptctl's readers and compare names, dtypes,
@@ -815,7 +831,12 @@ def verify_output(plan: ConvertPlan, at: Path | None = None,
                               where)
         n = nbytes = 0
         bufs = (bytearray(CHUNK), bytearray(CHUNK))  # reused for every tensor
-        for name, e in expected.items():
+        order = list(expected.items())
+        if is_remote(at):  # read the remote output front to back: its read-ahead then coalesces
+            order = _in_data_order(order, {k: got[k].loc for k in expected})
+        elif is_remote(plan.src):
+            order = _in_data_order(order, {k: srcs[k].loc for k in expected})
+        for name, e in order:
             g = got[name]
             if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
                 raise CorruptFile(f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, "
