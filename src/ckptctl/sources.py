@@ -906,8 +906,11 @@ def file_size(f) -> int:
 
 # ---- writing ------------------------------------------------------------------------------------
 WRITABLE = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # fsspec file systems with atomic uploads
-UPLOAD_PART = 16 * 1024 * 1024  # bytes per uploaded part (S3: 5 MiB..5 GiB, at most 10,000 parts)
-UPLOAD_IN_FLIGHT = 4  # parts uploading at once: memory is at most (UPLOAD_IN_FLIGHT + 1) parts
+# bytes per uploaded part (S3: 5 MiB..5 GiB, at most 10,000 parts) and parts uploading at once:
+# memory is at most (UPLOAD_IN_FLIGHT + 1) parts. 8 MiB x 8 (s3transfer: 8 MiB x 10) uploaded a
+# 200 MB file to moto in 7.5-7.7 s where 16 MiB x 4 took 8-10 s (interleaved, loaded machine).
+UPLOAD_PART = 8 * 1024 * 1024
+UPLOAD_IN_FLIGHT = 8
 MAX_PARTS = 10_000
 REMOTE_TMP_TAG = ".ckptctl-tmp-"  # as writeutil.TMP_TAG: `.<name>.ckptctl-tmp-<host>-<pid>-<random>`
 STALE_SECONDS = 24 * 3600  # a temporary of another host is removed once it is this old
@@ -1041,7 +1044,7 @@ class Upload:
     """One remote object written as a stream: nothing is visible at the URL until `complete()`,
     and `abort()` leaves nothing (the multipart upload is aborted).
 
-    S3 (s3fs): a multipart upload of UPLOAD_PART-sized parts, UPLOAD_IN_FLIGHT uploading at once
+    S3 (s3fs): a multipart upload of UPLOAD_PART-sized parts (8 MiB), UPLOAD_IN_FLIGHT (8) uploading at once
     on a thread pool while the caller produces the next; memory stays at a few parts whatever the
     object's size. Objects smaller than one part go up in one PUT at `complete()`. Other
     protocols use fsspec's own writer (`fs.open(..., "wb", autocommit=False)`, `commit()` /
@@ -1211,7 +1214,12 @@ def remote_copy(src, dst) -> None:
     s, d = as_path(src), as_path(dst)
     fs, sk = _fs(s)
     _fs2, dk = _fs(d)
-    _call(d, fs.copy, sk, dk)
+    size = int(_info(s).get("size") or 0) if hasattr(fs, "call_s3") else None
+    if size is not None and size < 5 * 1024**3:  # one CopyObject (s3fs' copy took 2.5x longer on moto)
+        bucket, _, key = dk.partition("/")
+        _call(d, fs.call_s3, "copy_object", Bucket=bucket, Key=key, CopySource=sk)
+    else:
+        _call(d, fs.copy, sk, dk)
     forget(d)
 
 
