@@ -7,8 +7,10 @@ and a 2-shard safetensors folder of --size-gb each (bench_inspect.py's layout: ~
 tensors), then measures, each as a fresh `python -m ckptctl -v` process:
 
 - inspect over s3:// and https://: bytes received, requests, wall time;
-- convert s3:// -> local: throughput and peak RSS, against a plain download of the same object
-  with boto3's download_file (s3transfer: 8 MiB parts, 10 threads; what `aws s3 cp` does).
+- convert s3:// -> local: throughput, CPU seconds and peak RSS, against a plain download of the
+  same object with boto3's download_file (s3transfer: 8 MiB parts, 10 threads; what `aws s3 cp` does);
+- convert local -> s3:// (with verify, which re-reads the upload, and with --no-verify) against
+  boto3's upload_file of the same file.
 
     python benchmarks/bench_remote.py                 # 0.5 GB per checkpoint
     python benchmarks/bench_remote.py --size-gb 1
@@ -44,13 +46,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LAST_CPU = [0.0]  # user+sys seconds of the last child timed (its own, not moto's)
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS MiB, exit code, stderr) of one child process."""
+    """(wall s, peak RSS MiB, exit code, stderr) of one child process; its CPU s in LAST_CPU."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = p.stderr.read().decode("utf-8", "replace")
     _pid, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
+    LAST_CPU[0] = ru.ru_utime + ru.ru_stime
     return time.perf_counter() - t, ru.ru_maxrss / 1024, p.returncode, err
 
 
@@ -147,30 +153,59 @@ def main() -> int:
         size = files["safetensors"].stat().st_size
         out = base / "out"
         out.mkdir()
-        rows = []
-        for name, cmd in (
+
+        def compare(title: str, cands: list[tuple[str, list[str]]], before) -> list[tuple]:
+            """Best of --repeat per candidate (by wall), candidates interleaved in each round."""
+            best: dict[str, tuple] = {}
+            for _ in range(args.repeat):
+                for name, cmd in cands:
+                    before()
+                    wall, rss, code, err = timed(cmd, env)
+                    if code != 0:
+                        raise SystemExit(f"{name} failed: {err.strip()[-300:]}")
+                    if name not in best or wall < best[name][0]:
+                        best[name] = (wall, LAST_CPU[0], rss)
+            print(f"\n| {title} | size | wall | CPU (user+sys) | throughput | peak RSS |")
+            print("|---|---|---|---|---|---|")
+            rows = [(name, *best[name]) for name, _ in cands]
+            for name, wall, cpu, rss in rows:
+                print(f"| {name} | {size / 1e9:.2f} GB | {wall:.2f} s | {cpu:.2f} s | {size / wall / 1e6:.0f} MB/s "
+                      f"| {rss:.0f} MiB |")
+            return rows
+
+        def clear_out() -> None:
+            for f in out.iterdir():
+                f.unlink()
+
+        rows = compare("S3 -> local", [
             ("`ckptctl convert s3://... local.safetensors`",
              [PY, "-m", "ckptctl", "convert", "s3://bench/model.safetensors", str(out / "c.safetensors")]),
+            ("`ckptctl convert s3://... local.safetensors --no-verify`",
+             [PY, "-m", "ckptctl", "convert", "--no-verify", "s3://bench/model.safetensors", str(out / "n.safetensors")]),
             ("boto3 download_file (s3transfer, like `aws s3 cp`)",
              [PY, "-c", "import boto3,sys; boto3.client('s3').download_file('bench', 'model.safetensors', "
                         f"{str(out / 'd.safetensors')!r})"]),
-        ):
-            best = None
-            for _ in range(args.repeat):
-                for f in out.iterdir():
-                    f.unlink()
-                wall, rss, code, err = timed(cmd, env)
-                if code != 0:
-                    raise SystemExit(f"{name} failed: {err.strip()[-300:]}")
-                if best is None or wall < best[0]:
-                    best = (wall, rss)
-            rows.append((name, *best))
-        print("\n| S3 -> local | size | wall | throughput | peak RSS |")
-        print("|---|---|---|---|---|")
-        for name, wall, rss in rows:
-            print(f"| {name} | {size / 1e9:.2f} GB | {wall:.2f} s | {size / wall / 1e6:.0f} MB/s | {rss:.0f} MiB |")
-        print(f"\nratio convert / plain download: {rows[1][1] / rows[0][1]:.2f}x the download's throughput; "
-              f"best of {args.repeat}; loopback, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.")
+        ], clear_out)
+        print(f"\nratio convert --no-verify / plain download: {rows[2][1] / rows[1][1]:.2f}x the download's throughput; "
+              f"with verify (which reads the source a second time): {rows[2][1] / rows[0][1]:.2f}x")
+
+        def clear_bucket() -> None:
+            for o in s3.list_objects_v2(Bucket="bench", Prefix="up/").get("Contents", []):
+                s3.delete_object(Bucket="bench", Key=o["Key"])
+
+        src = str(files["safetensors"])
+        rows = compare("local -> S3", [
+            ("`ckptctl convert local.safetensors s3://...` (upload, verify re-reads it, server-side copy)",
+             [PY, "-m", "ckptctl", "convert", src, "s3://bench/up/c.safetensors"]),
+            ("`ckptctl convert ... s3://... --no-verify`",
+             [PY, "-m", "ckptctl", "convert", "--no-verify", src, "s3://bench/up/n.safetensors"]),
+            ("boto3 upload_file (s3transfer, like `aws s3 cp`)",
+             [PY, "-c", f"import boto3; boto3.client('s3').upload_file({src!r}, 'bench', 'up/u.safetensors')"]),
+        ], clear_bucket)
+        print(f"\nratio convert --no-verify / plain upload: {rows[2][1] / rows[1][1]:.2f}x the upload's throughput; "
+              f"with verify: {rows[2][1] / rows[0][1]:.2f}x")
+        print(f"\nbest of {args.repeat}, candidates interleaved; loopback, load average {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} CPUs.")
     finally:
         http.close()
         proxy.close()

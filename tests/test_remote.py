@@ -324,9 +324,9 @@ def test_missing_extra_and_remote_destination(tmp_path, monkeypatch):
     from safetensors.numpy import save_file
 
     save_file({"a": np.arange(4, dtype=np.float32)}, tmp_path / "a.safetensors")
-    res = cli("convert", tmp_path / "a.safetensors", "s3://bucket/out.safetensors")
+    res = cli("convert", tmp_path / "a.safetensors", "https://example.org/out.safetensors")
     assert res.exit_code == 2
-    assert "not supported yet" in _one_line(res)
+    assert "https:// is read-only" in _one_line(res)
     # ls and prune on remote run folders: tests/test_runs_remote.py
 
 

@@ -75,7 +75,7 @@ _secrets: list[str] = []
 _fs_cache: dict[str, object] = {}
 _listings: dict[str, dict[str, dict] | None] = {}
 _infos: dict[str, dict] = {}
-STATS = {"requests": 0, "bytes": 0}  # ranged GETs and bytes received (for -v and benchmarks)
+STATS = {"requests": 0, "bytes": 0, "sent": 0, "parts": 0}  # ranged GETs, bytes received, bytes and parts uploaded
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def configure(options: list[str] | dict | None = None) -> None:
         _collect_secrets(opts)
         _infos.clear()
         _listings.clear()  # file systems are kept (keyed by options and environment): listings are not
-        STATS.update(requests=0, bytes=0)
+        STATS.update(requests=0, bytes=0, sent=0, parts=0)
 
 
 def _collect_secrets(opts: dict, force: bool = False) -> None:
@@ -921,15 +921,338 @@ def file_size(f) -> int:
     return os.fstat(f.fileno()).st_size
 
 
+# ---- writing ------------------------------------------------------------------------------------
+WRITABLE = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # fsspec file systems with atomic uploads
+# bytes per uploaded part (S3: 5 MiB..5 GiB, at most 10,000 parts) and parts uploading at once:
+# memory is at most (UPLOAD_IN_FLIGHT + 1) parts. 8 MiB x 8 (s3transfer: 8 MiB x 10) uploaded a
+# 200 MB file to moto in 7.5-7.7 s where 16 MiB x 4 took 8-10 s (interleaved, loaded machine).
+UPLOAD_PART = 8 * 1024 * 1024
+UPLOAD_IN_FLIGHT = 8
+MAX_PARTS = 10_000
+REMOTE_TMP_TAG = ".ckptctl-tmp-"  # as writeutil.TMP_TAG: `.<name>.ckptctl-tmp-<host>-<pid>-<random>`
+STALE_SECONDS = 24 * 3600  # a temporary of another host is removed once it is this old
+
+
 def check_writable_target(path) -> None:
-    """Writing to remote storage is not supported yet: one line, before anything is read."""
-    if is_remote(path):
-        raise UsageError(f"writing to {protocol(path)}:// is not supported yet; write a local file "
-                         f"and upload it ({as_path(path)})")
+    """One line (a usage error, exit 2) for a URL ckptctl cannot write, before anything is read."""
+    if not is_remote(path):
+        return
+    proto = protocol(path)
+    if proto in ("http", "https"):
+        raise UsageError(f"{as_path(path)}: {proto}:// is read-only; write to a local path, s3://, gs:// or az://")
+    if proto not in WRITABLE:
+        raise UsageError(f"{as_path(path)}: ckptctl does not write to {proto}:// (s3://, gs:// and az:// it does)")
+
+
+def forget(path) -> None:
+    """Drop what this invocation (and fsspec) cached about `path` and its folder: it was written."""
+    rp = as_path(path)
+    with _lock:
+        for p in (rp, rp.parent):
+            _infos.pop(p.url, None)
+            _listings.pop(p.url, None)
+    try:
+        fs, key = _fs(rp)
+        fs.invalidate_cache(key)
+    except Exception:  # noqa: BLE001 - a cache
+        pass
+
+
+def check_bucket(path) -> None:
+    """NoSuchObject('no such bucket') in one line when the target's bucket/container is missing."""
+    rp = as_path(path)
+    fs, key = _fs(rp)
+    bucket = key.split("/", 1)[0]
+    root = RemotePath(f"{rp.protocol}://{bucket}")
+    try:
+        ok = _call(root, fs.exists, bucket)
+    except NoSuchObject:
+        ok = False
+    if not ok:
+        raise NoSuchObject("no such bucket", root)
+
+
+def _host_tag() -> str:
+    import socket
+    import zlib
+
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def remote_temp_name(name: str) -> str:
+    """A hidden name beside `name` that says which host and process writes it (stale-temp cleanup)."""
+    import secrets
+
+    return f".{name}{REMOTE_TMP_TAG}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+_TMP_SUFFIX = re.compile(r"([0-9a-f]{8})-(\d+)-[0-9a-f]{8}")
+
+
+def _stale(suffix: str, age: float | None) -> bool:
+    m = _TMP_SUFFIX.fullmatch(suffix)
+    if not m:
+        return False
+    host, pid = m.group(1), int(m.group(2))
+    if host == _host_tag():
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True  # the writer on this machine is gone
+        except OSError:
+            pass
+        return False
+    return age is not None and age > STALE_SECONDS
+
+
+def clean_stale_remote(target) -> list[str]:
+    """Remove what a killed ckptctl left beside a remote `target`: temporary objects and pending
+    multipart uploads named `.<name>.ckptctl-tmp-<host>-<pid>-<random>` whose process is gone
+    (same host) or that are older than a day (another host). Says so on stderr; returns the URLs."""
+    import sys
+
+    rp = as_path(target)
+    prefix = f".{rp.name}{REMOTE_TMP_TAG}"
+    removed: list[str] = []
+    fs, key = _fs(rp)
+    now = time.time()
+    try:
+        listing_ = _listing(rp.parent) or {}
+    except CkptError:
+        listing_ = {}
+    for name, e in listing_.items():
+        if name.startswith(prefix) and _stale(name[len(prefix):], now - _mtime(e) if _mtime(e) else None):
+            url = rp.parent / name
+            try:
+                fs2, k = _fs(url)
+                _call(url, fs2.rm, k, recursive=e.get("type") == "directory")
+            except CkptError:
+                continue
+            removed.append(str(url))
+    if hasattr(fs, "call_s3"):
+        bucket, _, folder = key.partition("/")
+        folder = folder.rsplit("/", 1)[0] + "/" if "/" in folder else ""
+        try:
+            resp = _call(rp, fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=folder + prefix)
+        except CkptError:
+            resp = {}
+        for u in resp.get("Uploads", []) or []:
+            rest = u["Key"][len(folder + prefix):].split("/", 1)[0]
+            started = u.get("Initiated")
+            age = now - started.timestamp() if hasattr(started, "timestamp") else None
+            if _stale(rest, age):
+                url = RemotePath(f"{rp.protocol}://{bucket}/{u['Key']}")
+                try:
+                    _call(url, fs.call_s3, "abort_multipart_upload", Bucket=bucket, Key=u["Key"],
+                          UploadId=u["UploadId"])
+                except CkptError:
+                    continue
+                removed.append(f"{url} (unfinished upload)")
+    for r in removed:
+        sys.stderr.write(f"note: removed {r}, left by an interrupted ckptctl run\n")
+    if removed:
+        forget(rp)
+    return removed
+
+
+class Upload:
+    """One remote object written as a stream: nothing is visible at the URL until `complete()`,
+    and `abort()` leaves nothing (the multipart upload is aborted).
+
+    S3 (s3fs): a multipart upload of UPLOAD_PART-sized parts (8 MiB), UPLOAD_IN_FLIGHT (8) uploading at once
+    on a thread pool while the caller produces the next; memory stays at a few parts whatever the
+    object's size. Objects smaller than one part go up in one PUT at `complete()`. Other
+    protocols use fsspec's own writer (`fs.open(..., "wb", autocommit=False)`, `commit()` /
+    `discard()`). `size_hint` (bytes, when known) raises the part size so that the object fits
+    in S3's 10,000 parts.
+    """
+
+    def __init__(self, path, size_hint: int | None = None, progress=None):
+        self.path = as_path(path)
+        self.url = str(self.path)
+        check_writable_target(self.path)
+        self.fs, self.key = _fs(self.path)
+        self.part = UPLOAD_PART
+        if size_hint:
+            need = -(-size_hint // (MAX_PARTS - 1))
+            self.part = max(self.part, -(-need // (1 << 20)) << 20)
+        self.progress = progress
+        self.size = 0
+        self._buf = bytearray()
+        self._done = False
+        self._s3 = hasattr(self.fs, "call_s3")
+        self._mpu: str | None = None
+        self._parts: list = []  # futures of {"PartNumber", "ETag"}
+        self._pool = None
+        self._file = None
+        if self._s3:
+            self.bucket, _, self.obj = self.key.partition("/")
+        else:
+            self._file = _call(self.url, self.fs.open, self.key, "wb", block_size=self.part, autocommit=False)
+
+    # -- writing ------------------------------------------------------------------------------
+    def write(self, data) -> None:
+        if self._done:
+            raise RuntimeError("upload already completed or aborted")
+        mv = memoryview(data).cast("B")
+        if not self._s3:
+            _call(self.url, self._file.write, mv)
+            self.size += len(mv)
+            if self.progress:
+                self.progress(len(mv))
+            return
+        while mv:
+            take = min(len(mv), self.part - len(self._buf))
+            self._buf += mv[:take]
+            mv = mv[take:]
+            if len(self._buf) >= self.part:
+                self._send(bytes(self._buf))
+                self._buf = bytearray()
+
+    def write_file(self, path, offset: int = 0, length: int | None = None) -> None:
+        """Upload `length` bytes of a local file from `offset` (one part read at a time)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if length is None:
+                length = os.fstat(fd).st_size - offset
+            done = 0
+            while done < length:
+                want = min(self.part - len(self._buf) if self._s3 else self.part, length - done)
+                data = os.pread(fd, want, offset + done)
+                if not data:
+                    raise CorruptFile(f"file ends at byte {offset + done}, expected {offset + length}", path)
+                if self._s3 and not self._buf and len(data) == self.part:
+                    self._send(data)
+                else:
+                    self.write(data)
+                done += len(data)
+        finally:
+            os.close(fd)
+
+    def _send(self, data: bytes) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._mpu is None:
+            resp = _call(self.url, self.fs.call_s3, "create_multipart_upload", Bucket=self.bucket, Key=self.obj)
+            self._mpu = resp["UploadId"]
+            self._pool = ThreadPoolExecutor(UPLOAD_IN_FLIGHT, thread_name_prefix="ckptctl-upload")
+        pending = [f for f in self._parts if not f.done()]
+        if len(pending) >= UPLOAD_IN_FLIGHT:
+            pending[0].result()  # back-pressure: at most UPLOAD_IN_FLIGHT parts in memory
+        for f in self._parts:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        number = len(self._parts) + 1
+        self._parts.append(self._pool.submit(self._upload_part, number, data))
+
+    def _upload_part(self, number: int, data: bytes) -> dict:
+        resp = _call(self.url, self.fs.call_s3, "upload_part", Bucket=self.bucket, Key=self.obj,
+                     UploadId=self._mpu, PartNumber=number, Body=data)
+        with _lock:
+            STATS["sent"] = STATS.get("sent", 0) + len(data)
+            STATS["parts"] = STATS.get("parts", 0) + 1
+            self.size += len(data)
+        if self.progress:
+            self.progress(len(data))
+        return {"PartNumber": number, "ETag": resp["ETag"]}
+
+    # -- ending -------------------------------------------------------------------------------
+    def complete(self) -> None:
+        """Make the object appear at the URL, whole (an existing object is replaced only now)."""
+        if self._done:
+            raise RuntimeError("upload already completed or aborted")
+        try:
+            if not self._s3:
+                _call(self.url, self._file.close)
+                _call(self.url, self._file.commit)
+            elif self._mpu is None:
+                data = bytes(self._buf)
+                _call(self.url, self.fs.call_s3, "put_object", Bucket=self.bucket, Key=self.obj, Body=data)
+                with _lock:
+                    STATS["sent"] = STATS.get("sent", 0) + len(data)
+                self.size += len(data)
+                if self.progress:
+                    self.progress(len(data))
+            else:
+                if self._buf:
+                    self._send(bytes(self._buf))
+                    self._buf = bytearray()
+                parts = [f.result() for f in self._parts]
+                _call(self.url, self.fs.call_s3, "complete_multipart_upload", Bucket=self.bucket, Key=self.obj,
+                      UploadId=self._mpu, MultipartUpload={"Parts": parts})
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self._shutdown()
+        forget(self.path)
+
+    def abort(self) -> None:
+        """Leave nothing behind: cancel queued parts and abort the multipart upload (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        self._buf = bytearray()
+        for f in self._parts:
+            f.cancel()
+        self._shutdown()
+        if self._file is not None:
+            try:
+                self._file.discard()
+            except Exception:  # noqa: BLE001 - best effort; nothing was committed
+                pass
+        if self._mpu is not None:
+            try:
+                _call(self.url, self.fs.call_s3, "abort_multipart_upload", Bucket=self.bucket, Key=self.obj,
+                      UploadId=self._mpu)
+            except CkptError:
+                pass
+            self._mpu = None
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.complete()
+
+
+def remote_copy(src, dst) -> None:
+    """Server-side copy of one object (S3: CopyObject, multipart copy past 5 GB); no bytes here."""
+    s, d = as_path(src), as_path(dst)
+    fs, sk = _fs(s)
+    _fs2, dk = _fs(d)
+    size = int(_info(s).get("size") or 0) if hasattr(fs, "call_s3") else None
+    if size is not None and size < 5 * 1024**3:  # one CopyObject (s3fs' copy took 2.5x longer on moto)
+        bucket, _, key = dk.partition("/")
+        _call(d, fs.call_s3, "copy_object", Bucket=bucket, Key=key, CopySource=sk)
+    else:
+        _call(d, fs.copy, sk, dk)
+    forget(d)
+
+
+def remote_rm(path, recursive: bool = False) -> None:
+    rp = as_path(path)
+    fs, key = _fs(rp)
+    try:
+        _call(rp, fs.rm, key, recursive=recursive)
+    except NoSuchObject:
+        pass
+    forget(rp)
 
 
 __all__ = ["open_source", "open_file", "file_size", "as_path", "is_remote", "RemotePath", "LocalSource",
-           "RemoteSource", "CachedFile", "configure", "redact", "listing", "check_writable_target", "STATS"]
+           "RemoteSource", "CachedFile", "configure", "redact", "listing", "check_writable_target", "STATS",
+           "Upload", "remote_copy", "remote_rm", "clean_stale_remote", "check_bucket", "forget"]
 
 
 # ---- run folders: one recursive listing, fresh HEADs, deletion (ls / prune) -------------------------

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import check_paths, handle_errors, refuse_remote
+from ckptctl.cli.common import check_paths, handle_errors
 from ckptctl.cli.complete import complete_key_paths, complete_metric_names, complete_name_prefixes
 from ckptctl.cli.output import Fmt, clean, human_bytes
 
@@ -65,7 +65,6 @@ def register(app: typer.Typer) -> None:
                                          case_sensitive=False)] = Fmt.table,
     ) -> None:
         check_paths(inputs)  # first: a typo says so
-        refuse_remote("average", inputs, out)
         from ckptctl.ops import average as ops
 
         try:

@@ -112,6 +112,8 @@ def _remote_summary() -> None:
 
     if STATS["requests"]:
         output.debug(f"remote: {STATS['requests']} ranged requests, {STATS['bytes']:,} bytes received")
+    if STATS.get("sent"):
+        output.debug(f"remote: {STATS['sent']:,} bytes uploaded in {STATS.get('parts', 0)} parts")
 
 
 def _report(msg: str) -> None:

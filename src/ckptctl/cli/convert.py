@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
         files = f" in {len(plan.files)} shards" if len(plan.files) > 1 else ""
         cast = f", cast to {plan.cast_to}" if plan.cast_to else ""
         plural = "" if result.num_tensors == 1 else "s"
-        msg = (f"wrote {dst}: {result.num_tensors} tensor{plural}, {human_bytes(plan.total_bytes)}{cast}, "
+        msg = (f"wrote {plan.dst}: {result.num_tensors} tensor{plural}, {human_bytes(plan.total_bytes)}{cast}, "
                f"{result.fmt}{files}")
         if result.verified:
             msg += f"; verified {result.verified_tensors} tensor{plural} bit-exact"

@@ -210,6 +210,92 @@ class AtomicFile:
             pass
 
 
+class RemoteAtomicFile(AtomicFile):
+    """An output at a URL (s3://, gs://, az://): the writer writes a local temporary file as usual
+    (writers that seek back, h5py and the zip's headers, need one), and `commit` uploads it with
+    `publish`: nothing is at the URL until every byte is up, and a failed or interrupted upload
+    leaves nothing there. The local file lives in CKPTCTL_TMPDIR (default: the system's temp folder)."""
+
+    def __init__(self, target):
+        from ckptctl.sources import as_path, check_bucket, check_writable_target
+
+        self.target = as_path(target)
+        check_writable_target(self.target)
+        check_bucket(self.target)
+        clean_stale_temps(Path(staging_dir()) / self.target.name)  # a killed run's staged file
+        fd, name = tempfile.mkstemp(prefix=temp_name(self.target), dir=staging_dir())
+        hold_lock(fd)
+        self.fd = fd
+        self.tmp = Path(name)
+
+    def commit(self, sync: bool = True) -> None:
+        assert self.fd is not None, "commit after close"
+        pause_point("commit")
+        try:
+            publish(self.tmp, self.target)
+        finally:
+            self.abort()  # the local file only
+
+
+def _new_atomic_file(cls, target=None, *a, **k):
+    if cls is AtomicFile and target is not None:
+        from ckptctl.sources import is_remote
+
+        if is_remote(target):
+            return object.__new__(RemoteAtomicFile)
+    return object.__new__(cls)
+
+
+AtomicFile.__new__ = _new_atomic_file  # AtomicFile(url) is a RemoteAtomicFile: writers need not know
+
+
+def staging_dir() -> str:
+    """Where outputs bound for remote storage are staged (CKPTCTL_TMPDIR, else the temp folder)."""
+    d = os.environ.get("CKPTCTL_TMPDIR") or tempfile.gettempdir()
+    if not os.path.isdir(d):
+        raise Incompatible(f"CKPTCTL_TMPDIR={d} is not a folder")
+    return d
+
+
+def upload_temp(local: str | os.PathLike, target, progress: Progress = None):
+    """Upload a local file or folder to a hidden temporary beside the remote `target`
+    (`.<name>.ckptctl-tmp-<host>-<pid>-<random>`, an object or a prefix of objects) and return
+    its RemotePath. A failure leaves nothing (the multipart upload is aborted, parts already
+    whole are removed); what a SIGKILL leaves is removed by the next write to `target`
+    (sources.clean_stale_remote)."""
+    from ckptctl.sources import Upload, as_path, remote_rm, remote_temp_name
+
+    target = as_path(target)
+    tmp = target.parent / remote_temp_name(target.name)
+    local = Path(local)
+    files = [(local, tmp)] if local.is_file() else [(p, tmp / p.name) for p in sorted(local.iterdir())]
+    try:
+        for path, url in files:
+            with Upload(url, size_hint=path.stat().st_size, progress=progress) as up:
+                up.write_file(path)
+                pause_point("upload-parts")
+    except BaseException:
+        remote_rm(tmp, recursive=not local.is_file())
+        raise
+    return tmp
+
+
+def publish(local: str | os.PathLike, target, progress: Progress = None) -> None:
+    """Put a local file at the remote `target`, whole or not at all: upload to a hidden temporary
+    object beside it, then a server-side copy to `target` (an existing object is replaced only
+    then), then remove the temporary."""
+    from ckptctl.sources import as_path, clean_stale_remote, remote_copy, remote_rm
+
+    target = as_path(target)
+    clean_stale_remote(target)
+    tmp = upload_temp(local, target, progress)
+    try:
+        pause_point("uploaded")
+        remote_copy(tmp, target)
+    finally:
+        remote_rm(tmp)
+
+
 def fsync_dir(path: Path) -> None:
     try:
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

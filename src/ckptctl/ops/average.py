@@ -221,6 +221,19 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_destination(dst: Path, inputs: list[AvgInput], force: bool) -> None:
+    from ckptctl.sources import as_path, check_bucket, is_remote
+
+    if is_remote(dst):  # the same checks for a URL (the writer uploads it whole or not at all)
+        check_bucket(dst)
+        for i in inputs:
+            files = [i.path] + ([f for f in i.reader.info().files] if i.reader is not None else [])
+            if any(as_path(f) == dst for f in files):
+                raise UsageError(f"{dst} is one of the inputs; write the output elsewhere")
+        if dst.is_dir():
+            raise UsageError(f"{dst} is a folder: give an output file such as {dst / 'averaged.safetensors'}")
+        if dst.is_file() and not force:
+            raise Incompatible("already exists (--force to overwrite)", dst)
+        return
     for i in inputs:
         files = [i.path]
         if i.reader is not None:
@@ -265,9 +278,12 @@ def plan_average(
     if acc is None:
         raise UsageError(f"--accumulate {accumulate!r}: use fp64 or fp32")
     out_dtype = cast_target(dtype) if dtype else None
-    dst = Path(dst)
+    from ckptctl.sources import as_path, check_writable_target, is_remote
+
+    check_writable_target(dst)
+    dst = as_path(dst) if is_remote(dst) else Path(dst)
     fmt = target_format(dst, to, False)
-    inputs, notes = resolve_inputs([Path(p) for p in paths], last=last, steps=steps, best_n=best_n,
+    inputs, notes = resolve_inputs([as_path(p) if is_remote(p) else Path(p) for p in paths], last=last, steps=steps, best_n=best_n,
                                    metric=metric, maximize=maximize)
     if len(inputs) < 2:
         raise UsageError(f"need at least two checkpoints to average, got {len(inputs)}")

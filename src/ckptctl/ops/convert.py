@@ -26,10 +26,10 @@ from ckptctl.errors import CkptError, CorruptFile, Incompatible, UsageError
 from ckptctl.formats import open_reader, resolve, writer_class
 from ckptctl.formats.base import Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
-from ckptctl.sources import as_path, check_writable_target
+from ckptctl.sources import as_path, check_writable_target, is_remote
 from ckptctl.ops.inspect import dangerous_globals
 from ckptctl.ops.select import Selection, select
-from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point
+from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point, staging_dir
 
 # Bytes per read. 16 MiB, not 64: glibc serves blocks up to 32 MiB from its heap once one was
 # freed, so the buffers are reused instead of being mapped and page-faulted afresh each time
@@ -346,6 +346,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_destination(src: Path, src_files: list[Path], dst: Path, sharded: bool, force: bool) -> None:
+    if is_remote(dst):
+        return _check_remote_destination(src, src_files, dst, sharded, force)
     if not dst.parent.is_dir():
         raise Incompatible(f"folder {dst.parent} does not exist", dst)
     src_abs = src.resolve()
@@ -360,6 +362,26 @@ def _check_destination(src: Path, src_files: list[Path], dst: Path, sharded: boo
             raise Incompatible("already exists (--force to overwrite)", dst)
         if dst.is_dir() and not sharded:
             raise Incompatible("is a folder; --force replaces files only (or use --max-shard-size)", dst)
+
+
+def _check_remote_destination(src, src_files, dst, sharded: bool, force: bool) -> None:
+    """The checks above for a URL: the bucket exists, DST is not the source, --force to replace."""
+    from ckptctl.sources import check_bucket
+
+    check_bucket(dst)
+    srcs = [as_path(f) for f in [src, *src_files]]
+    if dst in srcs or (sharded and any(dst in getattr(f, "parents", []) for f in srcs)):
+        raise UsageError(f"{dst} is the source; write the output elsewhere")
+    if sharded:
+        if dst.is_file():
+            raise Incompatible("is an object; --max-shard-size writes a folder (prefix)", dst)
+        if dst.is_dir() and not force:
+            raise Incompatible("already exists (--force to overwrite)", dst)
+    else:
+        if dst.is_dir():
+            raise Incompatible("is a folder; --force replaces files only (or use --max-shard-size)", dst)
+        if dst.is_file() and not force:
+            raise Incompatible("already exists (--force to overwrite)", dst)
 
 
 def plan_convert(
@@ -382,7 +404,7 @@ def plan_convert(
     metadata: str = "keep",
 ) -> ConvertPlan:
     check_writable_target(dst)
-    src, dst = as_path(src), Path(dst)
+    src, dst = as_path(src), as_path(dst) if is_remote(dst) else Path(dst)
     sharded = max_shard_size is not None
     if sharded and max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive")
@@ -529,6 +551,8 @@ class Staged:
     _sync: threading.Thread | None = None
     _sync_error: OSError | None = None
     _lock_fd: int | None = None  # the folder, locked while this run may still use it
+    remote_tmp: object | None = None  # remote DST: the uploaded output, hidden beside DST (a RemotePath)
+    remote_prefix: bool = False  # remote_tmp is a prefix of objects (shards), not one object
 
     def release(self) -> None:
         if self._lock_fd is not None:
@@ -563,14 +587,26 @@ class Staged:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.release()
+        if self.remote_tmp is not None:  # committed or not: DST has its own copy by now
+            from ckptctl.sources import remote_rm
+
+            tmp, self.remote_tmp = self.remote_tmp, None
+            remote_rm(tmp, recursive=self.remote_prefix)
 
 
 def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = None) -> Staged:
     """Write every output file into a hidden folder beside DST; nothing is at DST yet."""
     srcs = {o.name: s for s, o in plan.selection.pairs}
     dst = plan.dst
-    clean_stale_temps(dst)  # what a killed earlier run left
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{TMP_TAG}", dir=dst.parent))
+    remote = is_remote(dst)
+    if remote:
+        from ckptctl.sources import clean_stale_remote
+
+        clean_stale_remote(dst)
+        clean_stale_temps(Path(staging_dir()) / dst.name)  # a killed run's local staging folder
+    else:
+        clean_stale_temps(dst)  # what a killed earlier run left
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{TMP_TAG}", dir=staging_dir() if remote else dst.parent))
     staged = Staged(tmp, tmp if plan.sharded else tmp / dst.name)
     try:
         staged._lock_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
@@ -590,7 +626,10 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
                 data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
                 with open(tmp / plan.index_name, "wb") as fh:
                     fh.write(data)
-        staged.start_sync()
+        if remote:
+            _upload_staged(plan, staged)
+        else:
+            staged.start_sync()
         pause_point("staged")
         return staged
     except OSError as e:
@@ -601,8 +640,46 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
         raise
 
 
+def _upload_staged(plan: ConvertPlan, staged: Staged) -> None:
+    """Remote DST: upload the staged output to a hidden temporary beside DST (an object, or a
+    prefix for shards), which verify then re-reads with ranged requests; the local copy goes."""
+    from ckptctl.formats.writeutil import upload_temp
+
+    src = staged.tmp if plan.sharded else staged.out
+    staged.remote_prefix = plan.sharded
+    staged.remote_tmp = upload_temp(src, plan.dst)
+    staged.out = staged.remote_tmp
+    shutil.rmtree(staged.tmp, ignore_errors=True)
+    staged.release()
+
+
+def _commit_remote(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] | None) -> ConvertResult:
+    """Server-side copies from the uploaded temporary to DST (shards first, the index last, so a
+    reader never finds an index naming a shard not yet there); the temporary is removed by discard."""
+    from ckptctl.sources import remote_copy
+
+    pause_point("swap-in")
+    dst, tmp = plan.dst, staged.remote_tmp
+    if plan.sharded:
+        names = [f.path.name for f in plan.files] + ([plan.index_name] if plan.index_name else [])
+        for name in names:
+            remote_copy(tmp / name, dst / name)
+        outputs = [dst / n for n in names]
+    else:
+        remote_copy(tmp, dst)
+        outputs = [dst]
+    staged.committed = True
+    result = ConvertResult(dst=dst, fmt=plan.fmt, outputs=outputs, num_tensors=plan.num_tensors,
+                           bytes_written=sum(p.stat().st_size for p in outputs), verified=verified is not None)
+    if verified is not None:
+        result.verified_tensors, result.verified_bytes = verified
+    return result
+
+
 def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] | None = None) -> ConvertResult:
     """Move the staged output to DST (replacing what --force allowed to replace)."""
+    if staged.remote_tmp is not None:
+        return _commit_remote(plan, staged, verified)
     staged.wait_synced(plan.dst)  # on disk before it has DST's name
     pause_point("swap-in")
     dst = plan.dst
@@ -717,6 +794,21 @@ def _expected_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo, buf: b
     return _source_chunks(plan, src, out)
 
 
+def _in_data_order(items: list, locs: dict) -> list:
+    """items (name, info) sorted by where each tensor's bytes lie (shard, offset) when the reader
+    knows it (safetensors, HDF5, shards of them); others keep their place."""
+    def key(i_item):
+        i, (name, _e) = i_item
+        loc = locs.get(name)
+        shard = ""
+        if isinstance(loc, tuple) and len(loc) == 2:
+            shard, loc = str(loc[0]), loc[1]
+        off = getattr(loc, "offset", None)
+        return (shard, off if isinstance(off, int) else i, i)
+
+    return [it for _i, it in sorted(enumerate(items), key=key)]
+
+
 def verify_output(plan: ConvertPlan, at: Path | None = None,
                   progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Re-read the output (at `at`, default DST) with ckptctl's readers and compare names, dtypes,
@@ -739,7 +831,12 @@ def verify_output(plan: ConvertPlan, at: Path | None = None,
                               where)
         n = nbytes = 0
         bufs = (bytearray(CHUNK), bytearray(CHUNK))  # reused for every tensor
-        for name, e in expected.items():
+        order = list(expected.items())
+        if is_remote(at):  # read the remote output front to back: its read-ahead then coalesces
+            order = _in_data_order(order, {k: got[k].loc for k in expected})
+        elif is_remote(plan.src):
+            order = _in_data_order(order, {k: srcs[k].loc for k in expected})
+        for name, e in order:
             g = got[name]
             if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
                 raise CorruptFile(f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, "
