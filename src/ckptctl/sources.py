@@ -455,7 +455,10 @@ def _default_timeouts(proto: str, opts: dict) -> None:
 
             opts["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}
     elif proto in ("s3", "s3a") and "config_kwargs" not in opts:
-        opts["config_kwargs"] = {"connect_timeout": t, "read_timeout": t, "retries": {"max_attempts": 2}}
+        # 32 connections: ls reads 16 headers at once and a multipart upload keeps 8 parts in
+        # flight; botocore's default pool of 10 capped ls at 10 requests in flight
+        opts["config_kwargs"] = {"connect_timeout": t, "read_timeout": t, "retries": {"max_attempts": 2},
+                                 "max_pool_connections": 32}
 
 
 def _status(e: BaseException) -> int | None:
