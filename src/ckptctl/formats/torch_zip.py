@@ -372,7 +372,7 @@ def pickle_failure(e: pickles.PickleError, what: str, path) -> CorruptFile:
     if what:
         msg = f"{what}: {msg}"
     try:
-        from ckptctl.ops.scan import classify
+        from ckptctl.formats.pickles.safety import classify
 
         bad = [g for g in dict.fromkeys(e.globals + e.more_globals) if classify(g) == "dangerous"]
     except Exception:  # noqa: BLE001 - the message is still useful without it
