@@ -581,7 +581,13 @@ class TorchArchive:
         key = str(key)
         if type(numel) is not int or numel < 0:
             raise CorruptFile(f"storage {key!r}: bad size {numel!r:.40}", self.label)
-        dtype = storage_dtype(storage_type, self.label)
+        # one storage class global serves every storage of its dtype (10^5 of them at MoE scale)
+        known = self.__dict__.setdefault("_storage_dtypes", {})  # storage class global -> dtype
+        dtype = known.get(storage_type) if type(storage_type) is pickles.Global else None
+        if dtype is None:
+            dtype = storage_dtype(storage_type, self.label)
+            if type(storage_type) is pickles.Global:
+                known[storage_type] = dtype
         ref = storages.get(key)
         if ref is not None:
             if ref.dtype != dtype:

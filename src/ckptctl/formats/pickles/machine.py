@@ -37,6 +37,9 @@ from ckptctl.formats.pickles.semantics import Semantics
 INLINE_MAX = 1 << 20  # binary payloads larger than this stay in the file (Span)
 MAX_STRING = 256 << 20  # a single text string larger than this is refused
 LENIENT_MAX = 64 << 20  # bytes of a failed pickle that the opcode listing looks at
+_U32 = struct.Struct("<I").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+_U16 = struct.Struct("<H").unpack_from
 
 
 class no_gc:
@@ -165,6 +168,7 @@ class Machine(Buffered, Semantics):
         memo: dict = {}
         append = stack.append
         unpack_from = struct.unpack_from
+        u32, i32, u16 = _U32, _I32, _U16
         n = len(data)
         while True:
             if pos + 16 > n:
@@ -176,8 +180,22 @@ class Machine(Buffered, Semantics):
                     raise _NeedBytes
             op = data[pos]
             pos += 1
-            # ---- the frequent opcodes of torch pickles first
-            if op == 0x71:  # BINPUT
+            # ---- the frequent opcodes of torch pickles first (protocol 2: torch.save's default;
+            # past 256 memo entries every PUT/GET is a LONG_ one). An if-chain is the fastest
+            # dispatch CPython has for this (a call per opcode costs more than ten comparisons);
+            # a value that the next opcode memoizes (BINPUT/LONG_BINPUT right after it) is
+            # memoized in the same turn.
+            if op == 0x72:  # LONG_BINPUT
+                memo[u32(data, pos)[0]] = stack[-1]
+                pos += 4
+            elif op == 0x6A:  # LONG_BINGET
+                key = u32(data, pos)[0]
+                pos += 4
+                try:
+                    append(memo[key])
+                except KeyError:
+                    self._fail(f"memo key {key} not found", self._base + pos)
+            elif op == 0x71:  # BINPUT
                 memo[data[pos]] = stack[-1]
                 pos += 1
             elif op == 0x68:  # BINGET
@@ -186,28 +204,32 @@ class Machine(Buffered, Semantics):
                 except KeyError:
                     self._fail(f"memo key {data[pos]} not found", self._base + pos)
                 pos += 1
-            elif op == 0x94:  # MEMOIZE
-                memo[len(memo)] = stack[-1]
-            elif op == 0x58 or op == 0x8C or op == 0x8D:  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-                if op == 0x8C:
-                    ln = data[pos]
-                    pos += 1
-                elif op == 0x58:
-                    ln = unpack_from("<I", data, pos)[0]
-                    pos += 4
-                else:
-                    ln = unpack_from("<Q", data, pos)[0]
-                    pos += 8
-                if ln > MAX_STRING:
-                    self._fail(f"a text string of {ln} bytes", self._base + pos)
-                if pos + ln > n:
-                    data, pos = self._fill_or_fail(data, pos, ln)
-                    n = len(data)
-                append(str(data[pos : pos + ln], "utf-8", "surrogatepass"))
-                pos += ln
             elif op == 0x4B:  # BININT1
                 append(data[pos])
                 pos += 1
+            elif op == 0x58 or op == 0x8C:  # BINUNICODE, SHORT_BINUNICODE
+                if op == 0x8C:
+                    ln = data[pos]
+                    pos += 1
+                else:
+                    ln = u32(data, pos)[0]
+                    pos += 4
+                    if ln > MAX_STRING:
+                        self._fail(f"a text string of {ln} bytes", self._base + pos)
+                if pos + ln > n:
+                    data, pos = self._fill_or_fail(data, pos, ln)
+                    n = len(data)
+                v = str(data[pos : pos + ln], "utf-8", "surrogatepass")
+                append(v)
+                pos += ln
+                if pos + 5 <= n:
+                    nx = data[pos]
+                    if nx == 0x72:
+                        memo[u32(data, pos + 1)[0]] = v
+                        pos += 5
+                    elif nx == 0x71:
+                        memo[data[pos + 1]] = v
+                        pos += 2
             elif op == 0x28:  # MARK
                 metastack.append(stack)
                 stack = []
@@ -218,30 +240,73 @@ class Machine(Buffered, Semantics):
                     self._fail("TUPLE without MARK", self._base + pos - 1)
                 stack = metastack.pop()
                 append = stack.append
-                append(tuple(items))
-            elif op == 0x85:  # TUPLE1
-                stack[-1] = (stack[-1],)
+                v = tuple(items)
+                append(v)
+                if pos + 5 <= n:
+                    nx = data[pos]
+                    if nx == 0x72:
+                        memo[u32(data, pos + 1)[0]] = v
+                        pos += 5
+                    elif nx == 0x71:
+                        memo[data[pos + 1]] = v
+                        pos += 2
             elif op == 0x86:  # TUPLE2
                 b = stack.pop()
-                stack[-1] = (stack[-1], b)
+                v = stack[-1] = (stack[-1], b)
+                if pos + 5 <= n:
+                    nx = data[pos]
+                    if nx == 0x72:
+                        memo[u32(data, pos + 1)[0]] = v
+                        pos += 5
+                    elif nx == 0x71:
+                        memo[data[pos + 1]] = v
+                        pos += 2
+            elif op == 0x52:  # REDUCE
+                args = stack.pop()
+                v = stack[-1] = self._call(stack[-1], args)
+                if pos + 5 <= n:
+                    nx = data[pos]
+                    if nx == 0x72:
+                        memo[u32(data, pos + 1)[0]] = v
+                        pos += 5
+                    elif nx == 0x71:
+                        memo[data[pos + 1]] = v
+                        pos += 2
+            elif op == 0x51:  # BINPERSID
+                pid = stack.pop()
+                append(self._persistent(pid))
+            elif op == 0x89:  # NEWFALSE
+                append(False)
+            elif op == 0x29:  # EMPTY_TUPLE
+                append(())
+            elif op == 0x85:  # TUPLE1
+                stack[-1] = (stack[-1],)
             elif op == 0x87:  # TUPLE3
                 c = stack.pop()
                 b = stack.pop()
                 stack[-1] = (stack[-1], b, c)
-            elif op == 0x29:  # EMPTY_TUPLE
-                append(())
-            elif op == 0x52:  # REDUCE
-                args = stack.pop()
-                stack[-1] = self._call(stack[-1], args)
-            elif op == 0x89:  # NEWFALSE
-                append(False)
+            elif op == 0x94:  # MEMOIZE
+                memo[len(memo)] = stack[-1]
+            elif op == 0x4D:  # BININT2
+                append(u16(data, pos)[0])
+                pos += 2
+            elif op == 0x4A:  # BININT
+                append(i32(data, pos)[0])
+                pos += 4
+            elif op == 0x8D:  # BINUNICODE8
+                ln = unpack_from("<Q", data, pos)[0]
+                pos += 8
+                if ln > MAX_STRING:
+                    self._fail(f"a text string of {ln} bytes", self._base + pos)
+                if pos + ln > n:
+                    data, pos = self._fill_or_fail(data, pos, ln)
+                    n = len(data)
+                append(str(data[pos : pos + ln], "utf-8", "surrogatepass"))
+                pos += ln
             elif op == 0x88:  # NEWTRUE
                 append(True)
             elif op == 0x4E:  # NONE
                 append(None)
-            elif op == 0x51:  # BINPERSID
-                pid = stack.pop()
-                append(self._persistent(pid))
             elif op == 0x75:  # SETITEMS
                 items = stack
                 if not metastack:
@@ -253,22 +318,6 @@ class Machine(Buffered, Semantics):
                 append({})
             elif op == 0x5D:  # EMPTY_LIST
                 append([])
-            elif op == 0x4A:  # BININT
-                append(unpack_from("<i", data, pos)[0])
-                pos += 4
-            elif op == 0x4D:  # BININT2
-                append(unpack_from("<H", data, pos)[0])
-                pos += 2
-            elif op == 0x72:  # LONG_BINPUT
-                memo[unpack_from("<I", data, pos)[0]] = stack[-1]
-                pos += 4
-            elif op == 0x6A:  # LONG_BINGET
-                key = unpack_from("<I", data, pos)[0]
-                pos += 4
-                try:
-                    append(memo[key])
-                except KeyError:
-                    self._fail(f"memo key {key} not found", self._base + pos)
             elif op == 0x63 or op == 0x69:  # GLOBAL, INST
                 module, pos, data = self._readline(data, pos)
                 name, pos, data = self._readline(data, pos)

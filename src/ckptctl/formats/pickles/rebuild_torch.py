@@ -3,7 +3,6 @@ nested and meta tensors, torch.Size and TorchScript's list builders, as inert Te
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ckptctl import dtypes
@@ -16,6 +15,8 @@ from ckptctl.formats.pickles.records import (
     TensorRecord,
     _ints,
 )
+
+_ITEMSIZE = {name: d.itemsize for name, d in dtypes.BY_NAME.items()}  # dtypes.DType.itemsize, without the property call
 
 
 def _dtype_of_global(g: Any, m: MachineLike) -> str:
@@ -33,23 +34,39 @@ def _dtype_of_global(g: Any, m: MachineLike) -> str:
 
 
 def _tensor(m: MachineLike, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None, fn: str) -> TensorRecord:
-    shape = _ints(size, f"{fn}: size", m)
-    strides = _ints(stride, f"{fn}: stride", m)
+    # what torch writes: tuples of non-negative ints, checked inline (this runs once per tensor:
+    # 10^5 times in a mixture-of-experts checkpoint); anything else goes through _ints' messages
+    shape, strides = size, stride
+    if type(size) is tuple:
+        for v in size:
+            if type(v) is not int or v < 0:
+                shape = _ints(size, f"{fn}: size", m)
+    else:
+        shape = _ints(size, f"{fn}: size", m)
+    if type(stride) is tuple:
+        for v in stride:
+            if type(v) is not int or v < 0:
+                strides = _ints(stride, f"{fn}: stride", m)
+    else:
+        strides = _ints(stride, f"{fn}: stride", m)
     if len(shape) != len(strides):
         m._fail(f"{fn}: size {shape} and stride {strides} differ in length")
     if type(offset) is not int or offset < 0:
         m._fail(f"{fn}: storage offset {offset!r:.40}")
     note = None
-    if isinstance(storage, StorageRef):
+    if type(storage) is StorageRef or isinstance(storage, StorageRef):
         sdt = storage.dtype
         if dtype is None:
             dtype = sdt
-        dt = dtypes.BY_NAME[dtype]
+        itemsize = _ITEMSIZE[dtype]
         # the element range the view touches must lie inside the storage
-        if math.prod(shape):
-            last = offset + sum((s - 1) * st for s, st in zip(shape, strides))
-            cap_bytes = (storage.view_numel if storage.view_numel is not None else storage.numel) * dtypes.BY_NAME[sdt].itemsize
-            if (last + 1) * dt.itemsize > cap_bytes:
+        numel, last = 1, offset
+        for s, st in zip(shape, strides):
+            numel *= s
+            last += (s - 1) * st
+        if numel:
+            cap_bytes = (storage.view_numel if storage.view_numel is not None else storage.numel) * _ITEMSIZE[sdt]
+            if (last + 1) * itemsize > cap_bytes:
                 m._fail(
                     f"tensor view (offset {offset}, size {list(shape)}, stride {list(strides)}) reaches past "
                     f"the end of storage {storage.key!r} ({cap_bytes} bytes)"
@@ -61,7 +78,7 @@ def _tensor(m: MachineLike, storage: Any, offset: Any, size: Any, stride: Any, d
                 dtype = _storage_dtype_name(storage) or "uint8"
         note = "no data in the file (the storage is not part of the checkpoint)"
         storage = None
-    return TensorRecord(storage, offset, shape, strides, dtype, note=note)
+    return TensorRecord(storage, offset, shape, strides, dtype, None, note)
 
 
 def _storage_dtype_name(x: Any) -> str | None:
