@@ -170,6 +170,7 @@ class Machine(Buffered, Semantics):
         unpack_from = struct.unpack_from
         u32, i32, u16 = _U32, _I32, _U16
         n = len(data)
+        v: Any  # the value just pushed (memoized in the same turn when a PUT follows)
         while True:
             if pos + 16 > n:
                 if self._file is not None:

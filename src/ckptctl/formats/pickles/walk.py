@@ -116,7 +116,14 @@ class _Walker:
         ancestors.add(oid)
         try:
             if isinstance(obj, dict):
+                base = "/".join(parts) + "/" if parts else ""
                 for k, v in obj.items():
+                    if type(v) is TensorRecord:  # a state_dict's tensor: what walk(v, ...) would do, inline
+                        self.nodes += 1
+                        if self.nodes > MAX_WALK_NODES:
+                            self.walk(v, parts + [_key_str(k)], ancestors, depth + 1)  # raises
+                        self.tensor(base + (k if type(k) is str else _key_str(k)), v)
+                        continue
                     if _is_leaf(v):
                         continue
                     self.walk(v, parts + [_key_str(k)], ancestors, depth + 1)
