@@ -185,3 +185,79 @@ def test_print_json_matches_json_dumps():
             sys.stdout = old
         want = json.dumps(d, indent=2, ensure_ascii=False).replace("\u009b", "\\u009b") + "\n"
         assert buf.getvalue() == want
+
+
+def test_tensor_rows_are_written_as_their_to_json_rows():
+    """`inspect --format json` writes its rows straight from TensorInfo fields (output.TensorRows):
+    byte for byte what json.dumps writes for [t.to_json() ...], the odd cases included (tied
+    weights, a scalar, a name that was not UTF-8, C1 controls, a shape of numpy ints: that one
+    goes through json.dumps)."""
+    import io
+    import sys
+
+    from ckptctl.cli import output
+    from ckptctl.model import TensorInfo as T
+
+    cases = [
+        [T("a.w", "float32", (2, 3), 24), T("b", "bfloat16", (), 2), T("a.tied", "float32", (2, 3), 24, alias_of="a.w"),
+         T("x\udcff\u009b\"\\ é", "int8", (0, 4), 0), T("big", "uint8", (1 << 40,), 1 << 40)],
+        [T("np", "float16", (np.int64(2),), 4)],
+        [],
+    ]
+    texts = []
+    for ts in cases:
+        got, old = io.StringIO(), sys.stdout
+        try:
+            sys.stdout = got
+            output.print_json({"n": len(ts), "tensors": output.TensorRows(ts), "after": [1]})
+        finally:
+            sys.stdout = old
+        want = json.dumps({"n": len(ts), "tensors": [t.to_json() for t in ts], "after": [1]}, indent=2,
+                          ensure_ascii=False, default=lambda o: o.item())
+        want = want.replace("\udcff", "\\udcff").replace("\u009b", "\\u009b") + "\n"
+        assert got.getvalue() == want
+        texts.append(got.getvalue())
+    doc = json.loads(texts[0])
+    assert [r["name"] for r in doc["tensors"]] == ["a.w", "b", "a.tied", "x\udcff\u009b\"\\ é", "big"]
+    assert doc["tensors"][2]["alias_of"] == "a.w" and "alias_of" not in doc["tensors"][0]
+    assert doc["tensors"][1]["shape"] == [] and doc["tensors"][1]["numel"] == 1
+    assert "\\udcff" in texts[0] and "\\u009b" in texts[0]  # escaped: stdout stays valid UTF-8
+
+
+def test_pt_past_256_memo_entries_lists_what_torch_holds(tmp_path):
+    """torch.save past 256 memo entries writes LONG_BINPUT/LONG_BINGET (the unpickler's fast
+    path memoizes strings, tuples and rebuilt tensors in the same turn): every tensor comes out
+    with torch's name, dtype, shape and bytes, tied weights as aliases, views at their offset."""
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    sd: dict = {}
+    for i in range(700):
+        dt = (torch.float32, torch.bfloat16, torch.int64, torch.float16)[i % 4]
+        sd[f"model.layers.{i // 7}.experts.{i % 7}.w"] = (torch.arange(i % 5 + 1, dtype=torch.float32) * i).to(dt)
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    sd["view.rows"] = base[1:3]  # offset 6 into a shared storage
+    sd["view.t"] = base.t()  # strided
+    sd["tied.early"] = sd["model.layers.0.experts.1.w"]  # memoized with BINPUT
+    sd["tied"] = sd["model.layers.90.experts.1.w"]  # past 256 memo entries: LONG_BINPUT
+    path = tmp_path / "many.pt"
+    torch.save(sd, path)
+    r = subprocess.run([sys.executable, "-m", "ckptctl", "inspect", str(path), "-f", "json"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    rows = {t["name"]: t for t in json.loads(r.stdout)["tensors"]}
+    assert list(rows) == list(sd)
+    for name, t in sd.items():
+        row = rows[name]
+        assert row["dtype"] == str(t.dtype).removeprefix("torch."), name
+        assert row["shape"] == list(t.shape) and row["numel"] == t.numel(), name
+        assert row["nbytes"] == t.numel() * t.element_size(), name
+    assert rows["tied.early"]["alias_of"] == "model.layers.0.experts.1.w"
+    assert rows["tied"]["alias_of"] == "model.layers.90.experts.1.w"
+    assert sum("alias_of" in row for row in rows.values()) == 2
+    from ckptctl.formats import open_reader
+
+    with open_reader(path) as rd:
+        for name in ("view.rows", "view.t", "model.layers.99.experts.6.w", "model.layers.50.experts.3.w"):
+            assert rd.read(name).tobytes() == sd[name].contiguous().view(torch.uint8).numpy().tobytes(), name

@@ -632,7 +632,7 @@ def test_cycles_and_shared_references(tmp_path, monkeypatch):
         x = [x, x]
     path = tmp_path / "dag.pkl"
     path.write_bytes(pickle.dumps(x, protocol=2))
-    monkeypatch.setattr(pickles, "MAX_WALK_NODES", 10_000)
+    monkeypatch.setattr(pickles.walk, "MAX_WALK_NODES", 10_000)
     with pytest.raises(CorruptFile, match="too large"):
         PickleReader(path).info()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import sys
 from enum import Enum
 from pathlib import Path
@@ -134,21 +135,27 @@ def register(app: typer.Typer) -> None:
                 _summary(info, result, markdown=fmt == InspectFmt.markdown, rows=len(folds))
                 output.render_rows([f.row() for f in folds], FOLDED_COLUMNS, fmt.value)
                 return
-        rows = [t.to_json() for t in result.tensors]
         if fmt == InspectFmt.json:
             doc = info.to_json(tensors=False)
-            # totals of the part shown (the model weights by default), as `ls` counts them
-            doc.update(num_tensors=result.num_tensors, num_params=result.num_params,
-                       total_bytes=result.total_bytes, dtypes=result.dtype_mix)
+            # totals of the part shown (the model weights by default), as `ls` counts them; when the
+            # part is the whole file (the same TensorInfo objects in the same order, no tied weights),
+            # the file's totals just computed are the part's (10^5 tensors: each is a pass over them)
+            file_totals = (doc["num_tensors"], doc["num_params"], doc["total_bytes"], doc["dtypes"])
+            same = (len(result.part) == len(info.tensors) and all(map(operator.is_, result.part, info.tensors))
+                    and not any(t.alias_of is not None for t in info.tensors))
+            doc.update(num_tensors=result.num_tensors, num_params=file_totals[1] if same else result.num_params,
+                       total_bytes=file_totals[2] if same else result.total_bytes,
+                       dtypes=dict(file_totals[3]) if same else result.dtype_mix)
             doc["part"] = {"kind": result.part_kind, "root": result.root, "left_out": result.left_out,
-                           "file_num_tensors": info.num_tensors, "file_num_params": info.num_params,
-                           "file_total_bytes": info.total_bytes}
-            doc["tensors"] = rows
+                           "file_num_tensors": file_totals[0], "file_num_params": file_totals[1],
+                           "file_total_bytes": file_totals[2]}
+            doc["tensors"] = output.TensorRows(result.tensors)  # written from the fields, row by row
             if filters:
                 doc["filter"] = filters
             doc["unsafe_globals"] = result.dangerous
             output.print_json(doc)
             return
+        rows = [t.to_json() for t in result.tensors]
         if fmt == InspectFmt.csv:
             output.render_rows(rows, TENSOR_COLUMNS, "csv")
             return

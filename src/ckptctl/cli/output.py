@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from ckptctl.model import TensorInfo
+
 
 class Fmt(str, Enum):
     table = "table"
@@ -175,6 +177,12 @@ class _Unusual(Exception):
     """Something _dumps_indent2 leaves to json.dumps (a non-str key, a NaN, an unknown type)."""
 
 
+class TensorRows(list):
+    """TensorInfo objects standing for their `to_json()` rows in a JSON document: the one-pass
+    writer formats each row straight from the fields (a dict per row cost as much as writing it,
+    10^5 rows: issue 13); json.dumps and strict_json see `to_json()` (_json_default)."""
+
+
 def _dumps_indent2(obj: Any) -> str:
     """json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False), byte for byte, for documents
     of dicts with str keys, lists, tuples, str, int, finite float, bool and None; _Unusual otherwise.
@@ -240,8 +248,43 @@ def _dumps_indent2(obj: Any) -> str:
                 value(v, inner, depth + 1)
                 sep = ",\n" + inner
             add("\n" + ind + "]")
+        elif t is TensorRows:
+            if not o:
+                add("[]")
+                return
+            rows(o, ind)
         else:
             raise _Unusual
+
+    def rows(o: TensorRows, ind: str) -> None:
+        """Each TensorInfo as value(t.to_json()) writes it: name, dtype, shape, nbytes, numel[, alias_of]."""
+        inner = ind + "  "
+        i2 = inner + "  "
+        i3 = i2 + "  "
+        pre_name, pre_dtype, pre_shape = f'{{\n{i2}"name": ', f',\n{i2}"dtype": ', f',\n{i2}"shape": '
+        pre_nbytes, pre_numel, pre_alias = f',\n{i2}"nbytes": ', f',\n{i2}"numel": ', f',\n{i2}"alias_of": '
+        shape_open, shape_sep, shape_close = "[\n" + i3, ",\n" + i3, "\n" + i2 + "]"
+        end = "\n" + inner + "}"
+        sep = "[\n" + inner
+        for r in o:
+            name, dtype, shape, nbytes, alias = r.name, r.dtype, r.shape, r.nbytes, r.alias_of
+            if type(name) is not str or type(dtype) is not str or type(nbytes) is not int:
+                raise _Unusual
+            numel = 1
+            for d in shape:
+                if type(d) is not int:
+                    raise _Unusual
+                numel *= d
+            shape_text = shape_open + shape_sep.join(map(int.__repr__, shape)) + shape_close if shape else "[]"
+            text = (f"{sep}{pre_name}{enc(name)}{pre_dtype}{enc(dtype)}{pre_shape}{shape_text}"
+                    f"{pre_nbytes}{int.__repr__(nbytes)}{pre_numel}{int.__repr__(numel)}")
+            if alias is not None:
+                if type(alias) is not str:
+                    raise _Unusual
+                text += pre_alias + enc(alias)
+            add(text + end)
+            sep = ",\n" + inner
+        add("\n" + ind + "]")
 
     value(obj, "", 0)
     return "".join(parts)
@@ -334,6 +377,8 @@ def _json_key(k: Any) -> str:
 
 
 def _json_default(o: Any):
+    if isinstance(o, TensorInfo):  # an item of TensorRows
+        return o.to_json()
     if isinstance(o, (set, frozenset)):
         return sorted(o, key=repr)
     if isinstance(o, tuple):

@@ -308,27 +308,30 @@ class PickleBasedReader(Reader):
 def tensor_infos(desc: pickles.Described, storage_blob, big_endian: bool, path) -> list[TensorInfo]:
     """TensorInfo (with TensorLoc) for each described tensor; storage_blob(StorageRef) -> Blob."""
     out: list[TensorInfo] = []
+    append = out.append
+    per_dtype: dict[str, tuple[int, int, int]] = {}  # dtype -> (bits, itemsize, swap unit): 10^5 tensors, few dtypes
     for name, rec, alias in desc.tensors:
-        if isinstance(rec, pickles.TensorRecord):
-            d = dtypes.BY_NAME[rec.dtype]
-            nbytes = dtypes.nbytes(d, rec.shape)
-            if rec.storage is None:
+        if type(rec) is pickles.TensorRecord or isinstance(rec, pickles.TensorRecord):
+            dtype = rec.dtype
+            known = per_dtype.get(dtype)
+            if known is None:
+                d = dtypes.BY_NAME[dtype]
+                known = per_dtype[dtype] = (d.bits, d.itemsize, swap_unit(dtype, big_endian))
+            bits, itemsize, swap = known
+            numel = 1
+            for s in rec.shape:
+                numel *= int(s)
+            nbytes = (numel * bits + 7) // 8  # dtypes.nbytes
+            st = rec.storage
+            if st is None:
                 loc: Any = MissingLoc(rec.note or "no storage")
             else:
-                st = rec.storage
                 sisz = dtypes.BY_NAME[st.dtype].itemsize
-                loc = TensorLoc(
-                    blob=storage_blob(st),
-                    byte_base=st.view_offset * sisz + rec.offset * d.itemsize,
-                    stride=rec.stride,
-                    itemsize=d.itemsize,
-                    swap=swap_unit(rec.dtype, big_endian),
-                    key=st.key,
-                    storage_dtype=st.dtype,
-                )
-            out.append(TensorInfo(name, rec.dtype, rec.shape, nbytes, alias_of=alias, loc=loc))
+                loc = TensorLoc(storage_blob(st), st.view_offset * sisz + rec.offset * itemsize, rec.stride, itemsize,
+                                swap, st.key, st.dtype)
+            append(TensorInfo(name, dtype, rec.shape, nbytes, alias, loc))
         else:  # NumpyArray
-            out.append(numpy_info(name, rec, alias, path))
+            append(numpy_info(name, rec, alias, path))
     return out
 
 
@@ -372,7 +375,7 @@ def pickle_failure(e: pickles.PickleError, what: str, path) -> CorruptFile:
     if what:
         msg = f"{what}: {msg}"
     try:
-        from ckptctl.ops.scan import classify
+        from ckptctl.formats.pickles.safety import classify
 
         bad = [g for g in dict.fromkeys(e.globals + e.more_globals) if classify(g) == "dangerous"]
     except Exception:  # noqa: BLE001 - the message is still useful without it
@@ -581,7 +584,13 @@ class TorchArchive:
         key = str(key)
         if type(numel) is not int or numel < 0:
             raise CorruptFile(f"storage {key!r}: bad size {numel!r:.40}", self.label)
-        dtype = storage_dtype(storage_type, self.label)
+        # one storage class global serves every storage of its dtype (10^5 of them at MoE scale)
+        known = self.__dict__.setdefault("_storage_dtypes", {})  # storage class global -> dtype
+        dtype = known.get(storage_type) if type(storage_type) is pickles.Global else None
+        if dtype is None:
+            dtype = storage_dtype(storage_type, self.label)
+            if type(storage_type) is pickles.Global:
+                known[storage_type] = dtype
         ref = storages.get(key)
         if ref is not None:
             if ref.dtype != dtype:

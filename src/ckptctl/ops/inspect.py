@@ -104,7 +104,7 @@ def _plain_model(tensors: list[TensorInfo]) -> bool:
 def dangerous_globals(info: CheckpointInfo) -> list[str]:
     if not info.globals:
         return []
-    from ckptctl.ops.scan import classify
+    from ckptctl.formats.pickles.safety import classify
 
     return [g for g in info.globals if classify(g) == "dangerous"]
 
