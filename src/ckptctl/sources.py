@@ -615,9 +615,15 @@ class LocalSource:
         return os.pread(self.fd, n, offset)
 
     def iter_range(self, offset: int, length: int, chunk: int) -> Iterator[bytes]:
-        from ckptctl.formats.base import pread_chunks
-
-        return pread_chunks(self.fd, offset, length, chunk)
+        """`length` bytes at `offset` in pieces of at most `chunk` bytes, with os.pread."""
+        end = offset + length
+        pos = offset
+        while pos < end:
+            data = os.pread(self.fd, min(chunk, end - pos), pos)
+            if not data:
+                raise CorruptFile(f"file ends at byte {pos}, expected data up to byte {end}")
+            pos += len(data)
+            yield data
 
     def open(self):
         return open(self.path, "rb")  # noqa: SIM115 - the caller closes it

@@ -125,16 +125,3 @@ class Writer:
 
     def abort(self) -> None:
         """Remove every temporary file; the target is left as it was."""
-
-
-def pread_chunks(fd: int, offset: int, length: int, size: int = CHUNK) -> Iterator[bytes]:
-    """Read `length` bytes at `offset` in pieces of at most `size` bytes with os.pread."""
-    end = offset + length
-    pos = offset
-    while pos < end:
-        want = min(size, end - pos)
-        data = os.pread(fd, want, pos)
-        if not data:
-            raise CorruptFile(f"file ends at byte {pos}, expected data up to byte {end}")
-        pos += len(data)
-        yield data
