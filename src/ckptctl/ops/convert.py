@@ -11,6 +11,7 @@ re-reading the output and comparing every tensor's bytes with the source (cast a
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -704,6 +706,153 @@ def _read_range(path: str, offset: int, length: int, buf: bytearray) -> Iterator
         os.close(fd)
 
 
+# Verify maps the OUTPUT (the staged file: ckptctl's own, in a locked hidden folder, never
+# truncated under it) window by window instead of copying it into a buffer: MAP_POPULATE maps the
+# page-cache pages in one call, libc's memcmp compares them with the source's bytes, the window is
+# unmapped before the next (RSS stays flat). Measured on a 1 GB file: 0.27 CPU s against 0.34-0.65
+# for reading both sides with preadv. The SOURCE is still read with preadv: a file that another
+# process truncates while it is mapped would kill ckptctl with SIGBUS instead of a one-line error.
+MAP_WINDOW = 16 * 1024 * 1024
+
+
+def _libc_memcmp():
+    global _MEMCMP
+    if _MEMCMP is None:
+        try:
+            import ctypes
+
+            f = ctypes.CDLL(None).memcmp  # a foreign call: releases the GIL while it compares
+            f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            f.restype = ctypes.c_int
+            _MEMCMP = f
+        except (OSError, AttributeError, ImportError):
+            _MEMCMP = False
+    return _MEMCMP
+
+
+_MEMCMP = None
+
+
+class _MappedRange:
+    """A file range compared piece by piece against other bytes through a sliding mmap window."""
+
+    def __init__(self, path: str, offset: int, length: int, window: int = MAP_WINDOW):
+        import mmap
+
+        self.window = window
+        self._mmap = mmap
+        self.offset, self.length = offset, length
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(self.fd).st_size < offset + length:
+                raise CorruptFile(f"file ends before byte {offset + length}", path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.lo = self.hi = 0  # the window, relative to offset
+        self.mm = None
+        self.arr = None
+
+    def _map(self, pos: int) -> None:
+        import numpy as np
+
+        self._unmap()
+        mm = self._mmap
+        start = self.offset + pos
+        base = start - start % mm.ALLOCATIONGRANULARITY
+        end = min(self.offset + self.length, start + self.window)
+        flags = mm.MAP_SHARED | getattr(mm, "MAP_POPULATE", 0)
+        self.mm = mm.mmap(self.fd, end - base, flags=flags, prot=mm.PROT_READ, offset=base)
+        self.arr = np.frombuffer(self.mm, dtype=np.uint8)[start - base:]
+        self.lo, self.hi = pos, pos + (end - start)
+
+    def _unmap(self) -> None:
+        self.arr = None
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+
+    def compare(self, pos: int, chunk) -> int | None:
+        """None when `chunk` equals the range's bytes at `pos`, else the offset of the first difference."""
+        import numpy as np
+
+        other = np.frombuffer(chunk, dtype=np.uint8)
+        memcmp = _libc_memcmp()
+        done, n = 0, len(other)
+        while done < n:
+            at = pos + done
+            if not self.lo <= at < self.hi:
+                if at >= self.length:
+                    return at  # the source has more bytes than the output's range
+                self._map(at)
+            k = min(n - done, self.hi - at)
+            a = self.arr[at - self.lo: at - self.lo + k]
+            b = other[done: done + k]
+            if memcmp:
+                same = memcmp(a.ctypes.data, b.ctypes.data, k) == 0
+            else:  # pragma: no cover - every libc has memcmp
+                same = bool(np.array_equal(a, b))
+            if not same:
+                return at + int(np.flatnonzero(a != b)[0])
+            done += k
+        return None
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self.fd)
+
+
+def compare_mapped(got: tuple[str, int, int], want: Iterable, window: int = MAP_WINDOW) -> int | None:
+    """None when the file range `got` (path, offset, length) holds exactly the bytes of the
+    `want` chunks, else the offset of the first difference (or where one side ends)."""
+    m = _MappedRange(*got, window)
+    try:
+        pos = 0
+        for c in want:
+            n = len(c) if isinstance(c, (bytes, bytearray)) else memoryview(c).nbytes
+            if not n:
+                continue
+            diff = m.compare(pos, c)
+            if diff is not None:
+                return diff
+            pos += n
+        return None if pos == got[2] else pos
+    finally:
+        m.close()
+
+
+VERIFY_WORKERS = min(2, os.cpu_count() or 1)
+VERIFY_PIECE = 64 * 1024 * 1024  # bytes per parallel verify task
+VERIFY_BUF = 8 * 1024 * 1024  # a verify worker's read buffer (and its mmap window)
+_tls = threading.local()
+
+
+def _compare_piece(got: tuple[str, int, int], src: tuple[str, int, int]) -> int | None:
+    """compare_mapped of an output range against a source range (a verify worker's task)."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = bytearray(VERIFY_BUF)
+    try:
+        return compare_mapped(got, _read_range(src[0], src[1], src[2], buf), VERIFY_BUF)
+    except (OSError, ValueError):  # a file system that cannot map: read both
+        buf2 = getattr(_tls, "buf2", None)
+        if buf2 is None:
+            buf2 = _tls.buf2 = bytearray(VERIFY_BUF)
+        return same_bytes(_read_range(*got, buf2), _read_range(*src, buf))
+
+
+def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo, e: TensorInfo,
+                    out_rng: tuple[str, int, int] | None, bufs: tuple[bytearray, bytearray]) -> int | None:
+    """None when output tensor `name` holds the bytes expected from source tensor `s`."""
+    want = _expected_chunks(plan, s, e, bufs[1])
+    if out_rng is not None and out_rng[2] == e.nbytes:
+        try:
+            return compare_mapped(out_rng, want)
+        except (OSError, ValueError):  # a file system that cannot map: read it instead
+            want = _expected_chunks(plan, s, e, bufs[1])
+    return same_bytes(_range_or_chunks(reader, name, bufs[0]), want)
+
+
 def _range_or_chunks(reader: Reader, name: str, buf: bytearray) -> Iterable:
     rng = reader.byte_range(name)
     if rng is not None:
@@ -737,23 +886,57 @@ def verify_output(plan: ConvertPlan, at: Path | None = None,
             what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
             raise CorruptFile(f"verify failed: output has {len(got)} tensors, expected {len(expected)} ({what})",
                               where)
-        n = nbytes = 0
-        bufs = (bytearray(CHUNK), bytearray(CHUNK))  # reused for every tensor
-        for name, e in expected.items():
+        for name, e in expected.items():  # the structure first, in one pass
             g = got[name]
             if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
                 raise CorruptFile(f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, "
                                   f"expected {e.dtype}{list(e.shape)}", where)
-            if g.alias_of is not None and e.alias_of is not None:
+        n = nbytes = 0
+        bufs: tuple[bytearray, bytearray] | None = None  # reused for every tensor compared on this thread
+        # (name, bytes, a Future or the result: None or the offset of the first difference, piece start)
+        pending: collections.deque = collections.deque()
+        pool = None
+
+        def settle(block: bool) -> None:
+            nonlocal nbytes
+            while pending and (block or not isinstance(pending[0][2], Future) or pending[0][2].done()):
+                name, size, res, base = pending.popleft()
+                diff = res.result() if isinstance(res, Future) else res
+                if diff is not None:
+                    raise CorruptFile(f"verify failed: tensor {name!r} differs from the source at byte "
+                                      f"{base + diff}", where)
+                nbytes += size
+                if progress:
+                    progress(size)
+
+        try:
+            for name, e in expected.items():
+                g = got[name]
+                if g.alias_of is not None and e.alias_of is not None:
+                    n += 1
+                    continue  # the same bytes as its target, which is compared
+                s = srcs[name]
                 n += 1
-                continue  # the same bytes as its target, which is compared
-            s = srcs[name]
-            diff = same_bytes(_range_or_chunks(reader, name, bufs[0]), _expected_chunks(plan, s, e, bufs[1]))
-            if diff is not None:
-                raise CorruptFile(f"verify failed: tensor {name!r} differs from the source at byte {diff}",
-                                  where)
-            n += 1
-            nbytes += e.nbytes
-            if progress:
-                progress(e.nbytes)
+                out_rng = reader.byte_range(name)
+                src_rng = plan.reader.byte_range(s.name) if s.dtype == e.dtype else None
+                if out_rng is not None and src_rng is not None and out_rng[2] == src_rng[2] == e.nbytes \
+                        and VERIFY_WORKERS > 1 and e.nbytes >= VERIFY_PIECE // 4:
+                    # plain bytes on both sides: pieces compared on every core (preadv, mmap and
+                    # memcmp release the GIL), results taken in order so the first difference is reported
+                    if pool is None:
+                        pool = ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="ckptctl-verify")
+                    for k in range(0, e.nbytes, VERIFY_PIECE):
+                        m = min(VERIFY_PIECE, e.nbytes - k)
+                        fut = pool.submit(_compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m))
+                        pending.append((name, m, fut, k))
+                    settle(False)
+                    continue
+                if bufs is None:
+                    bufs = (bytearray(CHUNK), bytearray(CHUNK))
+                pending.append((name, e.nbytes, _compare_tensor(plan, reader, name, s, e, out_rng, bufs), 0))
+                settle(False)
+            settle(True)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     return n, nbytes
