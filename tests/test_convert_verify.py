@@ -117,3 +117,48 @@ main()
     assert len(lines) == 1 and "tensor 'a.weight' differs from the source at byte 12345" in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not dst.exists() and [x.name for x in tmp_path.iterdir()] == ["src.pt"]
+
+
+def test_cast_output_damaged_is_caught_with_its_offset(tmp_path):
+    """A cast is verified against CRC-32Cs of the bytes handed to the writer; on a mismatch the
+    tensor is cast again to name the exact byte."""
+    src, _sd = _pt(tmp_path)
+    plan = cv.plan_convert(src, tmp_path / "out.safetensors", dtype="bf16")
+    staged = cv.write_output(plan)
+    assert set(plan.cast_crcs) == {"a.weight", "b.weight", "c.bias"}
+    off = _st_data_offset(staged.out, "b.weight")
+    data = bytearray(staged.out.read_bytes())
+    data[off + 777] ^= 0x80
+    staged.out.write_bytes(bytes(data))
+    with pytest.raises(CorruptFile, match=r"tensor 'b.weight' differs from the source at byte 777$"):
+        cv.verify_output(plan, staged.out)
+    staged.discard()
+    plan.close()
+
+
+def test_cast_to_bf16_matches_torch_bit_for_bit(tmp_path):
+    """The ml_dtypes-free float32/float16/float64 -> bfloat16 cast gives torch's bits for every
+    non-NaN value (ties to even, carries into the exponent and to inf), NaN stays NaN."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), generator=g, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0, -(2**31), 0x7F800000, -8388608, 0x7FC00000, 0x7F800001, -1, 0x7F7FFFFF,
+                            0x00000001, 0x00008000, 0x00018000, 0x3F808000, 0x3F818000, 0x7F7F8000,
+                            0x7F7F7FFF], dtype=torch.int64).to(torch.int32)
+    f32 = torch.cat([bits, special]).view(torch.float32)
+    sd = {"f32": f32, "f64": f32.double() * 1.0000001, "f16": f32[torch.isfinite(f32)].clamp(-6e4, 6e4).half()}
+    src = tmp_path / "src.pt"
+    torch.save(sd, src)
+    dst = tmp_path / "out.safetensors"
+    p = subprocess.run([sys.executable, "-m", "ckptctl", "-q", "convert", str(src), str(dst), "--dtype", "bf16"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = load_file(str(dst))
+    for k, v in sd.items():
+        want = v.to(torch.bfloat16)
+        got = out[k]
+        assert got.dtype == torch.bfloat16
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan), k
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), k
