@@ -967,7 +967,7 @@ def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo,
     want = _expected_chunks(plan, s, e, bufs[1])
     if out_rng is not None and out_rng[2] == e.nbytes:
         try:
-            return compare_mapped(out_rng, want)
+            return compare_mapped(out_rng, want, VERIFY_BUF)
         except (OSError, ValueError):  # a file system that cannot map: read it instead
             want = _expected_chunks(plan, s, e, bufs[1])
     return same_bytes(_range_or_chunks(reader, name, bufs[0]), want)
@@ -1078,7 +1078,7 @@ def verify_output(plan: ConvertPlan, at: Path | None = None,
                     settle(False)
                     continue
                 if bufs is None:
-                    bufs = (bytearray(CHUNK), bytearray(CHUNK))
+                    bufs = (bytearray(VERIFY_BUF), bytearray(VERIFY_BUF))  # small: RSS stays flat
                 pending.append((name, e.nbytes, _compare_tensor(plan, reader, name, s, e, out_rng, bufs), 0))
                 settle(False)
             settle(True)
