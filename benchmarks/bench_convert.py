@@ -26,7 +26,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Candidate, cell, interleave, machine, md_table, parse_size  # noqa: E402
+from timing import Candidate, cell, interleave, machine, md_table, parse_size
 
 PY = sys.executable
 CKPTCTL = [PY, "-m", "ckptctl", "-q"]

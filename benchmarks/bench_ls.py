@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import machine, run  # noqa: E402
+from timing import machine, run
 
 GB = 1000**3
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from timing import PY, machine, parse_size  # noqa: E402
+from timing import PY, machine, parse_size
 
 README = HERE.parent / "README.md"
 
@@ -78,7 +78,7 @@ def run_bench(name: str, quick: bool, size: str | None, timeout: float | None) -
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)
+        p = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)
         out, code = p.stdout, p.returncode
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -89,7 +89,7 @@ def run_bench(name: str, quick: bool, size: str | None, timeout: float | None) -
 def replace_between_markers(text: str, name: str, body: str) -> tuple[str, bool]:
     """`text` with what lies between <!-- bench:NAME --> and <!-- /bench:NAME --> replaced by
     `body`; (text, False) when the markers are not both there."""
-    pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(.*?)(<!-- /bench:{re.escape(name)} -->)", re.S)
+    pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(.*?)(<!-- /bench:{re.escape(name)} -->)", re.DOTALL)
     if not pat.search(text):
         return text, False
     return pat.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(3), text, count=1), True

@@ -194,7 +194,7 @@ def machine() -> str:
         load = "load average {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
     except OSError:
         pass
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (f"{date}; {os.cpu_count()} cores ({model}), {mem} RAM, Linux {platform.release()}, "
             f"Python {platform.python_version()}; {load}")
 
@@ -208,5 +208,17 @@ def parse_size(text: str) -> int:
     return int(float(t) * 10**9)
 
 
-__all__ = ["Candidate", "Result", "Sample", "cell", "interleave", "machine", "md_table", "parse_size", "remove",
-           "run", "sync", "PY"]
+__all__ = [
+    "PY",
+    "Candidate",
+    "Result",
+    "Sample",
+    "cell",
+    "interleave",
+    "machine",
+    "md_table",
+    "parse_size",
+    "remove",
+    "run",
+    "sync",
+]

@@ -111,7 +111,7 @@ from ckptctl.cli.app import main
 sys.argv = ["ckptctl", "convert", {str(src)!r}, {str(dst)!r}]
 main()
 """
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert p.returncode == 1, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "tensor 'a.weight' differs from the source at byte 12345" in lines[0], p.stderr
@@ -151,7 +151,7 @@ def test_cast_to_bf16_matches_torch_bit_for_bit(tmp_path):
     src = tmp_path / "src.pt"
     torch.save(sd, src)
     dst = tmp_path / "out.safetensors"
-    p = subprocess.run([sys.executable, "-m", "ckptctl", "-q", "convert", str(src), str(dst), "--dtype", "bf16"],
+    p = subprocess.run([sys.executable, "-m", "ckptctl", "-q", "convert", str(src), str(dst), "--dtype", "bf16"], check=False,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     out = load_file(str(dst))
