@@ -1,21 +1,18 @@
 #!/usr/bin/env python
-"""Benchmark `ckptctl convert` against `cp` of the same file and the naive load-everything way.
+"""Benchmark `ckptctl convert` against a durable copy (`cp SRC DST && sync DST`) of the same file.
 
-Generates a ~4 GB fp32 `.pt` with torch.save (7 tensors of 500 MB plus 100 of 5 MB by
-default: the largest tensor is 1/8 of the file) and its safetensors twin under /tmp, then
-runs each candidate as a fresh process and prints a markdown table of wall time, peak RSS
-(/usr/bin/time) and throughput relative to `cp` measured in the same run (cp time / time:
-1.0 = as fast as cp). Candidates take turns (one run each, --repeat rounds) and the best is
-kept, so a slow spell of a shared disk does not land on one candidate. Outputs are deleted
-after each run and `sync` runs before each one, so a run does not pay for an earlier run's
-writeback; the data is deleted at the end.
+Generates a ~4 GB fp32 `.pt` with torch.save (7 tensors of 1/8 of the file plus 100 small ones)
+and its safetensors twin under /tmp, then runs each candidate as a fresh process, in turns
+(benchmarks/timing.py: A, B, C, A, B, C, ...; best of --repeat; `sync` before every run, outputs
+deleted after it) and prints a markdown table: wall s / CPU s (user + sys), the wall-time ratio
+to `cp && sync` measured in the same rounds (the target: <= 1.3x, <= 1.5x with a cast) and peak
+RSS. ckptctl fsyncs its output before it renames it into place, so the fair floor is `cp` +
+`sync`, not `cp` (shown too). The data is deleted at the end unless --keep/--dir.
 
     python benchmarks/bench_convert.py                  # 4 GB
-    python benchmarks/bench_convert.py --size-gb 0.5    # quick
-    python benchmarks/bench_convert.py --only pt-st,cast
-
-Note: ckptctl fsyncs its output before renaming it into place (and verifies it by default,
-while that fsync runs); `cp` does neither, so `cp + sync` is shown too.
+    python benchmarks/bench_convert.py --size 1G        # what the noisy shared machine affords
+    python benchmarks/bench_convert.py --quick          # 0.3 GB, 2 rounds, no naive baselines
+    python benchmarks/bench_convert.py --only pt-st,cast --before /work/main/src   # old vs new
 """
 
 from __future__ import annotations
@@ -27,11 +24,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import Candidate, cell, interleave, machine, md_table, parse_size
 
 PY = sys.executable
 CKPTCTL = [PY, "-m", "ckptctl", "-q"]
-TIME = shutil.which("time", path="/usr/bin:/bin")
 
 NAIVE = {
     "pt-st": "import torch; from safetensors.torch import save_file; "
@@ -83,73 +81,42 @@ def write_tf_from_safetensors(st: str, prefix: str) -> list[str]:
     return [str(p) for p in write_bundle_streaming(prefix, specs)]
 
 
-def measure(cmd: list[str]) -> tuple[float, float, int, str]:
-    """(wall seconds, peak RSS MiB, exit code, last stderr line) of one fresh process."""
-    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as rss:
-        full = [TIME, "-q", "-f", "%M", "-o", rss.name, *cmd] if TIME else cmd
-        t0 = time.perf_counter()
-        p = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err)
-        _pid, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        err.seek(0)
-        lines = err.read().decode(errors="replace").strip().splitlines()
-        kb = ru.ru_maxrss
-        if TIME:
-            text = open(rss.name).read().split()
-            kb = int(text[-1]) if text and text[-1].isdigit() else kb
-    return wall, kb / 1024, os.waitstatus_to_exitcode(status), lines[-1] if lines else ""
-
-
-def remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.unlink(path)
-
-
-def round_robin(runs: list[tuple[str, list[str], str, int]]) -> list[tuple[str, dict]]:
-    """Each candidate (name, command, output, runs) run in turns (cp, cp + sync, convert, ...,
-    cp, ...), so a slow spell of the disk is shared by every candidate rather than charged to
-    one; per candidate, the best wall time and the highest peak RSS, or its first failure."""
-    done: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in runs}
-    failed: dict[str, dict] = {}
-    for rep in range(max(n for *_, n in runs)):
-        for name, cmd, out, n in runs:
-            if rep >= n or name in failed:
-                continue
-            remove(out)
-            subprocess.run(["sync"], check=False)  # no writeback of an earlier run in this one's time
-            wall, rss, code, last = measure(cmd)
-            remove(out)
-            if code != 0:
-                failed[name] = {"ok": False, "error": last[:120]}
-            else:
-                done[name].append((wall, rss))
-    return [(name, failed.get(name) or {"ok": True, "wall": min(w for w, _ in done[name]),
-                                        "rss": max(r for _, r in done[name])}) for name, *_ in runs]
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size in GB (default 4)")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs per candidate (the naive baseline runs once); best wall time kept (default 3)")
+    ap.add_argument("--size", default="4G", help="checkpoint size, e.g. 4G, 1G, 500M (default 4G)")
+    ap.add_argument("--size-gb", type=float, default=None, help=argparse.SUPPRESS)  # the old spelling
+    ap.add_argument("--quick", action="store_true", help="0.3 GB, 2 rounds, no naive baselines, no TF job")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; best of them kept (default 3; naive: 1 run)")
     ap.add_argument("--only", default="", help="comma-separated jobs: " + ",".join(j[0] for j in JOBS))
     ap.add_argument("--no-naive", action="store_true", help="skip the naive load-everything baselines")
+    ap.add_argument("--no-cp", action="store_true", help="skip plain `cp` (keep `cp && sync`)")
+    ap.add_argument("--before", metavar="SRC", default=None,
+                    help="also run ckptctl from this source tree (e.g. /work/main/src) as 'before'")
+    ap.add_argument("--markdown", action="store_true", help="print only the markdown (for run_all.py)")
     ap.add_argument("--dir", default=None, help="where to put the data (default: a new folder in /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.repeat, args.no_naive = "0.3G", min(args.repeat, 2), True
+        args.only = args.only or "pt-st,st-pt,pt-h5,cast"
+    total = int(args.size_gb * 1e9) if args.size_gb else parse_size(args.size)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
 
     folder = args.dir or tempfile.mkdtemp(prefix="ckptctl-bench-convert-", dir="/tmp")
     os.makedirs(folder, exist_ok=True)
     pt, st = os.path.join(folder, "src.pt"), os.path.join(folder, "src.safetensors")
-    total = int(args.size_gb * 1e9)
     big = total // 8 // 4096 * 4096  # the largest tensor: 1/8 of the file
     big_n, small_n = 7, 100
     small = max(4, (total - big_n * big) // small_n // 4 * 4)
+    here = os.path.dirname(os.path.abspath(__file__))
+    src_now = os.path.join(here, "..", "src")
+    env_now = {**os.environ, "PYTHONPATH": os.path.abspath(src_now)}
+    env_before = {**os.environ, "PYTHONPATH": os.path.abspath(args.before)} if args.before else None
     try:
         if not (os.path.exists(pt) and os.path.exists(st)):
-            print(f"generating {total / 1e9:.1f} GB in {folder} ...", file=sys.stderr)
+            log(f"generating {total / 1e9:.2f} GB in {folder} ...")
             subprocess.run([PY, "-c", GENERATE, str(big), str(small), str(big_n), str(small_n), pt, st], check=True)
         only = set(filter(None, args.only.split(",")))
         tf = os.path.join(folder, "tf", "ckpt-1000")  # a TF checkpoint prefix
@@ -166,33 +133,40 @@ def main() -> int:
             src, out = srcs[s], os.path.join(folder, outname)
             copy = os.path.join(folder, "copy.bin")
             data = tf_files[1] if s == "tf" else src  # cp copies the TF data shard, where the bytes are
-            runs = [("cp", ["cp", data, copy], copy, args.repeat),
-                    ("cp + sync", ["sh", "-c", f"cp '{data}' '{copy}' && sync '{copy}'"], copy, args.repeat),
-                    ("ckptctl convert", [*CKPTCTL, "convert", src, out, *extra], out, args.repeat),
-                    ("ckptctl convert --no-verify", [*CKPTCTL, "convert", src, out, "--no-verify", *extra], out,
-                     args.repeat)]
+            cands = [Candidate("cp + sync", ["sh", "-c", f"cp '{data}' '{copy}' && sync '{copy}'"], cleanup=[copy])]
+            if not args.no_cp:
+                cands.append(Candidate("cp", ["cp", data, copy], cleanup=[copy]))
+            conv = [*CKPTCTL, "convert", src, out, *extra]
+            if env_before:
+                cands.append(Candidate("before", conv, cleanup=[out], env=env_before))
+            cands.append(Candidate("convert", conv, cleanup=[out], env=env_now))
+            cands.append(Candidate("--no-verify", [*conv, "--no-verify"], cleanup=[out], env=env_now))
             if not args.no_naive and key in NAIVE:  # no naive TF way without TensorFlow
-                code = NAIVE[key].format(src=src, dst=out)
-                runs.append(("naive (load everything, save)", [PY, "-c", code], out, 1))
-            cands = round_robin(runs)
-            cp = cands[0][1]
-            for name, r in cands:
-                rows.append((title, name, r, cp))
-            print(f"done: {title}", file=sys.stderr)
-        print(f"\n{total / 1e9:.1f} GB fp32 checkpoint, {big_n} tensors of {big / 1e6:.0f} MB + {small_n} of "
-              f"{small / 1e6:.1f} MB; warm page cache; {os.cpu_count()} cores; best of {args.repeat} "
-              "(naive: 1 run)\n")
-        print("| conversion | candidate | wall (s) | peak RSS (MB) | throughput vs cp |")
-        print("|---|---|---:|---:|---:|")
-        for title, name, r, cp in rows:
-            if not r["ok"]:
-                print(f"| {title} | {name} | failed: {r['error']} | | |")
-                continue
-            ratio = cp["wall"] / r["wall"] if cp.get("ok") else float("nan")
-            print(f"| {title} | {name} | {r['wall']:.2f} | {r['rss']:.0f} | {ratio:.2f}x |")
+                cands.append(Candidate("naive", [PY, "-c", NAIVE[key].format(src=src, dst=out)], repeat=1,
+                                       cleanup=[out]))
+            log(f"{title}:")
+            res = interleave(cands, args.repeat, log=log)
+            rows.append((title, res))
+        names = [c for c in ("cp + sync", "cp", "before", "convert", "--no-verify", "naive")
+                 if any(c in r for _t, r in rows)]
+        heads = {"cp + sync": "`cp && sync` (the floor)", "cp": "`cp` (no sync)", "before": "convert, before",
+                 "convert": "`ckptctl convert` (verify on)", "--no-verify": "`--no-verify`",
+                 "naive": "naive `save(load(...))`"}
+        table = []
+        for title, res in rows:
+            base = res["cp + sync"]
+            table.append([title, *[cell(res[n], None if n == "cp + sync" else base) if n in res else ""
+                                   for n in names]])
+        print(f"**convert** (`benchmarks/bench_convert.py --size {args.size}`): {total / 1e9:.2f} GB fp32 `.pt`, "
+              f"{big_n} × {big / 1e6:.0f} MB + {small_n} × {small / 1e6:.1f} MB tensors; warm page cache; "
+              f"candidates in turns, best of {args.repeat} (naive: 1 run), `sync` before each run. "
+              "Cells: wall s / CPU s (user + sys) (wall ÷ `cp && sync` of the same rounds), peak RSS. "
+              "Targets: ≤ 1.3× `cp && sync` (≤ 1.5× with a cast), RSS < 150 MB.\n")
+        print(md_table(["conversion", *[heads[n] for n in names]], table))
+        print(f"\nMeasured {machine()}.")
         return 0
     finally:
-        if not args.keep:
+        if not args.keep and not args.dir:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -30,6 +30,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import Candidate, interleave  # noqa: E402
+
 PY = sys.executable
 
 # every candidate is one fresh Python process; {path} is the checkpoint
@@ -217,12 +220,18 @@ def measure(cmd: list[str]) -> tuple[float, float, int, str, float]:
     return wall, kb / 1024, code, lines[-1] if lines else "", cpu
 
 
-def run_candidate(cmd: list[str], repeat: int) -> dict:
-    runs = [measure(cmd) for _ in range(repeat)]
-    ok = [r for r in runs if r[2] == 0]
-    if not ok:
-        return {"ok": False, "error": runs[-1][3].replace("|", "\\|")[:100]}
-    return {"ok": True, "wall": min(r[0] for r in ok), "rss": max(r[1] for r in ok), "cpu": min(r[4] for r in ok)}
+def run_candidates(cmds: list[list[str]], repeat: int) -> list[dict]:
+    """Each command's best wall and CPU time and peak RSS, the candidates in turns (A, B, A, B,
+    ...: benchmarks/timing.py), so a busy spell of the machine is shared by all of them."""
+    res = interleave([Candidate(str(i), cmd) for i, cmd in enumerate(cmds)], repeat, before_each=None)
+    out = []
+    for i in range(len(cmds)):
+        r = res[str(i)]
+        if not r.ok:
+            out.append({"ok": False, "error": (r.error or "").replace("|", "\\|")[:100]})
+        else:
+            out.append({"ok": True, "wall": r.wall, "rss": r.rss_mb * 1e6 / 2**20, "cpu": r.cpu})
+    return out
 
 
 def imported(path: str) -> str:
@@ -303,10 +312,11 @@ def main() -> int:
             path = files[fmt]
             size = sum(os.path.getsize(f) for f in checkpoint_files(fmt, path))
             subprocess.run(["cat", *checkpoint_files(fmt, path)], stdout=subprocess.DEVNULL)  # warm page cache
-            ins = run_candidate([PY, "-m", "ckptctl", *INSPECT.split()[1:], path], args.repeat)
+            cmds = [[PY, "-m", "ckptctl", *INSPECT.split()[1:], path]]
+            cmds += [[PY, "-c", SNIPPETS[name].format(path=path)] for name in BASELINES[fmt]]
+            ins, *others = run_candidates(cmds, args.repeat)
             rows.append((fmt, size, "`ckptctl inspect`", ins, imported(path), None))
-            for name in BASELINES[fmt]:
-                res = run_candidate([PY, "-c", SNIPPETS[name].format(path=path)], args.repeat)
+            for name, res in zip(BASELINES[fmt], others):
                 uses = "torch" if name.startswith("torch") else name.split(".")[0].split(" ")[0]
                 rows.append((fmt, size, f"`{name}`", res, uses, ins))
 

@@ -38,6 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import machine, run
+
 GB = 1000**3
 
 
@@ -266,43 +269,36 @@ NAIVE = {
 }
 
 
-def measure(cmd: list[str], reps: int = 3) -> tuple[float, float, int | None, float]:
-    """(best wall s, peak RSS MB, bytes read) over `reps` fresh processes, after one warm-up.
+def measure_all(cands: list[tuple[str, list[str]]], reps: int = 3) -> dict[str, tuple[float, float, int | None, float]]:
+    """label -> (best wall s, peak RSS MB, bytes read, best CPU s) of fresh processes, the
+    candidates in turns (A, B, C, A, B, C, ...: benchmarks/timing.py) after one warm-up round.
 
-    Peak RSS comes from /usr/bin/time (the rusage of the exec'd program itself, not of this
-    process's fork); bytes read from the child's own /proc/self/io at exit.
-    """
-    walls, rss, rchar, cpus = [], [], None, []
+    Wall, CPU (user + sys) and peak RSS come from os.wait4; bytes read from the child's own
+    /proc/self/io at exit."""
+    samples: dict[str, list] = {label: [] for label, _ in cands}
+    rchar: dict[str, int | None] = {}
     fd, io_name = tempfile.mkstemp()
     os.close(fd)
-    fd, rss_name = tempfile.mkstemp()
-    os.close(fd)
     env = dict(os.environ, BENCH_IO=io_name)
-    timer = ["/usr/bin/time", "-f", "%U %S %M", "-o", rss_name] if os.path.exists("/usr/bin/time") else []
     try:
         for i in range(reps + 1):
-            t0 = time.perf_counter()
-            p = subprocess.run(timer + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-            wall = time.perf_counter() - t0
-            if p.returncode != 0:
-                raise SystemExit(f"{cmd[-1][:200]!r} failed ({p.returncode}): {p.stderr.decode()[-2000:]}")
-            if i == 0:
-                continue  # warm-up
-            walls.append(wall)
-            if timer:
-                user, system, maxrss = Path(rss_name).read_text().split()[-3:]
-                rss.append(int(maxrss) / 1024)
-                cpus.append(float(user) + float(system))
-            try:
-                text = Path(io_name).read_text()
-                rchar = int(dict(line.split(": ") for line in text.splitlines())["rchar"])
-            except (OSError, KeyError, ValueError):
-                rchar = None
-            Path(io_name).write_text("")
+            for label, cmd in cands:
+                Path(io_name).write_text("")
+                s = run(cmd, env=env)
+                if s.code != 0:
+                    raise SystemExit(f"{label} failed ({s.code}): {s.err}")
+                if i == 0:
+                    continue  # warm-up
+                samples[label].append(s)
+                try:
+                    text = Path(io_name).read_text()
+                    rchar[label] = int(dict(line.split(": ") for line in text.splitlines())["rchar"])
+                except (OSError, KeyError, ValueError):
+                    rchar[label] = None
     finally:
         os.unlink(io_name)
-        os.unlink(rss_name)
-    return min(walls), (max(rss) if rss else float("nan")), rchar, (min(cpus) if cpus else float("nan"))
+    return {label: (min(x.wall for x in ss), max(x.rss_mb for x in ss), rchar.get(label), min(x.cpu for x in ss))
+            for label, ss in samples.items()}
 
 
 def human(n: int | None) -> str:
@@ -350,7 +346,7 @@ def main() -> None:
                 ("`ls -lR` (floor: stat only)", ["ls", "-lR", ds]),
                 ("naive Python (safe_open / torch.load mmap)", py(f"D = {ds!r}\n" + NAIVE[name])),
             ]
-            res = {label: measure(cmd, a.reps) for label, cmd in cands}
+            res = measure_all(cands, a.reps)
             naive = res["naive Python (safe_open / torch.load mmap)"][0]
             floor = res["`ls -lR` (floor: stat only)"][0]
             for label, (wall, rss, rchar, cpu) in res.items():
@@ -358,14 +354,16 @@ def main() -> None:
                              rchar if label != "`ls -lR` (floor: stat only)" else None,
                              wall / naive, wall / floor, apparent[name]))
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"{a.n} checkpoints of {a.size_gb:g} GB each per run folder; best of {a.reps} fresh processes, "
-              f"warm cache; {os.cpu_count()} CPUs, load average {load:.1f} at the end\n")
+        print(f"**ls** (`benchmarks/bench_ls.py`): {a.n} checkpoints of {a.size_gb:g} GB each per run folder "
+              f"(sparse files); fresh processes, candidates in turns, best of {a.reps}, warm cache; "
+              f"load average {load:.1f} at the end. Target: 200 Lightning `.ckpt` in <= 0.5 s.\n")
         print("| run folder | candidate | wall (s) | CPU user+sys (s) | peak RSS (MB) | checkpoints/s | bytes read "
               "| wall vs naive | wall vs `ls -lR` |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, label, wall, cpu, rss, rate, rchar, vn, vf, _app in rows:
             print(f"| {name} ({human(_app)}) | {label} | {wall:.3f} | {cpu:.2f} | {rss:.0f} | {rate:.0f} | "
                   f"{human(rchar)} | {vn:.2f}× | {vf:.1f}× |")
+        print(f"\nMeasured {machine()}.")
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)

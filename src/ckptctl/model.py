@@ -71,6 +71,15 @@ class CheckpointInfo:
 
     _index: tuple[list, int, dict[str, int]] | None = field(default=None, init=False, repr=False, compare=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the name index: a cache, and it holds the list it was built from (with
+        each TensorInfo's reader-private `loc`) even after `tensors` was replaced. `ls` sends
+        infos back from its forked workers with `loc` stripped; the stale index made that fail
+        (a lambda in a zip blob), and every Lightning .ckpt was read a second time in the parent."""
+        state = dict(self.__dict__)
+        state["_index"] = None
+        return state
+
     def tensor(self, name: str) -> TensorInfo:
         """The first tensor named `name`; KeyError if none.
 

@@ -9,37 +9,61 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ckptctl.errors import CorruptFile, NotFound, UnknownFormat, UsageError
 from ckptctl.formats.base import Reader, Writer
 from ckptctl.sources import as_path, is_remote, open_file, open_source
 
-# format name -> (module, reader class)
-READERS: dict[str, tuple[str, str]] = {
-    "safetensors": ("ckptctl.formats.safetensors", "SafetensorsReader"),
-    "torch-zip": ("ckptctl.formats.torch_zip", "TorchZipReader"),
-    "torch-legacy": ("ckptctl.formats.torch_legacy", "TorchLegacyReader"),
-    "pickle": ("ckptctl.formats.torch_legacy", "PickleReader"),
-    "hdf5": ("ckptctl.formats.hdf5", "HDF5Reader"),
-    "sharded": ("ckptctl.formats.sharded", "ShardedReader"),
-    "dcp": ("ckptctl.formats.dcp", "DCPReader"),
-    "keras": ("ckptctl.formats.keras_zip", "KerasZipReader"),
-    "keras-sharded": ("ckptctl.formats.keras_zip", "KerasShardedReader"),
-    "tf-bundle": ("ckptctl.formats.tf_bundle", "TFBundleReader"),
-    "gguf": ("ckptctl.formats.gguf", "GGUFReader"),
-    "torchscript": ("ckptctl.formats.torch_zip", "TorchScriptReader"),
-    "orbax": ("ckptctl.formats.orbax", "OrbaxReader"),
-}
-
-# target format -> (module, writer class); filled in by the convert work
-WRITERS: dict[str, tuple[str, str]] = {
-    "safetensors": ("ckptctl.formats.write_safetensors", "SafetensorsWriter"),
-    "torch-zip": ("ckptctl.formats.write_torch", "TorchZipWriter"),
-    "hdf5": ("ckptctl.formats.write_hdf5", "HDF5Writer"),
-}
-
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """Everything the registry knows about one format, declared in one line of FORMATS.
+
+    The module is imported only when a file of this format is opened (listing a safetensors file
+    never imports torch or h5py). `magic`: first bytes that alone identify the format, checked by
+    `sniff` in FORMATS order after the zip check (formats told apart by content, not by their first
+    bytes, are recognised in `_sniff_opened`). `suffixes`: names files of this format usually have
+    (`ls` and folder resolution look for them); `writer`: (module, class) when convert writes it.
+
+    Adding a format: a new module with its Reader (and Writer) class, plus one FormatSpec here
+    (and, when its first bytes do not identify it alone, a check in `_sniff_opened`)."""
+
+    name: str
+    module: str
+    reader: str
+    writer: tuple[str, str] | None = None
+    magic: tuple[bytes, ...] = ()
+    suffixes: tuple[str, ...] = ()
+
+
+FORMATS: tuple[FormatSpec, ...] = (
+    FormatSpec("safetensors", "ckptctl.formats.safetensors", "SafetensorsReader",
+               ("ckptctl.formats.write_safetensors", "SafetensorsWriter"), suffixes=(".safetensors",)),
+    FormatSpec("torch-zip", "ckptctl.formats.torch_zip", "TorchZipReader", ("ckptctl.formats.write_torch", "TorchZipWriter"),
+               suffixes=(".pt", ".pth", ".bin", ".ckpt")),
+    FormatSpec("torch-legacy", "ckptctl.formats.torch_legacy", "TorchLegacyReader", suffixes=(".pt", ".pth", ".bin")),
+    FormatSpec("pickle", "ckptctl.formats.torch_legacy", "PickleReader", suffixes=(".pkl",)),
+    FormatSpec("hdf5", "ckptctl.formats.hdf5", "HDF5Reader", ("ckptctl.formats.write_hdf5", "HDF5Writer"),
+               magic=(HDF5_MAGIC,), suffixes=(".h5", ".hdf5")),
+    FormatSpec("sharded", "ckptctl.formats.sharded", "ShardedReader"),
+    FormatSpec("dcp", "ckptctl.formats.dcp", "DCPReader", suffixes=(".distcp",)),
+    FormatSpec("keras", "ckptctl.formats.keras_zip", "KerasZipReader", suffixes=(".keras",)),
+    FormatSpec("keras-sharded", "ckptctl.formats.keras_zip", "KerasShardedReader"),
+    FormatSpec("tf-bundle", "ckptctl.formats.tf_bundle", "TFBundleReader"),
+    FormatSpec("gguf", "ckptctl.formats.gguf", "GGUFReader", magic=(b"GGUF",), suffixes=(".gguf",)),
+    FormatSpec("torchscript", "ckptctl.formats.torch_zip", "TorchScriptReader"),
+    FormatSpec("orbax", "ckptctl.formats.orbax", "OrbaxReader"),
+)
+SPECS: dict[str, FormatSpec] = {f.name: f for f in FORMATS}
+
+# format name -> (module, reader class); target format -> (module, writer class): views of FORMATS
+READERS: dict[str, tuple[str, str]] = {f.name: (f.module, f.reader) for f in FORMATS}
+WRITERS: dict[str, tuple[str, str]] = {f.name: f.writer for f in FORMATS if f.writer}
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".pt.index.json")
 # file names inside a folder that make it one checkpoint, best first
@@ -52,8 +76,7 @@ MODEL_FILES = (
     "model.h5",
     "model.weights.h5",
 )
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".distcp", ".keras",
-                       ".gguf")
+CHECKPOINT_SUFFIXES = tuple(dict.fromkeys(x for f in FORMATS for x in f.suffixes))
 KERAS_INDEX_SUFFIX = ".weights.json"  # Keras 3 sharded weights: index beside <base>_0000K.weights.h5
 
 # well-known magics of things people mistake for checkpoints
@@ -125,14 +148,49 @@ def _is_legacy_torch(head: bytes) -> bool:
     return False
 
 
+class OpenedZip:
+    """A zip archive the sniffer opened and parsed (its central directory read once): handed to
+    the reader (`sniffed=`), which takes it over and closes it."""
+
+    def __init__(self, path, f, zf):
+        self.path = path
+        self.file = f  # the open file object zipfile reads
+        self.zip = zf  # the zipfile.ZipFile: central directory parsed
+
+    def close(self) -> None:
+        try:
+            self.zip.close()
+        finally:
+            self.file.close()
+
+
 def _sniff_zip(path: Path) -> str:
+    fmt, opened = _sniff_zip_opened(path)
+    opened.close()
+    return fmt
+
+
+def _sniff_zip_opened(path: Path) -> tuple[str, OpenedZip]:
+    """(format, the opened archive) of a zip file; the caller owns (closes) the archive."""
     import zipfile
 
+    f = None
     try:
-        with open_file(path) as f, zipfile.ZipFile(f) as z:
-            names = z.namelist()
+        f = open_file(path)
+        z = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, OverflowError) as e:
+        if f is not None:
+            f.close()
         raise CorruptFile(f"corrupt zip archive ({e})", path) from None
+    opened = OpenedZip(path, f, z)
+    try:
+        return _zip_kind(path, z.namelist()), opened
+    except BaseException:
+        opened.close()
+        raise
+
+
+def _zip_kind(path: Path, names: list[str]) -> str:
     base = {n.split("/", 1)[-1] for n in names}
     if "constants.pkl" in base or any(n.endswith("/code/__torch__.py") for n in names):
         if "data.pkl" not in base:
@@ -223,23 +281,40 @@ def resolve(path: str | os.PathLike) -> tuple[str, Path]:
     URLs (s3://, https://, ...) work alike: a remote folder (prefix) is resolved from one listing,
     a remote file sniffed from a ranged read of its head.
     """
+    fmt, target, opened = resolve_opened(path)
+    if opened is not None:
+        opened.close()
+    return fmt, target
+
+
+def resolve_opened(path: str | os.PathLike) -> tuple[str, Path, OpenedZip | None]:
+    """resolve(), plus what sniffing opened for the reader (a parsed zip archive) or None; pass it
+    to reader_for (which hands it to the reader) or close it."""
     p = as_path(path)
     try:
         if p.is_dir():
-            return _sniff_dir(p)
+            return (*_sniff_dir(p), None)
         if not p.exists():
             if _tf_file(p) is not None:  # a TF prefix names no object itself: P.index beside it
-                return "tf-bundle", p
+                return "tf-bundle", p, None
             if is_remote(p):
                 raise NotFound("no such object (key or URL not found)", p)
             raise NotFound("no such file or directory", p)
-        return sniff(p), p
+        fmt, opened = _sniff_opened(p)
+        return fmt, p, opened
     except PermissionError:
         raise NotFound("permission denied", p) from None
 
 
 def sniff(path: str | os.PathLike) -> str:
     """The format of one file, by its first bytes."""
+    fmt, opened = _sniff_opened(path)
+    if opened is not None:
+        opened.close()
+    return fmt
+
+
+def _sniff_opened(path: str | os.PathLike) -> tuple[str, OpenedZip | None]:
     p = as_path(path)
     try:
         head = _head(p)
@@ -248,43 +323,41 @@ def sniff(path: str | os.PathLike) -> str:
     except PermissionError:
         raise NotFound("permission denied", p) from None
     except IsADirectoryError:
-        return _sniff_dir(p)[0]
+        return _sniff_dir(p)[0], None
     except OSError as e:
         raise NotFound(e.strerror or str(e), p) from None
     if not head:
         raise UnknownFormat("empty file (0 bytes)", p)
     if (".data-" in p.name or p.name.endswith(".index")) and _tf_file(p) is not None:  # TF: by name too
-        return "tf-bundle"
+        return "tf-bundle", None
     if head.startswith(b"PK\x03\x04"):
-        return _sniff_zip(p)
-    if head.startswith(b"GGUF"):
-        return "gguf"
-    for off in (0,):
-        if head[off : off + 8] == HDF5_MAGIC:
-            return "hdf5"
+        return _sniff_zip_opened(p)
+    for spec in FORMATS:  # formats whose first bytes alone say what they are (GGUF, HDF5)
+        if spec.magic and head.startswith(spec.magic):
+            return spec.name, None
     if len(head) >= 9 and head[8:9] == b"{":
         # a u64 header length then '{'; a pickle's first 8 bytes read as u64 are far too big
         n = int.from_bytes(head[:8], "little")
         if head[0] != 0x80 or n + 8 <= _size(p):
-            return "safetensors"
+            return "safetensors", None
     if len(head) >= 10 and head[8:9] in (b" ", b"\t", b"\n", b"\r") and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
         # JSON may start with whitespace (the reference accepts it): then N must fit the file
         n = int.from_bytes(head[:8], "little")
         if 0 < n and n + 8 <= _size(p):
-            return "safetensors"
+            return "safetensors", None
     if p.name.endswith(INDEX_SUFFIXES) and head.lstrip()[:1] == b"{":
-        return "sharded"
+        return "sharded", None
     if p.name.endswith(KERAS_INDEX_SUFFIX) and head.lstrip()[:1] == b"{":
-        return "keras-sharded"
+        return "keras-sharded", None
     if _is_pickle(head):
-        return "torch-legacy" if _is_legacy_torch(head) else "pickle"
+        return "torch-legacy" if _is_legacy_torch(head) else "pickle", None
     if len(head) < 8 and p.suffix == ".safetensors":
         raise CorruptFile(f"file is {len(head)} bytes, too short for a safetensors header", p)
     if head[:1] == b"\x00":  # a TF index (LevelDB table) starts with the header entry ("" key)
         from ckptctl.formats import tf_bundle
 
         if tf_bundle.is_index(p):
-            return "tf-bundle"
+            return "tf-bundle", None
     # HDF5 files may carry a user block: the superblock then sits at 512, 1024, 2048, ...
     size = _size(p)
     off = 512
@@ -292,7 +365,7 @@ def sniff(path: str | os.PathLike) -> str:
         while off + 8 <= size and off <= 1 << 20:
             f.seek(off)
             if f.read(8) == HDF5_MAGIC:
-                return "hdf5"
+                return "hdf5", None
             off *= 2
     if p.suffix.lower() == ".gguf":
         raise CorruptFile(f"not a GGUF file: bad magic {head[:4]!r} (expected b'GGUF')", p)
@@ -305,19 +378,38 @@ def sniff(path: str | os.PathLike) -> str:
 READER_OPTIONS: dict[str, object] = {}
 
 
+def reader_for(fmt: str, target: Path, opened: OpenedZip | None = None, **opts) -> Reader:
+    """The reader of format `fmt` for `target`, given what resolve_opened opened (taken over:
+    handed to a reader that accepts it, else closed)."""
+    try:
+        module, cls = READERS[fmt]
+        reader_cls = getattr(importlib.import_module(module), cls)
+        if opened is not None and "sniffed" in getattr(reader_cls, "options", ()):
+            opts["sniffed"], opened = opened, None
+        return reader_cls(target, **opts)
+    finally:
+        if opened is not None:
+            opened.close()
+
+
 def open_reader(path: str | os.PathLike, **opts) -> Reader:
     """Open any checkpoint ckptctl understands; raises NotFound/UnknownFormat/CorruptFile."""
-    fmt, target = resolve(path)
-    module, cls = READERS[fmt]
-    reader_cls = getattr(importlib.import_module(module), cls)
-    accepted = getattr(reader_cls, "options", ())
-    opts = {k: v for k, v in {**READER_OPTIONS, **opts}.items() if k in accepted}
-    if fmt == "tf-bundle" and as_path(path).is_dir():
-        tf = _tf_dir(as_path(path))
-        opts["note"] = tf[1] if tf else ""
-    if is_remote(target) and fmt not in REMOTE_FORMATS:
-        raise _remote_not_yet(f"a {fmt} checkpoint", target)
-    reader = reader_cls(target, **opts)
+    fmt, target, opened = resolve_opened(path)
+    try:
+        module, cls = READERS[fmt]
+        reader_cls = getattr(importlib.import_module(module), cls)
+        accepted = getattr(reader_cls, "options", ())
+        opts = {k: v for k, v in {**READER_OPTIONS, **opts}.items() if k in accepted}
+        if fmt == "tf-bundle" and as_path(path).is_dir():
+            tf = _tf_dir(as_path(path))
+            opts["note"] = tf[1] if tf else ""
+        if is_remote(target) and fmt not in REMOTE_FORMATS:
+            raise _remote_not_yet(f"a {fmt} checkpoint", target)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
+    reader = reader_for(fmt, target, opened, **opts)
     if is_remote(target):
         # byte ranges name files for os.open / copy_file_range: a remote object has none, so
         # consumers (convert, diff, average) take the streaming path through iter_chunks
@@ -330,5 +422,21 @@ def writer_class(fmt: str) -> type[Writer]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["Reader", "Writer", "names_something", "open_reader", "resolve", "sniff", "writer_class", "READERS", "WRITERS"]
+__all__ = [
+    "FORMATS",
+    "READERS",
+    "SPECS",
+    "WRITERS",
+    "FormatSpec",
+    "OpenedZip",
+    "Reader",
+    "Writer",
+    "names_something",
+    "open_reader",
+    "reader_for",
+    "resolve",
+    "resolve_opened",
+    "sniff",
+    "writer_class",
+]
 

@@ -80,6 +80,24 @@ class Reader:
             return np.frombuffer(buf, dtype=np.uint8)
         return np.frombuffer(buf, dtype=dt).reshape(t.shape)
 
+    def read_scalar(self, name: str) -> float:
+        """The value of a one-element tensor as a float, decoded without numpy for the common
+        dtypes (importing numpy costs a listing more than reading hundreds of scores)."""
+        import struct
+
+        t = self.tensor_info(name)
+        if t.numel != 1:
+            raise ValueError(f"tensor {name!r} has {t.numel} elements, not one")
+        fmt = _SCALAR_FORMATS.get(t.dtype)
+        if fmt is None:
+            return float(self.read(name).reshape(-1)[0])
+        raw = b"".join(bytes(c) for c in self.iter_chunks(name))
+        if len(raw) != t.nbytes:
+            raise CorruptFile(f"tensor {name!r}: got {len(raw)} bytes, expected {t.nbytes}", self.path)
+        if t.dtype == "bfloat16":
+            raw = b"\0\0" + raw  # the high half of a float32
+        return float(struct.unpack(fmt, raw)[0])
+
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         pass
@@ -89,6 +107,10 @@ class Reader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_SCALAR_FORMATS = {"float32": "<f", "float64": "<d", "float16": "<e", "bfloat16": "<f", "int8": "<b", "uint8": "<B",
+                   "int16": "<h", "int32": "<i", "int64": "<q", "bool": "<?"}
 
 
 class Writer:

@@ -325,10 +325,12 @@ class KerasZipReader(HDF5Reader):
     """A Keras 3 `.keras` archive; its `model.weights.h5` read in place through h5py."""
 
     format = "keras"
+    options = ("sniffed",)  # the zip the registry's sniffer opened (formats.OpenedZip), taken over
 
-    def __init__(self, path):
+    def __init__(self, path, sniffed=None):
         super().__init__(path)
-        self._zip: zipfile.ZipFile | None = None
+        self._sniffed = sniffed
+        self._zip: zipfile.ZipFile | None = sniffed.zip if sniffed is not None else None
         self._stream = None  # the file object h5py reads
         self._member: str = WEIGHTS_MEMBER
         self._zip_warnings: list[str] = []
@@ -437,6 +439,9 @@ class KerasZipReader(HDF5Reader):
             if self._zip is not None:
                 self._zip.close()
                 self._zip = None
+            if self._sniffed is not None:
+                self._sniffed.close()  # and the file it read (a ZipFile leaves a passed-in file open)
+                self._sniffed = None
 
 
 # -- sharded Keras weights ---------------------------------------------------------------------

@@ -438,28 +438,38 @@ class TorchArchive:
     """One torch.save zip: at the start of `path` or at [base, base+length) inside it."""
 
     def __init__(self, path: str | os.PathLike, base: int = 0, length: int | None = None, label=None,
-                 torchscript: bool = False):
+                 torchscript: bool = False, opened=None):
+        """`opened`: the whole-file archive the registry's sniffer already opened and parsed
+        (formats.OpenedZip), taken over here: its central directory is not read a second time."""
         self.path = os.fspath(path)
         self.label = label if label is not None else path  # for messages
         self.base = base
-        try:
-            self._f = open_file(self.path) if is_remote(self.path) else open(self.path, "rb")  # noqa: SIM115
-        except OSError as e:
-            raise CorruptFile(f"cannot open: {e.strerror or e}", self.label) from None
-        size = file_size(self._f)
-        if length is None:
-            length = size - base
-        if base + length > size:
-            self.close()
-            raise CorruptFile(f"the archive runs past the end of the file ({base + length} > {size} bytes)", self.label)
-        self.length = length
-        src = self._f if (base == 0 and length == size) else _Window(self._f, base, length)
-        try:
-            self.zip = zipfile.ZipFile(src)  # reads the central directory only
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
-                NotImplementedError, OverflowError) as e:
-            self.close()
-            raise CorruptFile(f"not a complete zip archive ({e}); truncated or damaged?", self.label) from None
+        if opened is not None and (base != 0 or length is not None):
+            opened.close()
+            opened = None
+        if opened is not None:
+            self._f, self.zip = opened.file, opened.zip
+            length = self.length = file_size(self._f)
+        else:
+            try:
+                self._f = open_file(self.path) if is_remote(self.path) else open(self.path, "rb")  # noqa: SIM115
+            except OSError as e:
+                raise CorruptFile(f"cannot open: {e.strerror or e}", self.label) from None
+            size = file_size(self._f)
+            if length is None:
+                length = size - base
+            if base + length > size:
+                self.close()
+                raise CorruptFile(f"the archive runs past the end of the file ({base + length} > {size} bytes)",
+                                  self.label)
+            self.length = length
+            src = self._f if (base == 0 and length == size) else _Window(self._f, base, length)
+            try:
+                self.zip = zipfile.ZipFile(src)  # reads the central directory only
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
+                    NotImplementedError, OverflowError) as e:
+                self.close()
+                raise CorruptFile(f"not a complete zip archive ({e}); truncated or damaged?", self.label) from None
         self.members: dict[str, zipfile.ZipInfo] = {}
         for zi in self.zip.infolist():
             self.members.setdefault(zi.filename, zi)
@@ -660,10 +670,19 @@ def _obj(p: str, t: str):
 
 class TorchZipReader(PickleBasedReader):
     format = "torch-zip"
-    options = ("raw_names",)  # what open_reader passes on (formats.READER_OPTIONS)
+    # what open_reader passes on (formats.READER_OPTIONS; `sniffed`: the zip the registry opened)
+    options = ("raw_names", "sniffed")
+
+    def __init__(self, path, raw_names: bool = False, sniffed=None):
+        super().__init__(path, raw_names)
+        self._sniffed = sniffed  # formats.OpenedZip, taken over by the first TorchArchive
+
+    def _archive(self, torchscript: bool = False) -> TorchArchive:
+        opened, self._sniffed = self._sniffed, None
+        return TorchArchive(self.path, torchscript=torchscript, opened=opened)
 
     def _load_info(self) -> CheckpointInfo:
-        arch = TorchArchive(self.path)
+        arch = self._archive()
         try:
             root, globals_, warnings, _storages = arch.unpickle()
             meta: dict[str, Any] = {}
@@ -682,6 +701,9 @@ class TorchZipReader(PickleBasedReader):
             self._archive_close = arch.close
 
     def close(self) -> None:
+        opened, self._sniffed = getattr(self, "_sniffed", None), None
+        if opened is not None:
+            opened.close()
         closer = getattr(self, "_archive_close", None)
         if closer is not None:
             closer()
@@ -706,7 +728,7 @@ class TorchScriptReader(TorchZipReader):
     format = "torchscript"
 
     def _load_info(self) -> CheckpointInfo:
-        arch = TorchArchive(self.path, torchscript=True)
+        arch = self._archive(torchscript=True)
         try:
             root, globals_, warnings, _storages = arch.unpickle()
             globals_ = list(globals_)

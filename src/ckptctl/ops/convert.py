@@ -11,6 +11,7 @@ re-reading the output and comparing every tensor's bytes with the source (cast a
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -182,13 +184,85 @@ def aligned_chunks(chunks: Iterable, itemsize: int) -> Iterator[memoryview]:
         raise CorruptFile(f"tensor data ends in the middle of an element ({len(rest)} stray bytes)")
 
 
-def cast_chunks(chunks: Iterable, src: str, dst: str) -> Iterator:
-    """The cast bytes, as uint8 arrays (buffers: no copy into bytes objects)."""
+BF16_BLOCK = 1 << 16  # elements per step of the bf16 cast (its scratch stays in the CPU cache)
+BF16_FROM = ("float16", "float32", "float64")  # sources cast to bfloat16 without ml_dtypes
+
+
+def f32_to_bf16_bits(x, out, scratch) -> None:
+    """Round float32 array `x` to bfloat16 as torch does, writing the bits into uint16 array `out`.
+
+    Round to nearest even on the bit pattern: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, which also
+    carries to the next binade and to infinity exactly like ml_dtypes and torch; NaN stays NaN
+    (sign kept, quiet bit set). Pure numpy in cache-sized blocks: `import ml_dtypes` alone costs
+    ~0.9 CPU s here, more than casting a gigabyte. `scratch` is a uint32 array of BF16_BLOCK
+    elements and a bool array of as many, reused."""
     import numpy as np
 
-    sdt = dtypes.numpy_dtype(src)
+    u = x.view(np.uint32)
+    a_full, nan_full = scratch
+    for i in range(0, u.size, BF16_BLOCK):
+        xs = u[i : i + BF16_BLOCK]
+        n = xs.size
+        a = a_full[:n]
+        np.right_shift(xs, 16, out=a)
+        np.bitwise_and(a, 1, out=a)
+        np.add(a, 0x7FFF, out=a)
+        np.add(a, xs, out=a)
+        np.right_shift(a, 16, out=a)
+        o = out[i : i + n]
+        np.copyto(o, a, casting="unsafe")
+        m = nan_full[:n]
+        np.isnan(x[i : i + n], out=m)
+        if m.any():
+            o[m] = ((xs[m] >> 16) | 0x0040).astype(np.uint16)
+
+
+def _bf16_chunks(chunks: Iterable, src: str, out: list | None) -> Iterator:
+    import numpy as np
+
+    sdt = np.dtype(src)
+    scratch = (np.empty(BF16_BLOCK, np.uint32), np.empty(BF16_BLOCK, np.bool_))
+    out = out if out is not None else [None]
     for c in aligned_chunks(chunks, sdt.itemsize):
-        yield np.ascontiguousarray(cast_array(np.frombuffer(c, dtype=sdt), dst)).view(np.uint8)
+        x = np.frombuffer(c, dtype=sdt)
+        if sdt != np.float32:
+            with np.errstate(all="ignore"):
+                x = x.astype(np.float32)  # torch goes through float32 too (float64: rounds twice)
+        need = x.size * 2
+        if out[0] is None or len(out[0]) < need:
+            out[0] = bytearray(need)
+        o = np.frombuffer(out[0], dtype=np.uint16, count=x.size)
+        f32_to_bf16_bits(x, o, scratch)
+        yield o.view(np.uint8)
+
+
+def cast_chunks(chunks: Iterable, src: str, dst: str, out: list | None = None) -> Iterator:
+    """The cast bytes, as uint8 arrays (buffers: no copy into bytes objects).
+
+    With `out` (a one-item list holding a bytearray or None), the casts that need no intermediate
+    step are written into that reused buffer (grown when too small): each piece yielded is then
+    valid until the next one is asked for."""
+    import numpy as np
+
+    if dst == "bfloat16" and src in BF16_FROM:
+        yield from _bf16_chunks(chunks, src, out)
+        return
+    sdt = dtypes.numpy_dtype(src)
+    odt = dtypes.numpy_dtype(dst)
+    direct = out is not None and sdt != odt and dst != "float8_e4m3fn" and not (
+        dst not in ("float64", "float32") and sdt == np.float64)
+    for c in aligned_chunks(chunks, sdt.itemsize):
+        x = np.frombuffer(c, dtype=sdt)
+        if direct:
+            need = x.size * odt.itemsize
+            if out[0] is None or len(out[0]) < need:
+                out[0] = bytearray(need)
+            o = np.frombuffer(out[0], dtype=odt, count=x.size)
+            with np.errstate(all="ignore"):
+                np.copyto(o, x, casting="unsafe")  # the same cast loop as astype, into the reused buffer
+            yield o.view(np.uint8)
+        else:
+            yield np.ascontiguousarray(cast_array(x, dst)).view(np.uint8)
 
 
 # ---- metadata ---------------------------------------------------------------------------------
@@ -313,6 +387,8 @@ class ConvertPlan:
     warnings: list[str] = field(default_factory=list)
     dangerous: list[str] = field(default_factory=list)
     cast_to: str | None = None
+    # output name -> (length, CRC-32C) of each piece of cast bytes handed to the writer
+    cast_crcs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -498,10 +574,46 @@ def _layout(fmt: str, dst: Path, outs: list[TensorInfo], metadata: dict[str, str
 
 
 # ---- running ----------------------------------------------------------------------------------
-def _source_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo) -> Iterable:
+def _source_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo, bufs: dict | None = None) -> Iterable:
+    """The bytes to write for output tensor `out`: the source's, or cast. With `bufs` (a dict
+    kept by the caller), a cast reads the source into one reused buffer and casts into another."""
     if out.dtype == src.dtype:
         return plan.reader.iter_chunks(src.name, CHUNK)
-    return cast_chunks(plan.reader.iter_chunks(src.name, CAST_CHUNK), src.dtype, out.dtype)
+    raw = None
+    if bufs is not None:
+        rng = plan.reader.byte_range(src.name)
+        if rng is not None:
+            if "in" not in bufs:
+                bufs["in"] = bytearray(CAST_CHUNK)
+            raw = _read_range(rng[0], rng[1], rng[2], bufs["in"])
+        cast_out = bufs.setdefault("out", [None])
+    else:
+        cast_out = None
+    if raw is None:
+        raw = plan.reader.iter_chunks(src.name, CAST_CHUNK)
+    return cast_chunks(raw, src.dtype, out.dtype, cast_out)
+
+
+def _crc32c():
+    try:
+        import google_crc32c
+
+        return google_crc32c.value
+    except ImportError:  # pragma: no cover - a declared dependency
+        return None
+
+
+def _recording_crcs(chunks: Iterable, sink: list[tuple[int, int]]) -> Iterator:
+    """Pass the chunks through; append (length, CRC-32C) of each to `sink` (verify checks the
+    bytes on disk against them instead of casting the source a second time)."""
+    import numpy as np
+
+    crc = _crc32c()
+    for c in chunks:
+        a = np.frombuffer(c, dtype=np.uint8)
+        if a.size:
+            sink.append((a.size, crc(a)))
+        yield c
 
 
 def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, TensorInfo],
@@ -510,6 +622,7 @@ def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, Te
     w = W(path, f.tensors, f.metadata, dedupe_tied=plan.dedupe_tied)
     w.on_progress = progress
     w.durable = False  # Staged.start_sync fsyncs the staged files while verify reads them
+    bufs: dict = {}  # reused by every cast in this file
     try:
         for t in f.tensors:
             if t.alias_of is not None:
@@ -518,8 +631,12 @@ def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, Te
             rng = plan.reader.byte_range(s.name) if s.dtype == t.dtype else None
             if rng is not None and hasattr(w, "add_range") and rng[2] == t.nbytes:
                 w.add_range(t, rng[0], rng[1], rng[2])
+            elif s.dtype != t.dtype and _crc32c() is not None:
+                sink: list[tuple[int, int]] = []
+                plan.cast_crcs[t.name] = sink
+                w.add(t, _recording_crcs(_source_chunks(plan, s, t, bufs), sink))
             else:
-                w.add(t, _source_chunks(plan, s, t))
+                w.add(t, _source_chunks(plan, s, t, bufs))
         w.finish()
     except BaseException:
         w.abort()
@@ -781,6 +898,209 @@ def _read_range(path: str, offset: int, length: int, buf: bytearray) -> Iterator
         os.close(fd)
 
 
+# Verify maps the OUTPUT (the staged file: ckptctl's own, in a locked hidden folder, never
+# truncated under it) window by window instead of copying it into a buffer: libc's mmap with
+# MAP_POPULATE maps the page-cache pages in one call, libc's memcmp compares them with the
+# source's bytes (both through ctypes: no numpy import, the GIL released), the window is unmapped
+# before the next (RSS stays flat). Measured on a 1 GB file: 0.40 CPU s against 0.50 for reading
+# both sides with preadv. The SOURCE is still read with preadv: a file that another process
+# truncates while it is mapped would kill ckptctl with SIGBUS instead of a one-line error.
+MAP_WINDOW = 16 * 1024 * 1024
+
+
+_LIBC = None
+
+
+def _libc():
+    """libc's mmap, munmap and memcmp through ctypes (foreign calls release the GIL), or None.
+
+    Not Python's mmap module: a read-only mapping has no address without numpy, and importing
+    numpy costs a conversion that never needs it ~0.17 CPU s."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import mmap
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            mm, un, cmp = lib.mmap, lib.munmap, lib.memcmp
+            mm.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+            mm.restype = ctypes.c_void_p
+            un.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            un.restype = ctypes.c_int
+            cmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            cmp.restype = ctypes.c_int
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            _LIBC = (ctypes, mm, un, cmp, mmap.PROT_READ, flags, mmap.ALLOCATIONGRANULARITY)
+        except (OSError, AttributeError, ImportError):
+            _LIBC = False
+    return _LIBC
+
+
+def _address(c, n: int):
+    """(address, keep-alive) of the first byte of buffer `c` (n bytes), without copying it."""
+    ctypes = _libc()[0]
+    if isinstance(c, bytes):
+        return ctypes.cast(ctypes.c_char_p(c), ctypes.c_void_p).value, c
+    try:
+        arr = (ctypes.c_char * n).from_buffer(c)
+        return ctypes.addressof(arr), arr
+    except TypeError:  # read-only (a numpy array over bytes, a read-only view)
+        import numpy as np
+
+        a = np.frombuffer(c, dtype=np.uint8)
+        return a.ctypes.data, a
+
+
+class _MappedRange:
+    """A file range compared piece by piece against other bytes through a sliding mmap window."""
+
+    def __init__(self, path: str, offset: int, length: int, window: int = MAP_WINDOW):
+        lib = _libc()
+        if not lib:
+            raise OSError("no mmap")  # the caller reads instead
+        self.lib = lib
+        self.window = window
+        self.offset, self.length = offset, length
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(self.fd).st_size < offset + length:
+                raise CorruptFile(f"file ends before byte {offset + length}", path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.lo = self.hi = 0  # the window, relative to offset
+        self.addr = None  # of the mapping
+        self.maplen = 0
+        self.start = 0  # address of byte `lo`
+
+    def _map(self, pos: int) -> None:
+        ctypes, mmap_, _un, _cmp, prot, flags, gran = self.lib
+        self._unmap()
+        start = self.offset + pos
+        base = start - start % gran
+        end = min(self.offset + self.length, start + self.window)
+        addr = mmap_(None, end - base, prot, flags, self.fd, base)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr, self.maplen = addr, end - base
+        self.start = addr + (start - base)
+        self.lo, self.hi = pos, pos + (end - start)
+
+    def _unmap(self) -> None:
+        if self.addr is not None:
+            self.lib[2](self.addr, self.maplen)
+            self.addr = None
+
+    def compare(self, pos: int, chunk) -> int | None:
+        """None when `chunk` equals the range's bytes at `pos`, else the offset of the first difference."""
+        ctypes, _mm, _un, memcmp = self.lib[:4]
+        n = len(chunk) if isinstance(chunk, (bytes, bytearray)) else memoryview(chunk).nbytes
+        other, keep = _address(chunk, n)
+        done = 0
+        while done < n:
+            at = pos + done
+            if not self.lo <= at < self.hi:
+                if at >= self.length:
+                    return at  # the source has more bytes than the output's range
+                self._map(at)
+            k = min(n - done, self.hi - at)
+            a = self.start + (at - self.lo)
+            if memcmp(a, other + done, k) != 0:
+                x, y = ctypes.string_at(a, k), ctypes.string_at(other + done, k)
+                return at + next(i for i in range(k) if x[i] != y[i])
+            done += k
+        del keep
+        return None
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self.fd)
+
+
+def compare_mapped(got: tuple[str, int, int], want: Iterable, window: int = MAP_WINDOW) -> int | None:
+    """None when the file range `got` (path, offset, length) holds exactly the bytes of the
+    `want` chunks, else the offset of the first difference (or where one side ends)."""
+    m = _MappedRange(*got, window)
+    try:
+        pos = 0
+        for c in want:
+            n = len(c) if isinstance(c, (bytes, bytearray)) else memoryview(c).nbytes
+            if not n:
+                continue
+            diff = m.compare(pos, c)
+            if diff is not None:
+                return diff
+            pos += n
+        return None if pos == got[2] else pos
+    finally:
+        m.close()
+
+
+VERIFY_WORKERS = min(2, os.cpu_count() or 1)
+VERIFY_PIECE = 64 * 1024 * 1024  # bytes per parallel verify task
+VERIFY_BUF = 8 * 1024 * 1024  # a verify worker's read buffer (and its mmap window)
+_tls = threading.local()
+
+
+def _compare_piece(got: tuple[str, int, int], src: tuple[str, int, int]) -> int | None:
+    """compare_mapped of an output range against a source range (a verify worker's task)."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = bytearray(VERIFY_BUF)
+    try:
+        return compare_mapped(got, _read_range(src[0], src[1], src[2], buf), VERIFY_BUF)
+    except (OSError, ValueError):  # a file system that cannot map: read both
+        buf2 = getattr(_tls, "buf2", None)
+        if buf2 is None:
+            buf2 = _tls.buf2 = bytearray(VERIFY_BUF)
+        return same_bytes(_read_range(*got, buf2), _read_range(*src, buf))
+
+
+def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo, e: TensorInfo,
+                    out_rng: tuple[str, int, int] | None, bufs: tuple[bytearray, bytearray]) -> int | None:
+    """None when output tensor `name` holds the bytes expected from source tensor `s`."""
+    crcs = plan.cast_crcs.get(name)
+    if crcs is not None and out_rng is not None and out_rng[2] == e.nbytes \
+            and sum(n for n, _c in crcs) == e.nbytes and _crcs_match(out_rng, crcs, bufs[0]):
+        return None
+    # no checksums, or they do not match: compare with the source (cast again) for the offset
+    want = _expected_chunks(plan, s, e, bufs[1])
+    if out_rng is not None and out_rng[2] == e.nbytes:
+        try:
+            return compare_mapped(out_rng, want, VERIFY_BUF)
+        except (OSError, ValueError):  # a file system that cannot map: read it instead
+            want = _expected_chunks(plan, s, e, bufs[1])
+    return same_bytes(_range_or_chunks(reader, name, bufs[0]), want)
+
+
+def _crcs_match(rng: tuple[str, int, int], crcs: list[tuple[int, int]], buf: bytearray) -> bool:
+    """True when the file range, cut in the recorded pieces, has the recorded CRC-32Cs."""
+    import numpy as np
+
+    crc = _crc32c()
+    fd = os.open(rng[0], os.O_RDONLY)
+    try:
+        pos = rng[1]
+        for n, want in crcs:
+            if len(buf) < n:
+                buf = bytearray(n)
+            view = memoryview(buf)[:n]
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [view[got:]], pos + got)
+                if k == 0:
+                    return False
+                got += k
+            if crc(np.frombuffer(buf, dtype=np.uint8, count=n)) != want:
+                return False
+            pos += n
+        return True
+    finally:
+        os.close(fd)
+
+
 def _range_or_chunks(reader: Reader, name: str, buf: bytearray) -> Iterable:
     rng = reader.byte_range(name)
     if rng is not None:
@@ -829,28 +1149,62 @@ def verify_output(plan: ConvertPlan, at: Path | None = None,
             what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
             raise CorruptFile(f"verify failed: output has {len(got)} tensors, expected {len(expected)} ({what})",
                               where)
+        for name, e in expected.items():  # the structure first, in one pass
+            g = got[name]
+            if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
+                raise CorruptFile(f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, "
+                                  f"expected {e.dtype}{list(e.shape)}", where)
         n = nbytes = 0
-        bufs = (bytearray(CHUNK), bytearray(CHUNK))  # reused for every tensor
+        bufs: tuple[bytearray, bytearray] | None = None  # reused for every tensor compared on this thread
+        # (name, bytes, a Future or the result: None or the offset of the first difference, piece start)
+        pending: collections.deque = collections.deque()
+        pool = None
+
+        def settle(block: bool) -> None:
+            nonlocal nbytes
+            while pending and (block or not isinstance(pending[0][2], Future) or pending[0][2].done()):
+                name, size, res, base = pending.popleft()
+                diff = res.result() if isinstance(res, Future) else res
+                if diff is not None:
+                    raise CorruptFile(f"verify failed: tensor {name!r} differs from the source at byte "
+                                      f"{base + diff}", where)
+                nbytes += size
+                if progress:
+                    progress(size)
+
         order = list(expected.items())
         if is_remote(at):  # read the remote output front to back: its read-ahead then coalesces
             order = _in_data_order(order, {k: got[k].loc for k in expected})
         elif is_remote(plan.src):
             order = _in_data_order(order, {k: srcs[k].loc for k in expected})
-        for name, e in order:
-            g = got[name]
-            if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
-                raise CorruptFile(f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, "
-                                  f"expected {e.dtype}{list(e.shape)}", where)
-            if g.alias_of is not None and e.alias_of is not None:
+        try:
+            for name, e in order:
+                g = got[name]
+                if g.alias_of is not None and e.alias_of is not None:
+                    n += 1
+                    continue  # the same bytes as its target, which is compared
+                s = srcs[name]
                 n += 1
-                continue  # the same bytes as its target, which is compared
-            s = srcs[name]
-            diff = same_bytes(_range_or_chunks(reader, name, bufs[0]), _expected_chunks(plan, s, e, bufs[1]))
-            if diff is not None:
-                raise CorruptFile(f"verify failed: tensor {name!r} differs from the source at byte {diff}",
-                                  where)
-            n += 1
-            nbytes += e.nbytes
-            if progress:
-                progress(e.nbytes)
+                out_rng = reader.byte_range(name)
+                src_rng = plan.reader.byte_range(s.name) if s.dtype == e.dtype else None
+                if out_rng is not None and src_rng is not None and out_rng[2] == src_rng[2] == e.nbytes \
+                        and VERIFY_WORKERS > 1 and e.nbytes >= VERIFY_PIECE // 4:
+                    # plain bytes on both sides: pieces compared on every core (preadv, mmap and
+                    # memcmp release the GIL), results taken in order so the first difference is reported
+                    if pool is None:
+                        pool = ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="ckptctl-verify")
+                    for k in range(0, e.nbytes, VERIFY_PIECE):
+                        m = min(VERIFY_PIECE, e.nbytes - k)
+                        fut = pool.submit(_compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m))
+                        pending.append((name, m, fut, k))
+                    settle(False)
+                    continue
+                if bufs is None:
+                    bufs = (bytearray(VERIFY_BUF), bytearray(VERIFY_BUF))  # small: RSS stays flat
+                pending.append((name, e.nbytes, _compare_tensor(plan, reader, name, s, e, out_rng, bufs), 0))
+                settle(False)
+            settle(True)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     return n, nbytes

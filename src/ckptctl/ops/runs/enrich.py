@@ -3,7 +3,6 @@ metadata (headers and pickles) and Lightning callbacks; framework layouts plug i
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 
@@ -46,15 +45,14 @@ def _read_info(c: RunCheckpoint) -> None:
 
     try:
         try:
-            fmt, target = formats.resolve(c.path)
+            fmt, target, opened = formats.resolve_opened(c.path)
         except CkptError:
             alt = primary_file(c) if c.path.is_dir() and picks_model_file(c.layout) else None
             if alt is None:
                 raise
-            fmt, target = formats.resolve(alt)
+            fmt, target, opened = formats.resolve_opened(alt)
         c.format = fmt
-        module, cls = formats.READERS[fmt]
-        reader = getattr(importlib.import_module(module), cls)(target)
+        reader = formats.reader_for(fmt, target, opened)  # the zip the sniffer parsed goes to the reader
         with reader:
             info = reader.info()
             c.info = info

@@ -29,8 +29,7 @@ def lightning_callbacks(c: RunCheckpoint, reader, info: CheckpointInfo, meta: di
         m = _CB.match(t.name)
         if m and m.group("field") == "current_score" and t.numel == 1 and t.nbytes <= 16:  # the one read
             try:
-                arr = reader.read(t.name)
-                found.setdefault(m.group("cb"), {})[m.group("field")] = float(arr.reshape(-1)[0])
+                found.setdefault(m.group("cb"), {})[m.group("field")] = reader.read_scalar(t.name)
             except Exception:  # noqa: BLE001 - a score we cannot read is just not shown
                 continue
     for cb, d in found.items():

@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Run every benchmark and print (or write into the README) every performance table, dated.
+
+Each bench_*.py prints its markdown table(s) on stdout and its progress on stderr; this script
+runs them one after the other (never two at once: they would measure each other), collects
+their stdout and prints one markdown document headed by the date and the machine
+(timing.machine()). The figures in the README are then the last measured ones.
+
+    python benchmarks/run_all.py --markdown                 # every table, full sizes (~4 GB files)
+    python benchmarks/run_all.py --markdown --quick         # small sizes: a smoke run, minutes
+    python benchmarks/run_all.py --markdown --size 1G       # convert/inspect/diff at 1 GB
+    python benchmarks/run_all.py --only convert,ls --markdown
+    python benchmarks/run_all.py --write-readme             # rewrite the README's tables in place
+
+--write-readme replaces, for each benchmark run, the text between the marker comments
+`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in README.md (NAME: convert, inspect, ls,
+diff-average, scale, orbax, remote) with the fresh table and a "Measured ..." line; a benchmark
+whose markers are missing is printed on stdout instead, and nothing else in the README changes.
+Run it on a quiet machine: the tables show CPU seconds beside wall times, but only a quiet disk
+makes the ratios to `cp && sync` meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from timing import PY, machine, parse_size
+
+README = HERE.parent / "README.md"
+
+
+def _gb(size: str) -> str:
+    return f"{parse_size(size) / 1e9:g}"
+
+
+# name -> (script, full-size arguments, quick arguments); `size` (e.g. "1G") is substituted
+BENCHES: dict[str, tuple[str, callable, callable]] = {
+    "convert": ("bench_convert.py",
+                lambda size: ["--markdown", "--size", size or "4G"],
+                lambda size: ["--markdown", "--quick"] + (["--size", size] if size else [])),
+    "inspect": ("bench_inspect.py",
+                lambda size: ["--size-gb", _gb(size or "4G")],
+                lambda size: ["--size-gb", _gb(size or "0.3G"), "--repeat", "2"]),
+    "ls": ("bench_ls.py",
+           lambda size: ["--n", "200", "--size-gb", "1"],
+           lambda size: ["--n", "40", "--size-gb", "0.1", "--reps", "1"]),
+    "diff-average": ("bench_diff_average.py",
+                     lambda size: ["--diff-gb", _gb(size or "4G"), "--avg-gb", "1"],
+                     lambda size: ["--diff-gb", _gb(size or "0.3G"), "--avg-gb", "0.1", "--skip-naive",
+                                   "--repeat", "1"]),
+    "scale": ("bench_scale.py",
+              lambda size: [],
+              lambda size: ["--tensors", "5000", "--shards", "8", "--repeat", "1"]),
+    "orbax": ("bench_orbax.py",
+              lambda size: ["--size-gb", _gb(size or "4G")],
+              lambda size: ["--size-gb", "0.2", "--repeat", "1", "--no-values"]),
+    "remote": ("bench_remote.py",
+               lambda size: [],
+               lambda size: ["--size-gb", "0.1", "--repeat", "1"]),
+}
+
+
+def run_bench(name: str, quick: bool, size: str | None, timeout: float | None) -> tuple[str, float, int]:
+    """(stdout, seconds, exit code) of one benchmark; its stderr goes to ours as it runs."""
+    script, full, small = BENCHES[name]
+    args = (small if quick else full)(size)
+    cmd = [PY, str(HERE / script), *args]
+    print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH")]))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)
+        out, code = p.stdout, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        code = -1
+    return out.strip(), time.perf_counter() - t0, code
+
+
+def replace_between_markers(text: str, name: str, body: str) -> tuple[str, bool]:
+    """`text` with what lies between <!-- bench:NAME --> and <!-- /bench:NAME --> replaced by
+    `body`; (text, False) when the markers are not both there."""
+    pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(.*?)(<!-- /bench:{re.escape(name)} -->)", re.DOTALL)
+    if not pat.search(text):
+        return text, False
+    return pat.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(3), text, count=1), True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--markdown", action="store_true", help="print every table as one markdown document")
+    ap.add_argument("--write-readme", action="store_true",
+                    help=f"rewrite the tables between <!-- bench:NAME --> markers in {README.name}")
+    ap.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="small sizes and one or two rounds: a smoke run")
+    ap.add_argument("--size", default=None, help="data size for convert/inspect/diff/orbax, e.g. 1G (default 4G)")
+    ap.add_argument("--only", default="", help="comma-separated: " + ",".join(BENCHES))
+    ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default: none)")
+    args = ap.parse_args(argv)
+    only = [n for n in filter(None, args.only.split(","))]
+    unknown = [n for n in only + list(filter(None, args.skip.split(","))) if n not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    names = [n for n in (only or BENCHES) if n not in args.skip.split(",")]
+
+    started = machine()
+    sections: dict[str, str] = {}
+    failed = []
+    for name in names:
+        out, secs, code = run_bench(name, args.quick, args.size, args.timeout)
+        print(f"== {name}: {secs:.0f} s, exit {code}", file=sys.stderr, flush=True)
+        if code != 0:
+            failed.append(name)
+            out = (out + "\n\n" if out else "") + f"(`{BENCHES[name][0]}` failed: exit {code}; see its stderr)"
+        sections[name] = out
+    stamp = f"Measured {started}{' (--quick sizes)' if args.quick else ''} with `python benchmarks/run_all.py`."
+
+    if args.write_readme:
+        text = args.readme.read_text(encoding="utf-8")
+        missing = []
+        for name, body in sections.items():
+            text, ok = replace_between_markers(text, name, f"{body}\n\n_{stamp}_")
+            if not ok:
+                missing.append(name)
+        args.readme.write_text(text, encoding="utf-8")
+        done = [n for n in sections if n not in missing]
+        print(f"{args.readme}: rewrote {', '.join(done) or 'nothing'}"
+              + (f"; no markers for {', '.join(missing)} (printed below)" if missing else ""), file=sys.stderr)
+        for name in missing:
+            print(f"<!-- bench:{name} -->\n{sections[name]}\n<!-- /bench:{name} -->\n")
+    if args.markdown or not args.write_readme:
+        print(f"## Performance tables\n\n_{stamp}_\n")
+        for name, body in sections.items():
+            print(f"### {name}\n\n{body}\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
