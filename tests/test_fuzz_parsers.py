@@ -214,3 +214,26 @@ def test_fuzzed_malicious_pickles_never_run(tmp_path):
         for cmd in (["inspect", src], ["diff", src, src]):
             cli(*cmd)
     assert not marker.exists()
+
+
+# ---- regressions: inputs the fuzzers found --------------------------------------------------------
+def test_zip_member_with_an_empty_name(tmp_path):
+    """Found by the torch-zip fuzz (a length-field edit set a central-directory name length to 0):
+    zipfile's ZipInfo.is_dir() indexes filename[-1] and raised IndexError in scan and in the
+    torch zip reader's pickle walk (`internal error: IndexError`). Now the member is skipped like
+    any non-pickle member; a dangerous data.pkl beside it is still flagged."""
+    for name, pkl, code, verdict in (("ok.pt", b"\x80\x02}q\x00.", 0, "safe"),
+                                     ("bad.pt", b"cposix\nsystem\n(Vtrue\ntR.", 1, "dangerous")):
+        b = io.BytesIO()
+        with zipfile.ZipFile(b, "w") as z:
+            z.writestr("archive/data.pkl", pkl)
+            z.writestr("archive/version", "3\n")
+            z.writestr(zipfile.ZipInfo(""), b"x")
+        f = tmp_path / name
+        f.write_bytes(b.getvalue())
+        assert "" in zipfile.ZipFile(f).namelist()
+        r = cli("scan", "--format", "json", f)
+        assert r.exit_code == code, r.stderr
+        assert json.loads(r.stdout)[0]["verdict"] == verdict, r.stdout
+        r = cli("inspect", "--format", "json", f)
+        assert r.exit_code == 0 and json.loads(r.stdout)["num_tensors"] == 0, r.stderr
