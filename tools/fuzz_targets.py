@@ -179,7 +179,8 @@ class Seed:
     target: str  # the file inputs replace ("" = the template itself is the file)
     entry: str  # what ckptctl opens ("" = the copy itself)
     text: bool = False
-    encode: Callable[[bytes, random.Random], bytes] | None = None  # body -> file (checksums re-sealed)
+    # body -> the target file's bytes (checksums re-sealed), or {relative path: bytes} for several
+    encode: Callable[[bytes, random.Random], bytes | dict[str, bytes]] | None = None
     data: bytes = b""  # the bytes mutate() starts from (the decoded body when `encode` is set)
     fields: list[int] = dataclasses.field(default_factory=list)
 
@@ -377,10 +378,37 @@ def seeds_tf(d: Path) -> list[Seed]:
                                restart_interval=rnd.choice((1, 2, 16)))
 
     out.append(Seed("tf-bundle", "entries-resealed", root, "ckpt.index", "ckpt", False, rebuild, b""))
+    out.append(_object_graph_seed(d / "tf-graph"))
     fx = FIXTURES / "tensorflow" / "tf2_manager_run"
     if fx.is_dir():
         out.append(_dir_seed("tf-bundle", "fixture-tf2-manager", fx, "ckpt-10.index", "ckpt-10"))
     return out
+
+
+def _object_graph_seed(root: Path) -> Seed:
+    """A TF 2 bundle whose _CHECKPOINTABLE_OBJECT_GRAPH (a TrackableObjectGraph proto, stored as a
+    string tensor) is the body mutated; index and data are rewritten with right sizes and CRCs."""
+    import numpy as np
+    import tf_writer as tw
+
+    def attr(name, full, key):
+        return tw.f_bytes(1, name.encode()) + tw.f_bytes(2, full.encode()) + tw.f_bytes(3, key.encode())
+
+    k_w, k_m = "model/w/.ATTRIBUTES/VARIABLE_VALUE", "optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"
+    nodes = [tw.f_bytes(2, attr("VARIABLE_VALUE", "dense/kernel", k_w)),
+             tw.f_bytes(2, attr("VARIABLE_VALUE", "Adam/m/dense/kernel", k_m)),
+             tw.f_bytes(3, tw.f_varint(1, 0) + tw.f_bytes(2, b"m") + tw.f_varint(3, 1))]
+    graph = b"".join(tw.f_bytes(1, n) for n in nodes)
+    arrays = {k_w: np.arange(6, dtype=np.float32).reshape(2, 3), k_m: np.zeros((2, 3), np.float32)}
+
+    def write(body: bytes, rnd: random.Random | None = None) -> dict[str, bytes]:
+        tw.write_bundle(root / "ckpt", {**arrays, "_CHECKPOINTABLE_OBJECT_GRAPH": np.array([body], dtype=object)})
+        return {"ckpt.index": (root / "ckpt.index").read_bytes(),
+                "ckpt.data-00000-of-00001": (root / "ckpt.data-00000-of-00001").read_bytes()}
+
+    write(graph)
+    return Seed("tf-bundle", "object-graph-resealed", root, "ckpt.index", "ckpt", False, write, graph,
+                length_fields(graph))
 
 
 def seeds_gguf(d: Path) -> list[Seed]:
@@ -549,10 +577,10 @@ class Workspace:
                 shutil.copyfile(s.template, dst)
             self.copies[i] = dst
 
-    def place(self, i: int, seed: Seed, data: bytes) -> Path:
+    def place(self, i: int, seed: Seed, data: bytes | dict[str, bytes]) -> Path:
         copy = self.copies[i]
-        target = copy / seed.target if seed.target else copy
-        target.write_bytes(data)
+        for rel, b in (data.items() if isinstance(data, dict) else [(seed.target, data)]):
+            (copy / rel if rel else copy).write_bytes(b)
         return copy / seed.entry if seed.entry else copy
 
 
@@ -641,6 +669,15 @@ def check_one(ws: Workspace, i: int, seed: Seed, data: bytes, cpu_seconds: float
         return exercise(entry, data if seed.parser == "pickle" else None)
 
 
+def save_input(stem: Path, data: bytes | dict[str, bytes]) -> None:
+    """stem.bin, or stem--<file> for each file of a several-file input."""
+    if isinstance(data, dict):
+        for rel, b in data.items():
+            stem.with_name(f"{stem.name}--{rel.replace('/', '_')}").write_bytes(b)
+    else:
+        stem.with_suffix(".bin").write_bytes(data)
+
+
 def finding_key(exc: BaseException) -> str:
     """Exception type + the innermost ckptctl frame: one key per distinct bug."""
     where = "?"
@@ -672,13 +709,12 @@ def worker(parser: str, start: int, n: int, seed: int, out: Path) -> None:
         _quiet()
         for i in range(start, n):
             k, data = _input(seeds, parser, seed, i)
-            copy = ws.copies[k]
-            cur.write_text(f"{i}\t{copy / seeds[k].target if seeds[k].target else copy}\t{seeds[k].name}")
+            cur.write_text(f"{i}\t{ws.copies[k]}\t{seeds[k].name}")
             try:
                 outcome = check_one(ws, k, seeds[k], data)
                 tally[outcome] += 1
                 if outcome == "caught" and tally["caught"] <= 20:
-                    (out / "findings" / f"{parser}-caught-{i}.bin").write_bytes(data)
+                    save_input(out / "findings" / f"{parser}-caught-{i}", data)
             except KeyboardInterrupt:
                 raise
             except BaseException as e:  # noqa: BLE001 - every other exception is what we look for
@@ -686,8 +722,8 @@ def worker(parser: str, start: int, n: int, seed: int, out: Path) -> None:
                 key = finding_key(e)
                 name = hashlib.sha1(key.encode()).hexdigest()[:10]
                 p = out / "findings" / f"{parser}-{name}"
-                if not p.with_suffix(".bin").exists():
-                    p.with_suffix(".bin").write_bytes(data)
+                if not p.with_suffix(".txt").exists():
+                    save_input(p, data)
                     p.with_suffix(".txt").write_text(
                         f"parser {parser} seed {seeds[k].name} input {i}\n{key}\n"
                         + "".join(traceback.format_exception(e)))
@@ -729,11 +765,14 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
             break
         if not now[:1].isdigit():
             raise RuntimeError(f"worker for {parser} failed before its first input (exit {proc.returncode})")
-        i_s, target, seed_name = now.split("\t")
+        i_s, copy, seed_name = now.split("\t")
         i = int(i_s)
         what = f"signal {-proc.returncode}" if proc.returncode and proc.returncode < 0 else "hang (wall clock)"
         p = out / "findings" / f"{parser}-crash-{i}"
-        shutil.copyfile(target, p.with_suffix(".bin"))  # the input the worker died on, as it placed it
+        if Path(copy).is_dir():  # the input the worker died on, as it placed it
+            shutil.copytree(copy, p.with_suffix(".dir"), dirs_exist_ok=True)
+        else:
+            shutil.copyfile(copy, p.with_suffix(".bin"))
         p.with_suffix(".txt").write_text(f"parser {parser} seed {seed_name} input {i}\nworker died: {what}\n")
         crashes.append({"input": i, "what": what})
         start = i + 1
