@@ -237,3 +237,65 @@ def test_zip_member_with_an_empty_name(tmp_path):
         assert json.loads(r.stdout)[0]["verdict"] == verdict, r.stdout
         r = cli("inspect", "--format", "json", f)
         assert r.exit_code == 0 and json.loads(r.stdout)["num_tensors"] == 0, r.stderr
+
+
+def _zarr_item(root: Path, v3: bool, meta_edit: dict) -> Path:
+    """An Orbax item without OCDBT holding one 2x4 float32 array 'w' as Zarr v2 or v3 (one raw
+    chunk, written by hand), with `meta_edit` applied to its array metadata."""
+    import numpy as np
+
+    root.mkdir()
+    (root / "_METADATA").write_text(json.dumps({
+        "tree_metadata": {"('w',)": {"key_metadata": [{"key": "w", "key_type": 2}],
+                                     "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}},
+        "use_ocdbt": False, "use_zarr3": v3, "store_array_data_equal_to_fill_value": True}))
+    raw = np.arange(8, dtype="<f4").tobytes()
+    if v3:
+        meta = {"zarr_format": 3, "node_type": "array", "shape": [2, 4], "data_type": "float32",
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 4]}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}], "fill_value": 0}
+        (root / "w" / "c" / "0").mkdir(parents=True)
+        (root / "w" / "c" / "0" / "0").write_bytes(raw)
+        name = "zarr.json"
+    else:
+        meta = {"zarr_format": 2, "shape": [2, 4], "chunks": [2, 4], "dtype": "<f4", "compressor": None,
+                "fill_value": None, "filters": None, "order": "C", "dimension_separator": "."}
+        (root / "w").mkdir()
+        (root / "w" / "0.0").write_bytes(raw)
+        name = ".zarray"
+    meta.update(meta_edit)
+    (root / "w" / name).write_text(json.dumps(meta))
+    return root
+
+
+@pytest.mark.parametrize("v3, edit, words", [
+    (False, {}, None),  # control: the hand-written item reads
+    (True, {}, None),
+    (False, {"dimension_separator": {"a": 1}}, "dimension_separator"),
+    (True, {"data_type": ["float32"]}, "data type"),
+    (True, {"codecs": [{"name": "bytes", "configuration": 1.5}]}, "codecs"),
+    (True, {"codecs": [{"name": "sharding_indexed", "configuration": {"chunk_shape": [1, 4], "codecs": [7]}}]},
+     "codecs"),
+    (True, {"chunk_key_encoding": {"name": "default", "configuration": ["/"]}}, None),  # bad config: default '/'
+    (True, {"chunk_key_encoding": {"name": "v2", "configuration": {"separator": 3}}}, "separator"),
+], ids=["v2", "v3", "v2-separator-object", "v3-dtype-list", "v3-codec-config-float", "v3-inner-codec-int",
+        "v3-key-encoding-config-list", "v3-separator-int"])
+def test_zarr_metadata_of_the_wrong_type(tmp_path, v3, edit, words):
+    """Found by the orbax fuzz (JSON nodes replaced by values of another type): a list as v3
+    data_type (TypeError: unhashable), a float codec configuration (AttributeError), an object as
+    the v2 dimension_separator (AttributeError on .join) were internal errors. Now one line."""
+    root = _zarr_item(tmp_path / "item", v3, edit)
+    r = cli("inspect", "--format", "json", root)
+    if words is None:
+        assert r.exit_code == 0, r.stderr
+        import numpy as np
+
+        from ckptctl.formats import open_reader
+
+        with open_reader(root) as rd:
+            got = b"".join(bytes(c) for c in rd.iter_chunks("w"))
+        assert got == np.arange(8, dtype="<f4").tobytes()
+        return
+    _clean(r, edit)
+    assert r.exit_code == 1 and words in r.stderr, r.stderr
