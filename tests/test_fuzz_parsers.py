@@ -299,3 +299,38 @@ def test_zarr_metadata_of_the_wrong_type(tmp_path, v3, edit, words):
         return
     _clean(r, edit)
     assert r.exit_code == 1 and words in r.stderr, r.stderr
+
+
+def test_hdf5_damage_found_by_fuzzing(tmp_path):
+    """Found by the hdf5 fuzz: (1) the superblock's root object header address zeroed: h5py's
+    KeyError ('ring type mismatch') escaped as an internal error; now one CorruptFile line.
+    (2) a float datatype whose exponent bias no numpy type can hold: h5py's ValueError on .dtype
+    stopped the listing; now that dataset is an object with a note and the rest still lists."""
+    import h5py
+    import numpy as np
+
+    p = tmp_path / "root.h5"
+    with h5py.File(p, "w", libver="earliest") as f:
+        f.create_dataset("w", data=np.ones(3, np.float32))
+    data = bytearray(p.read_bytes())
+    assert data[8] == 0 and struct.unpack_from("<Q", data, 64)[0] > 0  # superblock v0: root entry at 56
+    data[64] = 0  # the root group's object header address, as the fuzz left it
+    data[72] = 0  # its cache type
+    p.write_bytes(bytes(data))
+    r = run("inspect", p)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "damaged HDF5 structure" in r.stderr and "internal error" not in r.stderr, r.stderr
+
+    p = tmp_path / "odd-float.h5"
+    with h5py.File(p, "w") as f:
+        t = h5py.h5t.IEEE_F16LE.copy()
+        t.set_ebias(10**6)
+        h5py.h5d.create(f.id, b"odd", t, h5py.h5s.create_simple((3,)))
+        f.create_dataset("w", data=np.arange(3, dtype=np.float32))
+    with h5py.File(p, "r") as f, pytest.raises(ValueError, match="Insufficient precision"):
+        f["odd"].dtype  # noqa: B018 - what h5py says about it
+    r = cli("inspect", "--format", "json", p)
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [t["name"] for t in out["tensors"]] == ["w"]
+    assert [o["name"] for o in out["objects"]] == ["odd"] and "numpy cannot represent" in json.dumps(out["objects"])

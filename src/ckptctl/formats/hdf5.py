@@ -177,7 +177,11 @@ class HDF5Reader(Reader):
 
         warnings: list[str] = []
         found: dict[str, Any] = {}  # path -> h5py Dataset, in walk order
-        self._walk(f["/"], "", found, set(), warnings, h5py)
+        try:
+            root = f["/"]
+        except KeyError as e:  # h5py's error when the root group's object header cannot be loaded
+            raise CorruptFile(f"damaged HDF5 structure ({_h5msg(e)})", self.path) from None
+        self._walk(root, "", found, set(), warnings, h5py)
 
         kind, meta, preferred = self._recognise(f, found)
         order = [p for p in preferred if p in found]
@@ -286,7 +290,10 @@ class HDF5Reader(Reader):
 
         if ds.shape is None:
             return ObjectInfo(path, "hdf5.Empty (null dataspace)")
-        dt = ds.dtype
+        try:
+            dt = ds.dtype
+        except (ValueError, TypeError) as e:  # a datatype numpy has no match for (a custom float layout, ...)
+            return ObjectInfo(path, f"HDF5 datatype numpy cannot represent ({_h5msg(e)})")
         shape = tuple(int(s) for s in ds.shape)
         d: dtypes.DType | None = None
         out_dt = None  # numpy dtype of the bytes we produce
