@@ -135,6 +135,36 @@ def test_real_process_says_one_line(parser, seed_root, tmp_path):
     pytest.fail("no input was rejected")
 
 
+# ---- a crash inside libhdf5 is one line, not a dead process ---------------------------------------
+CRASH_IN_H5 = """
+import ctypes, sys
+import h5py
+def crash(*a, **k):
+    ctypes.string_at(0)  # a real SIGSEGV inside a C call, as a damaged file can cause in libhdf5
+h5py.h5o.open = crash
+from ckptctl.cli.app import main
+sys.argv = ["ckptctl", *sys.argv[1:]]
+main()
+"""
+
+
+def test_segfault_in_libhdf5_is_one_clean_line(seed_root, tmp_path):
+    """HDF5Reader walks the file in a forked child first; the child dies of SIGSEGV, ckptctl says
+    so in one line and exits 1 (before the guard: the process died, exit -11, nothing said)."""
+    import subprocess
+
+    (src,) = [s for s in seeds_of("hdf5", seed_root) if s.name == "h5py-keras2"]
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_IN_H5)
+    out = str(tmp_path / "out.safetensors")
+    for cmd, code in ((["inspect", src.template], 1), (["convert", src.template, out], 1)):
+        r = subprocess.run([sys.executable, str(script), *map(str, cmd)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == code, (cmd, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "libhdf5 crashed reading it (SIGSEGV)" in lines[0], (cmd, r.stderr)
+        assert not (tmp_path / "out.safetensors").exists()
+
+
 # ---- malicious pickles: nothing ever runs -------------------------------------------------------
 def _payloads(marker: Path) -> list[bytes]:
     """Pickles that would create `marker` if anything unpickled them (os/posix.system, exec,

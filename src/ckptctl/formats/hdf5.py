@@ -107,12 +107,16 @@ class HDF5Reader(Reader):
         self._f = None
         self._src = None  # sources.LocalSource / RemoteSource for direct reads of contiguous data
         self._fobj = None  # the file object h5py reads when the file is remote
+        self._guarded = False  # _crash_guard has walked the file in a child process
 
     # -- file access ---------------------------------------------------------------------------
     def _file(self):
         if self._f is None:
             import h5py
 
+            if not self._guarded and not is_remote(self.path) and os.path.exists(self.path):
+                self._guarded = True  # also in the child, which opens the file through here
+                self._crash_guard()
             if is_remote(self.path):
                 self._fobj = self._source().open()  # h5py reads any file object (block-cached)
             elif not os.path.exists(self.path):
@@ -128,6 +132,47 @@ class HDF5Reader(Reader):
                     raise NotFound("permission denied", self.path) from None
                 raise CorruptFile(f"not a readable HDF5 file ({_h5msg(e)})", self.path) from None
         return self._f
+
+    def _crash_guard(self) -> None:
+        """Open and walk the file in a forked child before this process does: libhdf5 is C, and a
+        damaged or crafted file can crash it (a segfault would kill ckptctl with no message). When
+        the child dies of a signal, the file is refused with one line; when it finishes (or fails
+        with a Python exception, which the walk here will meet and report again) the parent goes
+        on. Costs one fork and a second metadata walk; tensor data is not read by the child.
+        Local files only (a remote file object's I/O threads do not survive a fork), and only
+        while this process runs one thread (a fork copies no other thread, nor the locks they
+        hold: the child could wait forever)."""
+        import signal
+        import threading
+
+        if not hasattr(os, "fork") or threading.active_count() > 1:
+            return
+
+        pid = os.fork()
+        if pid == 0:  # the child: never returns, never flushes the parent's buffers
+            try:
+                import faulthandler
+
+                faulthandler.disable()  # die of the signal quietly, not with a Python traceback
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                self._build_info(self._file())
+            except BaseException:  # noqa: BLE001 - the parent reports Python-level failures itself
+                pass
+            os._exit(0)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        if os.WIFSIGNALED(status):
+            try:
+                sig = signal.Signals(os.WTERMSIG(status)).name
+            except ValueError:
+                sig = f"signal {os.WTERMSIG(status)}"
+            raise CorruptFile(f"damaged HDF5 structure: libhdf5 crashed reading it ({sig}); refused", self.path)
 
     def _open_h5(self, h5py):
         """The h5py.File to list and read; a subclass may open one over a file object instead."""
