@@ -364,3 +364,22 @@ def test_hdf5_damage_found_by_fuzzing(tmp_path):
     out = json.loads(r.stdout)
     assert [t["name"] for t in out["tensors"]] == ["w"]
     assert [o["name"] for o in out["objects"]] == ["odd"] and "numpy cannot represent" in json.dumps(out["objects"])
+
+
+def test_zarr_shape_larger_than_memory(tmp_path):
+    """Found by the orbax fuzz: a Zarr shape of [4, 10^18] (float32) raised numpy's ValueError
+    ('Maximum allowed dimension exceeded') and [2, 10^17] a MemoryError for 0.4 EB, both internal
+    errors, when the chunk rows were assembled. Now: more than 2^63 bytes is refused when the
+    metadata is read; a shape that fits the format but not memory is one line when read."""
+    from ckptctl.formats import open_reader
+
+    grid = lambda c: {"name": "regular", "configuration": {"chunk_shape": c}}  # noqa: E731
+    root = _zarr_item(tmp_path / "a", True, {"shape": [4, 10**18]})
+    r = cli("inspect", "--format", "json", root)
+    _clean(r, "2^63")
+    assert r.exit_code == 1 and "more than 2^63 bytes" in r.stderr, r.stderr
+    root = _zarr_item(tmp_path / "b", True, {"shape": [2, 10**17], "chunk_grid": grid([1, 4])})
+    with open_reader(root) as rd, ft.memory_cap():
+        assert rd.info().tensors[0].shape == (2, 10**17)
+        with pytest.raises(CkptError, match="too large to assemble in memory"):
+            next(iter(rd.iter_chunks("w")))

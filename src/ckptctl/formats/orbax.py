@@ -225,6 +225,10 @@ def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> Za
         raise CorruptFile(f"array {key!r}: unknown zarr_format {fmt!r}", where)
     if len(za.chunks) != len(za.shape) or any(c == 0 for c in za.chunks) and math.prod(za.shape):
         raise CorruptFile(f"array {key!r}: chunk shape {list(za.chunks)} does not fit shape {list(za.shape)}", where)
+    isz = dtypes.BY_NAME[za.dtype].itemsize
+    if max(math.prod(za.shape), math.prod(za.chunks)) * isz >= 1 << 63:  # no file or numpy array can be this big
+        raise CorruptFile(f"array {key!r}: shape {list(za.shape)!s:.80} / chunks {list(za.chunks)!s:.80} "
+                          "claim more than 2^63 bytes", where)
     return za
 
 
@@ -764,7 +768,11 @@ class OrbaxReader(Reader):
         vdt = np.dtype(f"V{isz}")
         for i in range(grid[0]):
             rows = min(chunks[0], shape[0] - i * chunks[0])
-            slab = np.empty((rows,) + tuple(shape[1:]), dtype=vdt)
+            try:
+                slab = np.empty((rows,) + tuple(shape[1:]), dtype=vdt)
+            except (MemoryError, ValueError):  # a shape (mostly fill value) far larger than memory
+                raise CorruptFile(f"tensor {name!r}: a row of chunks is {rows * math.prod(shape[1:]) * isz} bytes, "
+                                  "too large to assemble in memory", self.path) from None
             for rest in itertools.product(*[range(g) for g in grid[1:]]):
                 idx = (i,) + rest
                 data = self._chunk(loc, idx, name)
