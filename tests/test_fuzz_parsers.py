@@ -383,3 +383,29 @@ def test_zarr_shape_larger_than_memory(tmp_path):
         assert rd.info().tensors[0].shape == (2, 10**17)
         with pytest.raises(CkptError, match="too large to assemble in memory"):
             next(iter(rd.iter_chunks("w")))
+
+
+@pytest.mark.parametrize("store", ["folder", "ocdbt"])
+def test_orbax_tree_key_with_a_lone_surrogate(tmp_path, store):
+    """Found by the orbax fuzz: a _METADATA tree key holding the JSON escape \\ud800 (a lone
+    surrogate once parsed) raised UnicodeEncodeError when it was looked up, in the OCDBT store
+    (key.encode()) and in a plain folder (os.stat): internal errors. Now the key names no array:
+    one line."""
+    if store == "folder":
+        root = _zarr_item(tmp_path / "item", False, {})
+    else:
+        import shutil
+
+        fx = ft.FIXTURES / "jax_gguf" / "orbax_single"
+        if not fx.is_dir():
+            pytest.skip("../shared/fixtures/jax_gguf is absent")
+        root = tmp_path / "item"
+        shutil.copytree(fx, root)
+    md = json.loads((root / "_METADATA").read_text())
+    flat, entry = next(iter(md["tree_metadata"].items()))
+    entry["key_metadata"][0]["key"] = "\ud800"
+    (root / "_METADATA").write_text(json.dumps(md))  # ensure_ascii: written as the escape \ud800
+    assert "\\ud800" in (root / "_METADATA").read_text()
+    r = cli("inspect", "--format", "json", root)
+    _clean(r, store)
+    assert r.exit_code == 1, r.stdout

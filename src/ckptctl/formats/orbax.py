@@ -461,7 +461,7 @@ class _DirStore:
         p = self.root / key
         try:
             st = os.stat(p)
-        except OSError:
+        except (OSError, UnicodeEncodeError):  # a lone surrogate (a JSON escape) names no file
             return None
         if not os.path.isfile(p):
             return None
