@@ -165,6 +165,39 @@ def test_segfault_in_libhdf5_is_one_clean_line(seed_root, tmp_path):
         assert not (tmp_path / "out.safetensors").exists()
 
 
+HANG_IN_H5 = """
+import sys
+from ckptctl.formats import hdf5
+hdf5.GUARD_CPU_BASE = 2  # the budget, made small for the test (60 s + 5 s per MiB by default)
+from ckptctl.cli.app import main
+sys.argv = ["ckptctl", *sys.argv[1:]]
+main()
+"""
+
+
+def test_libhdf5_loop_on_a_damaged_file_is_one_clean_line(tmp_path):
+    """Found by the hdf5 fuzz (the worker stopped making progress on input 699 of seed 2): on
+    keras2_full.h5 with byte 5464 and bytes 5472-5497 zeroed (the root group's vlen string
+    attributes), reading attribute 'backend' loops forever inside libhdf5; ckptctl hung, Ctrl-C
+    could not stop it. The guard child now runs under a CPU budget and ckptctl says so in one line."""
+    import subprocess
+
+    fx = ft.FIXTURES / "tensorflow" / "keras2_full.h5"
+    if not fx.is_file():
+        pytest.skip("../shared/fixtures/tensorflow is absent")
+    data = bytearray(fx.read_bytes())
+    data[5464] = 0
+    data[5472:5498] = bytes(26)
+    p = tmp_path / "loop.h5"
+    p.write_bytes(bytes(data))
+    script = tmp_path / "budget.py"
+    script.write_text(HANG_IN_H5)
+    r = subprocess.run([sys.executable, str(script), "inspect", str(p)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "libhdf5 did not finish reading its metadata" in lines[0], r.stderr
+
+
 # ---- malicious pickles: nothing ever runs -------------------------------------------------------
 def _payloads(marker: Path) -> list[bytes]:
     """Pickles that would create `marker` if anything unpickled them (os/posix.system, exec,

@@ -96,6 +96,11 @@ def _json_attr(attrs, name: str) -> dict | None:
     return v if isinstance(v, dict) else None
 
 
+# CPU seconds the crash guard's child may spend walking a file's metadata: base + per MiB of file
+GUARD_CPU_BASE = 60
+GUARD_CPU_PER_MB = 5
+
+
 class HDF5Reader(Reader):
     format = "hdf5"
     # where the HDF5 file's byte 0 lies in self.path: 0, or further in for an HDF5 file stored in
@@ -157,6 +162,12 @@ class HDF5Reader(Reader):
                 null = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(null, 1)
                 os.dup2(null, 2)
+                import resource
+
+                # libhdf5 loops forever on some damaged files: a CPU budget far above what a walk
+                # needs (~0.25 s per MB of a file of small datasets) ends it with SIGXCPU
+                budget = GUARD_CPU_BASE + GUARD_CPU_PER_MB * (os.path.getsize(self.path) >> 20)
+                resource.setrlimit(resource.RLIMIT_CPU, (budget, budget + 5))
                 self._build_info(self._file())
             except BaseException:  # noqa: BLE001 - the parent reports Python-level failures itself
                 pass
@@ -172,6 +183,9 @@ class HDF5Reader(Reader):
                 sig = signal.Signals(os.WTERMSIG(status)).name
             except ValueError:
                 sig = f"signal {os.WTERMSIG(status)}"
+            if sig == "SIGXCPU":
+                raise CorruptFile("damaged HDF5 structure: libhdf5 did not finish reading its metadata (stopped "
+                                  "after a CPU budget far above what the file needs); refused", self.path)
             raise CorruptFile(f"damaged HDF5 structure: libhdf5 crashed reading it ({sig}); refused", self.path)
 
     def _open_h5(self, h5py):
