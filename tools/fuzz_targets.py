@@ -700,6 +700,12 @@ def worker(parser: str, start: int, n: int, seed: int, out: Path) -> None:
     os.nice(0)
     out = Path(out)
     (out / "findings").mkdir(parents=True, exist_ok=True)
+    if parser in SUBPROCESS_PARSERS:
+        # this worker is the crash boundary: a libhdf5 crash should kill it (the supervisor saves
+        # the input), not be turned into a clean error by the reader's own fork guard
+        from ckptctl.formats.hdf5 import HDF5Reader
+
+        HDF5Reader._crash_guard = lambda self: None
     seeds = build_seeds(parser, out / "seeds")
     ws = Workspace(seeds, out / "work" / parser)
     cur = out / f"{parser}.cur"
@@ -707,7 +713,11 @@ def worker(parser: str, start: int, n: int, seed: int, out: Path) -> None:
     t0, c0 = time.monotonic(), time.process_time()
     with warnings.catch_warnings(), memory_cap():
         _quiet()
+        cpu_soft, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
         for i in range(start, n):
+            # a loop inside C code (libhdf5) never returns to Python for the alarm: the kernel
+            # ends this worker with SIGXCPU after 5 s more CPU, and the supervisor records a hang
+            resource.setrlimit(resource.RLIMIT_CPU, (int(time.process_time()) + 5, cpu_hard))
             k, data = _input(seeds, parser, seed, i)
             cur.write_text(f"{i}\t{ws.copies[k]}\t{seeds[k].name}")
             try:
@@ -751,6 +761,7 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}, start_new_session=True)
         last, last_t = None, time.monotonic()
+        now_killed = False
         while proc.poll() is None:
             time.sleep(0.5)
             now = cur.read_text() if cur.exists() else ""
@@ -759,6 +770,7 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
             elif now and time.monotonic() - last_t > wall_limit:
                 os.killpg(proc.pid, signal.SIGKILL)  # the worker and any child it forked
                 proc.wait()
+                now_killed = True
                 break
         now = cur.read_text() if cur.exists() else ""
         if proc.returncode == 0 and now == "done":
@@ -767,7 +779,10 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
             raise RuntimeError(f"worker for {parser} failed before its first input (exit {proc.returncode})")
         i_s, copy, seed_name = now.split("\t")
         i = int(i_s)
-        what = f"signal {-proc.returncode}" if proc.returncode and proc.returncode < 0 else "hang (wall clock)"
+        rc = proc.returncode or 0
+        what = ("hang (5 s of CPU on one input, SIGXCPU)" if rc == -signal.SIGXCPU else
+                f"died of {signal.Signals(-rc).name}" if rc < 0 and now_killed is False else
+                f"hang (no progress for {wall_limit:.0f} s, killed)" if now_killed else f"exit status {rc}")
         p = out / "findings" / f"{parser}-crash-{i}"
         if Path(copy).is_dir():  # the input the worker died on, as it placed it
             shutil.copytree(copy, p.with_suffix(".dir"), dirs_exist_ok=True)
