@@ -442,3 +442,27 @@ def test_orbax_tree_key_with_a_lone_surrogate(tmp_path, store):
     r = cli("inspect", "--format", "json", root)
     _clean(r, store)
     assert r.exit_code == 1, r.stdout
+
+
+def test_keras2_names_that_are_not_utf8(tmp_path):
+    """Found by the hdf5 fuzz: a Keras 2 file whose root has an attribute named with a non-UTF-8
+    byte (h5py lists that name as bytes: re.fullmatch raised TypeError, then the JSON encoder
+    refused a bytes key) or whose layer_names holds one (h5py could not look the layer up:
+    UnicodeEncodeError). All internal errors; now the file lists, names escaped as elsewhere."""
+    import h5py
+    import numpy as np
+
+    p = tmp_path / "names.h5"
+    with h5py.File(p, "w") as f:
+        f.attrs["layer_names"] = [b"dense", b"d\xffx"]
+        f.attrs[b"\xffnote"] = 1
+        g = f.create_group("dense")
+        g.attrs["weight_names"] = [b"kernel:0"]
+        g.create_dataset("kernel:0", data=np.arange(4, dtype=np.float32))
+    with h5py.File(p, "r") as f:
+        assert b"\xffnote" in list(f.attrs.keys())
+    r = run("inspect", "--format", "json", p)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [t["name"] for t in out["tensors"]] == ["dense/kernel:0"]
+    assert out["metadata"]["\udcffnote"] == 1 and out["metadata"]["layers"] == 2

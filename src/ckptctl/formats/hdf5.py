@@ -443,7 +443,9 @@ class HDF5Reader(Reader):
         preferred: list[str] = []
 
         def layer_names_keys(obj) -> set[str]:
-            return {k for k in obj.attrs.keys() if k == "layer_names" or re.fullmatch(r"layer_names\d+", k)}
+            # h5py gives a name that is not UTF-8 as bytes
+            return {k for k in obj.attrs.keys()
+                    if isinstance(k, str) and (k == "layer_names" or re.fullmatch(r"layer_names\d+", k))}
 
         if "model_config" in attrs or "training_config" in attrs:
             kind = "keras2-model"
@@ -503,10 +505,12 @@ class HDF5Reader(Reader):
             rest = set(keys)
         for k in keys:
             if k in rest:
+                # a name that is not UTF-8 comes as bytes from h5py: keyed as escapes, like other names
+                mk = k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else k
                 try:
-                    meta[k] = attr_value(attrs[k])
+                    meta[mk] = attr_value(attrs[k])
                 except Exception:  # noqa: BLE001 - one unreadable attribute must not stop the listing
-                    meta[k] = "<unreadable attribute>"
+                    meta[mk] = "<unreadable attribute>"
         return kind, meta, preferred
 
     # -- data ----------------------------------------------------------------------------------
@@ -565,7 +569,10 @@ def _keras2_order(group, layer_names: list[str]) -> list[str]:
     prefix = group.name.strip("/")
     prefix = prefix + "/" if prefix else ""
     for layer in layer_names:
-        obj = group.get(layer)
+        try:
+            obj = group.get(layer)
+        except UnicodeEncodeError:  # a name that was not UTF-8 in the attribute: h5py cannot look it up
+            continue
         if obj is None:
             continue
         if not hasattr(obj, "keys"):  # transformers' sharded TF files: the name is the dataset
