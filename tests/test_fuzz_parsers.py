@@ -466,3 +466,22 @@ def test_keras2_names_that_are_not_utf8(tmp_path):
     out = json.loads(r.stdout)
     assert [t["name"] for t in out["tensors"]] == ["dense/kernel:0"]
     assert out["metadata"]["\udcffnote"] == 1 and out["metadata"]["layers"] == 2
+
+
+def test_shard_name_too_long_for_the_file_system(tmp_path):
+    """Found by the sharded fuzz (a range of the index duplicated): a weight_map shard name of 300
+    characters made Path.exists() raise OSError (ENAMETOOLONG) out of the reader. Now NotFound."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ckptctl.errors import NotFound
+    from ckptctl.formats import open_reader
+
+    save_file({"a": torch.ones(2)}, tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-00001-of-00001.safetensors", "b": "x" * 300 + ".safetensors"}}))
+    with pytest.raises(NotFound, match="cannot be looked up"), open_reader(tmp_path) as rd:
+        rd.info()
+    r = cli("inspect", tmp_path)
+    _clean(r, "long name")
+    assert r.exit_code == 1 and "File name too long" in r.stderr
