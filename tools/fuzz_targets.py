@@ -719,7 +719,9 @@ def worker(parser: str, start: int, n: int, seed: int, out: Path) -> None:
             # ends this worker with SIGXCPU after 5 s more CPU, and the supervisor records a hang
             resource.setrlimit(resource.RLIMIT_CPU, (int(time.process_time()) + 5, cpu_hard))
             k, data = _input(seeds, parser, seed, i)
-            cur.write_text(f"{i}\t{ws.copies[k]}\t{seeds[k].name}")
+            # the input now running, and the tally of those before it (read by the supervisor
+            # when this worker dies, so that no input goes uncounted)
+            cur.write_text(f"{i}\t{ws.copies[k]}\t{seeds[k].name}\t{json.dumps(tally)}")
             try:
                 outcome = check_one(ws, k, seeds[k], data)
                 tally[outcome] += 1
@@ -737,7 +739,7 @@ def worker(parser: str, start: int, n: int, seed: int, out: Path) -> None:
                     p.with_suffix(".txt").write_text(
                         f"parser {parser} seed {seeds[k].name} input {i}\n{key}\n"
                         + "".join(traceback.format_exception(e)))
-    cur.write_text("done")
+    cur.write_text(f"done\t\t\t{json.dumps(tally)}")
     with open(out / f"{parser}.log", "a") as f:
         f.write(json.dumps({"start": start, "end": n, **tally, "wall": round(time.monotonic() - t0, 1),
                             "cpu": round(time.process_time() - c0, 1)}) + "\n")
@@ -752,7 +754,7 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
     log = out / f"{parser}.log"
     log.unlink(missing_ok=True)
     cur = out / f"{parser}.cur"
-    start, crashes = 0, []
+    start, crashes, totals = 0, [], {}
     t0 = time.monotonic()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     while start < n:
@@ -773,11 +775,14 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
                 now_killed = True
                 break
         now = cur.read_text() if cur.exists() else ""
-        if proc.returncode == 0 and now == "done":
+        if now.count("\t") == 3:
+            for key, v in json.loads(now.split("\t")[3]).items():
+                totals[key] = totals.get(key, 0) + v
+        if proc.returncode == 0 and now.startswith("done"):
             break
         if not now[:1].isdigit():
             raise RuntimeError(f"worker for {parser} failed before its first input (exit {proc.returncode})")
-        i_s, copy, seed_name = now.split("\t")
+        i_s, copy, seed_name, _ = now.split("\t")
         i = int(i_s)
         rc = proc.returncode or 0
         what = ("hang (5 s of CPU on one input, SIGXCPU)" if rc == -signal.SIGXCPU else
@@ -792,9 +797,8 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
         crashes.append({"input": i, "what": what})
         start = i + 1
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    summary = {"parser": parser, "inputs": n, **{k: sum(r[k] for r in runs) for k in ("ok", "error", "caught")},
-               "findings": sum(r["finding"] for r in runs), "crashes": crashes,
+    summary = {"parser": parser, "inputs": n, **{k: totals.get(k, 0) for k in ("ok", "error", "caught")},
+               "findings": totals.get("finding", 0), "crashes": crashes,
                "wall_s": round(time.monotonic() - t0, 1),
                "cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 1)}
     with open(out / "summary.jsonl", "a") as f:
