@@ -165,6 +165,33 @@ def test_segfault_in_libhdf5_is_one_clean_line(seed_root, tmp_path):
         assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_real_libhdf5_segfault_found_by_the_fuzz(seed_root, tmp_path):
+    """Found by the hdf5 fuzz (input 6130 of seed 2): one byte of the h5py seed, 6201, from 1 to 3
+    and libhdf5 dies of SIGSEGV reading the group attribute weight_names. h5py alone crashes
+    (the control); ckptctl
+    inspect and convert say so in one line, exit 1, and write nothing."""
+    import subprocess
+
+    (src,) = [s for s in seeds_of("hdf5", seed_root) if s.name == "h5py-keras2"]
+    data = bytearray(src.data)
+    assert len(data) == 12336 and data[6201] == 1, "the seed's layout changed: find the byte again"
+    data[6201] = 3
+    p = tmp_path / "segv.h5"
+    p.write_bytes(bytes(data))
+    walk = ("import h5py, sys\nf = h5py.File(sys.argv[1], 'r')\n"  # every attribute of every object
+            "f.visititems(lambda n, o: list(o.attrs.items()))")
+    control = subprocess.run([sys.executable, "-c", walk, str(p)], capture_output=True, timeout=120)
+    if control.returncode != -11:
+        pytest.skip(f"this libhdf5 no longer crashes on the input (h5py exit {control.returncode})")
+    out = tmp_path / "out.safetensors"
+    for args in (["inspect", p], ["convert", p, out]):
+        r = run(*args)
+        assert r.returncode == 1, (args, r.returncode, r.stderr)
+        assert r.stderr.strip().splitlines() == [f"error: {p}: damaged HDF5 structure: libhdf5 crashed reading it "
+                                                 "(SIGSEGV); refused"], r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
 HANG_IN_H5 = """
 import sys
 from ckptctl.formats import hdf5
