@@ -512,3 +512,23 @@ def test_shard_name_too_long_for_the_file_system(tmp_path):
     r = cli("inspect", tmp_path)
     _clean(r, "long name")
     assert r.exit_code == 1 and "File name too long" in r.stderr
+
+
+def test_hdf5_dataset_name_not_utf8_reads_its_data(tmp_path):
+    """Found by the hdf5 fuzz: a dataset name with a byte that is not UTF-8 is listed as a
+    surrogate escape, but reading its data through h5py (chunked, compressed: no direct byte
+    range) opened it by that str and h5py raised UnicodeEncodeError. Now opened by bytes: the
+    chunks are the values h5py reads."""
+    import h5py
+    import numpy as np
+
+    from ckptctl.formats import open_reader
+
+    p = tmp_path / "raw.h5"
+    want = np.arange(6, dtype=np.float32)
+    with h5py.File(p, "w") as f:
+        f.create_dataset(b"w\xff", data=want, chunks=(3,), compression="gzip")
+    with open_reader(p) as rd:
+        (t,) = rd.info().tensors
+        assert t.name == "w\udcff"
+        assert b"".join(bytes(c) for c in rd.iter_chunks(t.name)) == want.tobytes()

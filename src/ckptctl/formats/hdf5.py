@@ -531,7 +531,9 @@ class HDF5Reader(Reader):
             except CorruptFile as e:
                 raise CorruptFile(f"dataset {loc.path}: {e.message}", self.path) from None
             return
-        ds = self._file()[loc.path]
+        # by bytes: a name that was not UTF-8 in the file is a surrogate escape, which h5py
+        # cannot encode as a str name
+        ds = self._file()[loc.path.encode("utf-8", "surrogateescape")]
         try:
             yield from _slices(ds, t.shape, loc.np_dtype, size)
         except OSError as e:
