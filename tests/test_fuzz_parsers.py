@@ -27,16 +27,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import cli, run
+
 from ckptctl.errors import CkptError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import fuzz_targets as ft  # noqa: E402
+import fuzz_targets as ft
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is a dev extra")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 IN_PROCESS = [p for p in ft.PARSERS if p not in ft.SUBPROCESS_PARSERS]
 EXAMPLES = 40  # per parser; the whole file stays well under a minute on two shared cores
@@ -158,7 +158,7 @@ def test_segfault_in_libhdf5_is_one_clean_line(seed_root, tmp_path):
     script.write_text(CRASH_IN_H5)
     out = str(tmp_path / "out.safetensors")
     for cmd, code in ((["inspect", src.template], 1), (["convert", src.template, out], 1)):
-        r = subprocess.run([sys.executable, str(script), *map(str, cmd)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, str(script), *map(str, cmd)], capture_output=True, text=True, timeout=300, check=False)
         assert r.returncode == code, (cmd, r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "libhdf5 crashed reading it (SIGSEGV)" in lines[0], (cmd, r.stderr)
@@ -180,15 +180,15 @@ def test_real_libhdf5_segfault_found_by_the_fuzz(seed_root, tmp_path):
     p.write_bytes(bytes(data))
     walk = ("import h5py, sys\nf = h5py.File(sys.argv[1], 'r')\n"  # every attribute of every object
             "f.visititems(lambda n, o: list(o.attrs.items()))")
-    control = subprocess.run([sys.executable, "-c", walk, str(p)], capture_output=True, timeout=120)
+    control = subprocess.run([sys.executable, "-c", walk, str(p)], capture_output=True, timeout=120, check=False)
     if control.returncode != -11:
         pytest.skip(f"this libhdf5 no longer crashes on the input (h5py exit {control.returncode})")
     out = tmp_path / "out.safetensors"
     for args in (["inspect", p], ["convert", p, out]):
         r = run(*args)
         assert r.returncode == 1, (args, r.returncode, r.stderr)
-        assert r.stderr.strip().splitlines() == [f"error: {p}: damaged HDF5 structure: libhdf5 crashed reading it "
-                                                 "(SIGSEGV); refused"], r.stderr
+        want = f"error: {p}: damaged HDF5 structure: libhdf5 crashed reading it (SIGSEGV); refused"
+        assert r.stderr.strip().splitlines() == [want], r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -219,7 +219,7 @@ def test_libhdf5_loop_on_a_damaged_file_is_one_clean_line(tmp_path):
     p.write_bytes(bytes(data))
     script = tmp_path / "budget.py"
     script.write_text(HANG_IN_H5)
-    r = subprocess.run([sys.executable, str(script), "inspect", str(p)], capture_output=True, text=True, timeout=240)
+    r = subprocess.run([sys.executable, str(script), "inspect", str(p)], capture_output=True, text=True, timeout=240, check=False)
     assert r.returncode == 1, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "libhdf5 did not finish reading its metadata" in lines[0], r.stderr
@@ -230,7 +230,7 @@ def _payloads(marker: Path) -> list[bytes]:
     """Pickles that would create `marker` if anything unpickled them (os/posix.system, exec,
     subprocess, nested pickle.loads), as plain pickles and inside torch's layouts."""
     cmd = f"touch {marker}"
-    s = lambda x: b"\x8c" + bytes([len(x.encode())]) + x.encode()  # noqa: E731 - SHORT_BINUNICODE
+    s = lambda x: b"\x8c" + bytes([len(x.encode())]) + x.encode()
     proto0 = f"cos\nsystem\n(V{cmd}\ntR.".encode()
     posix = f"cposix\nsystem\n(V{cmd}\ntR.".encode()
     stack = b"\x80\x04" + s("builtins") + s("exec") + b"\x93" + s(f"open({str(marker)!r}, 'w')") + b"\x85R."
@@ -257,7 +257,7 @@ def test_payloads_are_live(tmp_path):
         f = tmp_path / f"p{i}.pkl"
         f.write_bytes(p)
         subprocess.run([sys.executable, "-c", "import pickle,sys; pickle.loads(open(sys.argv[1],'rb').read())", str(f)],
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=120, check=False)
         assert control.exists(), i
         control.unlink()
 
@@ -433,7 +433,7 @@ def test_zarr_shape_larger_than_memory(tmp_path):
     metadata is read; a shape that fits the format but not memory is one line when read."""
     from ckptctl.formats import open_reader
 
-    grid = lambda c: {"name": "regular", "configuration": {"chunk_shape": c}}  # noqa: E731
+    grid = lambda c: {"name": "regular", "configuration": {"chunk_shape": c}}
     root = _zarr_item(tmp_path / "a", True, {"shape": [4, 10**18]})
     r = cli("inspect", "--format", "json", root)
     _clean(r, "2^63")
@@ -462,7 +462,7 @@ def test_orbax_tree_key_with_a_lone_surrogate(tmp_path, store):
         root = tmp_path / "item"
         shutil.copytree(fx, root)
     md = json.loads((root / "_METADATA").read_text())
-    flat, entry = next(iter(md["tree_metadata"].items()))
+    entry = next(iter(md["tree_metadata"].values()))
     entry["key_metadata"][0]["key"] = "\ud800"
     (root / "_METADATA").write_text(json.dumps(md))  # ensure_ascii: written as the escape \ud800
     assert "\\ud800" in (root / "_METADATA").read_text()

@@ -66,7 +66,7 @@ def length_fields(data: bytes, limit: int = 1 << 16) -> list[int]:
     length or an offset into the file: where a length-field edit hurts most."""
     n = len(data)
     out = []
-    for off in range(0, min(n, limit) - 3):
+    for off in range(min(n, limit) - 3):
         v = struct.unpack_from("<I", data, off)[0]
         if 1 <= v <= n and (off + 8 > n or struct.unpack_from("<Q", data, off)[0] == v or off % 4 == 0):
             out.append(off)
@@ -713,7 +713,7 @@ def worker(parser: str, start: int, n: int, seed: int, out: Path) -> None:
     t0, c0 = time.monotonic(), time.process_time()
     with warnings.catch_warnings(), memory_cap():
         _quiet()
-        cpu_soft, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+        cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
         for i in range(start, n):
             # a loop inside C code (libhdf5) never returns to Python for the alarm: the kernel
             # ends this worker with SIGXCPU after 5 s more CPU, and the supervisor records a hang
