@@ -225,6 +225,39 @@ def test_libhdf5_loop_on_a_damaged_file_is_one_clean_line(tmp_path):
     assert len(lines) == 1 and "libhdf5 did not finish reading its metadata" in lines[0], r.stderr
 
 
+HUGE_ALLOC_IN_H5 = """
+import sys
+import h5py
+import numpy as np
+real = h5py.h5o.open
+def greedy(*a, **k):
+    np.empty(8 << 30, np.uint8)  # what libhdf5 does for a damaged length: 8 GiB (np.empty touches none)
+    return real(*a, **k)
+h5py.h5o.open = greedy
+from ckptctl.cli.app import main
+sys.argv = ["ckptctl", *sys.argv[1:]]
+main()
+"""
+
+
+def test_libhdf5_allocating_for_a_damaged_length_is_one_clean_line(seed_root, tmp_path):
+    """Found by the hdf5 fuzz (input 5729 of seed 2, keras2_full.h5 with a range rewritten): libhdf5
+    allocated what a damaged length asked for while iterating links - ckptctl's RSS reached 23 GB
+    and the kernel killed it (exit 137). The guard child now runs with 1 GiB of address space more
+    than the process maps; when libhdf5 (here: an 8 GiB allocation patched into h5o.open) fails
+    there, the file is refused in one line and the parent never allocates it."""
+    import subprocess
+
+    (src,) = [s for s in seeds_of("hdf5", seed_root) if s.name == "h5py-keras2"]
+    script = tmp_path / "greedy.py"
+    script.write_text(HUGE_ALLOC_IN_H5)
+    r = subprocess.run([sys.executable, str(script), "inspect", str(src.template)], capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "libhdf5 asked for more than 1 GiB of memory" in lines[0], r.stderr
+
+
 # ---- malicious pickles: nothing ever runs -------------------------------------------------------
 def _payloads(marker: Path) -> list[bytes]:
     """Pickles that would create `marker` if anything unpickled them (os/posix.system, exec,

@@ -99,6 +99,10 @@ def _json_attr(attrs, name: str) -> dict | None:
 # CPU seconds the crash guard's child may spend walking a file's metadata: base + per MiB of file
 GUARD_CPU_BASE = 60
 GUARD_CPU_PER_MB = 5
+# address space the child may add to what the process maps: libhdf5 allocates what a damaged
+# length asks for (a 12 KB file made it touch 23 GB and be OOM-killed); a walk needs far less
+GUARD_MEMORY = 1 << 30
+_GUARD_NO_MEMORY = 3  # the child's exit status when libhdf5 ran out of that budget
 
 
 class HDF5Reader(Reader):
@@ -168,9 +172,13 @@ class HDF5Reader(Reader):
                 # needs (~0.25 s per MB of a file of small datasets) ends it with SIGXCPU
                 budget = GUARD_CPU_BASE + GUARD_CPU_PER_MB * (os.path.getsize(self.path) >> 20)
                 resource.setrlimit(resource.RLIMIT_CPU, (budget, budget + 5))
+                _, hard = resource.getrlimit(resource.RLIMIT_AS)
+                cap = _vm_size() + GUARD_MEMORY
+                resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
                 self._build_info(self._file())
-            except BaseException:  # noqa: BLE001 - the parent reports Python-level failures itself
-                pass
+            except BaseException as e:  # noqa: BLE001 - the parent reports Python-level failures itself
+                if _out_of_memory(e):  # the parent, with no cap, would allocate it for real
+                    os._exit(_GUARD_NO_MEMORY)
             os._exit(0)
         try:
             _, status = os.waitpid(pid, 0)
@@ -178,6 +186,9 @@ class HDF5Reader(Reader):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _GUARD_NO_MEMORY:
+            raise CorruptFile(f"damaged HDF5 structure: libhdf5 asked for more than {GUARD_MEMORY >> 30} GiB of memory "
+                              "reading its metadata; refused", self.path)
         if os.WIFSIGNALED(status):
             try:
                 sig = signal.Signals(os.WTERMSIG(status)).name
@@ -599,6 +610,29 @@ def _addr_id(oid, h5py):
         return (info.fileno, info.addr)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _vm_size() -> int:
+    """Bytes of address space this process maps (0 when /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _out_of_memory(e: BaseException | None) -> bool:
+    """A MemoryError, or h5py's error for a failed allocation inside libhdf5, anywhere in the chain."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, MemoryError) or "memory allocation failed" in str(e) or "Unable to allocate" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 def _h5msg(e: BaseException) -> str:
