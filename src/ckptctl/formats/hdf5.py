@@ -96,6 +96,15 @@ def _json_attr(attrs, name: str) -> dict | None:
     return v if isinstance(v, dict) else None
 
 
+# CPU seconds the crash guard's child may spend walking a file's metadata: base + per MiB of file
+GUARD_CPU_BASE = 60
+GUARD_CPU_PER_MB = 5
+# address space the child may add to what the process maps: libhdf5 allocates what a damaged
+# length asks for (a 12 KB file made it touch 23 GB and be OOM-killed); a walk needs far less
+GUARD_MEMORY = 1 << 30
+_GUARD_NO_MEMORY = 3  # the child's exit status when libhdf5 ran out of that budget
+
+
 class HDF5Reader(Reader):
     format = "hdf5"
     # where the HDF5 file's byte 0 lies in self.path: 0, or further in for an HDF5 file stored in
@@ -107,12 +116,16 @@ class HDF5Reader(Reader):
         self._f = None
         self._src = None  # sources.LocalSource / RemoteSource for direct reads of contiguous data
         self._fobj = None  # the file object h5py reads when the file is remote
+        self._guarded = False  # _crash_guard has walked the file in a child process
 
     # -- file access ---------------------------------------------------------------------------
     def _file(self):
         if self._f is None:
             import h5py
 
+            if not self._guarded and not is_remote(self.path) and os.path.exists(self.path):
+                self._guarded = True  # also in the child, which opens the file through here
+                self._crash_guard()
             if is_remote(self.path):
                 self._fobj = self._source().open()  # h5py reads any file object (block-cached)
             elif not os.path.exists(self.path):
@@ -128,6 +141,63 @@ class HDF5Reader(Reader):
                     raise NotFound("permission denied", self.path) from None
                 raise CorruptFile(f"not a readable HDF5 file ({_h5msg(e)})", self.path) from None
         return self._f
+
+    def _crash_guard(self) -> None:
+        """Open and walk the file in a forked child before this process does: libhdf5 is C, and a
+        damaged or crafted file can crash it (a segfault would kill ckptctl with no message). When
+        the child dies of a signal, the file is refused with one line; when it finishes (or fails
+        with a Python exception, which the walk here will meet and report again) the parent goes
+        on. Costs one fork and a second metadata walk; tensor data is not read by the child.
+        Local files only (a remote file object's I/O threads do not survive a fork), and only
+        while this process runs one thread (a fork copies no other thread, nor the locks they
+        hold: the child could wait forever)."""
+        import signal
+        import threading
+
+        if not hasattr(os, "fork") or threading.active_count() > 1:
+            return
+
+        pid = os.fork()
+        if pid == 0:  # the child: never returns, never flushes the parent's buffers
+            try:
+                import faulthandler
+
+                faulthandler.disable()  # die of the signal quietly, not with a Python traceback
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                import resource
+
+                # libhdf5 loops forever on some damaged files: a CPU budget far above what a walk
+                # needs (~0.25 s per MB of a file of small datasets) ends it with SIGXCPU
+                budget = GUARD_CPU_BASE + GUARD_CPU_PER_MB * (os.path.getsize(self.path) >> 20)
+                resource.setrlimit(resource.RLIMIT_CPU, (budget, budget + 5))
+                _, hard = resource.getrlimit(resource.RLIMIT_AS)
+                cap = _vm_size() + GUARD_MEMORY
+                resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+                self._build_info(self._file())
+            except BaseException as e:  # noqa: BLE001 - the parent reports Python-level failures itself
+                if _out_of_memory(e):  # the parent, with no cap, would allocate it for real
+                    os._exit(_GUARD_NO_MEMORY)
+            os._exit(0)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _GUARD_NO_MEMORY:
+            raise CorruptFile(f"damaged HDF5 structure: libhdf5 asked for more than {GUARD_MEMORY >> 30} GiB of memory "
+                              "reading its metadata; refused", self.path)
+        if os.WIFSIGNALED(status):
+            try:
+                sig = signal.Signals(os.WTERMSIG(status)).name
+            except ValueError:
+                sig = f"signal {os.WTERMSIG(status)}"
+            if sig == "SIGXCPU":
+                raise CorruptFile("damaged HDF5 structure: libhdf5 did not finish reading its metadata (stopped "
+                                  "after a CPU budget far above what the file needs); refused", self.path)
+            raise CorruptFile(f"damaged HDF5 structure: libhdf5 crashed reading it ({sig}); refused", self.path)
 
     def _open_h5(self, h5py):
         """The h5py.File to list and read; a subclass may open one over a file object instead."""
@@ -177,7 +247,11 @@ class HDF5Reader(Reader):
 
         warnings: list[str] = []
         found: dict[str, Any] = {}  # path -> h5py Dataset, in walk order
-        self._walk(f["/"], "", found, set(), warnings, h5py)
+        try:
+            root = f["/"]
+        except KeyError as e:  # h5py's error when the root group's object header cannot be loaded
+            raise CorruptFile(f"damaged HDF5 structure ({_h5msg(e)})", self.path) from None
+        self._walk(root, "", found, set(), warnings, h5py)
 
         kind, meta, preferred = self._recognise(f, found)
         order = [p for p in preferred if p in found]
@@ -286,7 +360,10 @@ class HDF5Reader(Reader):
 
         if ds.shape is None:
             return ObjectInfo(path, "hdf5.Empty (null dataspace)")
-        dt = ds.dtype
+        try:
+            dt = ds.dtype
+        except (ValueError, TypeError) as e:  # a datatype numpy has no match for (a custom float layout, ...)
+            return ObjectInfo(path, f"HDF5 datatype numpy cannot represent ({_h5msg(e)})")
         shape = tuple(int(s) for s in ds.shape)
         d: dtypes.DType | None = None
         out_dt = None  # numpy dtype of the bytes we produce
@@ -377,7 +454,9 @@ class HDF5Reader(Reader):
         preferred: list[str] = []
 
         def layer_names_keys(obj) -> set[str]:
-            return {k for k in obj.attrs.keys() if k == "layer_names" or re.fullmatch(r"layer_names\d+", k)}
+            # h5py gives a name that is not UTF-8 as bytes
+            return {k for k in obj.attrs.keys()
+                    if isinstance(k, str) and (k == "layer_names" or re.fullmatch(r"layer_names\d+", k))}
 
         if "model_config" in attrs or "training_config" in attrs:
             kind = "keras2-model"
@@ -437,10 +516,12 @@ class HDF5Reader(Reader):
             rest = set(keys)
         for k in keys:
             if k in rest:
+                # a name that is not UTF-8 comes as bytes from h5py: keyed as escapes, like other names
+                mk = k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else k
                 try:
-                    meta[k] = attr_value(attrs[k])
+                    meta[mk] = attr_value(attrs[k])
                 except Exception:  # noqa: BLE001 - one unreadable attribute must not stop the listing
-                    meta[k] = "<unreadable attribute>"
+                    meta[mk] = "<unreadable attribute>"
         return kind, meta, preferred
 
     # -- data ----------------------------------------------------------------------------------
@@ -461,7 +542,9 @@ class HDF5Reader(Reader):
             except CorruptFile as e:
                 raise CorruptFile(f"dataset {loc.path}: {e.message}", self.path) from None
             return
-        ds = self._file()[loc.path]
+        # by bytes: a name that was not UTF-8 in the file is a surrogate escape, which h5py
+        # cannot encode as a str name
+        ds = self._file()[loc.path.encode("utf-8", "surrogateescape")]
         try:
             yield from _slices(ds, t.shape, loc.np_dtype, size)
         except OSError as e:
@@ -499,7 +582,10 @@ def _keras2_order(group, layer_names: list[str]) -> list[str]:
     prefix = group.name.strip("/")
     prefix = prefix + "/" if prefix else ""
     for layer in layer_names:
-        obj = group.get(layer)
+        try:
+            obj = group.get(layer)
+        except UnicodeEncodeError:  # a name that was not UTF-8 in the attribute: h5py cannot look it up
+            continue
         if obj is None:
             continue
         if not hasattr(obj, "keys"):  # transformers' sharded TF files: the name is the dataset
@@ -524,6 +610,29 @@ def _addr_id(oid, h5py):
         return (info.fileno, info.addr)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _vm_size() -> int:
+    """Bytes of address space this process maps (0 when /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _out_of_memory(e: BaseException | None) -> bool:
+    """A MemoryError, or h5py's error for a failed allocation inside libhdf5, anywhere in the chain."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, MemoryError) or "memory allocation failed" in str(e) or "Unable to allocate" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 def _h5msg(e: BaseException) -> str:

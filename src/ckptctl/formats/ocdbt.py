@@ -379,7 +379,7 @@ class OcdbtStore:
         return sorted(self.values)
 
     def ref(self, key: str | bytes) -> ValueRef | None:
-        k = key.encode() if isinstance(key, str) else key
+        k = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key  # a lone surrogate from JSON
         return self.values.get(k)
 
     def read(self, ref: ValueRef, what: str) -> bytes:

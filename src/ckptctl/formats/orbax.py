@@ -208,11 +208,14 @@ def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> Za
         order = m.get("order", "C")
         if order not in ("C", "F"):
             raise CorruptFile(f"array {key!r}: Zarr order {order!r} is not supported", where)
+        sep = m.get("dimension_separator") or "."
+        if sep not in (".", "/"):
+            raise CorruptFile(f"array {key!r}: Zarr dimension_separator {sep!r:.40} is not '.' or '/'", where)
         za = ZarrArray(store_key, dtype, shape, chunks, swap, (m.get("compressor"),), 2,
-                       m.get("dimension_separator") or ".", False, m.get("fill_value"), order)
+                       sep, False, m.get("fill_value"), order)
     elif fmt == 3:
         dt = m.get("data_type")
-        if dt not in _V3:
+        if not isinstance(dt, str) or dt not in _V3:
             raise CorruptFile(f"array {key!r}: Zarr data type {dt!r} is not supported", where)
         dtype = _V3[dt]
         shape = dims(m.get("shape"), "shape")
@@ -222,19 +225,49 @@ def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> Za
             raise CorruptFile(f"array {key!r}: Zarr chunk grid {grid!r:.80} is not supported", where)
         chunks = dims(cfg.get("chunk_shape"), "chunk_shape")
         enc = m.get("chunk_key_encoding") or {"name": "default"}
-        sep = ((enc.get("configuration") or {}).get("separator")) if isinstance(enc, dict) else None
+        conf = enc.get("configuration") if isinstance(enc, dict) else None
+        sep = conf.get("separator") if isinstance(conf, dict) else None
         default = not isinstance(enc, dict) or enc.get("name", "default") == "default"
         sep = sep or ("/" if default else ".")
+        if sep not in (".", "/"):
+            raise CorruptFile(f"array {key!r}: Zarr chunk key separator {sep!r:.40} is not '.' or '/'", where)
         codecs = m.get("codecs")
         if not isinstance(codecs, list):
             raise CorruptFile(f"array {key!r}: Zarr codecs missing", where)
+        if not _codecs_ok(codecs):
+            raise CorruptFile(f"array {key!r}: Zarr codecs {codecs!r:.80} are malformed", where)
         za = ZarrArray(store_key, dtype, shape, chunks, False, tuple(codecs), 3, sep, default,
                        m.get("fill_value"))
     else:
         raise CorruptFile(f"array {key!r}: unknown zarr_format {fmt!r}", where)
     if len(za.chunks) != len(za.shape) or any(c == 0 for c in za.chunks) and math.prod(za.shape):
         raise CorruptFile(f"array {key!r}: chunk shape {list(za.chunks)} does not fit shape {list(za.shape)}", where)
+    isz = dtypes.BY_NAME[za.dtype].itemsize
+    if max(math.prod(za.shape), math.prod(za.chunks)) * isz >= 1 << 63:  # no file or numpy array can be this big
+        raise CorruptFile(f"array {key!r}: shape {list(za.shape)!s:.80} / chunks {list(za.chunks)!s:.80} "
+                          "claim more than 2^63 bytes", where)
     return za
+
+
+def _codecs_ok(codecs: Any) -> bool:
+    """A codec list whose entries are names or objects with an object `configuration` (nested
+    codec lists of sharding_indexed too)."""
+    if not isinstance(codecs, list):
+        return False
+    for c in codecs:
+        if isinstance(c, str):
+            continue
+        if not isinstance(c, dict):
+            return False
+        cfg = c.get("configuration")
+        if cfg is None:
+            continue
+        if not isinstance(cfg, dict):
+            return False
+        for sub in ("codecs", "index_codecs"):
+            if cfg.get(sub) is not None and not _codecs_ok(cfg[sub]):
+                return False
+    return True
 
 
 def _codec_name(c: Any) -> str:
@@ -450,12 +483,12 @@ class _DirStore:
                 if not p.is_file():
                     return None
                 size = p.stat().st_size
-            except (OSError, NotFound):
+            except (OSError, NotFound, UnicodeEncodeError):
                 return None
         else:
             try:
                 st = os.stat(p)
-            except OSError:
+            except (OSError, UnicodeEncodeError):  # a lone surrogate (a JSON escape) names no file
                 return None
             if not os.path.isfile(p):
                 return None
@@ -781,7 +814,11 @@ class OrbaxReader(Reader):
         vdt = np.dtype(f"V{isz}")
         for i in range(grid[0]):
             rows = min(chunks[0], shape[0] - i * chunks[0])
-            slab = np.empty((rows,) + tuple(shape[1:]), dtype=vdt)
+            try:
+                slab = np.empty((rows,) + tuple(shape[1:]), dtype=vdt)
+            except (MemoryError, ValueError):  # a shape (mostly fill value) far larger than memory
+                raise CorruptFile(f"tensor {name!r}: a row of chunks is {rows * math.prod(shape[1:]) * isz} bytes, "
+                                  "too large to assemble in memory", self.path) from None
             for rest in itertools.product(*[range(g) for g in grid[1:]]):
                 idx = (i,) + rest
                 data = self._chunk(loc, idx, name)

@@ -43,7 +43,12 @@ class ShardedReader(Reader):
             from ckptctl.formats import open_reader
 
             p = self._shard_path(shard)
-            if not p.exists():
+            try:
+                exists = p.exists()
+            except OSError as e:  # a name too long for the file system, ...
+                raise NotFound(f"shard {shard!r:.100} named in the index cannot be looked up ({e.strerror})",
+                               self.path) from None
+            if not exists:
                 raise NotFound(f"shard {shard} named in the index is missing", self.path)
             if p.is_dir():
                 raise CorruptFile(f"shard {shard} named in the index is a folder, not a file", self.path)

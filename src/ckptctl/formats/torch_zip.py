@@ -739,7 +739,7 @@ class TorchScriptReader(TorchZipReader):
             budget = MAX_CODE_TEXT
             pre = arch.prefix
             for name, zi in arch.members.items():
-                if not name.startswith(pre) or zi.is_dir():
+                if not name.startswith(pre) or zi.filename.endswith("/"):
                     continue
                 rel = name[len(pre):]
                 if rel.startswith("code/"):
@@ -835,7 +835,7 @@ def scan_zip_pickles(path: str | os.PathLike) -> tuple[list[str], list[str]]:
             return found, [f"not a complete zip archive ({e})"]
         with z:
             for zi in z.infolist():
-                if zi.is_dir():
+                if zi.filename.endswith("/"):  # is_dir() fails on an empty name
                     continue
                 base = zi.filename.rsplit("/", 1)[-1]
                 if not (base.endswith((".pkl", ".pickle", ".debug_pkl")) or base in ("data.pkl", "constants.pkl")):

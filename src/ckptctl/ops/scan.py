@@ -529,7 +529,7 @@ def _zip(w: Walk, f, start: int, end: int, where: str, depth: int) -> None:
     storage = re.compile(r"(^|/)data/\d+$")  # torch storages: raw tensor bytes, never unpickled
     with z:
         for zi in z.infolist():
-            if zi.is_dir() or storage.search(zi.filename):
+            if zi.filename.endswith("/") or storage.search(zi.filename):  # not is_dir(): IndexError on an empty name
                 continue
             named = zi.filename.rsplit("/", 1)[-1].lower().endswith(PICKLE_NAMES)
             label = f"{pre}member {zi.filename}"
