@@ -161,3 +161,43 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, src, monkeypatch):
+    dst = tmp_path / "shards"
+    r = cli("convert", src, dst, "--max-shard-size", "600B")
+    assert r.exit_code == 0, r.stderr
+    before = sha(dst)
+    real_rename = os.rename
+    moved: list[tuple[str, str]] = []
+
+    def rename(a, b, *args, **kw):
+        a, b = os.fspath(a), os.fspath(b)
+        if b == os.fspath(dst) and ".ckptctl-tmp-" in a:  # the new folder into place: the disk says no
+            raise OSError(5, "Input/output error", a)
+        moved.append((a, b))
+        return real_rename(a, b, *args, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    r = cli("convert", src, dst, "--max-shard-size", "600B", "--force", "--dtype", "bf16")
+    assert r.exit_code != 0
+    assert sha(dst) == before  # the old output is back at DST
+    assert leftovers(tmp_path) == []
+    # where the old folder waited: beside DST, under a name a person can recognise
+    old = Path(moved[0][1])
+    assert moved[0][0] == os.fspath(dst) and old.parent == dst.parent
+    assert old.name.startswith(".shards.ckptctl-old-")
+
+
+def test_force_over_a_symlink_to_a_folder_replaces_the_link_not_its_target(tmp_path, src):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.bin").write_bytes(b"not ckptctl's")
+    dst = tmp_path / "shards"
+    os.symlink(target, dst)
+    r = cli("convert", src, dst, "--max-shard-size", "600B", "--force")
+    assert r.exit_code == 0, r.stderr
+    assert not dst.is_symlink() and dst.is_dir()
+    shards_equal_source(dst)
+    assert (target / "keep.bin").read_bytes() == b"not ckptctl's" and os.listdir(target) == ["keep.bin"]
+    assert leftovers(tmp_path) == []
