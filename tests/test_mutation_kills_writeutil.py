@@ -377,3 +377,54 @@ def test_each_tensor_is_written_once_and_only_planned_ones(tmp_path):
     with pytest.raises(Incompatible, match=r"'d' never written"):
         w.finish()
     assert temps(tmp_path) == [] and not (tmp_path / "m.safetensors").exists()
+
+
+# ---- the copy loops, several pieces each (the real pieces are 64 MiB / 16 MiB) ------------------
+@pytest.mark.parametrize("path", ["copy_file_range", "pread", "refused_after_the_first_piece"])
+def test_copy_range_in_many_pieces(tmp_path, monkeypatch, path):
+    p, data = _src_file(tmp_path, 1000)
+    monkeypatch.setattr(writeutil, "CHUNK", 7)
+    monkeypatch.setattr(writeutil, "BUF", 5)
+    monkeypatch.setattr(writeutil, "_COPY_FILE_RANGE", path != "pread")
+    if path == "refused_after_the_first_piece":
+        real = os.copy_file_range
+        calls = []
+
+        def once(*a):
+            calls.append(a)
+            if len(calls) > 1:
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+            return real(*a)
+
+        monkeypatch.setattr(os, "copy_file_range", once)
+    out = tmp_path / "out.bin"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT)
+    seen: list[int] = []
+    try:
+        writeutil.copy_range(p, 101, fd, 13, 777, progress=seen.append)
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == b"\0" * 13 + data[101:878]
+    assert sum(seen) == 777 and max(seen) <= 7
+    with pytest.raises(CorruptFile, match="file ends at byte 1000, expected data up to byte 1010"):
+        fd = os.open(out, os.O_RDWR)
+        try:
+            writeutil.copy_range(p, 10, fd, 0, 1000)
+        finally:
+            os.close(fd)
+
+
+def test_a_stale_looking_temporary_under_an_hdf5_flock_is_left_alone(tmp_path):
+    import fcntl
+
+    src, dst = tmp_path / "a.safetensors", tmp_path / "out.h5"
+    st.save_file({"w": A}, str(src))
+    held = _stale(tmp_path / ".out.h5.ckptctl-tmp-hdf51234")
+    fd = os.open(held, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what libhdf5 holds on a file h5py has open for writing
+        r = cli("convert", src, dst)
+        assert r.exit_code == 0, r.stderr
+        assert held.read_bytes() == b"partial"
+    finally:
+        os.close(fd)
