@@ -127,16 +127,18 @@ elif cmd == "survivors":
         if STATUS.get(code, "suspicious") not in ("killed", "timeout", "segfault"):
             print(k, STATUS.get(code, "suspicious"))
 elif cmd == "score":
-    print(f"{'scope':<10} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'other':>5} {'total':>6} {'score':>6}")
+    # score = (killed + timeout) / mutants checked; "unchecked" > 0 means the run was stopped
+    print(f"{'scope':<11} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'other':>5} "
+          f"{'unchecked':>9} {'total':>6} {'score':>6}")
     for s in args:
         r = results(s)
         st = [STATUS.get(c, "suspicious") for c in r.values()]
         killed, tmo = st.count("killed"), st.count("timeout") + st.count("segfault")
-        surv, nt = st.count("survived"), st.count("no tests")
-        other = len(st) - killed - tmo - surv - nt
-        total = len(st)
-        score = f"{100 * (killed + tmo) / total:.1f}%" if total else "-"
-        print(f"{s:<10} {killed:>7} {tmo:>7} {surv:>8} {nt:>8} {other:>5} {total:>6} {score:>6}")
+        surv, nt, todo = st.count("survived"), st.count("no tests"), st.count("not checked")
+        other = len(st) - killed - tmo - surv - nt - todo
+        checked = len(st) - todo
+        score = f"{100 * (killed + tmo) / checked:.1f}%" if checked else "-"
+        print(f"{s:<11} {killed:>7} {tmo:>7} {surv:>8} {nt:>8} {other:>5} {todo:>9} {len(st):>6} {score:>6}")
 PYEOF
 }
 
