@@ -18,13 +18,13 @@ Shared by convert, diff and average:
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from ckptctl.errors import Incompatible, UsageError
 from ckptctl.model import TensorInfo
-from ckptctl.ops.inspect import match_any
 
 TRAINING_ROOT = "state_dict"
 
@@ -49,6 +49,19 @@ class Selection:
     def names(self) -> dict[str, str]:
         """output name -> source name"""
         return {out.name: src.name for src, out in self.pairs}
+
+
+def match_any(name: str, patterns: list[str] | None) -> bool:
+    """fnmatch against any pattern; a pattern without wildcards also matches as a prefix."""
+    if not patterns:
+        return True
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p):
+            return True
+        if not any(ch in p for ch in "*?[") and (name == p or name.startswith(p.rstrip("./") + ".")
+                                                 or name.startswith(p.rstrip("./") + "/")):
+            return True
+    return False
 
 
 def parse_rename(spec: str) -> tuple[re.Pattern, str]:
