@@ -27,6 +27,12 @@ from ckptctl.errors import Incompatible, UsageError
 from ckptctl.model import TensorInfo
 
 TRAINING_ROOT = "state_dict"
+# top-level names in a training checkpoint that are not the model
+NON_MODEL_HEADS = {
+    "optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state",
+    "optimizer_history", "lr_scheduler", "lr_schedulers", "scheduler", "callbacks", "loops",
+    "rng_state", "rng_states", "scaler", "grad_scaler", "extra_state", "amp", "opt_state",
+}
 
 
 @dataclass
@@ -101,8 +107,6 @@ def default_part(names: list[str]) -> tuple[str, set[str]]:
     root = default_root(names)
     if root:
         return root, {n for n in names if under(n, root) is None}
-    from ckptctl.ops.runs import NON_MODEL_HEADS
-
     # the first part before any '/' or '.' (re.split per name cost ~1 µs: 10^5 names, issue 13)
     state = {n for n in names if n.split("/", 1)[0].split(".", 1)[0] in NON_MODEL_HEADS}
     return ("", state) if state and len(state) < len(names) else ("", set())
