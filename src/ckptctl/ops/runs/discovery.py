@@ -17,7 +17,6 @@ from ckptctl.ops.runs.detect import (
     _is_checkpoint_file_name,
     is_checkpoint_dir,
 )
-from ckptctl.ops.runs.enrich import _enrich
 from ckptctl.ops.runs.generic import _has_checkpoint_file
 from ckptctl.ops.runs.model import Run, RunCheckpoint
 from ckptctl.ops.runs.names import (
@@ -117,6 +116,11 @@ def _jobs() -> int:
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
     return max(1, min(n, 8))
+
+
+def _enrich(c: RunCheckpoint, read_info: bool) -> None:
+    """Step, epoch, metrics and (when read_info) the metadata of one checkpoint, by its layout."""
+    layouts.for_layout(c.layout).enrich(c, read_info)
 
 
 def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
