@@ -177,7 +177,9 @@ def shorten_names(names: Sequence[str], width: int) -> list[str]:
     split = [None if any(ch.isspace() for ch in n) else re.split(r"([./])", n) for n in names]
     siblings: dict[tuple[str, ...], set[str]] = {}
     for t in split:
-        for i in range(0, len(t or ()), 2):
+        if t is None:  # prose: not split
+            continue
+        for i in range(0, len(t), 2):
             siblings.setdefault(tuple(t[:i]), set()).add(t[i])
     out = []
     for n, t in zip(names, split):
@@ -219,12 +221,12 @@ def render_rows(
     fmt = getattr(fmt, "value", fmt)
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow([c.key for c in columns])
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow([c.key for c in columns])
         # exact strings for programs; on a terminal, control characters are shown escaped
         raw = not _isatty(sys.stdout)
         for r in rows:
-            w.writerow([v if raw else clean(v) for v in (_cell(c, r, human=False) for c in columns)])
+            writer.writerow([v if raw else clean(v) for v in (_cell(c, r, human=False) for c in columns)])
         sys.stdout.write(buf.getvalue())
         return
     if fmt == "markdown":

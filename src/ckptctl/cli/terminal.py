@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -18,6 +18,11 @@ class State:
     verbose: bool = False
     no_color: bool = False
     wide: bool = False
+
+    def reset(self) -> None:
+        """Back to the defaults (one in-process invocation after another: docs, tests)."""
+        for f in fields(self):
+            setattr(self, f.name, f.default)
 
 
 STATE = State()

@@ -158,8 +158,8 @@ def alias_roots(tensors: list[TensorInfo]) -> dict[str, str]:
     out: dict[str, str] = {}
     for t in tensors:
         r, hops = t.name, 0
-        while by.get(r) is not None and by[r].alias_of is not None and by[r].alias_of in by and hops <= len(by):
-            r, hops = by[r].alias_of, hops + 1
+        while (u := by.get(r)) is not None and (a := u.alias_of) is not None and a in by and hops <= len(by):
+            r, hops = a, hops + 1
         out[t.name] = r
     return out
 
