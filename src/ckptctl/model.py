@@ -97,11 +97,11 @@ class CheckpointInfo:
                     idx.setdefault(t.name, i)
                 self._index = cached = (tensors, len(tensors), idx)
                 rebuild = True
-            i = cached[2].get(name)
-            if i is None:
+            pos = cached[2].get(name)
+            if pos is None:
                 break  # the index is of this very list: the name is not in it
-            if tensors[i].name == name:
-                return tensors[i]
+            if tensors[pos].name == name:
+                return tensors[pos]
             if rebuild:  # pragma: no cover - a fresh index always holds its own names
                 break
         raise KeyError(name)

@@ -175,7 +175,8 @@ def _suggest_synonym(e: Exception, args: list[str], commands) -> None:
         return
     target = SYNONYMS.get(args[0].lower())
     if target and target in commands:
-        e.message = f"{msg.rstrip('.')}. Did you mean {target!r}?"
+        # click's UsageError carries the message it prints (found above by getattr; click marks it Final)
+        e.message = f"{msg.rstrip('.')}. Did you mean {target!r}?"  # type: ignore[attr-defined]
 
 
 def _no_color(value: bool) -> bool:

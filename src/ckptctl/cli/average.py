@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             plan = ops.plan_average(
-                inputs, out, weights=ops.parse_weights(weights) if weights is not None else None, ema=ema,
+                list(inputs), out, weights=ops.parse_weights(weights) if weights is not None else None, ema=ema,
                 last=last, steps=ops.parse_steps(steps) if steps is not None else None, best_n=best_n,
                 metric=metric, maximize=maximize, key=key, all_=all_, strip_prefix=strip, dtype=dtype,
                 accumulate=accumulate, to=to, force=force,

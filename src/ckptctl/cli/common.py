@@ -69,7 +69,7 @@ def handle_errors(fn: Callable | None = None, *, error_code: int | None = None):
     return deco(fn) if fn is not None else deco
 
 
-def check_paths(*paths: str | os.PathLike | None) -> None:
+def check_paths(*paths: str | os.PathLike | list | tuple | None) -> None:
     """Refuse the first input path that does not exist, before any other logic runs.
 
     Called at the top of every command that reads input paths, so that a typo gets

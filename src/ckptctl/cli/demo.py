@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ckptctl.cli import output
 from ckptctl.cli.common import handle_errors
 
 EXAMPLES = (

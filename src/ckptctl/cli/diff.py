@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -138,7 +138,8 @@ def register(app: typer.Typer) -> None:
         from ckptctl.ops.runs import is_run_dir
 
         output.STATE.wide = output.STATE.wide or wide
-        kw = dict(key=key, strip=tuple(strip or ()), rename=rename, all_=all_, include=include, exclude=exclude)
+        kw: dict[str, Any] = dict(key=key, strip=tuple(strip or ()), rename=rename, all_=all_, include=include,
+                                  exclude=exclude)
         if key is not None and all_:
             raise UsageError("--key and --all do not go together")
         if along:
@@ -148,19 +149,19 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("--along walks the checkpoints of a run folder; this is not one", a)
             if ignore_dtype:
                 raise UsageError("--ignore-dtype compares two checkpoints (or two runs), not --along")
-            res = along_run(a, progress_factory=_bar("along"), **kw)
-            _left_out_note(res.left_out, res.left_out, res.root)
-            _show_along(res, fmt)
-            raise typer.Exit(1 if res.first_nonfinite else 0)
+            along_res = along_run(a, progress_factory=_bar("along"), **kw)
+            _left_out_note(along_res.left_out, along_res.left_out, along_res.root)
+            _show_along(along_res, fmt)
+            raise typer.Exit(1 if along_res.first_nonfinite else 0)
         if b is None:
             raise UsageError("give two checkpoints (or two run folders), or one run folder with --along")
         run_a, run_b = is_run_dir(a), is_run_dir(b)
-        vkw = dict(kw, atol=atol, rtol=rtol, values=not no_values, ignore_dtype=ignore_dtype)
+        vkw: dict[str, Any] = dict(kw, atol=atol, rtol=rtol, values=not no_values, ignore_dtype=ignore_dtype)
         if run_a and run_b:
-            res = diff_runs(a, b, progress_factory=_bar("diff"), **vkw)
-            _left_out_note(*res.left_out, res.root)
-            _show_runs(res, fmt)
-            raise typer.Exit(0 if res.equal else 1)
+            runs_res = diff_runs(a, b, progress_factory=_bar("diff"), **vkw)
+            _left_out_note(*runs_res.left_out, runs_res.root)
+            _show_runs(runs_res, fmt)
+            raise typer.Exit(0 if runs_res.equal else 1)
         if run_a or run_b:
             which = a if run_a else b
             raise UsageError(f"{which} is a run folder and the other is one checkpoint: give two checkpoints "

@@ -6,7 +6,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,6 +16,9 @@ from ckptctl.cli.prune import Mode
 from ckptctl.cli.complete import metric_completer
 from ckptctl.cli.output import Column, Fmt, clean, human_bytes, human_count
 from ckptctl.errors import NotFound, UsageError
+
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
 
 EXAMPLES = (
     "[bold]Examples[/]\n\n"
@@ -134,28 +137,25 @@ def register(app: typer.Typer) -> None:
         from ckptctl.ops.runs import scan_run
         from ckptctl.sources import as_path
 
-        run_dirs = [as_path(p) for p in run_dirs]  # s3://bucket/run: a RemotePath (listings, header reads)
+        roots = [as_path(p) for p in run_dirs]  # s3://bucket/run: a RemotePath (listings, header reads)
 
         if mode is not None and best is None:
             raise UsageError("--mode only applies to --best METRIC")
 
         output.STATE.wide = output.STATE.wide or wide
         runs = []
-        loose: dict[Path, list[Path]] = {}
-        for p in run_dirs:
+        loose: dict[Path | RemotePath, list[Path | RemotePath]] = {}
+        for p in roots:
             if p.is_file() or p.is_symlink() and not p.is_dir():
                 loose.setdefault(p.parent, []).append(p)
                 continue
             runs.append(scan_run(p, recursive=recursive))
         for parent, files in loose.items():  # files named on the command line: one run per folder
-            merged = None
-            for f in files:
+            merged = scan_run(files[0])
+            for f in files[1:]:
                 r = scan_run(f)
-                if merged is None:
-                    merged = r
-                else:
-                    merged.checkpoints.extend(r.checkpoints)
-                    merged.warnings.extend(r.warnings)
+                merged.checkpoints.extend(r.checkpoints)
+                merged.warnings.extend(r.warnings)
             runs.append(merged)
         for r in runs:
             for w in r.warnings:

@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         from ckptctl.ops.runs import parse_duration, scan_run
         from ckptctl.sources import as_path, is_remote
 
-        run_dirs = [as_path(p) for p in run_dirs]  # s3://bucket/run: planned from one recursive listing
+        roots = [as_path(p) for p in run_dirs]  # s3://bucket/run: planned from one recursive listing
 
         output.STATE.wide = output.STATE.wide or wide
         policy = Policy(
@@ -110,11 +110,11 @@ def register(app: typer.Typer) -> None:
             min_age_text=min_age, include_broken=include_broken,
         )
         validate(policy)
-        remote = [p for p in run_dirs if is_remote(p)]
+        remote = [p for p in roots if is_remote(p)]
         if remote and trash is not None:
             raise UsageError(TRASH_REMOTE)
         runs = []
-        for p in run_dirs:
+        for p in roots:
             if is_remote(p):
                 _check_remote_run(p)
             elif not p.is_dir():
@@ -162,8 +162,8 @@ def register(app: typer.Typer) -> None:
         if outcome is not None and outcome.failed is not None:
             raise CkptError(_failure_line(outcome, trash))
         if outcome is not None and outcome.skipped:
-            n = len(outcome.skipped)
-            raise CkptError(f"{n} checkpoint{'s' if n != 1 else ''} skipped (see above); "
+            n_skipped = len(outcome.skipped)
+            raise CkptError(f"{n_skipped} checkpoint{'s' if n_skipped != 1 else ''} skipped (see above); "
                             f"{len(outcome.done)} deleted")
         bad = [sf for sf in (outcome.state_files if outcome is not None else []) if sf.error]
         if bad:

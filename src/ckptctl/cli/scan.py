@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
 
         if not paths:
             raise UsageError("name at least one file or folder to scan")
-        results = scan(paths)
+        results = scan(list(paths))
         if not results:
             output.warn("no checkpoint files found in " + ", ".join(str(p) for p in paths))
         if fmt == Fmt.json:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from dataclasses import dataclass, field
 
 from ckptctl.formats import open_reader
 from ckptctl.model import CheckpointInfo, TensorInfo
+from ckptctl.ops.select import match_any  # noqa: F401 - re-exported: defined with the selection rules
 
 
 @dataclass
@@ -45,19 +45,6 @@ class Inspection:
     def _unique(self) -> list[TensorInfo]:
         names = {t.name for t in self.part}
         return [t for t in self.part if t.alias_of is None or t.alias_of not in names]
-
-
-def match_any(name: str, patterns: list[str] | None) -> bool:
-    """fnmatch against any pattern; a pattern without wildcards also matches as a prefix."""
-    if not patterns:
-        return True
-    for p in patterns:
-        if fnmatch.fnmatchcase(name, p):
-            return True
-        if not any(ch in p for ch in "*?[") and (name == p or name.startswith(p.rstrip("./") + ".")
-                                                 or name.startswith(p.rstrip("./") + "/")):
-            return True
-    return False
 
 
 def sort_tensors(tensors: list[TensorInfo], key: str) -> list[TensorInfo]:

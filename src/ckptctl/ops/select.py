@@ -18,15 +18,21 @@ Shared by convert, diff and average:
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from ckptctl.errors import Incompatible, UsageError
 from ckptctl.model import TensorInfo
-from ckptctl.ops.inspect import match_any
 
 TRAINING_ROOT = "state_dict"
+# top-level names in a training checkpoint that are not the model
+NON_MODEL_HEADS = {
+    "optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state",
+    "optimizer_history", "lr_scheduler", "lr_schedulers", "scheduler", "callbacks", "loops",
+    "rng_state", "rng_states", "scaler", "grad_scaler", "extra_state", "amp", "opt_state",
+}
 
 
 @dataclass
@@ -49,6 +55,19 @@ class Selection:
     def names(self) -> dict[str, str]:
         """output name -> source name"""
         return {out.name: src.name for src, out in self.pairs}
+
+
+def match_any(name: str, patterns: list[str] | None) -> bool:
+    """fnmatch against any pattern; a pattern without wildcards also matches as a prefix."""
+    if not patterns:
+        return True
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p):
+            return True
+        if not any(ch in p for ch in "*?[") and (name == p or name.startswith(p.rstrip("./") + ".")
+                                                 or name.startswith(p.rstrip("./") + "/")):
+            return True
+    return False
 
 
 def parse_rename(spec: str) -> tuple[re.Pattern, str]:
@@ -88,8 +107,6 @@ def default_part(names: list[str]) -> tuple[str, set[str]]:
     root = default_root(names)
     if root:
         return root, {n for n in names if under(n, root) is None}
-    from ckptctl.ops.runs import NON_MODEL_HEADS
-
     # the first part before any '/' or '.' (re.split per name cost ~1 µs: 10^5 names, issue 13)
     state = {n for n in names if n.split("/", 1)[0].split(".", 1)[0] in NON_MODEL_HEADS}
     return ("", state) if state and len(state) < len(names) else ("", set())
@@ -141,8 +158,8 @@ def alias_roots(tensors: list[TensorInfo]) -> dict[str, str]:
     out: dict[str, str] = {}
     for t in tensors:
         r, hops = t.name, 0
-        while by.get(r) is not None and by[r].alias_of is not None and by[r].alias_of in by and hops <= len(by):
-            r, hops = by[r].alias_of, hops + 1
+        while (u := by.get(r)) is not None and (a := u.alias_of) is not None and a in by and hops <= len(by):
+            r, hops = a, hops + 1
         out[t.name] = r
     return out
 

@@ -38,7 +38,7 @@ def _invoke(app, args: list[str], env: dict[str, str]) -> str:
 
     from ckptctl.cli import output
 
-    output.STATE.__init__()
+    output.STATE.reset()
     base = {"NO_COLOR": "1", "TERM": "dumb", "COLUMNS": str(HELP_COLUMNS), "LINES": "50"}
     base.update(env)
     result = CliRunner().invoke(app, args, env=base, prog_name=PROG, catch_exceptions=False)

@@ -21,8 +21,9 @@ The step stored inside a checkpoint beats the one parsed from its name.
 Modules: names (suffixes, name parsing, durations), model (RunCheckpoint, Run), walk (file-system
 questions, local or remote), detect (what a folder is), discovery (walking a run, copies and
 bests, the worker pools), enrich (step, epoch, metrics of one checkpoint), values (metadata as
-numbers). Framework layouts are plug-ins (base.Layout, registered in layouts.LAYOUTS): tf, keras,
-hf_trainer, dcp, orbax, deepspeed, lightning, fairseq, generic.
+numbers). Framework layouts are plug-ins (base.Layout, listed in layouts.LAYOUTS, which registers
+them in registry.py for the shared code they import): tf, keras, hf_trainer, dcp, orbax, deepspeed,
+lightning, fairseq, generic.
 The names below are the public API other modules import.
 """
 

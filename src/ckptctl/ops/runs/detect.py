@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 from ckptctl.ops.runs import layouts
 from ckptctl.ops.runs.walk import entry_path, listdir, scandir
@@ -72,7 +73,7 @@ def _holds_checkpoints(path: Path) -> bool:
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """A folder that is one checkpoint (checkpoint-N/, DCP, Orbax step, shards, model folder)."""
-    p = as_path(path)
+    p = cast(Path, as_path(path))  # a RemotePath has the parts of Path's interface used here
     return p.is_dir() and _checkpoint_layout(p) is not None
 
 

@@ -8,7 +8,7 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ckptctl.errors import CkptError, NotFound, UsageError
 from ckptctl.ops.runs import layouts
@@ -17,7 +17,6 @@ from ckptctl.ops.runs.detect import (
     _is_checkpoint_file_name,
     is_checkpoint_dir,
 )
-from ckptctl.ops.runs.enrich import _enrich
 from ckptctl.ops.runs.generic import _has_checkpoint_file
 from ckptctl.ops.runs.model import Run, RunCheckpoint
 from ckptctl.ops.runs.names import (
@@ -52,7 +51,8 @@ def scan_run(run_dir: str | os.PathLike, recursive: bool = False, read_info: boo
     `run_dir` may also be one checkpoint (a file or a checkpoint folder): the run is then that
     one checkpoint, in its parent folder.
     """
-    root = as_path(run_dir)
+    # a RemotePath (s3://...) stands in for a Path: it has the parts of Path's interface used here
+    root = cast(Path, as_path(run_dir))
     if is_remote(root):
         folder = _remote_root(root)
     else:
@@ -117,6 +117,11 @@ def _jobs() -> int:
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
     return max(1, min(n, 8))
+
+
+def _enrich(c: RunCheckpoint, read_info: bool) -> None:
+    """Step, epoch, metrics and (when read_info) the metadata of one checkpoint, by its layout."""
+    layouts.for_layout(c.layout).enrich(c, read_info)
 
 
 def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
@@ -203,8 +208,8 @@ def _scan_dir(folder: Path, root: Path, run: Run, recursive: bool) -> None:
         entries = sorted(scandir(folder), key=lambda e: e.name)
     except PermissionError:
         raise NotFound("permission denied", folder) from None
-    except OSError as e:
-        raise NotFound(e.strerror or str(e), folder) from None
+    except OSError as err:
+        raise NotFound(err.strerror or str(err), folder) from None
     names = [e.name for e in entries]
     claimed: set[str] = set()
     links: list[os.DirEntry] = []

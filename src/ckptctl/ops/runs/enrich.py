@@ -1,5 +1,6 @@
 """Enrichment: the step, epoch and metrics of one checkpoint from its trainer state, its reader's
-metadata (headers and pickles) and Lightning callbacks; framework layouts plug in here."""
+metadata (headers and pickles) and Lightning callbacks; framework layouts plug in here (through
+registry.py: discovery dispatches each checkpoint to its layout's `enrich`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ from ckptctl.errors import CkptError
 from ckptctl.model import CheckpointInfo
 from ckptctl.ops.runs.model import RunCheckpoint
 from ckptctl.ops.runs.names import AUX_NAMES, EPOCH_KEYS, FILE_SUFFIXES, STEP_KEYS, parse_name, untmp
+from ckptctl.ops.runs.registry import LAYOUTS, picks_model_file
 from ckptctl.ops.runs.values import _as_float, _as_int, _flatten
-
-
-def _enrich(c: RunCheckpoint, read_info: bool) -> None:
-    from ckptctl.ops.runs.layouts import for_layout
-
-    for_layout(c.layout).enrich(c, read_info)
 
 
 def name_fields(c: RunCheckpoint) -> None:
@@ -110,17 +106,8 @@ def _from_info(c: RunCheckpoint, reader, info: CheckpointInfo) -> None:
         f = _as_float(meta.get(k))
         if f is not None:
             c.metrics.setdefault(k.split("/", 1)[1] if k.endswith("val_loss") else "best_val_loss", f)
-    from ckptctl.ops.runs.layouts import LAYOUTS
-
     for lay in LAYOUTS:  # what each framework stores inside a file (Lightning callbacks, ...)
         lay.from_info(c, reader, info, meta)
-
-
-def picks_model_file(layout: str) -> bool:
-    """A multi-file folder (HF Trainer, DeepSpeed, model folder) whose model file discovery picks."""
-    from ckptctl.ops.runs.layouts import for_layout
-
-    return layout in for_layout(layout).model_file_in_folder
 
 
 def _numeric_into(c: RunCheckpoint, d: dict, source: str) -> None:

@@ -2,7 +2,7 @@
 `.hdf5` names like `weights.03-0.41.h5`), a sharded `w01.weights.json`. The user's pattern decides
 the name, so epoch and metrics are read from its numbers (`parse_keras_name`); `best.keras` (a
 save_best_only file) has the role "best" and is folded into the epoch file it is a byte copy of
-(`keras_twin`). Reading goes through tf.enrich (the registry's readers). Pure: no printing.
+(`keras_twin`). Reading goes through tf.read_target (the registry's readers). Pure: no printing.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptctl.ops.runs.base import Layout
+from ckptctl.ops.runs.names import untmp
+from ckptctl.ops.runs.tf import read_target, reader_registered
 
 if TYPE_CHECKING:
     from ckptctl.ops.runs.model import RunCheckpoint
@@ -181,6 +183,24 @@ def keras_twin(c: RunCheckpoint, cands: list[RunCheckpoint]) -> RunCheckpoint | 
     return max(hits, key=lambda s: (s.epoch or 0, s.mtime)) if hits else None
 
 
+def enrich(c: RunCheckpoint, read_info: bool) -> None:
+    """Step/epoch/metrics of a Keras checkpoint from its name (parse_keras_name), and its info
+    through the normal reader (tf.read_target: the TF/Keras reading path)."""
+    name = untmp(c.path.name) if c.incomplete else c.path.name
+    step, epoch, metrics = parse_keras_name(name)
+    c.metrics.update(metrics)
+    if step is not None:
+        c.step, c.step_source = step, "name"
+    if epoch is not None:
+        c.epoch = epoch
+    for suf, fmt in ((".keras", KERAS_FORMAT), (".weights.json", KERAS_SHARDED_FORMAT)):
+        if c.path.name.endswith(suf):
+            c.format = c.format or fmt
+            if not reader_registered(fmt):
+                return
+    read_target(c, c.path, read_info)
+
+
 class Keras(Layout):
     name = "keras"
     owns = ("keras",)
@@ -189,9 +209,7 @@ class Keras(Layout):
         return "keras" if is_keras_name(name) else None  # before fairseq: checkpoint3.keras is Keras epoch 3
 
     def enrich(self, c: RunCheckpoint, read_info: bool) -> None:
-        from ckptctl.ops.runs.tf import enrich
-
-        enrich(c, read_info)  # the TF/Keras reading path (registry readers, names by parse_keras_name)
+        enrich(c, read_info)
 
     def role(self, name: str) -> str | None:
         return (keras_role(name) or "") if is_keras_name(name) else None

@@ -1,7 +1,7 @@
 """The registry of run layouts, in the order they are asked, and the questions asked of all of them.
 
 Adding a layout: a module with a `Layout` subclass (see base.py) and a `LAYOUT` instance, and one
-line in LAYOUTS below. Folders are claimed by the first layout that answers (TensorFlow first: a
+entry in the list registered below (registry.py holds it for the shared code the layouts import). Folders are claimed by the first layout that answers (TensorFlow first: a
 folder of TF prefixes is a run, whatever its name; generic last: sharded / model folders / step names).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ckptctl.ops.runs import dcp, deepspeed, fairseq, generic, hf_trainer, keras, lightning, orbax, tf
+from ckptctl.ops.runs import dcp, deepspeed, fairseq, generic, hf_trainer, keras, lightning, orbax, registry, tf
 from ckptctl.ops.runs.base import RUN, Layout
 
 if TYPE_CHECKING:
@@ -17,17 +17,13 @@ if TYPE_CHECKING:
 
     from ckptctl.ops.runs.model import RunCheckpoint
 
-LAYOUTS: list[Layout] = [
+registry.register([
     tf.LAYOUT, keras.LAYOUT, hf_trainer.LAYOUT, dcp.LAYOUT, orbax.LAYOUT, deepspeed.LAYOUT, lightning.LAYOUT,
     fairseq.LAYOUT, generic.LAYOUT,
-]
-_BY_NAME = {v: lay for lay in LAYOUTS for v in lay.owns}
+], default=generic.LAYOUT)
+LAYOUTS: list[Layout] = registry.LAYOUTS
 ALIAS_FILES = {n: lay for lay in LAYOUTS for n in lay.alias_files}
-
-
-def for_layout(value: str) -> Layout:
-    """The layout that owns a RunCheckpoint.layout value (generic for folder / file / sharded)."""
-    return _BY_NAME.get(value, generic.LAYOUT)
+for_layout = registry.for_layout  # the layout that owns a RunCheckpoint.layout value
 
 
 def claim_dir(path: Path, names: list[str]) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ckptctl.model import CheckpointInfo
 from ckptctl.ops.runs.names import OPTIM_HEADS
+from ckptctl.ops.runs.registry import picks_model_file
 from ckptctl.ops.runs.walk import _file_stats
 
 
@@ -47,8 +48,6 @@ class RunCheckpoint:
 
     @property
     def has_optimizer(self) -> bool | None:
-        from ckptctl.ops.runs.enrich import picks_model_file
-
         if picks_model_file(self.layout) and self.path.is_dir():
             for f in self.files:
                 if re.match(r"^(optimizer.*\.(pt|bin|safetensors)|.*optim_states\.pt)$", f.name) or any(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from ckptctl.errors import UsageError
+from ckptctl.ops.select import NON_MODEL_HEADS  # noqa: F401 - re-exported: select defines the model part
 
 # file suffixes that hold one checkpoint each
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".keras", ".gguf")
@@ -42,12 +43,6 @@ FAIRSEQ_EPOCH = re.compile(r"^checkpoint(\d+)$")
 TRAILING_NUM = re.compile(r"[-_.](\d{2,})$")  # model_00010000; not attempt_1
 STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "global_steps", "train_step", "iter")
 EPOCH_KEYS = ("epoch", "current_epoch")
-# top-level names in a training checkpoint that are not the model
-NON_MODEL_HEADS = {
-    "optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state",
-    "optimizer_history", "lr_scheduler", "lr_schedulers", "scheduler", "callbacks", "loops",
-    "rng_state", "rng_states", "scaler", "grad_scaler", "extra_state", "amp", "opt_state",
-}
 OPTIM_HEADS = ("optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state", "opt_state")
 
 

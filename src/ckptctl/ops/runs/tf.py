@@ -243,25 +243,13 @@ def reader_registered(fmt: str) -> bool:
 
 
 def enrich(c: RunCheckpoint, read_info: bool) -> None:
-    """Step/epoch/metrics of a TF or Keras checkpoint, and its info through the normal reader."""
-    from ckptctl.ops.runs.keras import KERAS_FORMAT, KERAS_SHARDED_FORMAT, parse_keras_name
+    """Step/epoch/metrics of a TF checkpoint, and its info through the normal reader (a Keras
+    checkpoint's names are read by keras.enrich, which then reads it through read_target)."""
     from ckptctl.ops.runs.names import parse_name, untmp
 
     name = untmp(c.path.name) if c.incomplete else c.path.name
-    if c.layout == "keras":
-        step, epoch, metrics = parse_keras_name(name)
-        c.metrics.update(metrics)
-        if step is not None:
-            c.step, c.step_source = step, "name"
-        if epoch is not None:
-            c.epoch = epoch
-        for suf, fmt in ((".keras", KERAS_FORMAT), (".weights.json", KERAS_SHARDED_FORMAT)):
-            if c.path.name.endswith(suf):
-                c.format = c.format or fmt
-                if not reader_registered(fmt):
-                    return
-        target: Path | None = c.path
-    elif c.layout == "tf-savedmodel":
+    target: Path | None
+    if c.layout == "tf-savedmodel":
         step, epoch, metrics = parse_name(name)
         c.metrics.update(metrics)
         if step is not None:
@@ -275,6 +263,11 @@ def enrich(c: RunCheckpoint, read_info: bool) -> None:
         if not reader_registered(TF_FORMAT):
             return
         target = next((f for f in c.files if f.name.endswith(".index")), None)
+    read_target(c, target, read_info)
+
+
+def read_target(c: RunCheckpoint, target: Path | None, read_info: bool) -> None:
+    """The info of a TF or Keras checkpoint (its `target` file or folder) through the normal reader."""
     if not read_info or target is None or (c.error is not None and c.incomplete):
         return
     _read(c, target)
