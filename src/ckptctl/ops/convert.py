@@ -25,7 +25,7 @@ from ckptctl.errors import Incompatible, UsageError
 from ckptctl.formats import open_reader, resolve
 from ckptctl.formats.base import Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
-from ckptctl.sources import as_path, check_writable_target, is_remote
+from ckptctl.sources import RemotePath, as_path, check_writable_target, is_remote
 from ckptctl.ops.inspect import dangerous_globals
 from ckptctl.ops.select import Selection, select
 from ckptctl.ops.convert_cast import (  # noqa: F401  (re-exported: average, the CLI and tests use them here)
@@ -64,7 +64,7 @@ SHARD_NAMES = {
 
 
 # ---- target -----------------------------------------------------------------------------------
-def target_format(dst: Path, to: str | None, sharded: bool) -> str:
+def target_format(dst: Path | RemotePath, to: str | None, sharded: bool) -> str:
     if to:
         fmt = TARGETS.get(to.lower())
         if fmt is None:
@@ -145,15 +145,15 @@ def shard_file_names(fmt: str, n: int) -> tuple[list[str], str | None]:
 # ---- the plan ---------------------------------------------------------------------------------
 @dataclass
 class OutputFile:
-    path: Path  # final path (inside the temp folder while writing shards)
+    path: Path | RemotePath  # final path (inside the temp folder while writing shards)
     tensors: list[TensorInfo]  # output infos (dtype after cast), in write order
     metadata: dict[str, str]
 
 
 @dataclass
 class ConvertPlan:
-    src: Path
-    dst: Path
+    src: Path | RemotePath
+    dst: Path | RemotePath
     fmt: str
     reader: Reader
     info: CheckpointInfo
@@ -184,14 +184,14 @@ class ConvertPlan:
         self.reader.close()
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: Path | RemotePath, b: Path | RemotePath) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
 
 
-def _check_destination(src: Path, src_files: list[Path], dst: Path, sharded: bool, force: bool) -> None:
+def _check_destination(src: Path | RemotePath, src_files: list[Path | RemotePath], dst: Path | RemotePath, sharded: bool, force: bool) -> None:
     if is_remote(dst):
         return _check_remote_destination(src, src_files, dst, sharded, force)
     if not dst.parent.is_dir():
@@ -252,7 +252,7 @@ def plan_convert(
     check_writable_target(dst)
     src, dst = as_path(src), as_path(dst) if is_remote(dst) else Path(dst)
     sharded = max_shard_size is not None
-    if sharded and max_shard_size <= 0:
+    if max_shard_size is not None and max_shard_size <= 0:  # sharded
         raise UsageError("--max-shard-size must be positive")
     fmt = target_format(dst, to, sharded)
     cast_to = cast_target(dtype) if dtype else None
@@ -297,13 +297,13 @@ def plan_convert(
             notes.append(f"--dtype {cast_to}: tensors of dtype {', '.join(kept)} are not cast (scale/packed formats)")
         refuse_gguf_quantized(outs)
         check_target(fmt, outs)
-        metadata = carry_metadata(info.metadata, notes, metadata)
+        meta = carry_metadata(info.metadata, notes, metadata)
         if fmt == "torch-zip":
-            lost = [k for k in metadata if k != "format"]
+            lost = [k for k in meta if k != "format"]
             if lost:
                 notes.append(f"metadata not kept (a PyTorch state dict has no place for it): {', '.join(lost[:6])}"
                              + (" ..." if len(lost) > 6 else ""))
-        files, index_name = _layout(fmt, dst, outs, metadata, max_shard_size, dedupe_tied)
+        files, index_name = _layout(fmt, dst, outs, meta, max_shard_size, dedupe_tied)
         return ConvertPlan(
             src=src, dst=dst, fmt=fmt, reader=reader, info=info, selection=sel, out_dtype=out_dtype,
             files=files, index_name=index_name, sharded=sharded, dedupe_tied=dedupe_tied, verify=verify,
@@ -323,7 +323,7 @@ def top_level_only(tensors: list[TensorInfo]) -> str | None:
     return None
 
 
-def _layout(fmt: str, dst: Path, outs: list[TensorInfo], metadata: dict[str, str],
+def _layout(fmt: str, dst: Path | RemotePath, outs: list[TensorInfo], metadata: dict[str, str],
             max_shard_size: int | None, dedupe_tied: bool) -> tuple[list[OutputFile], str | None]:
     if max_shard_size is None:
         return [OutputFile(dst, outs, metadata)], None

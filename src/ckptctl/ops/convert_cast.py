@@ -142,7 +142,7 @@ def cast_chunks(chunks: Iterable, src: str, dst: str, out: list | None = None) -
         dst not in ("float64", "float32") and sdt == np.float64)
     for c in aligned_chunks(chunks, sdt.itemsize):
         x = np.frombuffer(c, dtype=sdt)
-        if direct:
+        if direct and out is not None:  # (direct implies out)
             need = x.size * odt.itemsize
             if out[0] is None or len(out[0]) < need:
                 out[0] = bytearray(need)

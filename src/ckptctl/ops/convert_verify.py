@@ -20,6 +20,7 @@ from ckptctl.ops.convert_write import CHUNK, _crc32c, _read_range, _source_chunk
 
 if TYPE_CHECKING:
     from ckptctl.ops.convert import ConvertPlan
+    from ckptctl.sources import RemotePath
 
 # ---- verifying --------------------------------------------------------------------------------
 def _equal(a: memoryview, b: memoryview) -> bool:
@@ -285,7 +286,7 @@ def _in_data_order(items: list, locs: dict) -> list:
     return [it for _i, it in sorted(enumerate(items), key=key)]
 
 
-def verify_output(plan: ConvertPlan, at: Path | None = None,
+def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
                   progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Re-read the output (at `at`, default DST) with ckptctl's readers and compare names, dtypes,
     shapes and every byte with the source (cast again when --dtype was given)."""
@@ -295,8 +296,8 @@ def verify_output(plan: ConvertPlan, at: Path | None = None,
     expected = {t.name: t for f in plan.files for t in f.tensors}
     try:
         reader = open_reader(at)
-    except CkptError as e:
-        raise CorruptFile(f"verify: cannot read the output back ({e.message})", where) from None
+    except CkptError as err:
+        raise CorruptFile(f"verify: cannot read the output back ({err.message})", where) from None
     with reader:
         got = {t.name: t for t in reader.info().tensors}
         missing = [n for n in expected if n not in got]

@@ -9,10 +9,10 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ckptctl.errors import CkptError, CorruptFile
 from ckptctl.formats import writer_class
@@ -22,7 +22,9 @@ from ckptctl.ops.convert_cast import cast_chunks
 from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point, staging_dir
 
 if TYPE_CHECKING:
+    from ckptctl.formats.writeutil import StreamingWriter
     from ckptctl.ops.convert import ConvertPlan, OutputFile
+    from ckptctl.sources import RemotePath
 
 # Bytes per read. 16 MiB, not 64: glibc serves blocks up to 32 MiB from its heap once one was
 # freed, so the buffers are reused instead of being mapped and page-faulted afresh each time
@@ -32,9 +34,9 @@ CAST_CHUNK = 16 * 1024 * 1024  # source bytes per cast step (a few arrays of thi
 
 @dataclass
 class ConvertResult:
-    dst: Path
+    dst: Path | RemotePath
     fmt: str
-    outputs: list[Path]
+    outputs: Sequence[Path | RemotePath]
     num_tensors: int
     bytes_written: int
     verified: bool
@@ -47,7 +49,7 @@ def _source_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo, bufs: di
     kept by the caller), a cast reads the source into one reused buffer and casts into another."""
     if out.dtype == src.dtype:
         return plan.reader.iter_chunks(src.name, CHUNK)
-    raw = None
+    raw: Iterable[bytes | memoryview] | None = None
     if bufs is not None:
         rng = plan.reader.byte_range(src.name)
         if rng is not None:
@@ -87,7 +89,8 @@ def _recording_crcs(chunks: Iterable, sink: list[tuple[int, int]]) -> Iterator:
 def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, TensorInfo],
                 progress: Callable[[int], None] | None) -> None:
     W = writer_class(plan.fmt)
-    w = W(path, f.tensors, f.metadata, dedupe_tied=plan.dedupe_tied)
+    # every registered writer is a StreamingWriter (on_progress, durable, add_range)
+    w = cast("StreamingWriter", W(path, f.tensors, f.metadata, dedupe_tied=plan.dedupe_tied))
     w.on_progress = progress
     w.durable = False  # Staged.start_sync fsyncs the staged files while verify reads them
     bufs: dict = {}  # reused by every cast in this file
@@ -120,12 +123,12 @@ class Staged:
     commit_output does so before anything is renamed to DST."""
 
     tmp: Path  # the hidden folder
-    out: Path  # what DST will be: tmp/<DST name> for one file, tmp itself for shards
+    out: Path | RemotePath  # what DST will be: tmp/<DST name> for one file, tmp itself for shards
     committed: bool = False
     _sync: threading.Thread | None = None
     _sync_error: OSError | None = None
     _lock_fd: int | None = None  # the folder, locked while this run may still use it
-    remote_tmp: object | None = None  # remote DST: the uploaded output, hidden beside DST (a RemotePath)
+    remote_tmp: RemotePath | None = None  # remote DST: the uploaded output, hidden beside DST
     remote_prefix: bool = False  # remote_tmp is a prefix of objects (shards), not one object
 
     def release(self) -> None:
@@ -149,7 +152,7 @@ class Staged:
         self._sync = threading.Thread(target=run, name="ckptctl-fsync", daemon=True)
         self._sync.start()
 
-    def wait_synced(self, dst: Path) -> None:
+    def wait_synced(self, dst: Path | RemotePath) -> None:
         if self._sync is not None:
             self._sync.join()
             self._sync = None
@@ -181,7 +184,8 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
     else:
         clean_stale_temps(dst)  # what a killed earlier run left
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{TMP_TAG}", dir=staging_dir() if remote else dst.parent))
-    staged = Staged(tmp, tmp if plan.sharded else tmp / dst.name)
+    out = tmp if plan.sharded else tmp / dst.name
+    staged = Staged(tmp, out)
     try:
         staged._lock_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         hold_lock(staged._lock_fd)
@@ -189,7 +193,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
         pass
     try:
         if not plan.sharded:
-            _write_file(plan, plan.files[0], staged.out, srcs, progress)
+            _write_file(plan, plan.files[0], out, srcs, progress)
         else:
             for f in plan.files:
                 _write_file(plan, f, tmp / f.path.name, srcs, progress)
@@ -227,13 +231,14 @@ def _upload_staged(plan: ConvertPlan, staged: Staged) -> None:
     staged.release()
 
 
-def _commit_remote(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] | None) -> ConvertResult:
+def _commit_remote(plan: ConvertPlan, staged: Staged, tmp: RemotePath,
+                   verified: tuple[int, int] | None) -> ConvertResult:
     """Server-side copies from the uploaded temporary to DST (shards first, the index last, so a
     reader never finds an index naming a shard not yet there); the temporary is removed by discard."""
     from ckptctl.sources import remote_copy
 
     pause_point("swap-in")
-    dst, tmp = plan.dst, staged.remote_tmp
+    dst = plan.dst
     if plan.sharded:
         names = [f.path.name for f in plan.files] + ([plan.index_name] if plan.index_name else [])
         for name in names:
@@ -253,10 +258,10 @@ def _commit_remote(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] 
 def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] | None = None) -> ConvertResult:
     """Move the staged output to DST (replacing what --force allowed to replace)."""
     if staged.remote_tmp is not None:
-        return _commit_remote(plan, staged, verified)
+        return _commit_remote(plan, staged, staged.remote_tmp, verified)
     staged.wait_synced(plan.dst)  # on disk before it has DST's name
     pause_point("swap-in")
-    dst = plan.dst
+    dst = cast(Path, plan.dst)  # local: a remote DST was committed above
     if plan.sharded:
         os.chmod(staged.tmp, 0o777 & ~_umask())
         _swap_in(staged.tmp, dst)
