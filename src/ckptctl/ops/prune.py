@@ -24,12 +24,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.formats.writeutil import clean_stale_temps, fsync_dir, hold_lock, pause_point, temp_name
 from ckptctl.ops.runs import Run, RunCheckpoint, layouts
 from ckptctl.ops.runs.tf import StateRewrite
+
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
 
 # metric names where bigger is better; everything else (losses, perplexity, error rates) is min
 _MAX_METRIC = re.compile(
@@ -267,7 +270,8 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
     for d in plan.to_delete:
         if _remote(d.ckpt.path):  # from the listing the plan was made from: no request
             try:
-                d.snapshot = [RemoteSnap.of(f, f.info()) for f in d.ckpt.files]
+                # a remote run lists RemotePaths (RunCheckpoint.files says Path)
+                d.snapshot = [RemoteSnap.of(f, cast("RemotePath", f).info()) for f in d.ckpt.files]
             except CkptError as e:
                 d.keep = True
                 d.reasons.append(f"could not stat its objects ({e.message}); kept")
@@ -323,7 +327,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
             reasons[id(c)].append(f"last {policy.keep_last}")
     if policy.keep_every:
         for c in ranked:
-            if pos(c) % policy.keep_every == 0:
+            if cast(int, pos(c)) % policy.keep_every == 0:  # ranked: never None
                 reasons[id(c)].append(f"{by} divisible by {policy.keep_every}")
     if policy.keep_best:
         m = policy.keep_best
@@ -332,7 +336,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
 
         def key(c: RunCheckpoint):
             v = c.metrics[m]
-            return (math.isnan(v), sign * v if not math.isnan(v) else 0.0, -pos(c))
+            return (math.isnan(v), sign * v if not math.isnan(v) else 0.0, -cast(int, pos(c)))  # ranked: never None
 
         for rank, c in enumerate(sorted(scored, key=key)[: policy.best_n], 1):
             if math.isnan(c.metrics[m]):
