@@ -14,6 +14,7 @@ import pytest
 
 from ckptctl.errors import CorruptFile
 from ckptctl.ops import convert as cv
+from ckptctl.ops import convert_verify
 
 torch = pytest.importorskip("torch")
 
@@ -21,8 +22,8 @@ torch = pytest.importorskip("torch")
 @pytest.fixture
 def small_pieces(monkeypatch):
     """Every tensor takes the parallel path, cut into many pieces of 4 KiB."""
-    monkeypatch.setattr(cv, "VERIFY_WORKERS", 2)
-    monkeypatch.setattr(cv, "VERIFY_PIECE", 4096)
+    monkeypatch.setattr(convert_verify, "VERIFY_WORKERS", 2)
+    monkeypatch.setattr(convert_verify, "VERIFY_PIECE", 4096)
 
 
 def _pt(tmp_path: Path) -> tuple[Path, dict]:
@@ -105,8 +106,8 @@ def flip(stage):
         off = 8 + n + json.loads(raw[8:8 + n])["a.weight"]["data_offsets"][0]
         raw[off + 12345] ^= 4
         f.write_bytes(bytes(raw))
-import ckptctl.ops.convert as cv
-cv.pause_point = flip
+import ckptctl.ops.convert_write as cw
+cw.pause_point = flip
 from ckptctl.cli.app import main
 sys.argv = ["ckptctl", "convert", {str(src)!r}, {str(dst)!r}]
 main()

@@ -455,7 +455,7 @@ def test_file_removed_between_check_and_unlink_is_one_clean_line(tmp_path, monke
     prune removes a planned file after this one re-checked it and before it unlinks it."""
     from conftest import cli
 
-    from ckptctl.ops import prune as prune_ops
+    from ckptctl.ops import prune_execute as prune_ops  # where _verify lives and is called
 
     root = st_run(tmp_path / "run", steps=(100, 200, 300))
     age_tree(root, 3600)

@@ -328,7 +328,7 @@ def test_recheck_new_file_in_folder(tmp_path):
 
 
 def test_failure_through_cli_reports(strun, monkeypatch):
-    import ckptctl.ops.prune as pr
+    import ckptctl.ops.prune_execute as pr  # where _verify lives and is called
 
     real = pr._verify
     calls = []

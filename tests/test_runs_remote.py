@@ -243,7 +243,7 @@ def test_prune_s3_changed_object_is_skipped(s3_env, tmp_path, monkeypatch):
 
 def test_prune_s3_changed_object_cli_one_line_exit_1(s3_env, tmp_path, monkeypatch):
     _hf_bucket(s3_env, tmp_path, "prune-c", steps=(1, 2, 3))
-    from ckptctl.ops import prune as pr
+    from ckptctl.ops import prune_execute as pr  # where _verify_remote lives and is called
 
     real_verify = pr._verify_remote
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ckptctl import dtypes
 from ckptctl.errors import CkptError, Incompatible, UsageError
@@ -35,6 +35,7 @@ from ckptctl.ops.stream import numeric_kind
 
 if TYPE_CHECKING:
     from ckptctl.formats.base import Reader
+    from ckptctl.sources import RemotePath
 
 META_PREFIX = "averaged."  # provenance keys in the output's file metadata
 
@@ -49,12 +50,19 @@ class PreflightError(Incompatible):
 
 @dataclass
 class AvgInput:
-    path: Path
+    path: Path | RemotePath
     step: int | None
     label: str  # how provenance names it
     reader: Reader | None = None
     sel: dict[str, TensorInfo] = field(default_factory=dict)  # output name -> source tensor
     out: dict[str, TensorInfo] = field(default_factory=dict)  # output name -> renamed TensorInfo
+
+    @property
+    def opened(self) -> Reader:
+        """The reader, which plan_average opens before anything reads the input."""
+        if self.reader is None:
+            raise RuntimeError(f"{self.path}: read before it was opened")
+        return self.reader
 
 
 @dataclass
@@ -73,7 +81,7 @@ class AveragePlan:
     decay: float | None
     accumulate: str  # float64 | float32
     dtype: str | None
-    dst: Path
+    dst: Path | RemotePath
     fmt: str
     tensors: list[AvgTensor] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
@@ -149,7 +157,7 @@ def parse_weights(text: str) -> list[float]:
 
 
 def resolve_inputs(
-    paths: list[Path], *, last: int | None = None, steps: list[int] | None = None,
+    paths: list[Path | RemotePath], *, last: int | None = None, steps: list[int] | None = None,
     best_n: int | None = None, metric: str | None = None, maximize: bool = False,
 ) -> tuple[list[AvgInput], list[str]]:
     """The checkpoints to average, in step order when a run folder is given."""
@@ -188,7 +196,7 @@ def resolve_inputs(
                 raise UsageError(f"--metric {metric}: no checkpoint records it"
                                  + (f" (metrics here: {', '.join(names)})" if names else ""), run)
             scored.sort(key=lambda c: (-c.metrics[metric] if maximize else c.metrics[metric], c.step))
-            chosen = sorted(scored[:best_n], key=lambda c: c.step)
+            chosen = sorted(scored[:best_n], key=lambda c: cast(int, c.step))  # usable: a step each
             notes.append(f"best {len(chosen)} by {metric} ({'highest' if maximize else 'lowest'}): "
                          + ", ".join(f"step {c.step} ({c.metrics[metric]:g})" for c in chosen))
         if last is not None:
@@ -213,21 +221,21 @@ def resolve_inputs(
 
 
 # ---- planning ---------------------------------------------------------------------------------------
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: Path | RemotePath, b: Path | RemotePath) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
         return False
 
 
-def _check_destination(dst: Path, inputs: list[AvgInput], force: bool) -> None:
+def _check_destination(dst: Path | RemotePath, inputs: list[AvgInput], force: bool) -> None:
     from ckptctl.sources import as_path, check_bucket, is_remote
 
     if is_remote(dst):  # the same checks for a URL (the writer uploads it whole or not at all)
         check_bucket(dst)
         for i in inputs:
-            files = [i.path] + ([f for f in i.reader.info().files] if i.reader is not None else [])
-            if any(as_path(f) == dst for f in files):
+            named = [i.path] + ([f for f in i.reader.info().files] if i.reader is not None else [])
+            if any(as_path(f) == dst for f in named):
                 raise UsageError(f"{dst} is one of the inputs; write the output elsewhere")
         if dst.is_dir():
             raise UsageError(f"{dst} is a folder: give an output file such as {dst / 'averaged.safetensors'}")
@@ -249,7 +257,7 @@ def _check_destination(dst: Path, inputs: list[AvgInput], force: bool) -> None:
 
 
 def plan_average(
-    paths: list[str | os.PathLike],
+    paths: Sequence[str | os.PathLike],
     dst: str | os.PathLike,
     *,
     weights: list[float] | None = None,
@@ -291,8 +299,9 @@ def plan_average(
         raise UsageError(f"--weights has {len(weights)} values for {len(inputs)} checkpoints")
     # step order: a run folder is already in it; files are put in it when every step is known
     raw = list(weights) if weights is not None else None
-    if all(i.step is not None for i in inputs) and [i.step for i in inputs] != sorted(i.step for i in inputs):
-        order = sorted(range(len(inputs)), key=lambda k: inputs[k].step)
+    known = [i.step for i in inputs if i.step is not None]
+    if len(known) == len(inputs) and known != sorted(known):
+        order = sorted(range(len(inputs)), key=lambda k: known[k])
         inputs = [inputs[k] for k in order]
         if raw is not None:
             raw = [raw[k] for k in order]
@@ -417,7 +426,7 @@ def _provenance(plan: AveragePlan) -> dict[str, str]:
 # ---- running ----------------------------------------------------------------------------------------
 @dataclass
 class AverageResult:
-    dst: Path
+    dst: Path | RemotePath
     fmt: str
     num_tensors: int
     num_averaged: int
@@ -456,7 +465,7 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
 def _copy_last(w, plan: AveragePlan, t: AvgTensor, progress) -> None:
     last = plan.inputs[-1]
     src = t.srcs[-1]
-    rng = last.reader.byte_range(src.name)
+    rng = last.opened.byte_range(src.name)
     if rng is not None and hasattr(w, "add_range") and rng[2] == t.out.nbytes:
         w.add_range(t.out, rng[0], rng[1], rng[2])
         if progress:
@@ -464,7 +473,7 @@ def _copy_last(w, plan: AveragePlan, t: AvgTensor, progress) -> None:
         return
 
     def chunks():
-        for c in last.reader.iter_chunks(src.name):
+        for c in last.opened.iter_chunks(src.name):
             if progress:
                 progress(len(c))
             yield c

@@ -41,7 +41,7 @@ def byte_ranges(plan: AveragePlan, t: AvgTensor) -> list[tuple[str, int, int]] |
     out = []
     for inp, s in zip(plan.inputs, t.srcs):
         try:
-            r = inp.reader.byte_range(s.name)
+            r = inp.opened.byte_range(s.name)
         except Exception:  # noqa: BLE001 - the generic path then
             r = None
         if r is None or r[2] != s.nbytes:
@@ -161,7 +161,7 @@ def mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryvie
     elems = max(BLOCK, min(CHUNK_ELEMS, READ_BUDGET // (2 * n * isz)))
     elems -= elems % BLOCK
     elems = min(elems, numel)
-    cursors = [Cursor(i.reader, s, elems * itemsize(s.dtype)) for i, s in zip(plan.inputs, t.srcs)]
+    cursors = [Cursor(i.opened, s, elems * itemsize(s.dtype)) for i, s in zip(plan.inputs, t.srcs)]
     try:
         # buffers live as long as the plan: fresh ones would cost a page fault per 4 KiB per tensor
         bufsets = [[plan.buffer(("in", j, k), elems * itemsize(s.dtype)) for k, s in enumerate(t.srcs)]
@@ -202,8 +202,9 @@ def mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryvie
                 f.result()
             if nxt is not None:
                 futs = submit(nxt, outs[(c + 1) % 2])
-            yield memoryview(outs[c % 2][:m].view(np.uint8))
-            xs = nxt
+                xs = nxt  # (the last chunk's are not read again)
+            # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it has the buffer protocol
+            yield memoryview(outs[c % 2][:m].view(np.uint8))  # type: ignore[arg-type]
         for k, cur in enumerate(cursors):
             if cur.read_into(bufsets[0][k]) is not None:
                 raise CorruptFile(f"tensor {t.srcs[k].name!r}: more data than its shape", plan.inputs[k].path)
@@ -224,7 +225,7 @@ class Combiner:
         self.adt = np.dtype(np.complex128) if complex_ else np.dtype(plan.accumulate)
         self.complex = complex_
         at = self.adt.type
-        self.ws = [at(w) for w in plan.raw_weights] if plan.raw_weights is not None else None
+        self.ws = [at(w) for w in plan.raw_weights] if plan.raw_weights is not None else []  # weighted only
         self.total = at(math.fsum(plan.raw_weights)) if plan.raw_weights is not None else None
         self.keep = at(plan.decay) if plan.decay is not None else None
         self.take = at(1.0 - plan.decay) if plan.decay is not None else None
@@ -265,6 +266,7 @@ class Combiner:
                         A += T
                     A /= self.total
                 else:  # ema, oldest first
+                    assert self.keep is not None and self.take is not None  # set from --ema's decay
                     np.copyto(A, xs[0][b:e], casting="unsafe")
                     for x in xs[1:]:
                         A *= self.keep

@@ -292,9 +292,8 @@ def diff_checkpoints(
         ka, kb = resolve_key(ia, key), resolve_key(ib, key)
         if key and ka is None and kb is None:
             raise UsageError(f"--key {key}: neither checkpoint has tensors under {key.rstrip('/')}/")
-        fkw = dict(all_=all_, include=include, exclude=exclude)
-        side_a = pick(ia, ka, strip, filters, rename, **fkw)
-        side_b = pick(ib, kb, strip, filters, rename, **fkw)
+        side_a = pick(ia, ka, strip, filters, rename, all_=all_, include=include, exclude=exclude)
+        side_b = pick(ib, kb, strip, filters, rename, all_=all_, include=include, exclude=exclude)
         sa, sb = side_a.names, side_b.names
         if not sa and not sb and (side_a.filtered_out or side_b.filtered_out):
             what = " ".join([f"--include {p}" for p in list(include or ()) + list(filters or ())]

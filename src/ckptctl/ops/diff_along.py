@@ -197,9 +197,9 @@ def along_run(
                             dd = 0.0
                             D0 = pair[2]
                             for b in range(0, len(X), BLOCK):
-                                e = min(len(X), b + BLOCK)
-                                D = D0[: e - b]
-                                np.subtract(X[b:e], prev[b:e], out=D)
+                                end = min(len(X), b + BLOCK)
+                                D = D0[: end - b]
+                                np.subtract(X[b:end], prev[b:end], out=D)
                                 dd += dot(D, D)
                             ssq_d[i] += dd
                             ssq_p[i] += prev_ss
@@ -214,13 +214,13 @@ def along_run(
                     rel = _rel(t_d[i], t_p[i])
                     if rel > top[i][0]:  # (a NaN update never wins: the NaN/Inf column names it)
                         top[i] = (rel, n)
-        for i, s in enumerate(res.steps):
-            s.weight_norm = math.sqrt(ssq_w[i])
+        for i, step in enumerate(res.steps):
+            step.weight_norm = math.sqrt(ssq_w[i])
             if i > 0:
-                s.update_norm = math.sqrt(ssq_d[i])
-                s.update_rel_l2 = _rel(ssq_d[i], ssq_p[i])
+                step.update_norm = math.sqrt(ssq_d[i])
+                step.update_rel_l2 = _rel(ssq_d[i], ssq_p[i])
                 if top[i][1] is not None:
-                    s.top_rel_l2, s.top_tensor = top[i]
+                    step.top_rel_l2, step.top_tensor = top[i]
         return res
     finally:
         for r in readers:

@@ -187,10 +187,10 @@ class Comparer:
             src_b = ChunkSource(rb, tb, READ_BYTES, bufs=self._rbuf1_b)
             for ca, cb in lockstep(src_a, src_b, ta, tb):
                 if not same_bytes(ca, cb):
-                    x, y = memoryview(ca).cast("B"), memoryview(cb).cast("B")
+                    ba, bb = memoryview(ca).cast("B"), memoryview(cb).cast("B")
                     import numpy as np
 
-                    acc.n_diff += int(np.count_nonzero(np.frombuffer(x, np.uint8) != np.frombuffer(y, np.uint8)))
+                    acc.n_diff += int(np.count_nonzero(np.frombuffer(ba, np.uint8) != np.frombuffer(bb, np.uint8)))
                 if progress:
                     progress(len(ca) + len(cb))
             return acc
@@ -255,7 +255,7 @@ class Comparer:
         files, real or integer values, more than two blocks) are then read and compared up to a
         few items ahead, across tensor boundaries: with many small tensors both cores stay busy
         instead of idling at the end of each one. Results are exactly those of compare alone."""
-        plan = []
+        plan: list[tuple] = []
         for ta, tb, tol in pairs:
             rngs = self._item_ranges(ra, ta, rb, tb)
             if rngs is not None:
@@ -380,6 +380,7 @@ class Comparer:
         for i in range(0, len(x), BLOCK):
             xs = x[i: i + BLOCK]
             k = len(xs)
+            X: np.ndarray
             if np.iscomplexobj(xs):
                 X = xs.astype(np.complex128)
                 fin = np.isfinite(X)

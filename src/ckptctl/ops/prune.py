@@ -10,26 +10,30 @@ On object storage (s3://, gs://, az://) the plan comes from one recursive listin
 a checkpoint is re-checked right before deletion (size and ETag / generation from a fresh HEAD,
 and no new object under a checkpoint-N/ prefix). A checkpoint with a changed object is skipped
 (Outcome.skipped) and the others still go; a failed DELETE stops like a local failure.
+
+The plan's data (Policy, Decision, Plan, Outcome, the file snapshots) is in prune_model; the
+deletion (local, to a trash folder, on object storage) in prune_execute. This module makes the
+plan and re-exports the names of both that callers use.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import re
-import shutil
-import stat
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from ckptctl.errors import CkptError, UsageError
-from ckptctl.formats.writeutil import clean_stale_temps, fsync_dir, hold_lock, pause_point, temp_name
 from ckptctl.ops.runs import Run, RunCheckpoint, layouts
-from ckptctl.ops.runs.tf import StateRewrite
+from ckptctl.ops.prune_model import (  # noqa: F401  (re-exported: the CLI and tests use them here)
+    Decision, FileSnap, Outcome, Plan, Policy, PruneError, RemoteSnap, _remote,
+)
+from ckptctl.ops.prune_execute import TRASH_REMOTE, check_trash, execute  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
 
 # metric names where bigger is better; everything else (losses, perplexity, error rates) is min
 _MAX_METRIC = re.compile(
@@ -39,175 +43,10 @@ _MAX_METRIC = re.compile(
 _MIN_METRIC = re.compile(r"(loss|err|error|perplexity|ppl|wer|cer|mse|mae|rmse|nll|fid)", re.I)
 
 
-class PruneError(CkptError):
-    """Deletion stopped part-way; the message says what was and was not deleted."""
-
-
-@dataclass
-class Policy:
-    keep_last: int | None = None
-    keep_every: int | None = None
-    keep_best: str | None = None
-    mode: str | None = None  # min | max; None: from the Lightning callback, else from the name
-    best_n: int = 1
-    keep_steps: list[int] = field(default_factory=list)
-    keep_since: float | None = None  # seconds
-    keep_since_text: str | None = None
-    exp_spacing: bool = False
-    min_age: float = 120.0
-    min_age_text: str = "2m"
-    include_broken: bool = False
-
-    def any(self) -> bool:
-        return bool(self.keep_last or self.keep_every or self.keep_best or self.keep_steps
-                    or self.keep_since is not None or self.exp_spacing)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "keep_last": self.keep_last, "keep_every": self.keep_every, "keep_best": self.keep_best,
-            "mode": self.mode, "best_n": self.best_n if self.keep_best else None,
-            "keep_steps": self.keep_steps or None, "keep_since": self.keep_since_text,
-            "exp_spacing": self.exp_spacing, "min_age": self.min_age_text,
-            "include_broken": self.include_broken,
-        }
-
-
 def guess_mode(metric: str) -> str:
     if _MIN_METRIC.search(metric):
         return "min"
     return "max" if _MAX_METRIC.search(metric) else "min"
-
-
-@dataclass(frozen=True)
-class FileSnap:
-    path: Path
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    mode: int
-
-    @classmethod
-    def take(cls, p: Path) -> FileSnap:
-        st = os.lstat(p)
-        return cls(p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IFMT(st.st_mode))
-
-    def same_as(self, other: FileSnap) -> bool:
-        return (self.dev, self.ino, self.size, self.mtime_ns, self.mode) == (
-            other.dev, other.ino, other.size, other.mtime_ns, other.mode)
-
-
-@dataclass(frozen=True)
-class RemoteSnap:
-    """An object as the listing showed it when the plan was made."""
-
-    path: Any  # RemotePath
-    size: int
-    etag: str | None
-    generation: str | None
-
-    @classmethod
-    def of(cls, path, info: dict) -> RemoteSnap:
-        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-        gen = info.get("generation") or info.get("VersionId") or info.get("version_id")
-        return cls(path, int(info.get("size") or 0), str(etag).strip('"') if etag else None,
-                   str(gen) if gen is not None else None)
-
-    def same_as(self, other: RemoteSnap) -> bool:
-        if self.size != other.size:
-            return False
-        if self.etag and other.etag and self.etag != other.etag:
-            return False
-        return not (self.generation and other.generation and self.generation != other.generation)
-
-
-def _remote(p) -> bool:
-    from ckptctl.sources import RemotePath
-
-    return isinstance(p, RemotePath)
-
-
-@dataclass
-class Decision:
-    ckpt: RunCheckpoint
-    keep: bool
-    reasons: list[str]
-    root: Path  # the run folder given on the command line (the deletion boundary)
-    snapshot: list[Any] = field(default_factory=list)  # FileSnap (local) or RemoteSnap
-    protected_by: list[str] = field(default_factory=list)  # protections that apply
-    kept_by: list[str] = field(default_factory=list)  # policies that keep it
-
-    @property
-    def action(self) -> str:
-        return "keep" if self.keep else "delete"
-
-    def to_json(self) -> dict[str, Any]:
-        c = self.ckpt
-        return {
-            "path": os.fspath(c.path), "run": os.fspath(c.run) if c.run else None, "step": c.step,
-            "epoch": c.epoch,
-            "format": c.format, "action": self.action, "reasons": self.reasons,
-            "protected_by": self.protected_by, "kept_by": self.kept_by, "total_bytes": c.size,
-            "files": [os.fspath(f) for f in c.files], "metrics": c.metrics, "aliases": c.aliases,
-            "mtime": c.mtime, "error": c.error,
-        }
-
-
-@dataclass
-class Plan:
-    decisions: list[Decision]
-    policy: Policy
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def to_delete(self) -> list[Decision]:
-        return [d for d in self.decisions if not d.keep]
-
-    @property
-    def to_keep(self) -> list[Decision]:
-        return [d for d in self.decisions if d.keep]
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(d.ckpt.size for d in self.to_delete)
-
-
-@dataclass
-class Outcome:
-    done: list[Decision] = field(default_factory=list)  # deleted (or moved)
-    failed: Decision | None = None
-    failed_message: str | None = None
-    partial: list[Path] = field(default_factory=list)  # files of `failed` already removed
-    not_attempted: list[Decision] = field(default_factory=list)
-    moved_to: dict[str, str] = field(default_factory=dict)
-    state_files: list[StateRewrite] = field(default_factory=list)  # TF `checkpoint` files rewritten
-    remote: bool = False
-    skipped: list[Decision] = field(default_factory=list)  # remote: an object changed since the plan
-    skipped_messages: list[str] = field(default_factory=list)
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(d.ckpt.size for d in self.done)
-
-    def to_json(self) -> dict[str, Any]:
-        out = self._json()
-        if self.remote:
-            out["skipped"] = [{"path": os.fspath(d.ckpt.path), "why": m}
-                              for d, m in zip(self.skipped, self.skipped_messages)]
-        return out
-
-    def _json(self) -> dict[str, Any]:
-        return {
-            "done": [os.fspath(d.ckpt.path) for d in self.done],
-            "failed": os.fspath(self.failed.ckpt.path) if self.failed else None,
-            "error": self.failed_message,
-            "partially_removed_files": [os.fspath(p) for p in self.partial],
-            "not_attempted": [os.fspath(d.ckpt.path) for d in self.not_attempted],
-            "moved_to": self.moved_to or None,
-            "state_files": [s.to_json() for s in self.state_files],
-            "bytes_freed": self.bytes_freed,
-        }
 
 
 # ---- planning ----------------------------------------------------------------------------------
@@ -267,7 +106,8 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
     for d in plan.to_delete:
         if _remote(d.ckpt.path):  # from the listing the plan was made from: no request
             try:
-                d.snapshot = [RemoteSnap.of(f, f.info()) for f in d.ckpt.files]
+                # a remote run lists RemotePaths (RunCheckpoint.files says Path)
+                d.snapshot = [RemoteSnap.of(f, cast("RemotePath", f).info()) for f in d.ckpt.files]
             except CkptError as e:
                 d.keep = True
                 d.reasons.append(f"could not stat its objects ({e.message}); kept")
@@ -323,7 +163,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
             reasons[id(c)].append(f"last {policy.keep_last}")
     if policy.keep_every:
         for c in ranked:
-            if pos(c) % policy.keep_every == 0:
+            if cast(int, pos(c)) % policy.keep_every == 0:  # ranked: never None
                 reasons[id(c)].append(f"{by} divisible by {policy.keep_every}")
     if policy.keep_best:
         m = policy.keep_best
@@ -332,7 +172,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
 
         def key(c: RunCheckpoint):
             v = c.metrics[m]
-            return (math.isnan(v), sign * v if not math.isnan(v) else 0.0, -pos(c))
+            return (math.isnan(v), sign * v if not math.isnan(v) else 0.0, -cast(int, pos(c)))  # ranked: never None
 
         for rank, c in enumerate(sorted(scored, key=key)[: policy.best_n], 1):
             if math.isnan(c.metrics[m]):
@@ -430,265 +270,3 @@ def _age(seconds: float) -> str:
     if s < 172800:
         return f"{s // 3600}h"
     return f"{s // 86400}d"
-
-
-# ---- deletion ----------------------------------------------------------------------------------
-def _inside(path: Path, real_root: str) -> bool:
-    """path's parent folder, with symlinks resolved, lies inside the run folder."""
-    parent = os.path.realpath(path.parent)
-    return parent == real_root or parent.startswith(real_root.rstrip(os.sep) + os.sep)
-
-
-def _verify(d: Decision) -> None:
-    """Raise PruneError unless every planned file is still exactly what was planned."""
-    c = d.ckpt
-    real_root = os.path.realpath(d.root)
-    for snap in d.snapshot:
-        if not _inside(snap.path, real_root):
-            raise PruneError(f"{snap.path} is not inside the run folder {d.root} (symlinked folder?); refusing")
-        try:
-            now = FileSnap.take(snap.path)
-        except FileNotFoundError:
-            raise PruneError(f"{snap.path} disappeared since the plan was made") from None
-        if not now.same_as(snap):
-            raise PruneError(f"{snap.path} changed since the plan was made (size, mtime or inode)")
-    if c.dirs:
-        if os.path.islink(c.path) or not os.path.isdir(c.path):
-            raise PruneError(f"{c.path} is no longer a folder")
-        planned = {os.fspath(s.path) for s in d.snapshot}
-        for dirpath, dirnames, filenames in os.walk(c.path, followlinks=False):
-            for n in filenames + [x for x in dirnames if os.path.islink(os.path.join(dirpath, x))]:
-                p = os.path.join(dirpath, n)
-                if p not in planned:
-                    raise PruneError(f"{p} appeared since the plan was made (still being written?)")
-
-
-def _delete(d: Decision, outcome: Outcome) -> None:
-    for snap in d.snapshot:  # unlink never follows a symlink: a link is removed, its target is not
-        try:
-            os.unlink(snap.path)
-        except FileNotFoundError:  # removed by someone else between _verify and here (another prune)
-            raise PruneError(f"{snap.path} disappeared since the plan was made") from None
-        outcome.partial.append(snap.path)
-    for folder in d.ckpt.dirs:  # deepest first
-        os.rmdir(folder)
-
-
-def _unique(dest: Path) -> Path:
-    if not os.path.lexists(dest):
-        return dest
-    for i in range(1, 10000):
-        cand = dest.with_name(f"{dest.name}.{i}")
-        if not os.path.lexists(cand):
-            return cand
-    raise PruneError(f"{dest}: too many earlier copies in the trash")
-
-
-def _move(d: Decision, trash: Path, outcome: Outcome) -> str:
-    c = d.ckpt
-    try:
-        rel = c.path.relative_to(d.root)
-    except ValueError:
-        rel = Path(c.path.name)
-    dest = _unique(trash / d.root.resolve().name / rel)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if c.dirs:  # one folder: one rename when the trash is on the same file system
-        try:
-            os.rename(c.path, dest)
-            outcome.partial.extend(s.path for s in d.snapshot)
-            return os.fspath(dest)
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-        _copy_durably(Path(c.path), dest, folder=True)
-        _delete(d, outcome)
-        return os.fspath(dest)
-    # loose files (one file, an index + its shards, a TF prefix group): keep their names
-    if len(c.files) > 1:
-        from ckptctl.ops.runs import INDEX_SUFFIXES
-
-        base = c.path.name
-        for suf in INDEX_SUFFIXES:
-            base = base.removesuffix(suf)
-        dest = _unique(dest.with_name(base))
-        dest.mkdir(parents=True)
-    for snap in d.snapshot:
-        target = dest / snap.path.relative_to(c.path.parent) if len(c.files) > 1 else dest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(snap.path, target)
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            if stat.S_ISLNK(snap.mode):
-                os.symlink(os.readlink(snap.path), target)
-            else:
-                _copy_durably(snap.path, target, folder=False)
-            os.unlink(snap.path)
-        outcome.partial.append(snap.path)
-    return os.fspath(dest)
-
-
-def _copy_durably(src: Path, dest: Path, folder: bool) -> None:
-    """Copy `src` to `dest` on another file system: into a hidden temporary beside `dest`, every
-    file fsynced, then renamed to `dest` (and its folder fsynced), so the source is deleted only
-    once a complete copy is on disk. A kill part-way leaves the source and at most the
-    temporary, which the next run removes (writeutil.clean_stale_temps)."""
-    clean_stale_temps(dest)
-    if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=temp_name(dest), dir=dest.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=temp_name(dest), dir=dest.parent)
-        os.close(fd)
-        tmp = Path(name)
-    lock = os.open(tmp, os.O_RDONLY if folder else os.O_RDWR)
-    hold_lock(lock)
-    try:
-        if folder:
-            shutil.copytree(src, tmp, symlinks=True, dirs_exist_ok=True)
-            for dirpath, _dirs, files in os.walk(tmp, topdown=False):
-                for n in files:
-                    p = os.path.join(dirpath, n)
-                    if not os.path.islink(p):
-                        _fsync(p)
-                fsync_dir(Path(dirpath))
-        else:
-            shutil.copy2(src, tmp, follow_symlinks=False)
-            _fsync(tmp)
-        pause_point("trash-copied")
-        os.rename(tmp, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        if folder:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(lock)
-
-
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def execute(plan: Plan, trash: Path | None = None) -> Outcome:
-    """Delete (or move to `trash`) exactly the planned checkpoints, oldest first.
-
-    Stops at the first problem: the Outcome then names the failed checkpoint, the files of it
-    already removed, and the checkpoints not attempted.
-    """
-    todo = sorted(plan.to_delete, key=lambda d: (d.ckpt.step is None, d.ckpt.step or 0, d.ckpt.mtime))
-    if any(_remote(d.root) for d in plan.decisions):
-        if trash is not None:
-            raise UsageError(TRASH_REMOTE)
-        return _execute_remote(todo)
-    outcome = Outcome()
-    pause_point("prune-planned")
-    try:
-        _execute(todo, trash, outcome)
-    finally:  # TF: drop what is gone from the `checkpoint` state file, also after a stop part-way
-        gone = [d.ckpt for d in outcome.done]
-        if outcome.failed is not None and outcome.partial:
-            gone.append(outcome.failed.ckpt)
-        outcome.state_files = layouts.after_prune(gone)
-    return outcome
-
-
-def _execute(todo: list[Decision], trash: Path | None, outcome: Outcome) -> None:
-    for i, d in enumerate(todo):
-        outcome.partial = []
-        try:
-            _verify(d)
-            if trash is not None:
-                outcome.moved_to[os.fspath(d.ckpt.path)] = _move(d, trash, outcome)
-            else:
-                _delete(d, outcome)
-        except (PruneError, OSError) as e:
-            outcome.failed = d
-            if isinstance(e, OSError):
-                where = e.filename or d.ckpt.path
-                outcome.failed_message = f"{where}: {e.strerror or e}"
-            else:
-                outcome.failed_message = e.message
-            outcome.not_attempted = todo[i + 1:]
-            return
-        outcome.partial = []
-        outcome.done.append(d)
-        pause_point("pruned-one")
-
-
-# ---- deletion on object storage ----------------------------------------------------------------
-TRASH_REMOTE = ("--trash is not supported on remote storage (objects cannot be moved, only copied and "
-                "deleted); prune without --trash deletes them, after a dry run")
-
-
-def _verify_remote(d: Decision) -> None:
-    """Raise PruneError unless every planned object is still the one planned (fresh HEAD: size,
-    ETag / generation) and, for a checkpoint-N/ prefix, no object appeared under it."""
-    from ckptctl.sources import NoSuchObject, find, fresh_info
-
-    root = os.fspath(d.root).rstrip("/") + "/"
-    for snap in d.snapshot:
-        if not os.fspath(snap.path).startswith(root):
-            raise PruneError(f"{snap.path} is not under the run folder {d.root}; refusing")
-        try:
-            now = RemoteSnap.of(snap.path, fresh_info(snap.path))
-        except NoSuchObject:
-            raise PruneError(f"{snap.path} disappeared since the plan was made") from None
-        if not now.same_as(snap):
-            raise PruneError(f"{snap.path} changed since the plan was made (size or ETag); its checkpoint "
-                             f"{d.ckpt.path} was not deleted")
-    if d.ckpt.dirs:
-        planned = {os.fspath(s.path) for s in d.snapshot}
-        extra = sorted(os.fspath(p) for p, _ in find(d.ckpt.path, fresh=True) if os.fspath(p) not in planned)
-        if extra:
-            raise PruneError(f"{extra[0]} appeared since the plan was made (still being written?); its checkpoint "
-                             f"{d.ckpt.path} was not deleted")
-
-
-def _execute_remote(todo: list[Decision]) -> Outcome:
-    """Delete the planned objects checkpoint by checkpoint, oldest first; skip a checkpoint whose
-    objects changed since the plan; stop at the first failed DELETE."""
-    from ckptctl.sources import delete_object
-
-    outcome = Outcome(remote=True)
-    for i, d in enumerate(todo):
-        outcome.partial = []
-        try:
-            _verify_remote(d)
-        except PruneError as e:
-            outcome.skipped.append(d)
-            outcome.skipped_messages.append(e.message)
-            continue
-        except CkptError as e:
-            outcome.failed, outcome.failed_message = d, e.message
-            outcome.not_attempted = todo[i + 1:]
-            return outcome
-        try:
-            for snap in d.snapshot:
-                delete_object(snap.path)
-                outcome.partial.append(snap.path)
-        except CkptError as e:
-            outcome.failed = d
-            outcome.failed_message = f"{e.path}: {e.message}" if e.path else e.message
-            outcome.not_attempted = todo[i + 1:]
-            return outcome
-        outcome.partial = []
-        outcome.done.append(d)
-    return outcome
-
-
-def check_trash(trash: Path, plan: Plan) -> None:
-    """The trash folder must not lie inside a checkpoint that is about to move."""
-    t = os.path.realpath(trash)
-    for d in plan.to_delete:
-        p = os.path.realpath(d.ckpt.path)
-        if t == p or t.startswith(p + os.sep):
-            raise UsageError(f"--trash {trash} lies inside {d.ckpt.path}, which is to be moved")
-    if os.path.exists(trash) and not os.path.isdir(trash):
-        raise UsageError(f"--trash {trash} exists and is not a folder")

@@ -12,9 +12,10 @@ them, even for files that then fail to parse.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from ckptctl.errors import CkptError, UnknownFormat
 from ckptctl.formats.pickles.safety import classify, classify_pair
@@ -284,7 +285,7 @@ def _is_orbax(p: Path) -> bool:
     return not p.is_symlink() and is_orbax_dir(p)
 
 
-def expand(paths: list[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
+def expand(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, bool]]:
     """(path, named) for each thing to scan: named files as given, folders walked for checkpoints.
 
     A DCP folder (with .metadata) is one checkpoint; its .distcp files are not listed again.
@@ -322,7 +323,9 @@ def _expand_remote(url) -> Iterator[tuple[Path, bool]]:
     """expand() for a URL: the same walk, from one (cached) listing per remote folder."""
     from ckptctl.sources import as_path, open_source
 
-    p = as_path(url)
+    # a RemotePath: it has the read-only part of Path's interface, all this walk (and the
+    # format probes it calls) use
+    p = cast(Path, as_path(url))
     if not p.is_dir():
         yield p, True
         return
@@ -352,7 +355,7 @@ def _expand_remote(url) -> Iterator[tuple[Path, bool]]:
         todo[:0] = subs  # depth first, in name order, like os.walk with sorted dirs
 
 
-def scan(paths: list[str | os.PathLike]) -> list[ScanResult]:
+def scan(paths: Sequence[str | os.PathLike]) -> list[ScanResult]:
     return [scan_file(p) for p, _named in expand(paths)]
 
 

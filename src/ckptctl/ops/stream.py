@@ -164,6 +164,7 @@ class Cursor:
             return None
         want = min(self.chunk_bytes, self.length - self.pos)
         got = 0
+        assert self.fd is not None  # a byte range was found: gen is None, fd is open
         while got < want:
             n = os.preadv(self.fd, [view[got:want]], self.offset + self.pos + got)
             if n == 0:

@@ -1,0 +1,367 @@
+"""convert's verify: re-read the written output with ckptctl's readers and compare names, dtypes,
+shapes and every byte with the source (mmap + memcmp, pieces on worker threads, CRC-32Cs of casts)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ckptctl.errors import CkptError, CorruptFile
+from ckptctl.formats import open_reader
+from ckptctl.formats.base import Reader
+from ckptctl.model import TensorInfo
+from ckptctl.sources import is_remote
+from ckptctl.ops.convert_write import CHUNK, _crc32c, _read_range, _source_chunks
+
+if TYPE_CHECKING:
+    from ckptctl.ops.convert import ConvertPlan
+    from ckptctl.sources import RemotePath
+
+# ---- verifying --------------------------------------------------------------------------------
+def _equal(a: memoryview, b: memoryview) -> bool:
+    import numpy as np
+
+    if isinstance(a.obj, (bytes, bytearray)) and isinstance(b.obj, (bytes, bytearray)) \
+            and len(a.obj) == len(a) == len(b.obj) == len(b):
+        return a.obj == b.obj  # memcmp
+    dt = np.uint64 if len(a) % 8 == 0 else np.uint8
+    return bool(np.array_equal(np.frombuffer(a, dt), np.frombuffer(b, dt)))
+
+
+def same_bytes(a: Iterable, b: Iterable) -> int | None:
+    """None when the two byte streams are equal, else the offset of the first difference."""
+    streams = [iter(a), iter(b)]
+    cur: list[memoryview | None] = [memoryview(b""), memoryview(b"")]
+    pos = 0
+    while True:
+        for k in (0, 1):
+            while cur[k] is not None and not cur[k]:
+                x = next(streams[k], None)
+                cur[k] = None if x is None else memoryview(x).cast("B")
+        ca, cb = cur
+        if ca is None or cb is None:
+            return None if ca is None and cb is None else pos
+        n = min(len(ca), len(cb))
+        if not _equal(ca[:n] if n < len(ca) else ca, cb[:n] if n < len(cb) else cb):
+            for i in range(n):  # only on failure
+                if ca[i] != cb[i]:
+                    return pos + i
+        pos += n
+        cur = [ca[n:], cb[n:]]
+
+
+# Verify maps the OUTPUT (the staged file: ckptctl's own, in a locked hidden folder, never
+# truncated under it) window by window instead of copying it into a buffer: libc's mmap with
+# MAP_POPULATE maps the page-cache pages in one call, libc's memcmp compares them with the
+# source's bytes (both through ctypes: no numpy import, the GIL released), the window is unmapped
+# before the next (RSS stays flat). Measured on a 1 GB file: 0.40 CPU s against 0.50 for reading
+# both sides with preadv. The SOURCE is still read with preadv: a file that another process
+# truncates while it is mapped would kill ckptctl with SIGBUS instead of a one-line error.
+MAP_WINDOW = 16 * 1024 * 1024
+
+
+_LIBC = None
+
+
+def _libc():
+    """libc's mmap, munmap and memcmp through ctypes (foreign calls release the GIL), or None.
+
+    Not Python's mmap module: a read-only mapping has no address without numpy, and importing
+    numpy costs a conversion that never needs it ~0.17 CPU s."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import mmap
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            mm, un, cmp = lib.mmap, lib.munmap, lib.memcmp
+            mm.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+            mm.restype = ctypes.c_void_p
+            un.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            un.restype = ctypes.c_int
+            cmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            cmp.restype = ctypes.c_int
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            _LIBC = (ctypes, mm, un, cmp, mmap.PROT_READ, flags, mmap.ALLOCATIONGRANULARITY)
+        except (OSError, AttributeError, ImportError):
+            _LIBC = False
+    return _LIBC
+
+
+def _address(c, n: int):
+    """(address, keep-alive) of the first byte of buffer `c` (n bytes), without copying it."""
+    ctypes = _libc()[0]
+    if isinstance(c, bytes):
+        return ctypes.cast(ctypes.c_char_p(c), ctypes.c_void_p).value, c
+    try:
+        arr = (ctypes.c_char * n).from_buffer(c)
+        return ctypes.addressof(arr), arr
+    except TypeError:  # read-only (a numpy array over bytes, a read-only view)
+        import numpy as np
+
+        a = np.frombuffer(c, dtype=np.uint8)
+        return a.ctypes.data, a
+
+
+class _MappedRange:
+    """A file range compared piece by piece against other bytes through a sliding mmap window."""
+
+    def __init__(self, path: str, offset: int, length: int, window: int = MAP_WINDOW):
+        lib = _libc()
+        if not lib:
+            raise OSError("no mmap")  # the caller reads instead
+        self.lib = lib
+        self.window = window
+        self.offset, self.length = offset, length
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(self.fd).st_size < offset + length:
+                raise CorruptFile(f"file ends before byte {offset + length}", path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.lo = self.hi = 0  # the window, relative to offset
+        self.addr = None  # of the mapping
+        self.maplen = 0
+        self.start = 0  # address of byte `lo`
+
+    def _map(self, pos: int) -> None:
+        ctypes, mmap_, _un, _cmp, prot, flags, gran = self.lib
+        self._unmap()
+        start = self.offset + pos
+        base = start - start % gran
+        end = min(self.offset + self.length, start + self.window)
+        addr = mmap_(None, end - base, prot, flags, self.fd, base)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr, self.maplen = addr, end - base
+        self.start = addr + (start - base)
+        self.lo, self.hi = pos, pos + (end - start)
+
+    def _unmap(self) -> None:
+        if self.addr is not None:
+            self.lib[2](self.addr, self.maplen)
+            self.addr = None
+
+    def compare(self, pos: int, chunk) -> int | None:
+        """None when `chunk` equals the range's bytes at `pos`, else the offset of the first difference."""
+        ctypes, _mm, _un, memcmp = self.lib[:4]
+        n = len(chunk) if isinstance(chunk, (bytes, bytearray)) else memoryview(chunk).nbytes
+        other, keep = _address(chunk, n)
+        done = 0
+        while done < n:
+            at = pos + done
+            if not self.lo <= at < self.hi:
+                if at >= self.length:
+                    return at  # the source has more bytes than the output's range
+                self._map(at)
+            k = min(n - done, self.hi - at)
+            a = self.start + (at - self.lo)
+            if memcmp(a, other + done, k) != 0:
+                x, y = ctypes.string_at(a, k), ctypes.string_at(other + done, k)
+                return at + next(i for i in range(k) if x[i] != y[i])
+            done += k
+        del keep
+        return None
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self.fd)
+
+
+def compare_mapped(got: tuple[str, int, int], want: Iterable, window: int = MAP_WINDOW) -> int | None:
+    """None when the file range `got` (path, offset, length) holds exactly the bytes of the
+    `want` chunks, else the offset of the first difference (or where one side ends)."""
+    m = _MappedRange(*got, window)
+    try:
+        pos = 0
+        for c in want:
+            n = len(c) if isinstance(c, (bytes, bytearray)) else memoryview(c).nbytes
+            if not n:
+                continue
+            diff = m.compare(pos, c)
+            if diff is not None:
+                return diff
+            pos += n
+        return None if pos == got[2] else pos
+    finally:
+        m.close()
+
+
+VERIFY_WORKERS = min(2, os.cpu_count() or 1)
+VERIFY_PIECE = 64 * 1024 * 1024  # bytes per parallel verify task
+VERIFY_BUF = 8 * 1024 * 1024  # a verify worker's read buffer (and its mmap window)
+_tls = threading.local()
+
+
+def _compare_piece(got: tuple[str, int, int], src: tuple[str, int, int]) -> int | None:
+    """compare_mapped of an output range against a source range (a verify worker's task)."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = bytearray(VERIFY_BUF)
+    try:
+        return compare_mapped(got, _read_range(src[0], src[1], src[2], buf), VERIFY_BUF)
+    except (OSError, ValueError):  # a file system that cannot map: read both
+        buf2 = getattr(_tls, "buf2", None)
+        if buf2 is None:
+            buf2 = _tls.buf2 = bytearray(VERIFY_BUF)
+        return same_bytes(_read_range(*got, buf2), _read_range(*src, buf))
+
+
+def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo, e: TensorInfo,
+                    out_rng: tuple[str, int, int] | None, bufs: tuple[bytearray, bytearray]) -> int | None:
+    """None when output tensor `name` holds the bytes expected from source tensor `s`."""
+    crcs = plan.cast_crcs.get(name)
+    if crcs is not None and out_rng is not None and out_rng[2] == e.nbytes \
+            and sum(n for n, _c in crcs) == e.nbytes and _crcs_match(out_rng, crcs, bufs[0]):
+        return None
+    # no checksums, or they do not match: compare with the source (cast again) for the offset
+    want = _expected_chunks(plan, s, e, bufs[1])
+    if out_rng is not None and out_rng[2] == e.nbytes:
+        try:
+            return compare_mapped(out_rng, want, VERIFY_BUF)
+        except (OSError, ValueError):  # a file system that cannot map: read it instead
+            want = _expected_chunks(plan, s, e, bufs[1])
+    return same_bytes(_range_or_chunks(reader, name, bufs[0]), want)
+
+
+def _crcs_match(rng: tuple[str, int, int], crcs: list[tuple[int, int]], buf: bytearray) -> bool:
+    """True when the file range, cut in the recorded pieces, has the recorded CRC-32Cs."""
+    import numpy as np
+
+    crc = _crc32c()
+    fd = os.open(rng[0], os.O_RDONLY)
+    try:
+        pos = rng[1]
+        for n, want in crcs:
+            if len(buf) < n:
+                buf = bytearray(n)
+            view = memoryview(buf)[:n]
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [view[got:]], pos + got)
+                if k == 0:
+                    return False
+                got += k
+            if crc(np.frombuffer(buf, dtype=np.uint8, count=n)) != want:
+                return False
+            pos += n
+        return True
+    finally:
+        os.close(fd)
+
+
+def _range_or_chunks(reader: Reader, name: str, buf: bytearray) -> Iterable:
+    rng = reader.byte_range(name)
+    if rng is not None:
+        return _read_range(rng[0], rng[1], rng[2], buf)
+    return reader.iter_chunks(name, CHUNK)
+
+
+def _expected_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo, buf: bytearray) -> Iterable:
+    if out.dtype == src.dtype:
+        return _range_or_chunks(plan.reader, src.name, buf)
+    return _source_chunks(plan, src, out)
+
+
+def _in_data_order(items: list, locs: dict) -> list:
+    """items (name, info) sorted by where each tensor's bytes lie (shard, offset) when the reader
+    knows it (safetensors, HDF5, shards of them); others keep their place."""
+    def key(i_item):
+        i, (name, _e) = i_item
+        loc = locs.get(name)
+        shard = ""
+        if isinstance(loc, tuple) and len(loc) == 2:
+            shard, loc = str(loc[0]), loc[1]
+        off = getattr(loc, "offset", None)
+        return (shard, off if isinstance(off, int) else i, i)
+
+    return [it for _i, it in sorted(enumerate(items), key=key)]
+
+
+def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
+                  progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Re-read the output (at `at`, default DST) with ckptctl's readers and compare names, dtypes,
+    shapes and every byte with the source (cast again when --dtype was given)."""
+    where = plan.dst
+    at = at or plan.dst
+    srcs = {o.name: s for s, o in plan.selection.pairs}
+    expected = {t.name: t for f in plan.files for t in f.tensors}
+    try:
+        reader = open_reader(at)
+    except CkptError as err:
+        raise CorruptFile(f"verify: cannot read the output back ({err.message})", where) from None
+    with reader:
+        got = {t.name: t for t in reader.info().tensors}
+        missing = [n for n in expected if n not in got]
+        extra = [n for n in got if n not in expected]
+        if missing or extra:
+            what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+            raise CorruptFile(f"verify failed: output has {len(got)} tensors, expected {len(expected)} ({what})",
+                              where)
+        for name, e in expected.items():  # the structure first, in one pass
+            g = got[name]
+            if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
+                raise CorruptFile(f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, "
+                                  f"expected {e.dtype}{list(e.shape)}", where)
+        n = nbytes = 0
+        bufs: tuple[bytearray, bytearray] | None = None  # reused for every tensor compared on this thread
+        # (name, bytes, a Future or the result: None or the offset of the first difference, piece start)
+        pending: collections.deque = collections.deque()
+        pool = None
+
+        def settle(block: bool) -> None:
+            nonlocal nbytes
+            while pending and (block or not isinstance(pending[0][2], Future) or pending[0][2].done()):
+                name, size, res, base = pending.popleft()
+                diff = res.result() if isinstance(res, Future) else res
+                if diff is not None:
+                    raise CorruptFile(f"verify failed: tensor {name!r} differs from the source at byte "
+                                      f"{base + diff}", where)
+                nbytes += size
+                if progress:
+                    progress(size)
+
+        order = list(expected.items())
+        if is_remote(at):  # read the remote output front to back: its read-ahead then coalesces
+            order = _in_data_order(order, {k: got[k].loc for k in expected})
+        elif is_remote(plan.src):
+            order = _in_data_order(order, {k: srcs[k].loc for k in expected})
+        try:
+            for name, e in order:
+                g = got[name]
+                if g.alias_of is not None and e.alias_of is not None:
+                    n += 1
+                    continue  # the same bytes as its target, which is compared
+                s = srcs[name]
+                n += 1
+                out_rng = reader.byte_range(name)
+                src_rng = plan.reader.byte_range(s.name) if s.dtype == e.dtype else None
+                if out_rng is not None and src_rng is not None and out_rng[2] == src_rng[2] == e.nbytes \
+                        and VERIFY_WORKERS > 1 and e.nbytes >= VERIFY_PIECE // 4:
+                    # plain bytes on both sides: pieces compared on every core (preadv, mmap and
+                    # memcmp release the GIL), results taken in order so the first difference is reported
+                    if pool is None:
+                        pool = ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="ckptctl-verify")
+                    for k in range(0, e.nbytes, VERIFY_PIECE):
+                        m = min(VERIFY_PIECE, e.nbytes - k)
+                        fut = pool.submit(_compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m))
+                        pending.append((name, m, fut, k))
+                    settle(False)
+                    continue
+                if bufs is None:
+                    bufs = (bytearray(VERIFY_BUF), bytearray(VERIFY_BUF))  # small: RSS stays flat
+                pending.append((name, e.nbytes, _compare_tensor(plan, reader, name, s, e, out_rng, bufs), 0))
+                settle(False)
+            settle(True)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    return n, nbytes
