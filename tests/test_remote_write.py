@@ -109,6 +109,46 @@ def test_convert_to_s3_safetensors_is_the_reference_file(s3, tmp_path, s3_server
     assert m and int(m.group(1).replace(",", "")) == size and int(m.group(2)) == -(-size // UPLOAD_PART) > 1
 
 
+def test_convert_from_s3_downloads_the_source_once_and_verify_still_reads_the_output(s3, tmp_path, s3_server,
+                                                                                     monkeypatch):
+    """S3 -> local: verify checks the bytes on disk against the checksums of what came over the
+    wire, so the source is downloaded once, not twice; a byte changed on disk after the write is
+    still caught (verify reads the output, not its own report)."""
+    from safetensors.torch import load_file
+
+    sd = source(tmp_path / "m.pt", mb=24)
+    s3.upload_file(str(tmp_path / "m.pt"), BUCKET, "in/m.pt")
+    size = (tmp_path / "m.pt").stat().st_size
+    proxy = s3_server[1]
+    proxy.reset()
+    res = run("convert", f"s3://{BUCKET}/in/m.pt", tmp_path / "out.safetensors")
+    assert res.returncode == 0, res.stderr
+    assert size * 0.95 < proxy.bytes_down < size * 1.2, (proxy.bytes_down, size)  # once, not twice
+    same_tensors(load_file(tmp_path / "out.safetensors"), sd)
+
+    # verify reads the file it wrote: damage it between write and verify, the convert fails
+    from ckptctl.ops import convert_verify
+
+    real = convert_verify.verify_output
+
+    def damaged(plan, at=None, progress=None):
+        target = Path(at or plan.dst)
+        files = [target] if target.is_file() else sorted(target.rglob("*.safetensors"))
+        with open(files[0], "r+b") as f:
+            f.seek(-3, 2)
+            b = f.read(1)
+            f.seek(-3, 2)
+            f.write(bytes([b[0] ^ 0x10]))
+        return real(plan, at, progress)
+
+    from ckptctl.ops import convert as convert_mod
+
+    monkeypatch.setattr(convert_mod, "verify_output", damaged)
+    res = cli("convert", f"s3://{BUCKET}/in/m.pt", tmp_path / "out2.safetensors")
+    assert res.exit_code == 1, res.output
+    assert "verify failed" in res.output and not (tmp_path / "out2.safetensors").exists()
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".h5"])
 def test_convert_to_s3_read_back_with_the_producer_library(s3, tmp_path, suffix):
     import torch

@@ -169,7 +169,8 @@ class ConvertPlan:
     warnings: list[str] = field(default_factory=list)
     dangerous: list[str] = field(default_factory=list)
     cast_to: str | None = None
-    # output name -> (length, CRC-32C) of each piece of cast bytes handed to the writer
+    # output name -> (length, CRC-32C) of each piece handed to the writer, for cast tensors and
+    # for every tensor of a remote source (verify checks the output against them)
     cast_crcs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property

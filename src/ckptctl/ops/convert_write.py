@@ -102,7 +102,10 @@ def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, Te
             rng = plan.reader.byte_range(s.name) if s.dtype == t.dtype else None
             if rng is not None and hasattr(w, "add_range") and rng[2] == t.nbytes:
                 w.add_range(t, rng[0], rng[1], rng[2])
-            elif s.dtype != t.dtype and _crc32c() is not None:
+            elif (s.dtype != t.dtype or is_remote(plan.src)) and _crc32c() is not None:
+                # a cast, or bytes that came over the network: verify checks the output on disk
+                # against the checksums of what the writer was handed, instead of casting the
+                # source again or downloading it a second time
                 sink: list[tuple[int, int]] = []
                 plan.cast_crcs[t.name] = sink
                 w.add(t, _recording_crcs(_source_chunks(plan, s, t, bufs), sink))
