@@ -187,7 +187,7 @@ def main() -> int:
                         f"{str(out / 'd.safetensors')!r})"]),
         ], clear_out)
         print(f"\nratio convert --no-verify / plain download: {rows[2][1] / rows[1][1]:.2f}x the download's throughput; "
-              f"with verify (which reads the source a second time): {rows[2][1] / rows[0][1]:.2f}x")
+              f"with verify (which reads the output back and checks it against CRC-32Cs of the bytes as they arrived): {rows[2][1] / rows[0][1]:.2f}x")
 
         def clear_bucket() -> None:
             for o in s3.list_objects_v2(Bucket="bench", Prefix="up/").get("Contents", []):
