@@ -59,7 +59,7 @@ class CachedFile(io.RawIOBase):
         self.pos = pos
         return pos
 
-    def _block(self, i: int) -> bytes:
+    def _block(self, i: int) -> bytes | None:
         b = self._blocks.get(i)
         if b is not None:
             self._blocks.move_to_end(i)

@@ -8,7 +8,7 @@ import json
 import os
 import re
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckptctl.errors import CkptError, UsageError
 
@@ -30,7 +30,7 @@ SECRET_KEYS = ("key", "secret", "token", "password", "passwd", "credential", "sa
 _lock = threading.Lock()
 _options: dict[str, object] = {}
 _secrets: list[str] = []
-_fs_cache: dict[str, object] = {}
+_fs_cache: dict[str, Any] = {}  # fsspec file systems (their methods differ by protocol)
 _listings: dict[str, dict[str, dict] | None] = {}
 _infos: dict[str, dict] = {}
 STATS = {"requests": 0, "bytes": 0, "sent": 0, "parts": 0}  # ranged GETs, bytes received, bytes and parts uploaded
@@ -115,7 +115,7 @@ _SIGNED = re.compile(r"([?&](?:X-Amz-Signature|X-Amz-Security-Token|X-Amz-Creden
                      r"|sig|signature|token|access_token|api_key|key)=)[^&\s'\"]+", re.IGNORECASE)
 
 
-def _fs(path: RemotePath):
+def _fs(path: RemotePath) -> tuple[Any, str]:
     """The fsspec file system of a URL (one per protocol and invocation) and the path inside it."""
     proto = path.protocol
     env = tuple(os.environ.get(v) for v in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",

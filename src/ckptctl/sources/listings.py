@@ -59,10 +59,10 @@ def _listing(path: RemotePath) -> dict[str, dict] | None:
     if entries and not (len(entries) == 1 and entries[0].get("type") != "directory"
                         and str(entries[0].get("name", "")).rstrip("/") == pp):  # ls of a file: no folder
         out = {}
-        for e in entries:
-            full = str(e.get("name", "")).rstrip("/")
+        for entry in entries:
+            full = str(entry.get("name", "")).rstrip("/")
             if full and full != pp:
-                out[full.rsplit("/", 1)[-1]] = e
+                out[full.rsplit("/", 1)[-1]] = entry
     with _lock:
         _listings[key] = out
     return out

@@ -10,6 +10,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import cast
 
 from ckptctl.errors import CorruptFile, NotFound
 from ckptctl.sources.cachedfile import BLOCK, CachedFile
@@ -65,11 +66,17 @@ def as_path(path) -> Path | RemotePath:
     """The Path (local) or RemotePath (URL) readers work with."""
     if isinstance(path, RemotePath):
         return path
-    if is_remote(path):
-        return RemotePath(_url_of(path))
+    url = _url_of(path)
+    if url is not None and is_remote(path):  # is_remote is true only for URLs
+        return RemotePath(url)
     if protocol(path) in ("file", "local"):
         return Path(re.sub(r"^[A-Za-z]+://", "", os.fspath(path)))
     return Path(path)
+
+
+def _as_remote(path) -> RemotePath:
+    """as_path(path) in the functions that take only URLs (listings, writes, uploads, run folders)."""
+    return cast(RemotePath, as_path(path))
 
 
 class _Stat:
@@ -251,7 +258,7 @@ class RemotePath(os.PathLike):
 
 def listing(path) -> list[tuple[RemotePath, dict]]:
     """(path, info) of everything directly under a remote prefix, sorted by name."""
-    rp = as_path(path)
+    rp = _as_remote(path)
     entries = _listing(rp) or {}
     return [(rp / n, entries[n]) for n in sorted(entries)]
 
@@ -373,7 +380,7 @@ class RemoteSource:
             for i in range(0, len(data), piece):
                 yield data[i:i + piece]
 
-    def open(self) -> io.BufferedReader:
+    def open(self) -> CachedFile:
         return CachedFile(self)
 
     def close(self) -> None:

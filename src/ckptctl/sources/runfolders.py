@@ -4,14 +4,14 @@ listings; fresh HEADs; deletion of one object."""
 from __future__ import annotations
 
 from ckptctl.sources.config import _fs, _infos, _listings, _lock
-from ckptctl.sources.remote import RemotePath, as_path
+from ckptctl.sources.remote import RemotePath, _as_remote
 from ckptctl.sources.retry import AccessDenied, _call
 
 
 def find(path, fresh: bool = False) -> list[tuple[RemotePath, dict]]:
     """(path, info) of every object under a remote prefix, in one recursive listing (a paged LIST
     without delimiter); `fresh`: not from fsspec's listing cache (prune's re-check)."""
-    rp = as_path(path)
+    rp = _as_remote(path)
     fs, p = _fs(rp)
     if fresh:
         try:
@@ -34,7 +34,7 @@ def prefetch_tree(path) -> bool:
     per-folder listings iterdir/is_dir/stat answer from, so that discovering a run of N checkpoint
     folders costs one listing, not N+1. False (nothing cached) where the protocol cannot list
     (http/https), listing is denied or nothing lies under the prefix."""
-    rp = as_path(path)
+    rp = _as_remote(path)
     if rp.protocol in ("http", "https"):
         return False
     try:
@@ -63,7 +63,7 @@ def prefetch_tree(path) -> bool:
 
 def fresh_info(path) -> dict:
     """The object's info (size, ETag / generation, ...) from a HEAD made now, not a cached one."""
-    rp = as_path(path)
+    rp = _as_remote(path)
     fs, p = _fs(rp)
     try:
         fs.invalidate_cache(p)
@@ -77,6 +77,6 @@ def fresh_info(path) -> dict:
 
 def delete_object(path) -> None:
     """Delete one remote object (one DELETE); NoSuchObject if it is already gone."""
-    rp = as_path(path)
+    rp = _as_remote(path)
     fs, p = _fs(rp)
     _call(rp, fs.rm_file, p)

@@ -4,12 +4,16 @@ fsspec's uncommitted writer), visible only once complete."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from ckptctl.errors import CkptError, CorruptFile
 from ckptctl.sources.config import STATS, _fs, _lock
-from ckptctl.sources.remote import as_path
+from ckptctl.sources.remote import _as_remote
 from ckptctl.sources.retry import _call
 from ckptctl.sources.writes import check_writable_target, forget
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 # bytes per uploaded part (S3: 5 MiB..5 GiB, at most 10,000 parts) and parts uploading at once:
 # memory is at most (UPLOAD_IN_FLIGHT + 1) parts. 8 MiB x 8 (s3transfer: 8 MiB x 10) uploaded a
@@ -32,7 +36,7 @@ class Upload:
     """
 
     def __init__(self, path, size_hint: int | None = None, progress=None):
-        self.path = as_path(path)
+        self.path = _as_remote(path)
         self.url = str(self.path)
         check_writable_target(self.path)
         self.fs, self.key = _fs(self.path)
@@ -47,8 +51,8 @@ class Upload:
         self._s3 = hasattr(self.fs, "call_s3")
         self._mpu: str | None = None
         self._parts: list = []  # futures of {"PartNumber", "ETag"}
-        self._pool = None
-        self._file = None
+        self._pool: ThreadPoolExecutor | None = None  # S3: uploads the parts, made with the multipart upload
+        self._file: Any = None  # other protocols: fsspec's uncommitted writer
         if self._s3:
             self.bucket, _, self.obj = self.key.partition("/")
         else:
@@ -107,6 +111,7 @@ class Upload:
             if f.done() and f.exception() is not None:
                 raise f.exception()
         number = len(self._parts) + 1
+        assert self._pool is not None  # made above with the multipart upload
         self._parts.append(self._pool.submit(self._upload_part, number, data))
 
     def _upload_part(self, number: int, data: bytes) -> dict:

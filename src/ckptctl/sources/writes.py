@@ -11,7 +11,7 @@ import time
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.sources.config import _fs, _infos, _listings, _lock
 from ckptctl.sources.listings import _info, _listing, _mtime
-from ckptctl.sources.remote import RemotePath, as_path, is_remote, protocol
+from ckptctl.sources.remote import RemotePath, _as_remote, as_path, is_remote, protocol
 from ckptctl.sources.retry import NoSuchObject, _call
 
 WRITABLE = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # fsspec file systems with atomic uploads
@@ -32,7 +32,7 @@ def check_writable_target(path) -> None:
 
 def forget(path) -> None:
     """Drop what this invocation (and fsspec) cached about `path` and its folder: it was written."""
-    rp = as_path(path)
+    rp = _as_remote(path)
     with _lock:
         for p in (rp, rp.parent):
             _infos.pop(p.url, None)
@@ -46,7 +46,7 @@ def forget(path) -> None:
 
 def check_bucket(path) -> None:
     """NoSuchObject('no such bucket') in one line when the target's bucket/container is missing."""
-    rp = as_path(path)
+    rp = _as_remote(path)
     fs, key = _fs(rp)
     bucket = key.split("/", 1)[0]
     root = RemotePath(f"{rp.protocol}://{bucket}")
@@ -99,7 +99,7 @@ def clean_stale_remote(target) -> list[str]:
     (same host) or that are older than a day (another host). Says so on stderr; returns the URLs."""
     import sys
 
-    rp = as_path(target)
+    rp = _as_remote(target)
     prefix = f".{rp.name}{REMOTE_TMP_TAG}"
     removed: list[str] = []
     fs, key = _fs(rp)
@@ -145,7 +145,7 @@ def clean_stale_remote(target) -> list[str]:
 
 def remote_copy(src, dst) -> None:
     """Server-side copy of one object (S3: CopyObject, multipart copy past 5 GB); no bytes here."""
-    s, d = as_path(src), as_path(dst)
+    s, d = _as_remote(src), _as_remote(dst)
     fs, sk = _fs(s)
     _fs2, dk = _fs(d)
     size = int(_info(s).get("size") or 0) if hasattr(fs, "call_s3") else None
@@ -158,7 +158,7 @@ def remote_copy(src, dst) -> None:
 
 
 def remote_rm(path, recursive: bool = False) -> None:
-    rp = as_path(path)
+    rp = _as_remote(path)
     fs, key = _fs(rp)
     try:
         _call(rp, fs.rm, key, recursive=recursive)
