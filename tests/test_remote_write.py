@@ -360,7 +360,7 @@ def test_upload_sends_bounded_parts_in_order(s3, monkeypatch):
     parts, and never more than UPLOAD_IN_FLIGHT + 1 parts are held at once."""
     from ckptctl import sources
 
-    monkeypatch.setattr(sources, "UPLOAD_PART", 5 * MB)
+    monkeypatch.setattr(sources.upload, "UPLOAD_PART", 5 * MB)  # read by Upload in its own module
     sources.configure([])
     import threading
 

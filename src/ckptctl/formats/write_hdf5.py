@@ -152,10 +152,16 @@ class HDF5Writer(StreamingWriter):
 
     def _write_chunks(self, t: TensorInfo, chunks) -> None:
         if t.nbytes == 0:
-            write_chunks(self._file.fd, 0, chunks, 0, t.name)
+            write_chunks(self._file.fileno(), 0, chunks, 0, t.name)
             return
-        write_chunks(self._file.fd, self.offsets[t.name], chunks, t.nbytes, t.name, self.on_progress)
+        write_chunks(self._file.fileno(), self._offset(t), chunks, t.nbytes, t.name, self.on_progress)
 
     def _write_range(self, t: TensorInfo, src, offset: int, length: int) -> None:
         if length:
-            copy_range(src, offset, self._file.fd, self.offsets[t.name], length, self.on_progress)
+            copy_range(src, offset, self._file.fileno(), self._offset(t), length, self.on_progress)
+
+    def _offset(self, t: TensorInfo) -> int:
+        """Where a tensor's bytes go in the file (HDF5 allocates no space for an empty tensor: None)."""
+        off = self.offsets[t.name]
+        assert off is not None, f"tensor {t.name!r} has no space allocated"
+        return off

@@ -82,17 +82,17 @@ class SafetensorsWriter(StreamingWriter):
         self.base = len(self.header)
         self._file = AtomicFile(self.path)
         try:
-            os.pwrite(self._file.fd, self.header, 0)
+            os.pwrite(self._file.fileno(), self.header, 0)
         except BaseException:
             self._file.abort()
             raise
 
     def _write_chunks(self, t: TensorInfo, chunks) -> None:
-        write_chunks(self._file.fd, self.base + self.offsets[t.name], chunks, t.nbytes, t.name,
+        write_chunks(self._file.fileno(), self.base + self.offsets[t.name], chunks, t.nbytes, t.name,
                      self.on_progress)
 
     def _write_range(self, t: TensorInfo, src, offset: int, length: int) -> None:
-        copy_range(src, offset, self._file.fd, self.base + self.offsets[t.name], length, self.on_progress)
+        copy_range(src, offset, self._file.fileno(), self.base + self.offsets[t.name], length, self.on_progress)
 
     def _finalize(self, fd: int) -> None:
         if not self.dedupe_tied:

@@ -18,12 +18,12 @@ an offset passes 4 GiB.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import struct
 
 from ckptctl import dtypes
-from ckptctl.errors import Incompatible
 from ckptctl.formats.writeutil import (
     AtomicFile, StreamingWriter, copy_range, crc_of_range, pwrite_all, writable_dtype, write_chunks,
 )
@@ -78,7 +78,7 @@ class _Pickle:
             n = (v.bit_length() + 8) // 8
             self.out += b"\x8a" + bytes([n]) + v.to_bytes(n, "little", signed=True)
 
-    def tuple(self, items: tuple[int, ...]) -> None:
+    def tuple(self, items: tuple[builtins.int, ...]) -> None:  # `int` here is the method above
         if len(items) == 0:
             self.out += b")"
             return
@@ -133,7 +133,7 @@ def build_pickle(tensors: list[TensorInfo], keys: dict[str, str], root: dict[str
             p.mark()
             p.mark()  # persistent id: ('storage', storage type, key, location, numel)
             p.str("storage")
-            if v3:
+            if d.storage is None:  # v3
                 p.glob("torch.storage", "UntypedStorage")
             else:
                 p.glob("torch", d.storage)
@@ -248,16 +248,16 @@ class TorchZipWriter(StreamingWriter):
             for i, data in self.small.items():
                 m = self.members[i]
                 m.crc = zlib.crc32(data)
-                pwrite_all(self._file.fd, m.local_header(m.crc) + data, m.offset)
+                pwrite_all(self._file.fileno(), m.local_header(m.crc) + data, m.offset)
             for m in self.data_member.values():
-                pwrite_all(self._file.fd, m.local_header(0), m.offset)
+                pwrite_all(self._file.fileno(), m.local_header(0), m.offset)
         except BaseException:
             self._file.abort()
             raise
 
     def _write_chunks(self, t: TensorInfo, chunks) -> None:
         m = self.data_member[t.name]
-        m.crc = write_chunks(self._file.fd, m.data_offset, chunks, t.nbytes, t.name, self.on_progress, crc=True)
+        m.crc = write_chunks(self._file.fileno(), m.data_offset, chunks, t.nbytes, t.name, self.on_progress, crc=True)
 
     def _write_range(self, t: TensorInfo, src, offset: int, length: int) -> None:
         m = self.data_member[t.name]
@@ -269,7 +269,7 @@ class TorchZipWriter(StreamingWriter):
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptctl-crc")
         crc = self._pool.submit(_crc_of_source, src, offset, length)
         try:
-            copy_range(src, offset, self._file.fd, m.data_offset, length, self.on_progress)
+            copy_range(src, offset, self._file.fileno(), m.data_offset, length, self.on_progress)
         finally:
             m.crc = crc.result()
 

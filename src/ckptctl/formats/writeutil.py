@@ -170,6 +170,15 @@ def pause_point(stage: str) -> None:
 class AtomicFile:
     """A temporary file beside `target`, renamed over it by `commit`, removed by `abort`."""
 
+    def __new__(cls, target=None, *a, **k):
+        """AtomicFile(url) is a RemoteAtomicFile: writers need not know."""
+        if cls is AtomicFile and target is not None:
+            from ckptctl.sources import is_remote
+
+            if is_remote(target):
+                return object.__new__(RemoteAtomicFile)
+        return object.__new__(cls)
+
     def __init__(self, target: str | os.PathLike):
         self.target = Path(target)
         parent = self.target.parent
@@ -180,6 +189,11 @@ class AtomicFile:
         hold_lock(fd)
         self.fd: int | None = fd
         self.tmp = Path(name)
+
+    def fileno(self) -> int:
+        """The temporary file's descriptor, while it is open (before commit or abort)."""
+        assert self.fd is not None, "the temporary file is already committed or aborted"
+        return self.fd
 
     def commit(self, sync: bool = True) -> None:
         """Rename the file over the target; with `sync` False the caller fsyncs it (and the
@@ -235,18 +249,6 @@ class RemoteAtomicFile(AtomicFile):
             publish(self.tmp, self.target)
         finally:
             self.abort()  # the local file only
-
-
-def _new_atomic_file(cls, target=None, *a, **k):
-    if cls is AtomicFile and target is not None:
-        from ckptctl.sources import is_remote
-
-        if is_remote(target):
-            return object.__new__(RemoteAtomicFile)
-    return object.__new__(cls)
-
-
-AtomicFile.__new__ = _new_atomic_file  # AtomicFile(url) is a RemoteAtomicFile: writers need not know
 
 
 def staging_dir() -> str:
@@ -405,7 +407,7 @@ def copy_range(
     bounded pieces. With `crc`, the bytes are read to compute their CRC-32 (returned).
     """
     own = not isinstance(src, int)
-    sfd = os.open(src, os.O_RDONLY) if own else src
+    sfd = src if isinstance(src, int) else os.open(src, os.O_RDONLY)
     try:
         if crc or not _COPY_FILE_RANGE:
             return _copy_pread(sfd, src_offset, fd, dst_offset, length, progress, crc)
@@ -530,6 +532,8 @@ class StreamingWriter(Writer):
             raise Incompatible(f"tensor {missing[0]!r}{more} never written")
 
     # -- the template: subclasses set `self._file` (an AtomicFile) and fill in the hooks ------
+    _file: AtomicFile
+
     def add(self, info: TensorInfo, chunks) -> None:
         t = self._claim(info)
         if t is None:
@@ -549,7 +553,7 @@ class StreamingWriter(Writer):
     def finish(self) -> None:
         try:
             self._check_complete()
-            self._finalize(self._file.fd)
+            self._finalize(self._file.fileno())
             self._file.commit(sync=self.durable)
         except BaseException:
             self.abort()
