@@ -272,3 +272,49 @@ def test_prune_s3_trash_refused(s3_env, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and "--trash" in res.stderr
     assert _keys(s3_env, "prune-d", "run/") == before
     assert not (tmp_path / "trash").exists()
+
+
+# ---- run folders in the other commands ------------------------------------------------------------
+def test_average_of_an_s3_run_folder_is_the_mean_of_its_last_checkpoints(s3_env, tmp_path):
+    """`average s3://bucket/run --last 2` picks the run's last two checkpoints from the listing and
+    writes their mean: checked against numpy's float64 mean of the tensors safetensors reads."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    root = hf_run(tmp_path / "hf", steps=(10, 20, 30))
+    _upload(s3_env, "runs-avg", root, "exp/")
+    out = tmp_path / "avg.safetensors"
+    res = run("average", "s3://runs-avg/exp", "--last", "2", "-o", out)
+    assert res.returncode == 0, res.stderr
+    got = load_file(out)
+    a = load_file(root / "checkpoint-20" / "model.safetensors")
+    b = load_file(root / "checkpoint-30" / "model.safetensors")
+    assert set(got) == set(a)
+    for k, v in a.items():
+        if v.dtype.kind == "f":
+            want = ((v.astype(np.float64) + b[k].astype(np.float64)) / 2).astype(v.dtype)
+            assert got[k].tobytes() == want.tobytes(), k
+        else:
+            assert got[k].tobytes() == b[k].tobytes(), k  # integers: copied from the last input
+
+
+def test_diff_of_two_s3_runs_pairs_their_steps_as_locally(s3_env, tmp_path):
+    """`diff s3://.../a s3://.../b` compares the runs step by step, with the same verdicts and
+    exit code as the same folders on disk (one step's weights changed in run b)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    a = hf_run(tmp_path / "a", steps=(10, 20))
+    b = hf_run(tmp_path / "b", steps=(10, 20))
+    sd = load_file(b / "checkpoint-20" / "model.safetensors")
+    name = sorted(k for k, v in sd.items() if v.is_floating_point())[0]
+    sd[name] = sd[name] + torch.ones_like(sd[name])
+    save_file(sd, b / "checkpoint-20" / "model.safetensors", metadata={"format": "pt"})
+    _upload(s3_env, "runs-diff", a, "a/")
+    _upload(s3_env, "runs-diff", b, "b/")
+    local = run("diff", "--format", "json", a, b)
+    remote = run("diff", "--format", "json", "s3://runs-diff/a", "s3://runs-diff/b")
+    assert local.returncode == remote.returncode == 1, remote.stderr
+    steps_l = {s["step"]: (s["equal"], s["num_changed"]) for s in json.loads(local.stdout)["steps"]}
+    steps_r = {s["step"]: (s["equal"], s["num_changed"]) for s in json.loads(remote.stdout)["steps"]}
+    assert steps_r == steps_l == {10: (True, 0), 20: (False, 1)}
