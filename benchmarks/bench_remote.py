@@ -150,6 +150,45 @@ def main() -> int:
                 print(f"| inspect over {scheme} | {what} | {size_of(p) / 1e9:.2f} GB | {got / 1e6:.3f} MB | "
                       f"{reqs} ranged + listing/HEAD | {wall:.2f} s | {rss:.0f} MiB |")
 
+        # ls of a run of 50 checkpoints: bytes and requests, and what latency costs (a relay that
+        # holds every request 100 ms): one listing plus the header reads, 16 in flight
+        from test_runs_remote import DelayProxy
+
+        run_dir = base / "run"
+        run_dir.mkdir()
+        subprocess.run([PY, "-c", "import sys, numpy as np; from safetensors.numpy import save_file\n"
+                        "for i in range(50):\n"
+                        "    save_file({f'layer.{j}.weight': np.full((64, 64), i, np.float32) for j in range(8)},\n"
+                        "              f'{sys.argv[1]}/step-{(i + 1) * 100}.safetensors',\n"
+                        "              metadata={'step': str((i + 1) * 100), 'eval_loss': str(1.0 / (i + 1))})",
+                        str(run_dir)], check=True, cwd=base)
+        for p in sorted(run_dir.iterdir()):
+            s3.upload_file(str(p), "bench", f"run/{p.name}")
+        slow = DelayProxy(port, delay=0.1)
+        slow_env = dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{slow.port}")
+        print("\n| ls of a run of 50 checkpoints (s3) | bytes received | requests | wall | wall, +100 ms per request "
+              "| latency cost | max in flight |")
+        print("|---|---|---|---|---|---|---|")
+        best_ls = None
+        for _ in range(args.repeat):
+            proxy.reset()
+            wall, rss, code, err = timed([PY, "-m", "ckptctl", "-v", "ls", "--format", "json", "s3://bench/run"], env)
+            if code != 0:
+                raise SystemExit(f"ls failed: {err.strip()[-300:]}")
+            got, m = proxy.bytes_down, re.search(r"remote: (\d+) ranged requests", err)
+            slow.max_in_flight = slow.requests = 0
+            wall_slow, _rss, code, err = timed([PY, "-m", "ckptctl", "ls", "--format", "json", "s3://bench/run"],
+                                               slow_env)
+            if code != 0:
+                raise SystemExit(f"ls through the delaying relay failed: {err.strip()[-300:]}")
+            row = (wall, wall_slow, got, int(m.group(1)) if m else -1, slow.requests, slow.max_in_flight)
+            if best_ls is None or row[1] < best_ls[1]:
+                best_ls = row
+        wall, wall_slow, got, ranged, reqs, most = best_ls
+        print(f"| ckptctl ls s3://bench/run | {got / 1e6:.3f} MB | {ranged} ranged, {reqs} in all | {wall:.2f} s | "
+              f"{wall_slow:.2f} s | {(wall_slow - wall) / 0.1:.0f} request latencies (serial: {reqs}) | {most} |")
+        slow.close()
+
         size = files["safetensors"].stat().st_size
         out = base / "out"
         out.mkdir()
