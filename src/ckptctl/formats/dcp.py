@@ -24,10 +24,11 @@ from typing import Any
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, NotFound
 from ckptctl.formats import pickles
-from ckptctl.formats.torch_zip import (
-    MissingLoc, PickleBasedReader, TensorLoc, TorchArchive, boxes, c_contiguous, fill, iter_view,
-    pickle_failure, FileBlob, _swap, _pieces,
+from ckptctl.formats.pickle_reader import PickleBasedReader, pickle_failure
+from ckptctl.formats.strided import (
+    FileBlob, MissingLoc, TensorLoc, _pieces, _swap, boxes, c_contiguous, fill, iter_view,
 )
+from ckptctl.formats.torch_archive import TorchArchive
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
 from ckptctl.sources import as_path, file_size, is_remote, open_file
 
@@ -242,7 +243,7 @@ class DCPReader(PickleBasedReader):
                 st = root.storage
                 blob = arch.blob(st)
                 blob.file_offset(self)  # resolve now: the archive is closed below
-                from ckptctl.formats.torch_zip import swap_unit
+                from ckptctl.formats.strided import swap_unit
 
                 loc = TensorLoc(blob, st.view_offset * dtypes.BY_NAME[st.dtype].itemsize + root.offset * d.itemsize,
                                 root.stride, d.itemsize, swap_unit(dtype, arch.big_endian), key=st.key,
