@@ -27,7 +27,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, NotFound, UnknownFormat
@@ -45,6 +45,9 @@ from ckptctl.formats.zarr import (
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
 from ckptctl.sources import as_path, is_remote, open_source
 
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
+
 ITEM_MARKERS = ("_METADATA", "manifest.ocdbt", "_sharding", "array_metadatas")
 JSON_MAX = 64 << 20
 
@@ -56,7 +59,7 @@ def listdir(p) -> list[str]:
     return os.listdir(p)
 
 
-def is_item_dir(p: Path) -> bool:
+def is_item_dir(p: Path | RemotePath) -> bool:
     """A folder holding one Orbax item / single save (`_METADATA` or an OCDBT manifest)."""
     try:
         names = set(listdir(p))
@@ -66,7 +69,7 @@ def is_item_dir(p: Path) -> bool:
         "_CHECKPOINT_METADATA" in names and "_sharding" in names)
 
 
-def item_dirs(step: Path) -> list[Path]:
+def item_dirs(step: Path | RemotePath) -> list[Path | RemotePath]:
     """Item folders of a step folder that hold arrays, `default` first."""
     try:
         entries = sorted(listdir(step))
@@ -78,7 +81,7 @@ def item_dirs(step: Path) -> list[Path]:
     return items
 
 
-def is_orbax_dir(p: Path) -> bool:
+def is_orbax_dir(p: Path | RemotePath) -> bool:
     """An item folder, a single save, or a step folder with `_CHECKPOINT_METADATA` / item folders."""
     if is_item_dir(p):
         return True
@@ -91,7 +94,7 @@ def is_orbax_dir(p: Path) -> bool:
     return bool(item_dirs(p))
 
 
-def run_hint(p: Path) -> str | None:
+def run_hint(p: Path | RemotePath) -> str | None:
     """A message for a CheckpointManager run folder (step folders inside), else None."""
     try:
         steps = sorted((n for n in listdir(p) if n.isdigit() and is_orbax_dir(p / n)), key=int)
@@ -104,7 +107,7 @@ def run_hint(p: Path) -> str | None:
             f"name one of them, or list the run with `ckptctl ls`")
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: Path | RemotePath, what: str) -> Any:
     try:
         if is_remote(path):
             if not as_path(path).is_file():
@@ -133,7 +136,7 @@ STREAM_MIN = 8 << 20  # chunks at least this large (decoded) are decoded piece b
 class _DirStore:
     """A plain folder (Orbax with use_ocdbt=False): keys are relative file paths."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path | RemotePath):
         self.root = root
         self.files: set[str] = set()
 
@@ -179,7 +182,7 @@ class _DirStore:
             while todo:
                 folder, rel = todo.pop()
                 try:
-                    entries = list(as_path(folder).iterdir())
+                    entries: list[Path | RemotePath] = list(as_path(folder).iterdir())
                 except OSError:
                     continue
                 for e in entries:
@@ -188,7 +191,7 @@ class _DirStore:
                     else:
                         out.append((rel + e.name).encode())
             return sorted(out)
-        for dp, _dn, fn in os.walk(self.root):
+        for dp, _dn, fn in os.walk(os.fspath(self.root)):  # (os.walk takes fspath of a Path too)
             for n in fn:
                 out.append(os.path.relpath(os.path.join(dp, n), self.root).replace(os.sep, "/").encode())
         return sorted(out)
@@ -202,7 +205,7 @@ class OrbaxLoc:
 
 @dataclass
 class _Item:
-    path: Path
+    path: Path | RemotePath
     prefix: str  # '' or 'itemname/'
     store: Any = None
     all_chunks: bool = False  # _METADATA says every chunk was written (even all-fill ones)
@@ -344,7 +347,6 @@ class OrbaxReader(Reader):
         za = loc.za
         item = self._items[loc.item]
         store = self._store(item)
-        isz = dtypes.BY_NAME[za.dtype].itemsize
         key = za.chunk_key(idx)
         what = f"{name!r} chunk {key}"
         sharding = za.zarr_format == 3 and za.codecs and _codec_name(za.codecs[0]) == "sharding_indexed"

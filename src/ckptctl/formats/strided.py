@@ -38,6 +38,8 @@ class Blob:
 class FileBlob(Blob):
     """Bytes in a file at an absolute offset (resolved lazily: zip local headers are read on use)."""
 
+    path: str
+
     def __init__(self, path: str, nbytes: int, offset: int | None = None, resolve=None, what: str = ""):
         self.path = path
         self.nbytes = nbytes
@@ -59,7 +61,7 @@ class FileBlob(Blob):
 class BytesBlob(Blob):
     """Bytes already in memory (small numpy arrays inline in a pickle)."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes | bytearray):
         self.data = bytes(data)
         self.nbytes = len(self.data)
 

@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, Incompatible, NotFound
@@ -58,6 +59,9 @@ from ckptctl.formats.tf_table import (
 )
 from ckptctl.model import CheckpointInfo, TensorInfo
 from ckptctl.sources import as_path, open_source
+
+if TYPE_CHECKING:
+    from ckptctl.sources import LocalSource, RemotePath, RemoteSource
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -151,8 +155,8 @@ class TFBundleReader(Reader):
         super().__init__(self.prefix)
         self.note = note
         self.index_path = _plus(self.prefix, ".index")
-        self._srcs: dict[int, object] = {}  # shard -> sources.LocalSource / RemoteSource
-        self._shards: list[Path] = []
+        self._srcs: dict[int, LocalSource | RemoteSource] = {}  # shard -> its byte source
+        self._shards: list[Path | RemotePath] = []
         self._verified: set[str] = set()
         self.big_endian = False
 
@@ -229,27 +233,27 @@ class TFBundleReader(Reader):
 
         raw: dict[bytes, dict] = {}
         order: list[bytes] = []
-        for key, value in entries[1:]:
+        for kb, value in entries[1:]:
             try:
-                e = _entry(value, key.decode("utf-8", "replace"))
+                ent = _entry(value, kb.decode("utf-8", "replace"))
             except _Bad as err:
-                raise CorruptFile(f"entry {key[:80]!r}: {err}", self.index_path) from None
-            raw[key] = e
-            if not key.startswith(b"\x00"):
-                order.append(key)
+                raise CorruptFile(f"entry {kb[:80]!r}: {err}", self.index_path) from None
+            raw[kb] = ent
+            if not kb.startswith(b"\x00"):
+                order.append(kb)
         # every piece of data must lie inside its shard
-        for key, e in raw.items():
-            if e["slices"]:
+        for kb, ent in raw.items():
+            if ent["slices"]:
                 continue
-            name = key.decode("utf-8", "replace")
-            if e["offset"] < 0 or e["size"] < 0:
+            name = kb.decode("utf-8", "replace")
+            if ent["offset"] < 0 or ent["size"] < 0:
                 raise CorruptFile(f"tensor {name!r}: negative offset or size", self.index_path)
-            if e["size"] or num_shards:
-                size = shard_size(e["shard"], name)
-                if e["offset"] + e["size"] > size:
+            if ent["size"] or num_shards:
+                size = shard_size(ent["shard"], name)
+                if ent["offset"] + ent["size"] > size:
                     raise CorruptFile(
                         f"tensor {name!r} points past the end of its data shard "
-                        f"({e['offset']} + {e['size']} > {size} bytes): truncated?", self._shards[e["shard"]])
+                        f"({ent['offset']} + {ent['size']} > {size} bytes): truncated?", self._shards[ent["shard"]])
 
         graph = self._object_graph(raw.get(OBJECT_GRAPH_KEY.encode()))
         keys = [k.decode("utf-8", "replace") for k in order if k != OBJECT_GRAPH_KEY.encode()]
@@ -262,9 +266,9 @@ class TFBundleReader(Reader):
             key = kb.decode("utf-8", "replace")
             if key == OBJECT_GRAPH_KEY:
                 continue
-            e = raw[kb]
+            ent = raw[kb]
             name = display[key]
-            code = e["dtype"]
+            code = ent["dtype"]
             if code in UNSUPPORTED:
                 raise Incompatible(f"tensor {name!r} has TF dtype {UNSUPPORTED[code]}, which ckptctl does not read",
                                    self.index_path)
@@ -272,17 +276,17 @@ class TFBundleReader(Reader):
                 raise CorruptFile(f"tensor {name!r}: unknown TF dtype number {code}", self.index_path)
             dt = DTYPES[code]
             d = dtypes.BY_NAME[dt]
-            loc = self._locate(kb, e, raw, d, name)
+            loc = self._locate(kb, ent, raw, d, name)
             if dt == "string":
                 strings.append(name)
                 nbytes = sum(p.size for p in loc.pieces)
             else:
-                nbytes = dtypes.nbytes(d, e["shape"])
+                nbytes = dtypes.nbytes(d, ent["shape"])
                 if loc.problem is None and sum(p.size for p in loc.pieces) != nbytes:
                     raise CorruptFile(f"tensor {name!r}: {sum(p.size for p in loc.pieces)} bytes stored, "
-                                      f"{dt}{list(e['shape'])} needs {nbytes}", self.index_path)
+                                      f"{dt}{list(ent['shape'])} needs {nbytes}", self.index_path)
             g = graph.get(key, {})
-            tensors.append(TFTensorInfo(name, dt, e["shape"], nbytes, loc=loc, key=key,
+            tensors.append(TFTensorInfo(name, dt, ent["shape"], nbytes, loc=loc, key=key,
                                         full_name=g.get("full_name"),
                                         slot_of=display.get(g["slot_of"], g["slot_of"]) if g.get("slot_of") else None,
                                         slot=g.get("slot")))

@@ -7,24 +7,28 @@ from __future__ import annotations
 import glob
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptctl.errors import NotFound
 from ckptctl.formats.tf_table import FOOTER_SIZE, MAGIC
 from ckptctl.sources import as_path, is_remote, open_source
 
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
+
 DATA_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<k>\d{5,})-of-(?P<n>\d{5,})$")
 
 
-def _plus(p: Path, suffix: str) -> Path:
+def _plus(p: Path | RemotePath, suffix: str) -> Path | RemotePath:
     """`p` with `suffix` appended to its name (a Path, or a sources.RemotePath for URLs)."""
     return p.with_name(p.name + suffix) if is_remote(p) else Path(f"{p}{suffix}")
 
 
-def data_file(prefix: Path, shard: int, num_shards: int) -> Path:
+def data_file(prefix: Path | RemotePath, shard: int, num_shards: int) -> Path | RemotePath:
     return _plus(prefix, f".data-{shard:05d}-of-{num_shards:05d}")
 
 
-def prefix_of(path: Path) -> Path | None:
+def prefix_of(path: Path | RemotePath) -> Path | RemotePath | None:
     """The checkpoint prefix a file name belongs to (P.index, P.data-K-of-N), else None."""
     name = path.name
     if name.endswith(".index"):
@@ -35,7 +39,7 @@ def prefix_of(path: Path) -> Path | None:
     return None
 
 
-def is_index(path: Path) -> bool:
+def is_index(path: Path | RemotePath) -> bool:
     """Whether the file ends with a LevelDB table footer (the TF index magic)."""
     try:
         with open_source(path) as src:
@@ -46,7 +50,7 @@ def is_index(path: Path) -> bool:
         return False
 
 
-def read_state_file(path: Path) -> tuple[str | None, list[str]]:
+def read_state_file(path: Path | RemotePath) -> tuple[str | None, list[str]]:
     """(model_checkpoint_path, all_model_checkpoint_paths) of a `checkpoint` CheckpointState file."""
     latest = None
     every: list[str] = []
@@ -66,7 +70,7 @@ def read_state_file(path: Path) -> tuple[str | None, list[str]]:
     return latest, every
 
 
-def _state_prefix(folder: Path, value: str) -> Path:
+def _state_prefix(folder: Path | RemotePath, value: str) -> Path | RemotePath:
     if is_remote(folder):  # a path of the machine that wrote it means nothing here: relative only
         from pathlib import PurePosixPath
 
@@ -85,7 +89,7 @@ def _state_prefix(folder: Path, value: str) -> Path:
     return p
 
 
-def resolve_dir(folder: Path) -> tuple[Path, str] | None:
+def resolve_dir(folder: Path | RemotePath) -> tuple[Path | RemotePath, str] | None:
     """(prefix, note) when a folder names one TF checkpoint: a SavedModel, a run folder with a
     `checkpoint` state file, or a folder holding exactly one P.index; else None."""
     for sub in (folder / "variables" / "variables", folder / "variables"):
@@ -100,16 +104,19 @@ def resolve_dir(folder: Path) -> tuple[Path, str] | None:
             p = _state_prefix(folder, latest)
             return p, f"picked as the latest checkpoint named in {state}"
     try:
-        indexes = [e for e in sorted(folder.iterdir()) if e.name.endswith(".index") and e.is_file()]
+        entries: list[Path | RemotePath] = list(folder.iterdir())
+        indexes = [e for e in sorted(entries) if e.name.endswith(".index") and e.is_file()]
     except OSError:
         return None
     indexes = [e for e in indexes if is_index(e)]
     if len(indexes) == 1:
-        return prefix_of(indexes[0]), ""
+        pre = prefix_of(indexes[0])
+        if pre is not None:  # always: the name ends with .index
+            return pre, ""
     return None
 
 
-def resolve_path(p: Path) -> Path | None:
+def resolve_path(p: Path | RemotePath) -> Path | RemotePath | None:
     """The prefix when `p` names a TF checkpoint by its prefix, index or a data file; else None."""
     if not p.exists():
         if _plus(p, ".index").is_file():
@@ -130,7 +137,7 @@ def resolve_path(p: Path) -> Path | None:
     return None
 
 
-def _has_data_files(pre: Path) -> bool:
+def _has_data_files(pre: Path | RemotePath) -> bool:
     """Whether any P.data-K-of-N lies beside the prefix P."""
     if is_remote(pre):
         import fnmatch
@@ -140,4 +147,5 @@ def _has_data_files(pre: Path) -> bool:
             return any(fnmatch.fnmatchcase(e.name, pattern) for e in pre.parent.iterdir())
         except FileNotFoundError:
             return False
+    assert isinstance(pre, Path)  # not remote: a local path
     return any(pre.parent.glob(f"{glob.escape(pre.name)}.data-*-of-*"))

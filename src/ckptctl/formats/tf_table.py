@@ -8,6 +8,7 @@ the record of a string tensor. The reader is tf_bundle.py.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
 MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -84,6 +85,7 @@ def proto_fields(buf: bytes) -> dict[int, list]:
     """field number -> values (int for varint/fixed, bytes for length-delimited)."""
     out: dict[int, list] = {}
     pos, end = 0, len(buf)
+    v: int | bytes
     while pos < end:
         tag, pos = _varint(buf, pos)
         num, wt = tag >> 3, tag & 7
@@ -248,7 +250,7 @@ def slice_key(name: bytes, extents: list[tuple[int, int]]) -> bytes:
     return bytes(out)
 
 
-def string_crc(record: bytes, count: int, order: str = "little") -> int:
+def string_crc(record: bytes, count: int, order: Literal["little", "big"] = "little") -> int:
     """TF's (unmasked) CRC32C of a string tensor record: each length as a uint32 in the writer's order
     (uint64 past 4 GiB), the stored masked checksum of the lengths, then the string bytes."""
     pos = 0

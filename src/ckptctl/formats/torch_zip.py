@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class TorchZipReader(PickleBasedReader):
     format = "torch-zip"
     # what open_reader passes on (formats.READER_OPTIONS; `sniffed`: the zip the registry opened)
     options = ("raw_names", "sniffed")
+    _archive_close: Callable[[], None] | None = None  # the open archive's close, once info() has run
 
     def __init__(self, path, raw_names: bool = False, sniffed=None):
         super().__init__(path, raw_names)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile
 from ckptctl.formats.ocdbt import ValueRef, zstd_decompress
-from ckptctl.sources import open_source
+from ckptctl.sources import RemoteSource, open_source
 
 # Zarr v2 dtype strings (numpy typestr without byte order) and v3 data_type names -> project dtype
 _V2 = {"f8": "float64", "f4": "float32", "f2": "float16", "i8": "int64", "i4": "int32", "i2": "int16",
@@ -133,7 +133,7 @@ def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> Za
                        m.get("fill_value"))
     else:
         raise CorruptFile(f"array {key!r}: unknown zarr_format {fmt!r}", where)
-    if len(za.chunks) != len(za.shape) or any(c == 0 for c in za.chunks) and math.prod(za.shape):
+    if len(za.chunks) != len(za.shape) or any(c == 0 for c in za.chunks) and math.prod(za.shape) != 0:
         raise CorruptFile(f"array {key!r}: chunk shape {list(za.chunks)} does not fit shape {list(za.shape)}", where)
     return za
 
@@ -271,10 +271,12 @@ def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size:
                 return b""
             if ref.inline is not None:
                 data = ref.inline[pos - ref.offset : pos - ref.offset + n]
-            elif src.remote:  # sequential pieces coalesce into ranged GETs of a growing window
-                data = src.read_ahead(pos, n)
             else:
-                data = src.pread(pos, n)
+                assert src is not None  # opened above: the value is not inline
+                if isinstance(src, RemoteSource):  # sequential pieces coalesce into ranged GETs of a growing window
+                    data = src.read_ahead(pos, n)
+                else:
+                    data = src.pread(pos, n)
             if not data:
                 raise CorruptFile(f"{what}: data file ends early (truncated?)", where)
             pos += len(data)
@@ -294,7 +296,7 @@ def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size:
                     def read(self, n: int = -1) -> bytes:
                         return raw(_PIECE if n is None or n < 0 else n)
 
-                reader = zstandard.ZstdDecompressor().stream_reader(_Src(), read_size=1 << 20)
+                reader = zstandard.ZstdDecompressor().stream_reader(_Src(), read_size=1 << 20)  # type: ignore[arg-type]  # any object with read(); the stub says IO
                 try:
                     while piece := reader.read(_PIECE):
                         yield piece
