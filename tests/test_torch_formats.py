@@ -24,6 +24,7 @@ import torch
 from conftest import REAL, cli, real_manifest, real_params, run
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader, pickles, sniff
+from ckptctl.formats import torch_archive as archive_mod
 from ckptctl.formats import torch_legacy as legacy_mod
 from ckptctl.formats import torch_zip as zip_mod
 from ckptctl.formats.dcp import DCPReader
@@ -200,7 +201,7 @@ def test_info_reads_no_tensor_data(tmp_path, monkeypatch):
                 nlen, xlen = struct.unpack("<HH", f.read(30)[26:30])
                 start = zi.header_offset + 30 + nlen + xlen
                 data_ranges.append((start, start + zi.file_size))
-    reads = _record_reads(monkeypatch, zip_mod)
+    reads = _record_reads(monkeypatch, archive_mod)  # the module that opens the archive
     monkeypatch.setattr(os, "pread", _no_pread)
     info = TorchZipReader(path).info()
     assert len(info.tensors) == 8

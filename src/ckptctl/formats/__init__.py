@@ -11,10 +11,14 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptctl.errors import CorruptFile, NotFound, UnknownFormat, UsageError
 from ckptctl.formats.base import Reader, Writer
 from ckptctl.sources import as_path, is_remote, open_file, open_source
+
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -91,7 +95,7 @@ _OTHER_MAGIC = [
 ]
 
 
-def _head(path: Path, n: int = 4096) -> bytes:
+def _head(path: Path | RemotePath, n: int = 4096) -> bytes:
     if is_remote(path):
         with open_source(path) as src:
             return src.pread(0, n)
@@ -164,13 +168,13 @@ class OpenedZip:
             self.file.close()
 
 
-def _sniff_zip(path: Path) -> str:
+def _sniff_zip(path: Path | RemotePath) -> str:
     fmt, opened = _sniff_zip_opened(path)
     opened.close()
     return fmt
 
 
-def _sniff_zip_opened(path: Path) -> tuple[str, OpenedZip]:
+def _sniff_zip_opened(path: Path | RemotePath) -> tuple[str, OpenedZip]:
     """(format, the opened archive) of a zip file; the caller owns (closes) the archive."""
     import zipfile
 
@@ -190,7 +194,7 @@ def _sniff_zip_opened(path: Path) -> tuple[str, OpenedZip]:
         raise
 
 
-def _zip_kind(path: Path, names: list[str]) -> str:
+def _zip_kind(path: Path | RemotePath, names: list[str]) -> str:
     base = {n.split("/", 1)[-1] for n in names}
     if "constants.pkl" in base or any(n.endswith("/code/__torch__.py") for n in names):
         if "data.pkl" not in base:
@@ -206,7 +210,7 @@ def _zip_kind(path: Path, names: list[str]) -> str:
     raise UnknownFormat("a zip archive, but not a PyTorch checkpoint", path)
 
 
-def _sniff_dir(path: Path) -> tuple[str, Path]:
+def _sniff_dir(path: Path | RemotePath) -> tuple[str, Path | RemotePath]:
     """(format, path to open) for a directory."""
     if (path / ".metadata").is_file():
         return "dcp", path
@@ -253,14 +257,14 @@ def _remote_not_yet(what: str, path) -> UsageError:
     return UsageError(f"{path}: {what} on remote storage cannot be read yet; copy it to a local disk first")
 
 
-def _tf_dir(path: Path) -> tuple[Path, str] | None:
+def _tf_dir(path: Path | RemotePath) -> tuple[Path | RemotePath, str] | None:
     """(prefix, note) of the TF checkpoint a folder names (SavedModel, `checkpoint` state file)."""
     from ckptctl.formats import tf_bundle
 
     return tf_bundle.resolve_dir(path)
 
 
-def _tf_file(p: Path) -> Path | None:
+def _tf_file(p: Path | RemotePath) -> Path | RemotePath | None:
     """The prefix when `p` is a TF checkpoint prefix (not a file), P.index or P.data-K-of-N."""
     name = p.name
     if p.exists() and not (name.endswith(".index") or ".data-" in name):
@@ -275,7 +279,7 @@ def names_something(path: str | os.PathLike) -> bool:
     return os.path.exists(path) or os.path.isfile(os.fspath(path) + ".index")
 
 
-def resolve(path: str | os.PathLike) -> tuple[str, Path]:
+def resolve(path: str | os.PathLike) -> tuple[str, Path | RemotePath]:
     """(format name, the path its reader opens) by content; raises a CkptError otherwise.
 
     URLs (s3://, https://, ...) work alike: a remote folder (prefix) is resolved from one listing,
@@ -287,7 +291,7 @@ def resolve(path: str | os.PathLike) -> tuple[str, Path]:
     return fmt, target
 
 
-def resolve_opened(path: str | os.PathLike) -> tuple[str, Path, OpenedZip | None]:
+def resolve_opened(path: str | os.PathLike) -> tuple[str, Path | RemotePath, OpenedZip | None]:
     """resolve(), plus what sniffing opened for the reader (a parsed zip archive) or None; pass it
     to reader_for (which hands it to the reader) or close it."""
     p = as_path(path)
@@ -378,7 +382,7 @@ def _sniff_opened(path: str | os.PathLike) -> tuple[str, OpenedZip | None]:
 READER_OPTIONS: dict[str, object] = {}
 
 
-def reader_for(fmt: str, target: Path, opened: OpenedZip | None = None, **opts) -> Reader:
+def reader_for(fmt: str, target: Path | RemotePath, opened: OpenedZip | None = None, **opts) -> Reader:
     """The reader of format `fmt` for `target`, given what resolve_opened opened (taken over:
     handed to a reader that accepts it, else closed)."""
     try:
@@ -413,7 +417,7 @@ def open_reader(path: str | os.PathLike, **opts) -> Reader:
     if is_remote(target):
         # byte ranges name files for os.open / copy_file_range: a remote object has none, so
         # consumers (convert, diff, average) take the streaming path through iter_chunks
-        reader.byte_range = lambda name: None
+        reader.byte_range = lambda name: None  # type: ignore[method-assign]  # this one instance, on purpose
     return reader
 
 

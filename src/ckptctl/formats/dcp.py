@@ -19,17 +19,21 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, NotFound
 from ckptctl.formats import pickles
-from ckptctl.formats.torch_zip import (
-    MissingLoc, PickleBasedReader, TensorLoc, TorchArchive, boxes, c_contiguous, fill, iter_view,
-    pickle_failure, FileBlob, _swap, _pieces,
+from ckptctl.formats.pickle_reader import PickleBasedReader, pickle_failure
+from ckptctl.formats.strided import (
+    FileBlob, MissingLoc, TensorLoc, _pieces, _swap, boxes, c_contiguous, fill, iter_view,
 )
+from ckptctl.formats.torch_archive import TorchArchive
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
 from ckptctl.sources import as_path, file_size, is_remote, open_file
+
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
 
 BYTES_ITEM_MAX = 1 << 20  # non-tensor items up to this size are read for their value
 
@@ -183,7 +187,7 @@ class DCPReader(PickleBasedReader):
         )
 
     @staticmethod
-    def _item_path(folder: Path, rel: str, md_path) -> str:
+    def _item_path(folder: Path | RemotePath, rel: str, md_path) -> str:
         p = PurePosixPath(rel)
         if not rel or "\x00" in rel or p.is_absolute() or ".." in p.parts or "\\" in rel:
             raise CorruptFile(f".metadata names a data file outside the folder: {rel!r:.80}", md_path)
@@ -242,7 +246,7 @@ class DCPReader(PickleBasedReader):
                 st = root.storage
                 blob = arch.blob(st)
                 blob.file_offset(self)  # resolve now: the archive is closed below
-                from ckptctl.formats.torch_zip import swap_unit
+                from ckptctl.formats.strided import swap_unit
 
                 loc = TensorLoc(blob, st.view_offset * dtypes.BY_NAME[st.dtype].itemsize + root.offset * d.itemsize,
                                 root.stride, d.itemsize, swap_unit(dtype, arch.big_endian), key=st.key,
@@ -254,7 +258,8 @@ class DCPReader(PickleBasedReader):
             if ch.length != need:
                 raise CorruptFile(f"item of {name!r} is {ch.length} bytes, {dtype}{list(ch.sizes)} needs {need}",
                                   self.path)
-            stride, acc = (), 1
+            stride: tuple[int, ...] = ()
+            acc = 1
             for s in reversed(ch.sizes):
                 stride = (acc,) + stride
                 acc *= s
@@ -308,6 +313,8 @@ class DCPReader(PickleBasedReader):
         if not isinstance(loc, DCPLoc) or len(loc.chunks) != 1:
             return None
         cl = self._item_loc(loc.chunks[0], t.dtype, t.name)
+        if not isinstance(cl.blob, FileBlob):  # (always one: items are files)
+            return None
         if cl.swap or (t.numel and not c_contiguous(t.shape, cl.stride)) or is_remote(cl.blob.path):
             return None
         return (cl.blob.path, cl.blob.file_offset(self) + cl.byte_base, t.nbytes)

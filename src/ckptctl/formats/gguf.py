@@ -341,6 +341,7 @@ class GGUFHeader:
                 return f"[string of {v[1] - v[0]} bytes, sha256:{self._digest(c, *v)}]", tname
             return v, tname
         if vtype != T_ARRAY:
+            assert code is not None  # only strings and arrays have no struct code
             v = c.unpack(code, what)
             return (_f32(v) if vtype == 6 else v), tname
         if depth >= 4:

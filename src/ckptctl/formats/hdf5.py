@@ -291,13 +291,13 @@ class HDF5Reader(Reader):
                 objects.append(t_or_obj)
 
         for alias, target in declared.items():
-            t = by_name.get(target)
+            tgt = by_name.get(target)
             if alias in by_name:
                 warnings.append(f"ignored tied-weight alias {alias!r}: a separate dataset of that name is stored")
-            elif t is None:
+            elif tgt is None:
                 warnings.append(f"ignored tied-weight alias {alias!r}: its target {target!r} is not in the file")
             else:
-                a = TensorInfo(alias, t.dtype, t.shape, t.nbytes, alias_of=t.alias_of or target, loc=t.loc)
+                a = TensorInfo(alias, tgt.dtype, tgt.shape, tgt.nbytes, alias_of=tgt.alias_of or target, loc=tgt.loc)
                 tensors.append(a)
                 by_name[alias] = a
         if _decode(root_attrs.get(ESCAPING_ATTR)) == "percent":  # give back the names ckptctl mapped
@@ -414,7 +414,7 @@ class HDF5Reader(Reader):
             return ObjectInfo(path, f"hdf5.Dataset ({what}, shape {list(shape)})")
         nbytes = dtypes.nbytes(d, shape)
         off = self._offset(ds, dt, nbytes, h5py) if self.base_offset is not None else None
-        off = None if off is None else self.base_offset + off
+        off = None if off is None or self.base_offset is None else self.base_offset + off
         return TensorInfo(path, d.name, shape, nbytes, loc=_Loc("/" + path, out_dt, off, nbytes))
 
     @staticmethod

@@ -28,7 +28,7 @@ import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptctl.errors import CkptError, CorruptFile, NotFound, UnknownFormat
 from ckptctl.formats.base import CHUNK, Reader
@@ -36,6 +36,9 @@ from ckptctl.formats.hdf5 import HDF5Reader
 from ckptctl.formats.sharded import read_weight_map
 from ckptctl.model import CheckpointInfo, TensorInfo
 from ckptctl.sources import as_source, is_remote, open_file
+
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
 
 WEIGHTS_MEMBER = "model.weights.h5"
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json / metadata.json / a shard index larger than this is not read
@@ -154,7 +157,7 @@ class _Inflater(_Seekable):
         # a state: [upos (bytes output so far), cpos (next compressed byte to feed), decompressor, tail]
         first = (0, 0, zlib.decompressobj(-zlib.MAX_WBITS), b"")
         self._snaps: list[tuple[int, int, Any, bytes]] = [first]
-        self._state = [0, 0, first[2].copy(), b""]
+        self._state: list[Any] = [0, 0, first[2].copy(), b""]  # upos, cpos, decompressor, tail
         self._pos = 0
 
     def _fail(self, why: str) -> CorruptFile:
@@ -448,7 +451,7 @@ class KerasZipReader(HDF5Reader):
 _SHARD_RE = re.compile(r"_(\d{5,})\.weights\.h5$")
 
 
-def shard_base(index: Path) -> str:
+def shard_base(index: Path | RemotePath) -> str:
     """`m.weights.json` -> `m`: the stem Keras names the shards after (`m_00000.weights.h5`)."""
     name = index.name
     for suf in (".weights.json", ".json"):

@@ -108,7 +108,7 @@ def _crc32c(data: bytes) -> int | None:
         import google_crc32c  # optional: when installed, checksums are verified
     except ImportError:
         try:
-            import crc32c as _c  # type: ignore[import-not-found]
+            import crc32c as _c
         except ImportError:
             return None
         return _c.crc32c(data)
@@ -332,19 +332,19 @@ class OcdbtStore:
             if any(k > 1 for k in kinds):
                 buf.fail("bad value kind")
             ind = [i for i in range(n) if kinds[i] == 1]
-            fids = {i: buf.varint() for i in ind}
-            offs = {i: buf.varint() for i in ind}
+            vfids = {i: buf.varint() for i in ind}
+            voffs = {i: buf.varint() for i in ind}
             for i in range(n):
                 key = prefix + keys[i]
                 if kinds[i] == 0:
                     values[key] = ValueRef(lens[i], inline=buf.take(lens[i]))
                 else:
-                    if fids[i] >= len(table):
+                    if vfids[i] >= len(table):
                         buf.fail("value names a data file that is not in the table")
-                    base, rel = table[fids[i]]
+                    base, rel = table[vfids[i]]
                     f = self._file(base + rel, f"value of {key.decode(errors='replace')!r}")
                     self.files.add(f)
-                    values[key] = ValueRef(lens[i], file=f, offset=offs[i])
+                    values[key] = ValueRef(lens[i], file=f, offset=voffs[i])
             if len(values) > MAX_KEYS:
                 raise CorruptFile("OCDBT database with implausibly many keys", self.root)
         return values

@@ -65,15 +65,15 @@ def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict
     body = raw[8 : 8 + n]
     try:
         text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CorruptFile(f"header is not valid UTF-8 (byte {e.start} of the header)", path) from None
+    except UnicodeDecodeError as err:
+        raise CorruptFile(f"header is not valid UTF-8 (byte {err.start} of the header)", path) from None
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as e:
-        raise CorruptFile(f"header JSON has the key {str(e)!r} twice", path) from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = getattr(e, "msg", "too deeply nested")
-        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+    except _DuplicateKey as err:
+        raise CorruptFile(f"header JSON has the key {str(err)!r} twice", path) from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        msg = getattr(err, "msg", "too deeply nested")
+        where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
         raise CorruptFile(f"header is not valid JSON ({msg}{where})", path) from None
     if not isinstance(header, dict):
         raise CorruptFile(f"header is a JSON {type(header).__name__}, expected an object", path)

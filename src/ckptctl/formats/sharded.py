@@ -12,11 +12,14 @@ import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptctl.errors import CkptError, CorruptFile, NotFound
 from ckptctl.formats.base import CHUNK, Reader
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
+
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
 
 MAX_INDEX_BYTES = 256 * 1024 * 1024
 
@@ -34,7 +37,7 @@ class ShardedReader(Reader):
         return read_weight_map(self.path, MAX_INDEX_BYTES, "shard index",
                                '{"metadata": ..., "weight_map": {tensor: shard file}}')
 
-    def _shard_path(self, shard: str) -> Path:
+    def _shard_path(self, shard: str) -> Path | RemotePath:
         return self.path.parent / shard
 
     def _shard(self, shard: str) -> Reader:
@@ -136,7 +139,7 @@ class ShardedReader(Reader):
         reader, n = self._delegate(name)
         return reader.read(n)
 
-    def shard_of(self, name: str) -> Path:
+    def shard_of(self, name: str) -> Path | RemotePath:
         """The shard file that holds `name`."""
         self._delegate(name)
         return self._shard_path(self._where[name])

@@ -5,7 +5,7 @@ A checkpoint is a prefix P: `P.index`, a LevelDB-style sorted table, and `P.data
 shards holding the raw tensor bytes. The table is parsed here (footer + magic, block trailers with
 their masked CRC32C checked, restart arrays, index block -> data blocks) and its values, the
 BundleHeaderProto (key "") and one BundleEntryProto per tensor, are decoded with a small protobuf
-wire decoder. Listing reads the index only (and the object graph, a small string tensor); tensor
+wire decoder (tf_table.py; naming a checkpoint: tf_paths.py). Listing reads the index only (and the object graph, a small string tensor); tensor
 bytes are read on demand with os.pread, and each tensor's CRC32C is checked when its bytes are read.
 
 Names: TF 2's `/.ATTRIBUTES/VARIABLE_VALUE` suffix is dropped (`model/dense/kernel`); the raw key
@@ -22,27 +22,51 @@ full shape and read when they are split along the first axis only.
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, Incompatible, NotFound
 from ckptctl.formats.base import CHUNK, Reader
+from ckptctl.formats.tf_paths import (
+    _plus,
+    data_file,
+    is_index,
+    prefix_of,
+    read_state_file,
+    resolve_dir,
+    resolve_path,
+)
+from ckptctl.formats.tf_table import (
+    _Bad,
+    _int,
+    _one,
+    _py_extend,
+    _str,
+    _sub,
+    _varint,
+    crc_extend,
+    mask,
+    masked_crc,
+    proto_fields,
+    slice_key,
+    string_crc,
+    string_values,
+    table_entries,
+)
 from ckptctl.model import CheckpointInfo, TensorInfo
-from ckptctl.sources import as_path, is_remote, open_source
+from ckptctl.sources import as_path, open_source
 
-MAGIC = 0xDB4775248B80FB57
-FOOTER_SIZE = 48
-TRAILER = 5
+if TYPE_CHECKING:
+    from ckptctl.sources import LocalSource, RemotePath, RemoteSource
+
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 CRC_CHUNK = 8 << 20  # reads that only check a tensor's CRC32C
 MAX_INDEX = 1 << 31  # an index bigger than 2 GiB is not a checkpoint index
-DATA_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<k>\d{5,})-of-(?P<n>\d{5,})$")
 
 # TF DataType enum -> ckptctl dtype name
 DTYPES = {
@@ -53,240 +77,6 @@ DTYPES = {
 }
 UNSUPPORTED = {15: "qint16", 16: "quint16", 20: "resource", 21: "variant", 27: "float8_e4m3b11fnuz",
                29: "int4", 30: "uint4"}
-
-
-# ---- CRC32C ---------------------------------------------------------------------------------------
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_TABLE: list[int] | None = None
-
-
-def _py_extend(crc: int, data) -> int:
-    """Pure-Python CRC-32C (slow; used only when google-crc32c is missing)."""
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _crc_table()
-    t = _TABLE
-    c = crc ^ 0xFFFFFFFF
-    for b in bytes(data):
-        c = t[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-try:  # a C implementation (hardware CRC32 instruction where there is one): ~3 GB/s
-    import google_crc32c as _gcrc
-
-    def crc_extend(crc: int, data) -> int:
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        return _gcrc.extend(crc, data)
-except ImportError:  # pragma: no cover - the dependency is declared
-    crc_extend = _py_extend
-
-
-def mask(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def masked_crc(data) -> int:
-    return mask(crc_extend(0, data))
-
-
-# ---- protobuf wire format ---------------------------------------------------------------------
-class _Bad(ValueError):
-    pass
-
-
-def _varint(buf: bytes, pos: int, end: int | None = None) -> tuple[int, int]:
-    end = len(buf) if end is None else end
-    result = shift = 0
-    while True:
-        if pos >= end:
-            raise _Bad("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise _Bad("varint longer than 10 bytes")
-
-
-def proto_fields(buf: bytes) -> dict[int, list]:
-    """field number -> values (int for varint/fixed, bytes for length-delimited)."""
-    out: dict[int, list] = {}
-    pos, end = 0, len(buf)
-    while pos < end:
-        tag, pos = _varint(buf, pos)
-        num, wt = tag >> 3, tag & 7
-        if num == 0:
-            raise _Bad("field number 0")
-        if wt == 0:
-            v, pos = _varint(buf, pos)
-        elif wt == 1:
-            if pos + 8 > end:
-                raise _Bad("truncated fixed64")
-            v = int.from_bytes(buf[pos:pos + 8], "little")
-            pos += 8
-        elif wt == 2:
-            n, pos = _varint(buf, pos)
-            if pos + n > end:
-                raise _Bad("truncated length-delimited field")
-            v = bytes(buf[pos:pos + n])
-            pos += n
-        elif wt == 5:
-            if pos + 4 > end:
-                raise _Bad("truncated fixed32")
-            v = int.from_bytes(buf[pos:pos + 4], "little")
-            pos += 4
-        else:
-            raise _Bad(f"unsupported wire type {wt}")
-        out.setdefault(num, []).append(v)
-    return out
-
-
-def _one(f: dict[int, list], num: int, default=0):
-    v = f.get(num)
-    return v[-1] if v else default  # proto3: the last value wins
-
-
-def _int64(v: int) -> int:
-    if not isinstance(v, int):
-        raise _Bad("expected an integer field")
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _int(f: dict[int, list], num: int) -> int:
-    return _int64(_one(f, num))
-
-
-def _sub(f: dict[int, list], num: int) -> list[dict[int, list]]:
-    out = []
-    for v in f.get(num, []):
-        if not isinstance(v, bytes):
-            raise _Bad(f"field {num} is not a message")
-        out.append(proto_fields(v))
-    return out
-
-
-def _str(v) -> str:
-    if not isinstance(v, bytes):
-        raise _Bad("expected a string field")
-    return v.decode("utf-8", "replace")
-
-
-# ---- the sorted table (.index) ----------------------------------------------------------------
-def _block(data: bytes, offset: int, size: int, what: str) -> bytes:
-    if offset + size + TRAILER > len(data) or size < 4:
-        raise _Bad(f"{what} at byte {offset} (size {size}) lies past the end of the file ({len(data)} bytes)")
-    block = data[offset:offset + size]
-    ctype = data[offset + size]
-    stored = int.from_bytes(data[offset + size + 1:offset + size + 5], "little")
-    if masked_crc(data[offset:offset + size + 1]) != stored:
-        raise _Bad(f"{what} at byte {offset}: CRC32C mismatch in the block trailer: the index is corrupt")
-    if ctype == 1:
-        raise _Bad(f"{what} at byte {offset} is snappy-compressed, which TF's bundle writer never does")
-    if ctype != 0:
-        raise _Bad(f"{what} at byte {offset}: unknown compression type {ctype}")
-    return block
-
-
-def _block_entries(block: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
-    n = int.from_bytes(block[-4:], "little")
-    limit = len(block) - 4 - 4 * n
-    if n < 1 or limit < 0:
-        raise _Bad(f"{what}: bad restart array ({n} restarts in {len(block)} bytes)")
-    for i in range(n):
-        r = int.from_bytes(block[limit + 4 * i:limit + 4 * i + 4], "little")
-        if r > limit or (i == 0 and r != 0):
-            raise _Bad(f"{what}: restart point {r} outside the block")
-    pos = 0
-    key = b""
-    while pos < limit:
-        shared, pos = _varint(block, pos, limit)
-        non_shared, pos = _varint(block, pos, limit)
-        vlen, pos = _varint(block, pos, limit)
-        if shared > len(key) or pos + non_shared + vlen > limit:
-            raise _Bad(f"{what}: entry at byte {pos} runs past the block")
-        key = key[:shared] + block[pos:pos + non_shared]
-        pos += non_shared
-        yield key, block[pos:pos + vlen]
-        pos += vlen
-
-
-def _handle(value: bytes) -> tuple[int, int]:
-    off, pos = _varint(value, 0)
-    size, _pos = _varint(value, pos)
-    return off, size
-
-
-def table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of a LevelDB-style table, in order; raises _Bad on any inconsistency."""
-    if len(data) < FOOTER_SIZE:
-        raise _Bad(f"file is {len(data)} bytes, too short for a TF checkpoint index (48-byte footer)")
-    footer = data[-FOOTER_SIZE:]
-    if int.from_bytes(footer[-8:], "little") != MAGIC:
-        raise _Bad("bad magic number: not a TF checkpoint index (LevelDB table)")
-    try:
-        _moff, pos = _varint(footer, 0)
-        _msize, pos = _varint(footer, pos)
-        ioff, pos = _varint(footer, pos)
-        isize, pos = _varint(footer, pos)
-    except _Bad:
-        raise _Bad("corrupt footer") from None
-    index = _block(data, ioff, isize, "index block")
-    out: list[tuple[bytes, bytes]] = []
-    last: bytes | None = None
-    for sep, handle in _block_entries(index, "index block"):
-        off, size = _handle(handle)
-        for key, value in _block_entries(_block(data, off, size, "data block"), f"data block at byte {off}"):
-            if last is not None and key <= last:
-                raise _Bad(f"keys out of order at {key[:60]!r}")
-            if key > sep:
-                raise _Bad(f"key {key[:60]!r} is past its index separator")
-            last = key
-            out.append((key, value))
-    return out
-
-
-# ---- OrderedCode keys of partitioned-variable slices -------------------------------------------
-_HEADER_BITS = [(0, 0), (0x80, 0), (0xC0, 0), (0xE0, 0), (0xF0, 0), (0xF8, 0), (0xFC, 0), (0xFE, 0),
-                (0xFF, 0), (0xFF, 0x80), (0xFF, 0xC0)]
-
-
-def _num_increasing(v: int) -> bytes:
-    b = v.to_bytes((v.bit_length() + 7) // 8, "big") if v else b""
-    return bytes([len(b)]) + b
-
-
-def _signed_increasing(v: int) -> bytes:
-    x = ~v if v < 0 else v
-    if x < 64:
-        return bytes([(0x80 ^ v) & 0xFF])
-    n = x.bit_length() // 7 + 1
-    buf = bytearray(v.to_bytes(10, "big", signed=True))
-    begin = 10 - n
-    buf[begin] ^= _HEADER_BITS[n][0]
-    buf[begin + 1] ^= _HEADER_BITS[n][1]
-    return bytes(buf[begin:])
-
-
-def slice_key(name: bytes, extents: list[tuple[int, int]]) -> bytes:
-    """tensorflow::checkpoint::EncodeTensorNameSlice: the key of one stored slice."""
-    esc = b"".join(b"\x00\xff" if c == 0 else b"\xff\x00" if c == 0xFF else bytes([c]) for c in name)
-    out = bytearray(_num_increasing(0) + esc + b"\x00\x01" + _num_increasing(len(extents)))
-    for start, length in extents:
-        out += _signed_increasing(start) + _signed_increasing(length)
-    return bytes(out)
 
 
 # ---- entries -------------------------------------------------------------------------------------
@@ -354,134 +144,6 @@ def _entry(value: bytes, key: str) -> dict:
     }
 
 
-def _plus(p: Path, suffix: str) -> Path:
-    """`p` with `suffix` appended to its name (a Path, or a sources.RemotePath for URLs)."""
-    return p.with_name(p.name + suffix) if is_remote(p) else Path(f"{p}{suffix}")
-
-
-def data_file(prefix: Path, shard: int, num_shards: int) -> Path:
-    return _plus(prefix, f".data-{shard:05d}-of-{num_shards:05d}")
-
-
-def prefix_of(path: Path) -> Path | None:
-    """The checkpoint prefix a file name belongs to (P.index, P.data-K-of-N), else None."""
-    name = path.name
-    if name.endswith(".index"):
-        return path.with_name(name[: -len(".index")])
-    m = DATA_RE.match(name)
-    if m:
-        return path.with_name(m["prefix"])
-    return None
-
-
-def is_index(path: Path) -> bool:
-    """Whether the file ends with a LevelDB table footer (the TF index magic)."""
-    try:
-        with open_source(path) as src:
-            if src.size < FOOTER_SIZE:
-                return False
-            return int.from_bytes(src.pread(src.size - 8, 8), "little") == MAGIC
-    except OSError:
-        return False
-
-
-def read_state_file(path: Path) -> tuple[str | None, list[str]]:
-    """(model_checkpoint_path, all_model_checkpoint_paths) of a `checkpoint` CheckpointState file."""
-    latest = None
-    every: list[str] = []
-    try:
-        text = as_path(path).read_bytes().decode("utf-8", errors="replace")
-    except OSError:
-        return None, []
-    for line in text.splitlines():
-        m = re.match(r'\s*(model_checkpoint_path|all_model_checkpoint_paths)\s*:\s*"((?:[^"\\]|\\.)*)"', line)
-        if not m:
-            continue
-        value = m.group(2).encode().decode("unicode_escape")
-        if m.group(1) == "model_checkpoint_path":
-            latest = value
-        else:
-            every.append(value)
-    return latest, every
-
-
-def _state_prefix(folder: Path, value: str) -> Path:
-    if is_remote(folder):  # a path of the machine that wrote it means nothing here: relative only
-        from pathlib import PurePosixPath
-
-        v = PurePosixPath(value)
-        p = folder / value if not v.is_absolute() else folder / v.name
-        if not _plus(p, ".index").is_file() and _plus(folder / v.name, ".index").is_file():
-            return folder / v.name
-        return p
-    p = Path(value)
-    if not p.is_absolute():
-        p = folder / p
-    if not Path(f"{p}.index").is_file():  # written elsewhere and moved: look beside the state file
-        alt = folder / p.name
-        if Path(f"{alt}.index").is_file():
-            return alt
-    return p
-
-
-def resolve_dir(folder: Path) -> tuple[Path, str] | None:
-    """(prefix, note) when a folder names one TF checkpoint: a SavedModel, a run folder with a
-    `checkpoint` state file, or a folder holding exactly one P.index; else None."""
-    for sub in (folder / "variables" / "variables", folder / "variables"):
-        if _plus(sub, ".index").is_file():
-            return sub, ""
-    state = folder / "checkpoint"
-    if state.is_file():
-        latest, every = read_state_file(state)
-        if latest is None and every:
-            latest = every[-1]
-        if latest:
-            p = _state_prefix(folder, latest)
-            return p, f"picked as the latest checkpoint named in {state}"
-    try:
-        indexes = [e for e in sorted(folder.iterdir()) if e.name.endswith(".index") and e.is_file()]
-    except OSError:
-        return None
-    indexes = [e for e in indexes if is_index(e)]
-    if len(indexes) == 1:
-        return prefix_of(indexes[0]), ""
-    return None
-
-
-def resolve_path(p: Path) -> Path | None:
-    """The prefix when `p` names a TF checkpoint by its prefix, index or a data file; else None."""
-    if not p.exists():
-        if _plus(p, ".index").is_file():
-            return p
-        return None
-    if p.is_file():
-        pre = prefix_of(p)
-        if pre is None:
-            return None
-        index = _plus(pre, ".index")
-        if p.name.endswith(".index"):  # the index itself: by its magic, or (broken) beside its data
-            if is_index(p) or _has_data_files(pre):
-                return pre
-            return None
-        if index.is_file():
-            return pre
-        raise NotFound(f"a TF checkpoint data shard, but its index {index.name} is missing", p)
-    return None
-
-
-def _has_data_files(pre: Path) -> bool:
-    """Whether any P.data-K-of-N lies beside the prefix P."""
-    if is_remote(pre):
-        import fnmatch
-
-        pattern = f"{glob.escape(pre.name)}.data-*-of-*"
-        try:
-            return any(fnmatch.fnmatchcase(e.name, pattern) for e in pre.parent.iterdir())
-        except FileNotFoundError:
-            return False
-    return any(pre.parent.glob(f"{glob.escape(pre.name)}.data-*-of-*"))
-
-
 # ---- the reader ----------------------------------------------------------------------------------
 class TFBundleReader(Reader):
     format = "tf-bundle"
@@ -493,8 +155,8 @@ class TFBundleReader(Reader):
         super().__init__(self.prefix)
         self.note = note
         self.index_path = _plus(self.prefix, ".index")
-        self._srcs: dict[int, object] = {}  # shard -> sources.LocalSource / RemoteSource
-        self._shards: list[Path] = []
+        self._srcs: dict[int, LocalSource | RemoteSource] = {}  # shard -> its byte source
+        self._shards: list[Path | RemotePath] = []
         self._verified: set[str] = set()
         self.big_endian = False
 
@@ -571,27 +233,27 @@ class TFBundleReader(Reader):
 
         raw: dict[bytes, dict] = {}
         order: list[bytes] = []
-        for key, value in entries[1:]:
+        for kb, value in entries[1:]:
             try:
-                e = _entry(value, key.decode("utf-8", "replace"))
+                ent = _entry(value, kb.decode("utf-8", "replace"))
             except _Bad as err:
-                raise CorruptFile(f"entry {key[:80]!r}: {err}", self.index_path) from None
-            raw[key] = e
-            if not key.startswith(b"\x00"):
-                order.append(key)
+                raise CorruptFile(f"entry {kb[:80]!r}: {err}", self.index_path) from None
+            raw[kb] = ent
+            if not kb.startswith(b"\x00"):
+                order.append(kb)
         # every piece of data must lie inside its shard
-        for key, e in raw.items():
-            if e["slices"]:
+        for kb, ent in raw.items():
+            if ent["slices"]:
                 continue
-            name = key.decode("utf-8", "replace")
-            if e["offset"] < 0 or e["size"] < 0:
+            name = kb.decode("utf-8", "replace")
+            if ent["offset"] < 0 or ent["size"] < 0:
                 raise CorruptFile(f"tensor {name!r}: negative offset or size", self.index_path)
-            if e["size"] or num_shards:
-                size = shard_size(e["shard"], name)
-                if e["offset"] + e["size"] > size:
+            if ent["size"] or num_shards:
+                size = shard_size(ent["shard"], name)
+                if ent["offset"] + ent["size"] > size:
                     raise CorruptFile(
                         f"tensor {name!r} points past the end of its data shard "
-                        f"({e['offset']} + {e['size']} > {size} bytes): truncated?", self._shards[e["shard"]])
+                        f"({ent['offset']} + {ent['size']} > {size} bytes): truncated?", self._shards[ent["shard"]])
 
         graph = self._object_graph(raw.get(OBJECT_GRAPH_KEY.encode()))
         keys = [k.decode("utf-8", "replace") for k in order if k != OBJECT_GRAPH_KEY.encode()]
@@ -604,9 +266,9 @@ class TFBundleReader(Reader):
             key = kb.decode("utf-8", "replace")
             if key == OBJECT_GRAPH_KEY:
                 continue
-            e = raw[kb]
+            ent = raw[kb]
             name = display[key]
-            code = e["dtype"]
+            code = ent["dtype"]
             if code in UNSUPPORTED:
                 raise Incompatible(f"tensor {name!r} has TF dtype {UNSUPPORTED[code]}, which ckptctl does not read",
                                    self.index_path)
@@ -614,17 +276,17 @@ class TFBundleReader(Reader):
                 raise CorruptFile(f"tensor {name!r}: unknown TF dtype number {code}", self.index_path)
             dt = DTYPES[code]
             d = dtypes.BY_NAME[dt]
-            loc = self._locate(kb, e, raw, d, name)
+            loc = self._locate(kb, ent, raw, d, name)
             if dt == "string":
                 strings.append(name)
                 nbytes = sum(p.size for p in loc.pieces)
             else:
-                nbytes = dtypes.nbytes(d, e["shape"])
+                nbytes = dtypes.nbytes(d, ent["shape"])
                 if loc.problem is None and sum(p.size for p in loc.pieces) != nbytes:
                     raise CorruptFile(f"tensor {name!r}: {sum(p.size for p in loc.pieces)} bytes stored, "
-                                      f"{dt}{list(e['shape'])} needs {nbytes}", self.index_path)
+                                      f"{dt}{list(ent['shape'])} needs {nbytes}", self.index_path)
             g = graph.get(key, {})
-            tensors.append(TFTensorInfo(name, dt, e["shape"], nbytes, loc=loc, key=key,
+            tensors.append(TFTensorInfo(name, dt, ent["shape"], nbytes, loc=loc, key=key,
                                         full_name=g.get("full_name"),
                                         slot_of=display.get(g["slot_of"], g["slot_of"]) if g.get("slot_of") else None,
                                         slot=g.get("slot")))
@@ -803,36 +465,6 @@ def _swap(chunk: bytes, itemsize: int) -> bytes:
     return np.frombuffer(chunk, dtype=f">u{itemsize}").astype(f"<u{itemsize}").tobytes()
 
 
-def string_crc(record: bytes, count: int, order: str = "little") -> int:
-    """TF's (unmasked) CRC32C of a string tensor record: each length as a uint32 in the writer's order
-    (uint64 past 4 GiB), the stored masked checksum of the lengths, then the string bytes."""
-    pos = 0
-    lens = bytearray()
-    total = 0
-    for _ in range(count):
-        n, pos = _varint(record, pos)
-        lens += n.to_bytes(4 if n <= 0xFFFFFFFF else 8, order)  # host order of the writer
-        total += n
-    if pos + 4 + total != len(record):
-        raise _Bad(f"lengths add up to {pos + 4 + total} bytes, the record has {len(record)}")
-    crc = crc_extend(0, bytes(lens))
-    return crc_extend(crc, record[pos:])
-
-
-def string_values(record: bytes, count: int) -> list[bytes]:
-    """The strings of a string tensor's stored record (for tests and `inspect`-free callers)."""
-    lens = []
-    pos = 0
-    for _ in range(count):
-        n, pos = _varint(record, pos)
-        lens.append(n)
-    pos += 4
-    out = []
-    for n in lens:
-        out.append(record[pos:pos + n])
-        pos += n
-    return out
-
-
 __all__ = ["TFBundleReader", "TFTensorInfo", "resolve_dir", "resolve_path", "is_index", "read_state_file",
-           "masked_crc", "mask", "crc_extend", "table_entries", "proto_fields", "slice_key", "DTYPES"]
+           "masked_crc", "mask", "crc_extend", "table_entries", "proto_fields", "slice_key", "DTYPES",
+           "string_values", "_py_extend"]  # the last ones from tf_table, for the tests

@@ -21,7 +21,8 @@ from typing import Any
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import pickles
-from ckptctl.formats.torch_zip import FileBlob, PickleBasedReader, checkpoint_info, pickle_failure, storage_dtype
+from ckptctl.formats.pickle_reader import PickleBasedReader, checkpoint_info, pickle_failure, storage_dtype
+from ckptctl.formats.strided import FileBlob
 from ckptctl.model import CheckpointInfo
 from ckptctl.sources import file_size, is_remote, open_file
 

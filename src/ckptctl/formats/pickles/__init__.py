@@ -26,7 +26,7 @@ torchscript). A pickled nn.Module (any object whose state holds `_parameters`, `
 their own `state_dict()` would name them (`raw_names=True`: as the pickle holds them).
 
 The package: records.py (the inert records), buffer.py (reading the bytes), machine.py (the opcode
-loop and the global recorder), semantics.py (what calls and BUILD mean), rebuild_torch.py /
+loop and the global recorder), loads.py (running it over one pickle or pickles back to back), semantics.py (what calls and BUILD mean), rebuild_torch.py /
 rebuild_numpy.py / rebuild_builtins.py (the vocabularies), listing.py (an opcode-only listing for
 pickles that fail), safety.py (which globals can run code), walk.py (describe, render) and
 modules.py (nn.Module and TorchScript views).
@@ -40,14 +40,13 @@ from ckptctl.formats.pickles.listing import (
     opcode_global_pairs,
     opcode_globals,
 )
+from ckptctl.formats.pickles.loads import scan_globals, unpickle_bytes
 from ckptctl.formats.pickles.machine import (
     INLINE_MAX,
     LENIENT_MAX,
     MAX_STRING,
     Machine,
     no_gc,
-    scan_globals,
-    unpickle_bytes,
 )
 from ckptctl.formats.pickles.modules import (
     MAX_MODULES,

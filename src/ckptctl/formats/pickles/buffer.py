@@ -72,6 +72,7 @@ class Buffered:
         self._window = min(self._window * 2, WINDOW)  # start small: the pickle may end soon
         if want <= 0:
             return data, pos
+        assert self._file is not None  # called for file-backed pickles only
         self._file.seek(abs_pos + len(have))
         more = self._file.read(want)
         self._base = abs_pos

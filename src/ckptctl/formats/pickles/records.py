@@ -148,7 +148,7 @@ class NumpyArray:
 @dataclass(eq=False)
 class NumpyScalar:
     dtype: NumpyDtype | None
-    data: bytes | None
+    data: bytes | bytearray | None
 
     def value(self) -> Any:
         return _numpy_scalar_value(self.dtype, self.data)

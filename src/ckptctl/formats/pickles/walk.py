@@ -256,6 +256,7 @@ class _Walker:
                   parent_training: Any) -> None:
         """A TorchScript module object of data.pkl: attributes in its state; which tensors are
         parameters and buffers comes from the class's `__parameters__`/`__buffers__` lines."""
+        assert self.ts is not None  # only TorchScript archives have TorchScript modules
         self.nodes += 1
         if depth > MAX_WALK_DEPTH:
             raise CorruptFile(f"the archive nests modules deeper than {MAX_WALK_DEPTH} levels", self.path)
@@ -490,10 +491,10 @@ def render(v: Any, depth: int = 0, budget: list | None = None) -> Any:
         return f"<{v.full}>"
     if isinstance(v, Opaque):
         if v.type in _RECORD_TYPES or (v.dictitems and not v.args and v.state is None):
-            items = dict(v.fields())
+            fields = dict(v.fields())
             for k, x in v.dictitems or ():
-                items[k] = x
-            return {_key_str(k): render(x, depth + 1, budget) for k, x in list(items.items())[:500]}
+                fields[k] = x
+            return {_key_str(k): render(x, depth + 1, budget) for k, x in list(fields.items())[:500]}
         if v.type in _PATH_TYPES and v.args and all(isinstance(a, str) for a in v.args):
             return "/".join(a.rstrip("/") if i == 0 and a != "/" else a for i, a in enumerate(v.args)).replace("//", "/")
         return f"<{v.type}>"
