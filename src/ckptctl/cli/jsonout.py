@@ -110,6 +110,11 @@ def _dumps_indent2(obj: Any) -> str:
         end = "\n" + inner + "}"
         sep = "[\n" + inner
         for r in o:
+            if type(r) is not TensorInfo:  # a format's own row (TF: key, full_name, slot_of): its to_json()
+                add(sep)
+                value(r.to_json(), inner, 2)
+                sep = ",\n" + inner
+                continue
             name, dtype, shape, nbytes, alias = r.name, r.dtype, r.shape, r.nbytes, r.alias_of
             if type(name) is not str or type(dtype) is not str or type(nbytes) is not int:
                 raise _Unusual
