@@ -15,10 +15,13 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ckptctl.errors import CkptError, UnknownFormat
 from ckptctl.formats.pickles.safety import classify, classify_pair
+
+if TYPE_CHECKING:
+    from ckptctl.sources import RemotePath
 
 VERDICT_ORDER = {"dangerous": 3, "error": 2, "unknown": 1, "safe": 0}
 
@@ -166,7 +169,7 @@ def _scan_format(path: str | os.PathLike) -> ScanResult:
     return res
 
 
-def _scan_no_pickle(res: ScanResult, target: Path, note: str) -> ScanResult:
+def _scan_no_pickle(res: ScanResult, target: Path | RemotePath, note: str) -> ScanResult:
     """A format that holds no pickle: nothing in it runs code when loaded. Its metadata is still
     read, so that a damaged checkpoint is an error rather than 'safe'."""
     from ckptctl.formats import open_reader
@@ -182,7 +185,7 @@ def _scan_no_pickle(res: ScanResult, target: Path, note: str) -> ScanResult:
     return res
 
 
-def _raw_globals(fmt: str, target: Path) -> list[str]:
+def _raw_globals(fmt: str, target: Path | RemotePath) -> list[str]:
     """Globals of the pickles in a file that the reader could not list, found without semantics."""
     try:
         if fmt in ("torch-zip", "torchscript"):
@@ -220,7 +223,7 @@ def _scan_unknown(p: str, res: ScanResult, e: UnknownFormat) -> ScanResult:
     return res
 
 
-def _scan_sharded(p: str, res: ScanResult, index: Path) -> ScanResult:
+def _scan_sharded(p: str, res: ScanResult, index: Path | RemotePath) -> ScanResult:
     from ckptctl.formats import open_reader
 
     try:
@@ -249,7 +252,7 @@ def _scan_sharded(p: str, res: ScanResult, index: Path) -> ScanResult:
     return res
 
 
-def _scan_keras(res: ScanResult, fmt: str, target: Path) -> ScanResult:
+def _scan_keras(res: ScanResult, fmt: str, target: Path | RemotePath) -> ScanResult:
     """A Keras archive or weights set holds no pickle; a .keras config may hold Lambda bytecode."""
     res.pickle = False
     res.note = ("no pickle: a zip of JSON config and HDF5 weights" if fmt == "keras"
