@@ -151,7 +151,8 @@ def write_gguf(path: str, size_gb: float) -> int:
     tokenizer in the metadata, 32 layers of Q4_K matrices (Q6_K ffn_down and output), F32 norms;
     header and tensor infos only, the data a sparse hole (truncate). Returns the tensor count."""
     import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter
+    from gguf import GGML_QUANT_SIZES, GGUFWriter
+    from gguf import GGMLQuantizationType as Q
 
     def nbytes(shape, q) -> int:
         blk, size = GGML_QUANT_SIZES[q]

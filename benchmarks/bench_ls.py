@@ -30,7 +30,6 @@ import json
 import os
 import pickle
 import shutil
-import statistics
 import struct
 import subprocess
 import sys
@@ -240,8 +239,7 @@ def py(code: str) -> list[str]:
 
 
 def ckptctl(*args: str) -> list[str]:
-    return py("import sys, runpy; sys.argv = ['ckptctl'] + %r; runpy.run_module('ckptctl', run_name='__main__')"
-              % (list(args),))
+    return py(f"import sys, runpy; sys.argv = ['ckptctl'] + {list(args)!r}; runpy.run_module('ckptctl', run_name='__main__')")
 
 
 NAIVE = {

@@ -31,7 +31,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inspect import PY, measure, plan, run_candidate  # noqa: E402
+from bench_inspect import PY, plan, run_candidate  # noqa: E402
 
 TS_LIST = r"""
 import sys, tensorstore as ts

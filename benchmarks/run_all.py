@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from timing import PY, machine, parse_size
+from timing import PY, machine, parse_size  # noqa: E402 - beside this file, on the path above
 
 README = HERE.parent / "README.md"
 

@@ -53,7 +53,7 @@ def set_mtime(path: Path, t: float) -> None:
 
 def age_tree(root: Path, seconds: float = 3600) -> None:
     """Make everything under root look older than --min-age, keeping relative order."""
-    now = time.time()
+    time.time()
     for dp, dns, fns in os.walk(root):
         for n in dns + fns:
             p = Path(dp) / n

@@ -9,7 +9,6 @@ import random
 import struct
 
 import pytest
-
 from conftest import REAL, cli, needs_real, real_expected, real_manifest, real_params, run
 
 REQUIRED_KEYS = {"path", "format", "tensors", "metadata", "num_tensors", "num_params", "total_bytes"}

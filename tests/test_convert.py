@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REAL, cli, real_expected, real_manifest, real_params, run
+
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, Incompatible, UsageError
 from ckptctl.formats import READERS

@@ -9,9 +9,8 @@ import struct
 import h5py
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import run
+from safetensors.torch import save_file
 from test_hdf5_roundtrip import lightning_like
 
 META = {

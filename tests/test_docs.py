@@ -22,8 +22,7 @@ import pytest
 import typer
 from conftest import REAL, REPO, cli, real_files
 
-from ckptctl.cli import docs
-from ckptctl.cli import complete
+from ckptctl.cli import complete, docs
 
 TREE = docs.command_tree()
 COMMANDS = [c.name for c in TREE.commands]

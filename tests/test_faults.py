@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run
 from run_builders import age_tree, hf_run, st_run
 

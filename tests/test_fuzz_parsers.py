@@ -32,11 +32,11 @@ from conftest import cli, run
 from ckptctl.errors import CkptError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import fuzz_targets as ft
+import fuzz_targets as ft  # noqa: E402 - tools/ is put on the path above
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is a dev extra")
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings  # noqa: E402 - after importorskip
+from hypothesis import strategies as st  # noqa: E402
 
 IN_PROCESS = [p for p in ft.PARSERS if p not in ft.SUBPROCESS_PARSERS]
 EXAMPLES = 40  # per parser; the whole file stays well under a minute on two shared cores
@@ -263,7 +263,8 @@ def _payloads(marker: Path) -> list[bytes]:
     """Pickles that would create `marker` if anything unpickled them (os/posix.system, exec,
     subprocess, nested pickle.loads), as plain pickles and inside torch's layouts."""
     cmd = f"touch {marker}"
-    s = lambda x: b"\x8c" + bytes([len(x.encode())]) + x.encode()
+    def s(x):
+        return b"\x8c" + bytes([len(x.encode())]) + x.encode()
     proto0 = f"cos\nsystem\n(V{cmd}\ntR.".encode()
     posix = f"cposix\nsystem\n(V{cmd}\ntR.".encode()
     stack = b"\x80\x04" + s("builtins") + s("exec") + b"\x93" + s(f"open({str(marker)!r}, 'w')") + b"\x85R."
@@ -466,7 +467,8 @@ def test_zarr_shape_larger_than_memory(tmp_path):
     metadata is read; a shape that fits the format but not memory is one line when read."""
     from ckptctl.formats import open_reader
 
-    grid = lambda c: {"name": "regular", "configuration": {"chunk_shape": c}}
+    def grid(c):
+        return {"name": "regular", "configuration": {"chunk_shape": c}}
     root = _zarr_item(tmp_path / "a", True, {"shape": [4, 10**18]})
     r = cli("inspect", "--format", "json", root)
     _clean(r, "2^63")

@@ -10,8 +10,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import REPO, cli, run
+
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader, sniff

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REAL, cli, needs_real, run
+
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader, sniff
 from ckptctl.formats.hdf5 import HDF5Reader

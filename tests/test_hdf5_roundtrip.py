@@ -16,9 +16,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import REAL, run
+from safetensors import safe_open
 
 LIGHTNING = sorted((REAL / "lightning").glob("*.ckpt")) if (REAL / "lightning").is_dir() else []
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import run
 
 COMMANDS = ["", "inspect", "ls", "diff", "convert", "prune", "average", "scan", "demo"]

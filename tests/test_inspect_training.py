@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import REAL, run
 from test_hdf5_roundtrip import _STUB_PICKLE, lightning_like
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import run
 
 from ckptctl.cli import output

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, every_tensor
 from conftest import cli as _cli
 from conftest import run as _run
+
+from ckptctl.formats import open_reader, resolve
 
 
 # These tests compare with every variable the producer wrote (EXPECTED.json lists optimizer state
@@ -33,7 +34,7 @@ def cli(*args, **kw):
 
 def run(*args, **kw):
     return _run(*every_tensor(args), **kw)
-from ckptctl.formats import open_reader, resolve
+
 
 TF = REPO.parent / "shared" / "fixtures" / "tensorflow"
 KERAS_DIR = TF / "keras3_modelcheckpoint"
@@ -662,8 +663,12 @@ def test_mutated_archives_read_right_or_fail_cleanly(tmp_path):
         try:
             with zipfile.ZipFile(p) as zf, h5py.File(io.BytesIO(zf.read("model.weights.h5")), "r") as f:
                 ref = {}
-                f.visititems(lambda n, o: ref.__setitem__(n, np.ascontiguousarray(o[()]).tobytes())
-                             if isinstance(o, h5py.Dataset) else None)
+
+                def keep(n, o, ref=ref):
+                    if isinstance(o, h5py.Dataset):
+                        ref[n] = np.ascontiguousarray(o[()]).tobytes()
+
+                f.visititems(keep)
         except Exception:  # noqa: BLE001 - the reference refuses it
             ref = None
         try:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REAL, cli, run
 from run_builders import hf_run, st_run
 
@@ -360,7 +359,7 @@ def _du_bytes(root: Path) -> int:
     """What `du -sb` counts for the files under root: each regular file's inode once, symlinks
     not followed (du also adds the folders themselves, which are not checkpoint bytes)."""
     seen, total = set(), 0
-    for dp, dns, fns in os.walk(root):
+    for dp, _dns, fns in os.walk(root):
         for n in fns:
             st = os.lstat(Path(dp) / n)
             if (st.st_dev, st.st_ino) not in seen and not os.path.islink(Path(dp) / n):

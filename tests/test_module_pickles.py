@@ -392,7 +392,7 @@ def _scripted_cases(models):
 
 def test_torchscript_archives(models, tmp_path):
     cases = _scripted_cases(models)
-    for name, eager, scripted, _make in cases:
+    for name, _eager, scripted, _make in cases:
         scripted.save(str(tmp_path / f"{name}.pt"))
     fresh = {name: make() for name, _e, _s, make in cases}
     forget(models)

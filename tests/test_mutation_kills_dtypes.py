@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import cli
+
 from ckptctl import dtypes
 
 torch = pytest.importorskip("torch")

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cli
 from run_builders import age_tree, hf_run, set_mtime, st_run
 

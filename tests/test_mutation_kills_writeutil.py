@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cli
+
 from ckptctl.errors import CorruptFile, Incompatible
 from ckptctl.formats import writer_class, writeutil
 from ckptctl.model import TensorInfo

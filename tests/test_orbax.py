@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, cli, run
 
 JG = REPO.parent / "shared" / "fixtures" / "jax_gguf"

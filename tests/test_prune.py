@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from ckptctl.ops.prune import Policy, exp_spaced, execute, guess_mode, make_plan
-from ckptctl.ops.runs import scan_run
 from conftest import cli, run
 from run_builders import age_tree, hf_run, lightning_run, set_mtime, st_run, tree_hash
+
+from ckptctl.ops.prune import Policy, execute, exp_spaced, guess_mode, make_plan
+from ckptctl.ops.runs import scan_run
 
 STEPS = (100, 200, 300, 400, 500, 600, 700, 800)
 
@@ -190,8 +190,8 @@ def test_incomplete_protected(tmp_path):
 
 
 def test_unknown_step_never_deleted(strun):
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     save_file({"w": np.zeros(2, np.float32)}, str(strun / "weights.safetensors"))
     set_mtime(strun / "weights.safetensors", time.time() - 7200)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REAL, cli, real_files, run
 
 TF = REAL.parent / "tensorflow"

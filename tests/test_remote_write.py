@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cli, run
 from test_faults import Paused, _no_process_left  # noqa: F401 - the fixture kills what a test left running
 

@@ -10,14 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_builders import (
+    dcp_run,
+    fairseq_run,
+    hf_run,
+    lightning_run,
+    orbax_run,
+    set_mtime,
+    st_run,
+)
 
 from ckptctl.errors import NotFound, UsageError
 from ckptctl.ops import runs
 from ckptctl.ops.runs import discover, is_run_dir, parse_duration, parse_name, role_of, scan_run
-
-from run_builders import (
-    dcp_run, fairseq_run, hf_run, lightning_run, orbax_run, set_mtime, st_run,
-)
 
 HAS_TORCH_READER = importlib.util.find_spec("ckptctl.formats.torch_zip") is not None
 HAS_DCP_READER = importlib.util.find_spec("ckptctl.formats.dcp") is not None

@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from conftest import cli, run
 from run_builders import hf_run, st_run
 

@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import cli, run
 from run_builders import TF_FIXTURES, age_tree, tf_bundle_bytes, tf_manager_run
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REAL, cli, needs_real, real_manifest, run
+
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader, sniff
 from ckptctl.formats.safetensors import SafetensorsReader

@@ -7,6 +7,7 @@ import json
 import numpy as np
 from conftest import cli, run  # noqa: F401
 
+
 # protocol-2 pickle: os.system("touch <marker>") via GLOBAL + REDUCE. Never unpickled here.
 def _evil_pickle(marker) -> bytes:
     cmd = f"touch {marker}".encode()

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-
 from conftest import cli
+from safetensors.numpy import save_file
 
 LAYERS, EXPERTS, MATS = 10, 500, ("w1", "w2", "w3", "w4")  # 20,000 tensors
 ODD_SHAPE = "model.layers.3.experts.7.w1"  # planted: a shape the rest of its row does not have
@@ -131,7 +130,8 @@ def test_fold_keeps_tied_weights_and_names_with_leading_zeros_apart():
 
 
 def test_name_index_follows_the_list():
-    from ckptctl.model import CheckpointInfo, TensorInfo as T
+    from ckptctl.model import CheckpointInfo
+    from ckptctl.model import TensorInfo as T
 
     info = CheckpointInfo("x", "safetensors", tensors=[T(f"t{i}", "float32", (1,), 4) for i in range(20_000)])
     assert info.tensor("t19999").name == "t19999"

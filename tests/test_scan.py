@@ -6,15 +6,14 @@ import argparse
 import json
 import os
 import pickle
-import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import REAL, cli, real_manifest
+
 from ckptctl.formats import open_reader
 from ckptctl.formats.pickles import PickleError
 from ckptctl.ops.scan import classify, scan

@@ -20,8 +20,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-
 from conftest import cli
+
 from ckptctl.errors import CkptError
 from ckptctl.ops.scan import classify_pair
 
@@ -348,7 +348,7 @@ def test_random_opcode_streams_fail_cleanly_and_run_nothing(tmp_path):
     """hypothesis: any byte stream built from pickle opcodes either reads or raises a CkptError,
     through the machine, the scan walk and describe(); nothing named by the stream is imported or
     called (a probe module in sys.modules counts calls)."""
-    hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is a dev extra")
+    pytest.importorskip("hypothesis", reason="hypothesis is a dev extra")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -402,7 +402,7 @@ def test_random_opcode_streams_fail_cleanly_and_run_nothing(tmp_path):
             pass
         w = scan_mod.Walk()
         scan_mod._region(w, io.BytesIO(data), 0, len(data), "", 0, top=True)
-        for name, cls, _where in w.found:
+        for _name, cls, _where in w.found:
             assert cls in ("safe", "unknown", "dangerous")
 
     try:

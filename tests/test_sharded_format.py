@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REAL, cli, needs_real, run
+
 from ckptctl.errors import CorruptFile, NotFound
 from ckptctl.formats import open_reader, resolve
 from ckptctl.formats.sharded import ShardedReader

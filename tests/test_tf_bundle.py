@@ -18,10 +18,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import REPO, every_tensor
 from conftest import cli as _cli
 from conftest import run as _run
+from tf_writer import crc, entry_proto, masked, write_bundle, write_state_file
+
+from ckptctl.errors import CkptError
+from ckptctl.formats import open_reader, resolve
 
 
 # These tests compare with every variable the producer wrote (EXPECTED.json lists optimizer state
@@ -32,10 +35,7 @@ def cli(*args, **kw):
 
 def run(*args, **kw):
     return _run(*every_tensor(args), **kw)
-from tf_writer import entry_proto, masked, crc, write_bundle, write_state_file
 
-from ckptctl.errors import CkptError
-from ckptctl.formats import open_reader, resolve
 
 TF = REPO.parent / "shared" / "fixtures" / "tensorflow"
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"

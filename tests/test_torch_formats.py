@@ -20,8 +20,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-
 from conftest import REAL, cli, real_manifest, real_params, run
+
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader, pickles, sniff
 from ckptctl.formats import torch_archive as archive_mod
@@ -515,7 +515,8 @@ def _legacy_file(obj_pickle: bytes, keys: list[str], storages: list[bytes], coun
 def test_python2_era_legacy_file_with_views_and_numpy(tmp_path):
     root = np.arange(10, dtype="<f4")
     arr = np.array([1.5, -2.25, 3.0], dtype="<f8")
-    pid = lambda view: b"(" + _s("storage") + _g("torch", "FloatStorage") + _s("140") + _s("cpu") + _i(10) + view + b"t"
+    def pid(view):
+        return b"(" + _s("storage") + _g("torch", "FloatStorage") + _s("140") + _s("cpu") + _i(10) + view + b"t"
     obj = (b"\x80\x02}(" + _s("w")
            + _g("torch._utils", "_rebuild_tensor") + b"(" + pid(b"N") + b"Q" + _i(0) + _i(2) + _i(5) + b"\x86"
            + _i(5) + _i(1) + b"\x86tR"
@@ -667,7 +668,11 @@ def test_dcp_tensor_in_several_chunks(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
     )
 
     folder = tmp_path / "sharded_dcp"
@@ -1001,7 +1006,7 @@ def test_fuzzed_zip_directories_fail_only_with_clean_errors(tmp_path):
     data = src.read_bytes()
     cd = data.find(b"PK\x01\x02")
     errors = 0
-    for i in range(300):
+    for _i in range(300):
         buf = bytearray(data)
         for _ in range(rng.randint(1, 4)):
             buf[rng.randrange(cd, len(buf))] = rng.randrange(256)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import run
+from safetensors.torch import save_file
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ Nothing here imports torch. `numpy_dtype()` imports ml_dtypes lazily for bf16/fp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def nbytes(dtype: str | DType, shape) -> int:
     return (n * d.bits + 7) // 8
 
 
-@lru_cache(maxsize=None)
+@cache
 def numpy_dtype(name: str):
     """numpy dtype for a torch dtype name; bf16/fp8 come from ml_dtypes; raw bytes otherwise."""
     import numpy as np

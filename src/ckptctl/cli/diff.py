@@ -131,7 +131,9 @@ def register(app: typer.Typer) -> None:
         wide: WideOpt = False,
         raw_names: RawNamesOpt = False,
     ) -> None:
-        from ckptctl.cli.common import check_paths; check_paths(a, b)  # first: a typo says so
+        from ckptctl.cli.common import check_paths
+
+        check_paths(a, b)  # first: a typo says so
         from ckptctl.ops import diff as ops
         from ckptctl.ops.diff_along import along_run
         from ckptctl.ops.diff_runs import diff_runs

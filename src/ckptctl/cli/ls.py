@@ -12,9 +12,9 @@ import typer
 
 from ckptctl.cli import output
 from ckptctl.cli.common import FormatOpt, WideOpt, handle_errors
-from ckptctl.cli.prune import Mode
 from ckptctl.cli.complete import metric_completer
 from ckptctl.cli.output import Column, Fmt, clean, human_bytes, human_count
+from ckptctl.cli.prune import Mode
 from ckptctl.errors import NotFound, UsageError
 
 if TYPE_CHECKING:
@@ -133,7 +133,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         wide: WideOpt = False,
     ) -> None:
-        from ckptctl.cli.common import check_paths; check_paths(run_dirs)  # first: a typo says so
+        from ckptctl.cli.common import check_paths
+
+        check_paths(run_dirs)  # first: a typo says so
         from ckptctl.ops.runs import scan_run
         from ckptctl.sources import as_path
 
@@ -150,7 +152,7 @@ def register(app: typer.Typer) -> None:
                 loose.setdefault(p.parent, []).append(p)
                 continue
             runs.append(scan_run(p, recursive=recursive))
-        for parent, files in loose.items():  # files named on the command line: one run per folder
+        for _parent, files in loose.items():  # files named on the command line: one run per folder
             merged = scan_run(files[0])
             for f in files[1:]:
                 r = scan_run(f)

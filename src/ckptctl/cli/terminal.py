@@ -147,7 +147,12 @@ def progress(total_bytes: int, description: str) -> Iterator[Any]:
         yield _NoProgress()
         return
     from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
     )
 
     with Progress(

@@ -26,7 +26,15 @@ from ckptctl.errors import CorruptFile, NotFound
 from ckptctl.formats import pickles
 from ckptctl.formats.pickle_reader import PickleBasedReader, pickle_failure
 from ckptctl.formats.strided import (
-    FileBlob, MissingLoc, TensorLoc, _pieces, _swap, boxes, c_contiguous, fill, iter_view,
+    FileBlob,
+    MissingLoc,
+    TensorLoc,
+    _pieces,
+    _swap,
+    boxes,
+    c_contiguous,
+    fill,
+    iter_view,
 )
 from ckptctl.formats.torch_archive import TorchArchive
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo

@@ -319,7 +319,7 @@ class GGUFHeader:
             self.warnings.append(f"{len(misaligned)} tensor(s) not aligned to {self.alignment} bytes "
                                  f"(llama.cpp refuses this file), e.g. {misaligned[0]!r}")
         prev_end, prev_name = 0, None
-        for name, tname, ne, off, nbytes in sorted(self.tensors, key=lambda t: (t[3], t[4])):
+        for name, _tname, _ne, off, nbytes in sorted(self.tensors, key=lambda t: (t[3], t[4])):
             if start + off + nbytes > size:
                 raise CorruptFile(
                     f"tensor {name!r}: data [{start + off}, {start + off + nbytes}) runs past the end of the "

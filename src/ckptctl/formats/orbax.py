@@ -25,9 +25,10 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, NotFound, UnknownFormat

@@ -29,7 +29,6 @@ bounded memory, any add order, and h5py never holds a tensor.
 from __future__ import annotations
 
 import json
-
 import re
 
 from ckptctl.errors import Incompatible

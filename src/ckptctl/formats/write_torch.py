@@ -25,7 +25,13 @@ import struct
 
 from ckptctl import dtypes
 from ckptctl.formats.writeutil import (
-    AtomicFile, StreamingWriter, copy_range, crc_of_range, pwrite_all, writable_dtype, write_chunks,
+    AtomicFile,
+    StreamingWriter,
+    copy_range,
+    crc_of_range,
+    pwrite_all,
+    writable_dtype,
+    write_chunks,
 )
 from ckptctl.model import TensorInfo
 

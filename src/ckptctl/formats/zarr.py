@@ -10,8 +10,9 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile

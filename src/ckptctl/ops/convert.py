@@ -25,23 +25,46 @@ from ckptctl.errors import Incompatible, UsageError
 from ckptctl.formats import open_reader, resolve
 from ckptctl.formats.base import Reader
 from ckptctl.model import CheckpointInfo, TensorInfo
-from ckptctl.sources import RemotePath, as_path, check_writable_target, is_remote
-from ckptctl.ops.inspect import dangerous_globals
-from ckptctl.ops.select import Selection, select
 from ckptctl.ops.convert_cast import (  # noqa: F401  (re-exported: average, the CLI and tests use them here)
-    BF16_BLOCK, BF16_FROM, CAST_DTYPES, CAST_SHORT, aligned_chunks, cast_array, cast_chunks, cast_target, castable,
+    BF16_BLOCK,
+    BF16_FROM,
+    CAST_DTYPES,
+    CAST_SHORT,
+    aligned_chunks,
+    cast_array,
+    cast_chunks,
+    cast_target,
+    castable,
     f32_to_bf16_bits,
 )
 from ckptctl.ops.convert_metadata import (  # noqa: F401  (re-exported)
-    CONTAINER_KEYS, MAX_META_VALUE, METADATA_MODES, REDACTED, carry_metadata, redact_paths,
-)
-from ckptctl.ops.convert_write import (  # noqa: F401  (re-exported)
-    CAST_CHUNK, CHUNK, ConvertResult, Staged, commit_output, write_output,
+    CONTAINER_KEYS,
+    MAX_META_VALUE,
+    METADATA_MODES,
+    REDACTED,
+    carry_metadata,
+    redact_paths,
 )
 from ckptctl.ops.convert_verify import (  # noqa: F401  (re-exported)
-    MAP_WINDOW, VERIFY_BUF, VERIFY_PIECE, VERIFY_WORKERS, compare_mapped, same_bytes, verify_output,
+    MAP_WINDOW,
+    VERIFY_BUF,
+    VERIFY_PIECE,
+    VERIFY_WORKERS,
+    compare_mapped,
+    same_bytes,
+    verify_output,
 )
-
+from ckptctl.ops.convert_write import (  # noqa: F401  (re-exported)
+    CAST_CHUNK,
+    CHUNK,
+    ConvertResult,
+    Staged,
+    commit_output,
+    write_output,
+)
+from ckptctl.ops.inspect import dangerous_globals
+from ckptctl.ops.select import Selection, select
+from ckptctl.sources import RemotePath, as_path, check_writable_target, is_remote
 
 # --to spellings -> writer format
 TARGETS = {
@@ -285,7 +308,7 @@ def plan_convert(
         out_dtype: dict[str, str] = {}
         kept: list[str] = []
         outs: list[TensorInfo] = []
-        for s, o in sel.pairs:
+        for _s, o in sel.pairs:
             d = o.dtype
             if cast_to and dtypes.BY_NAME.get(o.dtype) is not None and dtypes.BY_NAME[o.dtype].is_floating:
                 if castable(o.dtype):

@@ -26,11 +26,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from ckptctl.errors import CkptError, UsageError
-from ckptctl.ops.runs import Run, RunCheckpoint, layouts
-from ckptctl.ops.prune_model import (  # noqa: F401  (re-exported: the CLI and tests use them here)
-    Decision, FileSnap, Outcome, Plan, Policy, PruneError, RemoteSnap, _remote,
-)
 from ckptctl.ops.prune_execute import TRASH_REMOTE, check_trash, execute  # noqa: F401  (re-exported)
+from ckptctl.ops.prune_model import (  # noqa: F401  (re-exported: the CLI and tests use them here)
+    Decision,
+    FileSnap,
+    Outcome,
+    Plan,
+    Policy,
+    PruneError,
+    RemoteSnap,
+    _remote,
+)
+from ckptctl.ops.runs import Run, RunCheckpoint, layouts
 
 if TYPE_CHECKING:
     from ckptctl.sources import RemotePath

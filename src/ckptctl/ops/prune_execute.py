@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.formats.writeutil import clean_stale_temps, fsync_dir, hold_lock, pause_point, temp_name
-from ckptctl.ops.runs import layouts
 from ckptctl.ops.prune_model import Decision, FileSnap, Outcome, Plan, PruneError, RemoteSnap, _remote
+from ckptctl.ops.runs import layouts
+
 
 # ---- deletion ----------------------------------------------------------------------------------
 def _inside(path: Path, real_root: str) -> bool:

@@ -24,7 +24,14 @@ from pathlib import Path
 from ckptctl.cli.docs.man import render_man, roff_markup, roff_text
 from ckptctl.cli.docs.markdown import md_markup, render_markdown
 from ckptctl.cli.docs.model import (
-    _ANSI, HELP_COLUMNS, PROG, SHELLS, SNAPSHOT_DIR, command_tree, plain, split_epilog,
+    _ANSI,
+    HELP_COLUMNS,
+    PROG,
+    SHELLS,
+    SNAPSHOT_DIR,
+    command_tree,
+    plain,
+    split_epilog,
 )
 
 __all__ = ["HELP_COLUMNS", "PROG", "SHELLS", "SNAPSHOT_DIR", "command_tree", "generate", "help_text", "main",

@@ -5,10 +5,20 @@ from __future__ import annotations
 import re
 
 from ckptctl.cli.docs.model import (
-    ENVIRONMENT, SEE_ALSO, CommandDoc, ParamDoc, completion_install, exit_status, is_pre, paragraphs,
-    param_head, param_notes, plain, runs, split_epilog,
+    ENVIRONMENT,
+    SEE_ALSO,
+    CommandDoc,
+    ParamDoc,
+    completion_install,
+    exit_status,
+    is_pre,
+    paragraphs,
+    param_head,
+    param_notes,
+    plain,
+    runs,
+    split_epilog,
 )
-
 
 # ---- roff ---------------------------------------------------------------------------------------
 _OPTION_WORD = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")

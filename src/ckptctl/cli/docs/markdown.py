@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-
 from ckptctl.cli.docs.model import (
-    ENVIRONMENT, CommandDoc, ParamDoc, completion_install, exit_status, is_pre, paragraphs,
-    param_head, param_notes, plain, runs, split_epilog,
+    ENVIRONMENT,
+    CommandDoc,
+    ParamDoc,
+    completion_install,
+    exit_status,
+    is_pre,
+    paragraphs,
+    param_head,
+    param_notes,
+    plain,
+    runs,
+    split_epilog,
 )
 
 

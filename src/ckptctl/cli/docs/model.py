@@ -10,7 +10,6 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-
 PROG = "ckptctl"
 HELP_COLUMNS = 100
 SNAPSHOT_DIR = "tests/snapshots"

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import cast
 
 from ckptctl.ops.runs import layouts
-from ckptctl.ops.runs.walk import entry_path, listdir, scandir
-from ckptctl.sources import as_path
 from ckptctl.ops.runs.names import (
     AUX_NAMES,
     FILE_SUFFIXES,
@@ -17,6 +15,8 @@ from ckptctl.ops.runs.names import (
     TF_DATA,
     strip_suffix,
 )
+from ckptctl.ops.runs.walk import entry_path, listdir, scandir
+from ckptctl.sources import as_path
 
 
 # ---- what a folder is --------------------------------------------------------------------------

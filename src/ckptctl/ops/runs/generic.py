@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 from ckptctl.ops.runs.base import Layout
-from ckptctl.ops.runs.walk import entry_path, scandir
 from ckptctl.ops.runs.names import EPOCH_PATTERN, FILE_SUFFIXES, INDEX_SUFFIXES, ROLE_STEM, STEP_PATTERNS, strip_suffix
+from ckptctl.ops.runs.walk import entry_path, scandir
 
 
 def _explicit_step(name: str) -> bool:

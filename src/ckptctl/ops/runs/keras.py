@@ -90,7 +90,7 @@ def parse_keras_name(name: str) -> tuple[int | None, int | None, dict[str, float
         prev_num_end = m.end()
     step = epoch = None
     epoch_at: int | None = None
-    for i, (label, sep, text, _) in enumerate(toks):
+    for i, (label, _sep, text, _) in enumerate(toks):
         if label and label.lower() in EPOCH_WORDS and re.fullmatch(r"\d+", text):
             epoch, epoch_at = int(text), i
             break
