@@ -194,8 +194,8 @@ def test_real_libhdf5_segfault_found_by_the_fuzz(seed_root, tmp_path):
 
 HANG_IN_H5 = """
 import sys
-from ckptctl.formats import hdf5
-hdf5.GUARD_CPU_BASE = 2  # the budget, made small for the test (60 s + 5 s per MiB by default)
+from ckptctl.formats import hdf5_guard
+hdf5_guard.GUARD_CPU_BASE = 2  # the budget, made small for the test (60 s + 5 s per MiB by default)
 from ckptctl.cli.app import main
 sys.argv = ["ckptctl", *sys.argv[1:]]
 main()
