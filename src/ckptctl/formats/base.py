@@ -7,6 +7,7 @@ logical value: C-contiguous, little-endian, exactly `TensorInfo.nbytes` long.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -147,3 +148,26 @@ class Writer:
 
     def abort(self) -> None:
         """Remove every temporary file; the target is left as it was."""
+
+
+class Seekable(io.RawIOBase):
+    """A read-only, seekable file object of `_size` bytes; subclasses read at `self._pos`."""
+
+    _size = 0
+    _pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + pos
+        return self._pos

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptctl.errors import CkptError, CorruptFile, NotFound, UnknownFormat
-from ckptctl.formats.base import CHUNK, Reader
+from ckptctl.formats.base import CHUNK, Reader, Seekable
 from ckptctl.formats.hdf5 import HDF5Reader
 from ckptctl.formats.sharded import read_weight_map
 from ckptctl.model import CheckpointInfo, TensorInfo
@@ -49,30 +49,7 @@ _METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfi
             zipfile.ZIP_LZMA: "lzma"}
 
 
-class _Seekable(io.RawIOBase):
-    """A read-only, seekable file object of `_size` bytes; subclasses read at `self._pos`."""
-
-    _size = 0
-    _pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + pos
-        return self._pos
-
-
-class _Window(_Seekable):
+class _Window(Seekable):
     """A read-only, seekable file object over bytes [start, start + length) of an open file."""
 
     def __init__(self, fd: int, start: int, length: int):
@@ -131,7 +108,7 @@ class _Inflating(io.RawIOBase):
             super().close()
 
 
-class _Inflater(_Seekable):
+class _Inflater(Seekable):
     """Random access to a deflated zip member in bounded memory, without extracting it.
 
     Decompresses forward from the member's first compressed byte (os.pread) and keeps a snapshot

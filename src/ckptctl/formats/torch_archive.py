@@ -16,6 +16,7 @@ from typing import Any
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, UnknownFormat
 from ckptctl.formats import pickles
+from ckptctl.formats.base import Seekable
 from ckptctl.formats.pickle_reader import pickle_failure, storage_dtype
 from ckptctl.formats.strided import FileBlob
 from ckptctl.sources import file_size, is_remote, open_file
@@ -23,38 +24,20 @@ from ckptctl.sources import file_size, is_remote, open_file
 MAX_PICKLE_IN_MEMORY = 1 << 30  # a compressed data.pkl larger than this is refused
 
 
-class _Window(io.RawIOBase):
+class _Window(Seekable):
     """A read-only view of file[base:base+length] (DCP items are zips inside a bigger file)."""
 
     def __init__(self, f, base: int, length: int):
+        super().__init__()
         self._f = f
         self._base = base
-        self._len = length
+        self._size = length
         self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, off: int, whence: int = 0) -> int:
-        if whence == 0:
-            self._pos = off
-        elif whence == 1:
-            self._pos += off
-        else:
-            self._pos = self._len + off
-        self._pos = max(0, self._pos)
-        return self._pos
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            n = self._len - self._pos
-        n = max(0, min(n, self._len - self._pos))
+            n = self._size - self._pos
+        n = max(0, min(n, self._size - self._pos))
         if n == 0:
             return b""
         self._f.seek(self._base + self._pos)
