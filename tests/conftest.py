@@ -354,3 +354,24 @@ def http_server(tmp_path):
         yield srv
     finally:
         srv.close()
+
+
+def s3_client(endpoint_url: str):
+    """A boto3 client of the loopback S3 server (the producer's own client: tests upload with it
+    and list what ckptctl left, never through ckptctl)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing-secret")
+
+
+def s3_upload(endpoint_url: str, bucket: str, root: Path, prefix: str = "") -> None:
+    """Every file under `root` to s3://bucket/prefix..., the bucket created if needed."""
+    c = s3_client(endpoint_url)
+    try:
+        c.create_bucket(Bucket=bucket)
+    except c.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            c.upload_file(str(p), bucket, prefix + p.relative_to(root).as_posix())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL, cli, real_params, run
+from conftest import REAL, cli, real_params, run, s3_client, s3_upload
 
 FIXTURES = REAL.parent
 SUITES = ("real", "tensorflow", "jax_gguf")
@@ -30,22 +30,8 @@ MB = 1024 * 1024
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _client(url: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                        aws_secret_access_key="testing-secret")
-
-
-def _upload(url: str, bucket: str, root: Path, prefix: str = "") -> None:
-    c = _client(url)
-    try:
-        c.create_bucket(Bucket=bucket)
-    except c.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            c.upload_file(str(p), bucket, prefix + p.relative_to(root).as_posix())
+_client = s3_client
+_upload = s3_upload
 
 
 def _targets(suite: str) -> list[str]:

@@ -17,26 +17,16 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import cli, run
+from conftest import cli, run, s3_client, s3_upload
 from run_builders import hf_run, st_run
 
 
 def _client(env):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing-secret")
+    return s3_client(env["AWS_ENDPOINT_URL"])
 
 
 def _upload(env, bucket: str, root: Path, prefix: str) -> None:
-    c = _client(env)
-    try:
-        c.create_bucket(Bucket=bucket)
-    except c.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            c.upload_file(str(p), bucket, prefix + p.relative_to(root).as_posix())
+    s3_upload(env["AWS_ENDPOINT_URL"], bucket, root, prefix)
 
 
 def _keys(env, bucket: str, prefix: str) -> set[str]:

@@ -1,26 +1,6 @@
-"""The restricted unpickler: reads any pickle without importing or calling anything from it.
-
-`Machine` is a pickle virtual machine written in Python. It implements every opcode of
-protocols 0-5, but where `pickle` would import a global and call it, it builds inert records:
-
-- `Global(module, name)` for every GLOBAL / STACK_GLOBAL / INST / OBJ / EXT the pickle asks for
-  (all of them are recorded in order in `Machine.globals`, even when the pickle later fails);
-- `TensorRecord` for torch's rebuild functions (`_rebuild_tensor_v2/_v3`, parameters, quantized,
-  `_rebuild_from_type_v2`, ...), with the storage reference that `persistent_load` resolved;
-- `NumpyArray` / `NumpyScalar` for numpy's `_reconstruct` + BUILD and `scalar`;
-- real dicts (`ODict` for OrderedDict), lists, tuples, sets, bytes for the containers we understand;
-- `Opaque(type, args, state, ...)` for everything else (argparse.Namespace, pathlib paths,
-  TrainingArguments, `os.system`'s "result", ...).
-
-Nothing here can run code from the file: no object from the pickle is ever called, hashed deeply,
-compared or printed with its own methods. Large binary payloads (> INLINE_MAX) are not read into
-memory when the pickle comes from a file: they become a `Span(offset, length)` instead (numpy
-arrays inside a pickle are then read like any other tensor). Errors of any kind become
-`CorruptFile` carrying the globals seen so far (`err.globals`).
-
-The rebuild tables (rebuild_torch, rebuild_numpy, rebuild_builtins) give the globals ckptctl
-understands their meaning (semantics.py); buffer.py reads the bytes.
-"""
+"""The opcode interpreter of the restricted unpickler (protocols 0-5, memo, persistent ids, the
+global recorder): what it builds instead of importing and calling, and why nothing here can run
+code from the file, is described in the package docstring (formats/pickles/__init__.py)."""
 
 from __future__ import annotations
 
