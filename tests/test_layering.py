@@ -139,3 +139,10 @@ def test_no_import_cycles():
 
 def test_the_cycle_check_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_module_is_over_600_lines(path):
+    # one idea per module: past ~600 lines a module holds several, and a newcomer has to read all
+    n = len(path.read_text(encoding="utf-8").splitlines())
+    assert n <= 600, f"{path.relative_to(SRC)} has {n} lines: split it by idea"
