@@ -13,9 +13,10 @@ from ckptctl.cli import output
 
 HELP = (
     "Inspect, diff, convert, prune and average ML checkpoints: fast, safe, exact.\n\n"
-    "Reads PyTorch (.pt/.pth/.bin/.ckpt, zip and legacy), safetensors, HDF5/Keras (.h5), "
-    "HF sharded folders and torch.distributed.checkpoint folders, without running any code "
-    "from the files."
+    "Reads PyTorch (.pt/.pth/.bin/.ckpt, zip, legacy and TorchScript), safetensors, HDF5/Keras "
+    "(.h5, .keras), HF sharded folders, torch.distributed.checkpoint folders, TensorFlow "
+    "checkpoints, GGUF and Orbax, without running any code from the files; local paths or "
+    "s3://, gs://, az://, hf:// and https:// URLs."
 )
 
 # Global flags also accepted after the command (`ckptctl convert ... -q`), unless that command

@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def ls_cmd(
         run_dirs: Annotated[
-            list[Path], typer.Argument(help="Run folders (or checkpoint files/folders) to list.")
+            list[Path], typer.Argument(help="Run folders (or checkpoint files/folders) to list; paths or URLs (s3://bucket/run).")
         ],
         fmt: FormatOpt = Fmt.table,
         sort: Annotated[

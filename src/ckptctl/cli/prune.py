@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
     )
     @handle_errors
     def prune_cmd(
-        run_dirs: Annotated[list[Path], typer.Argument(help="Run folder(s) holding the checkpoints.")],
+        run_dirs: Annotated[list[Path], typer.Argument(help="Run folder(s) holding the checkpoints (a path or a URL such as s3://bucket/run).")],
         keep_last: Annotated[int | None, typer.Option("--keep-last", min=1, help="Keep the N highest steps.")] = None,
         keep_every: Annotated[
             int | None, typer.Option("--keep-every", min=1, help="Keep steps divisible by K.")
