@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from ckptctl.errors import CkptError, CorruptFile
+from ckptctl.errors import CkptError
 from ckptctl.formats import writer_class
 from ckptctl.model import TensorInfo
 from ckptctl.sources import is_remote
 from ckptctl.ops.convert_cast import cast_chunks
+from ckptctl.ops.stream import read_range as _read_range
 from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point, staging_dir
 
 if TYPE_CHECKING:
@@ -309,22 +310,3 @@ def _swap_in(tmp: Path, dst: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-
-
-def _read_range(path: str, offset: int, length: int, buf: bytearray) -> Iterator[memoryview]:
-    """A file range read in pieces into the reused `buf` (each piece valid until the next).
-
-    Full pieces are views of the whole bytearray, which `_equal` compares with memcmp."""
-    view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < length:
-            n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
-            if n == 0:
-                raise CorruptFile(f"file ends at byte {offset + done}, expected data up to byte {offset + length}",
-                                  path)
-            done += n
-            yield view if n == len(buf) else view[:n]
-    finally:
-        os.close(fd)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ckptctl import dtypes
@@ -481,3 +481,195 @@ class Ahead:
         cancel_and_close([f for _i, f in self._pending], ())
         self._pending.clear()
         self._ended = True
+
+
+# ---- file ranges: pieces, first differences, mapped windows (moved from convert's verify) ----------
+def read_range(path: str, offset: int, length: int, buf: bytearray) -> Iterator[memoryview]:
+    """A file range read in pieces into the reused `buf` (each piece valid until the next).
+
+    Full pieces are views of the whole bytearray, which `first_difference`'s `_equal` compares with memcmp."""
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
+            if n == 0:
+                raise CorruptFile(f"file ends at byte {offset + done}, expected data up to byte {offset + length}",
+                                  path)
+            done += n
+            yield view if n == len(buf) else view[:n]
+    finally:
+        os.close(fd)
+
+
+def _equal(a: memoryview, b: memoryview) -> bool:
+    import numpy as np
+
+    if isinstance(a.obj, (bytes, bytearray)) and isinstance(b.obj, (bytes, bytearray)) \
+            and len(a.obj) == len(a) == len(b.obj) == len(b):
+        return a.obj == b.obj  # memcmp
+    dt = np.uint64 if len(a) % 8 == 0 else np.uint8
+    return bool(np.array_equal(np.frombuffer(a, dt), np.frombuffer(b, dt)))
+
+
+def first_difference(a: Iterable, b: Iterable) -> int | None:
+    """None when the two byte streams are equal, else the offset of the first difference."""
+    streams = [iter(a), iter(b)]
+    cur: list[memoryview | None] = [memoryview(b""), memoryview(b"")]
+    pos = 0
+    while True:
+        for k in (0, 1):
+            while cur[k] is not None and not cur[k]:
+                x = next(streams[k], None)
+                cur[k] = None if x is None else memoryview(x).cast("B")
+        ca, cb = cur
+        if ca is None or cb is None:
+            return None if ca is None and cb is None else pos
+        n = min(len(ca), len(cb))
+        if not _equal(ca[:n] if n < len(ca) else ca, cb[:n] if n < len(cb) else cb):
+            for i in range(n):  # only on failure
+                if ca[i] != cb[i]:
+                    return pos + i
+        pos += n
+        cur = [ca[n:], cb[n:]]
+
+
+# Verify maps the OUTPUT (the staged file: ckptctl's own, in a locked hidden folder, never
+# truncated under it) window by window instead of copying it into a buffer: libc's mmap with
+# MAP_POPULATE maps the page-cache pages in one call, libc's memcmp compares them with the
+# source's bytes (both through ctypes: no numpy import, the GIL released), the window is unmapped
+# before the next (RSS stays flat). Measured on a 1 GB file: 0.40 CPU s against 0.50 for reading
+# both sides with preadv. The SOURCE is still read with preadv: a file that another process
+# truncates while it is mapped would kill ckptctl with SIGBUS instead of a one-line error.
+MAP_WINDOW = 16 * 1024 * 1024
+
+
+_LIBC = None
+
+
+def libc():
+    """libc's mmap, munmap and memcmp through ctypes (foreign calls release the GIL), or None.
+
+    Not Python's mmap module: a read-only mapping has no address without numpy, and importing
+    numpy costs a conversion that never needs it ~0.17 CPU s."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import mmap
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            mm, un, cmp = lib.mmap, lib.munmap, lib.memcmp
+            mm.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+            mm.restype = ctypes.c_void_p
+            un.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            un.restype = ctypes.c_int
+            cmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            cmp.restype = ctypes.c_int
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            _LIBC = (ctypes, mm, un, cmp, mmap.PROT_READ, flags, mmap.ALLOCATIONGRANULARITY)
+        except (OSError, AttributeError, ImportError):
+            _LIBC = False
+    return _LIBC
+
+
+def address(c, n: int):
+    """(address, keep-alive) of the first byte of buffer `c` (n bytes), without copying it."""
+    ctypes = libc()[0]
+    if isinstance(c, bytes):
+        return ctypes.cast(ctypes.c_char_p(c), ctypes.c_void_p).value, c
+    try:
+        arr = (ctypes.c_char * n).from_buffer(c)
+        return ctypes.addressof(arr), arr
+    except TypeError:  # read-only (a numpy array over bytes, a read-only view)
+        import numpy as np
+
+        a = np.frombuffer(c, dtype=np.uint8)
+        return a.ctypes.data, a
+
+
+class MappedRange:
+    """A file range compared piece by piece against other bytes through a sliding mmap window."""
+
+    def __init__(self, path: str, offset: int, length: int, window: int = MAP_WINDOW):
+        lib = libc()
+        if not lib:
+            raise OSError("no mmap")  # the caller reads instead
+        self.lib = lib
+        self.window = window
+        self.offset, self.length = offset, length
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(self.fd).st_size < offset + length:
+                raise CorruptFile(f"file ends before byte {offset + length}", path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.lo = self.hi = 0  # the window, relative to offset
+        self.addr = None  # of the mapping
+        self.maplen = 0
+        self.start = 0  # address of byte `lo`
+
+    def _map(self, pos: int) -> None:
+        ctypes, mmap_, _un, _cmp, prot, flags, gran = self.lib
+        self._unmap()
+        start = self.offset + pos
+        base = start - start % gran
+        end = min(self.offset + self.length, start + self.window)
+        addr = mmap_(None, end - base, prot, flags, self.fd, base)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr, self.maplen = addr, end - base
+        self.start = addr + (start - base)
+        self.lo, self.hi = pos, pos + (end - start)
+
+    def _unmap(self) -> None:
+        if self.addr is not None:
+            self.lib[2](self.addr, self.maplen)
+            self.addr = None
+
+    def compare(self, pos: int, chunk) -> int | None:
+        """None when `chunk` equals the range's bytes at `pos`, else the offset of the first difference."""
+        ctypes, _mm, _un, memcmp = self.lib[:4]
+        n = len(chunk) if isinstance(chunk, (bytes, bytearray)) else memoryview(chunk).nbytes
+        other, keep = address(chunk, n)
+        done = 0
+        while done < n:
+            at = pos + done
+            if not self.lo <= at < self.hi:
+                if at >= self.length:
+                    return at  # the source has more bytes than the output's range
+                self._map(at)
+            k = min(n - done, self.hi - at)
+            a = self.start + (at - self.lo)
+            if memcmp(a, other + done, k) != 0:
+                x, y = ctypes.string_at(a, k), ctypes.string_at(other + done, k)
+                return at + next(i for i in range(k) if x[i] != y[i])
+            done += k
+        del keep
+        return None
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self.fd)
+
+
+def compare_mapped(got: tuple[str, int, int], want: Iterable, window: int = MAP_WINDOW) -> int | None:
+    """None when the file range `got` (path, offset, length) holds exactly the bytes of the
+    `want` chunks, else the offset of the first difference (or where one side ends)."""
+    m = MappedRange(*got, window)
+    try:
+        pos = 0
+        for c in want:
+            n = len(c) if isinstance(c, (bytes, bytearray)) else memoryview(c).nbytes
+            if not n:
+                continue
+            diff = m.compare(pos, c)
+            if diff is not None:
+                return diff
+            pos += n
+        return None if pos == got[2] else pos
+    finally:
+        m.close()
