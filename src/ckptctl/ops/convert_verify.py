@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import collections
 import os
-import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,33 +16,29 @@ from ckptctl.formats.base import Reader
 from ckptctl.model import TensorInfo
 from ckptctl.sources import is_remote
 from ckptctl.ops.convert_write import CHUNK, _crc32c, _source_chunks
-from ckptctl.ops.stream import (  # noqa: F401  (MAP_WINDOW, compare_mapped, same_bytes: re-exported)
-    MAP_WINDOW, compare_mapped, read_range as _read_range, first_difference as same_bytes,
-)
+from ckptctl.ops import stream
+from ckptctl.ops.stream import MAP_WINDOW, compare_mapped, first_difference, pread_into, read_range, tls_buffer
+
+same_bytes = first_difference  # its old name here (convert re-exports it)
+__all__ = ["MAP_WINDOW", "VERIFY_BUF", "VERIFY_PIECE", "VERIFY_WORKERS", "compare_mapped", "same_bytes", "verify_output"]
 
 if TYPE_CHECKING:
     from ckptctl.ops.convert import ConvertPlan
     from ckptctl.sources import RemotePath
 
 # ---- verifying --------------------------------------------------------------------------------
-VERIFY_WORKERS = min(2, os.cpu_count() or 1)
+VERIFY_WORKERS = stream.threads()  # the shared worker pool's size: pieces go there when > 1
 VERIFY_PIECE = 64 * 1024 * 1024  # bytes per parallel verify task
 VERIFY_BUF = 8 * 1024 * 1024  # a verify worker's read buffer (and its mmap window)
-_tls = threading.local()
 
 
 def _compare_piece(got: tuple[str, int, int], src: tuple[str, int, int]) -> int | None:
     """compare_mapped of an output range against a source range (a verify worker's task)."""
-    buf = getattr(_tls, "buf", None)
-    if buf is None:
-        buf = _tls.buf = bytearray(VERIFY_BUF)
+    buf = tls_buffer(0, VERIFY_BUF)
     try:
-        return compare_mapped(got, _read_range(src[0], src[1], src[2], buf), VERIFY_BUF)
+        return compare_mapped(got, read_range(src[0], src[1], src[2], buf), VERIFY_BUF)
     except (OSError, ValueError):  # a file system that cannot map: read both
-        buf2 = getattr(_tls, "buf2", None)
-        if buf2 is None:
-            buf2 = _tls.buf2 = bytearray(VERIFY_BUF)
-        return same_bytes(_read_range(*got, buf2), _read_range(*src, buf))
+        return first_difference(read_range(*got, tls_buffer(1, VERIFY_BUF)), read_range(*src, buf))
 
 
 def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo, e: TensorInfo,
@@ -60,7 +55,7 @@ def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo,
             return compare_mapped(out_rng, want, VERIFY_BUF)
         except (OSError, ValueError):  # a file system that cannot map: read it instead
             want = _expected_chunks(plan, s, e, bufs[1])
-    return same_bytes(_range_or_chunks(reader, name, bufs[0]), want)
+    return first_difference(_range_or_chunks(reader, name, bufs[0]), want)
 
 
 def _crcs_match(rng: tuple[str, int, int], crcs: list[tuple[int, int]], buf: bytearray) -> bool:
@@ -74,13 +69,10 @@ def _crcs_match(rng: tuple[str, int, int], crcs: list[tuple[int, int]], buf: byt
         for n, want in crcs:
             if len(buf) < n:
                 buf = bytearray(n)
-            view = memoryview(buf)[:n]
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [view[got:]], pos + got)
-                if k == 0:
-                    return False
-                got += k
+            try:
+                pread_into(fd, memoryview(buf)[:n], pos, rng[0], None)
+            except CorruptFile:  # the file ends early
+                return False
             if crc(np.frombuffer(buf, dtype=np.uint8, count=n)) != want:
                 return False
             pos += n
@@ -92,7 +84,7 @@ def _crcs_match(rng: tuple[str, int, int], crcs: list[tuple[int, int]], buf: byt
 def _range_or_chunks(reader: Reader, name: str, buf: bytearray) -> Iterable:
     rng = reader.byte_range(name)
     if rng is not None:
-        return _read_range(rng[0], rng[1], rng[2], buf)
+        return read_range(rng[0], rng[1], rng[2], buf)
     return reader.iter_chunks(name, CHUNK)
 
 
@@ -146,7 +138,6 @@ def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
         bufs: tuple[bytearray, bytearray] | None = None  # reused for every tensor compared on this thread
         # (name, bytes, a Future or the result: None or the offset of the first difference, piece start)
         pending: collections.deque = collections.deque()
-        pool = None
 
         def settle(block: bool) -> None:
             nonlocal nbytes
@@ -179,20 +170,17 @@ def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
                         and VERIFY_WORKERS > 1 and e.nbytes >= VERIFY_PIECE // 4:
                     # plain bytes on both sides: pieces compared on every core (preadv, mmap and
                     # memcmp release the GIL), results taken in order so the first difference is reported
-                    if pool is None:
-                        pool = ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="ckptctl-verify")
                     for k in range(0, e.nbytes, VERIFY_PIECE):
                         m = min(VERIFY_PIECE, e.nbytes - k)
-                        fut = pool.submit(_compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m))
+                        fut = stream.submit(_compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m))
                         pending.append((name, m, fut, k))
                     settle(False)
                     continue
                 if bufs is None:
-                    bufs = (bytearray(VERIFY_BUF), bytearray(VERIFY_BUF))  # small: RSS stays flat
+                    bufs = (tls_buffer(0, VERIFY_BUF), tls_buffer(1, VERIFY_BUF))  # small: RSS stays flat
                 pending.append((name, e.nbytes, _compare_tensor(plan, reader, name, s, e, out_rng, bufs), 0))
                 settle(False)
             settle(True)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # leaving early: pieces not started are cancelled, running ones waited for
+            stream.cancel_and_close([r for _n, _s, r, _b in pending if isinstance(r, Future)], ())
     return n, nbytes

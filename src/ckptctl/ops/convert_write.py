@@ -19,7 +19,7 @@ from ckptctl.formats import writer_class
 from ckptctl.model import TensorInfo
 from ckptctl.sources import is_remote
 from ckptctl.ops.convert_cast import cast_chunks
-from ckptctl.ops.stream import read_range as _read_range
+from ckptctl.ops.stream import read_range
 from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point, staging_dir
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def _source_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo, bufs: di
         if rng is not None:
             if "in" not in bufs:
                 bufs["in"] = bytearray(CAST_CHUNK)
-            raw = _read_range(rng[0], rng[1], rng[2], bufs["in"])
+            raw = read_range(rng[0], rng[1], rng[2], bufs["in"])
         cast_out = bufs.setdefault("out", [None])
     else:
         cast_out = None

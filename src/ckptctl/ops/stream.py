@@ -88,20 +88,12 @@ class ChunkSource:
             pos = 0
             k = 0
             while pos < length:
-                view = views[k % len(views)]
-                k += 1
                 want = min(size, length - pos)
-                got = 0
-                while got < want:
-                    n = os.preadv(fd, [view[got:want]], offset + pos + got)
-                    if n == 0:
-                        raise CorruptFile(
-                            f"tensor {self.t.name!r}: file ends at byte {offset + pos + got}, "
-                            f"expected data up to byte {offset + length}", file,
-                        )
-                    got += n
+                view = views[k % len(views)][:want]
+                k += 1
+                pread_into(fd, view, offset + pos, file, self.t.name, offset + length)
                 pos += want
-                yield view[:want]
+                yield view
         finally:
             os.close(fd)
 
@@ -163,14 +155,8 @@ class Cursor:
         if self.pos >= self.length:
             return None
         want = min(self.chunk_bytes, self.length - self.pos)
-        got = 0
         assert self.fd is not None  # a byte range was found: gen is None, fd is open
-        while got < want:
-            n = os.preadv(self.fd, [view[got:want]], self.offset + self.pos + got)
-            if n == 0:
-                raise CorruptFile(f"tensor {self.t.name!r}: file ends at byte {self.offset + self.pos + got}, "
-                                  f"expected data up to byte {self.offset + self.length}", self.file)
-            got += n
+        pread_into(self.fd, view[:want], self.offset + self.pos, self.file, self.t.name, self.offset + self.length)
         self.pos += want
         return view[:want]
 
@@ -262,41 +248,25 @@ def uint_view(x: np.ndarray) -> np.ndarray:
         else x.view(np.uint64)
 
 
-_MEMCMP: Any = None
-
-
-def _memcmp():
-    global _MEMCMP
-    if _MEMCMP is None:
-        try:
-            import ctypes
-
-            fn = ctypes.CDLL(None).memcmp
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-            fn.restype = ctypes.c_int
-            _MEMCMP = fn
-        except (OSError, AttributeError):
-            _MEMCMP = False
-    return _MEMCMP
-
-
 def same_bytes(a, b) -> bool:
-    """memcmp of two buffers without copying them (memoryview == memoryview compares item by
-    item in Python's struct machinery: far slower)."""
+    """libc's memcmp of two buffers without copying them (memoryview == memoryview compares item
+    by item in Python's struct machinery: far slower)."""
     if isinstance(a, bytes) and isinstance(b, bytes):
         return a == b
-    if len(a) != len(b):
+    n = nbytes(a)
+    if n != nbytes(b):
         return False
-    if not len(a):
+    if not n:
         return True
-    fn = _memcmp()
-    if fn:
-        import numpy as np
-
-        pa = np.frombuffer(a, np.uint8).ctypes.data
-        pb = np.frombuffer(b, np.uint8).ctypes.data
-        return fn(pa, pb, len(a)) == 0
+    lib = libc()
+    if lib:
+        (pa, _ka), (pb, _kb) = address(a, n), address(b, n)
+        return lib[3](pa, pb, n) == 0
     return bytes(a) == bytes(b)
+
+
+def nbytes(c) -> int:
+    return len(c) if isinstance(c, (bytes, bytearray)) else memoryview(c).nbytes
 
 
 def contiguous_range(reader: Reader, t: TensorInfo) -> tuple[str, int, int] | None:
@@ -307,13 +277,16 @@ def contiguous_range(reader: Reader, t: TensorInfo) -> tuple[str, int, int] | No
     return r if r is not None and r[2] == t.nbytes else None
 
 
-def pread_into(fd: int, view: memoryview, offset: int, file: str, name: str) -> None:
+def pread_into(fd: int, view: memoryview, offset: int, file: str, name: str | None, end: int | None = None) -> None:
+    """Fill `view` from the file at `offset`; a file that ends first is a CorruptFile naming
+    tensor `name` (if any) and `end` (default: the view's end) as where its data should reach."""
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
-            raise CorruptFile(f"tensor {name!r}: file ends at byte {offset + got}, expected data up to byte "
-                              f"{offset + len(view)}", file)
+            what = f"tensor {name!r}: file" if name is not None else "file"
+            raise CorruptFile(f"{what} ends at byte {offset + got}, expected data up to byte "
+                              f"{offset + len(view) if end is None else end}", file)
         got += n
 
 
@@ -431,7 +404,7 @@ def submit(fn, *args):
         if _POOL is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            _POOL = ThreadPoolExecutor(threads(), thread_name_prefix="ckptctl-average")
+            _POOL = ThreadPoolExecutor(threads(), thread_name_prefix="ckptctl-worker")
     return _POOL.submit(fn, *args)
 
 
@@ -485,32 +458,18 @@ class Ahead:
 
 # ---- file ranges: pieces, first differences, mapped windows (moved from convert's verify) ----------
 def read_range(path: str, offset: int, length: int, buf: bytearray) -> Iterator[memoryview]:
-    """A file range read in pieces into the reused `buf` (each piece valid until the next).
-
-    Full pieces are views of the whole bytearray, which `first_difference`'s `_equal` compares with memcmp."""
+    """A file range read in pieces into the reused `buf` (each piece valid until the next)."""
     view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
     try:
         done = 0
         while done < length:
-            n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
-            if n == 0:
-                raise CorruptFile(f"file ends at byte {offset + done}, expected data up to byte {offset + length}",
-                                  path)
-            done += n
-            yield view if n == len(buf) else view[:n]
+            piece = view[: min(len(buf), length - done)]
+            pread_into(fd, piece, offset + done, path, None, offset + length)
+            done += len(piece)
+            yield piece
     finally:
         os.close(fd)
-
-
-def _equal(a: memoryview, b: memoryview) -> bool:
-    import numpy as np
-
-    if isinstance(a.obj, (bytes, bytearray)) and isinstance(b.obj, (bytes, bytearray)) \
-            and len(a.obj) == len(a) == len(b.obj) == len(b):
-        return a.obj == b.obj  # memcmp
-    dt = np.uint64 if len(a) % 8 == 0 else np.uint8
-    return bool(np.array_equal(np.frombuffer(a, dt), np.frombuffer(b, dt)))
 
 
 def first_difference(a: Iterable, b: Iterable) -> int | None:
@@ -527,7 +486,7 @@ def first_difference(a: Iterable, b: Iterable) -> int | None:
         if ca is None or cb is None:
             return None if ca is None and cb is None else pos
         n = min(len(ca), len(cb))
-        if not _equal(ca[:n] if n < len(ca) else ca, cb[:n] if n < len(cb) else cb):
+        if not same_bytes(ca[:n] if n < len(ca) else ca, cb[:n] if n < len(cb) else cb):
             for i in range(n):  # only on failure
                 if ca[i] != cb[i]:
                     return pos + i
@@ -633,7 +592,7 @@ class MappedRange:
     def compare(self, pos: int, chunk) -> int | None:
         """None when `chunk` equals the range's bytes at `pos`, else the offset of the first difference."""
         ctypes, _mm, _un, memcmp = self.lib[:4]
-        n = len(chunk) if isinstance(chunk, (bytes, bytearray)) else memoryview(chunk).nbytes
+        n = nbytes(chunk)
         other, keep = address(chunk, n)
         done = 0
         while done < n:
@@ -663,7 +622,7 @@ def compare_mapped(got: tuple[str, int, int], want: Iterable, window: int = MAP_
     try:
         pos = 0
         for c in want:
-            n = len(c) if isinstance(c, (bytes, bytearray)) else memoryview(c).nbytes
+            n = nbytes(c)
             if not n:
                 continue
             diff = m.compare(pos, c)
