@@ -14,10 +14,10 @@ from ckptctl.errors import CkptError, CorruptFile
 from ckptctl.formats import open_reader
 from ckptctl.formats.base import Reader
 from ckptctl.model import TensorInfo
-from ckptctl.sources import is_remote
-from ckptctl.ops.convert_write import CHUNK, _crc32c, _source_chunks
 from ckptctl.ops import stream
+from ckptctl.ops.convert_write import CHUNK, _crc32c, _source_chunks
 from ckptctl.ops.stream import MAP_WINDOW, compare_mapped, first_difference, pread_into, read_range, tls_buffer
+from ckptctl.sources import is_remote
 
 same_bytes = first_difference  # its old name here (convert re-exports it)
 __all__ = ["MAP_WINDOW", "VERIFY_BUF", "VERIFY_PIECE", "VERIFY_WORKERS", "compare_mapped", "same_bytes", "verify_output"]

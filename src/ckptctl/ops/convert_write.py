@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, cast
 
 from ckptctl.errors import CkptError
 from ckptctl.formats import writer_class
+from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point, staging_dir
 from ckptctl.model import TensorInfo
-from ckptctl.sources import is_remote
 from ckptctl.ops.convert_cast import cast_chunks
 from ckptctl.ops.stream import read_range
-from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point, staging_dir
+from ckptctl.sources import is_remote
 
 if TYPE_CHECKING:
     from ckptctl.formats.writeutil import StreamingWriter
