@@ -70,6 +70,35 @@ def test_a_flipped_byte_is_found_at_its_offset(tmp_path, small_pieces, at):
     plan.close()
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("at", [0, 4097, 50 * 100 * 4 - 1])
+def test_without_mmap_both_sides_are_read_and_the_byte_is_found(tmp_path, monkeypatch, parallel, at):
+    """A file system that cannot map: verify reads the output with preadv too (stream.read_range)
+    and compares with stream.first_difference / same_bytes (libc memcmp): same message, same offset."""
+    if parallel:
+        monkeypatch.setattr(convert_verify, "VERIFY_WORKERS", 2)
+        monkeypatch.setattr(convert_verify, "VERIFY_PIECE", 4096)
+    else:
+        monkeypatch.setattr(convert_verify, "VERIFY_WORKERS", 1)
+
+    def no_mmap(*_a, **_k):
+        raise OSError("no mmap here")
+
+    monkeypatch.setattr(convert_verify, "compare_mapped", no_mmap)
+    src, sd = _pt(tmp_path)
+    plan = cv.plan_convert(src, tmp_path / "out.safetensors")
+    staged = cv.write_output(plan)
+    assert cv.verify_output(plan, staged.out) == (3, sum(t.numel() * 4 for t in sd.values()))
+    off = _st_data_offset(staged.out, "b.weight")
+    data = bytearray(staged.out.read_bytes())
+    data[off + at] ^= 0x40
+    staged.out.write_bytes(bytes(data))
+    with pytest.raises(CorruptFile, match=rf"tensor 'b.weight' differs from the source at byte {at}$"):
+        cv.verify_output(plan, staged.out)
+    staged.discard()
+    plan.close()
+
+
 def test_the_first_damaged_tensor_in_file_order_is_named(tmp_path, small_pieces):
     src, _sd = _pt(tmp_path)
     plan = cv.plan_convert(src, tmp_path / "out.safetensors")
@@ -181,3 +210,19 @@ def test_plain_conversion_with_verify_imports_no_numpy(tmp_path):
     out = load_file(str(dst))
     assert set(out) == {"a.weight", "b.weight", "c.bias"}
     assert all(torch.equal(out[k], v) for k, v in _sd.items())
+
+
+def test_stream_read_range_pieces_and_a_short_file(tmp_path):
+    """stream.read_range (verify's and cast's reads): a file range in buffer-sized pieces, in
+    order, each the right bytes; a file that ends early is one CorruptFile naming both bytes."""
+    from ckptctl.ops import stream
+
+    data = bytes(range(256)) * 40  # 10240 bytes
+    f = tmp_path / "blob.bin"
+    f.write_bytes(data)
+    buf = bytearray(1000)
+    pieces = [bytes(p) for p in stream.read_range(str(f), 17, 5000, buf)]
+    assert [len(p) for p in pieces] == [1000] * 5 and b"".join(pieces) == data[17:5017]
+    assert stream.first_difference(stream.read_range(str(f), 17, 5000, buf), [data[17:5017]]) is None
+    with pytest.raises(CorruptFile, match=r": file ends at byte 10240, expected data up to byte 11000$"):
+        list(stream.read_range(str(f), 9500, 1500, buf))  # the first piece already runs short

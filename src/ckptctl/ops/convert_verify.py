@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import collections
 import os
-import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,204 +14,31 @@ from ckptctl.errors import CkptError, CorruptFile
 from ckptctl.formats import open_reader
 from ckptctl.formats.base import Reader
 from ckptctl.model import TensorInfo
+from ckptctl.ops import stream
+from ckptctl.ops.convert_write import CHUNK, _crc32c, _source_chunks
+from ckptctl.ops.stream import MAP_WINDOW, compare_mapped, first_difference, pread_into, read_range, tls_buffer
 from ckptctl.sources import is_remote
-from ckptctl.ops.convert_write import CHUNK, _crc32c, _read_range, _source_chunks
+
+same_bytes = first_difference  # its old name here (convert re-exports it)
+__all__ = ["MAP_WINDOW", "VERIFY_BUF", "VERIFY_PIECE", "VERIFY_WORKERS", "compare_mapped", "same_bytes", "verify_output"]
 
 if TYPE_CHECKING:
     from ckptctl.ops.convert import ConvertPlan
     from ckptctl.sources import RemotePath
 
 # ---- verifying --------------------------------------------------------------------------------
-def _equal(a: memoryview, b: memoryview) -> bool:
-    import numpy as np
-
-    if isinstance(a.obj, (bytes, bytearray)) and isinstance(b.obj, (bytes, bytearray)) \
-            and len(a.obj) == len(a) == len(b.obj) == len(b):
-        return a.obj == b.obj  # memcmp
-    dt = np.uint64 if len(a) % 8 == 0 else np.uint8
-    return bool(np.array_equal(np.frombuffer(a, dt), np.frombuffer(b, dt)))
-
-
-def same_bytes(a: Iterable, b: Iterable) -> int | None:
-    """None when the two byte streams are equal, else the offset of the first difference."""
-    streams = [iter(a), iter(b)]
-    cur: list[memoryview | None] = [memoryview(b""), memoryview(b"")]
-    pos = 0
-    while True:
-        for k in (0, 1):
-            while cur[k] is not None and not cur[k]:
-                x = next(streams[k], None)
-                cur[k] = None if x is None else memoryview(x).cast("B")
-        ca, cb = cur
-        if ca is None or cb is None:
-            return None if ca is None and cb is None else pos
-        n = min(len(ca), len(cb))
-        if not _equal(ca[:n] if n < len(ca) else ca, cb[:n] if n < len(cb) else cb):
-            for i in range(n):  # only on failure
-                if ca[i] != cb[i]:
-                    return pos + i
-        pos += n
-        cur = [ca[n:], cb[n:]]
-
-
-# Verify maps the OUTPUT (the staged file: ckptctl's own, in a locked hidden folder, never
-# truncated under it) window by window instead of copying it into a buffer: libc's mmap with
-# MAP_POPULATE maps the page-cache pages in one call, libc's memcmp compares them with the
-# source's bytes (both through ctypes: no numpy import, the GIL released), the window is unmapped
-# before the next (RSS stays flat). Measured on a 1 GB file: 0.40 CPU s against 0.50 for reading
-# both sides with preadv. The SOURCE is still read with preadv: a file that another process
-# truncates while it is mapped would kill ckptctl with SIGBUS instead of a one-line error.
-MAP_WINDOW = 16 * 1024 * 1024
-
-
-_LIBC = None
-
-
-def _libc():
-    """libc's mmap, munmap and memcmp through ctypes (foreign calls release the GIL), or None.
-
-    Not Python's mmap module: a read-only mapping has no address without numpy, and importing
-    numpy costs a conversion that never needs it ~0.17 CPU s."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-            import mmap
-
-            lib = ctypes.CDLL(None, use_errno=True)
-            mm, un, cmp = lib.mmap, lib.munmap, lib.memcmp
-            mm.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-            mm.restype = ctypes.c_void_p
-            un.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            un.restype = ctypes.c_int
-            cmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-            cmp.restype = ctypes.c_int
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            _LIBC = (ctypes, mm, un, cmp, mmap.PROT_READ, flags, mmap.ALLOCATIONGRANULARITY)
-        except (OSError, AttributeError, ImportError):
-            _LIBC = False
-    return _LIBC
-
-
-def _address(c, n: int):
-    """(address, keep-alive) of the first byte of buffer `c` (n bytes), without copying it."""
-    ctypes = _libc()[0]
-    if isinstance(c, bytes):
-        return ctypes.cast(ctypes.c_char_p(c), ctypes.c_void_p).value, c
-    try:
-        arr = (ctypes.c_char * n).from_buffer(c)
-        return ctypes.addressof(arr), arr
-    except TypeError:  # read-only (a numpy array over bytes, a read-only view)
-        import numpy as np
-
-        a = np.frombuffer(c, dtype=np.uint8)
-        return a.ctypes.data, a
-
-
-class _MappedRange:
-    """A file range compared piece by piece against other bytes through a sliding mmap window."""
-
-    def __init__(self, path: str, offset: int, length: int, window: int = MAP_WINDOW):
-        lib = _libc()
-        if not lib:
-            raise OSError("no mmap")  # the caller reads instead
-        self.lib = lib
-        self.window = window
-        self.offset, self.length = offset, length
-        self.fd = os.open(path, os.O_RDONLY)
-        try:
-            if os.fstat(self.fd).st_size < offset + length:
-                raise CorruptFile(f"file ends before byte {offset + length}", path)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.lo = self.hi = 0  # the window, relative to offset
-        self.addr = None  # of the mapping
-        self.maplen = 0
-        self.start = 0  # address of byte `lo`
-
-    def _map(self, pos: int) -> None:
-        ctypes, mmap_, _un, _cmp, prot, flags, gran = self.lib
-        self._unmap()
-        start = self.offset + pos
-        base = start - start % gran
-        end = min(self.offset + self.length, start + self.window)
-        addr = mmap_(None, end - base, prot, flags, self.fd, base)
-        if addr is None or addr == ctypes.c_void_p(-1).value:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        self.addr, self.maplen = addr, end - base
-        self.start = addr + (start - base)
-        self.lo, self.hi = pos, pos + (end - start)
-
-    def _unmap(self) -> None:
-        if self.addr is not None:
-            self.lib[2](self.addr, self.maplen)
-            self.addr = None
-
-    def compare(self, pos: int, chunk) -> int | None:
-        """None when `chunk` equals the range's bytes at `pos`, else the offset of the first difference."""
-        ctypes, _mm, _un, memcmp = self.lib[:4]
-        n = len(chunk) if isinstance(chunk, (bytes, bytearray)) else memoryview(chunk).nbytes
-        other, keep = _address(chunk, n)
-        done = 0
-        while done < n:
-            at = pos + done
-            if not self.lo <= at < self.hi:
-                if at >= self.length:
-                    return at  # the source has more bytes than the output's range
-                self._map(at)
-            k = min(n - done, self.hi - at)
-            a = self.start + (at - self.lo)
-            if memcmp(a, other + done, k) != 0:
-                x, y = ctypes.string_at(a, k), ctypes.string_at(other + done, k)
-                return at + next(i for i in range(k) if x[i] != y[i])
-            done += k
-        del keep
-        return None
-
-    def close(self) -> None:
-        self._unmap()
-        os.close(self.fd)
-
-
-def compare_mapped(got: tuple[str, int, int], want: Iterable, window: int = MAP_WINDOW) -> int | None:
-    """None when the file range `got` (path, offset, length) holds exactly the bytes of the
-    `want` chunks, else the offset of the first difference (or where one side ends)."""
-    m = _MappedRange(*got, window)
-    try:
-        pos = 0
-        for c in want:
-            n = len(c) if isinstance(c, (bytes, bytearray)) else memoryview(c).nbytes
-            if not n:
-                continue
-            diff = m.compare(pos, c)
-            if diff is not None:
-                return diff
-            pos += n
-        return None if pos == got[2] else pos
-    finally:
-        m.close()
-
-
-VERIFY_WORKERS = min(2, os.cpu_count() or 1)
+VERIFY_WORKERS = stream.threads()  # the shared worker pool's size: pieces go there when > 1
 VERIFY_PIECE = 64 * 1024 * 1024  # bytes per parallel verify task
 VERIFY_BUF = 8 * 1024 * 1024  # a verify worker's read buffer (and its mmap window)
-_tls = threading.local()
 
 
 def _compare_piece(got: tuple[str, int, int], src: tuple[str, int, int]) -> int | None:
     """compare_mapped of an output range against a source range (a verify worker's task)."""
-    buf = getattr(_tls, "buf", None)
-    if buf is None:
-        buf = _tls.buf = bytearray(VERIFY_BUF)
+    buf = tls_buffer(0, VERIFY_BUF)
     try:
-        return compare_mapped(got, _read_range(src[0], src[1], src[2], buf), VERIFY_BUF)
+        return compare_mapped(got, read_range(src[0], src[1], src[2], buf), VERIFY_BUF)
     except (OSError, ValueError):  # a file system that cannot map: read both
-        buf2 = getattr(_tls, "buf2", None)
-        if buf2 is None:
-            buf2 = _tls.buf2 = bytearray(VERIFY_BUF)
-        return same_bytes(_read_range(*got, buf2), _read_range(*src, buf))
+        return first_difference(read_range(*got, tls_buffer(1, VERIFY_BUF)), read_range(*src, buf))
 
 
 def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo, e: TensorInfo,
@@ -229,7 +55,7 @@ def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo,
             return compare_mapped(out_rng, want, VERIFY_BUF)
         except (OSError, ValueError):  # a file system that cannot map: read it instead
             want = _expected_chunks(plan, s, e, bufs[1])
-    return same_bytes(_range_or_chunks(reader, name, bufs[0]), want)
+    return first_difference(_range_or_chunks(reader, name, bufs[0]), want)
 
 
 def _crcs_match(rng: tuple[str, int, int], crcs: list[tuple[int, int]], buf: bytearray) -> bool:
@@ -243,13 +69,10 @@ def _crcs_match(rng: tuple[str, int, int], crcs: list[tuple[int, int]], buf: byt
         for n, want in crcs:
             if len(buf) < n:
                 buf = bytearray(n)
-            view = memoryview(buf)[:n]
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [view[got:]], pos + got)
-                if k == 0:
-                    return False
-                got += k
+            try:
+                pread_into(fd, memoryview(buf)[:n], pos, rng[0], None)
+            except CorruptFile:  # the file ends early
+                return False
             if crc(np.frombuffer(buf, dtype=np.uint8, count=n)) != want:
                 return False
             pos += n
@@ -261,7 +84,7 @@ def _crcs_match(rng: tuple[str, int, int], crcs: list[tuple[int, int]], buf: byt
 def _range_or_chunks(reader: Reader, name: str, buf: bytearray) -> Iterable:
     rng = reader.byte_range(name)
     if rng is not None:
-        return _read_range(rng[0], rng[1], rng[2], buf)
+        return read_range(rng[0], rng[1], rng[2], buf)
     return reader.iter_chunks(name, CHUNK)
 
 
@@ -315,7 +138,6 @@ def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
         bufs: tuple[bytearray, bytearray] | None = None  # reused for every tensor compared on this thread
         # (name, bytes, a Future or the result: None or the offset of the first difference, piece start)
         pending: collections.deque = collections.deque()
-        pool = None
 
         def settle(block: bool) -> None:
             nonlocal nbytes
@@ -348,20 +170,17 @@ def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
                         and VERIFY_WORKERS > 1 and e.nbytes >= VERIFY_PIECE // 4:
                     # plain bytes on both sides: pieces compared on every core (preadv, mmap and
                     # memcmp release the GIL), results taken in order so the first difference is reported
-                    if pool is None:
-                        pool = ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="ckptctl-verify")
                     for k in range(0, e.nbytes, VERIFY_PIECE):
                         m = min(VERIFY_PIECE, e.nbytes - k)
-                        fut = pool.submit(_compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m))
+                        fut = stream.submit(_compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m))
                         pending.append((name, m, fut, k))
                     settle(False)
                     continue
                 if bufs is None:
-                    bufs = (bytearray(VERIFY_BUF), bytearray(VERIFY_BUF))  # small: RSS stays flat
+                    bufs = (tls_buffer(0, VERIFY_BUF), tls_buffer(1, VERIFY_BUF))  # small: RSS stays flat
                 pending.append((name, e.nbytes, _compare_tensor(plan, reader, name, s, e, out_rng, bufs), 0))
                 settle(False)
             settle(True)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # leaving early: pieces not started are cancelled, running ones waited for
+            stream.cancel_and_close([r for _n, _s, r, _b in pending if isinstance(r, Future)], ())
     return n, nbytes

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from ckptctl.errors import CkptError, CorruptFile
+from ckptctl.errors import CkptError
 from ckptctl.formats import writer_class
-from ckptctl.model import TensorInfo
-from ckptctl.sources import is_remote
-from ckptctl.ops.convert_cast import cast_chunks
 from ckptctl.formats.writeutil import TMP_TAG, clean_stale_temps, fsync_dir, hold_lock, pause_point, staging_dir
+from ckptctl.model import TensorInfo
+from ckptctl.ops.convert_cast import cast_chunks
+from ckptctl.ops.stream import read_range
+from ckptctl.sources import is_remote
 
 if TYPE_CHECKING:
     from ckptctl.formats.writeutil import StreamingWriter
@@ -55,7 +56,7 @@ def _source_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo, bufs: di
         if rng is not None:
             if "in" not in bufs:
                 bufs["in"] = bytearray(CAST_CHUNK)
-            raw = _read_range(rng[0], rng[1], rng[2], bufs["in"])
+            raw = read_range(rng[0], rng[1], rng[2], bufs["in"])
         cast_out = bufs.setdefault("out", [None])
     else:
         cast_out = None
@@ -309,22 +310,3 @@ def _swap_in(tmp: Path, dst: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-
-
-def _read_range(path: str, offset: int, length: int, buf: bytearray) -> Iterator[memoryview]:
-    """A file range read in pieces into the reused `buf` (each piece valid until the next).
-
-    Full pieces are views of the whole bytearray, which `_equal` compares with memcmp."""
-    view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < length:
-            n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
-            if n == 0:
-                raise CorruptFile(f"file ends at byte {offset + done}, expected data up to byte {offset + length}",
-                                  path)
-            done += n
-            yield view if n == len(buf) else view[:n]
-    finally:
-        os.close(fd)

@@ -4,47 +4,40 @@ What lives here, and nothing about what the callers compute:
   * reading one tensor's bytes a bounded chunk at a time: `ChunkSource` (an iterator, pread into
     reused buffers or regrouped `iter_chunks` pieces), `Cursor` (the caller's buffers), and
     `FileView` (a mapped byte range, unmapped on close) for item workers;
-  * `contiguous_range` (the one file range a tensor occupies, if any), `pread_into`,
-    `lockstep` (two chunk streams side by side), `as_array` (raw bytes as a numpy view);
-  * `same_bytes` (memcmp without copies), `dot` (single-threaded BLAS for the calling thread);
+  * `contiguous_range` (the one file range a tensor occupies, if any), `pread_into`, `read_range`
+    (a file range in pieces), `lockstep` (two chunk streams side by side);
+  * `same_bytes` (libc memcmp without copies), `first_difference` (where two byte streams part),
+    `compare_mapped` / `MappedRange` (a file range compared through a sliding mmap window);
   * the worker pool for item-parallel work (`threads`, `submit`) and the clean-up after it
     (`cancel_and_close`), and per-thread buffers kept for the thread's life (`tls_buffer`).
 
-numpy is imported lazily, only by the functions that need it.
+numpy is imported lazily, only by the functions that need it. The arithmetic helpers (`as_array`,
+`dot`, `numeric_kind`...) live in ops/numeric.py and are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ckptctl import dtypes
 from ckptctl.errors import CorruptFile
 from ckptctl.model import TensorInfo
+from ckptctl.ops.numeric import (  # noqa: F401  (re-exported: diff and average import them here)
+    BLOCK,
+    as_array,
+    blas_one_thread,
+    dot,
+    itemsize,
+    numeric_kind,
+    uint_view,
+)
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from ckptctl.formats.base import Reader
 
-BLOCK = 1 << 17  # elements per arithmetic block (fits the L2 cache as float64)
 Progress = Callable[[int], None] | None
-
-
-def numeric_kind(dtype: str) -> str:
-    """'float' | 'complex' | 'int' | 'bool' | 'bytes' (no arithmetic: compare bytes only)."""
-    d = dtypes.BY_NAME[dtype]
-    if d.kind in ("float", "complex", "int", "uint", "bool") and d.bits % 8 == 0:
-        dt = dtypes.numpy_dtype(dtype)
-        if dt is not None and dt.itemsize * 8 == d.bits:
-            return {"uint": "int"}.get(d.kind, d.kind)
-    return "bytes"
-
-
-def itemsize(dtype: str) -> int:
-    return dtypes.BY_NAME[dtype].itemsize
 
 
 class ChunkSource:
@@ -88,20 +81,12 @@ class ChunkSource:
             pos = 0
             k = 0
             while pos < length:
-                view = views[k % len(views)]
-                k += 1
                 want = min(size, length - pos)
-                got = 0
-                while got < want:
-                    n = os.preadv(fd, [view[got:want]], offset + pos + got)
-                    if n == 0:
-                        raise CorruptFile(
-                            f"tensor {self.t.name!r}: file ends at byte {offset + pos + got}, "
-                            f"expected data up to byte {offset + length}", file,
-                        )
-                    got += n
+                view = views[k % len(views)][:want]
+                k += 1
+                pread_into(fd, view, offset + pos, file, self.t.name, offset + length)
                 pos += want
-                yield view[:want]
+                yield view
         finally:
             os.close(fd)
 
@@ -163,14 +148,8 @@ class Cursor:
         if self.pos >= self.length:
             return None
         want = min(self.chunk_bytes, self.length - self.pos)
-        got = 0
         assert self.fd is not None  # a byte range was found: gen is None, fd is open
-        while got < want:
-            n = os.preadv(self.fd, [view[got:want]], self.offset + self.pos + got)
-            if n == 0:
-                raise CorruptFile(f"tensor {self.t.name!r}: file ends at byte {self.offset + self.pos + got}, "
-                                  f"expected data up to byte {self.offset + self.length}", self.file)
-            got += n
+        pread_into(self.fd, view[:want], self.offset + self.pos, self.file, self.t.name, self.offset + self.length)
         self.pos += want
         return view[:want]
 
@@ -181,122 +160,28 @@ class Cursor:
         self.gen = None
 
 
-def as_array(buf, dtype: str) -> np.ndarray:
-    """A flat numpy view of raw little-endian bytes (bool as uint8, bf16/fp8 via ml_dtypes)."""
-    import numpy as np
-
-    kind = numeric_kind(dtype)
-    if kind == "bool":
-        return np.frombuffer(buf, dtype=np.uint8)
-    if kind == "bytes":
-        return np.frombuffer(buf, dtype=np.uint8)
-    return np.frombuffer(buf, dtype=dtypes.numpy_dtype(dtype))
-
-
-_BLAS_LOCAL: Any = None  # openblas_set_num_threads_local, False when not available
 _TLS = threading.local()
 
 
-def blas_one_thread() -> bool:
-    """Make BLAS single-threaded for the calling thread only (OpenBLAS >= 0.3.27).
-
-    OpenBLAS's threaded ddot spins waiting for idle cores; on a busy 2-core machine it ran
-    3-40x slower than one thread. `openblas_set_num_threads_local` changes the calling thread
-    alone, so nothing else in the process is affected. False when numpy's BLAS is not an
-    OpenBLAS we can find: callers then use numpy's own loop (einsum), about 2x slower.
-    """
-    global _BLAS_LOCAL
-    done = getattr(_TLS, "blas1", None)
-    if done is not None:
-        return done
-    if _BLAS_LOCAL is None:
-        _BLAS_LOCAL = False
-        try:
-            import ctypes
-            import glob
-
-            import numpy as np
-
-            base = os.path.dirname(os.path.dirname(np.__file__))
-            for lib in sorted(glob.glob(os.path.join(base, "numpy.libs", "lib*openblas*.so*"))):
-                fn = getattr(ctypes.CDLL(lib), "openblas_set_num_threads_local", None)
-                if fn is not None:
-                    fn.argtypes = [ctypes.c_int]
-                    fn.restype = ctypes.c_int
-                    _BLAS_LOCAL = fn
-                    break
-        except (OSError, AttributeError, ImportError):
-            _BLAS_LOCAL = False
-    ok = False
-    if _BLAS_LOCAL:
-        try:
-            _BLAS_LOCAL(1)
-            ok = True
-        except Exception:  # noqa: BLE001
-            ok = False
-    _TLS.blas1 = ok
-    return ok
-
-
-def dot(x: np.ndarray, y: np.ndarray) -> float:
-    """Re(sum(conj(x) * y)) of two contiguous float64/complex128 vectors.
-
-    Single-threaded BLAS when that can be arranged for this thread (see blas_one_thread),
-    else numpy's own loop (einsum): never OpenBLAS's default threading, which spins.
-    """
-    import numpy as np
-
-    if blas_one_thread():
-        if np.iscomplexobj(x):
-            return float(np.vdot(x, y).real)
-        return float(np.dot(x, y))
-    if np.iscomplexobj(x):
-        return float(np.einsum("i,i->", np.conj(x), y).real)
-    return float(np.einsum("i,i->", x, y))
-
-
-def uint_view(x: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.itemsize]) if x.itemsize <= 8 \
-        else x.view(np.uint64)
-
-
-_MEMCMP: Any = None
-
-
-def _memcmp():
-    global _MEMCMP
-    if _MEMCMP is None:
-        try:
-            import ctypes
-
-            fn = ctypes.CDLL(None).memcmp
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-            fn.restype = ctypes.c_int
-            _MEMCMP = fn
-        except (OSError, AttributeError):
-            _MEMCMP = False
-    return _MEMCMP
-
-
 def same_bytes(a, b) -> bool:
-    """memcmp of two buffers without copying them (memoryview == memoryview compares item by
-    item in Python's struct machinery: far slower)."""
+    """libc's memcmp of two buffers without copying them (memoryview == memoryview compares item
+    by item in Python's struct machinery: far slower)."""
     if isinstance(a, bytes) and isinstance(b, bytes):
         return a == b
-    if len(a) != len(b):
+    n = nbytes(a)
+    if n != nbytes(b):
         return False
-    if not len(a):
+    if not n:
         return True
-    fn = _memcmp()
-    if fn:
-        import numpy as np
-
-        pa = np.frombuffer(a, np.uint8).ctypes.data
-        pb = np.frombuffer(b, np.uint8).ctypes.data
-        return fn(pa, pb, len(a)) == 0
+    lib = libc()
+    if lib:
+        (pa, _ka), (pb, _kb) = address(a, n), address(b, n)
+        return lib[3](pa, pb, n) == 0
     return bytes(a) == bytes(b)
+
+
+def nbytes(c) -> int:
+    return len(c) if isinstance(c, (bytes, bytearray)) else memoryview(c).nbytes
 
 
 def contiguous_range(reader: Reader, t: TensorInfo) -> tuple[str, int, int] | None:
@@ -307,13 +192,16 @@ def contiguous_range(reader: Reader, t: TensorInfo) -> tuple[str, int, int] | No
     return r if r is not None and r[2] == t.nbytes else None
 
 
-def pread_into(fd: int, view: memoryview, offset: int, file: str, name: str) -> None:
+def pread_into(fd: int, view: memoryview, offset: int, file: str, name: str | None, end: int | None = None) -> None:
+    """Fill `view` from the file at `offset`; a file that ends first is a CorruptFile naming
+    tensor `name` (if any) and `end` (default: the view's end) as where its data should reach."""
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
-            raise CorruptFile(f"tensor {name!r}: file ends at byte {offset + got}, expected data up to byte "
-                              f"{offset + len(view)}", file)
+            what = f"tensor {name!r}: file" if name is not None else "file"
+            raise CorruptFile(f"{what} ends at byte {offset + got}, expected data up to byte "
+                              f"{offset + len(view) if end is None else end}", file)
         got += n
 
 
@@ -431,7 +319,7 @@ def submit(fn, *args):
         if _POOL is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            _POOL = ThreadPoolExecutor(threads(), thread_name_prefix="ckptctl-average")
+            _POOL = ThreadPoolExecutor(threads(), thread_name_prefix="ckptctl-worker")
     return _POOL.submit(fn, *args)
 
 
@@ -481,3 +369,181 @@ class Ahead:
         cancel_and_close([f for _i, f in self._pending], ())
         self._pending.clear()
         self._ended = True
+
+
+# ---- file ranges: pieces, first differences, mapped windows (moved from convert's verify) ----------
+def read_range(path: str, offset: int, length: int, buf: bytearray) -> Iterator[memoryview]:
+    """A file range read in pieces into the reused `buf` (each piece valid until the next)."""
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < length:
+            piece = view[: min(len(buf), length - done)]
+            pread_into(fd, piece, offset + done, path, None, offset + length)
+            done += len(piece)
+            yield piece
+    finally:
+        os.close(fd)
+
+
+def first_difference(a: Iterable, b: Iterable) -> int | None:
+    """None when the two byte streams are equal, else the offset of the first difference."""
+    streams = [iter(a), iter(b)]
+    cur: list[memoryview | None] = [memoryview(b""), memoryview(b"")]
+    pos = 0
+    while True:
+        for k in (0, 1):
+            while cur[k] is not None and not cur[k]:
+                x = next(streams[k], None)
+                cur[k] = None if x is None else memoryview(x).cast("B")
+        ca, cb = cur
+        if ca is None or cb is None:
+            return None if ca is None and cb is None else pos
+        n = min(len(ca), len(cb))
+        if not same_bytes(ca[:n] if n < len(ca) else ca, cb[:n] if n < len(cb) else cb):
+            for i in range(n):  # only on failure
+                if ca[i] != cb[i]:
+                    return pos + i
+        pos += n
+        cur = [ca[n:], cb[n:]]
+
+
+# Verify maps the OUTPUT (the staged file: ckptctl's own, in a locked hidden folder, never
+# truncated under it) window by window instead of copying it into a buffer: libc's mmap with
+# MAP_POPULATE maps the page-cache pages in one call, libc's memcmp compares them with the
+# source's bytes (both through ctypes: no numpy import, the GIL released), the window is unmapped
+# before the next (RSS stays flat). Measured on a 1 GB file: 0.40 CPU s against 0.50 for reading
+# both sides with preadv. The SOURCE is still read with preadv: a file that another process
+# truncates while it is mapped would kill ckptctl with SIGBUS instead of a one-line error.
+MAP_WINDOW = 16 * 1024 * 1024
+
+
+_LIBC = None
+
+
+def libc():
+    """libc's mmap, munmap and memcmp through ctypes (foreign calls release the GIL), or None.
+
+    Not Python's mmap module: a read-only mapping has no address without numpy, and importing
+    numpy costs a conversion that never needs it ~0.17 CPU s."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import mmap
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            mm, un, cmp = lib.mmap, lib.munmap, lib.memcmp
+            mm.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+            mm.restype = ctypes.c_void_p
+            un.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            un.restype = ctypes.c_int
+            cmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            cmp.restype = ctypes.c_int
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            _LIBC = (ctypes, mm, un, cmp, mmap.PROT_READ, flags, mmap.ALLOCATIONGRANULARITY)
+        except (OSError, AttributeError, ImportError):
+            _LIBC = False
+    return _LIBC
+
+
+def address(c, n: int):
+    """(address, keep-alive) of the first byte of buffer `c` (n bytes), without copying it."""
+    ctypes = libc()[0]
+    if isinstance(c, bytes):
+        return ctypes.cast(ctypes.c_char_p(c), ctypes.c_void_p).value, c
+    try:
+        arr = (ctypes.c_char * n).from_buffer(c)
+        return ctypes.addressof(arr), arr
+    except TypeError:  # read-only (a numpy array over bytes, a read-only view)
+        import numpy as np
+
+        a = np.frombuffer(c, dtype=np.uint8)
+        return a.ctypes.data, a
+
+
+class MappedRange:
+    """A file range compared piece by piece against other bytes through a sliding mmap window."""
+
+    def __init__(self, path: str, offset: int, length: int, window: int = MAP_WINDOW):
+        lib = libc()
+        if not lib:
+            raise OSError("no mmap")  # the caller reads instead
+        self.lib = lib
+        self.window = window
+        self.offset, self.length = offset, length
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(self.fd).st_size < offset + length:
+                raise CorruptFile(f"file ends before byte {offset + length}", path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.lo = self.hi = 0  # the window, relative to offset
+        self.addr = None  # of the mapping
+        self.maplen = 0
+        self.start = 0  # address of byte `lo`
+
+    def _map(self, pos: int) -> None:
+        ctypes, mmap_, _un, _cmp, prot, flags, gran = self.lib
+        self._unmap()
+        start = self.offset + pos
+        base = start - start % gran
+        end = min(self.offset + self.length, start + self.window)
+        addr = mmap_(None, end - base, prot, flags, self.fd, base)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr, self.maplen = addr, end - base
+        self.start = addr + (start - base)
+        self.lo, self.hi = pos, pos + (end - start)
+
+    def _unmap(self) -> None:
+        if self.addr is not None:
+            self.lib[2](self.addr, self.maplen)
+            self.addr = None
+
+    def compare(self, pos: int, chunk) -> int | None:
+        """None when `chunk` equals the range's bytes at `pos`, else the offset of the first difference."""
+        ctypes, _mm, _un, memcmp = self.lib[:4]
+        n = nbytes(chunk)
+        other, keep = address(chunk, n)
+        done = 0
+        while done < n:
+            at = pos + done
+            if not self.lo <= at < self.hi:
+                if at >= self.length:
+                    return at  # the source has more bytes than the output's range
+                self._map(at)
+            k = min(n - done, self.hi - at)
+            a = self.start + (at - self.lo)
+            if memcmp(a, other + done, k) != 0:
+                x, y = ctypes.string_at(a, k), ctypes.string_at(other + done, k)
+                return at + next(i for i in range(k) if x[i] != y[i])
+            done += k
+        del keep
+        return None
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self.fd)
+
+
+def compare_mapped(got: tuple[str, int, int], want: Iterable, window: int = MAP_WINDOW) -> int | None:
+    """None when the file range `got` (path, offset, length) holds exactly the bytes of the
+    `want` chunks, else the offset of the first difference (or where one side ends)."""
+    m = MappedRange(*got, window)
+    try:
+        pos = 0
+        for c in want:
+            n = nbytes(c)
+            if not n:
+                continue
+            diff = m.compare(pos, c)
+            if diff is not None:
+                return diff
+            pos += n
+        return None if pos == got[2] else pos
+    finally:
+        m.close()
