@@ -33,12 +33,12 @@ CKPTCTL = [PY, "-m", "ckptctl", "-q"]
 
 NAIVE = {
     "pt-st": "import torch; from safetensors.torch import save_file; "
-             "save_file(torch.load({src!r}, weights_only=True), {dst!r})",
+    "save_file(torch.load({src!r}, weights_only=True), {dst!r})",
     "st-pt": "import torch; from safetensors.torch import load_file; torch.save(load_file({src!r}), {dst!r})",
     "pt-h5": "import torch, h5py\nsd = torch.load({src!r}, weights_only=True)\n"
-             "with h5py.File({dst!r}, 'w') as f:\n    for k, v in sd.items(): f[k] = v.numpy()",
+    "with h5py.File({dst!r}, 'w') as f:\n    for k, v in sd.items(): f[k] = v.numpy()",
     "cast": "import torch; from safetensors.torch import save_file; "
-            "save_file({{k: v.to(torch.bfloat16) for k, v in torch.load({src!r}, weights_only=True).items()}}, {dst!r})",
+    "save_file({{k: v.to(torch.bfloat16) for k, v in torch.load({src!r}, weights_only=True).items()}}, {dst!r})",
 }
 JOBS = [  # (key, title, source, output name, extra ckptctl args)
     ("pt-st", "`.pt` → safetensors", "pt", "out.safetensors", []),
@@ -75,9 +75,15 @@ def write_tf_from_safetensors(st: str, prefix: str) -> list[str]:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    specs = [(f"model/{k.replace('.', '/')}/.ATTRIBUTES/VARIABLE_VALUE", "float32", tuple(v["shape"]),
-              (st, 8 + n + v["data_offsets"][0]))
-             for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])]
+    specs = [
+        (
+            f"model/{k.replace('.', '/')}/.ATTRIBUTES/VARIABLE_VALUE",
+            "float32",
+            tuple(v["shape"]),
+            (st, 8 + n + v["data_offsets"][0]),
+        )
+        for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    ]
     return [str(p) for p in write_bundle_streaming(prefix, specs)]
 
 
@@ -90,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated jobs: " + ",".join(j[0] for j in JOBS))
     ap.add_argument("--no-naive", action="store_true", help="skip the naive load-everything baselines")
     ap.add_argument("--no-cp", action="store_true", help="skip plain `cp` (keep `cp && sync`)")
-    ap.add_argument("--before", metavar="SRC", default=None,
-                    help="also run ckptctl from this source tree (e.g. /work/main/src) as 'before'")
+    ap.add_argument(
+        "--before",
+        metavar="SRC",
+        default=None,
+        help="also run ckptctl from this source tree (e.g. /work/main/src) as 'before'",
+    )
     ap.add_argument("--markdown", action="store_true", help="print only the markdown (for run_all.py)")
     ap.add_argument("--dir", default=None, help="where to put the data (default: a new folder in /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
@@ -142,26 +152,36 @@ def main(argv: list[str] | None = None) -> int:
             cands.append(Candidate("convert", conv, cleanup=[out], env=env_now))
             cands.append(Candidate("--no-verify", [*conv, "--no-verify"], cleanup=[out], env=env_now))
             if not args.no_naive and key in NAIVE:  # no naive TF way without TensorFlow
-                cands.append(Candidate("naive", [PY, "-c", NAIVE[key].format(src=src, dst=out)], repeat=1,
-                                       cleanup=[out]))
+                cands.append(
+                    Candidate("naive", [PY, "-c", NAIVE[key].format(src=src, dst=out)], repeat=1, cleanup=[out])
+                )
             log(f"{title}:")
             res = interleave(cands, args.repeat, log=log)
             rows.append((title, res))
-        names = [c for c in ("cp + sync", "cp", "before", "convert", "--no-verify", "naive")
-                 if any(c in r for _t, r in rows)]
-        heads = {"cp + sync": "`cp && sync` (the floor)", "cp": "`cp` (no sync)", "before": "convert, before",
-                 "convert": "`ckptctl convert` (verify on)", "--no-verify": "`--no-verify`",
-                 "naive": "naive `save(load(...))`"}
+        names = [
+            c for c in ("cp + sync", "cp", "before", "convert", "--no-verify", "naive") if any(c in r for _t, r in rows)
+        ]
+        heads = {
+            "cp + sync": "`cp && sync` (the floor)",
+            "cp": "`cp` (no sync)",
+            "before": "convert, before",
+            "convert": "`ckptctl convert` (verify on)",
+            "--no-verify": "`--no-verify`",
+            "naive": "naive `save(load(...))`",
+        }
         table = []
         for title, res in rows:
             base = res["cp + sync"]
-            table.append([title, *[cell(res[n], None if n == "cp + sync" else base) if n in res else ""
-                                   for n in names]])
-        print(f"**convert** (`benchmarks/bench_convert.py --size {args.size}`): {total / 1e9:.2f} GB fp32 `.pt`, "
-              f"{big_n} × {big / 1e6:.0f} MB + {small_n} × {small / 1e6:.1f} MB tensors; warm page cache; "
-              f"candidates in turns, best of {args.repeat} (naive: 1 run), `sync` before each run. "
-              "Cells: wall s / CPU s (user + sys) (wall ÷ `cp && sync` of the same rounds), peak RSS. "
-              "Targets: ≤ 1.3× `cp && sync` (≤ 1.5× with a cast), RSS < 150 MB.\n")
+            table.append(
+                [title, *[cell(res[n], None if n == "cp + sync" else base) if n in res else "" for n in names]]
+            )
+        print(
+            f"**convert** (`benchmarks/bench_convert.py --size {args.size}`): {total / 1e9:.2f} GB fp32 `.pt`, "
+            f"{big_n} × {big / 1e6:.0f} MB + {small_n} × {small / 1e6:.1f} MB tensors; warm page cache; "
+            f"candidates in turns, best of {args.repeat} (naive: 1 run), `sync` before each run. "
+            "Cells: wall s / CPU s (user + sys) (wall ÷ `cp && sync` of the same rounds), peak RSS. "
+            "Targets: ≤ 1.3× `cp && sync` (≤ 1.5× with a cast), RSS < 150 MB.\n"
+        )
         print(md_table(["conversion", *[heads[n] for n in names]], table))
         print(f"\nMeasured {machine()}.")
         return 0

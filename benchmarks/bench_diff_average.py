@@ -94,9 +94,17 @@ def transformer_specs(total_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
         p = f"layers.{i}."
         for n in ("q", "k", "v", "o"):
             specs.append((p + f"attn.{n}.weight", (d, d)))
-        specs += [(p + "attn.o.bias", (d,)), (p + "mlp.up.weight", (4 * d, d)), (p + "mlp.up.bias", (4 * d,)),
-                  (p + "mlp.down.weight", (d, 4 * d)), (p + "mlp.down.bias", (d,)),
-                  (p + "ln1.weight", (d,)), (p + "ln1.bias", (d,)), (p + "ln2.weight", (d,)), (p + "ln2.bias", (d,))]
+        specs += [
+            (p + "attn.o.bias", (d,)),
+            (p + "mlp.up.weight", (4 * d, d)),
+            (p + "mlp.up.bias", (4 * d,)),
+            (p + "mlp.down.weight", (d, 4 * d)),
+            (p + "mlp.down.bias", (d,)),
+            (p + "ln1.weight", (d,)),
+            (p + "ln1.bias", (d,)),
+            (p + "ln2.weight", (d,)),
+            (p + "ln2.bias", (d,)),
+        ]
         used += layer
         i += 1
     specs.append(("norm.weight", (d,)))
@@ -128,8 +136,7 @@ def write_safetensors(path: Path, specs, seed: int, noise_seed: int | None = Non
 
 
 def to_pt(src: Path, dst: Path) -> None:
-    code = ("import sys, torch\nfrom safetensors.torch import load_file\n"
-            "torch.save(load_file(sys.argv[1]), sys.argv[2])")
+    code = "import sys, torch\nfrom safetensors.torch import load_file\ntorch.save(load_file(sys.argv[1]), sys.argv[2])"
     subprocess.run([sys.executable, "-c", code, str(src), str(dst)], check=True)
 
 
@@ -141,8 +148,12 @@ def measure(cmd: list[str], ok=(0,), env: dict | None = None) -> tuple[float, fl
     """
     stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"ckptctl-bench-time-{os.getpid()}.txt"
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(stats), *cmd],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    p = subprocess.run(
+        ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(stats), *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     wall = time.perf_counter() - t0
     if p.returncode not in ok:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.decode(errors='replace')[-2000:]}")
@@ -159,8 +170,16 @@ def warm(files) -> None:
 class Cand:
     """One command of a table; its runs are interleaved with the other candidates of the table."""
 
-    def __init__(self, label: str, cmd: list[str], ok=(0,), inputs=(), cleanup: Path | None = None,
-                 env: dict | None = None, repeat: int | None = None):
+    def __init__(
+        self,
+        label: str,
+        cmd: list[str],
+        ok=(0,),
+        inputs=(),
+        cleanup: Path | None = None,
+        env: dict | None = None,
+        repeat: int | None = None,
+    ):
         self.label, self.cmd, self.ok, self.inputs, self.cleanup, self.env = label, cmd, ok, inputs, cleanup, env
         self.repeat = repeat
         self.runs: list[tuple[float, float, float]] = []
@@ -198,8 +217,12 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true", help="skip the torch.load baselines (they need RAM)")
     ap.add_argument("--skip-pt", action="store_true", help="no .pt files (no torch needed)")
     ap.add_argument("--only", choices=("diff", "average"), help="one of the two tables")
-    ap.add_argument("--before", type=Path, metavar="SRC",
-                    help="also run every ckptctl row with PYTHONPATH=SRC (an older src/ tree), interleaved")
+    ap.add_argument(
+        "--before",
+        type=Path,
+        metavar="SRC",
+        help="also run every ckptctl row with PYTHONPATH=SRC (an older src/ tree), interleaved",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated files (and reuse them next time)")
     args = ap.parse_args()
     d = args.dir
@@ -236,48 +259,90 @@ def main() -> None:
                 pts[p] = p.with_suffix(".pt")
                 if not pts[p].exists() or pts[p].stat().st_mtime < p.stat().st_mtime:
                     to_pt(p, pts[p])
-        print(f"data ready in {time.perf_counter() - t0:.0f} s: diff 2 x {A.stat().st_size / 1e9:.2f} GB "
-              f"({len(specs)} tensors), average {args.avg_n} x {inputs[0].stat().st_size / 1e9:.2f} GB "
-              f"({len(avg_specs)} tensors)", file=sys.stderr)
+        print(
+            f"data ready in {time.perf_counter() - t0:.0f} s: diff 2 x {A.stat().st_size / 1e9:.2f} GB "
+            f"({len(specs)} tensors), average {args.avg_n} x {inputs[0].stat().st_size / 1e9:.2f} GB "
+            f"({len(avg_specs)} tensors)",
+            file=sys.stderr,
+        )
 
         # ---- diff
         if args.only in (None, "diff"):
             c: list[Cand] = [Cand("cat A B > /dev/null", ["cat", str(A), str(B)], inputs=[A, B])]
-            c += ckpt("ckptctl diff A B (safetensors, every byte differs)", ["diff", str(A), str(B), "--format", "json"],
-                      ok=(1,), inputs=[A, B])
+            c += ckpt(
+                "ckptctl diff A B (safetensors, every byte differs)",
+                ["diff", str(A), str(B), "--format", "json"],
+                ok=(1,),
+                inputs=[A, B],
+            )
             c += ckpt("ckptctl diff A A (identical bytes)", ["diff", str(A), str(A), "--format", "json"], inputs=[A])
             if pts:
-                c += ckpt("ckptctl diff A.safetensors A.pt (equal)", ["diff", str(A), str(pts[A]), "--format", "json"],
-                          inputs=[A, pts[A]])
-                c += ckpt("ckptctl diff A.pt B.pt (every byte differs)",
-                          ["diff", str(pts[A]), str(pts[B]), "--format", "json"], ok=(1,), inputs=[pts[A], pts[B]])
+                c += ckpt(
+                    "ckptctl diff A.safetensors A.pt (equal)",
+                    ["diff", str(A), str(pts[A]), "--format", "json"],
+                    inputs=[A, pts[A]],
+                )
+                c += ckpt(
+                    "ckptctl diff A.pt B.pt (every byte differs)",
+                    ["diff", str(pts[A]), str(pts[B]), "--format", "json"],
+                    ok=(1,),
+                    inputs=[pts[A], pts[B]],
+                )
                 if not args.skip_naive:
-                    c.append(Cand("naive: torch.load both + float64 stats", [py, "-c", NAIVE_DIFF, str(pts[A]),
-                                                                            str(pts[B])], inputs=[pts[A], pts[B]],
-                                  repeat=1))
+                    c.append(
+                        Cand(
+                            "naive: torch.load both + float64 stats",
+                            [py, "-c", NAIVE_DIFF, str(pts[A]), str(pts[B])],
+                            inputs=[pts[A], pts[B]],
+                            repeat=1,
+                        )
+                    )
             tables.append((f"diff 2 x {args.diff_gb:g} GB", c))
 
         # ---- average
         if args.only in (None, "average"):
             out = d / "avg.safetensors"
             floor = d / "floor.safetensors"
-            c = [Cand("cat inputs > /dev/null", ["cat", *map(str, inputs)], inputs=inputs),
-                 Cand("floor: cat inputs + cp one input + sync (the output must be written too)",
-                      ["sh", "-c", 'cat "$@" > /dev/null && cp "$1" "$0" && sync "$0"', str(floor), *map(str, inputs)],
-                      cleanup=floor, inputs=inputs)]
-            c += ckpt("ckptctl average -> safetensors", ["average", *map(str, inputs), "-o", str(out), "--format", "json"],
-                      cleanup=out, inputs=inputs)
+            c = [
+                Cand("cat inputs > /dev/null", ["cat", *map(str, inputs)], inputs=inputs),
+                Cand(
+                    "floor: cat inputs + cp one input + sync (the output must be written too)",
+                    ["sh", "-c", 'cat "$@" > /dev/null && cp "$1" "$0" && sync "$0"', str(floor), *map(str, inputs)],
+                    cleanup=floor,
+                    inputs=inputs,
+                ),
+            ]
+            c += ckpt(
+                "ckptctl average -> safetensors",
+                ["average", *map(str, inputs), "-o", str(out), "--format", "json"],
+                cleanup=out,
+                inputs=inputs,
+            )
             if pts:
                 out_pt = d / "avg.pt"
                 ptin = [pts[p] for p in inputs]
-                c += ckpt("ckptctl average -> .pt", ["average", *map(str, inputs), "-o", str(out_pt), "--format", "json"],
-                          cleanup=out_pt, inputs=inputs)
-                c += ckpt("ckptctl average .pt inputs -> safetensors",
-                          ["average", *map(str, ptin), "-o", str(out), "--format", "json"], cleanup=out, inputs=ptin)
+                c += ckpt(
+                    "ckptctl average -> .pt",
+                    ["average", *map(str, inputs), "-o", str(out_pt), "--format", "json"],
+                    cleanup=out_pt,
+                    inputs=inputs,
+                )
+                c += ckpt(
+                    "ckptctl average .pt inputs -> safetensors",
+                    ["average", *map(str, ptin), "-o", str(out), "--format", "json"],
+                    cleanup=out,
+                    inputs=ptin,
+                )
                 if not args.skip_naive:
-                    c.append(Cand("fairseq average_checkpoints (torch.load, .pt)",
-                                  [py, "-c", FAIRSEQ_AVG, *map(str, ptin), str(out_pt)], cleanup=out_pt, inputs=ptin,
-                                  repeat=1))
+                    c.append(
+                        Cand(
+                            "fairseq average_checkpoints (torch.load, .pt)",
+                            [py, "-c", FAIRSEQ_AVG, *map(str, ptin), str(out_pt)],
+                            cleanup=out_pt,
+                            inputs=ptin,
+                            repeat=1,
+                        )
+                    )
             tables.append((f"average {args.avg_n} x {args.avg_gb:g} GB", c))
 
         for _task, cands in tables:
@@ -286,8 +351,10 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)
 
-    print(f"best of {args.repeat}, candidates interleaved, warm page cache; CPU = user + sys of the process; "
-          f"x = wall / the table's first row (x floor for average: wall / the floor row)")
+    print(
+        f"best of {args.repeat}, candidates interleaved, warm page cache; CPU = user + sys of the process; "
+        f"x = wall / the table's first row (x floor for average: wall / the floor row)"
+    )
     print("| task | candidate | wall (s) | CPU (s) | peak RSS (MB) | x first | x floor |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for task, cands in tables:

@@ -163,10 +163,15 @@ def write_gguf(path: str, size_gb: float) -> int:
         out = [("token_embd.weight", (vocab, d), Q.Q4_K)]
         for i in range(layers):
             p = f"blk.{i}."
-            out += [(p + n, (d, d), Q.Q4_K) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight",
-                                                      "attn_output.weight")]
-            out += [(p + "ffn_gate.weight", (ff, d), Q.Q4_K), (p + "ffn_up.weight", (ff, d), Q.Q4_K),
-                    (p + "ffn_down.weight", (d, ff), Q.Q6_K)]
+            out += [
+                (p + n, (d, d), Q.Q4_K)
+                for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
+            ]
+            out += [
+                (p + "ffn_gate.weight", (ff, d), Q.Q4_K),
+                (p + "ffn_up.weight", (ff, d), Q.Q4_K),
+                (p + "ffn_down.weight", (d, ff), Q.Q6_K),
+            ]
             out += [(p + "attn_norm.weight", (d,), Q.F32), (p + "ffn_norm.weight", (d,), Q.F32)]
         out += [("output_norm.weight", (d,), Q.F32), ("output.weight", (vocab, d), Q.Q6_K)]
         return out
@@ -263,8 +268,10 @@ def write_tf(prefix: str, tensors) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from tf_writer import write_bundle_streaming
 
-    specs = [(f"model/{name.replace('.', '/')}/.ATTRIBUTES/VARIABLE_VALUE", "float32", shape, None)
-             for name, shape in tensors]
+    specs = [
+        (f"model/{name.replace('.', '/')}/.ATTRIBUTES/VARIABLE_VALUE", "float32", shape, None)
+        for name, shape in tensors
+    ]
     write_bundle_streaming(prefix, specs)
 
 
@@ -282,8 +289,12 @@ def main() -> int:
     ap.add_argument("--size-gb", type=float, default=4.0, help="size of each checkpoint in GB (default 4)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per candidate; best wall time is kept (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
-    ap.add_argument("--dir", default=None, help="where to write the data (default: a new folder in /tmp); "
-                    "torch files already there from a --keep run of the same size are reused")
+    ap.add_argument(
+        "--dir",
+        default=None,
+        help="where to write the data (default: a new folder in /tmp); "
+        "torch files already there from a --keep run of the same size are reused",
+    )
     ap.add_argument("--formats", default="safetensors,torch-zip,torch-legacy,hdf5,tf-bundle,gguf")
     args = ap.parse_args()
 
@@ -302,11 +313,17 @@ def main() -> int:
     try:
         t0 = time.perf_counter()
         # generate in a child process: torch's 400 MB would otherwise stay in this one
-        subprocess.run([PY, __file__, "--generate", json.dumps({"size_gb": args.size_gb, "files": files,
-                                                                "formats": formats})], check=True)
+        subprocess.run(
+            [PY, __file__, "--generate", json.dumps({"size_gb": args.size_gb, "files": files, "formats": formats})],
+            check=True,
+        )
         largest = max(4 * math.prod(s) for _, s in tensors)
-        print(f"generated {len(tensors)} fp32 tensors per file (largest {largest / 1e6:.0f} MB) "
-              f"in {time.perf_counter() - t0:.1f} s under {base}\n", file=sys.stderr, flush=True)
+        print(
+            f"generated {len(tensors)} fp32 tensors per file (largest {largest / 1e6:.0f} MB) "
+            f"in {time.perf_counter() - t0:.1f} s under {base}\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
         rows = []
         for fmt in formats:
@@ -331,13 +348,17 @@ def main() -> int:
             if ref is not None and ref["ok"]:
                 tr = f"{r['wall'] / ref['wall']:.1f}×"
                 rr = f"{r['rss'] / ref['rss']:.1f}×"
-            print(f"| {fmt} | {size / 1e9:.2f} GB | {name} | {r['wall']:.3f} s | {r['cpu']:.2f} s | {r['rss']:.0f} MiB "
-                  f"| {imp} "
-                  f"| {tr} | {rr} |")
+            print(
+                f"| {fmt} | {size / 1e9:.2f} GB | {name} | {r['wall']:.3f} s | {r['cpu']:.2f} s | {r['rss']:.0f} MiB "
+                f"| {imp} "
+                f"| {tr} | {rr} |"
+            )
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"\n{len(tensors)} tensors per file; best of {args.repeat} runs (wall, CPU = user + sys), largest "
-              f"peak RSS; each a fresh process with a warm page cache; load average {load:.1f} on "
-              f"{os.cpu_count()} CPUs at the end. Targets for inspect: < 0.5 s, < 100 MB.")
+        print(
+            f"\n{len(tensors)} tensors per file; best of {args.repeat} runs (wall, CPU = user + sys), largest "
+            f"peak RSS; each a fresh process with a warm page cache; load average {load:.1f} on "
+            f"{os.cpu_count()} CPUs at the end. Targets for inspect: < 0.5 s, < 100 MB."
+        )
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

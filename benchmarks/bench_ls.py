@@ -53,7 +53,11 @@ def sparse_safetensors(path: Path, total: int, n_tensors: int, metadata: dict[st
         cols = 1024
         rows = max(1, per // (item * cols))
         nbytes = rows * cols * item
-        header[f"model.layers.{i}.weight"] = {"dtype": dtype, "shape": [rows, cols], "data_offsets": [off, off + nbytes]}
+        header[f"model.layers.{i}.weight"] = {
+            "dtype": dtype,
+            "shape": [rows, cols],
+            "data_offsets": [off, off + nbytes],
+        }
         off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -93,8 +97,10 @@ class _TorchPickler(pickle.Pickler):
             for s in reversed(obj.shape):
                 stride.insert(0, acc)
                 acc *= s
-            return (self._torch._utils._rebuild_tensor_v2,
-                    (obj.storage, 0, tuple(obj.shape), tuple(stride), False, collections.OrderedDict()))
+            return (
+                self._torch._utils._rebuild_tensor_v2,
+                (obj.storage, 0, tuple(obj.shape), tuple(stride), False, collections.OrderedDict()),
+            )
         return NotImplemented
 
 
@@ -105,8 +111,12 @@ def sparse_torch_zip(path: Path, obj, storages: list[FakeStorage]) -> None:
     buf = io.BytesIO()
     _TorchPickler(buf).dump(obj)
     prefix = path.name.rsplit(".", 1)[0]
-    members: list[tuple[str, bytes | int]] = [("data.pkl", buf.getvalue()), (".format_version", b"1"),
-                                              (".storage_alignment", b"64"), ("byteorder", b"little")]
+    members: list[tuple[str, bytes | int]] = [
+        ("data.pkl", buf.getvalue()),
+        (".format_version", b"1"),
+        (".storage_alignment", b"64"),
+        ("byteorder", b"little"),
+    ]
     members += [(f"data/{s.key}", s.data if s.data is not None else s.numel * 4) for s in storages]
     members += [("version", b"3\n"), (".data/serialization_id", b"0" * 40)]
     central = []
@@ -127,8 +137,28 @@ def sparse_torch_zip(path: Path, obj, storages: list[FakeStorage]) -> None:
             central.append((full, size, start))
         cd_start = f.tell()
         for full, size, start in central:
-            f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0x21, 0, size, size,
-                                len(full), 0, 0, 0, 0, 0, start))
+            f.write(
+                struct.pack(
+                    "<IHHHHHHIIIHHHHHII",
+                    0x02014B50,
+                    20,
+                    20,
+                    0,
+                    0,
+                    0,
+                    0x21,
+                    0,
+                    size,
+                    size,
+                    len(full),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    start,
+                )
+            )
             f.write(full)
         cd_size = f.tell() - cd_start
         f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), cd_size, cd_start, 0))
@@ -147,21 +177,38 @@ def lightning_obj(epoch: int, step: int, total: int, n_params: int = 32):
     for i in range(n_params):
         sd[f"model.layers.{i}.weight"] = tensor(per, (per // 1024, 1024))
     for i in range(n_params):
-        state[i] = {"step": tensor(1, (), struct.pack("<f", float(step))),
-                    "exp_avg": tensor(per, (per // 1024, 1024)), "exp_avg_sq": tensor(per, (per // 1024, 1024))}
+        state[i] = {
+            "step": tensor(1, (), struct.pack("<f", float(step))),
+            "exp_avg": tensor(per, (per // 1024, 1024)),
+            "exp_avg_sq": tensor(per, (per // 1024, 1024)),
+        }
     loss = 1.0 / (1 + step / 1000)
-    key = ("ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
-           "'every_n_epochs': 1, 'train_time_interval': None}")
+    key = (
+        "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
+        "'every_n_epochs': 1, 'train_time_interval': None}"
+    )
     obj = {
-        "epoch": epoch, "global_step": step, "pytorch-lightning_version": "2.4.0", "state_dict": sd,
+        "epoch": epoch,
+        "global_step": step,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": sd,
         "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": step}}},
-        "callbacks": {key: {"monitor": "val_loss", "best_model_score": tensor(1, (), struct.pack("<f", loss)),
-                            "best_model_path": f"/runs/x/epoch={epoch}-step={step}.ckpt",
-                            "current_score": tensor(1, (), struct.pack("<f", loss)), "dirpath": "/runs/x",
-                            "best_k_models": {}, "kth_best_model_path": "", "last_model_path": ""}},
+        "callbacks": {
+            key: {
+                "monitor": "val_loss",
+                "best_model_score": tensor(1, (), struct.pack("<f", loss)),
+                "best_model_path": f"/runs/x/epoch={epoch}-step={step}.ckpt",
+                "current_score": tensor(1, (), struct.pack("<f", loss)),
+                "dirpath": "/runs/x",
+                "best_k_models": {},
+                "kth_best_model_path": "",
+                "last_model_path": "",
+            }
+        },
         "optimizer_states": [{"state": state, "param_groups": [{"lr": 1e-3, "params": list(range(n_params))}]}],
         "lr_schedulers": [{"base_lrs": [1e-3], "last_epoch": epoch}],
-        "hparams_name": "kwargs", "hyper_parameters": {"lr": 1e-3, "layers": n_params},
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"lr": 1e-3, "layers": n_params},
     }
     return obj, storages
 
@@ -175,8 +222,14 @@ def adam_obj(total: int, n_params: int = 32):
         return FakeTensor(s, shape)
 
     per = total // (2 * n_params) // 4 // 1024 * 1024
-    state = {i: {"step": tensor(1, (), struct.pack("<f", 1.0)), "exp_avg": tensor(per, (per // 1024, 1024)),
-                 "exp_avg_sq": tensor(per, (per // 1024, 1024))} for i in range(n_params)}
+    state = {
+        i: {
+            "step": tensor(1, (), struct.pack("<f", 1.0)),
+            "exp_avg": tensor(per, (per // 1024, 1024)),
+            "exp_avg_sq": tensor(per, (per // 1024, 1024)),
+        }
+        for i in range(n_params)
+    }
     return {"state": state, "param_groups": [{"lr": 1e-3, "params": list(range(n_params))}]}, storages
 
 
@@ -189,8 +242,12 @@ def make_runs(base: Path, n: int, size: int) -> dict[str, Path]:
     d.mkdir(parents=True)
     for i in range(n):
         step = (i + 1) * 500
-        sparse_safetensors(d / f"model_{step:08d}.safetensors", size, 64,
-                           {"format": "pt", "step": str(step), "eval_loss": repr(1.0 / (1 + step / 1000))})
+        sparse_safetensors(
+            d / f"model_{step:08d}.safetensors",
+            size,
+            64,
+            {"format": "pt", "step": str(step), "eval_loss": repr(1.0 / (1 + step / 1000))},
+        )
     runs["safetensors"] = d
 
     d = base / "lightning"
@@ -216,11 +273,22 @@ def make_runs(base: Path, n: int, size: int) -> dict[str, Path]:
         torch.save({"base_lrs": [1e-4], "last_epoch": step}, ck / "scheduler.pt")
         torch.save(small_rng, ck / "rng_state.pth")
         torch.save({"output_dir": str(d), "save_steps": 500}, ck / "training_args.bin")
-        history += [{"epoch": i / 10, "grad_norm": 1.0, "learning_rate": 1e-4, "loss": 2.0 / (1 + i), "step": step},
-                    {"epoch": i / 10, "eval_loss": 1.0 / (1 + i), "eval_runtime": 1.0, "step": step}]
-        (ck / "trainer_state.json").write_text(json.dumps({
-            "global_step": step, "epoch": i / 10, "log_history": history,
-            "best_model_checkpoint": f"{d}/checkpoint-{step}", "best_metric": 1.0 / (1 + i)}, indent=2))
+        history += [
+            {"epoch": i / 10, "grad_norm": 1.0, "learning_rate": 1e-4, "loss": 2.0 / (1 + i), "step": step},
+            {"epoch": i / 10, "eval_loss": 1.0 / (1 + i), "eval_runtime": 1.0, "step": step},
+        ]
+        (ck / "trainer_state.json").write_text(
+            json.dumps(
+                {
+                    "global_step": step,
+                    "epoch": i / 10,
+                    "log_history": history,
+                    "best_model_checkpoint": f"{d}/checkpoint-{step}",
+                    "best_metric": 1.0 / (1 + i),
+                },
+                indent=2,
+            )
+        )
     runs["hf-trainer"] = d
     return runs
 
@@ -239,7 +307,9 @@ def py(code: str) -> list[str]:
 
 
 def ckptctl(*args: str) -> list[str]:
-    return py(f"import sys, runpy; sys.argv = ['ckptctl'] + {list(args)!r}; runpy.run_module('ckptctl', run_name='__main__')")
+    return py(
+        f"import sys, runpy; sys.argv = ['ckptctl'] + {list(args)!r}; runpy.run_module('ckptctl', run_name='__main__')"
+    )
 
 
 NAIVE = {
@@ -248,13 +318,15 @@ NAIVE = {
         "for p in sorted(glob.glob(D + '/*.safetensors')):\n"
         "    with safe_open(p, 'np') as f:\n"
         "        rows.append((p, f.metadata(), sum(1 for k in f.keys() for _ in [f.get_slice(k).get_shape()])))\n"
-        "print(len(rows))\n"),
+        "print(len(rows))\n"
+    ),
     "lightning": (
         "import glob, torch\nrows = []\n"
         "for p in sorted(glob.glob(D + '/epoch=*.ckpt')):\n"
         "    ck = torch.load(p, mmap=True, weights_only=True, map_location='cpu')\n"
         "    rows.append((p, ck['global_step'], sum(t.numel() for t in ck['state_dict'].values())))\n"
-        "print(len(rows))\n"),
+        "print(len(rows))\n"
+    ),
     "hf-trainer": (
         "import glob, json, torch\nfrom safetensors import safe_open\nrows = []\n"
         "for d in sorted(glob.glob(D + '/checkpoint-*')):\n"
@@ -263,7 +335,8 @@ NAIVE = {
         "        n = len(list(f.keys()))\n"
         "    opt = torch.load(d + '/optimizer.pt', mmap=True, weights_only=True)\n"
         "    rows.append((d, st['global_step'], n, len(opt['state'])))\n"
-        "print(len(rows))\n"),
+        "print(len(rows))\n"
+    ),
 }
 
 
@@ -295,8 +368,10 @@ def measure_all(cands: list[tuple[str, list[str]]], reps: int = 3) -> dict[str, 
                     rchar[label] = None
     finally:
         os.unlink(io_name)
-    return {label: (min(x.wall for x in ss), max(x.rss_mb for x in ss), rchar.get(label), min(x.cpu for x in ss))
-            for label, ss in samples.items()}
+    return {
+        label: (min(x.wall for x in ss), max(x.rss_mb for x in ss), rchar.get(label), min(x.cpu for x in ss))
+        for label, ss in samples.items()
+    }
 
 
 def human(n: int | None) -> str:
@@ -327,14 +402,31 @@ def main() -> None:
     base = base.resolve()
     try:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--generate-only", "--n", str(a.n), "--size-gb", str(a.size_gb),
-                        "--dir", str(base)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--generate-only",
+                "--n",
+                str(a.n),
+                "--size-gb",
+                str(a.size_gb),
+                "--dir",
+                str(base),
+            ],
+            check=True,
+        )
         runs = {k: base / k for k in ("safetensors", "lightning", "hf-trainer")}
         gen = time.perf_counter() - t0
-        apparent = {k: sum(p.stat().st_size for p in v.rglob("*") if p.is_file() and not p.is_symlink())
-                    for k, v in runs.items()}
-        print(f"generated {len(runs)} run folders of {a.n} checkpoints in {gen:.1f} s under {base} "
-              f"(apparent sizes: {', '.join(f'{k} {human(v)}' for k, v in apparent.items())})\n", file=sys.stderr)
+        apparent = {
+            k: sum(p.stat().st_size for p in v.rglob("*") if p.is_file() and not p.is_symlink())
+            for k, v in runs.items()
+        }
+        print(
+            f"generated {len(runs)} run folders of {a.n} checkpoints in {gen:.1f} s under {base} "
+            f"(apparent sizes: {', '.join(f'{k} {human(v)}' for k, v in apparent.items())})\n",
+            file=sys.stderr,
+        )
         rows = []
         for name, d in runs.items():
             ds = str(d)
@@ -348,19 +440,36 @@ def main() -> None:
             naive = res["naive Python (safe_open / torch.load mmap)"][0]
             floor = res["`ls -lR` (floor: stat only)"][0]
             for label, (wall, rss, rchar, cpu) in res.items():
-                rows.append((name, label, wall, cpu, rss, a.n / wall,
-                             rchar if label != "`ls -lR` (floor: stat only)" else None,
-                             wall / naive, wall / floor, apparent[name]))
+                rows.append(
+                    (
+                        name,
+                        label,
+                        wall,
+                        cpu,
+                        rss,
+                        a.n / wall,
+                        rchar if label != "`ls -lR` (floor: stat only)" else None,
+                        wall / naive,
+                        wall / floor,
+                        apparent[name],
+                    )
+                )
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"**ls** (`benchmarks/bench_ls.py`): {a.n} checkpoints of {a.size_gb:g} GB each per run folder "
-              f"(sparse files); fresh processes, candidates in turns, best of {a.reps}, warm cache; "
-              f"load average {load:.1f} at the end. Target: 200 Lightning `.ckpt` in <= 0.5 s.\n")
-        print("| run folder | candidate | wall (s) | CPU user+sys (s) | peak RSS (MB) | checkpoints/s | bytes read "
-              "| wall vs naive | wall vs `ls -lR` |")
+        print(
+            f"**ls** (`benchmarks/bench_ls.py`): {a.n} checkpoints of {a.size_gb:g} GB each per run folder "
+            f"(sparse files); fresh processes, candidates in turns, best of {a.reps}, warm cache; "
+            f"load average {load:.1f} at the end. Target: 200 Lightning `.ckpt` in <= 0.5 s.\n"
+        )
+        print(
+            "| run folder | candidate | wall (s) | CPU user+sys (s) | peak RSS (MB) | checkpoints/s | bytes read "
+            "| wall vs naive | wall vs `ls -lR` |"
+        )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, label, wall, cpu, rss, rate, rchar, vn, vf, _app in rows:
-            print(f"| {name} ({human(_app)}) | {label} | {wall:.3f} | {cpu:.2f} | {rss:.0f} | {rate:.0f} | "
-                  f"{human(rchar)} | {vn:.2f}× | {vf:.1f}× |")
+            print(
+                f"| {name} ({human(_app)}) | {label} | {wall:.3f} | {cpu:.2f} | {rss:.0f} | {rate:.0f} | "
+                f"{human(rchar)} | {vn:.2f}× | {vf:.1f}× |"
+            )
         print(f"\nMeasured {machine()}.")
     finally:
         if not a.keep:

@@ -92,18 +92,38 @@ def generate(root: str, size_gb: float) -> int:
         parts = [("kernel" if p == "weight" and len(shape) == 2 else "scale" if p == "weight" else p) for p in parts]
         key = ".".join(parts)
         arr = rng.standard_normal(shape, dtype=np.float32)
-        t = ts.open({"driver": "zarr", "kvstore": {**base, "path": key + "/"},
-                     "metadata": {"shape": list(shape), "chunks": list(shape), "dtype": "<f4",
-                                  "compressor": {"id": "zstd", "level": 1}}},
-                    create=True, open=True, context=ctx).result()
+        t = ts.open(
+            {
+                "driver": "zarr",
+                "kvstore": {**base, "path": key + "/"},
+                "metadata": {
+                    "shape": list(shape),
+                    "chunks": list(shape),
+                    "dtype": "<f4",
+                    "compressor": {"id": "zstd", "level": 1},
+                },
+            },
+            create=True,
+            open=True,
+            context=ctx,
+        ).result()
         t.write(arr).result()
         total += arr.nbytes
-        tree[str(tuple(parts))] = {"key_metadata": [{"key": k, "key_type": 2} for k in parts],
-                                   "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                                                      "write_shape": list(shape)}}
+        tree[str(tuple(parts))] = {
+            "key_metadata": [{"key": k, "key_type": 2} for k in parts],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)},
+        }
     with open(os.path.join(root, "_METADATA"), "w") as f:
-        json.dump({"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
-                   "store_array_data_equal_to_fill_value": True, "custom_metadata": None}, f)
+        json.dump(
+            {
+                "tree_metadata": tree,
+                "use_ocdbt": True,
+                "use_zarr3": False,
+                "store_array_data_equal_to_fill_value": True,
+                "custom_metadata": None,
+            },
+            f,
+        )
     return total
 
 
@@ -142,8 +162,11 @@ def main() -> int:
             rows += [
                 ("values", "ckptctl Reader: read + sha256 every array", [PY, "-c", CK_READ, root]),
                 ("values", "TensorStore: read + sha256 every array", [PY, "-c", TS_READ, root]),
-                ("values", "`ckptctl convert` → safetensors (verify on)",
-                 ["sh", "-c", f"rm -f {out}; {PY} -m ckptctl convert {root} {out}"]),
+                (
+                    "values",
+                    "`ckptctl convert` → safetensors (verify on)",
+                    ["sh", "-c", f"rm -f {out}; {PY} -m ckptctl convert {root} {out}"],
+                ),
             ]
         print("| task | candidate | wall | peak RSS |\n|---|---|---:|---:|")
         for task, label, cmd in rows:

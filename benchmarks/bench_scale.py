@@ -32,8 +32,12 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 
 def names(n: int) -> list[str]:
-    out = [f"model.layers.{layer}.mlp.experts.{e}.{w}.weight"
-           for layer in range(max(1, n // 768)) for e in range(256) for w in ("w1", "w2", "w3")][:n]
+    out = [
+        f"model.layers.{layer}.mlp.experts.{e}.{w}.weight"
+        for layer in range(max(1, n // 768))
+        for e in range(256)
+        for w in ("w1", "w2", "w3")
+    ][:n]
     out += [f"model.extra.{i}.weight" for i in range(len(out), n)]
     return out
 
@@ -51,13 +55,16 @@ def write_safetensors(path: str, tensor_names: list[str]) -> None:
 
 def generate(d: str, n: int, shards: int) -> dict[str, str]:
     tn = names(n)
-    paths = {"st": os.path.join(d, "moe.safetensors"), "pt": os.path.join(d, "moe.pt"),
-             "sharded": os.path.join(d, "sharded")}
+    paths = {
+        "st": os.path.join(d, "moe.safetensors"),
+        "pt": os.path.join(d, "moe.pt"),
+        "sharded": os.path.join(d, "sharded"),
+    }
     write_safetensors(paths["st"], tn)
     os.makedirs(paths["sharded"], exist_ok=True)
     per, wm = -(-n // shards), {}
     for s in range(shards):
-        part = tn[s * per:(s + 1) * per]
+        part = tn[s * per : (s + 1) * per]
         fn = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         write_safetensors(os.path.join(paths["sharded"], fn), part)
         wm.update(dict.fromkeys(part, fn))
@@ -66,9 +73,17 @@ def generate(d: str, n: int, shards: int) -> dict[str, str]:
     listing = os.path.join(d, "names.json")
     with open(listing, "w") as f:
         json.dump(tn, f)
-    subprocess.run([PY, "-c", "import json, sys, torch\nn = json.load(open(sys.argv[2]))\n"
-                    "torch.save({k: torch.zeros(2, 4, dtype=torch.bfloat16) for k in n}, sys.argv[1])",
-                    paths["pt"], listing], check=True)
+    subprocess.run(
+        [
+            PY,
+            "-c",
+            "import json, sys, torch\nn = json.load(open(sys.argv[2]))\n"
+            "torch.save({k: torch.zeros(2, 4, dtype=torch.bfloat16) for k in n}, sys.argv[1])",
+            paths["pt"],
+            listing,
+        ],
+        check=True,
+    )
     os.remove(listing)
     return paths
 
@@ -90,12 +105,18 @@ def candidates(p: dict[str, str], trees: dict[str, str]) -> list[tuple[str, list
         for tree, src in trees.items():
             env = {**os.environ, "PYTHONPATH": src}
             out.append((f"{label}" + (f" [{tree}]" if len(trees) > 1 else ""), [PY, "-m", "ckptctl", *args], env))
-    hdr = ("import json, struct, sys\nf = open(sys.argv[1], 'rb'); n = struct.unpack('<Q', f.read(8))[0]\n"
-           "print(len(json.loads(f.read(n))))")
+    hdr = (
+        "import json, struct, sys\nf = open(sys.argv[1], 'rb'); n = struct.unpack('<Q', f.read(8))[0]\n"
+        "print(len(json.loads(f.read(n))))"
+    )
     out.append(("reference: json.loads of the safetensors header", [PY, "-c", hdr, p["st"]], dict(os.environ)))
-    out.append(("reference: torch.load(mmap=True) of the .pt",
-                [PY, "-c", "import sys, torch; print(len(torch.load(sys.argv[1], mmap=True, weights_only=True)))",
-                 p["pt"]], dict(os.environ)))
+    out.append(
+        (
+            "reference: torch.load(mmap=True) of the .pt",
+            [PY, "-c", "import sys, torch; print(len(torch.load(sys.argv[1], mmap=True, weights_only=True)))", p["pt"]],
+            dict(os.environ),
+        )
+    )
     return out
 
 
@@ -138,8 +159,10 @@ def main() -> None:
                 b = best.setdefault(label, [cpu, wall, rss])
                 b[0], b[1], b[2] = min(b[0], cpu), min(b[1], wall), max(b[2], rss)
             print(f"round {rnd + 1}/{args.repeat} done", file=sys.stderr)
-        print(f"\n{args.tensors:,} tensors ({args.shards} shards for the folder), best of {args.repeat} in turns, "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores\n")
+        print(
+            f"\n{args.tensors:,} tensors ({args.shards} shards for the folder), best of {args.repeat} in turns, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores\n"
+        )
         print("| job | CPU s (user+sys) | wall s | peak RSS MB |")
         print("|---|---:|---:|---:|")
         for label, _cmd, _env in cands:

@@ -43,28 +43,33 @@ def _gb(size: str) -> str:
 
 # name -> (script, full-size arguments, quick arguments); `size` (e.g. "1G") is substituted
 BENCHES: dict[str, tuple[str, callable, callable]] = {
-    "convert": ("bench_convert.py",
-                lambda size: ["--markdown", "--size", size or "4G"],
-                lambda size: ["--markdown", "--quick"] + (["--size", size] if size else [])),
-    "inspect": ("bench_inspect.py",
-                lambda size: ["--size-gb", _gb(size or "4G")],
-                lambda size: ["--size-gb", _gb(size or "0.3G"), "--repeat", "2"]),
-    "ls": ("bench_ls.py",
-           lambda size: ["--n", "200", "--size-gb", "1"],
-           lambda size: ["--n", "40", "--size-gb", "0.1", "--reps", "1"]),
-    "diff-average": ("bench_diff_average.py",
-                     lambda size: ["--diff-gb", _gb(size or "4G"), "--avg-gb", "1"],
-                     lambda size: ["--diff-gb", _gb(size or "0.3G"), "--avg-gb", "0.1", "--skip-naive",
-                                   "--repeat", "1"]),
-    "scale": ("bench_scale.py",
-              lambda size: [],
-              lambda size: ["--tensors", "5000", "--shards", "8", "--repeat", "1"]),
-    "orbax": ("bench_orbax.py",
-              lambda size: ["--size-gb", _gb(size or "4G")],
-              lambda size: ["--size-gb", "0.2", "--repeat", "1", "--no-values"]),
-    "remote": ("bench_remote.py",
-               lambda size: [],
-               lambda size: ["--size-gb", "0.1", "--repeat", "1"]),
+    "convert": (
+        "bench_convert.py",
+        lambda size: ["--markdown", "--size", size or "4G"],
+        lambda size: ["--markdown", "--quick"] + (["--size", size] if size else []),
+    ),
+    "inspect": (
+        "bench_inspect.py",
+        lambda size: ["--size-gb", _gb(size or "4G")],
+        lambda size: ["--size-gb", _gb(size or "0.3G"), "--repeat", "2"],
+    ),
+    "ls": (
+        "bench_ls.py",
+        lambda size: ["--n", "200", "--size-gb", "1"],
+        lambda size: ["--n", "40", "--size-gb", "0.1", "--reps", "1"],
+    ),
+    "diff-average": (
+        "bench_diff_average.py",
+        lambda size: ["--diff-gb", _gb(size or "4G"), "--avg-gb", "1"],
+        lambda size: ["--diff-gb", _gb(size or "0.3G"), "--avg-gb", "0.1", "--skip-naive", "--repeat", "1"],
+    ),
+    "scale": ("bench_scale.py", lambda size: [], lambda size: ["--tensors", "5000", "--shards", "8", "--repeat", "1"]),
+    "orbax": (
+        "bench_orbax.py",
+        lambda size: ["--size-gb", _gb(size or "4G")],
+        lambda size: ["--size-gb", "0.2", "--repeat", "1", "--no-values"],
+    ),
+    "remote": ("bench_remote.py", lambda size: [], lambda size: ["--size-gb", "0.1", "--repeat", "1"]),
 }
 
 
@@ -98,8 +103,11 @@ def replace_between_markers(text: str, name: str, body: str) -> tuple[str, bool]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markdown", action="store_true", help="print every table as one markdown document")
-    ap.add_argument("--write-readme", action="store_true",
-                    help=f"rewrite the tables between <!-- bench:NAME --> markers in {README.name}")
+    ap.add_argument(
+        "--write-readme",
+        action="store_true",
+        help=f"rewrite the tables between <!-- bench:NAME --> markers in {README.name}",
+    )
     ap.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="small sizes and one or two rounds: a smoke run")
     ap.add_argument("--size", default=None, help="data size for convert/inspect/diff/orbax, e.g. 1G (default 4G)")
@@ -134,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                 missing.append(name)
         args.readme.write_text(text, encoding="utf-8")
         done = [n for n in sections if n not in missing]
-        print(f"{args.readme}: rewrote {', '.join(done) or 'nothing'}"
-              + (f"; no markers for {', '.join(missing)} (printed below)" if missing else ""), file=sys.stderr)
+        print(
+            f"{args.readme}: rewrote {', '.join(done) or 'nothing'}"
+            + (f"; no markers for {', '.join(missing)} (printed below)" if missing else ""),
+            file=sys.stderr,
+        )
         for name in missing:
             print(f"<!-- bench:{name} -->\n{sections[name]}\n<!-- /bench:{name} -->\n")
     if args.markdown or not args.write_readme:

@@ -52,8 +52,14 @@ class Sample:
 TIME = shutil.which("time", path="/usr/bin:/bin")  # GNU time: the peak RSS of the program itself
 
 
-def run(cmd: Sequence[str], *, env: dict | None = None, cwd: str | None = None, stdout=subprocess.DEVNULL,
-        timeout: float | None = None) -> Sample:
+def run(
+    cmd: Sequence[str],
+    *,
+    env: dict | None = None,
+    cwd: str | None = None,
+    stdout=subprocess.DEVNULL,
+    timeout: float | None = None,
+) -> Sample:
     """Run `cmd` as a fresh process; its wall time and CPU time from os.wait4, its peak RSS from
     /usr/bin/time when there is one (a child's ru_maxrss also counts the pages of this Python
     process it was forked from: `cp` would show 15 MB)."""
@@ -134,8 +140,13 @@ def sync() -> None:
     subprocess.run(["sync"], check=False)
 
 
-def interleave(cands: Sequence[Candidate], repeat: int = 3, *, before_each: Callable[[], None] | None = sync,
-               log: Callable[[str], None] | None = None) -> dict[str, Result]:
+def interleave(
+    cands: Sequence[Candidate],
+    repeat: int = 3,
+    *,
+    before_each: Callable[[], None] | None = sync,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Result]:
     """Run the candidates in turns (A, B, C, A, B, C, ...), `repeat` rounds (a candidate's own
     `repeat` may be smaller); a candidate that fails once is not run again. `before_each` runs
     before every run (default: `sync`)."""
@@ -177,8 +188,7 @@ def cell(r: Result, base: Result | None = None, *, rss: bool = True) -> str:
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
     """A markdown table; `align` one char per column: l or r (default: first l, others r)."""
     align = align or "l" + "r" * (len(headers) - 1)
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -205,8 +215,10 @@ def machine() -> str:
     except OSError:
         pass
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{date}; {os.cpu_count()} cores ({model}), {mem} RAM, Linux {platform.release()}, "
-            f"Python {platform.python_version()}; {load}")
+    return (
+        f"{date}; {os.cpu_count()} cores ({model}), {mem} RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}; {load}"
+    )
 
 
 def parse_size(text: str) -> int:

@@ -45,8 +45,11 @@ def real_params(items, reason: str = REAL_ABSENT) -> list:
 def real_expected() -> dict[str, dict[str, str]]:
     """tests/real_expected.tsv: per real fixture, the exit code and result inspect and convert
     must give (see the file's header)."""
-    lines = [ln for ln in (REPO / "tests" / "real_expected.tsv").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln
+        for ln in (REPO / "tests" / "real_expected.tsv").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     head = lines[0].split("\t")
     return {r.split("\t")[0]: dict(zip(head, r.split("\t"))) for r in lines[1:]}
 
@@ -78,7 +81,10 @@ def run(*args: str | os.PathLike, env: dict | None = None, timeout: float = 300)
         full_env.update(env)
     return subprocess.run(
         [sys.executable, "-m", "ckptctl", *[os.fspath(a) for a in args]],
-        capture_output=True, text=True, env=full_env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
     )
 
 
@@ -201,9 +207,14 @@ def s3_env(s3_server, monkeypatch):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/nonexistent",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    return {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }
 
 
 class RangeServer:
@@ -309,8 +320,9 @@ class RangeServer:
                         body = f.read(end - start + 1)
                     if srv.mode == "reset" and srv.cut(self.path, start):
                         return self._reset(body, start, end, size)
-                    return self._send(206, body, {"Content-Range": f"bytes {start}-{end}/{size}",
-                                                  "Accept-Ranges": "bytes"})
+                    return self._send(
+                        206, body, {"Content-Range": f"bytes {start}-{end}/{size}", "Accept-Ranges": "bytes"}
+                    )
                 if srv.mode == "ignore-range":  # stream the whole body like a server without Range
                     self.send_response(200)
                     self.send_header("Content-Length", str(size))
@@ -330,8 +342,7 @@ class RangeServer:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self._thread.start()
 
     def reset(self) -> None:
@@ -361,8 +372,13 @@ def s3_client(endpoint_url: str):
     and list what ckptctl left, never through ckptctl)."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", aws_access_key_id="testing",
-                        aws_secret_access_key="testing-secret")
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+    )
 
 
 def s3_upload(endpoint_url: str, bucket: str, root: Path, prefix: str = "") -> None:

@@ -35,10 +35,16 @@ def tiny_state(seed: int, n: int = 3):
 def adam_state(sd: dict, step: int):
     import torch
 
-    state = {i: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.ones_like(t)}
-             for i, t in enumerate(sd.values())}
-    return {"state": state, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
-                                               "weight_decay": 0.0, "params": list(range(len(sd)))}]}
+    state = {
+        i: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.ones_like(t)}
+        for i, t in enumerate(sd.values())
+    }
+    return {
+        "state": state,
+        "param_groups": [
+            {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "params": list(range(len(sd)))}
+        ],
+    }
 
 
 def set_mtime(path: Path, t: float) -> None:
@@ -70,57 +76,95 @@ def hf_run(root: Path, steps=(500, 1000, 1500, 2000), eval_loss=None, save_best:
     eval_loss = eval_loss or {s: 1.0 / (i + 1) + (0.3 if i == len(steps) - 1 else 0) for i, s in enumerate(steps)}
     history = []
     for i, step in enumerate(steps):
-        history.append({"epoch": (i + 1) * 0.5, "grad_norm": 1.5, "learning_rate": 1e-4, "loss": 2.0 - 0.1 * i,
-                        "step": step})
-        history.append({"epoch": (i + 1) * 0.5, "eval_loss": eval_loss[step], "eval_runtime": 1.23,
-                        "eval_samples_per_second": 100.0, "eval_steps_per_second": 10.0, "step": step})
+        history.append(
+            {"epoch": (i + 1) * 0.5, "grad_norm": 1.5, "learning_rate": 1e-4, "loss": 2.0 - 0.1 * i, "step": step}
+        )
+        history.append(
+            {
+                "epoch": (i + 1) * 0.5,
+                "eval_loss": eval_loss[step],
+                "eval_runtime": 1.23,
+                "eval_samples_per_second": 100.0,
+                "eval_steps_per_second": 10.0,
+                "step": step,
+            }
+        )
         ck = root / f"checkpoint-{step}"
         ck.mkdir()
         sd = tiny_state(step)
         save_file({k: v.contiguous() for k, v in sd.items()}, ck / "model.safetensors", metadata={"format": "pt"})
         torch.save(adam_state(sd, step), ck / "optimizer.pt")
         torch.save({"base_lrs": [1e-4], "last_epoch": step, "_step_count": step + 1}, ck / "scheduler.pt")
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()},
-                   ck / "rng_state.pth")
-        torch.save({"output_dir": str(root), "save_steps": 500, "metric_for_best_model": "eval_loss"},
-                   ck / "training_args.bin")
+        torch.save(
+            {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()},
+            ck / "rng_state.pth",
+        )
+        torch.save(
+            {"output_dir": str(root), "save_steps": 500, "metric_for_best_model": "eval_loss"}, ck / "training_args.bin"
+        )
         best_so_far = min(steps[: i + 1], key=eval_loss.get) if save_best else None
         state = {
             "best_global_step": best_so_far,
             "best_metric": eval_loss[best_so_far] if best_so_far else None,
             "best_model_checkpoint": f"{root.name}/checkpoint-{best_so_far}" if best_so_far else None,
-            "epoch": (i + 1) * 0.5, "eval_steps": 500, "global_step": step, "is_hyper_param_search": False,
-            "is_local_process_zero": True, "is_world_process_zero": True, "log_history": list(history),
-            "logging_steps": 500, "max_steps": steps[-1], "num_input_tokens_seen": 0, "num_train_epochs": 2,
-            "save_steps": 500, "stateful_callbacks": {}, "total_flos": 1234.0, "train_batch_size": 8,
-            "trial_name": None, "trial_params": None,
+            "epoch": (i + 1) * 0.5,
+            "eval_steps": 500,
+            "global_step": step,
+            "is_hyper_param_search": False,
+            "is_local_process_zero": True,
+            "is_world_process_zero": True,
+            "log_history": list(history),
+            "logging_steps": 500,
+            "max_steps": steps[-1],
+            "num_input_tokens_seen": 0,
+            "num_train_epochs": 2,
+            "save_steps": 500,
+            "stateful_callbacks": {},
+            "total_flos": 1234.0,
+            "train_batch_size": 8,
+            "trial_name": None,
+            "trial_params": None,
         }
         (ck / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     return root
 
 
-def lightning_ckpt(path: Path, epoch: int, step: int, val_loss: float, best_path: str, best_score: float,
-                   seed: int | None = None) -> Path:
+def lightning_ckpt(
+    path: Path, epoch: int, step: int, val_loss: float, best_path: str, best_score: float, seed: int | None = None
+) -> Path:
     import torch
 
     sd = tiny_state(seed if seed is not None else step)
-    key = ("ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
-           "'every_n_epochs': 1, 'train_time_interval': None}")
+    key = (
+        "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
+        "'every_n_epochs': 1, 'train_time_interval': None}"
+    )
     ckpt = {
         "epoch": epoch,
         "global_step": step,
         "pytorch-lightning_version": "2.4.0",
         "state_dict": {f"model.{k}": v for k, v in sd.items()},
-        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": epoch + 1, "completed": epoch}}}},
+        "loops": {
+            "fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": epoch + 1, "completed": epoch}}}
+        },
         "callbacks": {
             key: {
-                "monitor": "val_loss", "best_model_score": torch.tensor(best_score), "best_model_path": best_path,
-                "current_score": torch.tensor(val_loss), "dirpath": str(path.parent), "best_k_models": {},
-                "kth_best_model_path": "", "kth_value": torch.tensor(float("inf")), "last_model_path": "",
+                "monitor": "val_loss",
+                "best_model_score": torch.tensor(best_score),
+                "best_model_path": best_path,
+                "current_score": torch.tensor(val_loss),
+                "dirpath": str(path.parent),
+                "best_k_models": {},
+                "kth_best_model_path": "",
+                "kth_value": torch.tensor(float("inf")),
+                "last_model_path": "",
             },
-            "EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}": {"wait_count": 0, "stopped_epoch": 0,
-                                                                    "best_score": torch.tensor(best_score),
-                                                                    "patience": 3},
+            "EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}": {
+                "wait_count": 0,
+                "stopped_epoch": 0,
+                "best_score": torch.tensor(best_score),
+                "patience": 3,
+            },
         },
         "optimizer_states": [adam_state(sd, step)],
         "lr_schedulers": [{"base_lrs": [1e-3], "last_epoch": epoch}],
@@ -131,8 +175,9 @@ def lightning_ckpt(path: Path, epoch: int, step: int, val_loss: float, best_path
     return path
 
 
-def lightning_run(root: Path, steps=(100, 200, 300, 400), val_loss=None, last: str | None = "symlink",
-                  name_metric: bool = False) -> Path:
+def lightning_run(
+    root: Path, steps=(100, 200, 300, 400), val_loss=None, last: str | None = "symlink", name_metric: bool = False
+) -> Path:
     """lightning_logs/version_0/checkpoints/ as ModelCheckpoint(save_top_k=-1, save_last=...) leaves it."""
     root.mkdir(parents=True, exist_ok=True)
     val_loss = val_loss or {s: 1.0 / (i + 1) + (0.5 if i == len(steps) - 1 else 0) for i, s in enumerate(steps)}
@@ -163,10 +208,20 @@ def fairseq_run(root: Path, epochs_updates=((1, 100), (2, 200), (3, 300)), best_
             "args": None,
             "cfg": {"common": {"seed": 1}, "optimization": {"lr": [0.25]}},
             "model": sd,
-            "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "FairseqNAG",
-                                   "lr_scheduler_state": {"best": 2.5}, "num_updates": upd}],
-            "extra_state": {"epoch": epoch, "val_loss": 3.0 - epoch * 0.1, "best": 2.5,
-                            "train_iterator": {"epoch": epoch, "iterations_in_epoch": 0}},
+            "optimizer_history": [
+                {
+                    "criterion_name": "CrossEntropyCriterion",
+                    "optimizer_name": "FairseqNAG",
+                    "lr_scheduler_state": {"best": 2.5},
+                    "num_updates": upd,
+                }
+            ],
+            "extra_state": {
+                "epoch": epoch,
+                "val_loss": 3.0 - epoch * 0.1,
+                "best": 2.5,
+                "train_iterator": {"epoch": epoch, "iterations_in_epoch": 0},
+            },
             "last_optimizer_state": adam_state(sd, upd),
         }
         p = root / f"checkpoint_{epoch}_{upd}.pt"
@@ -197,27 +252,56 @@ def orbax_run(root: Path, steps=(1000, 2000, 3000)) -> Path:
     for step in steps:
         d = root / str(step)
         (d / "default").mkdir(parents=True)
-        (d / "_CHECKPOINT_METADATA").write_text(json.dumps({"item_handlers": {"default": "PyTreeCheckpointHandler"},
-                                                            "metrics": {}, "init_timestamp_nsecs": 1,
-                                                            "commit_timestamp_nsecs": 2, "custom": {"loss": 0.5}}))
+        (d / "_CHECKPOINT_METADATA").write_text(
+            json.dumps(
+                {
+                    "item_handlers": {"default": "PyTreeCheckpointHandler"},
+                    "metrics": {},
+                    "init_timestamp_nsecs": 1,
+                    "commit_timestamp_nsecs": 2,
+                    "custom": {"loss": 0.5},
+                }
+            )
+        )
         arrays = {("dense", "kernel"): np.full((4, 3), step, np.float32), ("dense", "bias"): np.arange(3, dtype="<i4")}
         tree = {}
         for keys, arr in arrays.items():
-            tree[str(keys)] = {"key_metadata": [{"key": k, "key_type": 2} for k in keys],
-                               "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
+            tree[str(keys)] = {
+                "key_metadata": [{"key": k, "key_type": 2} for k in keys],
+                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+            }
             z = d / "default" / ".".join(keys)
             z.mkdir()
-            (z / ".zarray").write_text(json.dumps({
-                "chunks": list(arr.shape), "compressor": None, "dimension_separator": ".", "dtype": arr.dtype.str,
-                "fill_value": None, "filters": None, "order": "C", "shape": list(arr.shape), "zarr_format": 2}))
+            (z / ".zarray").write_text(
+                json.dumps(
+                    {
+                        "chunks": list(arr.shape),
+                        "compressor": None,
+                        "dimension_separator": ".",
+                        "dtype": arr.dtype.str,
+                        "fill_value": None,
+                        "filters": None,
+                        "order": "C",
+                        "shape": list(arr.shape),
+                        "zarr_format": 2,
+                    }
+                )
+            )
             (z / ".".join("0" for _ in arr.shape)).write_bytes(arr.tobytes())
-        (d / "default" / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_ocdbt": False,
-                                                             "use_zarr3": False}))
+        (d / "default" / "_METADATA").write_text(
+            json.dumps({"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False})
+        )
     return root
 
 
-def st_run(root: Path, steps=(100, 200, 300, 400), metric: str | None = "eval_loss", values=None,
-           name="model_{step:08d}.safetensors", dtype=np.float32) -> Path:
+def st_run(
+    root: Path,
+    steps=(100, 200, 300, 400),
+    metric: str | None = "eval_loss",
+    values=None,
+    name="model_{step:08d}.safetensors",
+    dtype=np.float32,
+) -> Path:
     """Plain safetensors step files with __metadata__ step and metric."""
     from safetensors.numpy import save_file
 
@@ -266,13 +350,24 @@ def tf_bundle_bytes() -> tuple[bytes, bytes]:
 
     with tempfile.TemporaryDirectory() as d:
         prefix = Path(d) / "ckpt-10"
-        write_bundle(prefix, {"model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE": np.arange(12, dtype=np.float32).reshape(3, 4),
-                              "save_counter/.ATTRIBUTES/VARIABLE_VALUE": np.array(10, dtype=np.int64)})
+        write_bundle(
+            prefix,
+            {
+                "model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE": np.arange(12, dtype=np.float32).reshape(3, 4),
+                "save_counter/.ATTRIBUTES/VARIABLE_VALUE": np.array(10, dtype=np.int64),
+            },
+        )
         return (Path(d) / "ckpt-10.index").read_bytes(), (Path(d) / "ckpt-10.data-00000-of-00001").read_bytes()
 
 
-def tf_manager_run(root: Path, steps=(1, 2, 3), prefix: str = "ckpt-{step}", shards: int = 1,
-                   state: str | None = "managed", absolute: bool = False) -> Path:
+def tf_manager_run(
+    root: Path,
+    steps=(1, 2, 3),
+    prefix: str = "ckpt-{step}",
+    shards: int = 1,
+    state: str | None = "managed",
+    absolute: bool = False,
+) -> Path:
     """A tf.train.CheckpointManager-style folder: {prefix}.index + every data shard per step, and a
     `checkpoint` state file in TF's text format naming the last step and every step (state="managed"),
     or none (state=None). Shard 0 holds the real data bytes; further shards are padding."""

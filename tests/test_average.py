@@ -262,8 +262,13 @@ def test_streaming_in_small_chunks_matches_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(average_combine, "READ_BUDGET", 4000)
     monkeypatch.setattr(average_combine, "BLOCK", 256)
     rng = np.random.default_rng(2)
-    states = [{"w": rng.standard_normal(12_345).astype(np.float32),
-               "h": rng.standard_normal(3_001).astype(ml_dtypes.bfloat16)} for _ in range(3)]
+    states = [
+        {
+            "w": rng.standard_normal(12_345).astype(np.float32),
+            "h": rng.standard_normal(3_001).astype(ml_dtypes.bfloat16),
+        }
+        for _ in range(3)
+    ]
     paths = [save(tmp_path / f"s{i}.safetensors", s) for i, s in enumerate(states)]
     plan = ops.plan_average(paths, tmp_path / "o.safetensors")
     seen = []
@@ -307,8 +312,12 @@ def test_lightning_checkpoints_average_their_model_weights(tmp_path):
         emb = torch.randn(6, 2, generator=g)
         sd["emb.weight"] = emb
         sd["head.weight"] = emb  # tied
-        ckpt = {"epoch": i, "global_step": 100 * (i + 1), "state_dict": sd,
-                "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(4, 3, generator=g)}}, "param_groups": []}]}
+        ckpt = {
+            "epoch": i,
+            "global_step": 100 * (i + 1),
+            "state_dict": sd,
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(4, 3, generator=g)}}, "param_groups": []}],
+        }
         torch.save(ckpt, tmp_path / f"epoch={i}-step={100 * (i + 1)}.ckpt")
         states.append(sd)
     out = tmp_path / "avg.safetensors"
@@ -328,8 +337,15 @@ def test_lightning_checkpoints_average_their_model_weights(tmp_path):
     sd = torch.load(tmp_path / "a.pt", weights_only=True)
     assert sd["emb.weight"].data_ptr() == sd["head.weight"].data_ptr()
     # --key picks another part
-    r = cli("average", tmp_path / "epoch=0-step=100.ckpt", tmp_path / "epoch=1-step=200.ckpt",
-            "-o", tmp_path / "opt.safetensors", "--key", "optimizer_states")
+    r = cli(
+        "average",
+        tmp_path / "epoch=0-step=100.ckpt",
+        tmp_path / "epoch=1-step=200.ckpt",
+        "-o",
+        tmp_path / "opt.safetensors",
+        "--key",
+        "optimizer_states",
+    )
     assert r.exit_code == 0, r.output
     assert list(load(tmp_path / "opt.safetensors")[0]) == ["0/state/0/exp_avg"]
 

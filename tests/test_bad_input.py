@@ -19,8 +19,14 @@ def st_bytes(header: dict | bytes, data: bytes = b"", length: int | None = None)
     return struct.pack("<Q", len(hb) if length is None else length) + hb + data
 
 
-GOOD_ST = st_bytes({"__metadata__": {"format": "pt"}, "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-                    "b": {"dtype": "BF16", "shape": [2], "data_offsets": [16, 20]}}, bytes(range(20)))
+GOOD_ST = st_bytes(
+    {
+        "__metadata__": {"format": "pt"},
+        "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "b": {"dtype": "BF16", "shape": [2], "data_offsets": [16, 20]},
+    },
+    bytes(range(20)),
+)
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0\0\0\rIHDR" + bytes(20)
 
 
@@ -42,16 +48,36 @@ FILE_CASES = [
     ("png-as-pt", "model.pt", PNG, ["not a checkpoint: looks like a PNG image"]),
     ("gzip-as-ckpt", "model.ckpt", b"\x1f\x8b\x08\x00" + bytes(40), ["not a checkpoint: looks like a gzip archive"]),
     ("text-as-safetensors", "model.safetensors", b'{"hello": "world"}\n', ["not a checkpoint", "JSON/text"]),
-    ("corrupt-json", "model.safetensors", st_bytes(b'{"w": {"dtype": "F32", "shape": [2, 2],', bytes(16)),
-     ["header is not valid JSON"]),
-    ("overlapping", "model.safetensors",
-     st_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-               "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
-     ["tensor 'b'", "overlaps the previous tensor"]),
-    ("huge-header", "model.safetensors", st_bytes({"a": 1}, b"", length=2**40),
-     ["header length 1099511627776 exceeds the safetensors limit"]),
-    ("unknown-dtype", "model.safetensors",
-     st_bytes({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0"), ["unknown dtype 'Q7'"]),
+    (
+        "corrupt-json",
+        "model.safetensors",
+        st_bytes(b'{"w": {"dtype": "F32", "shape": [2, 2],', bytes(16)),
+        ["header is not valid JSON"],
+    ),
+    (
+        "overlapping",
+        "model.safetensors",
+        st_bytes(
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            bytes(12),
+        ),
+        ["tensor 'b'", "overlaps the previous tensor"],
+    ),
+    (
+        "huge-header",
+        "model.safetensors",
+        st_bytes({"a": 1}, b"", length=2**40),
+        ["header length 1099511627776 exceeds the safetensors limit"],
+    ),
+    (
+        "unknown-dtype",
+        "model.safetensors",
+        st_bytes({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+        ["unknown dtype 'Q7'"],
+    ),
     ("truncated-hdf5", "model.h5", b"\x89HDF\r\n\x1a\n" + bytes(100), ["HDF5"]),
     ("plain-zip", "model.pt", None, ["zip archive", "not a PyTorch checkpoint"]),
 ]
@@ -195,10 +221,25 @@ def _expected_from_reference(path, fmt):
         with safe_open(path, "pt") as f:
             for k in f.keys():
                 sl = f.get_slice(k)
-                dt = getattr(torch, {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-                                     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-                                     "I32": "int32", "U32": "uint32", "I64": "int64", "F16": "float16",
-                                     "F32": "float32", "F64": "float64"}[sl.get_dtype()])
+                dt = getattr(
+                    torch,
+                    {
+                        "BF16": "bfloat16",
+                        "F8_E4M3": "float8_e4m3fn",
+                        "F8_E5M2": "float8_e5m2",
+                        "BOOL": "bool",
+                        "U8": "uint8",
+                        "I8": "int8",
+                        "I16": "int16",
+                        "U16": "uint16",
+                        "I32": "int32",
+                        "U32": "uint32",
+                        "I64": "int64",
+                        "F16": "float16",
+                        "F32": "float32",
+                        "F64": "float64",
+                    }[sl.get_dtype()],
+                )
                 out[k] = (str(dt).removeprefix("torch."), tuple(sl.get_shape()))
         return out
     if fmt == "safetensors-index-json":
@@ -212,7 +253,9 @@ def _expected_from_reference(path, fmt):
 
         out = {}
         with h5py.File(path, "r") as f:
-            f.visititems(lambda n, o: out.__setitem__(n, (o.dtype.name, o.shape)) if isinstance(o, h5py.Dataset) else None)
+            f.visititems(
+                lambda n, o: out.__setitem__(n, (o.dtype.name, o.shape)) if isinstance(o, h5py.Dataset) else None
+            )
         return out
     raise AssertionError(fmt)
 

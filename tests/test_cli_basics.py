@@ -50,8 +50,13 @@ def test_demo_writes_a_sample_every_file_of_which_inspects(tmp_path):
     assert "ckptctl ls" in r.stdout
     assert (out / "hf-run" / "checkpoint-300" / "trainer_state.json").is_file()
     assert (out / "lightning-run" / "last.ckpt").is_symlink()
-    targets = [out / "model.pt", out / "model-bf16.safetensors", out / "model.h5",
-               out / "lightning-run" / "last.ckpt", out / "hf-run" / "checkpoint-100"]
+    targets = [
+        out / "model.pt",
+        out / "model-bf16.safetensors",
+        out / "model.h5",
+        out / "lightning-run" / "last.ckpt",
+        out / "hf-run" / "checkpoint-100",
+    ]
     for t in targets:
         r = cli("inspect", t, "--format", "json")
         assert r.exit_code == 0, (t, r.output)
@@ -90,7 +95,12 @@ def test_demo_run_that_went_nan_is_the_debugging_tour(tmp_path):
         raise ValueError(c)
 
     rows = json.loads(r.stdout, parse_constant=no_constants)
-    assert [(row["step"], row["metrics"]["eval_loss"]) for row in rows] == [(100, 2.31), (200, 1.87), (300, None), (400, None)]
+    assert [(row["step"], row["metrics"]["eval_loss"]) for row in rows] == [
+        (100, 2.31),
+        (200, 1.87),
+        (300, None),
+        (400, None),
+    ]
     assert rows[2]["metrics"]["nonfinite"] == {"loss": "nan", "eval_loss": "nan"}
     # --along: the first NaN step, exit 1
     r = run("diff", nan_run, "--along")

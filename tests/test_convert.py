@@ -54,8 +54,13 @@ def tmp_leftovers(folder: Path) -> list[str]:
 
 
 # ---- selection (pure) ---------------------------------------------------------------------------
-LIGHTNING = [T("state_dict/model.enc.w"), T("state_dict/model.enc.b"), T("state_dict/model.head.w"),
-             T("optimizer_states/0/state/0/exp_avg"), T("optimizer_states/0/state/1/exp_avg")]
+LIGHTNING = [
+    T("state_dict/model.enc.w"),
+    T("state_dict/model.enc.b"),
+    T("state_dict/model.head.w"),
+    T("optimizer_states/0/state/0/exp_avg"),
+    T("optimizer_states/0/state/1/exp_avg"),
+]
 
 
 def test_select_training_default_key_all():
@@ -85,8 +90,11 @@ def test_select_filters_and_renames():
     assert [o.name for o in s.tensors] == ["enc/w", "head/w"]
     s = select([T("module.a"), T("b")], strip_prefix=["module."])
     assert [o.name for o in s.tensors] == ["a", "b"]
-    with pytest.raises(Incompatible, match=r"'state_dict/model\.enc\.w' and 'state_dict/model\.enc\.b' would "
-                                           r"both be named 'x'"):
+    with pytest.raises(
+        Incompatible,
+        match=r"'state_dict/model\.enc\.w' and 'state_dict/model\.enc\.b' would "
+        r"both be named 'x'",
+    ):
         select(LIGHTNING, rename=[".+=x"])
     with pytest.raises(Incompatible, match="no tensor selected.*--include nothing"):
         select(LIGHTNING, include=["nothing"])
@@ -102,11 +110,14 @@ def test_select_filters_and_renames():
 def test_select_keeps_ties_when_target_dropped():
     ts = [T("emb"), T("dec.w", alias="emb"), T("head", alias="dec.w"), T("other")]
     s = select(ts)
-    assert [(o.name, o.alias_of) for o in s.tensors] == [("emb", None), ("dec.w", "emb"), ("head", "emb"),
-                                                         ("other", None)]
+    assert [(o.name, o.alias_of) for o in s.tensors] == [
+        ("emb", None),
+        ("dec.w", "emb"),
+        ("head", "emb"),
+        ("other", None),
+    ]
     s = select(ts, exclude=["emb"], add_prefix="m.")
-    assert [(o.name, o.alias_of) for o in s.tensors] == [("m.dec.w", None), ("m.head", "m.dec.w"),
-                                                         ("m.other", None)]
+    assert [(o.name, o.alias_of) for o in s.tensors] == [("m.dec.w", None), ("m.head", "m.dec.w"), ("m.other", None)]
 
 
 # ---- shards, chunking, comparing (pure) ---------------------------------------------------------
@@ -117,7 +128,9 @@ def test_plan_shards_and_names():
     assert cv.plan_shards([], 8) == [[]]
     assert cv.shard_file_names("safetensors", 1) == (["model.safetensors"], None)
     assert cv.shard_file_names("torch-zip", 2) == (
-        ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"], "pytorch_model.bin.index.json")
+        ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"],
+        "pytorch_model.bin.index.json",
+    )
 
 
 def test_aligned_chunks_and_same_bytes():
@@ -137,12 +150,36 @@ def test_aligned_chunks_and_same_bytes():
 def _sample(dtype: str) -> np.ndarray:
     """Random values over many magnitudes plus the special cases, as a numpy array of `dtype`."""
     rng = np.random.default_rng(1)
-    v = np.concatenate([
-        rng.standard_normal(20000) * 10.0 ** rng.integers(-12, 12, 20000),
-        [0.0, -0.0, np.inf, -np.inf, np.nan, 448, 449, 464, 465, 480, 57344, 61440, 65504, 65520, 1e-45,
-         2.0 ** -126, 2.0 ** -149, 3.4028235e38, 1e39, 1 + 2.0 ** -8 + 2.0 ** -40, 1 + 2.0 ** -11 + 2.0 ** -50,
-         -1255.4999498196614, 0.5 * 2.0 ** -133],
-    ])
+    v = np.concatenate(
+        [
+            rng.standard_normal(20000) * 10.0 ** rng.integers(-12, 12, 20000),
+            [
+                0.0,
+                -0.0,
+                np.inf,
+                -np.inf,
+                np.nan,
+                448,
+                449,
+                464,
+                465,
+                480,
+                57344,
+                61440,
+                65504,
+                65520,
+                1e-45,
+                2.0**-126,
+                2.0**-149,
+                3.4028235e38,
+                1e39,
+                1 + 2.0**-8 + 2.0**-40,
+                1 + 2.0**-11 + 2.0**-50,
+                -1255.4999498196614,
+                0.5 * 2.0**-133,
+            ],
+        ]
+    )
     with np.errstate(all="ignore"):
         return v.astype(dtypes.numpy_dtype(dtype))
 
@@ -150,8 +187,11 @@ def _sample(dtype: str) -> np.ndarray:
 @pytest.mark.parametrize("src", cv.CAST_DTYPES)
 def test_cast_matches_torch(src):
     x = _sample(src)
-    tsrc = torch.from_numpy(x.view(f"u{x.itemsize}").astype(np.int64)).to(
-        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.itemsize]).view(getattr(torch, src))
+    tsrc = (
+        torch.from_numpy(x.view(f"u{x.itemsize}").astype(np.int64))
+        .to({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.itemsize])
+        .view(getattr(torch, src))
+    )
     assert raw(tsrc) == x.tobytes()
     for dst in cv.CAST_DTYPES:
         got = cv.cast_array(x, dst)
@@ -169,7 +209,7 @@ def test_cast_matches_torch(src):
 def test_cast_chunks_is_chunk_independent():
     x = _sample("float32")
     b = x.tobytes()
-    pieces = [b[i:i + 1001] for i in range(0, len(b), 1001)]  # cuts through elements
+    pieces = [b[i : i + 1001] for i in range(0, len(b), 1001)]  # cuts through elements
     out = b"".join(bytes(c) for c in cv.cast_chunks(pieces, "float32", "bfloat16"))
     assert out == cv.cast_array(x, "bfloat16").tobytes()
 
@@ -194,16 +234,28 @@ class FakeReader(Reader):
         self.metadata = metadata or {}
 
     def _load_info(self):
-        return CheckpointInfo("fake", "fake", [
-            TensorInfo(n, str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel() * t.element_size(),
-                       self.aliases.get(n)) for n, t in self.t.items()], metadata=self.metadata)
+        return CheckpointInfo(
+            "fake",
+            "fake",
+            [
+                TensorInfo(
+                    n,
+                    str(t.dtype).removeprefix("torch."),
+                    tuple(t.shape),
+                    t.numel() * t.element_size(),
+                    self.aliases.get(n),
+                )
+                for n, t in self.t.items()
+            ],
+            metadata=self.metadata,
+        )
 
     def iter_chunks(self, name, size=cv.CHUNK):
         b = raw(self.t[name])
         for i in range(0, len(b), 5):
             if name == self.fail_on and i >= 5:
                 raise CorruptFile(f"tensor {name!r}: file truncated")
-            yield b[i:i + 5]
+            yield b[i : i + 5]
 
 
 @pytest.fixture
@@ -233,13 +285,25 @@ def fake_src(monkeypatch, tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".h5"])
 def test_ops_convert_with_fake_reader(fake_src, tmp_path, suffix):
     w = torch.randn(3, 5)
-    ts = {"enc.w": w, "dec.w": w, "b16": torch.randn(7).to(torch.bfloat16), "i": torch.arange(5),
-          "s": torch.tensor(1.5, dtype=torch.float64), "e": torch.zeros(0, 3)}
+    ts = {
+        "enc.w": w,
+        "dec.w": w,
+        "b16": torch.randn(7).to(torch.bfloat16),
+        "i": torch.arange(5),
+        "s": torch.tensor(1.5, dtype=torch.float64),
+        "e": torch.zeros(0, 3),
+    }
     src = fake_src(ts, aliases={"dec.w": "enc.w"}, metadata={"epoch": 4})
     dst = tmp_path / f"out{suffix}"
     plan = cv.plan_convert(src, dst, dtype="bf16")
-    assert plan.out_dtype == {"enc.w": "bfloat16", "dec.w": "bfloat16", "b16": "bfloat16", "i": "int64",
-                              "s": "bfloat16", "e": "bfloat16"}
+    assert plan.out_dtype == {
+        "enc.w": "bfloat16",
+        "dec.w": "bfloat16",
+        "b16": "bfloat16",
+        "i": "int64",
+        "s": "bfloat16",
+        "e": "bfloat16",
+    }
     res = cv.run_convert(plan)
     assert res.verified and res.verified_tensors == 6 and res.outputs == [dst]
     if suffix == ".pt":
@@ -249,8 +313,10 @@ def test_ops_convert_with_fake_reader(fake_src, tmp_path, suffix):
         from ckptctl.formats import open_reader
 
         with open_reader(dst) as r:
-            sd = {t.name: torch.from_numpy(r.read(t.name).view(f"u{r.read(t.name).itemsize}").astype(np.int64))
-                  for t in r.info().tensors}
+            sd = {
+                t.name: torch.from_numpy(r.read(t.name).view(f"u{r.read(t.name).itemsize}").astype(np.int64))
+                for t in r.info().tensors
+            }
             assert r.info().tensor("dec.w").alias_of == "enc.w" or suffix == ".safetensors"
             if suffix == ".safetensors":
                 assert r.info().metadata["epoch"] == "4"
@@ -309,6 +375,7 @@ def test_output_is_fsynced_before_it_gets_dsts_name(tmp_path, monkeypatch, shard
             real(a, b, *k)
             if Path(b) == dst:
                 events.append(("dst", 0))
+
         return f
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -333,19 +400,21 @@ def test_fsync_failure_is_one_line_and_leaves_nothing(tmp_path):
     before = sha(src)
     dst = tmp_path / "out.pt"
     dst.write_bytes(b"previous")
-    code = ("import os, errno, sys, runpy\n"
-            "def fsync(fd): raise OSError(errno.EIO, os.strerror(errno.EIO))\n"
-            "os.fsync = fsync\n"
-            "sys.argv = ['ckptctl', 'convert', sys.argv[1], sys.argv[2], '--force']\n"
-            "runpy.run_module('ckptctl', run_name='__main__')\n")
+    code = (
+        "import os, errno, sys, runpy\n"
+        "def fsync(fd): raise OSError(errno.EIO, os.strerror(errno.EIO))\n"
+        "os.fsync = fsync\n"
+        "sys.argv = ['ckptctl', 'convert', sys.argv[1], sys.argv[2], '--force']\n"
+        "runpy.run_module('ckptctl', run_name='__main__')\n"
+    )
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stderr
-    assert p.stderr.strip().splitlines()[-1] == (f"error: {dst}: cannot write the output: Input/output error; "
-                                                 "nothing was written")
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: {dst}: cannot write the output: Input/output error; nothing was written"
+    )
     assert "Traceback" not in p.stderr
     assert dst.read_bytes() == b"previous" and sha(src) == before and tmp_leftovers(tmp_path) == []
 
@@ -408,8 +477,24 @@ def test_write_behind_is_real_on_linux():
 def zoo(fmt: str) -> dict:
     """Tensors covering the dtype zoo each format can hold, views, scalars, empties."""
     g = torch.Generator().manual_seed(3)
-    names = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32",
-             "int16", "int8", "uint8", "bool", "complex64", "uint16", "uint32", "uint64"]
+    names = [
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "complex64",
+        "uint16",
+        "uint32",
+        "uint64",
+    ]
     out = {}
     for i, name in enumerate(names):
         d = dtypes.BY_NAME[name]
@@ -425,8 +510,11 @@ def zoo(fmt: str) -> dict:
     out["scalar"] = torch.tensor(2.5)
     out["empty"] = torch.zeros(0, 3, dtype=torch.float16)
     if fmt == "legacy":
-        for k in [k for k in out if out[k].dtype in (torch.uint16, torch.uint32, torch.uint64,
-                                                     torch.float8_e4m3fn, torch.float8_e5m2)]:
+        for k in [
+            k
+            for k in out
+            if out[k].dtype in (torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2)
+        ]:
             del out[k]  # torch cannot load its own legacy files with these
     return out
 
@@ -457,9 +545,11 @@ def save_source(fmt: str, folder: Path, tensors: dict, tied=("tied.head", "layer
                     f[k] = f[tied[1]]  # a hard link
                     continue
                 name = str(v.dtype).removeprefix("torch.")
-                arr = np.frombuffer(raw(v), dtype=dtypes.numpy_dtype(name)).reshape(tuple(v.shape)) \
-                    if name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else \
-                    np.frombuffer(raw(v), dtype=f"u{v.element_size()}").reshape(tuple(v.shape))
+                arr = (
+                    np.frombuffer(raw(v), dtype=dtypes.numpy_dtype(name)).reshape(tuple(v.shape))
+                    if name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+                    else np.frombuffer(raw(v), dtype=f"u{v.element_size()}").reshape(tuple(v.shape))
+                )
                 f.create_dataset(k, data=arr)
                 if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
                     f[k].attrs["dtype"] = name
@@ -499,6 +589,7 @@ def load_any(path: Path) -> dict:
 
     out = {}
     with h5py.File(path, "r") as f:
+
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 a = np.asarray(obj[()])
@@ -506,6 +597,7 @@ def load_any(path: Path) -> dict:
                 t = torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8).copy())
                 tdt = getattr(torch, dt) if dt else getattr(torch, dtypes.from_numpy(a.dtype).name)
                 out[name] = t.view(tdt).reshape(a.shape) if a.size else torch.zeros(a.shape, dtype=tdt)
+
         f.visititems(visit)
         for alias, target in json.loads(f.attrs.get("ckptctl.aliases", "{}")).items():
             out[alias] = out[target]
@@ -513,8 +605,14 @@ def load_any(path: Path) -> dict:
 
 
 SOURCES = ["safetensors", "torch-zip", "legacy", "hdf5", "sharded", "dcp"]
-READER_OF = {"safetensors": "safetensors", "torch-zip": "torch-zip", "legacy": "torch-legacy", "hdf5": "hdf5",
-             "sharded": "sharded", "dcp": "dcp"}
+READER_OF = {
+    "safetensors": "safetensors",
+    "torch-zip": "torch-zip",
+    "legacy": "torch-legacy",
+    "hdf5": "hdf5",
+    "sharded": "sharded",
+    "dcp": "dcp",
+}
 TARGET_SUFFIXES = [".safetensors", ".pt", ".h5"]
 TIES = ("torch-zip", "legacy", "hdf5")  # sources that can hold tied weights
 
@@ -600,13 +698,27 @@ def test_cast_selection_and_shards_cli(tmp_path):
     src = tmp_path / "src.safetensors"
     save_file(ts, src, metadata={"format": "pt", "run": "r1"})
     out = tmp_path / "shards"
-    r = cli("convert", src, out, "--strip-prefix", "module.", "--exclude", "module.layers.4", "--dtype", "bf16",
-            "--max-shard-size", "5KB")
+    r = cli(
+        "convert",
+        src,
+        out,
+        "--strip-prefix",
+        "module.",
+        "--exclude",
+        "module.layers.4",
+        "--dtype",
+        "bf16",
+        "--max-shard-size",
+        "5KB",
+    )
     assert r.exit_code == 0, r.output
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                     "model.safetensors.index.json"]
+    assert files == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
     assert set(index["weight_map"]) == {"layers.0.w", "layers.1.w", "layers.2.w", "layers.3.w", "step", "mask"}
     merged = {}
     for fn in set(index["weight_map"].values()):
@@ -631,9 +743,17 @@ def test_training_checkpoint_default_key_all(tmp_path):
     from safetensors.torch import load_file
 
     sd = {"model.enc.weight": torch.randn(3, 3), "model.enc.bias": torch.randn(3)}
-    ckpt = {"epoch": 2, "global_step": 40, "state_dict": sd,
-            "optimizer_states": [{"state": {0: {"step": torch.tensor(40.0), "exp_avg": torch.randn(3, 3)}},
-                                  "param_groups": [{"lr": 0.1, "params": [0]}]}]}
+    ckpt = {
+        "epoch": 2,
+        "global_step": 40,
+        "state_dict": sd,
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(40.0), "exp_avg": torch.randn(3, 3)}},
+                "param_groups": [{"lr": 0.1, "params": [0]}],
+            }
+        ],
+    }
     src = tmp_path / "last.ckpt"
     torch.save(ckpt, src)
     out = tmp_path / "w.safetensors"
@@ -648,26 +768,33 @@ def test_training_checkpoint_default_key_all(tmp_path):
     r = cli("convert", src, tmp_path / "all.pt", "--all")
     assert r.exit_code == 0, r.output
     assert {"state_dict/model.enc.weight", "optimizer_states/0/state/0/exp_avg"} <= set(
-        torch.load(tmp_path / "all.pt", weights_only=True))
+        torch.load(tmp_path / "all.pt", weights_only=True)
+    )
 
 
 # ---- bad input: one line, exit code, nothing written --------------------------------------------
 @needs_reader("safetensors")
-@pytest.mark.parametrize("args,code,message", [
-    (["out.xyz"], 2, "unknown suffix '.xyz'"),
-    (["out"], 2, "no suffix"),
-    (["out.bin", "--to", "onnx"], 2, "unknown target 'onnx'"),
-    (["out.safetensors", "--include", "nomatch"], 1, "no tensor selected"),
-    (["out.safetensors", "--rename", ".+=same"], 1, "would both be named 'same'"),
-    (["out.safetensors", "--dtype", "int8"], 2, "cast targets"),
-    (["out.safetensors", "--key", "a", "--all"], 2, "--key and --all"),
-    (["out.safetensors", "--max-shard-size", "lots"], 2, "--max-shard-size 'lots'"),
-    (["out.safetensors", "--dtype", "fp61"], 2,
-     "use one of bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 "
-     "(or torch's names: float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, float8_e4m3fnuz, "
-     "float8_e5m2fnuz)"),
-    (["out.safetensors", "--rename", "broken(=x"], 2, "bad regex"),
-])
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["out.xyz"], 2, "unknown suffix '.xyz'"),
+        (["out"], 2, "no suffix"),
+        (["out.bin", "--to", "onnx"], 2, "unknown target 'onnx'"),
+        (["out.safetensors", "--include", "nomatch"], 1, "no tensor selected"),
+        (["out.safetensors", "--rename", ".+=same"], 1, "would both be named 'same'"),
+        (["out.safetensors", "--dtype", "int8"], 2, "cast targets"),
+        (["out.safetensors", "--key", "a", "--all"], 2, "--key and --all"),
+        (["out.safetensors", "--max-shard-size", "lots"], 2, "--max-shard-size 'lots'"),
+        (
+            ["out.safetensors", "--dtype", "fp61"],
+            2,
+            "use one of bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 "
+            "(or torch's names: float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, float8_e4m3fnuz, "
+            "float8_e5m2fnuz)",
+        ),
+        (["out.safetensors", "--rename", "broken(=x"], 2, "bad regex"),
+    ],
+)
 def test_bad_input(tmp_path, args, code, message):
     from safetensors.torch import save_file
 

@@ -24,7 +24,7 @@ META = {
 def header(path) -> tuple[bytes, dict]:
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    return raw[8:8 + n], json.loads(raw[8:8 + n])
+    return raw[8 : 8 + n], json.loads(raw[8 : 8 + n])
 
 
 @pytest.fixture
@@ -42,8 +42,11 @@ def test_default_redacts_absolute_paths(tmp_path, src):
     assert b"alice/" not in raw and b"/home" not in raw and b"/scratch" not in raw and b"C:\\\\Users" not in raw
     meta = doc["__metadata__"]
     assert meta["data"] == "<redacted>/train.jsonl"
-    assert json.loads(meta["config"]) == {"output_dir": "<redacted>/run7", "lr": 0.1,
-                                          "hub": "https://huggingface.co/a/b"}
+    assert json.loads(meta["config"]) == {
+        "output_dir": "<redacted>/run7",
+        "lr": 0.1,
+        "hub": "https://huggingface.co/a/b",
+    }
     assert meta["win"] == "<redacted>/model.ckpt" and meta["note"] == "trained by alice"
     assert "3 absolute local paths redacted" in r.stderr
 

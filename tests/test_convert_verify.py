@@ -28,8 +28,11 @@ def small_pieces(monkeypatch):
 
 def _pt(tmp_path: Path) -> tuple[Path, dict]:
     g = torch.Generator().manual_seed(1)
-    sd = {"a.weight": torch.randn(64, 100, generator=g), "b.weight": torch.randn(50, 100, generator=g),
-          "c.bias": torch.randn(100, generator=g)}
+    sd = {
+        "a.weight": torch.randn(64, 100, generator=g),
+        "b.weight": torch.randn(50, 100, generator=g),
+        "c.bias": torch.randn(100, generator=g),
+    }
     src = tmp_path / "src.pt"
     torch.save(sd, src)
     return src, sd
@@ -173,16 +176,37 @@ def test_cast_to_bf16_matches_torch_bit_for_bit(tmp_path):
 
     g = torch.Generator().manual_seed(3)
     bits = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), generator=g, dtype=torch.int64).to(torch.int32)
-    special = torch.tensor([0, -(2**31), 0x7F800000, -8388608, 0x7FC00000, 0x7F800001, -1, 0x7F7FFFFF,
-                            0x00000001, 0x00008000, 0x00018000, 0x3F808000, 0x3F818000, 0x7F7F8000,
-                            0x7F7F7FFF], dtype=torch.int64).to(torch.int32)
+    special = torch.tensor(
+        [
+            0,
+            -(2**31),
+            0x7F800000,
+            -8388608,
+            0x7FC00000,
+            0x7F800001,
+            -1,
+            0x7F7FFFFF,
+            0x00000001,
+            0x00008000,
+            0x00018000,
+            0x3F808000,
+            0x3F818000,
+            0x7F7F8000,
+            0x7F7F7FFF,
+        ],
+        dtype=torch.int64,
+    ).to(torch.int32)
     f32 = torch.cat([bits, special]).view(torch.float32)
     sd = {"f32": f32, "f64": f32.double() * 1.0000001, "f16": f32[torch.isfinite(f32)].clamp(-6e4, 6e4).half()}
     src = tmp_path / "src.pt"
     torch.save(sd, src)
     dst = tmp_path / "out.safetensors"
-    p = subprocess.run([sys.executable, "-m", "ckptctl", "-q", "convert", str(src), str(dst), "--dtype", "bf16"], check=False,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "ckptctl", "-q", "convert", str(src), str(dst), "--dtype", "bf16"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     out = load_file(str(dst))
     for k, v in sd.items():
@@ -199,9 +223,11 @@ def test_plain_conversion_with_verify_imports_no_numpy(tmp_path):
     no cast never imports numpy (~0.17 CPU s of a whole run)."""
     src, _sd = _pt(tmp_path)
     dst = tmp_path / "out.safetensors"
-    code = ("import sys, atexit; atexit.register(lambda: print('numpy' in sys.modules, file=sys.stderr)); "
-            "from ckptctl.cli.app import main; "
-            f"sys.argv = ['ckptctl', '-q', 'convert', {str(src)!r}, {str(dst)!r}]; main()")
+    code = (
+        "import sys, atexit; atexit.register(lambda: print('numpy' in sys.modules, file=sys.stderr)); "
+        "from ckptctl.cli.app import main; "
+        f"sys.argv = ['ckptctl', '-q', 'convert', {str(src)!r}, {str(dst)!r}]; main()"
+    )
     p = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stderr.strip().splitlines()[-1] == "False", p.stderr

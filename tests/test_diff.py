@@ -142,9 +142,11 @@ def test_multi_chunk_streaming_matches_reference(tmp_path, monkeypatch, threads)
     init = diff_values.Comparer.__init__
     monkeypatch.setattr(diff_values.Comparer, "__init__", lambda self, *a, **k: init(self, *a, threads=threads))
     rng = np.random.default_rng(3)
-    a = {"w": rng.standard_normal(10_000).astype(np.float32),
-         "h": rng.standard_normal(5_003).astype(ml_dtypes.bfloat16),
-         "c": (rng.standard_normal(777) + 1j * rng.standard_normal(777)).astype(np.complex64)}
+    a = {
+        "w": rng.standard_normal(10_000).astype(np.float32),
+        "h": rng.standard_normal(5_003).astype(ml_dtypes.bfloat16),
+        "c": (rng.standard_normal(777) + 1j * rng.standard_normal(777)).astype(np.complex64),
+    }
     b = {k: v.copy() for k, v in a.items()}
     b["w"][9_000:9_010] += np.float32(1.0)  # chunks 0..8 identical, then a difference
     b["w"][9_500] = np.nan
@@ -167,12 +169,22 @@ def test_multi_chunk_streaming_matches_reference(tmp_path, monkeypatch, threads)
 def test_far_apart_and_zeroed_tensors(tmp_path):
     """Statistics that need no cancellation-prone shortcut: b = -a, b = 0, b unrelated to a."""
     rng = np.random.default_rng(4)
-    a = {"neg": rng.standard_normal(1000).astype(np.float32), "zero": rng.standard_normal(50).astype(np.float32),
-         "other": rng.standard_normal(3000).astype(np.float32), "near": rng.standard_normal(3000).astype(np.float32)}
-    b = {"neg": -a["neg"], "zero": np.zeros(50, np.float32), "other": rng.standard_normal(3000).astype(np.float32),
-         "near": a["near"] + rng.standard_normal(3000).astype(np.float32) * np.float32(1e-4)}
-    by = {c["name"]: c for c in jdiff(save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b))[1]
-          ["changed"]}
+    a = {
+        "neg": rng.standard_normal(1000).astype(np.float32),
+        "zero": rng.standard_normal(50).astype(np.float32),
+        "other": rng.standard_normal(3000).astype(np.float32),
+        "near": rng.standard_normal(3000).astype(np.float32),
+    }
+    b = {
+        "neg": -a["neg"],
+        "zero": np.zeros(50, np.float32),
+        "other": rng.standard_normal(3000).astype(np.float32),
+        "near": a["near"] + rng.standard_normal(3000).astype(np.float32) * np.float32(1e-4),
+    }
+    by = {
+        c["name"]: c
+        for c in jdiff(save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b))[1]["changed"]
+    }
     assert by["neg"]["cosine"] == pytest.approx(-1.0, abs=1e-12) and by["neg"]["rel_l2"] == pytest.approx(2.0)
     assert by["zero"]["cosine"] == 0.0 and by["zero"]["rel_l2"] == pytest.approx(1.0, abs=1e-12)
     for name in ("other", "near"):
@@ -295,7 +307,8 @@ def test_sharded_folder_against_one_file(tmp_path):
         save(shard_dir / fname, {n: w[n] for n in part})
         weight_map.update({n: fname for n in part})
     (shard_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": sum(a.nbytes for a in w.values())}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": sum(a.nbytes for a in w.values())}, "weight_map": weight_map})
+    )
     r, doc = jdiff(shard_dir, single)
     assert r.exit_code == 0 and doc["format_a"] == "sharded" and doc["num_identical"] == 4
     changed = dict(w)
@@ -315,7 +328,8 @@ def test_pt_and_its_safetensors_conversion_compare_equal(tmp_path):
     torch.manual_seed(0)
     emb = torch.randn(10, 4)
     sd = {
-        "emb.weight": emb, "head.weight": emb,  # tied
+        "emb.weight": emb,
+        "head.weight": emb,  # tied
         "ln.weight": torch.randn(4).to(torch.bfloat16),
         "bn.num_batches_tracked": torch.tensor(7),
         "mask": torch.tensor([True, False]),
@@ -405,9 +419,11 @@ def test_diff_of_safetensors_never_imports_torch(pair):
     import sys
 
     pa, pb, _a, _b = pair
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom ckptctl.cli.app import app\n"
-            f"r = CliRunner().invoke(app, ['diff', {str(pa)!r}, {str(pb)!r}])\n"
-            "assert r.exit_code == 1, r.output\nprint('torch' in sys.modules)")
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom ckptctl.cli.app import app\n"
+        f"r = CliRunner().invoke(app, ['diff', {str(pa)!r}, {str(pb)!r}])\n"
+        "assert r.exit_code == 1, r.output\nprint('torch' in sys.modules)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "False"
@@ -422,13 +438,21 @@ def test_help_and_json_help_work():
 def make_run(folder, steps, seed=0, nan_at=None, tweak=None):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    w = {"a.weight": rng.standard_normal((16, 8)).astype(np.float32),
-         "a.bias": rng.standard_normal(8).astype(np.float32),
-         "count": np.array(0, np.int64)}
+    w = {
+        "a.weight": rng.standard_normal((16, 8)).astype(np.float32),
+        "a.bias": rng.standard_normal(8).astype(np.float32),
+        "count": np.array(0, np.int64),
+    }
     states = {}
     for s in steps:
-        w = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * np.float32(0.01 * s / 100)
-                 if v.dtype == np.float32 else np.asarray(v + 1)) for k, v in w.items()}
+        w = {
+            k: (
+                v + rng.standard_normal(v.shape).astype(np.float32) * np.float32(0.01 * s / 100)
+                if v.dtype == np.float32
+                else np.asarray(v + 1)
+            )
+            for k, v in w.items()
+        }
         if nan_at is not None and s >= nan_at:
             w["a.bias"] = w["a.bias"].copy()
             w["a.bias"][2] = np.nan
@@ -441,8 +465,12 @@ def make_run(folder, steps, seed=0, nan_at=None, tweak=None):
 
 def test_two_runs_align_by_step(tmp_path):
     make_run(tmp_path / "ra", [100, 200, 300, 400], seed=1)
-    make_run(tmp_path / "rb", [100, 200, 300, 400], seed=1,
-             tweak={300: lambda w: {**w, "a.bias": w["a.bias"] * np.float32(2)}})
+    make_run(
+        tmp_path / "rb",
+        [100, 200, 300, 400],
+        seed=1,
+        tweak={300: lambda w: {**w, "a.bias": w["a.bias"] * np.float32(2)}},
+    )
     (tmp_path / "rb" / "step_400.safetensors").unlink()
     save(tmp_path / "rb" / "step_500.safetensors", {"a.weight": np.zeros((16, 8), np.float32)})
     r = cli("diff", tmp_path / "ra", tmp_path / "rb", "-f", "json")
@@ -529,8 +557,11 @@ def test_lockstep_reads_stay_bounded(tmp_path, monkeypatch):
 # first byte flipped. Files torch will not load with weights_only (their pickles need lightning,
 # argparse, numpy-scalar or TorchVersion globals) and files without tensors have no second file: listed with why.
 REAL_DIFF = {
-    **{k: "safetensors" for k in real_manifest() if k.startswith(("safetensors/", "safetensors_sharded/"))
-       and k.endswith(".safetensors")},
+    **{
+        k: "safetensors"
+        for k in real_manifest()
+        if k.startswith(("safetensors/", "safetensors_sharded/")) and k.endswith(".safetensors")
+    },
     "torch_zip/caikit_tiny_bert_pytorch_model.bin": "torch",
     "torch_zip/caikit_tiny_t5_pytorch_model.bin": "torch",
     "torch_zip/candle_test.pt": "torch",
@@ -586,8 +617,11 @@ def _write_second_file(path, how: str, dst, change: bool):
         if isinstance(obj, torch.Tensor):  # a bare tensor saved on its own
             obj = {"__bare__": obj}
         holder = obj
-        while not isinstance(holder, torch.Tensor) and isinstance(holder, dict) and not any(
-                isinstance(v, torch.Tensor) and v.numel() for v in holder.values()):
+        while (
+            not isinstance(holder, torch.Tensor)
+            and isinstance(holder, dict)
+            and not any(isinstance(v, torch.Tensor) and v.numel() for v in holder.values())
+        ):
             holder = next(v for v in holder.values() if isinstance(v, dict))  # nested state dicts
         pair = None
         if change:
@@ -722,13 +756,13 @@ def test_item_workers_across_many_tensors_keep_each_tensors_verdict_and_toleranc
     a["to_bf16"], b["to_bf16"] = base, base.astype(ml_dtypes.bfloat16)
     a["to_f16"] = base
     f16 = base.astype(np.float16)
-    f16[1234] = np.float16(base[1234] * (1 + 2.0 ** -8))  # within bf16's tolerance, not float16's
+    f16[1234] = np.float16(base[1234] * (1 + 2.0**-8))  # within bf16's tolerance, not float16's
     b["to_f16"] = f16
     pa, pb = save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b)
     res = ops.diff_checkpoints(pa, pb, ignore_dtype=True)
     by = {d.name: d for d in res.changed}
     assert "to_bf16" not in by and [d.name for d in res.dtype_only] == ["to_bf16"]
-    assert by["to_f16"].num_diff == 1 and by["to_f16"].rtol == 2.0 ** -10
+    assert by["to_f16"].num_diff == 1 and by["to_f16"].rtol == 2.0**-10
     for i in range(12):
         n = f"t{i:02d}"
         if i % 3 != 1:

@@ -18,8 +18,10 @@ torch = pytest.importorskip("torch")
 from ckptctl.ops import diff as ops  # noqa: E402
 from ckptctl.ops.diff_along import along_run  # noqa: E402
 
-CALLBACK = ("ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
-            "'every_n_epochs': 1, 'train_time_interval': None}")
+CALLBACK = (
+    "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
+    "'every_n_epochs': 1, 'train_time_interval': None}"
+)
 
 
 def weights(seed: int, n: int = 3, scale: float = 1.0) -> dict:
@@ -33,15 +35,29 @@ def weights(seed: int, n: int = 3, scale: float = 1.0) -> dict:
 
 def lightning_dict(sd: dict, step: int, opt_fill: float = 0.0, score: float = 0.5) -> dict:
     """What Lightning's ModelCheckpoint saves: state_dict + optimizer_states + callbacks + loops."""
-    state = {i: {"step": torch.tensor(float(step)), "exp_avg": torch.full_like(t, opt_fill),
-                 "exp_avg_sq": torch.full_like(t, abs(opt_fill))} for i, t in enumerate(sd.values())}
+    state = {
+        i: {
+            "step": torch.tensor(float(step)),
+            "exp_avg": torch.full_like(t, opt_fill),
+            "exp_avg_sq": torch.full_like(t, abs(opt_fill)),
+        }
+        for i, t in enumerate(sd.values())
+    }
     return {
-        "epoch": step // 100, "global_step": step, "pytorch-lightning_version": "2.4.0",
+        "epoch": step // 100,
+        "global_step": step,
+        "pytorch-lightning_version": "2.4.0",
         "state_dict": {f"model.{k}": v for k, v in sd.items()},
         "loops": {"fit_loop": {"state_dict": {}}},
-        "callbacks": {CALLBACK: {"monitor": "val_loss", "best_model_score": torch.tensor(score),
-                                 "current_score": torch.tensor(score), "kth_value": torch.tensor(float("inf")),
-                                 "best_model_path": f"/home/someone/run/epoch={step // 100}.ckpt"}},
+        "callbacks": {
+            CALLBACK: {
+                "monitor": "val_loss",
+                "best_model_score": torch.tensor(score),
+                "current_score": torch.tensor(score),
+                "kth_value": torch.tensor(float("inf")),
+                "best_model_path": f"/home/someone/run/epoch={step // 100}.ckpt",
+            }
+        },
         "optimizer_states": [{"state": state, "param_groups": [{"lr": 1e-3, "params": list(range(len(sd)))}]}],
         "lr_schedulers": [{"last_epoch": step // 100}],
     }
@@ -89,8 +105,10 @@ def test_two_ckpts_compare_model_weights_by_default(ckpts):
     assert not any(ln.startswith(("optimizer", "callbacks", "state_dict/")) for ln in p.stdout.splitlines())
     assert p.stdout.splitlines()[-1].startswith("equal (bit-exact): 6 tensors")
     note = [ln for ln in p.stderr.splitlines() if "model weights only" in ln]
-    assert note == [f"comparing model weights only (state_dict/; {others} optimizer/other tensors left out of each; "
-                    "--all to include)"]
+    assert note == [
+        f"comparing model weights only (state_dict/; {others} optimizer/other tensors left out of each; "
+        "--all to include)"
+    ]
     doc = json.loads(run("diff", a, c, "-f", "json").stdout)
     assert [d["name"] for d in doc["changed"]] == ["model.layers.1.bias"]
     assert doc["num_identical"] == 5 and doc["selection"]["a"]["left_out"] == others
@@ -116,8 +134,9 @@ def test_all_compares_optimizer_state_and_callbacks(ckpts):
     # --key: one part, on each side
     doc = json.loads(cli("diff", a, b, "--key", "optimizer_states/0", "-f", "json").stdout)
     assert doc["num_changed"] == 18 and doc["key_a"] == doc["key_b"] == "optimizer_states/0"
-    assert {d["name"] for d in doc["changed"]} == {f"state/{i}/{k}" for i in range(6)
-                                                   for k in ("step", "exp_avg", "exp_avg_sq")}
+    assert {d["name"] for d in doc["changed"]} == {
+        f"state/{i}/{k}" for i in range(6) for k in ("step", "exp_avg", "exp_avg_sq")
+    }
     p = run("diff", a, b, "--key", "state_dict", "--all")
     assert p.returncode == 2 and "--key and --all" in p.stderr
 
@@ -293,8 +312,10 @@ def test_dtype_change_says_so_and_ignore_dtype_compares_values(cast_pair):
     pt, fp16 = d / "model.pt", d / "model-fp16.safetensors"
     p = run("diff", pt, fp16, "--atol", "1e-3")
     assert p.returncode == 1
-    assert ("29 tensors changed dtype only (float32 -> float16 ×28, int64 -> int32 ×1), values equal "
-            "(atol=0.001, rtol=0): --ignore-dtype counts them as equal") in p.stdout
+    assert (
+        "29 tensors changed dtype only (float32 -> float16 ×28, int64 -> int32 ×1), values equal "
+        "(atol=0.001, rtol=0): --ignore-dtype counts them as equal"
+    ) in p.stdout
     assert p.stdout.splitlines()[-1] == "different (atol=0.001, rtol=0): 29 changed (29 in dtype only), 0 identical"
     p = run("diff", pt, fp16, "--atol", "1e-3", "--ignore-dtype")
     assert p.returncode == 0, p.stdout
@@ -330,8 +351,9 @@ def test_ignore_dtype_still_finds_real_changes(cast_pair):
     assert c["num_diff"] == int(np.count_nonzero(np.abs(x - y) > tiny + eps * np.abs(y))) > 0
     p = run("diff", d / "model.pt", d / "bad.safetensors", "--ignore-dtype")
     assert p.returncode == 1
-    assert p.stdout.splitlines()[-1] == ("different (same dtype bit-exact, across dtypes within the cast's rounding): "
-                                         "2 changed, 27 identical")
+    assert p.stdout.splitlines()[-1] == (
+        "different (same dtype bit-exact, across dtypes within the cast's rounding): 2 changed, 27 identical"
+    )
     # bf16: a coarser cast, a wider default tolerance
     import ml_dtypes  # noqa: F401
 
@@ -339,7 +361,7 @@ def test_ignore_dtype_still_finds_real_changes(cast_pair):
     save_file(bf, str(d / "bf16.safetensors"))
     assert run("diff", d / "model.pt", d / "bf16.safetensors", "--ignore-dtype").returncode == 0
     assert run("diff", d / "model-fp16.safetensors", d / "bf16.safetensors", "--ignore-dtype").returncode == 0
-    assert ops.cast_tolerance("float32", "bfloat16") == (float(np.finfo(ml_dtypes.bfloat16).tiny), 2.0 ** -7)
+    assert ops.cast_tolerance("float32", "bfloat16") == (float(np.finfo(ml_dtypes.bfloat16).tiny), 2.0**-7)
 
 
 def test_rtol_never_makes_a_finite_value_close_to_inf(tmp_path):
@@ -347,7 +369,10 @@ def test_rtol_never_makes_a_finite_value_close_to_inf(tmp_path):
     from safetensors.numpy import save_file
 
     a = {"w": np.array([1.0, 2.0, 3.0, np.inf, np.nan], np.float32), "c": np.array([1 + 1j, 2], np.complex64)}
-    b = {"w": np.array([1.0, np.inf, -np.inf, np.inf, np.nan], np.float32), "c": np.array([np.inf + 0j, 2], np.complex64)}
+    b = {
+        "w": np.array([1.0, np.inf, -np.inf, np.inf, np.nan], np.float32),
+        "c": np.array([np.inf + 0j, 2], np.complex64),
+    }
     save_file(a, str(tmp_path / "a.safetensors"))
     save_file(b, str(tmp_path / "b.safetensors"))
     r = cli("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--rtol", "1e-3", "-f", "json")
@@ -373,14 +398,17 @@ def test_a_tensor_gone_all_nan_has_nan_statistics_not_zero(tmp_path):
     assert p.returncode == 1 and row[1:5] == ["values", "nan", "nan", "nan"]
 
 
-@pytest.mark.skipif(not hasattr(__import__("ckptctl.ops.select", fromlist=["x"]), "default_part"),
-                    reason="the shared rule for {'model':..., 'optimizer':...} dicts (select.default_part) "
-                           "is not in this tree yet")
+@pytest.mark.skipif(
+    not hasattr(__import__("ckptctl.ops.select", fromlist=["x"]), "default_part"),
+    reason="the shared rule for {'model':..., 'optimizer':...} dicts (select.default_part) is not in this tree yet",
+)
 def test_plain_model_and_optimizer_dict_compares_the_model(tmp_path):
     sd = weights(5)
     for name, step, fill in (("a.pt", 1, 0.1), ("b.pt", 2, 0.2)):
-        opt = {"state": {i: {"exp_avg": torch.full_like(t, fill)} for i, t in enumerate(sd.values())},
-               "param_groups": [{"lr": 0.1, "params": list(range(len(sd)))}]}
+        opt = {
+            "state": {i: {"exp_avg": torch.full_like(t, fill)} for i, t in enumerate(sd.values())},
+            "param_groups": [{"lr": 0.1, "params": list(range(len(sd)))}],
+        }
         torch.save({"model": sd, "optimizer": opt, "epoch": step}, tmp_path / name)
     p = run("diff", tmp_path / "a.pt", tmp_path / "b.pt")
     assert p.returncode == 0, p.stdout + p.stderr

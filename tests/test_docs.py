@@ -26,16 +26,27 @@ from ckptctl.cli import complete, docs
 
 TREE = docs.command_tree()
 COMMANDS = [c.name for c in TREE.commands]
-SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "GLOBAL OPTIONS", "COMMANDS", "EXIT STATUS", "ENVIRONMENT",
-            "SHELL COMPLETION", "EXAMPLES", "SEE ALSO"]
+SECTIONS = [
+    "NAME",
+    "SYNOPSIS",
+    "DESCRIPTION",
+    "GLOBAL OPTIONS",
+    "COMMANDS",
+    "EXIT STATUS",
+    "ENVIRONMENT",
+    "SHELL COMPLETION",
+    "EXAMPLES",
+    "SEE ALSO",
+]
 REGEN = "stale: run `python -m ckptctl.cli.docs` and commit the result"
 
 
 def py(*args, env=None, cwd=None, timeout=180) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if k not in ("CKPTCTL_DEBUG", "FORCE_COLOR", "GITHUB_ACTIONS")}
     e.update(env or {})
-    return subprocess.run([sys.executable, *map(os.fspath, args)], capture_output=True, text=True, env=e,
-                          cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(os.fspath, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +126,12 @@ def render(text: str, tmp_path: Path) -> str:
         pytest.skip("groff is not installed")
     f = tmp_path / "page.1"
     f.write_text(text, encoding="utf-8")
-    p = subprocess.run(["groff", "-man", "-Tutf8", "-P-cbou", str(f)], capture_output=True, text=True,
-                       env={**os.environ, "LC_ALL": "C.UTF-8"})
+    p = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-P-cbou", str(f)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    )
     return p.stdout
 
 
@@ -125,7 +140,7 @@ def test_man_page_renders_cleanly_and_is_complete(tmp_path, generated):
     assert groff_warnings(man, tmp_path) == ""
     assert all(ord(ch) < 128 for ch in man)  # non-ASCII goes through \[uXXXX]
     for s in SECTIONS:
-        assert f'.SH {s}\n' in man or f'.SH "{s}"\n' in man, s
+        assert f".SH {s}\n" in man or f'.SH "{s}"\n' in man, s
     out = render(man, tmp_path)
     for c in TREE.commands:
         assert f"ckptctl {c.name}" in out
@@ -161,8 +176,8 @@ def toy_app() -> typer.Typer:
         "paint",
         help="Paint a [bold]checkpoint[/] — fast.\n\n.dotfiles are fine; so is \\backslash and `--colour`.",
         epilog="[bold]Examples[/]\n\n  ckptctl paint a.pt --colour green    # the green one\n"
-               "  ckptctl paint 'x  # y.pt'\n\n"
-               "Keep the old one:\n\n  ckptctl paint a.pt -n 3\n\nA closing note.",
+        "  ckptctl paint 'x  # y.pt'\n\n"
+        "Keep the old one:\n\n  ckptctl paint a.pt -n 3\n\nA closing note.",
     )
     def paint(
         src: Annotated[Path, typer.Argument(help="The [italic]source[/].")],
@@ -196,7 +211,10 @@ def test_generator_on_a_toy_app(tmp_path):
     assert by["dry"].default == "--dry-run"
     notes, examples = docs.split_epilog(paint.epilog)
     assert [e.command for e in examples] == [
-        "ckptctl paint a.pt --colour green", "ckptctl paint 'x  # y.pt'", "ckptctl paint a.pt -n 3"]
+        "ckptctl paint a.pt --colour green",
+        "ckptctl paint 'x  # y.pt'",
+        "ckptctl paint a.pt -n 3",
+    ]
     assert [e.description for e in examples] == ["the green one", "", "Keep the old one:"]
     assert [docs.plain(n) for n in notes] == ["A closing note."]
 
@@ -214,8 +232,10 @@ def test_generator_on_a_toy_app(tmp_path):
     md = docs.render_markdown(tree, "9.9")
     assert "**checkpoint**" in md and "*source*" in md and "[bold]" not in md
     assert "| `-c`, `--colour` `red\\|green` | Which colour. Default: `red`. |" in md
-    assert ("```sh\n# the green one\nckptctl paint a.pt --colour green\nckptctl paint 'x  # y.pt'\n"
-            "# Keep the old one:\nckptctl paint a.pt -n 3\n```") in md
+    assert (
+        "```sh\n# the green one\nckptctl paint a.pt --colour green\nckptctl paint 'x  # y.pt'\n"
+        "# Keep the old one:\nckptctl paint a.pt -n 3\n```"
+    ) in md
 
 
 def test_markup_helpers():
@@ -268,8 +288,9 @@ def bash_complete(shim: Path, words: list[str], cwd: Path) -> list[str]:
     """)
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
     env.pop("CKPTCTL_DEBUG", None)
-    p = subprocess.run(["bash", "--norc", "--noprofile", "-c", prog], capture_output=True, text=True, env=env,
-                       cwd=cwd, timeout=120)
+    p = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", prog], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     return [line for line in p.stdout.splitlines() if line]
 
@@ -279,12 +300,15 @@ def model(tmp_path) -> Path:
     from safetensors.numpy import save_file
 
     path = tmp_path / "m.safetensors"
-    save_file({
-        "encoder.layer.0.weight": np.zeros(2, np.float32),
-        "encoder.layer.1.weight": np.zeros(2, np.float32),
-        "decoder.weight": np.zeros(2, np.float32),
-        "bad\x1bname": np.zeros(1, np.int8),
-    }, str(path))
+    save_file(
+        {
+            "encoder.layer.0.weight": np.zeros(2, np.float32),
+            "encoder.layer.1.weight": np.zeros(2, np.float32),
+            "decoder.weight": np.zeros(2, np.float32),
+            "bad\x1bname": np.zeros(1, np.int8),
+        },
+        str(path),
+    )
     return path
 
 
@@ -298,21 +322,30 @@ def test_bash_script_completes_commands_and_tensor_names(shim, model, tmp_path):
 
 
 def test_completion_protocol_in_a_subprocess(model):
-    env = {"_CKPTCTL_COMPLETE": "complete_bash", "COMP_WORDS": f"ckptctl inspect {model} --filter dec",
-           "COMP_CWORD": "4"}
+    env = {
+        "_CKPTCTL_COMPLETE": "complete_bash",
+        "COMP_WORDS": f"ckptctl inspect {model} --filter dec",
+        "COMP_CWORD": "4",
+    }
     p = py("-m", "ckptctl", env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["decoder.weight"]
     env = {"_CKPTCTL_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": f"ckptctl inspect {model} --filter "}
     p = py("-m", "ckptctl", env=env)
     assert p.returncode == 0 and "encoder.layer.0.weight" in p.stdout and "bad" not in p.stdout
-    env = {"_CKPTCTL_COMPLETE": "complete_fish", "_TYPER_COMPLETE_FISH_ACTION": "get-args",
-           "_TYPER_COMPLETE_ARGS": f"ckptctl inspect {model} --filter encoder.layer.1"}
+    env = {
+        "_CKPTCTL_COMPLETE": "complete_fish",
+        "_TYPER_COMPLETE_FISH_ACTION": "get-args",
+        "_TYPER_COMPLETE_ARGS": f"ckptctl inspect {model} --filter encoder.layer.1",
+    }
     p = py("-m", "ckptctl", env=env)
     assert p.returncode == 0 and p.stdout.split() == ["encoder.layer.1.weight"]
     # a missing file on the line: no completions, no error output
-    env = {"_CKPTCTL_COMPLETE": "complete_bash", "COMP_WORDS": "ckptctl inspect /nonexistent.pt --filter x",
-           "COMP_CWORD": "4"}
+    env = {
+        "_CKPTCTL_COMPLETE": "complete_bash",
+        "COMP_WORDS": "ckptctl inspect /nonexistent.pt --filter x",
+        "COMP_CWORD": "4",
+    }
     p = py("-m", "ckptctl", env=env)
     assert p.returncode == 0 and p.stdout.strip() == "" and p.stderr == ""
 
@@ -327,8 +360,14 @@ def test_install_completion_still_works(tmp_path):
     cmd = shlex.join([sys.executable, "-m", "ckptctl", "--install-completion"]) + "; exit $?"
     e = {k: v for k, v in os.environ.items() if k not in ("CKPTCTL_DEBUG", "FORCE_COLOR", "GITHUB_ACTIONS")}
     e.update(HOME=str(tmp_path), SHELL="/bin/bash")
-    p = subprocess.run(["bash", "--norc", "--noprofile", "-c", cmd], capture_output=True, text=True, env=e,
-                       stdin=subprocess.DEVNULL, timeout=180)
+    p = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", cmd],
+        capture_output=True,
+        text=True,
+        env=e,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+    )
     assert p.returncode == 0, p.stderr
     installed = list(tmp_path.rglob("ckptctl*"))
     assert installed, p.stdout
@@ -344,7 +383,10 @@ def ctx(**params) -> SimpleNamespace:
 def test_tensor_completer_direct(model, tmp_path):
     assert complete.complete_tensor_names(ctx(path=model), [], "encoder.layer.1") == ["encoder.layer.1.weight"]
     assert complete.complete_tensor_names(ctx(path=model), [], "") == [
-        "decoder.weight", "encoder.layer.0.weight", "encoder.layer.1.weight"]  # no control characters
+        "decoder.weight",
+        "encoder.layer.0.weight",
+        "encoder.layer.1.weight",
+    ]  # no control characters
     # from the raw words when the parameter was not parsed yet; paths given as str
     assert complete.complete_tensor_names(ctx(), ["inspect", str(model)], "dec") == ["decoder.weight"]
     # two checkpoints (diff A B): the union, first seen first
@@ -355,11 +397,18 @@ def test_tensor_completer_direct(model, tmp_path):
     got = complete.complete_tensor_names(ctx(a=model, b=other), [], "")
     assert got[-1] == "head.bias" and got.count("decoder.weight") == 1
     # --key paths
-    save_file({"state_dict/enc.w": np.zeros(1), "optimizer_states/0/state/1/exp_avg": np.zeros(1)},
-              str(tmp_path / "k.safetensors"))
+    save_file(
+        {"state_dict/enc.w": np.zeros(1), "optimizer_states/0/state/1/exp_avg": np.zeros(1)},
+        str(tmp_path / "k.safetensors"),
+    )
     keys = complete.complete_key_paths(ctx(path=tmp_path / "k.safetensors"), [], "")
-    assert sorted(keys) == ["optimizer_states", "optimizer_states/0", "optimizer_states/0/state",
-                            "optimizer_states/0/state/1", "state_dict"]
+    assert sorted(keys) == [
+        "optimizer_states",
+        "optimizer_states/0",
+        "optimizer_states/0/state",
+        "optimizer_states/0/state/1",
+        "state_dict",
+    ]
     assert complete.complete_key_paths(ctx(path=tmp_path / "k.safetensors"), [], "st") == ["state_dict"]
     # --strip-prefix: the next prefix level
     assert complete.complete_name_prefixes(ctx(path=model), [], "") == ["decoder.", "encoder."]
@@ -374,11 +423,26 @@ def test_completers_never_crash(tmp_path):
     empty.write_bytes(b"")
     folder = tmp_path / "run"
     folder.mkdir()
-    cases = [ctx(path=junk), ctx(path=empty), ctx(path=folder), ctx(path=tmp_path / "nope"), ctx(path=None),
-             ctx(path=123), ctx(path=True), ctx(paths=[junk, None]), None, SimpleNamespace()]
+    cases = [
+        ctx(path=junk),
+        ctx(path=empty),
+        ctx(path=folder),
+        ctx(path=tmp_path / "nope"),
+        ctx(path=None),
+        ctx(path=123),
+        ctx(path=True),
+        ctx(paths=[junk, None]),
+        None,
+        SimpleNamespace(),
+    ]
     for c in cases:
-        for fn in (complete.complete_tensor_names, complete.complete_key_paths, complete.complete_metric_names,
-                   complete.complete_name_prefixes, complete.metric_completer("step")):
+        for fn in (
+            complete.complete_tensor_names,
+            complete.complete_key_paths,
+            complete.complete_metric_names,
+            complete.complete_name_prefixes,
+            complete.metric_completer("step"),
+        ):
             got = fn(c, ["--weird", str(junk)], "")
             assert isinstance(got, list)
     assert complete.metric_completer("step", "size")(None, [], "s") == ["step", "size"]
@@ -396,9 +460,13 @@ def test_narrow_offers_the_next_level_when_there_are_many():
 
 
 def test_metric_completer_duck_types_ops_runs(monkeypatch, tmp_path):
-    fake = SimpleNamespace(discover=lambda d: [SimpleNamespace(metrics={"eval_loss": 0.1}),
-                                               {"metrics": {"eval_acc": 0.9, "bad\nname": 1}},
-                                               SimpleNamespace(metrics=None)])
+    fake = SimpleNamespace(
+        discover=lambda d: [
+            SimpleNamespace(metrics={"eval_loss": 0.1}),
+            {"metrics": {"eval_acc": 0.9, "bad\nname": 1}},
+            SimpleNamespace(metrics=None),
+        ]
+    )
     monkeypatch.setitem(sys.modules, "ckptctl.ops.runs", fake)
     run = tmp_path / "run"
     run.mkdir()
@@ -406,7 +474,12 @@ def test_metric_completer_duck_types_ops_runs(monkeypatch, tmp_path):
     assert complete.complete_metric_names(c, [], "") == ["eval_acc", "eval_loss"]
     assert complete.complete_metric_names(c, [], "eval_l") == ["eval_loss"]
     assert complete.metric_completer("step", "mtime", "size")(c, [], "") == [
-        "step", "mtime", "size", "eval_acc", "eval_loss"]
+        "step",
+        "mtime",
+        "size",
+        "eval_acc",
+        "eval_loss",
+    ]
     monkeypatch.setitem(sys.modules, "ckptctl.ops.runs", SimpleNamespace())  # no discover: nothing
     assert complete.complete_metric_names(c, [], "") == []
 
@@ -422,9 +495,12 @@ def test_metric_completer_on_an_hf_trainer_run(tmp_path):
         d = run / f"checkpoint-{step}"
         d.mkdir(parents=True)
         save_file({"w": np.zeros(2, np.float32)}, str(d / "model.safetensors"))
-        state = {"global_step": step, "best_metric": loss, "best_model_checkpoint": str(d),
-                 "log_history": [{"step": s, "eval_loss": x, "epoch": 1.0} for s, x in ((10, 0.9), (20, 0.5))
-                                 if s <= step]}
+        state = {
+            "global_step": step,
+            "best_metric": loss,
+            "best_model_checkpoint": str(d),
+            "log_history": [{"step": s, "eval_loss": x, "epoch": 1.0} for s, x in ((10, 0.9), (20, 0.5)) if s <= step],
+        }
         (d / "trainer_state.json").write_text(json.dumps(state))
     c = SimpleNamespace(params={"run_dir": run}, args=[], command_path="ckptctl prune")
     assert "eval_loss" in complete.complete_metric_names(c, [], "eval")

@@ -68,9 +68,12 @@ class Paused:
     """`python -m ckptctl ARGS` stopped at `stage`; then .kill() or .resume()."""
 
     def __init__(self, args, stage: str):
-        self.p = subprocess.Popen([sys.executable, "-m", "ckptctl", *map(os.fspath, args)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  env=env_with(CKPTCTL_TEST_PAUSE_AT=stage))
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "ckptctl", *map(os.fspath, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env_with(CKPTCTL_TEST_PAUSE_AT=stage),
+        )
         _STARTED.append(self.p)
         self.err = b""
         deadline = time.monotonic() + TIMEOUT
@@ -97,8 +100,7 @@ class Paused:
     def resume(self) -> subprocess.CompletedProcess:
         self.p.send_signal(signal.SIGCONT)
         out, err = self.p.communicate(timeout=TIMEOUT)
-        return subprocess.CompletedProcess(self.p.args, self.p.returncode, out.decode(),
-                                           (self.err + err).decode())
+        return subprocess.CompletedProcess(self.p.args, self.p.returncode, out.decode(), (self.err + err).decode())
 
 
 def _state(pid: int) -> str:
@@ -184,8 +186,12 @@ def test_convert_killed_after_a_delay(tmp_path, delay):
     sd = source_pt(src, n=8)
     before = sha(src)
     dst = tmp_path / "out.safetensors"
-    p = subprocess.Popen([sys.executable, "-m", "ckptctl", "convert", src, dst],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_with())
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckptctl", "convert", src, dst],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env_with(),
+    )
     _STARTED.append(p)
     time.sleep(delay)
     p.kill()
@@ -212,8 +218,7 @@ def _st_inputs(tmp_path: Path, n: int = 3):
     arrays = []
     paths = []
     for i in range(n):
-        a = {"w": rng.standard_normal(1 << 16).astype(np.float32),
-             "b": rng.standard_normal(64).astype(np.float32)}
+        a = {"w": rng.standard_normal(1 << 16).astype(np.float32), "b": rng.standard_normal(64).astype(np.float32)}
         p = tmp_path / f"in{i}.safetensors"
         save_file(a, p)
         arrays.append(a)
@@ -255,13 +260,19 @@ def test_cleanup_spares_a_live_writer_and_foreign_names(tmp_path):
     dst = out / "avg.safetensors"
     live = Paused(["average", *paths, "-o", dst], "tensor-written")  # older than the next process
     try:
-        foreign = [out / ".avg.safetensors.ckptctl-tmp-mine", out / "avg.safetensors.ckptctl-tmp-abcdefgh",
-                   out / ".other.safetensors.ckptctl-tmp-abcdefgh"]
+        foreign = [
+            out / ".avg.safetensors.ckptctl-tmp-mine",
+            out / "avg.safetensors.ckptctl-tmp-abcdefgh",
+            out / ".other.safetensors.ckptctl-tmp-abcdefgh",
+        ]
         for f in foreign:
             f.write_bytes(b"not ours")
             os.utime(f, (1, 1))
-        live_tmp = [out / n for n in leftovers(out)
-                    if n.startswith(f".avg.safetensors{TMP_TAG}") and n not in {f.name for f in foreign}]
+        live_tmp = [
+            out / n
+            for n in leftovers(out)
+            if n.startswith(f".avg.safetensors{TMP_TAG}") and n not in {f.name for f in foreign}
+        ]
         assert len(live_tmp) == 1
         time.sleep(0.05)
         p = run("average", *paths, "-o", out / "second.safetensors", timeout=TIMEOUT)
@@ -301,8 +312,11 @@ def test_prune_killed_between_checkpoints(tmp_path):
     before = tree_sha(root)
     trash = tmp_path / "trash"
     Paused(["prune", root, "--keep-last", "1", "--trash", trash, "--yes"], "pruned-one").kill()
-    assert sorted(os.listdir(root)) == ["model_00000200.safetensors", "model_00000300.safetensors",
-                                        "model_00000400.safetensors"]
+    assert sorted(os.listdir(root)) == [
+        "model_00000200.safetensors",
+        "model_00000300.safetensors",
+        "model_00000400.safetensors",
+    ]
     assert tree_sha(trash / "run") == {"model_00000100.safetensors": before["model_00000100.safetensors"]}
     p = run("prune", root, "--keep-last", "1", "--trash", trash, "--yes", timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr
@@ -318,8 +332,9 @@ def tmpfs(tmp_path):
         pytest.skip("mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", os.fspath(mnt)],
-                       capture_output=True, text=True, timeout=30)
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", os.fspath(mnt)], capture_output=True, text=True, timeout=30
+    )
     if p.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
     try:
@@ -334,8 +349,12 @@ def other_fs(tmp_path):
     if os.geteuid() == 0:
         mnt = tmp_path / "otherfs"
         mnt.mkdir()
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", os.fspath(mnt)],
-                           capture_output=True, text=True, timeout=30)
+        p = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", os.fspath(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if p.returncode == 0:
             try:
                 yield mnt
@@ -356,8 +375,9 @@ def other_fs(tmp_path):
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("dst_name,extra", [("out.safetensors", []), ("out.pt", []),
-                                            ("shards", ["--max-shard-size", "1MB"])])
+@pytest.mark.parametrize(
+    "dst_name,extra", [("out.safetensors", []), ("out.pt", []), ("shards", ["--max-shard-size", "1MB"])]
+)
 def test_full_disk(tmp_path, tmpfs, dst_name, extra):
     src = tmp_path / "src.pt"
     source_pt(src, n=3, numel=1 << 18)  # 3 MiB of floats: does not fit in 2 MiB
@@ -434,8 +454,10 @@ def test_two_prunes_started_together(tmp_path):
     age_tree(root, 3600)
     keep = sha(root / "model_00002000.safetensors")
     cmd = [sys.executable, "-m", "ckptctl", "prune", os.fspath(root), "--keep-last", "1", "--yes"]
-    ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with())
-          for _ in range(2)]
+    ps = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with())
+        for _ in range(2)
+    ]
     _STARTED.extend(ps)
     results = [(p.wait(timeout=TIMEOUT), p.communicate()[1]) for p in ps]
     for rc, err in results:
@@ -495,8 +517,12 @@ def test_prune_racing_a_writer(tmp_path):
     assert p.returncode == 1, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model_00000200.safetensors changed since the plan was made" in errors[0], p.stderr
-    assert sorted(os.listdir(root)) == ["model_00000200.safetensors", "model_00000300.safetensors",
-                                        "model_00000400.safetensors", "model_00000500.safetensors"]
+    assert sorted(os.listdir(root)) == [
+        "model_00000200.safetensors",
+        "model_00000300.safetensors",
+        "model_00000400.safetensors",
+        "model_00000500.safetensors",
+    ]
     assert sha(new) == new_sha and sha(rewritten) == rewritten_sha
 
 
@@ -558,8 +584,12 @@ def test_dst_symlink_to_a_source_shard_is_refused(tmp_path):
 # ---- names that are not plain ASCII, or not UTF-8 at all ---------------------------------------
 def run_bytes(*args) -> subprocess.CompletedProcess:
     """ckptctl with stdout as raw bytes, under a C locale (the strictest for Python's stdout)."""
-    return subprocess.run([sys.executable, "-m", "ckptctl", *map(os.fsencode, args)], capture_output=True,
-                          env=env_with(LC_ALL="C", LANG="C", PYTHONIOENCODING=""), timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptctl", *map(os.fsencode, args)],
+        capture_output=True,
+        env=env_with(LC_ALL="C", LANG="C", PYTHONIOENCODING=""),
+        timeout=TIMEOUT,
+    )
 
 
 def strict_json(p: subprocess.CompletedProcess):

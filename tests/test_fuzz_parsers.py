@@ -69,8 +69,13 @@ def test_parser_fails_only_cleanly(parser, seed_root, tmp_path):
             assert rd.info().tensors, (parser, s.name)
     outcomes = {"ok": 0, "error": 0}
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(st.integers(0, len(seeds) - 1), st.randoms(use_true_random=False))
     def check(k, rnd):
         data = seeds[k].generate(rnd)
@@ -87,7 +92,10 @@ def test_hdf5_parsers_in_a_worker_process(parser, tmp_path):
     """libhdf5 is C: these run in the supervisor's worker subprocess, so a segfault is a finding
     (the worker's death, with the input saved), not the end of the test run."""
     s = ft.campaign(parser, 60, seed=1, out=tmp_path)
-    assert s["crashes"] == [] and s["findings"] == 0, (s, [p.read_text() for p in (tmp_path / "findings").glob("*.txt")])
+    assert s["crashes"] == [] and s["findings"] == 0, (
+        s,
+        [p.read_text() for p in (tmp_path / "findings").glob("*.txt")],
+    )
     assert s["ok"] + s["error"] + s["caught"] == 60 and s["error"] > 0
 
 
@@ -158,7 +166,9 @@ def test_segfault_in_libhdf5_is_one_clean_line(seed_root, tmp_path):
     script.write_text(CRASH_IN_H5)
     out = str(tmp_path / "out.safetensors")
     for cmd, code in ((["inspect", src.template], 1), (["convert", src.template, out], 1)):
-        r = subprocess.run([sys.executable, str(script), *map(str, cmd)], capture_output=True, text=True, timeout=300, check=False)
+        r = subprocess.run(
+            [sys.executable, str(script), *map(str, cmd)], capture_output=True, text=True, timeout=300, check=False
+        )
         assert r.returncode == code, (cmd, r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "libhdf5 crashed reading it (SIGSEGV)" in lines[0], (cmd, r.stderr)
@@ -178,8 +188,10 @@ def test_real_libhdf5_segfault_found_by_the_fuzz(seed_root, tmp_path):
     data[6201] = 3
     p = tmp_path / "segv.h5"
     p.write_bytes(bytes(data))
-    walk = ("import h5py, sys\nf = h5py.File(sys.argv[1], 'r')\n"  # every attribute of every object
-            "f.visititems(lambda n, o: list(o.attrs.items()))")
+    walk = (
+        "import h5py, sys\nf = h5py.File(sys.argv[1], 'r')\n"  # every attribute of every object
+        "f.visititems(lambda n, o: list(o.attrs.items()))"
+    )
     control = subprocess.run([sys.executable, "-c", walk, str(p)], capture_output=True, timeout=120, check=False)
     if control.returncode != -11:
         pytest.skip(f"this libhdf5 no longer crashes on the input (h5py exit {control.returncode})")
@@ -219,7 +231,9 @@ def test_libhdf5_loop_on_a_damaged_file_is_one_clean_line(tmp_path):
     p.write_bytes(bytes(data))
     script = tmp_path / "budget.py"
     script.write_text(HANG_IN_H5)
-    r = subprocess.run([sys.executable, str(script), "inspect", str(p)], capture_output=True, text=True, timeout=240, check=False)
+    r = subprocess.run(
+        [sys.executable, str(script), "inspect", str(p)], capture_output=True, text=True, timeout=240, check=False
+    )
     assert r.returncode == 1, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "libhdf5 did not finish reading its metadata" in lines[0], r.stderr
@@ -251,8 +265,13 @@ def test_libhdf5_allocating_for_a_damaged_length_is_one_clean_line(seed_root, tm
     (src,) = [s for s in seeds_of("hdf5", seed_root) if s.name == "h5py-keras2"]
     script = tmp_path / "greedy.py"
     script.write_text(HUGE_ALLOC_IN_H5)
-    r = subprocess.run([sys.executable, str(script), "inspect", str(src.template)], capture_output=True, text=True,
-                       timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, str(script), "inspect", str(src.template)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 1, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "libhdf5 asked for more than 1 GiB of memory" in lines[0], r.stderr
@@ -263,8 +282,10 @@ def _payloads(marker: Path) -> list[bytes]:
     """Pickles that would create `marker` if anything unpickled them (os/posix.system, exec,
     subprocess, nested pickle.loads), as plain pickles and inside torch's layouts."""
     cmd = f"touch {marker}"
+
     def s(x):
         return b"\x8c" + bytes([len(x.encode())]) + x.encode()
+
     proto0 = f"cos\nsystem\n(V{cmd}\ntR.".encode()
     posix = f"cposix\nsystem\n(V{cmd}\ntR.".encode()
     stack = b"\x80\x04" + s("builtins") + s("exec") + b"\x93" + s(f"open({str(marker)!r}, 'w')") + b"\x85R."
@@ -276,8 +297,14 @@ def _payloads(marker: Path) -> list[bytes]:
         z.writestr("archive/data.pkl", posix)
         z.writestr("archive/version", "3\n")
         z.writestr("archive/byteorder", "little")
-    legacy = b"".join([pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2), pickle.dumps(1001, protocol=2),
-                       pickle.dumps({"little_endian": True}, protocol=2), stack])
+    legacy = b"".join(
+        [
+            pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2),
+            pickle.dumps(1001, protocol=2),
+            pickle.dumps({"little_endian": True}, protocol=2),
+            stack,
+        ]
+    )
     return [proto0, posix, stack, sub, nested, in_dict, torch_zip.getvalue(), legacy]
 
 
@@ -290,8 +317,12 @@ def test_payloads_are_live(tmp_path):
     for i, p in enumerate(_payloads(control)[:6]):
         f = tmp_path / f"p{i}.pkl"
         f.write_bytes(p)
-        subprocess.run([sys.executable, "-c", "import pickle,sys; pickle.loads(open(sys.argv[1],'rb').read())", str(f)],
-                       capture_output=True, timeout=120, check=False)
+        subprocess.run(
+            [sys.executable, "-c", "import pickle,sys; pickle.loads(open(sys.argv[1],'rb').read())", str(f)],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
         assert control.exists(), i
         control.unlink()
 
@@ -303,8 +334,13 @@ def test_fuzzed_malicious_pickles_never_run(tmp_path):
     from ckptctl.formats import open_reader, pickles
     from ckptctl.ops import scan as scan_mod
 
-    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=100,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(st.integers(0, len(payloads) - 1), st.randoms(use_true_random=False), st.booleans())
     def check(k, rnd, keep):
         data = payloads[k] if keep else ft.mutate(payloads[k], rnd, ft.length_fields(payloads[k]))
@@ -346,8 +382,10 @@ def test_zip_member_with_an_empty_name(tmp_path):
     zipfile's ZipInfo.is_dir() indexes filename[-1] and raised IndexError in scan and in the
     torch zip reader's pickle walk (`internal error: IndexError`). Now the member is skipped like
     any non-pickle member; a dangerous data.pkl beside it is still flagged."""
-    for name, pkl, code, verdict in (("ok.pt", b"\x80\x02}q\x00.", 0, "safe"),
-                                     ("bad.pt", b"cposix\nsystem\n(Vtrue\ntR.", 1, "dangerous")):
+    for name, pkl, code, verdict in (
+        ("ok.pt", b"\x80\x02}q\x00.", 0, "safe"),
+        ("bad.pt", b"cposix\nsystem\n(Vtrue\ntR.", 1, "dangerous"),
+    ):
         b = io.BytesIO()
         with zipfile.ZipFile(b, "w") as z:
             z.writestr("archive/data.pkl", pkl)
@@ -369,22 +407,48 @@ def _zarr_item(root: Path, v3: bool, meta_edit: dict) -> Path:
     import numpy as np
 
     root.mkdir()
-    (root / "_METADATA").write_text(json.dumps({
-        "tree_metadata": {"('w',)": {"key_metadata": [{"key": "w", "key_type": 2}],
-                                     "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}},
-        "use_ocdbt": False, "use_zarr3": v3, "store_array_data_equal_to_fill_value": True}))
+    (root / "_METADATA").write_text(
+        json.dumps(
+            {
+                "tree_metadata": {
+                    "('w',)": {
+                        "key_metadata": [{"key": "w", "key_type": 2}],
+                        "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+                    }
+                },
+                "use_ocdbt": False,
+                "use_zarr3": v3,
+                "store_array_data_equal_to_fill_value": True,
+            }
+        )
+    )
     raw = np.arange(8, dtype="<f4").tobytes()
     if v3:
-        meta = {"zarr_format": 3, "node_type": "array", "shape": [2, 4], "data_type": "float32",
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 4]}},
-                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}], "fill_value": 0}
+        meta = {
+            "zarr_format": 3,
+            "node_type": "array",
+            "shape": [2, 4],
+            "data_type": "float32",
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 4]}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            "fill_value": 0,
+        }
         (root / "w" / "c" / "0").mkdir(parents=True)
         (root / "w" / "c" / "0" / "0").write_bytes(raw)
         name = "zarr.json"
     else:
-        meta = {"zarr_format": 2, "shape": [2, 4], "chunks": [2, 4], "dtype": "<f4", "compressor": None,
-                "fill_value": None, "filters": None, "order": "C", "dimension_separator": "."}
+        meta = {
+            "zarr_format": 2,
+            "shape": [2, 4],
+            "chunks": [2, 4],
+            "dtype": "<f4",
+            "compressor": None,
+            "fill_value": None,
+            "filters": None,
+            "order": "C",
+            "dimension_separator": ".",
+        }
         (root / "w").mkdir()
         (root / "w" / "0.0").write_bytes(raw)
         name = ".zarray"
@@ -393,18 +457,33 @@ def _zarr_item(root: Path, v3: bool, meta_edit: dict) -> Path:
     return root
 
 
-@pytest.mark.parametrize("v3, edit, words", [
-    (False, {}, None),  # control: the hand-written item reads
-    (True, {}, None),
-    (False, {"dimension_separator": {"a": 1}}, "dimension_separator"),
-    (True, {"data_type": ["float32"]}, "data type"),
-    (True, {"codecs": [{"name": "bytes", "configuration": 1.5}]}, "codecs"),
-    (True, {"codecs": [{"name": "sharding_indexed", "configuration": {"chunk_shape": [1, 4], "codecs": [7]}}]},
-     "codecs"),
-    (True, {"chunk_key_encoding": {"name": "default", "configuration": ["/"]}}, None),  # bad config: default '/'
-    (True, {"chunk_key_encoding": {"name": "v2", "configuration": {"separator": 3}}}, "separator"),
-], ids=["v2", "v3", "v2-separator-object", "v3-dtype-list", "v3-codec-config-float", "v3-inner-codec-int",
-        "v3-key-encoding-config-list", "v3-separator-int"])
+@pytest.mark.parametrize(
+    "v3, edit, words",
+    [
+        (False, {}, None),  # control: the hand-written item reads
+        (True, {}, None),
+        (False, {"dimension_separator": {"a": 1}}, "dimension_separator"),
+        (True, {"data_type": ["float32"]}, "data type"),
+        (True, {"codecs": [{"name": "bytes", "configuration": 1.5}]}, "codecs"),
+        (
+            True,
+            {"codecs": [{"name": "sharding_indexed", "configuration": {"chunk_shape": [1, 4], "codecs": [7]}}]},
+            "codecs",
+        ),
+        (True, {"chunk_key_encoding": {"name": "default", "configuration": ["/"]}}, None),  # bad config: default '/'
+        (True, {"chunk_key_encoding": {"name": "v2", "configuration": {"separator": 3}}}, "separator"),
+    ],
+    ids=[
+        "v2",
+        "v3",
+        "v2-separator-object",
+        "v3-dtype-list",
+        "v3-codec-config-float",
+        "v3-inner-codec-int",
+        "v3-key-encoding-config-list",
+        "v3-separator-int",
+    ],
+)
 def test_zarr_metadata_of_the_wrong_type(tmp_path, v3, edit, words):
     """Found by the orbax fuzz (JSON nodes replaced by values of another type): a list as v3
     data_type (TypeError: unhashable), a float codec configuration (AttributeError), an object as
@@ -469,6 +548,7 @@ def test_zarr_shape_larger_than_memory(tmp_path):
 
     def grid(c):
         return {"name": "regular", "configuration": {"chunk_shape": c}}
+
     root = _zarr_item(tmp_path / "a", True, {"shape": [4, 10**18]})
     r = cli("inspect", "--format", "json", root)
     _clean(r, "2^63")
@@ -540,8 +620,11 @@ def test_shard_name_too_long_for_the_file_system(tmp_path):
     from ckptctl.formats import open_reader
 
     save_file({"a": torch.ones(2)}, tmp_path / "model-00001-of-00001.safetensors")
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"a": "model-00001-of-00001.safetensors", "b": "x" * 300 + ".safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"metadata": {}, "weight_map": {"a": "model-00001-of-00001.safetensors", "b": "x" * 300 + ".safetensors"}}
+        )
+    )
     with pytest.raises(NotFound, match="cannot be looked up"), open_reader(tmp_path) as rd:
         rd.info()
     r = cli("inspect", tmp_path)

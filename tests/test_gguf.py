@@ -167,8 +167,15 @@ def test_fixture_scan_says_no_pickle():
 
 
 # ---- every ggml type, written by gguf-py ------------------------------------------------------------
-PLAIN_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
-            "I32": np.int32, "I64": np.int64}
+PLAIN_NP = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+}
 
 
 def every_type_tensors(rng) -> dict:
@@ -291,11 +298,20 @@ V = gguf.GGUFValueType
 
 def test_metadata_every_value_type(tmp_path):
     meta = {
-        "k.u8": (200, V.UINT8), "k.i8": (-100, V.INT8), "k.u16": (60000, V.UINT16), "k.i16": (-30000, V.INT16),
-        "k.u32": (4_000_000_000, V.UINT32), "k.i32": (-2_000_000_000, V.INT32), "k.f32": (1e-5, V.FLOAT32),
-        "k.bool": (True, V.BOOL), "k.str": ("héllo \x1b[31m", V.STRING), "k.u64": (2**63 + 5, V.UINT64),
-        "k.i64": (-(2**62), V.INT64), "k.f64": (0.1, V.FLOAT64),
-        "k.small": ([1, 2, 3, 4], V.ARRAY), "k.words": (["a", "b"], V.ARRAY),
+        "k.u8": (200, V.UINT8),
+        "k.i8": (-100, V.INT8),
+        "k.u16": (60000, V.UINT16),
+        "k.i16": (-30000, V.INT16),
+        "k.u32": (4_000_000_000, V.UINT32),
+        "k.i32": (-2_000_000_000, V.INT32),
+        "k.f32": (1e-5, V.FLOAT32),
+        "k.bool": (True, V.BOOL),
+        "k.str": ("héllo \x1b[31m", V.STRING),
+        "k.u64": (2**63 + 5, V.UINT64),
+        "k.i64": (-(2**62), V.INT64),
+        "k.f64": (0.1, V.FLOAT64),
+        "k.small": ([1, 2, 3, 4], V.ARRAY),
+        "k.words": (["a", "b"], V.ARRAY),
         "k.nested": ([[1, 2], [3]], V.ARRAY),
         "tokenizer.ggml.tokens": ([f"tok{i}" for i in range(3000)], V.ARRAY),
         "tokenizer.ggml.scores": ([float(i) for i in range(3000)], V.ARRAY),
@@ -304,8 +320,22 @@ def test_metadata_every_value_type(tmp_path):
     write(p, {"w": (np.zeros((2, 32), np.float32), None)}, meta)
     with GGUFReader(p) as r:
         m = r.info().metadata
-    for k in ("k.u8", "k.i8", "k.u16", "k.i16", "k.u32", "k.i32", "k.bool", "k.str", "k.u64", "k.i64", "k.f64",
-              "k.small", "k.words", "k.nested"):
+    for k in (
+        "k.u8",
+        "k.i8",
+        "k.u16",
+        "k.i16",
+        "k.u32",
+        "k.i32",
+        "k.bool",
+        "k.str",
+        "k.u64",
+        "k.i64",
+        "k.f64",
+        "k.small",
+        "k.words",
+        "k.nested",
+    ):
         assert m[k] == meta[k][0], k
     assert m["k.f32"] == 1e-05  # the float32 shown by its shortest decimal
     tok = b"".join(struct.pack("<Q", len(s)) + s.encode() for s in meta["tokenizer.ggml.tokens"][0])
@@ -417,9 +447,11 @@ BAD = {
     "version 7": (lambda d: d.__setitem__(slice(4, 8), struct.pack("<I", 7)), "unsupported GGUF version 7"),
     "big-endian": (lambda d: d.__setitem__(slice(4, 8), struct.pack(">I", 3)), "big-endian"),
     "string past end": (
-        lambda d: d.__setitem__(slice(_string_len_at(d, b"tiny"), _string_len_at(d, b"tiny") + 8),
-                                struct.pack("<Q", 10**12)),
-        "string length 1000000000000 runs past the end"),
+        lambda d: d.__setitem__(
+            slice(_string_len_at(d, b"tiny"), _string_len_at(d, b"tiny") + 8), struct.pack("<Q", 10**12)
+        ),
+        "string length 1000000000000 runs past the end",
+    ),
     "truncated data": (lambda d: d.__delitem__(slice(len(d) - 100, len(d))), "runs past the end"),
     "truncated header": (lambda d: d.__delitem__(slice(150, len(d))), "runs past the end"),
 }
@@ -429,20 +461,26 @@ def test_duplicate_names_are_corrupt(tmp_path):
     # two tensors whose names differ in one letter, patched to the same name
     p = tmp_path / "dup.gguf"
     write(p, {"wa": (np.zeros(32, np.float32), None), "wb": (np.ones(32, np.float32), None)})
-    q = _patched(p, tmp_path / "dup2.gguf", lambda d: d.__setitem__(d.index(b"wb"), ord("w")) or
-                 d.__setitem__(d.index(b"wb") + 1, ord("a")))
+    q = _patched(
+        p,
+        tmp_path / "dup2.gguf",
+        lambda d: d.__setitem__(d.index(b"wb"), ord("w")) or d.__setitem__(d.index(b"wb") + 1, ord("a")),
+    )
     line = one_line_error(run("inspect", q))
     assert "tensor 'wa' appears twice" in line
     # and a duplicate metadata key
     w = tmp_path / "dupkey.gguf"
     write(w, {"w": (np.zeros(32, np.float32), None)}, {"k.one": (1, V.UINT32), "k.two": (2, V.UINT32)})
-    k = _patched(w, tmp_path / "dupkey2.gguf", lambda d: d.__setitem__(slice(d.index(b"k.two"), d.index(b"k.two") + 5),
-                                                                      b"k.one"))
+    k = _patched(
+        w, tmp_path / "dupkey2.gguf", lambda d: d.__setitem__(slice(d.index(b"k.two"), d.index(b"k.two") + 5), b"k.one")
+    )
     assert "metadata key 'k.one' appears twice" in one_line_error(run("inspect", k))
 
 
-@pytest.mark.parametrize("case", ["bad magic", "version 1", "version 7", "big-endian", "string past end",
-                                  "truncated data", "truncated header"])
+@pytest.mark.parametrize(
+    "case",
+    ["bad magic", "version 1", "version 7", "big-endian", "string past end", "truncated data", "truncated header"],
+)
 def test_bad_input_is_one_clean_line(good, tmp_path, case):
     fn, phrase = BAD[case]
     p = _patched(good, tmp_path / "bad.gguf", fn)
@@ -470,8 +508,7 @@ def test_unknown_and_removed_ggml_types(tmp_path):
 
 
 def test_short_and_empty_gguf_named_files(tmp_path):
-    for content, phrase in ((b"GGU", "bad magic"), (b"GGUF\x03\x00", "runs past the end"),
-                            (b"\x00" * 64, "bad magic")):
+    for content, phrase in ((b"GGU", "bad magic"), (b"GGUF\x03\x00", "runs past the end"), (b"\x00" * 64, "bad magic")):
         p = tmp_path / "short.gguf"
         p.write_bytes(content)
         res = cli("inspect", p)
@@ -490,7 +527,7 @@ def test_fuzz_mutations_raise_only_corrupt_file(good, tmp_path):
     for i in range(400):
         data = bytearray(base)
         if i % 5 == 0:
-            del data[rnd.randrange(0, len(data)):]
+            del data[rnd.randrange(0, len(data)) :]
         else:
             for _ in range(rnd.randint(1, 4)):
                 pos = rnd.randrange(0, header_end)
@@ -520,8 +557,13 @@ def test_tokenizer_string_past_end_is_named(tmp_path):
     p = tmp_path / "tok.gguf"
     toks = [f"piece{i:02d}" for i in range(40)]
     write(p, {"w": (np.zeros(32, np.float32), None)}, {"tokenizer.ggml.tokens": (toks, V.ARRAY)})
-    q = _patched(p, tmp_path / "tok2.gguf", lambda d: d.__setitem__(
-        slice(_string_len_at(d, b"piece05"), _string_len_at(d, b"piece05") + 8), struct.pack("<Q", 2**40)))
+    q = _patched(
+        p,
+        tmp_path / "tok2.gguf",
+        lambda d: d.__setitem__(
+            slice(_string_len_at(d, b"piece05"), _string_len_at(d, b"piece05") + 8), struct.pack("<Q", 2**40)
+        ),
+    )
     line = one_line_error(run("inspect", q))
     assert "metadata key 'tokenizer.ggml.tokens': string 5 has length 1099511627776, past the end" in line
 
@@ -540,8 +582,11 @@ def test_ls_lists_gguf_files_of_a_run(tmp_path):
 def test_huge_string_value_is_summarised_and_huge_name_refused(tmp_path):
     big = "x" * (2 * 1024 * 1024 + 3)
     p = tmp_path / "big.gguf"
-    write(p, {"w": (np.zeros(32, np.float32), None)},
-          {"tokenizer.chat_template": (big, V.STRING), "short": ("ok", V.STRING)})
+    write(
+        p,
+        {"w": (np.zeros(32, np.float32), None)},
+        {"tokenizer.chat_template": (big, V.STRING), "short": ("ok", V.STRING)},
+    )
     with GGUFReader(p) as r:
         m = r.info().metadata
     assert m["tokenizer.chat_template"] == f"[string of {len(big)} bytes, sha256:{sha(big.encode())[:12]}]"
@@ -557,8 +602,11 @@ def test_vocabulary_across_header_windows(tmp_path):
     keys after it are read from the right place."""
     toks = [f"tok{i:05d}" + "é" * (i % 7) for i in range(40000)]
     p = tmp_path / "vocab.gguf"
-    write(p, {"w": (np.arange(64, dtype=np.float32), None)},
-          {"tokenizer.ggml.tokens": (toks, V.ARRAY), "after": ("still here", V.STRING)})
+    write(
+        p,
+        {"w": (np.arange(64, dtype=np.float32), None)},
+        {"tokenizer.ggml.tokens": (toks, V.ARRAY), "after": ("still here", V.STRING)},
+    )
     with GGUFReader(p) as r:
         info = r.info()
         assert info.metadata["after"] == "still here"
@@ -567,7 +615,12 @@ def test_vocabulary_across_header_windows(tmp_path):
     assert info.metadata["tokenizer.ggml.tokens"] == f"[40000 strings, sha256:{sha(raw)[:12]}]"
     for k in (1000, 9000, 39999):  # inside the first window, past it, the last one
         t = toks[k].encode()
-        q = _patched(p, tmp_path / f"bad{k}.gguf", lambda d, t=t: d.__setitem__(
-            slice(_string_len_at(d, t), _string_len_at(d, t) + 8), struct.pack("<Q", 2**50)))
+        q = _patched(
+            p,
+            tmp_path / f"bad{k}.gguf",
+            lambda d, t=t: d.__setitem__(
+                slice(_string_len_at(d, t), _string_len_at(d, t) + 8), struct.pack("<Q", 2**50)
+            ),
+        )
         with pytest.raises(CorruptFile, match=f"string {k} has length {2**50}, past the end"):
             GGUFReader(q).info()

@@ -170,8 +170,14 @@ def test_raw_bits_with_dtype_attribute(tmp_path):
     with HDF5Reader(p) as r:
         info = r.info()
         got = {t.name: t.dtype for t in info.tensors}
-        assert got == {"bf16": "bfloat16", "fp8": "float8_e4m3fn", "fp8b": "float8_e5m2",
-                       "opaque_tagged": "bfloat16", "opaque_bare": "bits16", "mismatch": "float32"}
+        assert got == {
+            "bf16": "bfloat16",
+            "fp8": "float8_e4m3fn",
+            "fp8b": "float8_e5m2",
+            "opaque_tagged": "bfloat16",
+            "opaque_bare": "bits16",
+            "mismatch": "float32",
+        }
         assert any("opaque_bare" in w for w in info.warnings)
         assert all_bytes(r, "bf16") == bf.tobytes()
         assert all_bytes(r, "opaque_tagged") == bf.tobytes()
@@ -196,8 +202,13 @@ def test_hard_soft_links_and_alias_attribute(tmp_path):
     with HDF5Reader(p) as r:
         info = r.info()
         names = {t.name: t.alias_of for t in info.tensors}
-        assert names == {"embed/weight": None, "head/weight": "embed/weight", "soft": "embed/weight",
-                         "bias": None, "lm_head.weight": "embed/weight"}
+        assert names == {
+            "embed/weight": None,
+            "head/weight": "embed/weight",
+            "soft": "embed/weight",
+            "bias": None,
+            "lm_head.weight": "embed/weight",
+        }
         assert info.total_bytes == w.nbytes + 8
         assert "ckptctl.aliases" not in info.metadata
         assert any("dangling" in x for x in info.warnings) and any("external link" in x for x in info.warnings)
@@ -216,8 +227,7 @@ def test_writer_style_hard_link_aliases(tmp_path):
         f.attrs["ckptctl.aliases"] = json.dumps({"a_tied": "z/weight", "m/other": "z/weight"})
     with HDF5Reader(p) as r:
         info = r.info()
-        assert {t.name: t.alias_of for t in info.tensors} == {"z/weight": None, "a_tied": "z/weight",
-                                                              "m/other": None}
+        assert {t.name: t.alias_of for t in info.tensors} == {"z/weight": None, "a_tied": "z/weight", "m/other": None}
         assert info.tensors[-1].name == "a_tied"
         assert len(info.warnings) == 1 and "'m/other'" in info.warnings[0]  # a different dataset
         assert all_bytes(r, "a_tied") == w.tobytes()
@@ -231,8 +241,11 @@ def test_keras2_save_weights_layout(tmp_path):
         f.attrs["keras_version"] = b"2.12.0"
         f.attrs["layer_names0"] = np.array([b"dense_1", b"dropout"])
         f.attrs["layer_names1"] = np.array([b"dense"])
-        for layer, weights in (("dense_1", ["dense_1/kernel:0", "dense_1/bias:0"]), ("dropout", []),
-                               ("dense", ["dense/kernel:0", "dense/bias:0"])):
+        for layer, weights in (
+            ("dense_1", ["dense_1/kernel:0", "dense_1/bias:0"]),
+            ("dropout", []),
+            ("dense", ["dense/kernel:0", "dense/bias:0"]),
+        ):
             g = f.create_group(layer)
             g.attrs["weight_names"] = np.array([w.encode() for w in weights])
             for w in weights:
@@ -241,7 +254,11 @@ def test_keras2_save_weights_layout(tmp_path):
     assert info.kind == "keras2"
     assert info.metadata == {"keras_version": "2.12.0", "backend": "tensorflow", "layers": 3}
     assert [t.name for t in info.tensors] == [  # model order, not name order
-        "dense_1/dense_1/kernel:0", "dense_1/dense_1/bias:0", "dense/dense/kernel:0", "dense/dense/bias:0"]
+        "dense_1/dense_1/kernel:0",
+        "dense_1/dense_1/bias:0",
+        "dense/dense/kernel:0",
+        "dense/dense/bias:0",
+    ]
 
 
 def test_keras2_full_model_layout(tmp_path):
@@ -263,10 +280,20 @@ def test_keras2_full_model_layout(tmp_path):
         ow["Adam/iter:0"] = np.int64(7)
     info = HDF5Reader(p).info()
     assert info.kind == "keras2-model"
-    assert info.metadata == {"keras_version": "2.15.0", "backend": "tensorflow", "model_class": "Sequential",
-                             "model_name": "seq", "optimizer": "Adam", "loss": "mse", "layers": 1}
+    assert info.metadata == {
+        "keras_version": "2.15.0",
+        "backend": "tensorflow",
+        "model_class": "Sequential",
+        "model_name": "seq",
+        "optimizer": "Adam",
+        "loss": "mse",
+        "layers": 1,
+    }
     assert [t.name for t in info.tensors] == [
-        "model_weights/dense/dense/kernel:0", "model_weights/dense/dense/bias:0", "optimizer_weights/Adam/iter:0"]
+        "model_weights/dense/dense/kernel:0",
+        "model_weights/dense/dense/bias:0",
+        "optimizer_weights/Adam/iter:0",
+    ]
     assert info.tensor("optimizer_weights/Adam/iter:0").shape == ()
 
 
@@ -278,8 +305,9 @@ def test_keras3_weights_layout(tmp_path):
         f["layers/dense"].attrs["name"] = "dense"
         f["optimizer/vars/0"] = np.int64(3)
         f.create_group("vars")
-        d = f.create_dataset("layers/functional/layers/dense_1/vars/0",
-                             data=np.array([1.0, 2.0], dtype=ml_dtypes.bfloat16))  # h5py: OPAQUE
+        d = f.create_dataset(
+            "layers/functional/layers/dense_1/vars/0", data=np.array([1.0, 2.0], dtype=ml_dtypes.bfloat16)
+        )  # h5py: OPAQUE
         d.attrs["dtype"] = "bfloat16"  # what Keras 3 writes for bf16 variables
     info = HDF5Reader(p).info()
     assert info.kind == "keras3" and info.metadata == {"layers": 2}
@@ -385,7 +413,7 @@ def test_hdf5_inside_a_container_file(tmp_path):
         assert [t.name for t in r.info().tensors] == ["a", "g/b"]
         f, off, n = r.byte_range("a")
         assert (f, n) == (str(box), a.nbytes) and off > len(prefix)
-        assert box.read_bytes()[off:off + n] == a.tobytes()
+        assert box.read_bytes()[off : off + n] == a.tobytes()
         assert b"".join(r.iter_chunks("a")) == a.tobytes()
         assert r.byte_range("g/b") is None
         assert b"".join(r.iter_chunks("g/b")) == b.astype("<i4").tobytes()

@@ -89,8 +89,11 @@ def h5_tensors(path) -> dict[str, bytes]:
                 if isinstance(obj, h5py.Group):
                     visit(obj, p + "/")
                     continue
-                name = "/".join(re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), q)
-                                for q in p.split("/")) if escaped else p
+                name = (
+                    "/".join(re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), q) for q in p.split("/"))
+                    if escaped
+                    else p
+                )
                 out[name] = np.ascontiguousarray(obj[()]).tobytes()
 
         visit(f, "")
@@ -99,8 +102,12 @@ def h5_tensors(path) -> dict[str, bytes]:
 
 def st_tensors(path) -> dict[str, bytes]:
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                if f.get_tensor(k).numel() else b"" for k in f.keys()}
+        return {
+            k: f.get_tensor(k).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            if f.get_tensor(k).numel()
+            else b""
+            for k in f.keys()
+        }
 
 
 def pt_tensors(path) -> dict[str, bytes]:
@@ -112,22 +119,41 @@ def lightning_like(path):
     torch.manual_seed(0)
     w = torch.randn(8, 4)
     ckpt = {
-        "epoch": 1, "global_step": 20,
-        "state_dict": {"model.layer.weight": w, "model.layer.bias": torch.randn(8),
-                       "model.head.weight": torch.randn(2, 8).to(torch.bfloat16)},
-        "optimizer_states": [{"state": {0: {"step": torch.tensor(20.0), "exp_avg": torch.randn(8, 4),
-                                            "exp_avg_sq": torch.rand(8, 4)}},
-                              "param_groups": [{"lr": 1e-3, "params": [0]}]}],
+        "epoch": 1,
+        "global_step": 20,
+        "state_dict": {
+            "model.layer.weight": w,
+            "model.layer.bias": torch.randn(8),
+            "model.head.weight": torch.randn(2, 8).to(torch.bfloat16),
+        },
+        "optimizer_states": [
+            {
+                "state": {
+                    0: {"step": torch.tensor(20.0), "exp_avg": torch.randn(8, 4), "exp_avg_sq": torch.rand(8, 4)}
+                },
+                "param_groups": [{"lr": 1e-3, "params": [0]}],
+            }
+        ],
         "callbacks": {
             "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
-                "best_k_models": {"/home/u/run/ckpts/epoch=0-val_loss=0.87.ckpt": torch.tensor(0.87),
-                                  "/home/u/run/ckpts/epoch=1-val_loss=0.51.ckpt": torch.tensor(0.51)},
+                "best_k_models": {
+                    "/home/u/run/ckpts/epoch=0-val_loss=0.87.ckpt": torch.tensor(0.87),
+                    "/home/u/run/ckpts/epoch=1-val_loss=0.51.ckpt": torch.tensor(0.51),
+                },
                 "best_model_score": torch.tensor(0.51),
                 "dirpath": "/home/u/run/ckpts",
             },
         },
-        "odd": {".": torch.ones(2), "..": torch.zeros(2), "100%": torch.ones(1), "a%2Fb": torch.ones(3),
-                "x": torch.arange(3), "x/y": torch.arange(4), "trail/": torch.ones(1), "": {"e": torch.ones(1)}},
+        "odd": {
+            ".": torch.ones(2),
+            "..": torch.zeros(2),
+            "100%": torch.ones(1),
+            "a%2Fb": torch.ones(3),
+            "x": torch.arange(3),
+            "x/y": torch.arange(4),
+            "trail/": torch.ones(1),
+            "": {"e": torch.ones(1)},
+        },
     }
     torch.save(ckpt, path)
     return path
@@ -140,8 +166,13 @@ def _last_line(r):
 def test_all_to_h5_and_back_is_lossless_torch_written(tmp_path):
     src = lightning_like(tmp_path / "last.ckpt")
     want = torch_tensors(src)
-    assert "callbacks/ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}/best_k_models/"\
-           "/home/u/run/ckpts/epoch=0-val_loss=0.87.ckpt" in want and "odd/x/y" in want and "odd/." in want
+    assert (
+        "callbacks/ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}/best_k_models/"
+        "/home/u/run/ckpts/epoch=0-val_loss=0.87.ckpt"
+        in want
+        and "odd/x/y" in want
+        and "odd/." in want
+    )
     r = run("convert", src, tmp_path / "x.h5", "--all")
     assert r.returncode == 0, r.stderr
     assert h5_tensors(tmp_path / "x.h5") == want  # names mapped back by the documented rule, bytes equal
@@ -161,13 +192,14 @@ def test_h5_back_without_all_says_what_it_left_out(tmp_path):
     r = run("convert", tmp_path / "x.h5", tmp_path / "w.safetensors")
     assert r.returncode == 0, r.stderr
     got = st_tensors(tmp_path / "w.safetensors")
-    assert got == {k[len("state_dict/"):]: v for k, v in want.items() if k.startswith("state_dict/")}
+    assert got == {k[len("state_dict/") :]: v for k, v in want.items() if k.startswith("state_dict/")}
     left = len(want) - len(got)
     last = _last_line(r)
     assert last.startswith(f"wrote {tmp_path / 'w.safetensors'}: 3 tensors")
     assert "verified 3 tensors bit-exact" in last
-    assert f"{left} tensors left out (optimizer state and the rest of the training checkpoint; --all to keep them)" \
-        in last, last
+    assert (
+        f"{left} tensors left out (optimizer state and the rest of the training checkpoint; --all to keep them)" in last
+    ), last
 
 
 def test_plain_names_are_written_unescaped(tmp_path):
@@ -199,5 +231,5 @@ def test_real_lightning_all_to_h5_and_back(tmp_path, ckpt):
     r = run("convert", tmp_path / "x.h5", tmp_path / "w.safetensors")
     assert r.returncode == 0, r.stderr
     got = st_tensors(tmp_path / "w.safetensors")
-    assert got == {k[len("state_dict/"):]: v for k, v in want.items() if k.startswith("state_dict/")}
+    assert got == {k[len("state_dict/") :]: v for k, v in want.items() if k.startswith("state_dict/")}
     assert f"; {len(want) - len(got)} tensors left out (optimizer state" in _last_line(r)

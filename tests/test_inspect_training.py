@@ -56,8 +56,10 @@ def test_inspect_agrees_with_ls_and_torch(tmp_path):
     assert doc["num_tensors"] == len(ck["state_dict"]) == len(doc["tensors"])
     assert doc["total_bytes"] == sum(t.numel() * t.element_size() for t in ck["state_dict"].values())
     assert {t["name"] for t in doc["tensors"]} == {f"state_dict/{k}" for k in ck["state_dict"]}
-    assert err == (f"showing model weights under state_dict/: {len(ck['state_dict'])} of {len(everything)} "
-                   "tensors; --all for optimizer state and the rest\n")
+    assert err == (
+        f"showing model weights under state_dict/: {len(ck['state_dict'])} of {len(everything)} "
+        "tensors; --all for optimizer state and the rest\n"
+    )
     rows, _ = _json("ls", src)
     assert rows[0]["num_params"] == doc["num_params"] and rows[0]["num_tensors"] == doc["num_tensors"]
 
@@ -66,8 +68,9 @@ def test_inspect_agrees_with_ls_and_torch(tmp_path):
     assert full["num_params"] == _distinct_numel(everything)
 
     opt, _ = _json("inspect", src, "--key", "optimizer_states/0")
-    assert {t["name"] for t in opt["tensors"]} == {f"optimizer_states/0/state/0/{k}"
-                                                   for k in ("step", "exp_avg", "exp_avg_sq")}
+    assert {t["name"] for t in opt["tensors"]} == {
+        f"optimizer_states/0/state/0/{k}" for k in ("step", "exp_avg", "exp_avg_sq")
+    }
     assert opt["num_params"] == sum(t.numel() for t in ck["optimizer_states"][0]["state"][0].values())
 
     # the table says it too, and --filter works on names relative to the part

@@ -42,8 +42,12 @@ def test_encoder_nested_dicts_and_lists(capsys):
     assert got["tuple"] == [None, 1] and got["7"] is None
     assert got["nonfinite"] == {"eval_loss": "nan", "norms.1": "inf", "norms.2.1": "-inf", "tuple.0": "nan", "7": "nan"}
     # a value inside a list of objects belongs to its own object, not to the outer one
-    assert got["steps"][0] == {"step": 1, "grad_norm": None, "per_layer": [0.1, None],
-                               "nonfinite": {"grad_norm": "-inf", "per_layer.1": "nan"}}
+    assert got["steps"][0] == {
+        "step": 1,
+        "grad_norm": None,
+        "per_layer": [0.1, None],
+        "nonfinite": {"grad_norm": "-inf", "per_layer.1": "nan"},
+    }
     assert got["steps"][1] == {"step": 2, "grad_norm": 3.0}  # no "nonfinite" where all is finite
     assert got["nested"] == {"deeper": {"x": None, "y": None, "z": 1.5, "nonfinite": {"x": "nan", "y": "inf"}}}
     assert list(got)[-1] == "nonfinite"
@@ -53,14 +57,17 @@ def test_encoder_edge_cases():
     assert output.strict_json(NAN) is None  # nothing encloses it: just null
     assert output.strict_json([NAN, {"a": INF}]) == [None, {"a": None, "nonfinite": {"a": "inf"}}]
     # a field already named "nonfinite" that is not ours is never overwritten
-    assert output.strict_json({"nonfinite": 3.0, "a": NAN}) == {"nonfinite": 3.0, "a": None,
-                                                                "_nonfinite": {"a": "nan"}}
+    assert output.strict_json({"nonfinite": 3.0, "a": NAN}) == {"nonfinite": 3.0, "a": None, "_nonfinite": {"a": "nan"}}
     # an input that already went through the encoder keeps its record and gains the new ones
     once = output.strict_json({"a": NAN})
-    assert output.strict_json({**once, "b": -INF}) == {"a": None, "nonfinite": {"a": "nan", "b": "-inf"},
-                                                       "b": None}
-    assert output.strict_json({"s": {3}, "b": b"\x01", "i": np.int64(4), "f": 1e308 * 10}) == \
-        {"s": [3], "b": "01", "i": 4, "f": None, "nonfinite": {"f": "inf"}}
+    assert output.strict_json({**once, "b": -INF}) == {"a": None, "nonfinite": {"a": "nan", "b": "-inf"}, "b": None}
+    assert output.strict_json({"s": {3}, "b": b"\x01", "i": np.int64(4), "f": 1e308 * 10}) == {
+        "s": [3],
+        "b": "01",
+        "i": 4,
+        "f": None,
+        "nonfinite": {"f": "inf"},
+    }
     assert output.strict_json({"big": 2**80, "t": True, "n": None}) == {"big": 2**80, "t": True, "n": None}
 
 
@@ -81,15 +88,16 @@ def test_prune_json_of_a_nan_run_is_strict(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]  # dry run
 
 
-
 def test_print_json_fast_path_and_strict_path_agree(capsys):
     """A document without NaN/Inf is encoded directly; one with them through strict_json: a numpy
     NaN that only turns into a float while encoding still takes the strict path."""
     doc = {"s": {3, 1, 2}, "t": (1, 2.5), "b": b"\x00\xff", "i": np.int32(7), "f": np.float32(0.5), 3: "k"}
     output.print_json(doc)
     fast = capsys.readouterr().out
-    assert strict_loads(fast) == output.strict_json(doc) == {"s": [1, 2, 3], "t": [1, 2.5], "b": "00ff", "i": 7,
-                                                              "f": 0.5, "3": "k"}
+    assert (
+        strict_loads(fast)
+        == output.strict_json(doc)
+        == {"s": [1, 2, 3], "t": [1, 2.5], "b": "00ff", "i": 7, "f": 0.5, "3": "k"}
+    )
     output.print_json({"x": np.float32("nan"), "y": [np.float64("-inf")]})
-    assert strict_loads(capsys.readouterr().out) == {"x": None, "y": [None],
-                                                      "nonfinite": {"x": "nan", "y.0": "-inf"}}
+    assert strict_loads(capsys.readouterr().out) == {"x": None, "y": [None], "nonfinite": {"x": "nan", "y.0": "-inf"}}

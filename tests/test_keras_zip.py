@@ -77,8 +77,11 @@ def one_error_line(r) -> str:
 
 
 # -- real fixtures ---------------------------------------------------------------------------------
-KERAS_FILES = ["keras3_modelcheckpoint/best.keras", "keras3_modelcheckpoint/model-001.keras",
-               "keras3_modelcheckpoint/model-002.keras"]
+KERAS_FILES = [
+    "keras3_modelcheckpoint/best.keras",
+    "keras3_modelcheckpoint/model-001.keras",
+    "keras3_modelcheckpoint/model-002.keras",
+]
 
 
 @needs_tf
@@ -110,7 +113,7 @@ def test_real_bytes_are_read_in_place(rel):
             f, off, n = r.byte_range(t.name)
             assert Path(f) == path
             assert zi.header_offset < off and off + n <= zi.header_offset + 30 + 16 + zi.file_size
-            assert sha(raw[off:off + n]) == exp[t.name]["sha256"]
+            assert sha(raw[off : off + n]) == exp[t.name]["sha256"]
 
 
 @needs_tf
@@ -186,9 +189,12 @@ def test_real_diff_keras_vs_keras():
     assert same.returncode == 0 and "equal (bit-exact): 14 tensors" in same.stdout
     differ = run("diff", KERAS_DIR / "model-001.keras", KERAS_DIR / "best.keras", "--format", "json")
     assert differ.returncode == 1, differ.stderr
-    changed = {k for k in exp["keras3_modelcheckpoint/best.keras"]
-               if exp["keras3_modelcheckpoint/best.keras"][k]["sha256"]
-               != exp["keras3_modelcheckpoint/model-001.keras"][k]["sha256"]}
+    changed = {
+        k
+        for k in exp["keras3_modelcheckpoint/best.keras"]
+        if exp["keras3_modelcheckpoint/best.keras"][k]["sha256"]
+        != exp["keras3_modelcheckpoint/model-001.keras"][k]["sha256"]
+    }
     assert changed and "optimizer/vars/1" not in changed  # the learning rate did not change
     doc = json.loads(differ.stdout)
     assert doc["equal"] is False and doc["format_a"] == doc["format_b"] == "keras"
@@ -273,14 +279,18 @@ def write_keras3_h5(target, arrays: dict[str, np.ndarray]) -> None:
         f.create_group("vars").attrs["name"] = "model"
 
 
-def make_keras(path: Path, arrays: dict[str, np.ndarray], compression=zipfile.ZIP_STORED,
-               weights: bool = True) -> Path:
+def make_keras(path: Path, arrays: dict[str, np.ndarray], compression=zipfile.ZIP_STORED, weights: bool = True) -> Path:
     buf = io.BytesIO()
     write_keras3_h5(buf, arrays)
-    config = {"module": "keras", "class_name": "Functional",
-              "config": {"name": "toy", "layers": [{"class_name": "InputLayer"}, {"class_name": "Dense"},
-                                                   {"class_name": "Embedding"}]},
-              "compile_config": {"optimizer": {"class_name": "AdamW"}, "loss": "mse"}}
+    config = {
+        "module": "keras",
+        "class_name": "Functional",
+        "config": {
+            "name": "toy",
+            "layers": [{"class_name": "InputLayer"}, {"class_name": "Dense"}, {"class_name": "Embedding"}],
+        },
+        "compile_config": {"optimizer": {"class_name": "AdamW"}, "loss": "mse"},
+    }
     with zipfile.ZipFile(path, "w", compression) as z:
         z.writestr("metadata.json", json.dumps({"keras_version": "3.15.1", "date_saved": "2026-12-01@10:00:00"}))
         z.writestr("config.json", json.dumps(config))
@@ -441,8 +451,15 @@ def make_sharded(folder: Path, arrays: dict[str, np.ndarray], split: list[list[s
 SPLIT = [
     ["layers/dense/vars/0"],
     ["layers/dense/vars/1", "layers/embedding/vars/0", "layers/functional/layers/conv2d/vars/0"],
-    ["layers/functional/layers/conv2d/vars/1", "layers/batch_normalization/vars/0", "optimizer/vars/0",
-     "optimizer/vars/1", "optimizer/vars/2", "optimizer/vars/3", "optimizer/vars/4"],
+    [
+        "layers/functional/layers/conv2d/vars/1",
+        "layers/batch_normalization/vars/0",
+        "optimizer/vars/0",
+        "optimizer/vars/1",
+        "optimizer/vars/2",
+        "optimizer/vars/3",
+        "optimizer/vars/4",
+    ],
 ]
 
 
@@ -514,14 +531,14 @@ def test_truncated_and_garbled_archives(tmp_path):
     with zipfile.ZipFile(good) as zf:
         off = zf.getinfo("model.weights.h5").header_offset
     bad = bytearray(raw)
-    bad[off:off + 4] = b"XXXX"
+    bad[off : off + 4] = b"XXXX"
     p = tmp_path / "badlocal.keras"
     p.write_bytes(bytes(bad))
     assert "zip member model.weights.h5: bad local header signature" in one_error_line(run("inspect", p))
     # the HDF5 superblock inside the member destroyed
     start = off + 30 + len("model.weights.h5")
     bad = bytearray(raw)
-    bad[start:start + 64] = b"\0" * 64
+    bad[start : start + 64] = b"\0" * 64
     p = tmp_path / "badh5.keras"
     p.write_bytes(bytes(bad))
     line = one_error_line(run("convert", p, tmp_path / "x.safetensors"))
@@ -575,8 +592,17 @@ def test_scan_flags_lambda_bytecode_in_config(tmp_path):
             data = src.read(n)
             if n == "config.json":
                 cfg = json.loads(data)
-                cfg["config"]["layers"].append({"class_name": "Lambda", "config": {"function": {
-                    "class_name": "__lambda__", "config": {"code": "4wEAAAAAAAAA", "defaults": None}}}})
+                cfg["config"]["layers"].append(
+                    {
+                        "class_name": "Lambda",
+                        "config": {
+                            "function": {
+                                "class_name": "__lambda__",
+                                "config": {"code": "4wEAAAAAAAAA", "defaults": None},
+                            }
+                        },
+                    }
+                )
                 data = json.dumps(cfg).encode()
             dst.writestr(n, data)
     r = run("scan", lam, "--format", "json")
@@ -626,7 +652,7 @@ def test_inflater_random_access_matches_zlib(tmp_path, monkeypatch):
             pos = r.randrange(0, len(payload))
             n = r.choice([1, 7, 4096, 100_000, 2_000_000])
             f.seek(pos)
-            assert f.read(n) == payload[pos:pos + n]
+            assert f.read(n) == payload[pos : pos + n]
         f.seek(0)
         assert f.read() == payload
         assert len(f._snaps) <= 32 + 1

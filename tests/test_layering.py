@@ -71,8 +71,12 @@ def _layer(mod: str) -> str:
     return "cli" if mod == "ckptctl.__main__" else "core"
 
 
-ALLOWED = {"cli": {"cli", "ops", "formats", "core"}, "ops": {"ops", "formats", "core"},
-           "formats": {"formats", "core"}, "core": {"core"}}
+ALLOWED = {
+    "cli": {"cli", "ops", "formats", "core"},
+    "ops": {"ops", "formats", "core"},
+    "formats": {"formats", "core"},
+    "core": {"core"},
+}
 
 
 def test_the_graph_is_read():

@@ -76,12 +76,15 @@ def test_csv_and_markdown(strun):
     assert "4 checkpoints" in m.stdout
 
 
-@pytest.mark.parametrize("sort,rev,expect", [
-    ("step", False, [100, 200, 300, 400]),
-    ("step", True, [400, 300, 200, 100]),
-    ("eval_loss", False, [200, 300, 400, 100]),
-    ("eval_loss", True, [100, 400, 300, 200]),
-])
+@pytest.mark.parametrize(
+    "sort,rev,expect",
+    [
+        ("step", False, [100, 200, 300, 400]),
+        ("step", True, [400, 300, 200, 100]),
+        ("eval_loss", False, [200, 300, 400, 100]),
+        ("eval_loss", True, [100, 400, 300, 200]),
+    ],
+)
 def test_sort(strun, sort, rev, expect):
     args = ["ls", strun, "--sort", sort, "-f", "json"] + (["-r"] if rev else [])
     assert [x["step"] for x in json.loads(cli(*args).stdout)] == expect
@@ -147,8 +150,11 @@ def test_empty_and_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "nested" / "sub").mkdir(parents=True)
     st_run(tmp_path / "nested" / "sub", steps=(1,))
-    for path, needle in ((tmp_path / "empty", "no checkpoints found"), (tmp_path / "nope", "no such file"),
-                         (tmp_path / "nested", "--recursive")):
+    for path, needle in (
+        (tmp_path / "empty", "no checkpoints found"),
+        (tmp_path / "nope", "no such file"),
+        (tmp_path / "nested", "--recursive"),
+    ):
         r = run("ls", path)
         assert r.returncode == (2 if needle == "no such file" else 1), r.stderr
         assert r.stdout == ""
@@ -202,8 +208,11 @@ def test_real_fixture_folders():
         rows = json.loads(r.stdout)
         assert rows, sub
         for row in rows:
-            assert row["total_bytes"] == sum(os.path.getsize(f if os.path.isabs(f) else Path(row["path"]).parent / f)
-                                             for f in [row["path"]]) or row["num_files"] > 1
+            assert (
+                row["total_bytes"]
+                == sum(os.path.getsize(f if os.path.isabs(f) else Path(row["path"]).parent / f) for f in [row["path"]])
+                or row["num_files"] > 1
+            )
             assert row["error"] is None or "\n" not in row["error"]
     sharded = json.loads(run("ls", REAL / "safetensors_sharded" / "fluxml", "-f", "json").stdout)
     assert len(sharded) == 1 and sharded[0]["num_files"] == 7 and sharded[0]["format"] == "sharded"
@@ -273,7 +282,9 @@ def test_nan_metrics_json_is_strict_and_typed(nan_runs):
     assert m["loss"] == pytest.approx(1.9)  # the finite ones stay numbers
     assert rows["checkpoint-1500"]["metrics"]["eval_loss"] is None
     assert rows["checkpoint-1500"]["metrics"]["nonfinite"] == {"eval_loss": "inf"}
-    assert rows["checkpoint-2000"]["metrics"]["eval_loss"] == 0.5 and "nonfinite" not in rows["checkpoint-2000"]["metrics"]
+    assert (
+        rows["checkpoint-2000"]["metrics"]["eval_loss"] == 0.5 and "nonfinite" not in rows["checkpoint-2000"]["metrics"]
+    )
     assert rows["epoch=1-step=200.ckpt"]["metrics"] == {"val_loss": None, "nonfinite": {"val_loss": "nan"}}
     assert rows["epoch=2-step=300.ckpt"]["metrics"] == {"val_loss": None, "nonfinite": {"val_loss": "-inf"}}
     for row in rows.values():  # one type per field: a number or null
@@ -285,7 +296,11 @@ def test_one_nan_run_does_not_break_recursive_listing(nan_runs):
     r = run("ls", nan_runs, "-R")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
-    shown = [ln.split()[1] for ln in r.stdout.splitlines()[2:] if ln.split() and ln.split()[0].isdigit() and "on disk" not in ln]
+    shown = [
+        ln.split()[1]
+        for ln in r.stdout.splitlines()[2:]
+        if ln.split() and ln.split()[0].isdigit() and "on disk" not in ln
+    ]
     assert len(shown) == 4 + 3 + 2, r.stdout  # every run's checkpoints, the healthy one included
     assert any(s.startswith("plain/model_") for s in shown)
     j = run("ls", nan_runs, "-R", "-f", "json")
@@ -313,7 +328,11 @@ def test_sort_by_metric_ranks_across_all_runs(two_runs, fmt):
     else:
         lines = [ln.strip("| ").replace("|", " ").split() for ln in r.stdout.splitlines()]
         assert lines[0][:3] == ["run", "step", "path"]  # a run column names each row's run
-        got = [(Path(ln[0]).name, int(ln[1])) for ln in lines if len(ln) > 2 and ln[1].isdigit() and not ln[0].endswith(":")]
+        got = [
+            (Path(ln[0]).name, int(ln[1]))
+            for ln in lines
+            if len(ln) > 2 and ln[1].isdigit() and not ln[0].endswith(":")
+        ]
     assert got == EXPECT_UNION  # NaN last, whatever run it is in
 
 
@@ -327,7 +346,11 @@ def test_best_per_run(two_runs, fmt):
         got = [(Path(x["run"]).name, int(x["step"])) for x in csv.DictReader(io.StringIO(r.stdout))]
     else:
         lines = [ln.strip("| ").replace("|", " ").split() for ln in r.stdout.splitlines()]
-        got = [(Path(ln[0]).name, int(ln[1])) for ln in lines if len(ln) > 2 and ln[1].isdigit() and not ln[0].endswith(":")]
+        got = [
+            (Path(ln[0]).name, int(ln[1]))
+            for ln in lines
+            if len(ln) > 2 and ln[1].isdigit() and not ln[0].endswith(":")
+        ]
         assert "best eval_loss (lowest) of each run: 2 checkpoints" in r.stdout
     assert got == [("run-a", 20), ("run-b", 30)]
     assert r.stderr == ""
@@ -335,8 +358,10 @@ def test_best_per_run(two_runs, fmt):
 
 def test_best_direction_nan_and_errors(two_runs, tmp_path):
     a, b = two_runs
-    hi = [(Path(x["run"]).name, x["step"]) for x in
-          strict_loads(run("ls", a, b, "--best", "eval_loss", "--mode", "max", "-f", "json").stdout)]
+    hi = [
+        (Path(x["run"]).name, x["step"])
+        for x in strict_loads(run("ls", a, b, "--best", "eval_loss", "--mode", "max", "-f", "json").stdout)
+    ]
     assert hi == [("run-a", 10), ("run-b", 10)]  # b's NaN at step 20 is never "best"
     # a metric whose name says higher is better
     acc = st_run(tmp_path / "acc", steps=(1, 2, 3), metric="eval_accuracy", values={1: 0.5, 2: 0.8, 3: 0.7})
@@ -410,5 +435,7 @@ def test_a_trainer_state_with_an_overflowing_number_does_not_break_the_others(tm
     r = run("ls", root, "-R", "-f", "json")
     assert r.returncode == 0, r.stderr
     rows = {Path(x["path"]).name: x for x in strict_loads(r.stdout)}
-    assert rows["checkpoint-10"]["metrics"]["eval_loss"] == 0.25 and "total_flos" not in rows["checkpoint-10"]["metrics"]
+    assert (
+        rows["checkpoint-10"]["metrics"]["eval_loss"] == 0.25 and "total_flos" not in rows["checkpoint-10"]["metrics"]
+    )
     assert "model_00000001.safetensors" in rows

@@ -22,26 +22,42 @@ def _lightning_run(root, n: int) -> None:
     root.mkdir()
     for i in range(n):
         score = torch.tensor(1.0 / (i + 1), dtype=torch.float32 if i % 2 else torch.bfloat16)
-        torch.save({"epoch": i, "global_step": 10 * i, "pytorch-lightning_version": "2.1.0",
-                    "state_dict": {"layer.weight": torch.full((4, 3), float(i)), "layer.bias": torch.zeros(4)},
-                    "callbacks": {CB: {"monitor": "val_loss", "best_model_score": score, "current_score": score,
-                                       "best_model_path": str(root / "epoch=0-step=0.ckpt")}},
-                    "optimizer_states": [], "lr_schedulers": []},
-                   root / f"epoch={i}-step={10 * i}.ckpt")
+        torch.save(
+            {
+                "epoch": i,
+                "global_step": 10 * i,
+                "pytorch-lightning_version": "2.1.0",
+                "state_dict": {"layer.weight": torch.full((4, 3), float(i)), "layer.bias": torch.zeros(4)},
+                "callbacks": {
+                    CB: {
+                        "monitor": "val_loss",
+                        "best_model_score": score,
+                        "current_score": score,
+                        "best_model_path": str(root / "epoch=0-step=0.ckpt"),
+                    }
+                },
+                "optimizer_states": [],
+                "lr_schedulers": [],
+            },
+            root / f"epoch={i}-step={10 * i}.ckpt",
+        )
 
 
 def test_lightning_run_parsed_in_workers_equals_serial_and_skips_numpy(tmp_path):
     root = tmp_path / "run"
     n = runs.PARALLEL_MIN + 4
     _lightning_run(root, n)
-    code = ("import json, sys; from ckptctl.ops.runs import discover, POOL_STATE; "
-            "print(json.dumps([c.to_json() for c in discover(sys.argv[1])])); "
-            "print('numpy' in sys.modules, POOL_STATE['used'], POOL_STATE['error'], file=sys.stderr)")
+    code = (
+        "import json, sys; from ckptctl.ops.runs import discover, POOL_STATE; "
+        "print(json.dumps([c.to_json() for c in discover(sys.argv[1])])); "
+        "print('numpy' in sys.modules, POOL_STATE['used'], POOL_STATE['error'], file=sys.stderr)"
+    )
     outs = []
     for jobs in ("1", "2"):
         env = dict(os.environ, CKPTCTL_JOBS=jobs)
-        p = subprocess.run([sys.executable, "-c", code, str(root)], check=False, capture_output=True, text=True, env=env,
-                           timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-c", code, str(root)], check=False, capture_output=True, text=True, env=env, timeout=300
+        )
         assert p.returncode == 0, p.stderr
         assert p.stderr.strip() == ("False False None" if jobs == "1" else "False True None"), p.stderr
         outs.append(json.loads(p.stdout))

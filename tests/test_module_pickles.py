@@ -242,7 +242,9 @@ def test_module_inside_a_training_dict(tmp_path):
     torch.save(ckpt, path)
     expected = {f"model/{k}": v for k, v in model.state_dict().items()}
     info = assert_matches(path, expected)
-    assert info.metadata["epoch"] == 4 and info.metadata["model/module"].startswith("torch.nn.modules.container.Sequential(")
+    assert info.metadata["epoch"] == 4 and info.metadata["model/module"].startswith(
+        "torch.nn.modules.container.Sequential("
+    )
     fresh = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
     convert_and_load(path, fresh, tmp_path, "--key", "model")
     check_bit_exact(model.state_dict(), fresh)
@@ -309,8 +311,11 @@ def test_parametrizations_whole_pickle(tmp_path, kind):
     path = tmp_path / "param.pt"
     _save_parametrized(model, path)
     sd = model.state_dict()
-    want = ["0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"] \
-        if kind == "weight_norm" else ["0.bias", "0.parametrizations.weight.original"]
+    want = (
+        ["0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+        if kind == "weight_norm"
+        else ["0.bias", "0.parametrizations.weight.original"]
+    )
     assert list(sd) == want
     assert_matches(path, sd)
     fresh = _parametrized(kind)
@@ -381,12 +386,24 @@ def _scripted_cases(models):
     seq.eval()
     return [
         ("lm_scripted", lm, torch.jit.script(lm), models.TinyLM),
-        ("seq_scripted", seq, torch.jit.script(seq), lambda: nn.Sequential(
-            nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))),
-        ("seq_traced", seq, torch.jit.trace(seq, torch.randn(2, 3)), lambda: nn.Sequential(
-            nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))),
-        ("weight_norm_scripted", _parametrized("weight_norm"), torch.jit.script(_parametrized("weight_norm")),
-         lambda: _parametrized("weight_norm")),
+        (
+            "seq_scripted",
+            seq,
+            torch.jit.script(seq),
+            lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)),
+        ),
+        (
+            "seq_traced",
+            seq,
+            torch.jit.trace(seq, torch.randn(2, 3)),
+            lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)),
+        ),
+        (
+            "weight_norm_scripted",
+            _parametrized("weight_norm"),
+            torch.jit.script(_parametrized("weight_norm")),
+            lambda: _parametrized("weight_norm"),
+        ),
     ]
 
 
@@ -399,7 +416,9 @@ def test_torchscript_archives(models, tmp_path):
     for name, eager, scripted, _make in cases:
         path = tmp_path / f"{name}.pt"
         ssd = scripted.state_dict()  # the archive's own answer
-        info = assert_matches(path, dict(ssd), aliases={"lm_head.weight": "embed.weight"} if name.startswith("lm") else {})
+        info = assert_matches(
+            path, dict(ssd), aliases={"lm_head.weight": "embed.weight"} if name.startswith("lm") else {}
+        )
         assert info.format == "torchscript" and info.kind == "torchscript"
         assert info.metadata["code"] and all(k.startswith("code/") for k in info.metadata["code"])
         with zipfile.ZipFile(path) as z:
@@ -408,8 +427,9 @@ def test_torchscript_archives(models, tmp_path):
         # TorchScript keeps no persistent flag: the non-persistent buffers are in its state_dict
         # (and in ckptctl's listing); the eager model's state_dict leaves them out
         nonpersistent = sorted(set(ssd) - set(eager.state_dict()))
-        assert nonpersistent == (["encoder.layers.0.cache", "encoder.layers.1.cache", "mask_cache"]
-                                 if name.startswith("lm") else [])
+        assert nonpersistent == (
+            ["encoder.layers.0.cache", "encoder.layers.1.cache", "mask_cache"] if name.startswith("lm") else []
+        )
         persistence = [w for w in info.warnings if "does not record whether a buffer is persistent" in w]
         if name.startswith("lm"):  # said for the buffers of the model's own classes
             (note,) = persistence
@@ -460,8 +480,10 @@ def test_scan_torchscript_archive(tmp_path):
     classes = {g["name"]: g["class"] for g in res["globals"]}
     # TorchScript class references (mangled when a class was scripted before in this process)
     ts = {re.sub(r"\.___torch_mangle_\d+", "", n): c for n, c in classes.items() if n.startswith("__torch__.")}
-    assert ts == {"__torch__.torch.nn.modules.container.Sequential": "unknown",
-                  "__torch__.torch.nn.modules.linear.Linear": "unknown"}
+    assert ts == {
+        "__torch__.torch.nn.modules.container.Sequential": "unknown",
+        "__torch__.torch.nn.modules.linear.Linear": "unknown",
+    }
     assert classes["torch._utils._rebuild_tensor_v2"] == "safe"
     assert classes["torch.jit._pickle.build_intlist"] == "safe"  # from the *.debug_pkl members
     assert "TorchScript" in res["note"] and "code/" in res["note"]

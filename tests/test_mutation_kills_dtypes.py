@@ -34,9 +34,15 @@ def test_plain_dtypes_convert_and_are_not_refused_as_quantized(tmp_path):
     assert np.array_equal(got["w"].numpy(), tensors["w"]) and np.array_equal(got["i"].numpy(), tensors["i"])
 
 
-@pytest.mark.parametrize("name,shape,expect", [
-    ("bfloat16", (3, 5), 30), ("float64", (2,), 16), ("float4_e2m1fn", (2, 5), 5), ("int8", (), 1),
-])
+@pytest.mark.parametrize(
+    "name,shape,expect",
+    [
+        ("bfloat16", (3, 5), 30),
+        ("float64", (2,), 16),
+        ("float4_e2m1fn", (2, 5), 5),
+        ("int8", (), 1),
+    ],
+)
 def test_nbytes_takes_a_dtype_object_as_well_as_a_name(name, shape, expect):
     # the mutant ignored a DType argument and looked it up as a name (KeyError)
     assert dtypes.nbytes(dtypes.get(name), shape) == expect

@@ -135,7 +135,9 @@ def test_a_copy_that_fails_leaves_the_source_and_no_temporary(tmp_path, other_fs
 
     monkeypatch.setattr(shutil, "copy2", full)
     # copytree binds copy2 when it is defined: hand it the failing copy explicitly
-    monkeypatch.setattr(shutil, "copytree", lambda src, dst, **kw: real_copytree(src, dst, **{**kw, "copy_function": full}))
+    monkeypatch.setattr(
+        shutil, "copytree", lambda src, dst, **kw: real_copytree(src, dst, **{**kw, "copy_function": full})
+    )
     trash = tmp_path / "trash"
     r = cli("prune", root, "--keep-last", "1", "--trash", trash, "--yes")
     assert r.exit_code == 1
@@ -231,8 +233,10 @@ def test_a_symlinked_folder_that_appears_inside_a_planned_checkpoint_stops_it(tm
     os.symlink(elsewhere, root / "checkpoint-500" / "new_link")
     before = tree(root / "checkpoint-500")
     out = execute(plan)
-    assert out.failed_message == f"{root / 'checkpoint-500' / 'new_link'} appeared since the plan was made " \
-                                 "(still being written?)"
+    assert (
+        out.failed_message == f"{root / 'checkpoint-500' / 'new_link'} appeared since the plan was made "
+        "(still being written?)"
+    )
     assert tree(root / "checkpoint-500") == before and (elsewhere / "x.bin").exists()
 
 
@@ -396,8 +400,9 @@ def test_a_two_file_checkpoint_moves_to_the_trash_as_a_folder_of_both(tmp_path, 
 
 
 @pytest.mark.parametrize("layout", ["file", "folder"])
-def test_the_cross_file_system_copy_is_made_beside_its_destination_under_our_name(tmp_path, other_fs,
-                                                                                   monkeypatch, layout):
+def test_the_cross_file_system_copy_is_made_beside_its_destination_under_our_name(
+    tmp_path, other_fs, monkeypatch, layout
+):
     """A kill part-way leaves the temporary where the next run looks for it (clean_stale_temps)."""
     import re
 

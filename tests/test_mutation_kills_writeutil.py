@@ -228,7 +228,7 @@ def test_copy_range_copies_exactly_the_range(tmp_path, crc, src_off, dst_off, le
         value = writeutil.copy_range(p, src_off, fd, dst_off, length, progress=seen.append, crc=crc)
     finally:
         os.close(fd)
-    want = data[src_off:src_off + length]
+    want = data[src_off : src_off + length]
     assert out.read_bytes() == b"\0" * dst_off + want if length else out.read_bytes() == b""
     assert sum(seen) == length
     assert value == (zlib.crc32(want) if crc else 0)
@@ -323,14 +323,16 @@ def test_write_chunks_places_every_chunk_at_its_offset_and_counts_them(tmp_path)
 
 
 @pytest.mark.parametrize("fmt,suffix,target", [("torch-zip", ".pt", "PyTorch"), ("hdf5", ".h5", "HDF5")])
-@pytest.mark.parametrize("dtype,what", [
-    ("float4_e2m1fn", "has dtype float4_e2m1fn, which {target} cannot hold"),
-    ("no_such", "has unknown dtype no_such"),
-    ("gguf:Q4_K", "does not write quantized tensors"),
-    ("string", "is a TensorFlow string tensor, which {target} cannot hold"),
-])
-def test_writers_refuse_dtypes_they_cannot_hold_before_creating_anything(tmp_path, fmt, suffix, target, dtype,
-                                                                          what):
+@pytest.mark.parametrize(
+    "dtype,what",
+    [
+        ("float4_e2m1fn", "has dtype float4_e2m1fn, which {target} cannot hold"),
+        ("no_such", "has unknown dtype no_such"),
+        ("gguf:Q4_K", "does not write quantized tensors"),
+        ("string", "is a TensorFlow string tensor, which {target} cannot hold"),
+    ],
+)
+def test_writers_refuse_dtypes_they_cannot_hold_before_creating_anything(tmp_path, fmt, suffix, target, dtype, what):
     with pytest.raises(Incompatible, match=what.format(target=target)):
         writer_class(fmt)(tmp_path / f"m{suffix}", [TensorInfo("x", dtype, (2,), 1)])
     assert list(tmp_path.iterdir()) == []
@@ -345,11 +347,16 @@ def test_tied_tensors_must_point_at_a_written_tensor_of_the_same_shape(tmp_path)
     with pytest.raises(Incompatible, match="another dtype or shape"):
         W(tmp_path / "m.safetensors", [INFOS[0], TensorInfo("t", "float32", (2, 2), 16, alias_of="a")])
     with pytest.raises(Incompatible, match="which is not written"):  # a loop of aliases
-        W(tmp_path / "m.safetensors", [TensorInfo("p", "float32", (4,), 16, alias_of="q"),
-                                       TensorInfo("q", "float32", (4,), 16, alias_of="p")])
+        W(
+            tmp_path / "m.safetensors",
+            [TensorInfo("p", "float32", (4,), 16, alias_of="q"), TensorInfo("q", "float32", (4,), 16, alias_of="p")],
+        )
     # a chain of aliases resolves to its primary
-    infos = [INFOS[0], TensorInfo("t1", "float32", (4,), 16, alias_of="a"),
-             TensorInfo("t2", "float32", (4,), 16, alias_of="t1")]
+    infos = [
+        INFOS[0],
+        TensorInfo("t1", "float32", (4,), 16, alias_of="a"),
+        TensorInfo("t2", "float32", (4,), 16, alias_of="t1"),
+    ]
     with W(tmp_path / "m.safetensors", infos) as w:
         w.add(infos[0], [A.tobytes()])
     got = st.load_file(str(tmp_path / "m.safetensors"))

@@ -20,10 +20,16 @@ import pytest
 from conftest import REPO, cli, run
 
 JG = REPO.parent / "shared" / "fixtures" / "jax_gguf"
-needs_fixtures = pytest.mark.skipif(not (JG / "EXPECTED.json").is_file(), reason="../shared/fixtures/jax_gguf is absent")
+needs_fixtures = pytest.mark.skipif(
+    not (JG / "EXPECTED.json").is_file(), reason="../shared/fixtures/jax_gguf is absent"
+)
 # orbax_single is the same tree saved once with StandardCheckpointer: its values are step 200's
-CASES = {"orbax_run/100": "orbax_run/100", "orbax_run/200": "orbax_run/200", "orbax_single": "orbax_run/200",
-         "orbax_run/100/default": "orbax_run/100"}
+CASES = {
+    "orbax_run/100": "orbax_run/100",
+    "orbax_run/200": "orbax_run/200",
+    "orbax_single": "orbax_run/200",
+    "orbax_run/100/default": "orbax_run/100",
+}
 
 
 def expected(key: str) -> dict:
@@ -62,7 +68,8 @@ def test_inspect_fixture_names_dtypes_shapes(key):
     exp = expected(key)
     assert doc["format"] == "orbax"
     assert {t["name"]: (t["dtype"], t["shape"]) for t in doc["tensors"]} == {
-        n: (e["dtype"], e["shape"]) for n, e in exp.items()}
+        n: (e["dtype"], e["shape"]) for n, e in exp.items()
+    }
 
 
 @needs_fixtures
@@ -89,7 +96,8 @@ def test_convert_to_safetensors_bit_exact(tmp_path, key):
     back = load_file(str(out))
     exp = expected(key)
     assert {n: (str(a.dtype), list(a.shape), sha(a.tobytes())) for n, a in back.items()} == {
-        n: (e["dtype"], e["shape"], e["sha256"]) for n, e in exp.items()}
+        n: (e["dtype"], e["shape"], e["sha256"]) for n, e in exp.items()
+    }
 
 
 @needs_fixtures
@@ -100,9 +108,18 @@ def test_convert_to_pt_and_h5_bit_exact(tmp_path):
     exp = expected("orbax_run/100")
     assert cli("convert", JG / "orbax_run/100", tmp_path / "a.pt").exit_code == 0
     sd = torch.load(tmp_path / "a.pt", weights_only=True)
-    got = {n: (str(t.dtype).removeprefix("torch."), list(t.shape),
-               sha(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dim() else
-                   t.reshape(1).view(torch.uint8).numpy().tobytes())) for n, t in sd.items()}
+    got = {
+        n: (
+            str(t.dtype).removeprefix("torch."),
+            list(t.shape),
+            sha(
+                t.contiguous().view(torch.uint8).numpy().tobytes()
+                if t.dim()
+                else t.reshape(1).view(torch.uint8).numpy().tobytes()
+            ),
+        )
+        for n, t in sd.items()
+    }
     assert got == {n: (e["dtype"], e["shape"], e["sha256"]) for n, e in exp.items()}
     assert cli("convert", JG / "orbax_run/100", tmp_path / "a.h5").exit_code == 0
     with h5py.File(tmp_path / "a.h5", "r") as f:
@@ -143,7 +160,8 @@ def test_average_of_two_steps(tmp_path):
         want = ((A[n].astype(np.float64) + B[n].astype(np.float64)) / 2).astype(np.float32)
         assert avg[n].tobytes() == want.tobytes(), n
     want16 = ((A["dense2/kernel"].astype(np.float64) + B["dense2/kernel"].astype(np.float64)) / 2).astype(
-        ml_dtypes.bfloat16)
+        ml_dtypes.bfloat16
+    )
     assert avg["dense2/kernel"].tobytes() == want16.tobytes()
     assert avg["step_count"].tobytes() == B["step_count"].tobytes()  # ints are not averaged
 
@@ -165,7 +183,9 @@ def test_ls_run_shows_steps_metrics_and_counts():
     rows = json.loads(r.stdout)
     rows = rows["checkpoints"] if isinstance(rows, dict) else rows
     assert [(c["step"], c["format"], c["metrics"], c["num_tensors"], c["error"]) for c in rows] == [
-        (100, "orbax", {"eval_loss": 0.9}, 7, None), (200, "orbax", {"eval_loss": 0.7}, 7, None)]
+        (100, "orbax", {"eval_loss": 0.9}, 7, None),
+        (200, "orbax", {"eval_loss": 0.7}, 7, None),
+    ]
     t = cli("ls", JG / "orbax_run")
     assert "eval_loss=0.9" in t.stdout and "eval_loss=0.7" in t.stdout
 
@@ -268,14 +288,28 @@ def hand_item(root: Path, arrays: dict[str, tuple[np.ndarray, str | None, list[i
     tree = {}
     for name, (arr, comp, chunks) in arrays.items():
         parts = name.split("/")
-        tree[str(tuple(parts))] = {"key_metadata": [{"key": k, "key_type": 2} for k in parts],
-                                   "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
+        tree[str(tuple(parts))] = {
+            "key_metadata": [{"key": k, "key_type": 2} for k in parts],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+        }
         z = root / ".".join(parts)
         z.mkdir()
         dt = arr.dtype.str if arr.dtype.name != "bfloat16" else "bfloat16"
-        (z / ".zarray").write_text(json.dumps({
-            "chunks": chunks, "compressor": {"id": comp} if comp else None, "dimension_separator": ".", "dtype": dt,
-            "fill_value": None, "filters": None, "order": "C", "shape": list(arr.shape), "zarr_format": 2}))
+        (z / ".zarray").write_text(
+            json.dumps(
+                {
+                    "chunks": chunks,
+                    "compressor": {"id": comp} if comp else None,
+                    "dimension_separator": ".",
+                    "dtype": dt,
+                    "fill_value": None,
+                    "filters": None,
+                    "order": "C",
+                    "shape": list(arr.shape),
+                    "zarr_format": 2,
+                }
+            )
+        )
         grid = [-(-s // c) for s, c in zip(arr.shape, chunks)]
         for idx in np.ndindex(*grid):
             block = np.zeros(chunks, dtype=arr.dtype)
@@ -287,8 +321,16 @@ def hand_item(root: Path, arrays: dict[str, tuple[np.ndarray, str | None, list[i
             elif comp == "gzip":
                 raw = gzip.compress(raw)
             (z / (".".join(map(str, idx)) if idx else "0")).write_bytes(raw)
-    (root / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-                                                "store_array_data_equal_to_fill_value": True}))
+    (root / "_METADATA").write_text(
+        json.dumps(
+            {
+                "tree_metadata": tree,
+                "use_ocdbt": False,
+                "use_zarr3": False,
+                "store_array_data_equal_to_fill_value": True,
+            }
+        )
+    )
     return root
 
 
@@ -308,8 +350,11 @@ def test_hand_written_zarr_chunks_big_endian_and_padding(tmp_path):
     with open_reader(d) as r:
         info = r.info()
         assert [(t.name, t.dtype, t.shape) for t in info.tensors] == [
-            ("enc/w", "float32", (13, 7)), ("enc/b", "bfloat16", (9,)), ("head/i", "int64", (2, 3, 4)),
-            ("step", "int32", ())]
+            ("enc/w", "float32", (13, 7)),
+            ("enc/b", "bfloat16", (9,)),
+            ("head/i", "int64", (2, 3, 4)),
+            ("step", "int32", ()),
+        ]
         for name, (arr, _c, _ch) in arrays.items():
             want = arr.astype(arr.dtype.newbyteorder("<")) if arr.dtype.byteorder == ">" else arr
             assert b"".join(bytes(c) for c in r.iter_chunks(name, 5)) == want.tobytes(), name
@@ -320,8 +365,12 @@ def test_tree_key_cannot_escape_the_folder(tmp_path):
     hand_item(outside, {"w": (np.ones(4, np.float32), None, [4])})
     d = hand_item(tmp_path / "item", {"w": (np.ones(4, np.float32), None, [4])})
     meta = json.loads((d / "_METADATA").read_text())
-    meta["tree_metadata"] = {"('../secret/w',)": {"key_metadata": [{"key": "../secret/w", "key_type": 2}],
-                                                   "value_metadata": {"value_type": "jax.Array"}}}
+    meta["tree_metadata"] = {
+        "('../secret/w',)": {
+            "key_metadata": [{"key": "../secret/w", "key_type": 2}],
+            "value_metadata": {"value_type": "jax.Array"},
+        }
+    }
     (d / "_METADATA").write_text(json.dumps(meta))
     one_line_error(run("inspect", d), "outside")
 
@@ -343,8 +392,18 @@ def test_hand_written_truncated_chunk_is_one_line(tmp_path):
 
 
 # ---- written by TensorStore (the library Orbax writes with) --------------------------------------
-def ts_item(root: Path, arrays: dict, *, zarr3=False, chunks=None, ocdbt=True, sharding=False, node_bytes=None,
-            fill=None, config=None):
+def ts_item(
+    root: Path,
+    arrays: dict,
+    *,
+    zarr3=False,
+    chunks=None,
+    ocdbt=True,
+    sharding=False,
+    node_bytes=None,
+    fill=None,
+    config=None,
+):
     """An Orbax item written with TensorStore as Orbax does: one OCDBT database, a Zarr array per leaf."""
     tensorstore = pytest.importorskip("tensorstore", reason="tensorstore (dev extra) writes OCDBT/Zarr")
     root.mkdir(parents=True)
@@ -359,27 +418,57 @@ def ts_item(root: Path, arrays: dict, *, zarr3=False, chunks=None, ocdbt=True, s
         ch = (chunks or {}).get(name, list(arr.shape))
         dt = arr.dtype.name
         if zarr3:
-            codecs = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 1}}]
+            codecs = [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "zstd", "configuration": {"level": 1}},
+            ]
             if sharding:
                 inner = [c // 2 if c % 2 == 0 else c for c in ch]
                 codecs = [{"name": "sharding_indexed", "configuration": {"chunk_shape": inner, "codecs": codecs}}]
-            spec = {"driver": "zarr3", "metadata": {"shape": list(arr.shape), "data_type": dt, "codecs": codecs,
-                                                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": ch}}}}
+            spec = {
+                "driver": "zarr3",
+                "metadata": {
+                    "shape": list(arr.shape),
+                    "data_type": dt,
+                    "codecs": codecs,
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": ch}},
+                },
+            }
             if fill is not None:
                 spec["metadata"]["fill_value"] = fill
         else:
-            spec = {"driver": "zarr", "metadata": {"shape": list(arr.shape), "chunks": ch, "compressor": {"id": "zstd"},
-                                                   "dtype": "bfloat16" if dt == "bfloat16" else arr.dtype.str}}
+            spec = {
+                "driver": "zarr",
+                "metadata": {
+                    "shape": list(arr.shape),
+                    "chunks": ch,
+                    "compressor": {"id": "zstd"},
+                    "dtype": "bfloat16" if dt == "bfloat16" else arr.dtype.str,
+                },
+            }
         spec["store_data_equal_to_fill_value"] = fill is None  # as Orbax asks
-        spec["kvstore"] = ({"driver": "ocdbt", "base": f"file://{root}", "config": config, "path": key + "/"}
-                           if ocdbt else f"file://{root}/{key}/")
+        spec["kvstore"] = (
+            {"driver": "ocdbt", "base": f"file://{root}", "config": config, "path": key + "/"}
+            if ocdbt
+            else f"file://{root}/{key}/"
+        )
         t = tensorstore.open(spec, create=True, open=True, context=ctx).result()
         t.write(arr).result()
         parts = name.split("/")
-        tree[str(tuple(parts))] = {"key_metadata": [{"key": k, "key_type": 2} for k in parts],
-                                   "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
-    (root / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_ocdbt": ocdbt, "use_zarr3": zarr3,
-                                                "store_array_data_equal_to_fill_value": fill is None}))
+        tree[str(tuple(parts))] = {
+            "key_metadata": [{"key": k, "key_type": 2} for k in parts],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+        }
+    (root / "_METADATA").write_text(
+        json.dumps(
+            {
+                "tree_metadata": tree,
+                "use_ocdbt": ocdbt,
+                "use_zarr3": zarr3,
+                "store_array_data_equal_to_fill_value": fill is None,
+            }
+        )
+    )
     return root
 
 
@@ -405,11 +494,13 @@ def ts_arrays():
     import ml_dtypes
 
     rng = np.random.default_rng(0)
-    return {"params/emb": rng.standard_normal((300, 257), dtype=np.float32),
-            "params/blk/w16": rng.standard_normal((64, 33)).astype(ml_dtypes.bfloat16),
-            "params/blk/idx": rng.integers(-5, 1000, (17, 5, 3)).astype(np.int64),
-            "opt/flag": rng.integers(0, 2, (6,)).astype(bool),
-            "opt/count": np.array(3.5, dtype=np.float64)}
+    return {
+        "params/emb": rng.standard_normal((300, 257), dtype=np.float32),
+        "params/blk/w16": rng.standard_normal((64, 33)).astype(ml_dtypes.bfloat16),
+        "params/blk/idx": rng.integers(-5, 1000, (17, 5, 3)).astype(np.int64),
+        "opt/flag": rng.integers(0, 2, (6,)).astype(bool),
+        "opt/count": np.array(3.5, dtype=np.float64),
+    }
 
 
 VARIANTS = {
@@ -417,7 +508,11 @@ VARIANTS = {
     "zarr2-chunked": {"chunks": {"params/emb": [64, 100], "params/blk/w16": [10, 33], "params/blk/idx": [4, 2, 3]}},
     "zarr3": {"zarr3": True},
     "zarr3-chunked": {"zarr3": True, "chunks": {"params/emb": [64, 100], "params/blk/idx": [4, 2, 3]}},
-    "zarr3-sharded": {"zarr3": True, "sharding": True, "chunks": {"params/emb": [64, 100], "params/blk/idx": [4, 2, 2]}},
+    "zarr3-sharded": {
+        "zarr3": True,
+        "sharding": True,
+        "chunks": {"params/emb": [64, 100], "params/blk/idx": [4, 2, 2]},
+    },
     "no-ocdbt": {"ocdbt": False, "chunks": {"params/emb": [64, 100]}},
     "numbered-manifest": {"config": {"manifest_kind": "numbered"}, "chunks": {"params/emb": [64, 100]}},
     "uncompressed-ocdbt": {"config": {"compression": None}},
@@ -436,7 +531,8 @@ def test_tensorstore_written_variants(tmp_path, monkeypatch, variant, stream):
     with open_reader(d) as r:
         info = r.info()
         assert {t.name: (t.dtype, t.shape) for t in info.tensors} == {
-            n: (str(a.dtype), a.shape) for n, a in arrays.items()}
+            n: (str(a.dtype), a.shape) for n, a in arrays.items()
+        }
         for n, a in arrays.items():
             assert b"".join(bytes(c) for c in r.iter_chunks(n, 4096)) == a.tobytes(), n
     out = tmp_path / "o.safetensors"
@@ -502,19 +598,32 @@ def test_step_with_several_items(tmp_path):
     for step, loss in ((10, 2.0), (20, 1.5)):
         d = run_dir / str(step)
         ts_item(d / "params", {"dense/kernel": rng.standard_normal((4, 3), dtype=np.float32)})
-        ts_item(d / "opt_state", {"0/mu/dense/kernel": np.zeros((4, 3), np.float32),
-                                  "0/count": np.array(step, np.int32)})
-        (d / "_CHECKPOINT_METADATA").write_text(json.dumps({
-            "item_handlers": {"params": "StandardCheckpointHandler", "opt_state": "StandardCheckpointHandler"},
-            "metrics": {"loss": loss}, "init_timestamp_nsecs": 1, "commit_timestamp_nsecs": 2}))
+        ts_item(
+            d / "opt_state", {"0/mu/dense/kernel": np.zeros((4, 3), np.float32), "0/count": np.array(step, np.int32)}
+        )
+        (d / "_CHECKPOINT_METADATA").write_text(
+            json.dumps(
+                {
+                    "item_handlers": {"params": "StandardCheckpointHandler", "opt_state": "StandardCheckpointHandler"},
+                    "metrics": {"loss": loss},
+                    "init_timestamp_nsecs": 1,
+                    "commit_timestamp_nsecs": 2,
+                }
+            )
+        )
         (d / "commit_success.txt").write_text("ok")
     doc = json.loads(run("inspect", run_dir / "20", "--all", "--format", "json").stdout)
-    assert [t["name"] for t in doc["tensors"]] == ["params/dense/kernel", "opt_state/0/mu/dense/kernel",
-                                                   "opt_state/0/count"]
+    assert [t["name"] for t in doc["tensors"]] == [
+        "params/dense/kernel",
+        "opt_state/0/mu/dense/kernel",
+        "opt_state/0/count",
+    ]
     # the one rule for training checkpoints: model weights by default, optimizer state with --all
     doc = json.loads(run("inspect", run_dir / "20", "--format", "json").stdout)
     assert [t["name"] for t in doc["tensors"]] == ["params/dense/kernel"]
     rows = json.loads(cli("ls", run_dir, "--format", "json").stdout)
     rows = rows["checkpoints"] if isinstance(rows, dict) else rows
     assert [(c["step"], c["metrics"], c["num_tensors"], c["has_optimizer"]) for c in rows] == [
-        (10, {"loss": 2.0}, 1, True), (20, {"loss": 1.5}, 1, True)]
+        (10, {"loss": 2.0}, 1, True),
+        (20, {"loss": 1.5}, 1, True),
+    ]

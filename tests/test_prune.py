@@ -42,26 +42,30 @@ def deleted(doc) -> list:
 
 
 # ---- policies -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("args,expect", [
-    (["--keep-last", "3"], [600, 700, 800]),
-    (["--keep-last", "1"], [800]),
-    (["--keep-every", "300"], [300, 600, 800]),
-    (["--keep-best", "eval_loss"], [300, 800]),
-    (["--keep-best", "eval_loss", "--best-n", "2"], [300, 600, 800]),
-    (["--keep-best", "eval_loss", "--mode", "max"], [100, 800]),
-    (["--keep-best", "eval_loss", "--mode", "max", "--best-n", "3"], [100, 700, 800]),
-    (["--keep-steps", "200,500"], [200, 500, 800]),
-    (["--keep-steps", "200", "--keep-steps", "400"], [200, 400, 800]),
-    (["--exp-spacing"], [100, 200, 400, 800]),
-    (["--keep-last", "2", "--keep-every", "400", "--keep-best", "eval_loss"], [300, 400, 700, 800]),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--keep-last", "3"], [600, 700, 800]),
+        (["--keep-last", "1"], [800]),
+        (["--keep-every", "300"], [300, 600, 800]),
+        (["--keep-best", "eval_loss"], [300, 800]),
+        (["--keep-best", "eval_loss", "--best-n", "2"], [300, 600, 800]),
+        (["--keep-best", "eval_loss", "--mode", "max"], [100, 800]),
+        (["--keep-best", "eval_loss", "--mode", "max", "--best-n", "3"], [100, 700, 800]),
+        (["--keep-steps", "200,500"], [200, 500, 800]),
+        (["--keep-steps", "200", "--keep-steps", "400"], [200, 400, 800]),
+        (["--exp-spacing"], [100, 200, 400, 800]),
+        (["--keep-last", "2", "--keep-every", "400", "--keep-best", "eval_loss"], [300, 400, 700, 800]),
+    ],
+)
 def test_policies(strun, args, expect):
     doc = plan_json(strun, *args)
     assert kept(doc) == expect
     assert sorted(kept(doc) + deleted(doc)) == list(STEPS)
     assert doc["dry_run"] is True and doc["result"] is None
-    assert doc["summary"]["bytes_freed"] == sum(os.path.getsize(c["path"]) for c in doc["checkpoints"]
-                                                if c["action"] == "delete")
+    assert doc["summary"]["bytes_freed"] == sum(
+        os.path.getsize(c["path"]) for c in doc["checkpoints"] if c["action"] == "delete"
+    )
 
 
 def test_reasons_are_given(strun):
@@ -86,15 +90,22 @@ def test_exp_spaced_is_a_fixed_grid():
             self.step = s
 
     cs = [C(s) for s in (0, 250, 500, 750, 1000, 1250, 1500, 2250, 4000, 9000)]
-    assert [(c.step, t) for c, t in exp_spaced(cs)] == [(250, 250), (500, 500), (1000, 1000), (2250, 2000),
-                                                        (4000, 4000), (9000, 8000)]
+    assert [(c.step, t) for c, t in exp_spaced(cs)] == [
+        (250, 250),
+        (500, 500),
+        (1000, 1000),
+        (2250, 2000),
+        (4000, 4000),
+        (9000, 8000),
+    ]
     assert exp_spaced([]) == [] and exp_spaced([C(0)]) == []
 
 
 def test_guess_mode():
-    assert [guess_mode(m) for m in ("eval_loss", "val_loss", "wer", "eval_accuracy", "val_acc", "bleu", "f1",
-                                     "perplexity", "reward")] == ["min", "min", "min", "max", "max", "max", "max",
-                                                                  "min", "max"]
+    assert [
+        guess_mode(m)
+        for m in ("eval_loss", "val_loss", "wer", "eval_accuracy", "val_acc", "bleu", "f1", "perplexity", "reward")
+    ] == ["min", "min", "min", "max", "max", "max", "max", "min", "max"]
 
 
 def test_guessed_mode_is_said(strun):
@@ -118,7 +129,9 @@ def test_alias_targets_protected(strun):
 
 
 def test_hf_best_model_checkpoint_protected(tmp_path):
-    root = hf_run(tmp_path / "out", steps=(500, 1000, 1500, 2000), eval_loss={500: 0.3, 1000: 0.7, 1500: 0.5, 2000: 0.6})
+    root = hf_run(
+        tmp_path / "out", steps=(500, 1000, 1500, 2000), eval_loss={500: 0.3, 1000: 0.7, 1500: 0.5, 2000: 0.6}
+    )
     age_tree(root)
     doc = plan_json(root, "--keep-last", "1")
     assert kept(doc) == [500, 2000]
@@ -126,8 +139,12 @@ def test_hf_best_model_checkpoint_protected(tmp_path):
 
 
 def test_lightning_best_and_last(tmp_path):
-    root = lightning_run(tmp_path / "ckpts", steps=(100, 200, 300, 400, 500),
-                         val_loss={100: 0.9, 200: 0.2, 300: 0.7, 400: 0.8, 500: 0.6}, last="copy")
+    root = lightning_run(
+        tmp_path / "ckpts",
+        steps=(100, 200, 300, 400, 500),
+        val_loss={100: 0.9, 200: 0.2, 300: 0.7, 400: 0.8, 500: 0.6},
+        last="copy",
+    )
     age_tree(root)
     doc = plan_json(root, "--keep-last", "1")
     assert kept(doc) == [200, 500]
@@ -186,7 +203,10 @@ def test_incomplete_protected(tmp_path):
     assert by["checkpoint-1500"]["protected_by"] == ["newest", "best per trainer_state best_model_checkpoint"]
     doc = plan_json(root, "--keep-last", "1", "--include-broken")
     assert {Path(c["path"]).name for c in doc["checkpoints"] if c["action"] == "delete"} == {
-        "tmp-checkpoint-2000", "checkpoint-1000", "checkpoint-500"}
+        "tmp-checkpoint-2000",
+        "checkpoint-1000",
+        "checkpoint-500",
+    }
 
 
 def test_unknown_step_never_deleted(strun):
@@ -213,8 +233,11 @@ def test_dry_run_changes_nothing(strun):
 
 
 def test_yes_deletes_exactly_the_plan(tmp_path):
-    root = hf_run(tmp_path / "out", steps=(500, 1000, 1500, 2000, 2500), eval_loss={
-        500: 0.9, 1000: 0.2, 1500: 0.8, 2000: 0.7, 2500: 0.75})
+    root = hf_run(
+        tmp_path / "out",
+        steps=(500, 1000, 1500, 2000, 2500),
+        eval_loss={500: 0.9, 1000: 0.2, 1500: 0.8, 2000: 0.7, 2500: 0.75},
+    )
     (root / "runs").mkdir()
     (root / "runs" / "events.out.tfevents").write_bytes(b"x")
     (root / "README.md").write_text("notes")
@@ -222,7 +245,9 @@ def test_yes_deletes_exactly_the_plan(tmp_path):
     doc = plan_json(root, "--keep-last", "2")
     planned = {p for c in doc["checkpoints"] if c["action"] == "delete" for p in c["files"]}
     assert {Path(c["path"]).name for c in doc["checkpoints"] if c["action"] == "delete"} == {
-        "checkpoint-500", "checkpoint-1500"}
+        "checkpoint-500",
+        "checkpoint-1500",
+    }
     before = tree_hash(root)
     r = run("prune", root, "--keep-last", "2", "--yes")
     assert r.returncode == 0, r.stderr
@@ -237,8 +262,10 @@ def test_yes_deletes_exactly_the_plan(tmp_path):
 def test_yes_json_result(strun):
     doc = plan_json(strun, "--keep-last", "6", "--yes")
     assert doc["dry_run"] is False
-    assert doc["result"]["done"] == [os.fspath(strun / "model_00000100.safetensors"),
-                                     os.fspath(strun / "model_00000200.safetensors")]
+    assert doc["result"]["done"] == [
+        os.fspath(strun / "model_00000100.safetensors"),
+        os.fspath(strun / "model_00000200.safetensors"),
+    ]
     assert doc["result"]["failed"] is None and doc["result"]["bytes_freed"] == doc["summary"]["bytes_freed"]
     assert sorted(p.name for p in strun.iterdir())[0] == "model_00000300.safetensors"
 
@@ -349,16 +376,19 @@ def test_failure_through_cli_reports(strun, monkeypatch):
 
 
 # ---- bad input ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("args,needle", [
-    ([], "no retention policy"),
-    (["--mode", "min", "--keep-last", "2"], "--mode only applies"),
-    (["--best-n", "2", "--keep-last", "2"], "--best-n only applies"),
-    (["--keep-best", "val_acc"], "val_acc"),
-    (["--keep-steps", "1k"], "--keep-steps"),
-    (["--keep-since", "7"], "invalid duration"),
-    (["--min-age", "soon", "--keep-last", "1"], "invalid duration"),
-    (["--keep-last", "0"], "--keep-last"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ([], "no retention policy"),
+        (["--mode", "min", "--keep-last", "2"], "--mode only applies"),
+        (["--best-n", "2", "--keep-last", "2"], "--best-n only applies"),
+        (["--keep-best", "val_acc"], "val_acc"),
+        (["--keep-steps", "1k"], "--keep-steps"),
+        (["--keep-since", "7"], "invalid duration"),
+        (["--min-age", "soon", "--keep-last", "1"], "invalid duration"),
+        (["--keep-last", "0"], "--keep-last"),
+    ],
+)
 def test_usage_errors(strun, args, needle):
     before = tree_hash(strun)
     r = run("prune", strun, *args, "--yes")
@@ -429,8 +459,13 @@ def test_multi_file_layouts_deleted_whole(tmp_path):
         assert r.exit_code == 0, r.output
     assert sorted(os.listdir(dcp)) == ["step_300"]
     assert sorted(os.listdir(orbax)) == ["2000"]
-    assert sorted(os.listdir(tf)) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index",
-                                      "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+    assert sorted(os.listdir(tf)) == [
+        "checkpoint",
+        "ckpt-1.data-00000-of-00001",
+        "ckpt-1.index",
+        "ckpt-3.data-00000-of-00001",
+        "ckpt-3.index",
+    ]
 
 
 def test_sharded_group_into_trash(tmp_path):
@@ -440,8 +475,10 @@ def test_sharded_group_into_trash(tmp_path):
     root = st_run(tmp_path / "run", steps=(10, 20))
     save_file({"a": np.ones(3, np.float32)}, str(root / "model-00001-of-00002.safetensors"))
     save_file({"b": np.ones(5, np.float32)}, str(root / "model-00002-of-00002.safetensors"))
-    index = {"metadata": {"total_size": 32}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                          "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {"total_size": 32},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
     age_tree(root)
     doc = plan_json(root, "--keep-last", "1")
@@ -451,15 +488,18 @@ def test_sharded_group_into_trash(tmp_path):
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
     # older than the step files, or the "newest (modified last)" protection would keep it: the
     # shards were written after step 20, which only shows on a clock finer than the file system's
-    for n in ("model.safetensors.index.json", "model-00001-of-00002.safetensors",
-              "model-00002-of-00002.safetensors"):
+    for n in ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         set_mtime(root / n, time.time() - 7200)
     trash = tmp_path / "trash"
     r = cli("prune", root, "--keep-last", "1", "--trash", trash, "--yes", "-f", "json")
     assert r.exit_code == 0, r.output
     assert sorted(d for d in json.loads(r.stdout)["result"]["moved_to"]) == sorted(
-        os.fspath(root / n) for n in ("model.safetensors.index.json", "model_00000010.safetensors"))
+        os.fspath(root / n) for n in ("model.safetensors.index.json", "model_00000010.safetensors")
+    )
     moved = trash / "run" / "model"
-    assert sorted(os.listdir(moved)) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                                         "model.safetensors.index.json"]
+    assert sorted(os.listdir(moved)) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
     assert sorted(os.listdir(root)) == ["model_00000020.safetensors"]

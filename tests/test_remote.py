@@ -22,8 +22,13 @@ MB = 1024 * 1024
 def _client(env):
     import boto3
 
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing-secret")
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+    )
 
 
 def _bucket(env, name: str):
@@ -265,14 +270,28 @@ def test_errors_s3_missing_bucket_and_key(s3_env, big_bucket):
 
 def test_secret_storage_option_never_printed(s3_env):
     secret = "SUPERSECRETkey-9f8e7d"
-    res = run("inspect", "--storage-option", f"secret={secret}", "--storage-option", "key=AKIAEXAMPLE",
-              "s3://no-such-bucket-xyz/m.safetensors", env=s3_env, timeout=60)
+    res = run(
+        "inspect",
+        "--storage-option",
+        f"secret={secret}",
+        "--storage-option",
+        "key=AKIAEXAMPLE",
+        "s3://no-such-bucket-xyz/m.safetensors",
+        env=s3_env,
+        timeout=60,
+    )
     assert res.returncode == 1
     assert secret not in res.stderr and secret not in res.stdout
     _one_line(res)
     # after the command too; an option the file system does not take is one line, exit 2
-    res = run("inspect", "s3://no-such-bucket-xyz/m.safetensors", "--storage-option", f"password={secret}",
-              env=s3_env, timeout=60)
+    res = run(
+        "inspect",
+        "s3://no-such-bucket-xyz/m.safetensors",
+        "--storage-option",
+        f"password={secret}",
+        env=s3_env,
+        timeout=60,
+    )
     assert res.returncode in (1, 2)
     assert secret not in res.stderr and "Traceback" not in res.stderr
 
@@ -331,8 +350,10 @@ def test_missing_extra_and_remote_destination(tmp_path, monkeypatch):
 
 def test_credentials_in_urls_never_printed(http_server):
     secret = "Zq8-SIGNATURE-7f3a"
-    for url in (f"{http_server.url}/missing.safetensors?X-Amz-Signature={secret}&X-Amz-Expires=60",
-                http_server.url.replace("http://", f"http://user:{secret}@") + "/missing.safetensors"):
+    for url in (
+        f"{http_server.url}/missing.safetensors?X-Amz-Signature={secret}&X-Amz-Expires=60",
+        http_server.url.replace("http://", f"http://user:{secret}@") + "/missing.safetensors",
+    ):
         res = cli("inspect", url)
         assert res.exit_code == 1
         line = _one_line(res)

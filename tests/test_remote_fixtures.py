@@ -138,8 +138,20 @@ def test_suite_scan_and_diff_no_values_same_over_s3(s3_env, suites, suite):
     pairs = [u for u in units if not (FIXTURES / u).is_dir() or (FIXTURES / u / "_CHECKPOINT_METADATA").is_file()]
     codes = []
     for a, b in zip(pairs, pairs[1:] + pairs[:1]):
-        codes.append(_compare(lambda root, a=a, b=b: ("diff", "--no-values", "--all", "--format", "json",
-                                                      f"{root}/{a}", f"{root}/{b}"), f"diff {a} {b}"))
+        codes.append(
+            _compare(
+                lambda root, a=a, b=b: (
+                    "diff",
+                    "--no-values",
+                    "--all",
+                    "--format",
+                    "json",
+                    f"{root}/{a}",
+                    f"{root}/{b}",
+                ),
+                f"diff {a} {b}",
+            )
+        )
     assert 1 in codes  # some pairs differ (the comparison is not vacuous)
 
 
@@ -147,12 +159,12 @@ def _tensor_sha(path: Path) -> dict[str, str]:
     """sha256 of every tensor's stored bytes, from the safetensors layout itself (any dtype)."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     out = {}
     for k, v in header.items():
         if k != "__metadata__":
             a, b = v["data_offsets"]
-            out[k] = hashlib.sha256(raw[8 + n + a:8 + n + b]).hexdigest()
+            out[k] = hashlib.sha256(raw[8 + n + a : 8 + n + b]).hexdigest()
     return out
 
 
@@ -223,8 +235,11 @@ def big_new(tmp_path_factory, s3_server):
     w.write_tensors_to_file()
     w.close()
     write_bundle(d / "tf" / "ckpt-1", {f"{n}/.ATTRIBUTES/VARIABLE_VALUE": a for n, a in arrays.items()})
-    ts_item(d / "orbax", {n.replace(".", "/"): a for n, a in arrays.items()},
-            chunks={n.replace(".", "/"): [ROWS // 2, COLS] for n in arrays})
+    ts_item(
+        d / "orbax",
+        {n.replace(".", "/"): a for n, a in arrays.items()},
+        chunks={n.replace(".", "/"): [ROWS // 2, COLS] for n in arrays},
+    )
     _upload(s3_server[0], "bignew", d)
     return d, arrays
 
@@ -241,8 +256,11 @@ def test_inspect_big_new_format_over_s3_reads_under_2mb(s3_env, s3_server, big_n
     d, arrays = big_new
     rel = NEW_FORMATS[fmt]
     local = d / rel
-    on_disk = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()
-                  and (p == local or local in p.parents or p.name.startswith(local.name + ".")))
+    on_disk = sum(
+        p.stat().st_size
+        for p in d.rglob("*")
+        if p.is_file() and (p == local or local in p.parents or p.name.startswith(local.name + "."))
+    )
     assert on_disk > 20 * MB  # Orbax's zstd takes a little off random floats
     proxy = s3_server[1]
     proxy.reset()
@@ -277,8 +295,14 @@ def test_convert_big_new_format_from_s3_bit_exact(s3_env, big_new, fmt, tmp_path
     for n, a in arrays.items():
         assert got[_name(fmt, n)].tobytes() == a.tobytes(), n
     # a value changed on one side: diff streams both from S3 and names that tensor only
-    res = cli("diff", "--format", "json", f"s3://bignew/{NEW_FORMATS[fmt]}", "s3://bignew/model.gguf",
-              *(["--rename", r"/=."] if fmt == "orbax" else []))
+    res = cli(
+        "diff",
+        "--format",
+        "json",
+        f"s3://bignew/{NEW_FORMATS[fmt]}",
+        "s3://bignew/model.gguf",
+        *(["--rename", r"/=."] if fmt == "orbax" else []),
+    )
     assert res.exit_code == 0, res.stdout + res.stderr
 
 
@@ -305,8 +329,12 @@ def test_new_formats_missing_key_over_s3_and_https(s3_env, big_new, http_server,
     r = run("inspect", "s3://bignew/nothing.gguf", env=s3_env)  # a real process: exit code, stderr
     assert r.returncode == 1 and r.stdout == ""
     assert "no such" in _one_line(r) and "s3://bignew/nothing.gguf" in r.stderr
-    for url in (f"{base}/nothing.gguf", f"{base}/tf/ckpt-9.index", "s3://bignew/tf/ckpt-9",
-                "s3://bignew/tf/ckpt-9.index"):
+    for url in (
+        f"{base}/nothing.gguf",
+        f"{base}/tf/ckpt-9.index",
+        "s3://bignew/tf/ckpt-9",
+        "s3://bignew/tf/ckpt-9.index",
+    ):
         r = cli("inspect", url)
         assert r.exit_code == 1, (url, r.stderr)
         line = _one_line(r)

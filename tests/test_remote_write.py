@@ -29,8 +29,13 @@ MB = 1024 * 1024
 def s3(s3_env):
     import boto3
 
-    c = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                     aws_access_key_id="testing", aws_secret_access_key="testing-secret")
+    c = boto3.client(
+        "s3",
+        endpoint_url=s3_env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+    )
     try:
         c.create_bucket(Bucket=BUCKET)
     except c.exceptions.BucketAlreadyOwnedByYou:
@@ -60,8 +65,12 @@ def source(path: Path, mb: float = 2.0) -> dict:
 
     g = torch.Generator().manual_seed(1)
     n = int(mb * MB / 4 / 3)
-    sd = {"enc.weight": torch.randn(n, generator=g), "enc.bias": torch.randn(n, generator=g).half(),
-          "dec.weight": torch.randn(n // 2, 2, generator=g), "step": torch.tensor([3, 4, 5])}
+    sd = {
+        "enc.weight": torch.randn(n, generator=g),
+        "enc.bias": torch.randn(n, generator=g).half(),
+        "dec.weight": torch.randn(n // 2, 2, generator=g),
+        "step": torch.tensor([3, 4, 5]),
+    }
     torch.save(sd, path)
     return sd
 
@@ -108,8 +117,9 @@ def test_convert_to_s3_safetensors_is_the_reference_file(s3, tmp_path, s3_server
     assert m and int(m.group(1).replace(",", "")) == size and int(m.group(2)) == -(-size // UPLOAD_PART) > 1
 
 
-def test_convert_from_s3_downloads_the_source_once_and_verify_still_reads_the_output(s3, tmp_path, s3_server,
-                                                                                     monkeypatch):
+def test_convert_from_s3_downloads_the_source_once_and_verify_still_reads_the_output(
+    s3, tmp_path, s3_server, monkeypatch
+):
     """S3 -> local: verify checks the bytes on disk against the checksums of what came over the
     wire, so the source is downloaded once, not twice; a byte changed on disk after the write is
     still caught (verify reads the output, not its own report)."""
@@ -165,8 +175,9 @@ def test_convert_to_s3_read_back_with_the_producer_library(s3, tmp_path, suffix)
 
         with h5py.File(local, "r") as f:
             got = {}
-            f.visititems(lambda n, o: got.__setitem__(n, torch.from_numpy(o[()])) if isinstance(o, h5py.Dataset)
-                         else None)
+            f.visititems(
+                lambda n, o: got.__setitem__(n, torch.from_numpy(o[()])) if isinstance(o, h5py.Dataset) else None
+            )
         got = {k.replace("/", "."): v for k, v in got.items()}
     same_tensors(got, sd)
 
@@ -202,8 +213,13 @@ def test_average_to_s3_reads_remote_inputs(s3, tmp_path):
     for name, d in (("a", a), ("b", b)):
         save_file(d, tmp_path / f"{name}.safetensors")
         s3.upload_file(str(tmp_path / f"{name}.safetensors"), BUCKET, f"in/{name}.safetensors")
-    res = run("average", f"s3://{BUCKET}/in/a.safetensors", f"s3://{BUCKET}/in/b.safetensors",
-              "-o", f"s3://{BUCKET}/avg.safetensors")
+    res = run(
+        "average",
+        f"s3://{BUCKET}/in/a.safetensors",
+        f"s3://{BUCKET}/in/b.safetensors",
+        "-o",
+        f"s3://{BUCKET}/avg.safetensors",
+    )
     assert res.returncode == 0, res.stderr
     (tmp_path / "avg.safetensors").write_bytes(get(s3, "avg.safetensors"))
     got = load_file(tmp_path / "avg.safetensors")
@@ -212,8 +228,13 @@ def test_average_to_s3_reads_remote_inputs(s3, tmp_path):
     assert got["n"].tolist() == [5, 6]  # integers: copied from the last input
     assert set(keys(s3)) == {"in/a.safetensors", "in/b.safetensors", "avg.safetensors"}
     assert pending(s3) == []
-    res = run("average", f"s3://{BUCKET}/in/a.safetensors", f"s3://{BUCKET}/in/b.safetensors",
-              "-o", f"s3://{BUCKET}/avg.safetensors")
+    res = run(
+        "average",
+        f"s3://{BUCKET}/in/a.safetensors",
+        f"s3://{BUCKET}/in/b.safetensors",
+        "-o",
+        f"s3://{BUCKET}/avg.safetensors",
+    )
     assert res.returncode == 1 and "already exists (--force to overwrite)" in one_line(res.stderr)
 
 
@@ -285,8 +306,17 @@ def test_average_interrupted_leaves_nothing(s3, tmp_path):
     for name in ("a", "b"):
         save_file({"w": rng.standard_normal(6 * MB).astype(np.float32)}, tmp_path / f"{name}.safetensors")
     old = _existing(s3, "avg.safetensors")
-    p = Paused(["average", "--force", tmp_path / "a.safetensors", tmp_path / "b.safetensors",
-                "-o", f"s3://{BUCKET}/avg.safetensors"], "upload-parts")
+    p = Paused(
+        [
+            "average",
+            "--force",
+            tmp_path / "a.safetensors",
+            tmp_path / "b.safetensors",
+            "-o",
+            f"s3://{BUCKET}/avg.safetensors",
+        ],
+        "upload-parts",
+    )
     assert len(pending(s3)) == 1
     p.p.send_signal(signal.SIGINT)
     res = p.resume()
@@ -319,9 +349,17 @@ def test_verify_reads_the_remote_bytes_and_a_mismatch_leaves_dst_alone(s3, tmp_p
 def test_missing_bucket_is_one_line_and_secrets_stay_hidden(s3, tmp_path):
     source(tmp_path / "m.pt", mb=0.1)
     secret = "S3cr3t-Value-9431"
-    res = run("-v", "convert", tmp_path / "m.pt", "s3://no-such-bucket-x/m.safetensors",
-              "--storage-option", f"secret={secret}", "--storage-option", "key=testing",
-              env={"AWS_SECRET_ACCESS_KEY": "testing-secret"})
+    res = run(
+        "-v",
+        "convert",
+        tmp_path / "m.pt",
+        "s3://no-such-bucket-x/m.safetensors",
+        "--storage-option",
+        f"secret={secret}",
+        "--storage-option",
+        "key=testing",
+        env={"AWS_SECRET_ACCESS_KEY": "testing-secret"},
+    )
     assert res.returncode == 1
     assert one_line(res.stderr) == "error: s3://no-such-bucket-x: no such bucket"
     assert secret not in res.stderr + res.stdout and "testing-secret" not in res.stderr + res.stdout
@@ -329,8 +367,13 @@ def test_missing_bucket_is_one_line_and_secrets_stay_hidden(s3, tmp_path):
     assert res.returncode == 1 and one_line(res.stderr) == "error: s3://no-such-bucket-x: no such bucket"
 
 
-@pytest.mark.parametrize("url,why", [("https://example.org/m.safetensors", "https:// is read-only"),
-                                     ("hf://user/repo/m.safetensors", "does not write to hf://")])
+@pytest.mark.parametrize(
+    "url,why",
+    [
+        ("https://example.org/m.safetensors", "https:// is read-only"),
+        ("hf://user/repo/m.safetensors", "does not write to hf://"),
+    ],
+)
 def test_read_only_protocols_are_refused(tmp_path, url, why):
     source(tmp_path / "m.pt", mb=0.1)
     res = run("convert", tmp_path / "m.pt", url)
@@ -383,7 +426,7 @@ def test_upload_sends_bounded_parts_in_order(s3, monkeypatch):
     blob = rng.integers(0, 256, 23 * MB + 17, dtype=np.uint8).tobytes()
     up = sources.Upload(f"s3://{BUCKET}/blob")
     for i in range(0, len(blob), 3 * MB + 1):  # writes that do not line up with parts
-        up.write(blob[i:i + 3 * MB + 1])
+        up.write(blob[i : i + 3 * MB + 1])
     assert pending(s3) == ["blob"] and "blob" not in keys(s3)
     up.complete()
     assert get(s3, "blob") == blob

@@ -30,35 +30,47 @@ needs_torch_reader = pytest.mark.skipif(not HAS_TORCH_READER, reason="torch zip 
 needs_dcp_reader = pytest.mark.skipif(not HAS_DCP_READER, reason="DCP reader not in the tree yet")
 
 
-@pytest.mark.parametrize("name,step,epoch,metrics", [
-    ("epoch=3-step=1200.ckpt", 1200, 3, {}),
-    ("epoch=3-step=1200-val_loss=0.12.ckpt", 1200, 3, {"val_loss": 0.12}),
-    ("epoch=3-step=1200-v1.ckpt", 1200, 3, {}),
-    ("sample-epoch=02-val_acc=0.91-lr=1e-05.ckpt", None, 2, {"val_acc": 0.91, "lr": 1e-05}),
-    ("checkpoint_3_1200.pt", 1200, 3, {}),
-    ("checkpoint3.pt", None, 3, {}),
-    ("checkpoint-500", 500, None, {}),
-    ("step_1000.pt", 1000, None, {}),
-    ("step-1000.safetensors", 1000, None, {}),
-    ("global_step100", 100, None, {}),
-    ("iter_0001000", 1000, None, {}),
-    ("model_00010000.safetensors", 10000, None, {}),
-    ("ckpt-5", 5, None, {}),
-    ("100", 100, None, {}),
-    ("model-00001-of-00003.safetensors", None, None, {}),
-    ("resnet50.pt", None, None, {}),
-    ("last.ckpt", None, None, {}),
-    ("checkpoint_best.pt", None, None, {}),
-])
+@pytest.mark.parametrize(
+    "name,step,epoch,metrics",
+    [
+        ("epoch=3-step=1200.ckpt", 1200, 3, {}),
+        ("epoch=3-step=1200-val_loss=0.12.ckpt", 1200, 3, {"val_loss": 0.12}),
+        ("epoch=3-step=1200-v1.ckpt", 1200, 3, {}),
+        ("sample-epoch=02-val_acc=0.91-lr=1e-05.ckpt", None, 2, {"val_acc": 0.91, "lr": 1e-05}),
+        ("checkpoint_3_1200.pt", 1200, 3, {}),
+        ("checkpoint3.pt", None, 3, {}),
+        ("checkpoint-500", 500, None, {}),
+        ("step_1000.pt", 1000, None, {}),
+        ("step-1000.safetensors", 1000, None, {}),
+        ("global_step100", 100, None, {}),
+        ("iter_0001000", 1000, None, {}),
+        ("model_00010000.safetensors", 10000, None, {}),
+        ("ckpt-5", 5, None, {}),
+        ("100", 100, None, {}),
+        ("model-00001-of-00003.safetensors", None, None, {}),
+        ("resnet50.pt", None, None, {}),
+        ("last.ckpt", None, None, {}),
+        ("checkpoint_best.pt", None, None, {}),
+    ],
+)
 def test_parse_name(name, step, epoch, metrics):
     assert parse_name(name) == (step, epoch, metrics)
 
 
-@pytest.mark.parametrize("name,role", [
-    ("last.ckpt", "last"), ("last-v1.ckpt", "last"), ("checkpoint_last.pt", "last"),
-    ("checkpoint_best.pt", "best"), ("best", "best"), ("model_best.pth", "best"),
-    ("epoch=3-step=1200.ckpt", None), ("checkpoint_3_1200.pt", None), ("bestiary.pt", None),
-])
+@pytest.mark.parametrize(
+    "name,role",
+    [
+        ("last.ckpt", "last"),
+        ("last-v1.ckpt", "last"),
+        ("checkpoint_last.pt", "last"),
+        ("checkpoint_best.pt", "best"),
+        ("best", "best"),
+        ("model_best.pth", "best"),
+        ("epoch=3-step=1200.ckpt", None),
+        ("checkpoint_3_1200.pt", None),
+        ("bestiary.pt", None),
+    ],
+)
 def test_role_of(name, role):
     assert role_of(name) == role
 
@@ -77,8 +89,9 @@ def test_parse_duration():
 
 # ---- HF Trainer ---------------------------------------------------------------------------------
 def test_hf_trainer_run(tmp_path):
-    root = hf_run(tmp_path / "out", steps=(500, 1000, 1500, 2000),
-                  eval_loss={500: 0.9, 1000: 0.7, 1500: 0.4, 2000: 0.6})
+    root = hf_run(
+        tmp_path / "out", steps=(500, 1000, 1500, 2000), eval_loss={500: 0.9, 1000: 0.7, 1500: 0.4, 2000: 0.6}
+    )
     run = scan_run(root)
     cks = run.checkpoints
     assert [c.step for c in cks] == [500, 1000, 1500, 2000]
@@ -89,8 +102,14 @@ def test_hf_trainer_run(tmp_path):
     assert c.format == "safetensors"
     assert c.error is None and not c.incomplete
     names = sorted(f.name for f in c.files)
-    assert names == ["model.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt",
-                     "trainer_state.json", "training_args.bin"]
+    assert names == [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng_state.pth",
+        "scheduler.pt",
+        "trainer_state.json",
+        "training_args.bin",
+    ]
     assert c.size == sum(f.stat().st_size for f in c.files)
     assert c.metrics["eval_loss"] == 0.4
     assert c.metrics["loss"] == pytest.approx(1.8)
@@ -135,7 +154,9 @@ def test_safetensors_metadata_step_and_metrics(tmp_path):
     os.rename(root / "model_00000200.safetensors", root / "model_00000003.safetensors")
     cks = discover(root)
     assert [(c.path.name, c.step, c.step_source) for c in cks] == [
-        ("model_00000100.safetensors", 100, "metadata"), ("model_00000003.safetensors", 200, "metadata")]
+        ("model_00000100.safetensors", 100, "metadata"),
+        ("model_00000003.safetensors", 200, "metadata"),
+    ]
     assert cks[1].metrics == {"eval_loss": 0.125}
     assert cks[0].format == "safetensors" and cks[0].has_optimizer is False
     assert cks[0].info is not None and cks[0].num_params == 20
@@ -214,8 +235,9 @@ def test_deepspeed_latest_and_tf_checkpoint_state(tmp_path):
 @needs_torch_reader
 @pytest.mark.parametrize("last", ["symlink", "copy"])
 def test_lightning_run(tmp_path, last):
-    root = lightning_run(tmp_path / "ckpts", steps=(100, 200, 300, 400),
-                         val_loss={100: 0.9, 200: 0.5, 300: 0.7, 400: 0.8}, last=last)
+    root = lightning_run(
+        tmp_path / "ckpts", steps=(100, 200, 300, 400), val_loss={100: 0.9, 200: 0.5, 300: 0.7, 400: 0.8}, last=last
+    )
     run = scan_run(root)
     cks = run.checkpoints
     assert [c.path.name for c in cks] == [f"epoch={e}-step={s}.ckpt" for e, s in enumerate((100, 200, 300, 400))]
@@ -291,7 +313,9 @@ def test_orbax_step_folders(tmp_path):
     (root / "4000.orbax-checkpoint-tmp-1712345678").mkdir()
     (root / "4000.orbax-checkpoint-tmp-1712345678" / "_CHECKPOINT_METADATA").write_text("{}")
     cks = discover(root)
-    assert [(c.step, c.format, c.error, c.num_tensors) for c in cks[:3]] == [(s, "orbax", None, 2) for s in (1000, 2000, 3000)]
+    assert [(c.step, c.format, c.error, c.num_tensors) for c in cks[:3]] == [
+        (s, "orbax", None, 2) for s in (1000, 2000, 3000)
+    ]
     assert cks[0].metrics == {"loss": 0.5}
     assert cks[3].incomplete and cks[3].step == 4000
     assert cks[0].size == sum(f.stat().st_size for f in cks[0].files) and len(cks[0].files) == 6
@@ -305,9 +329,14 @@ def test_sharded_model_at_top_level_is_one_checkpoint(tmp_path):
     root.mkdir()
     save_file({"a": np.ones(3, np.float32)}, str(root / "model-00001-of-00002.safetensors"))
     save_file({"b": np.ones(5, np.float32)}, str(root / "model-00002-of-00002.safetensors"))
-    (root / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": 32},
-        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": 32},
+                "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+            }
+        )
+    )
     st_run(root, steps=(10,), name="step_{step}.safetensors")
     cks = discover(root)
     assert [c.path.name for c in cks] == ["step_10.safetensors", "model.safetensors.index.json"]
@@ -325,8 +354,14 @@ def test_broken_and_writer_temp_files(tmp_path):
     (root / "notes.txt").write_text("hi")
     (root / "config.json").write_text("{}")
     by = {c.path.name: c for c in discover(root)}
-    assert set(by) == {"model_00000100.safetensors", "model_00000200.safetensors", "step_300.safetensors",
-                       "step_400.pt", "empty_500.safetensors", ".model_00000600.safetensors.ckptctl-tmp-ab12cd"}
+    assert set(by) == {
+        "model_00000100.safetensors",
+        "model_00000200.safetensors",
+        "step_300.safetensors",
+        "step_400.pt",
+        "empty_500.safetensors",
+        ".model_00000600.safetensors.ckptctl-tmp-ab12cd",
+    }
     for n in ("step_300.safetensors", "step_400.pt", "empty_500.safetensors"):
         assert by[n].error and "\n" not in by[n].error and not by[n].incomplete and by[n].info is None
     assert by["step_300.safetensors"].step == 300
@@ -378,7 +413,9 @@ def test_no_tensor_data_read(tmp_path):
     root = tmp_path / "big"
     root.mkdir()
     n = 50 * 1000 * 1000 // 4
-    header = json.dumps({"__metadata__": {"step": "1"}, "w": {"dtype": "F32", "shape": [n], "data_offsets": [0, n * 4]}}).encode()
+    header = json.dumps(
+        {"__metadata__": {"step": "1"}, "w": {"dtype": "F32", "shape": [n], "data_offsets": [0, n * 4]}}
+    ).encode()
     header += b" " * (-len(header) % 8)
     for i in range(20):
         p = root / f"step_{i}.safetensors"
@@ -406,16 +443,26 @@ def test_parallel_discovery_matches_serial(tmp_path):
     root = tmp_path / "many"
     root.mkdir()
     for i in range(runs.PARALLEL_MIN + 6):
-        torch.save({"global_step": 10 * i, "epoch": i, "val_loss": 1.0 / (i + 1),
-                    "state_dict": {"w": torch.full((3,), float(i))}}, root / f"ckpt_{i:03d}.pt")
-    code = ("import json, sys; from ckptctl.ops.runs import discover, POOL_STATE; "
-            "print(json.dumps([c.to_json() for c in discover(sys.argv[1])])); "
-            "print('torch' in sys.modules, POOL_STATE['used'], POOL_STATE['error'], file=sys.stderr)")
+        torch.save(
+            {
+                "global_step": 10 * i,
+                "epoch": i,
+                "val_loss": 1.0 / (i + 1),
+                "state_dict": {"w": torch.full((3,), float(i))},
+            },
+            root / f"ckpt_{i:03d}.pt",
+        )
+    code = (
+        "import json, sys; from ckptctl.ops.runs import discover, POOL_STATE; "
+        "print(json.dumps([c.to_json() for c in discover(sys.argv[1])])); "
+        "print('torch' in sys.modules, POOL_STATE['used'], POOL_STATE['error'], file=sys.stderr)"
+    )
     outs = []
     for jobs in ("1", "2"):
         env = dict(os.environ, CKPTCTL_JOBS=jobs)
-        p = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, env=env,
-                           timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-c", code, str(root)], capture_output=True, text=True, env=env, timeout=120
+        )
         assert p.returncode == 0, p.stderr
         assert p.stderr.strip() == ("False False None" if jobs == "1" else "False True None")
         outs.append(json.loads(p.stdout))

@@ -219,8 +219,9 @@ def test_prune_s3_changed_object_is_skipped(s3_env, tmp_path, monkeypatch):
     runs = [scan_run(sources.as_path("s3://prune-b/run"))]
     plan = pr.make_plan(runs, pr.Policy(keep_last=2, min_age=0.0))
     assert sorted(d.ckpt.step for d in plan.to_delete) == [100, 200, 300]
-    _client(s3_env).put_object(Bucket="prune-b", Key="run/checkpoint-200/trainer_state.json",
-                               Body=b'{"global_step": 200}')
+    _client(s3_env).put_object(
+        Bucket="prune-b", Key="run/checkpoint-200/trainer_state.json", Body=b'{"global_step": 200}'
+    )
     outcome = pr.execute(plan)
     assert sorted(d.ckpt.step for d in outcome.done) == [100, 300]
     assert [d.ckpt.step for d in outcome.skipped] == [200]
@@ -255,8 +256,18 @@ def test_prune_s3_changed_object_cli_one_line_exit_1(s3_env, tmp_path, monkeypat
 def test_prune_s3_trash_refused(s3_env, tmp_path):
     _hf_bucket(s3_env, tmp_path, "prune-d", steps=(1, 2))
     before = _keys(s3_env, "prune-d", "run/")
-    res = run("prune", "s3://prune-d/run", "--keep-last", "1", "--min-age", "0", "--yes", "--trash",
-              str(tmp_path / "trash"), env=s3_env)
+    res = run(
+        "prune",
+        "s3://prune-d/run",
+        "--keep-last",
+        "1",
+        "--min-age",
+        "0",
+        "--yes",
+        "--trash",
+        str(tmp_path / "trash"),
+        env=s3_env,
+    )
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "--trash" in res.stderr
     assert _keys(s3_env, "prune-d", "run/") == before

@@ -61,11 +61,15 @@ def test_manager_fixture_ls(tmp_path):
     run_dir = copy_fixture(MANAGER, tmp_path / "tf2_manager_run")
     rows = ls_json(run_dir)
     assert [(r["name"], r["step"], r["layout"], r["format"]) for r in rows] == [
-        ("ckpt-10", 10, "tf", "tf-bundle"), ("ckpt-20", 20, "tf", "tf-bundle")]
+        ("ckpt-10", 10, "tf", "tf-bundle"),
+        ("ckpt-20", 20, "tf", "tf-bundle"),
+    ]
     for r in rows:
         s = r["step"]
-        assert sorted(r["files"]) == [os.fspath(run_dir / f"ckpt-{s}.data-00000-of-00001"),
-                                      os.fspath(run_dir / f"ckpt-{s}.index")]
+        assert sorted(r["files"]) == [
+            os.fspath(run_dir / f"ckpt-{s}.data-00000-of-00001"),
+            os.fspath(run_dir / f"ckpt-{s}.index"),
+        ]
         assert r["total_bytes"] == sum(os.path.getsize(run_dir / f) for f in r["files"]) == 4393 + 1197
         assert r["error"] is None
     assert rows[0]["aliases"] == [] and rows[1]["aliases"] == ["checkpoint"]  # the state file's latest
@@ -96,8 +100,9 @@ def test_manager_fixture_prune_keep_last_1(tmp_path):
     assert oct(os.stat(run_dir / "checkpoint").st_mode & 0o777) == oct(0o644)
     res = json.loads(r.stdout)["result"]
     assert res["done"] == [os.fspath(run_dir / "ckpt-10")]
-    assert res["state_files"] == [{"path": os.fspath(run_dir / "checkpoint"), "dropped": ["ckpt-10"],
-                                   "rewritten": True, "error": None}]
+    assert res["state_files"] == [
+        {"path": os.fspath(run_dir / "checkpoint"), "dropped": ["ckpt-10"], "rewritten": True, "error": None}
+    ]
     # nothing TF-ish left behind: no temp file of the rewrite
     assert not [n for n in os.listdir(run_dir) if "tmp" in n]
 
@@ -115,10 +120,12 @@ def test_one_tf_checkpoint_named_by_prefix_index_or_shard(tmp_path):
 def test_state_file_left_alone_when_it_names_none_of_the_pruned(tmp_path):
     root = tf_manager_run(tmp_path / "run", steps=(1, 2, 3, 4))
     # the manager only tracks the last three (ckpt-1 came from an earlier manager with max_to_keep=1)
-    text = ('model_checkpoint_path: "ckpt-4"\nall_model_checkpoint_paths: "ckpt-2"\n'
-            'all_model_checkpoint_paths: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-4"\n'
-            "all_model_checkpoint_timestamps: 100.5\nall_model_checkpoint_timestamps: 200.5\n"
-            "all_model_checkpoint_timestamps: 300.5\nlast_preserved_timestamp: 50.0\n")
+    text = (
+        'model_checkpoint_path: "ckpt-4"\nall_model_checkpoint_paths: "ckpt-2"\n'
+        'all_model_checkpoint_paths: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-4"\n'
+        "all_model_checkpoint_timestamps: 100.5\nall_model_checkpoint_timestamps: 200.5\n"
+        "all_model_checkpoint_timestamps: 300.5\nlast_preserved_timestamp: 50.0\n"
+    )
     (root / "checkpoint").write_text(text)
     age_tree(root)
     ino = os.stat(root / "checkpoint").st_ino
@@ -131,27 +138,32 @@ def test_state_file_left_alone_when_it_names_none_of_the_pruned(tmp_path):
     assert sorted(os.listdir(root)) == ["checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index"]
     assert (root / "checkpoint").read_text() == (
         'model_checkpoint_path: "ckpt-4"\nall_model_checkpoint_paths: "ckpt-4"\n'
-        "all_model_checkpoint_timestamps: 300.5\nlast_preserved_timestamp: 50.0\n")
+        "all_model_checkpoint_timestamps: 300.5\nlast_preserved_timestamp: 50.0\n"
+    )
     assert "dropped ckpt-2, ckpt-3 from the TensorFlow checkpoint state" in r.stderr
 
 
 def test_saver_names_multi_shard_absolute_state(tmp_path):
     """TF 1 Saver: model.ckpt-N prefixes, absolute paths in the state file, 2 data shards per step."""
-    root = tf_manager_run(tmp_path / "train", steps=(5, 10, 15), prefix="model.ckpt-{step}", shards=2,
-                          absolute=True)
+    root = tf_manager_run(tmp_path / "train", steps=(5, 10, 15), prefix="model.ckpt-{step}", shards=2, absolute=True)
     age_tree(root)
     rows = ls_json(root)
-    assert [(r["name"], r["step"]) for r in rows] == [("model.ckpt-5", 5), ("model.ckpt-10", 10),
-                                                      ("model.ckpt-15", 15)]
-    assert rows[0]["files"] == [os.fspath(root / n) for n in (
-        "model.ckpt-5.data-00000-of-00002", "model.ckpt-5.data-00001-of-00002", "model.ckpt-5.index")]
+    assert [(r["name"], r["step"]) for r in rows] == [("model.ckpt-5", 5), ("model.ckpt-10", 10), ("model.ckpt-15", 15)]
+    assert rows[0]["files"] == [
+        os.fspath(root / n)
+        for n in ("model.ckpt-5.data-00000-of-00002", "model.ckpt-5.data-00001-of-00002", "model.ckpt-5.index")
+    ]
     assert rows[0]["total_bytes"] == sum(os.path.getsize(f) for f in rows[0]["files"])
     assert rows[2]["aliases"] == ["checkpoint"]
     # (with the TF reader, the 2-shard names around a 1-shard index are unreadable: --include-broken)
     r = cli("prune", root, "--keep-last", "1", "--include-broken", "--yes")
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(root)) == ["checkpoint", "model.ckpt-15.data-00000-of-00002",
-                                        "model.ckpt-15.data-00001-of-00002", "model.ckpt-15.index"]
+    assert sorted(os.listdir(root)) == [
+        "checkpoint",
+        "model.ckpt-15.data-00000-of-00002",
+        "model.ckpt-15.data-00001-of-00002",
+        "model.ckpt-15.index",
+    ]
     st = parse_state(root / "checkpoint")
     assert st["model_checkpoint_path"] == [os.fspath(root / "model.ckpt-15")]
     assert st["all_model_checkpoint_paths"] == [os.fspath(root / "model.ckpt-15")]
@@ -172,8 +184,13 @@ def test_missing_shard_and_orphan_data_are_incomplete_and_kept(tmp_path):
     r = cli("prune", root, "--keep-last", "1", "--yes")
     assert r.exit_code == 0, r.output
     left = sorted(os.listdir(root))
-    assert left == ["ckpt-3.data-00000-of-00001", "ckpt-3.index", "ckpt-4.data-00000-of-00002", "ckpt-4.index",
-                    "ckpt-5.data-00000-of-00001"]
+    assert left == [
+        "ckpt-3.data-00000-of-00001",
+        "ckpt-3.index",
+        "ckpt-4.data-00000-of-00002",
+        "ckpt-4.index",
+        "ckpt-5.data-00000-of-00001",
+    ]
 
 
 def test_run_folder_named_like_a_step_is_not_orbax(tmp_path):
@@ -198,7 +215,10 @@ def test_saved_model_folders(tmp_path):
     age_tree(export)
     rows = ls_json(export)
     assert [(r["name"], r["step"], r["layout"], r["num_files"]) for r in rows] == [
-        ("1", 1, "tf-savedmodel", 4), ("2", 2, "tf-savedmodel", 4), ("3", 3, "tf-savedmodel", 4)]
+        ("1", 1, "tf-savedmodel", 4),
+        ("2", 2, "tf-savedmodel", 4),
+        ("3", 3, "tf-savedmodel", 4),
+    ]
     assert rows[0]["total_bytes"] == sum(f.stat().st_size for f in (export / "1").rglob("*") if f.is_file())
     one = ls_json(export / "2")
     assert len(one) == 1 and one[0]["name"] == "2" and one[0]["layout"] == "tf-savedmodel"
@@ -206,25 +226,34 @@ def test_saved_model_folders(tmp_path):
     assert r.exit_code == 0, r.output
     assert sorted(os.listdir(export)) == ["3"]
     assert sorted(os.fspath(p.relative_to(export)) for p in export.rglob("*")) == [
-        "3", "3/assets", "3/fingerprint.pb", "3/saved_model.pb", "3/variables",
-        "3/variables/variables.data-00000-of-00001", "3/variables/variables.index"]
+        "3",
+        "3/assets",
+        "3/fingerprint.pb",
+        "3/saved_model.pb",
+        "3/variables",
+        "3/variables/variables.data-00000-of-00001",
+        "3/variables/variables.index",
+    ]
 
 
 # ---- Keras ModelCheckpoint ------------------------------------------------------------------------
-@pytest.mark.parametrize("name,step,epoch,metrics", [
-    ("epoch03-0.4100.keras", None, 3, {"metric": 0.41}),
-    ("model-001.keras", None, 1, {}),
-    ("w01.weights.h5", None, 1, {}),
-    ("epoch=3-val_loss=0.41.keras", None, 3, {"val_loss": 0.41}),
-    ("weights.03-0.41.h5", None, 3, {"metric": 0.41}),
-    ("weights.03-0.41.hdf5", None, 3, {"metric": 0.41}),
-    ("model-05-0.8812-0.3301.keras", None, 5, {"metric": 0.8812, "metric2": 0.3301}),
-    ("ckpt_e07_val_loss0.125.weights.h5", None, 7, {"val_loss": 0.125}),
-    ("resnet50-epoch12-val_accuracy-0.91.keras", None, 12, {"val_accuracy": 0.91}),
-    ("epoch04-step1200-loss1.5e-03.keras", 1200, 4, {"loss": 0.0015}),
-    ("epoch02-nan.keras", None, 2, {"metric": float("nan")}),
-    ("checkpoint3.keras", None, 3, {}),
-])
+@pytest.mark.parametrize(
+    "name,step,epoch,metrics",
+    [
+        ("epoch03-0.4100.keras", None, 3, {"metric": 0.41}),
+        ("model-001.keras", None, 1, {}),
+        ("w01.weights.h5", None, 1, {}),
+        ("epoch=3-val_loss=0.41.keras", None, 3, {"val_loss": 0.41}),
+        ("weights.03-0.41.h5", None, 3, {"metric": 0.41}),
+        ("weights.03-0.41.hdf5", None, 3, {"metric": 0.41}),
+        ("model-05-0.8812-0.3301.keras", None, 5, {"metric": 0.8812, "metric2": 0.3301}),
+        ("ckpt_e07_val_loss0.125.weights.h5", None, 7, {"val_loss": 0.125}),
+        ("resnet50-epoch12-val_accuracy-0.91.keras", None, 12, {"val_accuracy": 0.91}),
+        ("epoch04-step1200-loss1.5e-03.keras", 1200, 4, {"loss": 0.0015}),
+        ("epoch02-nan.keras", None, 2, {"metric": float("nan")}),
+        ("checkpoint3.keras", None, 3, {}),
+    ],
+)
 def test_keras_names(name, step, epoch, metrics, tmp_path):
     from ckptctl.ops.runs import scan_run
     from ckptctl.ops.runs.keras import parse_keras_name
@@ -240,10 +269,18 @@ def test_keras_names(name, step, epoch, metrics, tmp_path):
         assert (m[k] == v) or (v != v and m[k] != m[k])
 
 
-@pytest.mark.parametrize("name,role", [
-    ("best.keras", "best"), ("best_model.keras", "best"), ("model_best.weights.h5", "best"),
-    ("best.weights.h5", "best"), ("last.keras", "last"), ("epoch03-0.41.keras", None), ("best-03.keras", None),
-])
+@pytest.mark.parametrize(
+    "name,role",
+    [
+        ("best.keras", "best"),
+        ("best_model.keras", "best"),
+        ("model_best.weights.h5", "best"),
+        ("best.weights.h5", "best"),
+        ("last.keras", "last"),
+        ("epoch03-0.41.keras", None),
+        ("best-03.keras", None),
+    ],
+)
 def test_keras_roles(name, role):
     from ckptctl.ops.runs import role_of
 
@@ -301,8 +338,12 @@ def test_keras_keep_best_min_max(keras_run, tmp_path):
     r = cli("prune", other, "--keep-best", "metric", "--mode", "max", "-f", "json")
     assert r.exit_code == 0, r.output
     plan = {Path(d["path"]).name: (d["action"], d["epoch"]) for d in json.loads(r.stdout)["checkpoints"]}
-    assert plan == {"epoch01-0.5000.keras": ("keep", 1), "epoch02-0.2000.keras": ("keep", 2),
-                    "epoch03-0.4100.keras": ("delete", 3), "epoch04-0.3500.keras": ("keep", 4)}
+    assert plan == {
+        "epoch01-0.5000.keras": ("keep", 1),
+        "epoch02-0.2000.keras": ("keep", 2),
+        "epoch03-0.4100.keras": ("delete", 3),
+        "epoch04-0.3500.keras": ("keep", 4),
+    }
     assert len(os.listdir(other)) == 5  # dry run
 
 
@@ -321,8 +362,12 @@ def test_keras_best_without_twin_is_protected_and_keep_last_ranks_epochs(tmp_pat
     age_tree(root)
     rows = ls_json(root)
     assert [(r["name"], r["epoch"], r["role"], r["num_tensors"]) for r in rows] == [
-        ("w01.weights.h5", 1, None, 2), ("w02.weights.h5", 2, None, 2), ("w03.weights.h5", 3, None, 2),
-        ("w10.weights.h5", 10, None, 2), ("best.weights.h5", None, "best", 1)]
+        ("w01.weights.h5", 1, None, 2),
+        ("w02.weights.h5", 2, None, 2),
+        ("w03.weights.h5", 3, None, 2),
+        ("w10.weights.h5", 10, None, 2),
+        ("best.weights.h5", None, "best", 1),
+    ]
     r = cli("prune", root, "--keep-last", "2", "--yes")
     assert r.exit_code == 0, r.output
     assert sorted(os.listdir(root)) == ["best.weights.h5", "w03.weights.h5", "w10.weights.h5"]
@@ -348,8 +393,11 @@ def test_counts_with_readers(tmp_path):
 
     expected = json.loads((TF_FIXTURES / "EXPECTED.json").read_text())
     tf_run = copy_fixture(MANAGER, tmp_path / "tf")
-    tf_model = [k for k in expected["tf2_manager_run/ckpt-10"]
-                if k.split("/")[0] not in NON_MODEL_HEADS and k != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    tf_model = [
+        k
+        for k in expected["tf2_manager_run/ckpt-10"]
+        if k.split("/")[0] not in NON_MODEL_HEADS and k != "_CHECKPOINTABLE_OBJECT_GRAPH"
+    ]
     rows = ls_json(tf_run)
     for r in rows:
         assert r["error"] is None and r["num_tensors"] == len(tf_model) and r["has_optimizer"] is True
@@ -381,11 +429,19 @@ def test_unparseable_state_file_is_left_and_reported(tmp_path):
     (root / "checkpoint").write_text(text)
     age_tree(root)
     dry = run("prune", root, "--keep-last", "2")
-    assert dry.returncode == 0 and "cannot be rewritten: line 9 is not `field: value`; it will still name ckpt-1" in dry.stderr
+    assert (
+        dry.returncode == 0
+        and "cannot be rewritten: line 9 is not `field: value`; it will still name ckpt-1" in dry.stderr
+    )
     r = run("prune", root, "--keep-last", "2", "--yes")
     assert r.returncode == 1
-    assert sorted(os.listdir(root)) == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index",
-                                        "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+    assert sorted(os.listdir(root)) == [
+        "checkpoint",
+        "ckpt-2.data-00000-of-00001",
+        "ckpt-2.index",
+        "ckpt-3.data-00000-of-00001",
+        "ckpt-3.index",
+    ]
     assert (root / "checkpoint").read_text() == text
     err = r.stderr.strip().splitlines()[-1]
     assert "could not drop ckpt-1" in err and "line 9" in err and "Traceback" not in r.stderr
@@ -403,13 +459,18 @@ def test_keras_sharded_weights_epochs(tmp_path):
         for k, shard in enumerate(shards):
             with h5py.File(root / shard, "w") as f:
                 f.create_dataset(f"layers/dense_{k}/vars/0", data=np.full((4, 4), e, np.float32))
-        index = {"metadata": {"total_size": 128},
-                 "weight_map": {"/layers/dense_0/vars": shards[0], "/layers/dense_1/vars": shards[1]}}
+        index = {
+            "metadata": {"total_size": 128},
+            "weight_map": {"/layers/dense_0/vars": shards[0], "/layers/dense_1/vars": shards[1]},
+        }
         (root / f"w{e:02d}.weights.json").write_text(json.dumps(index))
     age_tree(root)
     rows = ls_json(root)
     assert [(r["name"], r["epoch"], r["layout"], r["num_files"]) for r in rows] == [
-        ("w01.weights.json", 1, "keras", 3), ("w02.weights.json", 2, "keras", 3), ("w03.weights.json", 3, "keras", 3)]
+        ("w01.weights.json", 1, "keras", 3),
+        ("w02.weights.json", 2, "keras", 3),
+        ("w03.weights.json", 3, "keras", 3),
+    ]
     assert all(r["error"] is None for r in rows)
     r = cli("prune", root, "--keep-last", "1", "--yes")
     assert r.exit_code == 0, r.output

@@ -130,8 +130,14 @@ def test_read_gives_numpy_arrays(st_file):
 
 def test_sub_byte_dtypes(tmp_path):
     p = tmp_path / "f4.safetensors"
-    write_raw(p, {"a": {"dtype": "F4", "shape": [2, 4], "data_offsets": [0, 4]},
-                  "b": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [4, 7]}}, b"\x12\x34\x56\x78abc")
+    write_raw(
+        p,
+        {
+            "a": {"dtype": "F4", "shape": [2, 4], "data_offsets": [0, 4]},
+            "b": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [4, 7]},
+        },
+        b"\x12\x34\x56\x78abc",
+    )
     with SafetensorsReader(p) as r:
         a, b = r.info().tensors
         assert (a.dtype, a.nbytes, b.dtype, b.nbytes) == ("float4_e2m1fn", 4, "float6_e2m3fn", 3)
@@ -140,12 +146,14 @@ def test_sub_byte_dtypes(tmp_path):
 
 def test_unsorted_entries_and_padding(tmp_path):
     p = tmp_path / "u.safetensors"
-    header = json.dumps({
-        "second": {"dtype": "I32", "shape": [1], "data_offsets": [4, 8]},
-        "__metadata__": {"k": "v"},
-        "first": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
-        "zero": {"dtype": "F16", "shape": [0, 5], "data_offsets": [8, 8]},
-    }).encode()
+    header = json.dumps(
+        {
+            "second": {"dtype": "I32", "shape": [1], "data_offsets": [4, 8]},
+            "__metadata__": {"k": "v"},
+            "first": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+            "zero": {"dtype": "F16", "shape": [0, 5], "data_offsets": [8, 8]},
+        }
+    ).encode()
     header += b" " * (-len(header) % 8)
     write_raw(p, header, struct.pack("<fi", 1.5, -2))
     with SafetensorsReader(p) as r:
@@ -248,8 +256,11 @@ def test_truncated_after_info_is_clean(tmp_path, st_file):
 def test_aliases_metadata(tmp_path):
     p = tmp_path / "tied.safetensors"
     w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    save_file({"embed.weight": w, "bias": torch.ones(2)}, p,
-              metadata={"format": "pt", "ckptctl.aliases": json.dumps({"lm_head.weight": "embed.weight"})})
+    save_file(
+        {"embed.weight": w, "bias": torch.ones(2)},
+        p,
+        metadata={"format": "pt", "ckptctl.aliases": json.dumps({"lm_head.weight": "embed.weight"})},
+    )
     with SafetensorsReader(p) as r:
         info = r.info()
         t = info.tensor("lm_head.weight")
@@ -358,12 +369,14 @@ def test_mutated_headers_agree_with_reference(tmp_path):
     refusal is a CorruptFile (never another exception)."""
     import random
 
-    header = json.dumps({
-        "__metadata__": {"format": "pt"},
-        "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
-        "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
-        "c": {"dtype": "I8", "shape": [], "data_offsets": [32, 33]},
-    }).encode()
+    header = json.dumps(
+        {
+            "__metadata__": {"format": "pt"},
+            "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+            "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+            "c": {"dtype": "I8", "shape": [], "data_offsets": [32, 33]},
+        }
+    ).encode()
     good = struct.pack("<Q", len(header)) + header + bytes(range(33))
     rnd = random.Random(7)
     p = tmp_path / "m.safetensors"

@@ -11,8 +11,7 @@ from conftest import cli, run  # noqa: F401
 # protocol-2 pickle: os.system("touch <marker>") via GLOBAL + REDUCE. Never unpickled here.
 def _evil_pickle(marker) -> bytes:
     cmd = f"touch {marker}".encode()
-    return (b"\x80\x02cos\nsystem\nq\x00X" + len(cmd).to_bytes(4, "little") + cmd
-            + b"q\x01\x85q\x02Rq\x03.")
+    return b"\x80\x02cos\nsystem\nq\x00X" + len(cmd).to_bytes(4, "little") + cmd + b"q\x01\x85q\x02Rq\x03."
 
 
 def test_inspect_warns_once_naming_every_dangerous_call(tmp_path):

@@ -54,7 +54,7 @@ def _expand(pattern: str) -> list[str]:
 def _table_rows(stdout: str) -> list[list[str]]:
     lines = stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("name "))
-    return [ln.split() for ln in lines[head + 2:] if ln.strip()]
+    return [ln.split() for ln in lines[head + 2 :] if ln.strip()]
 
 
 def test_table_folds_to_a_known_number_of_rows_and_every_tensor_is_accounted_for(moe):
@@ -85,7 +85,8 @@ def test_table_folds_to_a_known_number_of_rows_and_every_tensor_is_accounted_for
         assert np_names[str(a.dtype)] == dtype, n
         assert shape == "[" + ",".join(map(str, a.shape)) + "]", (n, shape)
     assert ["model.layers.3.experts.7.w1", "1", "float16", "[3,", "2]"] == next(
-        r_ for r_ in rows if r_[0] == ODD_SHAPE)[:5]
+        r_ for r_ in rows if r_[0] == ODD_SHAPE
+    )[:5]
     assert any(r_[0] == "model.layers.3.experts.{0..6,8..499}.w1" and r_[1] == "499" for r_ in rows)
     assert any(r_[0] == "model.layers.{0..2,4..9}.experts.{0..499}.w1" and r_[1] == "4,500" for r_ in rows)
 
@@ -154,7 +155,7 @@ def test_sharded_folder_of_many_shards(tmp_path):
     wm = {}
     for s in range(100):
         shard = f"model-{s + 1:05d}-of-00100.safetensors"
-        part = names[s * 200:(s + 1) * 200]
+        part = names[s * 200 : (s + 1) * 200]
         save_file({n: np.full(2, s, np.int8) for n in part}, str(tmp_path / shard))
         wm.update({n: shard for n in part})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
@@ -174,8 +175,17 @@ def test_print_json_matches_json_dumps():
 
     from ckptctl.cli import output
 
-    docs = [{"a": [1, 2.5, -0.0, 1e300, True, False, None, "x\u009b\"\\\n é"], "b": {}, "c": [],
-             "d": [[], {"e": [[1], (2, 3)]}]}, [], "s", 3]
+    docs = [
+        {
+            "a": [1, 2.5, -0.0, 1e300, True, False, None, 'x\u009b"\\\n é'],
+            "b": {},
+            "c": [],
+            "d": [[], {"e": [[1], (2, 3)]}],
+        },
+        [],
+        "s",
+        3,
+    ]
     for d in docs:
         buf, old = io.StringIO(), sys.stdout
         sys.stdout = buf
@@ -199,8 +209,13 @@ def test_tensor_rows_are_written_as_their_to_json_rows():
     from ckptctl.model import TensorInfo as T
 
     cases = [
-        [T("a.w", "float32", (2, 3), 24), T("b", "bfloat16", (), 2), T("a.tied", "float32", (2, 3), 24, alias_of="a.w"),
-         T("x\udcff\u009b\"\\ é", "int8", (0, 4), 0), T("big", "uint8", (1 << 40,), 1 << 40)],
+        [
+            T("a.w", "float32", (2, 3), 24),
+            T("b", "bfloat16", (), 2),
+            T("a.tied", "float32", (2, 3), 24, alias_of="a.w"),
+            T('x\udcff\u009b"\\ é', "int8", (0, 4), 0),
+            T("big", "uint8", (1 << 40,), 1 << 40),
+        ],
         [T("np", "float16", (np.int64(2),), 4)],
         [],
     ]
@@ -212,13 +227,17 @@ def test_tensor_rows_are_written_as_their_to_json_rows():
             output.print_json({"n": len(ts), "tensors": output.TensorRows(ts), "after": [1]})
         finally:
             sys.stdout = old
-        want = json.dumps({"n": len(ts), "tensors": [t.to_json() for t in ts], "after": [1]}, indent=2,
-                          ensure_ascii=False, default=lambda o: o.item())
+        want = json.dumps(
+            {"n": len(ts), "tensors": [t.to_json() for t in ts], "after": [1]},
+            indent=2,
+            ensure_ascii=False,
+            default=lambda o: o.item(),
+        )
         want = want.replace("\udcff", "\\udcff").replace("\u009b", "\\u009b") + "\n"
         assert got.getvalue() == want
         texts.append(got.getvalue())
     doc = json.loads(texts[0])
-    assert [r["name"] for r in doc["tensors"]] == ["a.w", "b", "a.tied", "x\udcff\u009b\"\\ é", "big"]
+    assert [r["name"] for r in doc["tensors"]] == ["a.w", "b", "a.tied", 'x\udcff\u009b"\\ é', "big"]
     assert doc["tensors"][2]["alias_of"] == "a.w" and "alias_of" not in doc["tensors"][0]
     assert doc["tensors"][1]["shape"] == [] and doc["tensors"][1]["numel"] == 1
     assert "\\udcff" in texts[0] and "\\u009b" in texts[0]  # escaped: stdout stays valid UTF-8
@@ -243,8 +262,12 @@ def test_pt_past_256_memo_entries_lists_what_torch_holds(tmp_path):
     sd["tied"] = sd["model.layers.90.experts.1.w"]  # past 256 memo entries: LONG_BINPUT
     path = tmp_path / "many.pt"
     torch.save(sd, path)
-    r = subprocess.run([sys.executable, "-m", "ckptctl", "inspect", str(path), "-f", "json"],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptctl", "inspect", str(path), "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     rows = {t["name"]: t for t in json.loads(r.stdout)["tensors"]}
     assert list(rows) == list(sd)

@@ -21,41 +21,116 @@ from ckptctl.ops.scan import classify, scan
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.mark.parametrize("name", [
-    "os.system", "posix.system", "nt.system", "os.path.join", "subprocess.Popen", "subprocess.check_output",
-    "builtins.eval", "builtins.exec", "builtins.compile", "builtins.getattr", "builtins.setattr",
-    "builtins.__import__", "builtins.open", "builtins.breakpoint", "__builtin__.eval", "__builtin__.apply",
-    "__builtin__.globals", "runpy._run_code", "sys.modules", "socket.socket", "shutil.rmtree",
-    "webbrowser.open", "httplib.HTTPSConnection", "http.client.HTTPSConnection", "requests.api.get",
-    "aiohttp.client.ClientSession", "pty.spawn", "bdb.Bdb", "pdb.run", "asyncio.subprocess.create_subprocess_exec",
-    "pickle.loads", "_pickle.loads", "dill._dill._load_type", "numpy.testing._private.utils.runstring",
-    "torch.load", "torch.serialization.load", "torch.hub.load", "functools.partial", "operator.attrgetter",
-    "operator.methodcaller", "ctypes.CDLL", "importlib.import_module", "marshal.loads", "types.FunctionType",
-    "code.InteractiveInterpreter.runcode", "timeit.timeit", "pydoc.locate", "ssl.get_server_certificate",
-    "torch._inductor.codecache.compile_file", "<unresolved>.<unresolved>", "os.<unresolved>",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "os.system",
+        "posix.system",
+        "nt.system",
+        "os.path.join",
+        "subprocess.Popen",
+        "subprocess.check_output",
+        "builtins.eval",
+        "builtins.exec",
+        "builtins.compile",
+        "builtins.getattr",
+        "builtins.setattr",
+        "builtins.__import__",
+        "builtins.open",
+        "builtins.breakpoint",
+        "__builtin__.eval",
+        "__builtin__.apply",
+        "__builtin__.globals",
+        "runpy._run_code",
+        "sys.modules",
+        "socket.socket",
+        "shutil.rmtree",
+        "webbrowser.open",
+        "httplib.HTTPSConnection",
+        "http.client.HTTPSConnection",
+        "requests.api.get",
+        "aiohttp.client.ClientSession",
+        "pty.spawn",
+        "bdb.Bdb",
+        "pdb.run",
+        "asyncio.subprocess.create_subprocess_exec",
+        "pickle.loads",
+        "_pickle.loads",
+        "dill._dill._load_type",
+        "numpy.testing._private.utils.runstring",
+        "torch.load",
+        "torch.serialization.load",
+        "torch.hub.load",
+        "functools.partial",
+        "operator.attrgetter",
+        "operator.methodcaller",
+        "ctypes.CDLL",
+        "importlib.import_module",
+        "marshal.loads",
+        "types.FunctionType",
+        "code.InteractiveInterpreter.runcode",
+        "timeit.timeit",
+        "pydoc.locate",
+        "ssl.get_server_certificate",
+        "torch._inductor.codecache.compile_file",
+        "<unresolved>.<unresolved>",
+        "os.<unresolved>",
+    ],
+)
 def test_dangerous(name):
     assert classify(name) == "dangerous"
 
 
-@pytest.mark.parametrize("name", [
-    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
-    "torch._utils._rebuild_qtensor", "torch._tensor._rebuild_from_type_v2", "torch.nn.parameter.Parameter",
-    "torch.FloatStorage", "torch.BFloat16Storage", "torch.storage.UntypedStorage", "torch.float8_e4m3fn",
-    "torch.uint16", "torch.Size", "collections.OrderedDict", "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray", "builtins.set", "__builtin__.set",
-    "builtins.frozenset", "builtins.slice", "builtins.complex", "_codecs.encode", "copyreg._reconstructor",
-    "torch.distributed.checkpoint.metadata.Metadata", "torch.distributed.checkpoint.filesystem._StorageInfo",
-    "pathlib.PosixPath",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_qtensor",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch.nn.parameter.Parameter",
+        "torch.FloatStorage",
+        "torch.BFloat16Storage",
+        "torch.storage.UntypedStorage",
+        "torch.float8_e4m3fn",
+        "torch.uint16",
+        "torch.Size",
+        "collections.OrderedDict",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.dtype",
+        "numpy.ndarray",
+        "builtins.set",
+        "__builtin__.set",
+        "builtins.frozenset",
+        "builtins.slice",
+        "builtins.complex",
+        "_codecs.encode",
+        "copyreg._reconstructor",
+        "torch.distributed.checkpoint.metadata.Metadata",
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        "pathlib.PosixPath",
+    ],
+)
 def test_safe(name):
     assert classify(name) == "safe"
 
 
-@pytest.mark.parametrize("name", [
-    "argparse.Namespace", "collections.Counter", "builtins.dict", "mypackage.Model", "<extension code 7>",
-    "torch.nn.modules.linear.Linear", "operator.add", "osx.thing", "numpy.random._pickle.__randomstate_ctor",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "argparse.Namespace",
+        "collections.Counter",
+        "builtins.dict",
+        "mypackage.Model",
+        "<extension code 7>",
+        "torch.nn.modules.linear.Linear",
+        "operator.add",
+        "osx.thing",
+        "numpy.random._pickle.__randomstate_ctor",
+    ],
+)
 def test_unknown(name):
     assert classify(name) == "unknown"
 
@@ -96,8 +171,13 @@ def evil_dir(tmp_path):
 def test_malicious_files_are_flagged_and_never_run(evil_dir):
     d, marker = evil_dir
     names = sorted(p.name for p in d.iterdir())
-    res = subprocess.run([sys.executable, "-m", "ckptctl", "scan", str(d), "--format", "json"],
-                         capture_output=True, text=True, cwd=d, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "ckptctl", "scan", str(d), "--format", "json"],
+        capture_output=True,
+        text=True,
+        cwd=d,
+        timeout=120,
+    )
     assert res.returncode == 1
     doc = json.loads(res.stdout)
     verdicts = {os.path.basename(r["path"]): r["verdict"] for r in doc}
@@ -111,8 +191,9 @@ def test_malicious_files_are_flagged_and_never_run(evil_dir):
     assert len([ln for ln in res.stderr.splitlines() if "UNSAFE" in ln]) == len(names)
     # inspect lists what it can, warns loudly, and runs nothing either
     for n in names:
-        r = subprocess.run([sys.executable, "-m", "ckptctl", "inspect", str(d / n)],
-                           capture_output=True, text=True, cwd=d, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "ckptctl", "inspect", str(d / n)], capture_output=True, text=True, cwd=d, timeout=120
+        )
         assert "Traceback" not in r.stderr
         assert "system" in r.stderr or "eval" in r.stderr, (n, r.stderr)
         if n == "truncated.pkl":
@@ -230,8 +311,12 @@ def test_real_malicious_files(rel):
     path = REAL / rel
     if not path.is_file():
         pytest.skip("fixture absent")
-    res = subprocess.run([sys.executable, "-m", "ckptctl", "scan", str(path), "--format", "json"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "ckptctl", "scan", str(path), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     (r,) = json.loads(res.stdout)
     if rel.endswith("picklescan_bad_pytorch.pt"):
@@ -266,8 +351,10 @@ def test_real_corpus_folder_scan():
 def test_scan_does_not_import_torch(tmp_path):
     p = tmp_path / "m.pt"
     torch.save({"w": torch.ones(2)}, p)
-    code = ("import sys; from ckptctl.ops.scan import scan; r = scan([sys.argv[1]]); "
-            "print(r[0].verdict, 'torch' in sys.modules)")
+    code = (
+        "import sys; from ckptctl.ops.scan import scan; r = scan([sys.argv[1]]); "
+        "print(r[0].verdict, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["safe", "False"], out.stderr
 

@@ -129,54 +129,98 @@ def build_corpus(d, marker) -> dict[str, tuple[str, str | None]]:
     put("concatenated.pkl", pickle.dumps({"w": [1.0, 2.0]}, protocol=2) + ev, "os.system", "pickle #2")
     # legacy torch layout (five pickles, then storages), payload appended after a clean data pickle
     leg = _torch_bytes({"w": torch.ones(2)}, legacy=True)
-    put("legacy_appended.pt", leg[:leg.index(b".", 40) + 1] + ev + leg[leg.index(b".", 40) + 1:], "os.system",
-        "pickle #")
+    put(
+        "legacy_appended.pt",
+        leg[: leg.index(b".", 40) + 1] + ev + leg[leg.index(b".", 40) + 1 :],
+        "os.system",
+        "pickle #",
+    )
     # -- pickles nested as bytes
-    put("load_from_bytes.pkl", _p4(_call4("torch.storage", "_load_from_bytes", _bytes(ev))), "os.system",
-        "torch.storage._load_from_bytes payload (depth 1)")
-    put("load_from_bytes_zip.pkl",
+    put(
+        "load_from_bytes.pkl",
+        _p4(_call4("torch.storage", "_load_from_bytes", _bytes(ev))),
+        "os.system",
+        "torch.storage._load_from_bytes payload (depth 1)",
+    )
+    put(
+        "load_from_bytes_zip.pkl",
         _p4(_call4("torch.storage", "_load_from_bytes", _bytes(_torch_bytes({"evil": Evil(marker)})))),
-        "posix.system" if os.name == "posix" else "nt.system", "payload (depth 1) > member")
+        "posix.system" if os.name == "posix" else "nt.system",
+        "payload (depth 1) > member",
+    )
     put("pickle_loads.pkl", _p4(_call4("pickle", "loads", _bytes(ev))), "os.system", "pickle.loads payload (depth 1)")
     put("pickle_loads_call.pkl", _p4(_call4("_pickle", "loads", _bytes(b"\x80\x02N."))), "_pickle.loads", None)
-    put("pickle_loads_proto2.pkl", pickle.dumps(Call(pickle.loads, ev), protocol=2), "os.system",
-        "pickle.loads payload (depth 1)")  # protocol 2 writes the bytes as _codecs.encode(text, 'latin1')
-    put("torch_load_bytesio.pkl", _p4(_call4("torch", "load", _call4("_io", "BytesIO", _bytes(ev)))), "os.system",
-        "torch.load payload (depth 1)")
-    put("torch_load_bytesio_state.pkl", pickle.dumps(Call(torch.load, io.BytesIO(ev)), protocol=4), "os.system",
-        "torch.serialization.load payload (depth 1)")  # BytesIO pickles its bytes as BUILD state
+    put(
+        "pickle_loads_proto2.pkl",
+        pickle.dumps(Call(pickle.loads, ev), protocol=2),
+        "os.system",
+        "pickle.loads payload (depth 1)",
+    )  # protocol 2 writes the bytes as _codecs.encode(text, 'latin1')
+    put(
+        "torch_load_bytesio.pkl",
+        _p4(_call4("torch", "load", _call4("_io", "BytesIO", _bytes(ev)))),
+        "os.system",
+        "torch.load payload (depth 1)",
+    )
+    put(
+        "torch_load_bytesio_state.pkl",
+        pickle.dumps(Call(torch.load, io.BytesIO(ev)), protocol=4),
+        "os.system",
+        "torch.serialization.load payload (depth 1)",
+    )  # BytesIO pickles its bytes as BUILD state
     put("dill_loads.pkl", _p4(_call4("dill", "loads", _bytes(ev))), "os.system", "dill.loads payload")
     put("cloudpickle_loads.pkl", _p4(_call4("cloudpickle", "loads", _bytes(ev))), "os.system", "cloudpickle.loads")
-    put("load_from_bytes_computed.pkl",
+    put(
+        "load_from_bytes_computed.pkl",
         _p4(_call4("torch.storage", "_load_from_bytes", _call4("mylib", "make_bytes"))),
-        "torch.storage._load_from_bytes(<bytes built at load time>)", None)
+        "torch.storage._load_from_bytes(<bytes built at load time>)",
+        None,
+    )
     put("nested_deep.pkl", _nest(ev, 3), "os.system", "depth 3")
     put("nested_too_deep.pkl", _nest(ev, 12), "<pickles nested deeper than 8>", None)
-    put("numpy_object_bytes.pkl", pickle.dumps({"a": ObjectArrayWithPickledBytes(ev)}, protocol=2), "os.system",
-        "numpy object array payload")
+    put(
+        "numpy_object_bytes.pkl",
+        pickle.dumps({"a": ObjectArrayWithPickledBytes(ev)}, protocol=2),
+        "os.system",
+        "numpy object array payload",
+    )
     np.save(d / "object_array.npy", np.array([Evil(marker), 1], dtype=object), allow_pickle=True)
     out["object_array.npy"] = ("posix.system" if os.name == "posix" else "nt.system", "npy object payload")
     np.savez(d / "object_arrays.npz", ok=np.ones(3), bad=np.array([Evil(marker)], dtype=object))
-    out["object_arrays.npz"] = ("posix.system" if os.name == "posix" else "nt.system",
-                                "member bad.npy > npy object payload")
+    out["object_arrays.npz"] = (
+        "posix.system" if os.name == "posix" else "nt.system",
+        "member bad.npy > npy object payload",
+    )
     # -- globals reached indirectly
     cmd = _s(f"touch {marker}")
     indirect = {
-        "getattr_module.pkl": (_call4("builtins", "getattr", _call4("importlib", "import_module", _s("os")),
-                                      _s("system")), "builtins.getattr"),
+        "getattr_module.pkl": (
+            _call4("builtins", "getattr", _call4("importlib", "import_module", _s("os")), _s("system")),
+            "builtins.getattr",
+        ),
         "import_module.pkl": (_call4("importlib", "import_module", _s("os")), "importlib.import_module"),
         "attrgetter.pkl": (_call4("operator", "attrgetter", _s("system")), "operator.attrgetter"),
         "methodcaller.pkl": (_call4("operator", "methodcaller", _s("system"), cmd), "operator.methodcaller"),
         "itemgetter.pkl": (_call4("_operator", "itemgetter", _s("system")), "_operator.itemgetter"),
         "partial.pkl": (_call4("functools", "partial", _s("x")), "functools.partial"),
         "reduce.pkl": (_call4("functools", "reduce", _s("x")), "functools.reduce"),
-        "reconstructor.pkl": (_call4("copyreg", "_reconstructor", _s("subprocess") + _s("Popen") + b"\x93",
-                                     _s("builtins") + _s("object") + b"\x93", cmd), "subprocess.Popen"),
+        "reconstructor.pkl": (
+            _call4(
+                "copyreg",
+                "_reconstructor",
+                _s("subprocess") + _s("Popen") + b"\x93",
+                _s("builtins") + _s("object") + b"\x93",
+                cmd,
+            ),
+            "subprocess.Popen",
+        ),
         "dotted_eval_call.pkl": (_call4("builtins", "eval.__call__", _s("1")), "builtins.eval.__call__"),
         "dotted_self.pkl": (_call4("os", "system.__self__", cmd), "os.system.__self__"),
         "chain_through_module.pkl": (_call4("torch.serialization", "os.system", cmd), "torch.serialization.os.system"),
-        "chain_globals.pkl": (_call4("collections", "OrderedDict.__init__.__globals__", cmd),
-                              "collections.OrderedDict.__init__.__globals__"),
+        "chain_globals.pkl": (
+            _call4("collections", "OrderedDict.__init__.__globals__", cmd),
+            "collections.OrderedDict.__init__.__globals__",
+        ),
         "builtin_alias.pkl": (_call4("__builtin__", "exec", cmd), "__builtin__.exec"),
         "posix_alias.pkl": (_call4("posix", "system", cmd), "posix.system"),
         "nt_alias.pkl": (_call4("nt", "system", cmd), "nt.system"),
@@ -210,8 +254,13 @@ def corpus(tmp_path_factory):
 
 def test_scan_flags_every_attack_and_names_the_call(corpus):
     d, marker, expected = corpus
-    res = subprocess.run([sys.executable, "-m", "ckptctl", "scan", str(d), "--format", "json"],
-                         capture_output=True, text=True, cwd=d, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "ckptctl", "scan", str(d), "--format", "json"],
+        capture_output=True,
+        text=True,
+        cwd=d,
+        timeout=300,
+    )
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr
     doc = {os.path.basename(r["path"]): r for r in json.loads(res.stdout)}
@@ -246,9 +295,11 @@ UNREADABLE = {"legacy_appended.pt", "object_array.npy", "object_arrays.npz"}
 # torch archives whose data.pkl is clean: their weights convert (the extra pickles are never read)
 CLEAN_WEIGHTS = {"zip_comment.pt", "zip_extensionless_member.pt", "zip_extra_member.pt"}
 # inspect reads the file's main pickle only: these say UNSAFE there (scan names the rest)
-INSPECT_SILENT = CLEAN_WEIGHTS | UNREADABLE | {
-    "load_from_bytes.pkl", "load_from_bytes_computed.pkl", "load_from_bytes_zip.pkl",
-    "numpy_object_bytes.pkl"}
+INSPECT_SILENT = (
+    CLEAN_WEIGHTS
+    | UNREADABLE
+    | {"load_from_bytes.pkl", "load_from_bytes_computed.pkl", "load_from_bytes_zip.pkl", "numpy_object_bytes.pkl"}
+)
 
 
 def test_other_commands_warn_and_never_run_anything(corpus, tmp_path):
@@ -278,8 +329,9 @@ def test_real_subprocess_never_runs_a_payload(corpus):
     d, marker, _ = corpus
     for name in ("pickle_then_zip.pt", "load_from_bytes_zip.pkl", "object_array.npy", "zip_comment.pt"):
         for cmd in (["inspect", str(d / name)], ["ls", str(d)]):
-            p = subprocess.run([sys.executable, "-m", "ckptctl", *cmd], capture_output=True, text=True, cwd=d,
-                               timeout=120)
+            p = subprocess.run(
+                [sys.executable, "-m", "ckptctl", *cmd], capture_output=True, text=True, cwd=d, timeout=120
+            )
             assert "Traceback" not in p.stderr, (name, cmd, p.stderr)
     assert not marker.exists()
 
@@ -292,8 +344,10 @@ def test_benign_files_stay_safe(tmp_path):
     np.save(tmp_path / "plain.npy", np.arange(10.0))
     np.savez(tmp_path / "plain.npz", a=np.ones(3))
     # a storage whose bytes start like a protocol-2 pickle is not a pickle member
-    torch.save({"w": torch.frombuffer(bytearray(b"\x80\x02cos\nsystem\n" + b"\0" * 2), dtype=torch.uint8)},
-               tmp_path / "lookalike.pt")
+    torch.save(
+        {"w": torch.frombuffer(bytearray(b"\x80\x02cos\nsystem\n" + b"\0" * 2), dtype=torch.uint8)},
+        tmp_path / "lookalike.pt",
+    )
     r = cli("scan", tmp_path, "--format", "json")
     assert r.exit_code == 0, r.output
     for f in json.loads(r.stdout):
@@ -302,24 +356,33 @@ def test_benign_files_stay_safe(tmp_path):
             assert f["verdict"] == "safe" and f["error"] is None, f
 
 
-@pytest.mark.parametrize(("module", "name", "cls"), [
-    ("torch.serialization", "os.system", "dangerous"),
-    ("builtins", "eval.__call__", "dangerous"),
-    ("mylib", "Model.__init__.__globals__", "dangerous"),
-    ("mylib", "helpers.subprocess.run", "dangerous"),
-    ("mylib", "Outer.Inner", "unknown"),
-    ("numpy.random._pickle", "__randomstate_ctor", "unknown"),
-    ("copyreg", "__newobj__", "safe"),
-    ("torch._utils", "_rebuild_tensor_v2", "safe"),
-])
+@pytest.mark.parametrize(
+    ("module", "name", "cls"),
+    [
+        ("torch.serialization", "os.system", "dangerous"),
+        ("builtins", "eval.__call__", "dangerous"),
+        ("mylib", "Model.__init__.__globals__", "dangerous"),
+        ("mylib", "helpers.subprocess.run", "dangerous"),
+        ("mylib", "Outer.Inner", "unknown"),
+        ("numpy.random._pickle", "__randomstate_ctor", "unknown"),
+        ("copyreg", "__newobj__", "safe"),
+        ("torch._utils", "_rebuild_tensor_v2", "safe"),
+    ],
+)
 def test_attribute_chains(module, name, cls):
     assert classify_pair(module, name) == cls
 
 
-@pytest.mark.parametrize(("name", "cls"), [
-    ("torch.serialization.os.system", "dangerous"), ("mylib.utils.subprocess.Popen", "dangerous"),
-    ("mylib.os", "unknown"), ("mylib.code.Net", "unknown"), ("mylib.system", "unknown"),
-])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("torch.serialization.os.system", "dangerous"),
+        ("mylib.utils.subprocess.Popen", "dangerous"),
+        ("mylib.os", "unknown"),
+        ("mylib.code.Net", "unknown"),
+        ("mylib.system", "unknown"),
+    ],
+)
 def test_module_reached_through_another_module(name, cls):
     """The 'module.name' strings inspect and ls classify: a known module's attribute reached
     through another module is dangerous; a package's own submodule names are not guessed at."""
@@ -371,22 +434,95 @@ def test_random_opcode_streams_fail_cleanly_and_run_nothing(tmp_path):
     sys.meta_path.insert(0, Watch)
     g = f"c{PROBE}\nboom\n".encode()
     tokens = [
-        b"\x80\x02", b"\x80\x04", b"\x80\x05", b"\x95" + struct.pack("<Q", 5), b"(", b")", b"]", b"}", b"N", b"\x88",
-        b"K\x01", b"J\xff\xff\xff\xff", b"M\x00\x01", b"\x8a\x01\x05", b"G" + struct.pack(">d", 1.5), b"I7\n",
-        b"L12L\n", b"F1.0\n", _s(PROBE), _s("boom"), _s("Probe"), _s("os"), _s("system"), b"\x93", g,
-        f"c{PROBE}\nProbe\n".encode(), b"cos\nsystem\n", b"ctorch._utils\n_rebuild_tensor_v2\n",
-        b"cnumpy.core.multiarray\n_reconstruct\n", b"cnumpy\ndtype\n", _s("O8"), _s("f4"),
-        b"ctorch.storage\n_load_from_bytes\n", b"cpickle\nloads\n", _bytes(b"\x80\x02" + g + b")R."),
-        b"C\x03abc", b"S'x'\n", b"Vu\n", b"U\x01a", b"T\x01\x00\x00\x00b", b"\x96" + struct.pack("<Q", 2) + b"zz",
-        b"R", b"b", b"\x81", b"\x92", b"t", b"\x85", b"\x86", b"\x87", b"l", b"d", b"e", b"a", b"s", b"u",
-        b"\x8f", b"\x90", b"\x91", b"0", b"1", b"2", b"q\x00", b"h\x00", b"r\x01\x00\x00\x00", b"j\x01\x00\x00\x00",
-        b"\x94", b"p0\n", b"g0\n", b"Q", b"P1\n", b"\x82\x01", b"o", b"i" + PROBE.encode() + b"\nProbe\n",
-        b"\x97", b"\x98", b"PK\x03\x04", b"\x93NUMPY", b".", b"c_ckptctl_absent\nrun\n", _s("_ckptctl_absent"),
+        b"\x80\x02",
+        b"\x80\x04",
+        b"\x80\x05",
+        b"\x95" + struct.pack("<Q", 5),
+        b"(",
+        b")",
+        b"]",
+        b"}",
+        b"N",
+        b"\x88",
+        b"K\x01",
+        b"J\xff\xff\xff\xff",
+        b"M\x00\x01",
+        b"\x8a\x01\x05",
+        b"G" + struct.pack(">d", 1.5),
+        b"I7\n",
+        b"L12L\n",
+        b"F1.0\n",
+        _s(PROBE),
+        _s("boom"),
+        _s("Probe"),
+        _s("os"),
+        _s("system"),
+        b"\x93",
+        g,
+        f"c{PROBE}\nProbe\n".encode(),
+        b"cos\nsystem\n",
+        b"ctorch._utils\n_rebuild_tensor_v2\n",
+        b"cnumpy.core.multiarray\n_reconstruct\n",
+        b"cnumpy\ndtype\n",
+        _s("O8"),
+        _s("f4"),
+        b"ctorch.storage\n_load_from_bytes\n",
+        b"cpickle\nloads\n",
+        _bytes(b"\x80\x02" + g + b")R."),
+        b"C\x03abc",
+        b"S'x'\n",
+        b"Vu\n",
+        b"U\x01a",
+        b"T\x01\x00\x00\x00b",
+        b"\x96" + struct.pack("<Q", 2) + b"zz",
+        b"R",
+        b"b",
+        b"\x81",
+        b"\x92",
+        b"t",
+        b"\x85",
+        b"\x86",
+        b"\x87",
+        b"l",
+        b"d",
+        b"e",
+        b"a",
+        b"s",
+        b"u",
+        b"\x8f",
+        b"\x90",
+        b"\x91",
+        b"0",
+        b"1",
+        b"2",
+        b"q\x00",
+        b"h\x00",
+        b"r\x01\x00\x00\x00",
+        b"j\x01\x00\x00\x00",
+        b"\x94",
+        b"p0\n",
+        b"g0\n",
+        b"Q",
+        b"P1\n",
+        b"\x82\x01",
+        b"o",
+        b"i" + PROBE.encode() + b"\nProbe\n",
+        b"\x97",
+        b"\x98",
+        b"PK\x03\x04",
+        b"\x93NUMPY",
+        b".",
+        b"c_ckptctl_absent\nrun\n",
+        _s("_ckptctl_absent"),
     ]
     token = st.one_of(st.sampled_from(tokens), st.binary(min_size=1, max_size=6))
 
-    @settings(max_examples=400, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=400,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(st.lists(token, max_size=40))
     def check(parts):
         data = b"".join(parts)
@@ -425,14 +561,25 @@ def test_mutated_checkpoints_fail_cleanly(tmp_path):
     from ckptctl.ops import scan as scan_mod
 
     sd = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16)}
-    seeds = [_torch_bytes(sd), _torch_bytes(sd, legacy=True),
-             _p4(_call4("pickle", "loads", _bytes(pickle.dumps(sd["w"].numpy(), protocol=2))))]
+    seeds = [
+        _torch_bytes(sd),
+        _torch_bytes(sd, legacy=True),
+        _p4(_call4("pickle", "loads", _bytes(pickle.dumps(sd["w"].numpy(), protocol=2)))),
+    ]
     target = tmp_path / "m.pt"
 
-    @settings(max_examples=80, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-    @given(st.sampled_from(range(len(seeds))), st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)),
-                                                        max_size=8), st.integers(0, 1 << 16), st.booleans())
+    @settings(
+        max_examples=80,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        st.sampled_from(range(len(seeds))),
+        st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=8),
+        st.integers(0, 1 << 16),
+        st.booleans(),
+    )
     def check(i, flips, cut, splice):
         data = bytearray(seeds[i])
         for off, val in flips:
@@ -470,22 +617,43 @@ def test_random_pickle_programs_fail_cleanly_and_run_nothing():
     mod.boom = _probe_call
     mod.Probe = _Probe
     sys.modules[PROBE] = mod
-    globals_ = [(PROBE, "boom"), (PROBE, "Probe"), ("os", "system"), ("torch._utils", "_rebuild_tensor_v2"),
-                ("torch._utils", "_rebuild_tensor_v3"), ("collections", "OrderedDict"), ("builtins", "set"),
-                ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("numpy", "ndarray"),
-                ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"), ("torch.storage", "_load_from_bytes"),
-                ("pickle", "loads"), ("_io", "BytesIO"), ("torch._tensor", "_rebuild_from_type_v2"),
-                ("torch.nn.parameter", "Parameter"), ("torch", "FloatStorage"), ("torch", "float32"),
-                ("numpy.core.multiarray", "scalar"), ("_codecs", "encode"), ("builtins", "bytearray"),
-                ("torch._utils", "_rebuild_parameter"), ("torch", "Size"), ("builtins", "slice")]
+    globals_ = [
+        (PROBE, "boom"),
+        (PROBE, "Probe"),
+        ("os", "system"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_tensor_v3"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("copyreg", "_reconstructor"),
+        ("copyreg", "__newobj__"),
+        ("torch.storage", "_load_from_bytes"),
+        ("pickle", "loads"),
+        ("_io", "BytesIO"),
+        ("torch._tensor", "_rebuild_from_type_v2"),
+        ("torch.nn.parameter", "Parameter"),
+        ("torch", "FloatStorage"),
+        ("torch", "float32"),
+        ("numpy.core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+        ("builtins", "bytearray"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("torch", "Size"),
+        ("builtins", "slice"),
+    ]
 
     def g(pair, stack: bool) -> bytes:
         return _s(pair[0]) + _s(pair[1]) + b"\x93" if stack else f"c{pair[0]}\n{pair[1]}\n".encode()
 
     leaf = st.one_of(
         st.integers(-(1 << 40), 1 << 40).map(lambda i: b"\x8a" + bytes([8]) + i.to_bytes(8, "little", signed=True)),
-        st.integers(0, 255).map(lambda i: b"K" + bytes([i])), st.text(max_size=6).map(_s),
-        st.binary(max_size=8).map(_bytes), st.sampled_from([b"N", b"\x88", b"\x89", b")", b"]", b"}"]),
+        st.integers(0, 255).map(lambda i: b"K" + bytes([i])),
+        st.text(max_size=6).map(_s),
+        st.binary(max_size=8).map(_bytes),
+        st.sampled_from([b"N", b"\x88", b"\x89", b")", b"]", b"}"]),
         st.floats(allow_nan=True).map(lambda x: b"G" + struct.pack(">d", x)),
         st.tuples(st.sampled_from(globals_), st.booleans()).map(lambda t: g(*t)),
         st.sampled_from([_s("O8"), _s("f4"), _s("cpu"), _s("0")]),
@@ -497,7 +665,8 @@ def test_random_pickle_programs_fail_cleanly_and_run_nothing():
             many.map(lambda xs: b"(" + b"".join(xs) + b"t"),  # tuple
             many.map(lambda xs: b"](" + b"".join(xs) + b"e"),  # list
             st.lists(st.tuples(st.text(max_size=3).map(_s), child), max_size=3).map(
-                lambda kv: b"}(" + b"".join(k + v for k, v in kv) + b"u"),
+                lambda kv: b"}(" + b"".join(k + v for k, v in kv) + b"u"
+            ),
             st.tuples(child, many).map(lambda t: t[0] + b"(" + b"".join(t[1]) + b"tR"),  # call
             st.tuples(st.sampled_from(globals_), many).map(lambda t: g(t[0], True) + b"(" + b"".join(t[1]) + b"tR"),
             st.tuples(st.sampled_from(globals_), many).map(lambda t: g(t[0], True) + b"(" + b"".join(t[1]) + b"t\x81"),
@@ -510,8 +679,11 @@ def test_random_pickle_programs_fail_cleanly_and_run_nothing():
     program = st.recursive(leaf, extend, max_leaves=25)
 
     @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-    @given(program, st.lists(st.tuples(st.integers(0, 1 << 12), st.integers(0, 255)), max_size=3),
-           st.integers(0, 1 << 12) | st.none())
+    @given(
+        program,
+        st.lists(st.tuples(st.integers(0, 1 << 12), st.integers(0, 255)), max_size=3),
+        st.integers(0, 1 << 12) | st.none(),
+    )
     def check(body, flips, cut):
         data = bytearray(b"\x80\x04" + body + b".")
         for off, val in flips:

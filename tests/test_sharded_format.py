@@ -36,8 +36,9 @@ def state_dict() -> dict:
     }
 
 
-def write_sharded(folder, sd: dict, n_shards: int = 3, index_name="model.safetensors.index.json",
-                  weight_map_order=None, metadata=None) -> dict[str, str]:
+def write_sharded(
+    folder, sd: dict, n_shards: int = 3, index_name="model.safetensors.index.json", weight_map_order=None, metadata=None
+) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     names = list(sd)
     shards = [names[i::n_shards] for i in range(n_shards)]
@@ -98,17 +99,21 @@ def test_cli_inspect_sharded(tmp_path):
         "try:\n    app(['inspect', sys.argv[1]])\nexcept SystemExit as e:\n    c = e.code\n"
         "sys.stderr.write('TORCH=%s\\n' % ('torch' in sys.modules))\nsys.exit(c)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ck")], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0 and "TORCH=False" in res.stderr, res.stderr
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("/etc/passwd", "is an absolute path"),
-    ("../outside.safetensors", "points outside the checkpoint folder"),
-    ("sub/../../x.safetensors", "points outside the checkpoint folder"),
-    ("C:\\weights.safetensors", "is an absolute path"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("/etc/passwd", "is an absolute path"),
+        ("../outside.safetensors", "points outside the checkpoint folder"),
+        ("sub/../../x.safetensors", "points outside the checkpoint folder"),
+        ("C:\\weights.safetensors", "is an absolute path"),
+    ],
+)
 def test_shard_names_validated(tmp_path, bad, message):
     sd = state_dict()
     wm = write_sharded(tmp_path, sd)
@@ -160,13 +165,16 @@ def test_corrupt_shard_names_the_shard(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and wm["step"] in res.stderr
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "not valid JSON"),
-    ('{"metadata": {}}', 'no "weight_map"'),
-    ('{"weight_map": []}', 'no "weight_map"'),
-    ('{"weight_map": {"a": 3}}', "names no shard file"),
-    ('{"metadata": 5, "weight_map": {}}', '"metadata" is not an object'),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"metadata": {}}', 'no "weight_map"'),
+        ('{"weight_map": []}', 'no "weight_map"'),
+        ('{"weight_map": {"a": 3}}', "names no shard file"),
+        ('{"metadata": 5, "weight_map": {}}', '"metadata" is not an object'),
+    ],
+)
 def test_bad_index(tmp_path, text, message):
     (tmp_path / "model.safetensors.index.json").write_text(text)
     with pytest.raises(CorruptFile, match=message):
@@ -179,8 +187,11 @@ def test_hdf5_shards(tmp_path):
     """transformers' tf_model.h5.index.json: shards are HDF5 files named by weight paths."""
     np = pytest.importorskip("numpy")
     h5py = pytest.importorskip("h5py")
-    names = ["tf_bert_model/bert/embeddings/weight:0", "tf_bert_model/bert/pooler/dense/kernel:0",
-             "tf_bert_model/bert/pooler/dense/bias:0"]
+    names = [
+        "tf_bert_model/bert/embeddings/weight:0",
+        "tf_bert_model/bert/pooler/dense/kernel:0",
+        "tf_bert_model/bert/pooler/dense/bias:0",
+    ]
     arrays = {n: np.arange(6 * (i + 1), dtype="f4") for i, n in enumerate(names)}
     wm = {}
     for i, part in enumerate([names[:2], names[2:]], 1):
@@ -199,8 +210,10 @@ def test_hdf5_shards(tmp_path):
             assert b"".join(r.iter_chunks(n)) == a.tobytes()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ckptctl.formats.torch_zip") is None,
-                    reason="ckptctl.formats.torch_zip (the torch zip reader) is not in the tree yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("ckptctl.formats.torch_zip") is None,
+    reason="ckptctl.formats.torch_zip (the torch zip reader) is not in the tree yet",
+)
 def test_torch_bin_shards(tmp_path):
     sd = state_dict()
     names = list(sd)

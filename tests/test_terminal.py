@@ -24,8 +24,18 @@ from conftest import cli
 from ckptctl.cli import output
 
 # environment variables that would force or forbid colour, or fix a width, whatever the stream
-_COLOUR_VARS = ("NO_COLOR", "FORCE_COLOR", "PY_COLORS", "GITHUB_ACTIONS", "TERMINAL_WIDTH", "COLUMNS",
-                "CKPTCTL_DEBUG", "_TYPER_FORCE_DISABLE_TERMINAL", "CLICOLOR_FORCE", "TTY_COMPATIBLE")
+_COLOUR_VARS = (
+    "NO_COLOR",
+    "FORCE_COLOR",
+    "PY_COLORS",
+    "GITHUB_ACTIONS",
+    "TERMINAL_WIDTH",
+    "COLUMNS",
+    "CKPTCTL_DEBUG",
+    "_TYPER_FORCE_DISABLE_TERMINAL",
+    "CLICOLOR_FORCE",
+    "TTY_COMPATIBLE",
+)
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 ANY_ESC = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # an SGR that sets a colour (foreground/background, 8/16/256/true colour), not just bold or dim
@@ -88,8 +98,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_piped(*args, **env) -> subprocess.CompletedProcess:
     """`python -m ckptctl ARGS` with stdout and stderr both pipes and no colour-forcing variables."""
-    return subprocess.run([sys.executable, "-m", "ckptctl", *map(os.fspath, args)], capture_output=True,
-                          text=True, env=clean_env(**env), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptctl", *map(os.fspath, args)],
+        capture_output=True,
+        text=True,
+        env=clean_env(**env),
+        timeout=120,
+    )
 
 
 def run_tty(*args, columns: int = 100, **env) -> tuple[int, str, str]:
@@ -104,8 +119,14 @@ def run_tty(*args, columns: int = 100, **env) -> tuple[int, str, str]:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     e = clean_env(TERM="xterm-256color", COLUMNS=str(columns))
     e.update(env)
-    p = subprocess.Popen([sys.executable, "-m", "ckptctl", *map(os.fspath, args)], stdin=slave, stdout=slave,
-                         stderr=subprocess.PIPE, env=e, close_fds=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckptctl", *map(os.fspath, args)],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=e,
+        close_fds=True,
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -131,8 +152,12 @@ def visible(text: str) -> str:
 def test_piped_output_has_no_escape_codes(hostile, tmp_path):
     # (table, tree, markdown, json and csv of the same file: test_hostile_names_*)
     cases = [
-        (), ("inspect", "--help"), ("inspect", hostile, "-f", "tree"),
-        ("inspect", tmp_path / "missing.safetensors"), ("inspet",), ("inspect", hostile, "--sort", "sideways"),
+        (),
+        ("inspect", "--help"),
+        ("inspect", hostile, "-f", "tree"),
+        ("inspect", tmp_path / "missing.safetensors"),
+        ("inspet",),
+        ("inspect", hostile, "--sort", "sideways"),
     ]
     for args in cases:
         p = run_piped(*args)
@@ -288,9 +313,13 @@ def test_wide_tables_fit_the_terminal(long_names):
 
 
 def test_shorten_names_keeps_rows_apart():
-    paths = ["demo-run/hf-run/checkpoint-100/optimizer.pt", "demo-run/hf-run/checkpoint-200/optimizer.pt",
-             "demo-run/hf-run/checkpoint-100/trainer_state.json", "demo-run/hf-run/checkpoint-100/training_args.bin",
-             "demo-run/lightning-run/last.ckpt"]
+    paths = [
+        "demo-run/hf-run/checkpoint-100/optimizer.pt",
+        "demo-run/hf-run/checkpoint-200/optimizer.pt",
+        "demo-run/hf-run/checkpoint-100/trainer_state.json",
+        "demo-run/hf-run/checkpoint-100/training_args.bin",
+        "demo-run/lightning-run/last.ckpt",
+    ]
     short = output.shorten_names(paths, 28)
     assert short[:2] == ["d/h/checkpoint-100/o.pt", "d/h/checkpoint-200/o.pt"]  # not 'd/h/c/o.pt' twice
     assert short[4] == "d/lightning-run/last.ckpt"
@@ -298,15 +327,22 @@ def test_shorten_names_keeps_rows_apart():
     assert all(len(x) <= 28 for x in short) and short[2].endswith("er_state.json")
     assert len(set(short)) == len(paths)
     # with siblings that share first letters, the distinguishing components stay whole
-    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
-             "model.layers.0.shortcut.weight"]
+    names = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.shortcut.weight",
+    ]
     short = output.shorten_names(names, 30)
     assert short[0] == "m.l.0.self_attn.q_proj.weight" and short[1] == "m.l.0.self_attn.k_proj.weight"
 
 
 def test_fit_widths_keeps_short_columns_and_names_whole_when_prose_can_give():
-    cols = [output.Column("step", "step", justify="right"), output.Column("path", "path", name_like=True),
-            output.Column("size", "size"), output.Column("metrics", "metrics")]
+    cols = [
+        output.Column("step", "step", justify="right"),
+        output.Column("path", "path", name_like=True),
+        output.Column("size", "size"),
+        output.Column("metrics", "metrics"),
+    ]
     cells = [["100", "checkpoint-100/", "829.5 kB", "eval_loss=2.31 loss=2.51"]]
     assert output.fit_widths(cols, cells, 80) == [4, 15, 8, 24]
     w = output.fit_widths(cols, cells, 50)
@@ -316,8 +352,7 @@ def test_fit_widths_keeps_short_columns_and_names_whole_when_prose_can_give():
 
 
 def test_shorten_name():
-    assert output.shorten_name("model.layers.0.self_attn.q_proj.weight", 40) == \
-        "model.layers.0.self_attn.q_proj.weight"
+    assert output.shorten_name("model.layers.0.self_attn.q_proj.weight", 40) == "model.layers.0.self_attn.q_proj.weight"
     assert output.shorten_name("model.layers.0.self_attn.q_proj.weight", 34) == "m.layers.0.self_attn.q_proj.weight"
     assert output.shorten_name("model.layers.0.self_attn.q_proj.weight", 21) == "m.l.0.s.q_proj.weight"
     assert output.shorten_name("optimizer_states/0/state/123/exp_avg_sq", 22) == "o/0/s/123/exp_avg_sq"
@@ -429,8 +464,11 @@ def lightning_nan_run(tmp_path) -> Path:
     """A Lightning run that went NaN, with last.ckpt -> the newest and a best checkpoint."""
     from run_builders import lightning_run
 
-    return lightning_run(tmp_path / "lightning_logs" / "version_0" / "checkpoints", steps=(100, 200, 300, 400),
-                         val_loss={100: 0.9, 200: 0.35, 300: float("nan"), 400: 0.5})
+    return lightning_run(
+        tmp_path / "lightning_logs" / "version_0" / "checkpoints",
+        steps=(100, 200, 300, 400),
+        val_loss={100: 0.9, 200: 0.35, 300: float("nan"), 400: 0.5},
+    )
 
 
 @pytest.mark.parametrize("columns", [100, 80])
@@ -442,8 +480,11 @@ def test_ls_on_a_narrow_terminal_keeps_path_step_metrics_and_notes_whole(lightni
     head = lines[0].split()
     assert head[:2] == ["step", "path"] and "metrics" in head and head[-1] == "notes"
     assert "dtypes" not in head and "optim" not in head  # the least useful columns went first
-    rows = {line.split()[0]: line for line in lines[1:] if line.split() and line.split()[0].isdigit()
-            and "on disk" not in line}
+    rows = {
+        line.split()[0]: line
+        for line in lines[1:]
+        if line.split() and line.split()[0].isdigit() and "on disk" not in line
+    }
     assert sorted(rows, key=int) == ["100", "200", "300", "400"]
     for step, epoch in (("100", 0), ("200", 1), ("300", 2), ("400", 3)):
         assert f"epoch={epoch}-step={step}.ckpt" in rows[step]  # whole, not 'epoch=1…44.ckpt'
@@ -467,12 +508,18 @@ def test_ls_on_a_wide_terminal_and_with_wide_shows_every_column(lightning_nan_ru
 
 def test_fit_widths_gives_way_by_declared_priority():
     C = output.Column
-    cols = [C("step", "step", priority=9), C("path", "path", name_like=True, priority=9),
-            C("format", "format", priority=3, drop=True), C("size", "size", priority=7),
-            C("dtypes", "dtypes", priority=0, drop=True), C("metrics", "metrics", priority=9),
-            C("modified", "modified", priority=5, drop=True)]
-    cells = [["400", "epoch=3-step=400.ckpt", "torch-zip", "10.3 kB", "float32", "val_loss=0.5 loss=1.7",
-              "2026-12-02 07:56"]]
+    cols = [
+        C("step", "step", priority=9),
+        C("path", "path", name_like=True, priority=9),
+        C("format", "format", priority=3, drop=True),
+        C("size", "size", priority=7),
+        C("dtypes", "dtypes", priority=0, drop=True),
+        C("metrics", "metrics", priority=9),
+        C("modified", "modified", priority=5, drop=True),
+    ]
+    cells = [
+        ["400", "epoch=3-step=400.ckpt", "torch-zip", "10.3 kB", "float32", "val_loss=0.5 loss=1.7", "2026-12-02 07:56"]
+    ]
     nat = [4, 21, 9, 7, 7, 21, 16]
     assert output.fit_widths(cols, cells, 200) == nat
     assert sum(nat) + 12 == 97

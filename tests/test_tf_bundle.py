@@ -40,8 +40,12 @@ def run(*args, **kw):
 TF = REPO.parent / "shared" / "fixtures" / "tensorflow"
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
-TF_CKPTS = ["google_tftools/model-two-variables.ckpt", "google_tftools/model-three-variables.ckpt",
-            "tf2_manager_run/ckpt-10", "tf2_manager_run/ckpt-20"]
+TF_CKPTS = [
+    "google_tftools/model-two-variables.ckpt",
+    "google_tftools/model-three-variables.ckpt",
+    "tf2_manager_run/ckpt-10",
+    "tf2_manager_run/ckpt-20",
+]
 
 
 def _expected() -> dict:
@@ -111,22 +115,28 @@ def test_fixture_json_keeps_raw_key_and_object_graph_names():
     assert k["key"] == "model/layer_with_weights-0/kernel" + SUFFIX and k["shape"] == [3, 3, 1, 4]
     assert k["full_name"] == "conv2d/kernel"  # the old-style name from the object graph
     assert by["optimizer/_variables/1"]["full_name"] == "SGD/m/conv2d/kernel"
-    assert sorted(doc["files"]) == sorted(str(TF / "tf2_manager_run" / f) for f in
-                                          ("ckpt-20.index", "ckpt-20.data-00000-of-00001"))
+    assert sorted(doc["files"]) == sorted(
+        str(TF / "tf2_manager_run" / f) for f in ("ckpt-20.index", "ckpt-20.data-00000-of-00001")
+    )
 
 
 @pytest.mark.parametrize("how", ["prefix", "index", "data", "folder"])
 def test_fixture_naming(how):
     want = _expected()["tf2_manager_run/ckpt-20"]
     run_dir = TF / "tf2_manager_run"
-    path = {"prefix": run_dir / "ckpt-20", "index": run_dir / "ckpt-20.index",
-            "data": run_dir / "ckpt-20.data-00000-of-00001", "folder": run_dir}[how]
+    path = {
+        "prefix": run_dir / "ckpt-20",
+        "index": run_dir / "ckpt-20.index",
+        "data": run_dir / "ckpt-20.data-00000-of-00001",
+        "folder": run_dir,
+    }[how]
     res = cli("inspect", path, "--format", "json")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["path"] == str(run_dir / "ckpt-20")
-    assert {t["key"]: [t["dtype"], t["shape"]] for t in doc["tensors"]} == \
-        {k: [v["dtype"], v["shape"]] for k, v in want.items() if k != GRAPH}
+    assert {t["key"]: [t["dtype"], t["shape"]] for t in doc["tensors"]} == {
+        k: [v["dtype"], v["shape"]] for k, v in want.items() if k != GRAPH
+    }
     picked = [line for line in res.stderr.splitlines() if "latest checkpoint" in line]
     if how == "folder":  # the state file's model_checkpoint_path, said on stderr
         assert len(picked) == 1 and "ckpt-20" in picked[0] and str(run_dir / "checkpoint") in picked[0]
@@ -253,8 +263,22 @@ def test_no_tensorflow_or_keras_import(tmp_path):
 def _all_dtypes() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     out = {}
-    for dt in ["float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16",
-               "uint32", "uint64", "bool", "complex64", "complex128"]:
+    for dt in [
+        "float32",
+        "float64",
+        "float16",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+        "complex64",
+        "complex128",
+    ]:
         a = rng.standard_normal((3, 5)) * 100
         if dt.startswith("complex"):
             a = a + 1j * rng.standard_normal((3, 5))
@@ -272,8 +296,7 @@ def _all_dtypes() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("shards", [1, 3])
 def test_every_dtype_layout(tmp_path, big_endian, shards):
     arrays = _all_dtypes()
-    files = write_bundle(tmp_path / "run" / "ckpt-7", arrays, big_endian=big_endian, num_shards=shards,
-                         block_size=128)
+    files = write_bundle(tmp_path / "run" / "ckpt-7", arrays, big_endian=big_endian, num_shards=shards, block_size=128)
     assert len(files) == 1 + shards
     with open_reader(tmp_path / "run" / "ckpt-7") as r:
         info = r.info()
@@ -351,8 +374,7 @@ def test_string_tensors_listed_not_converted(tmp_path, big_endian):
 
 def test_partitioned_variable_first_axis(tmp_path):
     a = np.arange(60, dtype=np.float32).reshape(10, 6)
-    write_bundle(tmp_path / "c", {"emb": a, "b": np.ones(3, np.int32)}, slices={"emb": [3, 3, 4]},
-                 num_shards=2)
+    write_bundle(tmp_path / "c", {"emb": a, "b": np.ones(3, np.int32)}, slices={"emb": [3, 3, 4]}, num_shards=2)
     with open_reader(tmp_path / "c") as r:
         t = r.info().tensor("emb")
         assert (t.dtype, t.shape) == ("float32", (10, 6))
@@ -558,5 +580,8 @@ def test_fixture_default_is_model_weights_like_every_training_checkpoint():
     assert names and not any(n.startswith("optimizer/") for n in names)
     assert "model/layer_with_weights-0/kernel" in names
     assert "--all" in res.stderr
-    every = {t["name"] for t in json.loads(cli("inspect", TF / "tf2_manager_run/ckpt-20", "--format", "json").stdout)["tensors"]}
+    every = {
+        t["name"]
+        for t in json.loads(cli("inspect", TF / "tf2_manager_run/ckpt-20", "--format", "json").stdout)["tensors"]
+    }
     assert names < every and any(n.startswith("optimizer/") for n in every)

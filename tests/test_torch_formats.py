@@ -35,10 +35,33 @@ from ckptctl.formats.torch_zip import TorchZipReader
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 ZOO_DTYPES = [
-    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-    "float8_e5m2fnuz", "float8_e8m0fnu", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-    "uint64", "bool", "complex64", "complex128", "complex32", "float4_e2m1fn_x2",
-    "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+    "complex64",
+    "complex128",
+    "complex32",
+    "float4_e2m1fn_x2",
+    "bits8",
+    "bits16",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
 ]
 
 
@@ -93,7 +116,8 @@ def zoo() -> dict:
     sd["quint8"] = torch.quantize_per_tensor(torch.randn(4, generator=g), 0.1, 3, torch.quint8)
     sd["qint32"] = torch.quantize_per_tensor(torch.randn(4, generator=g), 0.1, 3, torch.qint32)
     sd["qchannel"] = torch.quantize_per_channel(
-        torch.randn(4, 3, generator=g), torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0, 1, 2, 3]), 0, torch.qint8)
+        torch.randn(4, 3, generator=g), torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0, 1, 2, 3]), 0, torch.qint8
+    )
     base = torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)
     sd["base"] = base
     sd["slice"] = base[1:, 1:3, ::2]
@@ -287,8 +311,14 @@ def test_nested_training_checkpoint(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    ckpt = {"epoch": 3, "model_state_dict": model.state_dict(), "optimizer": opt.state_dict(), "loss": 0.25,
-            "note": "hello", "extra": [torch.arange(3), {"deep": torch.ones(2)}]}
+    ckpt = {
+        "epoch": 3,
+        "model_state_dict": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "loss": 0.25,
+        "note": "hello",
+        "extra": [torch.arange(3), {"deep": torch.ones(2)}],
+    }
     path = tmp_path / "ckpt.pth"
     torch.save(ckpt, path)
     ref = torch.load(path, weights_only=True)
@@ -317,12 +347,21 @@ def test_lightning_like_checkpoint_with_namespace_and_path(tmp_path):
     cb = "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}"
     best = torch.tensor(0.125)
     ckpt = {
-        "epoch": 4, "global_step": 120, "pytorch-lightning_version": "2.2.2",
+        "epoch": 4,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.2.2",
         "state_dict": OrderedDict((f"model.{k}", v) for k, v in model.state_dict().items()),
         "optimizer_states": [opt.state_dict()],
         "lr_schedulers": [{"last_epoch": 4, "_last_lr": [0.1]}],
-        "callbacks": {cb: {"monitor": "val_loss", "best_model_score": best, "best_model_path": "/ck/epoch=3.ckpt",
-                           "best_k_models": {"/ck/epoch=3.ckpt": best}, "dirpath": "/ck"}},
+        "callbacks": {
+            cb: {
+                "monitor": "val_loss",
+                "best_model_score": best,
+                "best_model_path": "/ck/epoch=3.ckpt",
+                "best_k_models": {"/ck/epoch=3.ckpt": best},
+                "dirpath": "/ck",
+            }
+        },
         "hparams_name": "kwargs",
         "hyper_parameters": {"lr": 0.1, "args": argparse.Namespace(layers=2, root=pathlib.Path("/data/set"))},
     }
@@ -373,7 +412,10 @@ def test_hf_trainer_side_files(tmp_path):
         assert (mt.dtype, mt.shape) == ("uint32", (624,))
         assert got_bytes(r, "numpy/1", 100) == np.random.get_state()[1].tobytes()
         assert got_bytes(r, "cpu") == tbytes(rng["cpu"])
-        assert "numpy.core.multiarray._reconstruct" in info.globals or "numpy._core.multiarray._reconstruct" in info.globals
+        assert (
+            "numpy.core.multiarray._reconstruct" in info.globals
+            or "numpy._core.multiarray._reconstruct" in info.globals
+        )
     with open_reader(tmp_path / "training_args.bin") as r:
         info = r.info()
         assert info.tensors == [] and [(o.name, o.type) for o in info.objects] == [("", "argparse.Namespace")]
@@ -418,9 +460,13 @@ def _rezip(src, dst, edit) -> None:
 
 
 def test_big_endian_archive_and_cuda_locations(tmp_path):
-    sd = {"f": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7, "c": torch.tensor([1 + 2j, 3 - 4j]),
-          "h": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "i": torch.arange(4, dtype=torch.int64).t(),
-          "b": torch.tensor([True, False])}
+    sd = {
+        "f": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7,
+        "c": torch.tensor([1 + 2j, 3 - 4j]),
+        "h": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        "i": torch.arange(4, dtype=torch.int64).t(),
+        "b": torch.tensor([True, False]),
+    }
     src = tmp_path / "le.pt"
     torch.save(sd, src)
     isz = {}
@@ -503,8 +549,18 @@ def _legacy_file(obj_pickle: bytes, keys: list[str], storages: list[bytes], coun
     magic = 0x1950A86A20F9469CFC6C
     out = b"\x80\x02\x8a\x0a" + magic.to_bytes(10, "little", signed=True) + b"."
     out += b"\x80\x02M\xe9\x03."
-    out += (b"\x80\x02}(" + _s("protocol_version") + b"M\xe9\x03" + _s("little_endian") + b"\x88"
-            + _s("type_sizes") + b"}(" + _s("int") + _i(4) + b"uu.")
+    out += (
+        b"\x80\x02}("
+        + _s("protocol_version")
+        + b"M\xe9\x03"
+        + _s("little_endian")
+        + b"\x88"
+        + _s("type_sizes")
+        + b"}("
+        + _s("int")
+        + _i(4)
+        + b"uu."
+    )
     out += obj_pickle
     out += b"\x80\x02](" + b"".join(_s(k) for k in keys) + b"e."
     for raw, count in zip(storages, counts):
@@ -515,25 +571,70 @@ def _legacy_file(obj_pickle: bytes, keys: list[str], storages: list[bytes], coun
 def test_python2_era_legacy_file_with_views_and_numpy(tmp_path):
     root = np.arange(10, dtype="<f4")
     arr = np.array([1.5, -2.25, 3.0], dtype="<f8")
+
     def pid(view):
         return b"(" + _s("storage") + _g("torch", "FloatStorage") + _s("140") + _s("cpu") + _i(10) + view + b"t"
-    obj = (b"\x80\x02}(" + _s("w")
-           + _g("torch._utils", "_rebuild_tensor") + b"(" + pid(b"N") + b"Q" + _i(0) + _i(2) + _i(5) + b"\x86"
-           + _i(5) + _i(1) + b"\x86tR"
-           + _s("v") + _g("torch._utils", "_rebuild_tensor") + b"("
-           + pid(b"(" + _s("141") + _i(2) + _i(5) + b"t") + b"Q" + _i(1) + _i(3) + b"\x85" + _i(1) + b"\x85tR"
-           + _s("arr") + _g("numpy.core.multiarray", "_reconstruct") + _g("numpy", "ndarray") + _i(0) + b"\x85"
-           + _s("b") + b"\x87R(" + _i(1) + _i(3) + b"\x85" + _g("numpy", "dtype") + _s("f8") + _i(0) + _i(1)
-           + b"\x87R(" + _i(3) + _s("<") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff" + _i(0) + b"tb\x89"
-           + _s(arr.tobytes()) + b"tb"
-           + _s("epoch") + _i(7) + b"u.")
+
+    obj = (
+        b"\x80\x02}("
+        + _s("w")
+        + _g("torch._utils", "_rebuild_tensor")
+        + b"("
+        + pid(b"N")
+        + b"Q"
+        + _i(0)
+        + _i(2)
+        + _i(5)
+        + b"\x86"
+        + _i(5)
+        + _i(1)
+        + b"\x86tR"
+        + _s("v")
+        + _g("torch._utils", "_rebuild_tensor")
+        + b"("
+        + pid(b"(" + _s("141") + _i(2) + _i(5) + b"t")
+        + b"Q"
+        + _i(1)
+        + _i(3)
+        + b"\x85"
+        + _i(1)
+        + b"\x85tR"
+        + _s("arr")
+        + _g("numpy.core.multiarray", "_reconstruct")
+        + _g("numpy", "ndarray")
+        + _i(0)
+        + b"\x85"
+        + _s("b")
+        + b"\x87R("
+        + _i(1)
+        + _i(3)
+        + b"\x85"
+        + _g("numpy", "dtype")
+        + _s("f8")
+        + _i(0)
+        + _i(1)
+        + b"\x87R("
+        + _i(3)
+        + _s("<")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff"
+        + _i(0)
+        + b"tb\x89"
+        + _s(arr.tobytes())
+        + b"tb"
+        + _s("epoch")
+        + _i(7)
+        + b"u."
+    )
     path = tmp_path / "py2.pt"
     path.write_bytes(_legacy_file(obj, ["140"], [root.tobytes()], [10]))
     assert sniff(path) == "torch-legacy"
     with open_reader(path) as r:
         info = r.info()
         assert [(t.name, t.dtype, t.shape) for t in info.tensors] == [
-            ("w", "float32", (2, 5)), ("v", "float32", (3,)), ("arr", "float64", (3,))]
+            ("w", "float32", (2, 5)),
+            ("v", "float32", (3,)),
+            ("arr", "float64", (3,)),
+        ]
         assert got_bytes(r, "w") == root.tobytes()
         assert got_bytes(r, "v") == root[3:6].tobytes()  # view at 2, tensor offset 1
         assert got_bytes(r, "arr") == arr.tobytes()
@@ -643,8 +744,14 @@ def test_cycles_and_shared_references(tmp_path, monkeypatch):
 def test_dcp_single_rank_save(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    sd = {"w": torch.randn(4, 3), "b": torch.arange(5), "bf": torch.ones(2, 2, dtype=torch.bfloat16),
-          "nested": {"x": torch.zeros(3)}, "step": 7, "name": "hello"}
+    sd = {
+        "w": torch.randn(4, 3),
+        "b": torch.arange(5),
+        "bf": torch.ones(2, 2, dtype=torch.bfloat16),
+        "nested": {"x": torch.zeros(3)},
+        "step": 7,
+        "name": "hello",
+    }
     folder = tmp_path / "dcp"
     dcp.save(sd, checkpoint_id=str(folder), no_dist=True)
     assert sniff(folder) == "dcp"
@@ -677,10 +784,14 @@ def test_dcp_tensor_in_several_chunks(tmp_path):
 
     folder = tmp_path / "sharded_dcp"
     folder.mkdir()
-    full = {"w": torch.arange(35, dtype=torch.float32).reshape(7, 5),
-            "h": (torch.arange(2 * 3 * 4, dtype=torch.float32) / 3).to(torch.bfloat16).reshape(2, 3, 4)}
-    splits = {"w": [((0, 0), (3, 2)), ((0, 2), (3, 3)), ((3, 0), (4, 5))],
-              "h": [((0, 0, 0), (2, 3, 1)), ((0, 0, 1), (2, 3, 3))]}
+    full = {
+        "w": torch.arange(35, dtype=torch.float32).reshape(7, 5),
+        "h": (torch.arange(2 * 3 * 4, dtype=torch.float32) / 3).to(torch.bfloat16).reshape(2, 3, 4),
+    }
+    splits = {
+        "w": [((0, 0), (3, 2)), ((0, 2), (3, 3)), ((3, 0), (4, 5))],
+        "h": [((0, 0, 0), (2, 3, 1)), ((0, 0, 1), (2, 3, 3))],
+    }
     sdm, storage = {}, {}
     blob = io.BytesIO()
     for name, parts in splits.items():
@@ -864,8 +975,9 @@ def test_real_tied_t5_and_cuda_file():
     with open_reader(t5) as r:
         info = r.info()
         tied = {t.name: t.alias_of for t in info.tensors if t.alias_of}
-        assert tied == {n: "shared.weight" for n in
-                        ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")}
+        assert tied == {
+            n: "shared.weight" for n in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
+        }
     with open_reader(cuda) as r:
         info = r.info()
         assert info.tensors and any(o.type.startswith("chemprop.") for o in info.objects)
@@ -888,8 +1000,10 @@ def test_real_lightning_metadata():
 
 def test_python_m_and_no_torch_import(zoo_files):
     _sd, files = zoo_files
-    code = ("import sys; from ckptctl.formats import open_reader; r = open_reader(sys.argv[1]); "
-            "r.info(); b''.join(r.iter_chunks('transpose')); print('torch' in sys.modules)")
+    code = (
+        "import sys; from ckptctl.formats import open_reader; r = open_reader(sys.argv[1]); "
+        "r.info(); b''.join(r.iter_chunks('transpose')); print('torch' in sys.modules)"
+    )
     import subprocess
     import sys
 
@@ -918,15 +1032,27 @@ def test_subclasses_parameters_with_state_sparse_and_meta(tmp_path):
     p = torch.nn.Parameter(torch.arange(4.0))
     p.note = "python attribute"  # pickled through _rebuild_parameter_with_state
     sparse = torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse()
-    sd = {"sub": torch.ones(3).as_subclass(MyTensor), "param": p, "sparse": sparse,
-          "meta": torch.empty(2, 3, device="meta"), "csr": torch.eye(3).to_sparse_csr()}
+    sd = {
+        "sub": torch.ones(3).as_subclass(MyTensor),
+        "param": p,
+        "sparse": sparse,
+        "meta": torch.empty(2, 3, device="meta"),
+        "csr": torch.eye(3).to_sparse_csr(),
+    }
     path = tmp_path / "misc.pt"
     torch.save(sd, path)
     with open_reader(path) as r:
         info = r.info()
         assert [t.name for t in info.tensors] == [
-            "sub", "param", "sparse/indices", "sparse/values", "meta",
-            "csr/crow_indices", "csr/col_indices", "csr/values"]
+            "sub",
+            "param",
+            "sparse/indices",
+            "sparse/values",
+            "meta",
+            "csr/crow_indices",
+            "csr/col_indices",
+            "csr/values",
+        ]
         assert got_bytes(r, "sub") == tbytes(torch.ones(3)) and got_bytes(r, "param") == tbytes(p.detach())
         assert got_bytes(r, "sparse/indices") == tbytes(sparse._indices())
         assert got_bytes(r, "sparse/values") == tbytes(sparse._values())
@@ -943,10 +1069,16 @@ def test_unpickler_agrees_with_pickle_on_plain_data(proto):
     shared = [1, 2]
     data = {
         "ints": [0, -1, 255, 256, 65535, 65536, -(2**31), 2**31, 2**63, -(2**100)],
-        "floats": [0.0, -1.5, 1e300, float("inf")], "text": ["", "x" * 300, "café", "\u2603"],
-        "bytes": [b"", b"\x00\xff" * 200, bytearray(b"ab")], "tuples": [(), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4)],
-        "sets": [set(), {1, 2}, frozenset({"a"})], "nested": {(1, "k"): {"deep": [[[]]]}},
-        "shared": (shared, shared), "bools": [True, False, None], "complex": 1 - 2j, "slice": slice(1, None, 2),
+        "floats": [0.0, -1.5, 1e300, float("inf")],
+        "text": ["", "x" * 300, "café", "\u2603"],
+        "bytes": [b"", b"\x00\xff" * 200, bytearray(b"ab")],
+        "tuples": [(), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4)],
+        "sets": [set(), {1, 2}, frozenset({"a"})],
+        "nested": {(1, "k"): {"deep": [[[]]]}},
+        "shared": (shared, shared),
+        "bools": [True, False, None],
+        "complex": 1 - 2j,
+        "slice": slice(1, None, 2),
         OrderedDict(a=1).__class__.__name__: OrderedDict([("b", 2), ("a", 1)]),
     }
     raw = pickle.dumps(data, protocol=proto)
@@ -973,9 +1105,11 @@ def test_fuzzed_pickles_fail_only_with_clean_errors(tmp_path):
         zi = z.getinfo("z/data.pkl")
     zdata = zpath.read_bytes()
     pkl_start = zdata.index(b"\x80\x02", zi.header_offset)
-    targets = [(zdata, pkl_start, pkl_start + zi.file_size, ".pt"),
-               (lpath.read_bytes(), 0, 400, ".pt"),
-               (ppath.read_bytes(), 0, len(ppath.read_bytes()), ".pkl")]
+    targets = [
+        (zdata, pkl_start, pkl_start + zi.file_size, ".pt"),
+        (lpath.read_bytes(), 0, 400, ".pt"),
+        (ppath.read_bytes(), 0, len(ppath.read_bytes()), ".pkl"),
+    ]
     outcomes = {"ok": 0, "error": 0}
     for i in range(240):
         data, lo, hi, suffix = targets[i % 3]

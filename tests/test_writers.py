@@ -19,9 +19,32 @@ from ckptctl.model import TensorInfo
 
 torch = pytest.importorskip("torch")
 
-ZOO = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-       "float8_e5m2fnuz", "float8_e8m0fnu", "complex64", "complex128", "complex32", "int64", "int32",
-       "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool", "float4_e2m1fn_x2", "bits8", "bits16"]
+ZOO = [
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "complex64",
+    "complex128",
+    "complex32",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+    "float4_e2m1fn_x2",
+    "bits8",
+    "bits16",
+]
 ST_ZOO = [d for d in ZOO if dtypes.BY_NAME[d].st]
 
 
@@ -62,9 +85,9 @@ def write(fmt, path, tensors: dict, aliases=None, metadata=None, chunk=7, order=
     aliases = aliases or {}
     infos = [info_of(n, t, aliases.get(n)) for n, t in tensors.items()]
     w = writer_class(fmt)(path, infos, metadata, **kw)
-    for i in (order(infos) if order else infos):
+    for i in order(infos) if order else infos:
         b = raw(tensors[i.name])
-        w.add(i, (b[k:k + chunk] for k in range(0, len(b), chunk)))
+        w.add(i, (b[k : k + chunk] for k in range(0, len(b), chunk)))
     w.finish()
     return infos
 
@@ -79,8 +102,9 @@ def test_torch_zip_zoo_loads_bit_exact(tmp_path, force_zip64):
     ts = zoo_tensors()
     ts["tied"] = ts["zoo.float32"]
     p = tmp_path / "model.pt"
-    write("torch-zip", p, ts, aliases={"tied": "zoo.float32"}, order=lambda i: list(reversed(i)),
-          force_zip64=force_zip64)
+    write(
+        "torch-zip", p, ts, aliases={"tied": "zoo.float32"}, order=lambda i: list(reversed(i)), force_zip64=force_zip64
+    )
     sd = torch.load(p, weights_only=True)
     assert type(sd).__name__ == "OrderedDict"
     assert list(sd) == list(ts)
@@ -98,7 +122,7 @@ def test_torch_zip_zoo_loads_bit_exact(tmp_path, force_zip64):
         assert len(data) == len(ts) - 1  # tied weights stored once
         raw_file = p.read_bytes()
         for zi in z.infolist():
-            name_len, extra_len = struct.unpack("<HH", raw_file[zi.header_offset + 26: zi.header_offset + 30])
+            name_len, extra_len = struct.unpack("<HH", raw_file[zi.header_offset + 26 : zi.header_offset + 30])
             assert (zi.header_offset + 30 + name_len + extra_len) % 64 == 0  # torch's alignment
     mm = torch.load(p, weights_only=True, mmap=True)
     assert all(raw(mm[k]) == raw(t) for k, t in ts.items())
@@ -193,8 +217,14 @@ def test_hdf5_zoo_nested_tied(tmp_path):
     ts["enc/layer.0/w"] = torch.randn(3, 2)
     ts["tied"] = ts["zoo.float32"]
     p = tmp_path / "m.h5"
-    write("hdf5", p, ts, aliases={"tied": "zoo.float32"}, metadata={"format": "pt", "epoch": 2},
-          order=lambda i: sorted(i, key=lambda t: t.name))
+    write(
+        "hdf5",
+        p,
+        ts,
+        aliases={"tied": "zoo.float32"},
+        metadata={"format": "pt", "epoch": 2},
+        order=lambda i: sorted(i, key=lambda t: t.name),
+    )
     with h5py.File(p, "r") as f:
         assert f.attrs["format"] == "pt" and f.attrs["epoch"] == "2"
         assert json.loads(f.attrs["ckptctl.aliases"]) == {"tied": "zoo.float32"}
@@ -265,10 +295,12 @@ def test_abort_and_failures_leave_nothing(tmp_path, fmt, suffix):
     w.add(infos[0], [b"\0" * 16])
     with pytest.raises(Incompatible, match="'b'.*never written"):
         w.finish()
+
     # an exception inside the chunk stream (reader failure, Ctrl-C)
     def boom():
         yield b"\0" * 4
         raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         with W(target, infos) as w:
             w.add(infos[0], boom())

@@ -21,9 +21,23 @@ import numpy as np
 MAGIC = 0xDB4775248B80FB57
 
 TF_DTYPES = {
-    "float32": 1, "float64": 2, "int32": 3, "uint8": 4, "int16": 5, "int8": 6, "complex64": 8,
-    "int64": 9, "bool": 10, "bfloat16": 14, "uint16": 17, "complex128": 18, "float16": 19, "uint32": 22,
-    "uint64": 23, "float8_e5m2": 24, "float8_e4m3fn": 25,
+    "float32": 1,
+    "float64": 2,
+    "int32": 3,
+    "uint8": 4,
+    "int16": 5,
+    "int8": 6,
+    "complex64": 8,
+    "int64": 9,
+    "bool": 10,
+    "bfloat16": 14,
+    "uint16": 17,
+    "complex128": 18,
+    "float16": 19,
+    "uint32": 22,
+    "uint64": 23,
+    "float8_e5m2": 24,
+    "float8_e4m3fn": 25,
 }
 STRING = 7
 
@@ -98,8 +112,19 @@ def header_proto(num_shards: int, big_endian: bool) -> bytes:
 
 
 # ---- OrderedCode (tensorflow/core/lib/strings/ordered_code.cc) ------------------------------------
-_LEN_HEADER = [(0, 0), (0x80, 0), (0xC0, 0), (0xE0, 0), (0xF0, 0), (0xF8, 0), (0xFC, 0), (0xFE, 0), (0xFF, 0),
-               (0xFF, 0x80), (0xFF, 0xC0)]
+_LEN_HEADER = [
+    (0, 0),
+    (0x80, 0),
+    (0xC0, 0),
+    (0xE0, 0),
+    (0xF0, 0),
+    (0xF8, 0),
+    (0xFC, 0),
+    (0xFE, 0),
+    (0xFF, 0),
+    (0xFF, 0x80),
+    (0xFF, 0xC0),
+]
 
 
 def oc_num(v: int) -> bytes:
@@ -156,8 +181,11 @@ class _Block:
         self.count += 1
 
     def finish(self) -> bytes:
-        return bytes(self.buf) + b"".join(r.to_bytes(4, "little") for r in self.restarts) + \
-            len(self.restarts).to_bytes(4, "little")
+        return (
+            bytes(self.buf)
+            + b"".join(r.to_bytes(4, "little") for r in self.restarts)
+            + len(self.restarts).to_bytes(4, "little")
+        )
 
 
 def table(items: list[tuple[bytes, bytes]], block_size: int = 4096, restart_interval: int = 16) -> bytes:
@@ -220,9 +248,17 @@ def data_name(prefix, k: int, n: int) -> Path:
     return Path(f"{prefix}.data-{k:05d}-of-{n:05d}")
 
 
-def write_bundle(prefix, tensors: dict, *, big_endian: bool = False, num_shards: int = 1,
-                 slices: dict | None = None, slice_axis: int = 0, block_size: int = 4096,
-                 raw_entries: dict | None = None) -> list[Path]:
+def write_bundle(
+    prefix,
+    tensors: dict,
+    *,
+    big_endian: bool = False,
+    num_shards: int = 1,
+    slices: dict | None = None,
+    slice_axis: int = 0,
+    block_size: int = 4096,
+    raw_entries: dict | None = None,
+) -> list[Path]:
     """Write P.index and the data shards; returns the files written. Tensors go to shards in turn.
 
     slices: name -> list of part sizes along `slice_axis` (a partitioned variable).
@@ -259,8 +295,7 @@ def write_bundle(prefix, tensors: dict, *, big_endian: bool = False, num_shards:
                 piece = np.ascontiguousarray(a[tuple(idx)])
                 data = raw_bytes(piece, big_endian)
                 k, off = put(data)
-                items.append((slice_key(name, ext),
-                              entry_proto(dt, piece.shape, k, off, len(data), masked(crc(data)))))
+                items.append((slice_key(name, ext), entry_proto(dt, piece.shape, k, off, len(data), masked(crc(data)))))
                 extents_list.append(ext)
                 pos += n
             items.append((name.encode(), entry_proto(dt, a.shape, slices=extents_list)))

@@ -53,11 +53,51 @@ SUBPROCESS_PARSERS = ("hdf5", "keras")
 
 
 # ---- mutation ----------------------------------------------------------------------------------
-INTERESTING = [0, 1, 2, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF,
-               0x80000000, 0xFFFFFFFF, 1 << 32, 10**10, 10**12, 10**18, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
-TEXT_NUMBERS = ["-1", "0", "1", "-9223372036854775809", "18446744073709551616", "1000000000000000000",
-                "1e308", "1e999", "-0", "2.5", "NaN", "Infinity", "99999999999999999999999999", "[]", "null",
-                "\"7\"", "{}", "true"]
+INTERESTING = [
+    0,
+    1,
+    2,
+    7,
+    8,
+    0x7F,
+    0x80,
+    0xFF,
+    0x100,
+    0x7FFF,
+    0x8000,
+    0xFFFF,
+    0x10000,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    1 << 32,
+    10**10,
+    10**12,
+    10**18,
+    (1 << 63) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+]
+TEXT_NUMBERS = [
+    "-1",
+    "0",
+    "1",
+    "-9223372036854775809",
+    "18446744073709551616",
+    "1000000000000000000",
+    "1e308",
+    "1e999",
+    "-0",
+    "2.5",
+    "NaN",
+    "Infinity",
+    "99999999999999999999999999",
+    "[]",
+    "null",
+    '"7"',
+    "{}",
+    "true",
+]
 _NUM = re.compile(rb"-?\d+(\.\d+)?([eE][-+]?\d+)?")
 
 
@@ -89,26 +129,26 @@ def mutate(data: bytes, rnd: random.Random, fields: list[int] | None = None, tex
         elif op == 1:
             d[pos] = rnd.choice((0, 0xFF, 0x7F, 0x80, 1, rnd.randrange(256)))
         elif op == 2:
-            del d[rnd.randrange(n):]
+            del d[rnd.randrange(n) :]
         elif op in (3, 4) and not text:
             if fields and rnd.randrange(4):
                 pos = rnd.choice(fields)
             width = rnd.choice((1, 2, 4, 4, 8, 8))
-            old = int.from_bytes(d[pos:pos + width].ljust(width, b"\0"), "little")
+            old = int.from_bytes(d[pos : pos + width].ljust(width, b"\0"), "little")
             v = rnd.choice(INTERESTING + [n, n + 1, n - 1, old + 1, old - 1, old * 2, old // 2, old + 4096])
             v %= 1 << (8 * width)
-            d[pos:pos + width] = v.to_bytes(width, rnd.choice(("little", "little", "little", "big")))
+            d[pos : pos + width] = v.to_bytes(width, rnd.choice(("little", "little", "little", "big")))
         elif op in (3, 4):
             nums = list(_NUM.finditer(bytes(d)))
             if nums:
                 m = rnd.choice(nums)
-                d[m.start():m.end()] = rnd.choice(TEXT_NUMBERS).encode()
+                d[m.start() : m.end()] = rnd.choice(TEXT_NUMBERS).encode()
             else:
                 d.insert(pos, rnd.randrange(256))
         elif op == 5:
-            del d[pos:pos + rnd.randint(1, 64)]
+            del d[pos : pos + rnd.randint(1, 64)]
         elif op == 6:
-            chunk = d[pos:pos + rnd.randint(1, 256)]
+            chunk = d[pos : pos + rnd.randint(1, 256)]
             at = rnd.randrange(n + 1)
             d[at:at] = chunk * rnd.choice((1, 1, 2, 16))
         elif op == 7:
@@ -116,17 +156,41 @@ def mutate(data: bytes, rnd: random.Random, fields: list[int] | None = None, tex
         elif op == 8:
             src = rnd.randrange(n)
             ln = rnd.randint(1, 64)
-            d[pos:pos + ln] = d[src:src + ln]
+            d[pos : pos + ln] = d[src : src + ln]
         elif op == 9 and text:
-            d[pos:pos] = rnd.choice((b"{", b"}", b"[", b"]", b",", b"\"", b":", b"\\", b"\\ud800", b"\xff", b"\x00"))
+            d[pos:pos] = rnd.choice((b"{", b"}", b"[", b"]", b",", b'"', b":", b"\\", b"\\ud800", b"\xff", b"\x00"))
         else:
             ln = rnd.randint(1, 8)
-            d[pos:pos + ln] = rnd.randbytes(ln)
+            d[pos : pos + ln] = rnd.randbytes(ln)
     return bytes(d)
 
 
-JSON_VALUES = [None, True, 0, -1, 1.5, 10**18, 2**64, -(2**63) - 1, 1e308, "", "x", "\ud800", "F32", "../../etc",
-               [], [0], [-1], [1, 2], [2**63, 1], [[1]], {}, {"a": 1}, [None], ["x", 0]]
+JSON_VALUES = [
+    None,
+    True,
+    0,
+    -1,
+    1.5,
+    10**18,
+    2**64,
+    -(2**63) - 1,
+    1e308,
+    "",
+    "x",
+    "\ud800",
+    "F32",
+    "../../etc",
+    [],
+    [0],
+    [-1],
+    [1, 2],
+    [2**63, 1],
+    [[1]],
+    {},
+    {"a": 1},
+    [None],
+    ["x", 0],
+]
 
 
 def mutate_json(data: bytes, rnd: random.Random) -> bytes:
@@ -213,16 +277,23 @@ def seeds_safetensors(d: Path) -> list[Seed]:
     from safetensors.torch import save_file
 
     p = d / "st.safetensors"
-    save_file({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(3, dtype=torch.bfloat16),
-               "i": torch.tensor([1, -2], dtype=torch.int64), "m": torch.tensor([True, False])}, p,
-              metadata={"format": "pt", "epoch": "3"})
+    save_file(
+        {
+            "w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+            "b": torch.ones(3, dtype=torch.bfloat16),
+            "i": torch.tensor([1, -2], dtype=torch.int64),
+            "m": torch.tensor([True, False]),
+        },
+        p,
+        metadata={"format": "pt", "epoch": "3"},
+    )
     out = [_file_seed("safetensors", "save_file", p)]
     hdr_len = struct.unpack_from("<Q", out[0].data)[0]
     raw = out[0].data
-    body = raw[8:8 + hdr_len]
+    body = raw[8 : 8 + hdr_len]
 
     def reseal(header: bytes, rnd: random.Random) -> bytes:  # the JSON mutated, the length kept right
-        return struct.pack("<Q", len(header)) + header + raw[8 + hdr_len:]
+        return struct.pack("<Q", len(header)) + header + raw[8 + hdr_len :]
 
     out.append(Seed("safetensors", "header-json", p, "", "", True, reseal, body))
     fx = FIXTURES / "real" / "safetensors" / "kolanich_overall.safetensors"
@@ -240,12 +311,23 @@ def seeds_pickle(d: Path) -> list[Seed]:
 
     out = []
     p = d / "np.pkl"
-    p.write_bytes(pickle.dumps({"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": 3, "s": "x",
-                                "b": np.ones(2, np.float16), "t": (1.5, None, b"by")}, protocol=2))
+    p.write_bytes(
+        pickle.dumps(
+            {
+                "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+                "n": 3,
+                "s": "x",
+                "b": np.ones(2, np.float16),
+                "t": (1.5, None, b"by"),
+            },
+            protocol=2,
+        )
+    )
     out.append(_file_seed("pickle", "numpy-proto2", p))
     p = d / "od.pkl"
-    p.write_bytes(pickle.dumps(OrderedDict(a=1, w=np.arange(3, dtype=np.int32), b=[1, 2, {"c": 2.5}], d="text"),
-                               protocol=0))
+    p.write_bytes(
+        pickle.dumps(OrderedDict(a=1, w=np.arange(3, dtype=np.int32), b=[1, 2, {"c": 2.5}], d="text"), protocol=0)
+    )
     out.append(_file_seed("pickle", "proto0-text", p))
     p = d / "torch.pkl"  # torch pickles a tensor's storage as a nested torch.save (_load_from_bytes)
     p.write_bytes(pickle.dumps({"w": torch.arange(4, dtype=torch.float32)}, protocol=4))
@@ -257,8 +339,15 @@ def seeds_torch_zip(d: Path) -> list[Seed]:
     import torch
 
     p = d / "model.pt"
-    torch.save({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(3, dtype=torch.float16),
-                "step": 7, "opt": {"lr": 0.1}}, p)
+    torch.save(
+        {
+            "w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+            "b": torch.ones(3, dtype=torch.float16),
+            "step": 7,
+            "opt": {"lr": 0.1},
+        },
+        p,
+    )
     out = [_file_seed("torch-zip", "torch.save", p)]
     fx = FIXTURES / "real" / "torch_zip" / "candle_test_with_key.pt"
     if fx.is_file():
@@ -271,8 +360,11 @@ def seeds_torch_legacy(d: Path) -> list[Seed]:
 
     p = d / "legacy.pt"
     t = torch.arange(8, dtype=torch.float32)
-    torch.save({"w": t.reshape(2, 4), "v": t[2:5], "b": torch.ones(2, dtype=torch.int16)}, p,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"w": t.reshape(2, 4), "v": t[2:5], "b": torch.ones(2, dtype=torch.int16)},
+        p,
+        _use_new_zipfile_serialization=False,
+    )
     return [_file_seed("torch-legacy", "torch.save-legacy", p)]
 
 
@@ -323,8 +415,11 @@ def seeds_dcp(d: Path) -> list[Seed]:
     root = d / "dcp"
     with warnings.catch_warnings():
         _quiet()
-        dcp.save({"model": {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)},
-                  "step": 5}, checkpoint_id=str(root), no_dist=True)
+        dcp.save(
+            {"model": {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}, "step": 5},
+            checkpoint_id=str(root),
+            no_dist=True,
+        )
     return [_dir_seed("dcp", "dcp.save", root, ".metadata")]
 
 
@@ -359,7 +454,9 @@ def seeds_tf(d: Path) -> list[Seed]:
     try:
         arrays = {f"layer{i}/w/.ATTRIBUTES/VARIABLE_VALUE": np.full((i + 1, 2), i, np.float32) for i in range(6)}
         arrays["s/.ATTRIBUTES/VARIABLE_VALUE"] = np.array([b"ab", b"c"], dtype=object)
-        tf_writer.write_bundle(root / "ckpt", arrays, block_size=128, slices={"layer5/w/.ATTRIBUTES/VARIABLE_VALUE": [3, 3]})
+        tf_writer.write_bundle(
+            root / "ckpt", arrays, block_size=128, slices={"layer5/w/.ATTRIBUTES/VARIABLE_VALUE": [3, 3]}
+        )
     finally:
         tf_writer.table = orig
     items = list(captured)
@@ -374,8 +471,9 @@ def seeds_tf(d: Path) -> list[Seed]:
             kv[j] = mutate(kv[j], rnd, None, False)
         if rnd.randrange(8) == 0:
             del its[rnd.randrange(len(its))]
-        return tf_writer.table([tuple(kv) for kv in its], block_size=rnd.choice((64, 128, 4096)),
-                               restart_interval=rnd.choice((1, 2, 16)))
+        return tf_writer.table(
+            [tuple(kv) for kv in its], block_size=rnd.choice((64, 128, 4096)), restart_interval=rnd.choice((1, 2, 16))
+        )
 
     out.append(Seed("tf-bundle", "entries-resealed", root, "ckpt.index", "ckpt", False, rebuild, b""))
     out.append(_object_graph_seed(d / "tf-graph"))
@@ -395,20 +493,25 @@ def _object_graph_seed(root: Path) -> Seed:
         return tw.f_bytes(1, name.encode()) + tw.f_bytes(2, full.encode()) + tw.f_bytes(3, key.encode())
 
     k_w, k_m = "model/w/.ATTRIBUTES/VARIABLE_VALUE", "optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"
-    nodes = [tw.f_bytes(2, attr("VARIABLE_VALUE", "dense/kernel", k_w)),
-             tw.f_bytes(2, attr("VARIABLE_VALUE", "Adam/m/dense/kernel", k_m)),
-             tw.f_bytes(3, tw.f_varint(1, 0) + tw.f_bytes(2, b"m") + tw.f_varint(3, 1))]
+    nodes = [
+        tw.f_bytes(2, attr("VARIABLE_VALUE", "dense/kernel", k_w)),
+        tw.f_bytes(2, attr("VARIABLE_VALUE", "Adam/m/dense/kernel", k_m)),
+        tw.f_bytes(3, tw.f_varint(1, 0) + tw.f_bytes(2, b"m") + tw.f_varint(3, 1)),
+    ]
     graph = b"".join(tw.f_bytes(1, n) for n in nodes)
     arrays = {k_w: np.arange(6, dtype=np.float32).reshape(2, 3), k_m: np.zeros((2, 3), np.float32)}
 
     def write(body: bytes, rnd: random.Random | None = None) -> dict[str, bytes]:
         tw.write_bundle(root / "ckpt", {**arrays, "_CHECKPOINTABLE_OBJECT_GRAPH": np.array([body], dtype=object)})
-        return {"ckpt.index": (root / "ckpt.index").read_bytes(),
-                "ckpt.data-00000-of-00001": (root / "ckpt.data-00000-of-00001").read_bytes()}
+        return {
+            "ckpt.index": (root / "ckpt.index").read_bytes(),
+            "ckpt.data-00000-of-00001": (root / "ckpt.data-00000-of-00001").read_bytes(),
+        }
 
     write(graph)
-    return Seed("tf-bundle", "object-graph-resealed", root, "ckpt.index", "ckpt", False, write, graph,
-                length_fields(graph))
+    return Seed(
+        "tf-bundle", "object-graph-resealed", root, "ckpt.index", "ckpt", False, write, graph, length_fields(graph)
+    )
 
 
 def seeds_gguf(d: Path) -> list[Seed]:
@@ -486,22 +589,44 @@ def seeds_orbax(d: Path) -> list[Seed]:
     tree = {}
     for name, arr in {"params/w": np.arange(12, dtype=np.float32).reshape(3, 4), "params/b": np.ones(4, "<f2")}.items():
         parts = name.split("/")
-        tree[str(tuple(parts))] = {"key_metadata": [{"key": k, "key_type": 2} for k in parts],
-                                   "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}
+        tree[str(tuple(parts))] = {
+            "key_metadata": [{"key": k, "key_type": 2} for k in parts],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+        }
         z = root / ".".join(parts)
         z.mkdir()
         chunks = [max(1, s // 2) for s in arr.shape]
-        (z / ".zarray").write_text(json.dumps({
-            "chunks": chunks, "compressor": None, "dimension_separator": ".", "dtype": arr.dtype.str,
-            "fill_value": None, "filters": None, "order": "C", "shape": list(arr.shape), "zarr_format": 2}))
+        (z / ".zarray").write_text(
+            json.dumps(
+                {
+                    "chunks": chunks,
+                    "compressor": None,
+                    "dimension_separator": ".",
+                    "dtype": arr.dtype.str,
+                    "fill_value": None,
+                    "filters": None,
+                    "order": "C",
+                    "shape": list(arr.shape),
+                    "zarr_format": 2,
+                }
+            )
+        )
         grid = [-(-s // c) for s, c in zip(arr.shape, chunks)]
         for idx in np.ndindex(*grid):
             block = np.zeros(chunks, dtype=arr.dtype)
             src = arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunks))]
             block[tuple(slice(0, s) for s in src.shape)] = src
             (z / ".".join(map(str, idx))).write_bytes(block.tobytes())
-    (root / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-                                                "store_array_data_equal_to_fill_value": True}))
+    (root / "_METADATA").write_text(
+        json.dumps(
+            {
+                "tree_metadata": tree,
+                "use_ocdbt": False,
+                "use_zarr3": False,
+                "store_array_data_equal_to_fill_value": True,
+            }
+        )
+    )
     out.append(_dir_seed("orbax", "zarray-json", root, "params.w/.zarray", text=True))
     out.append(_dir_seed("orbax", "zarr2-metadata-json", root, "_METADATA", text=True))
     z3 = _zarr3_seed(d / "zarr3")
@@ -519,14 +644,28 @@ def _zarr3_seed(root: Path) -> Seed | None:
     root.mkdir()
     arr = np.arange(16, dtype=np.float32).reshape(4, 4)
     codecs = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 1}}]
-    spec = {"driver": "zarr3", "kvstore": f"file://{root}/w/",
-            "metadata": {"shape": [4, 4], "data_type": "float32", "codecs": codecs,
-                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 4]}}}}
+    spec = {
+        "driver": "zarr3",
+        "kvstore": f"file://{root}/w/",
+        "metadata": {
+            "shape": [4, 4],
+            "data_type": "float32",
+            "codecs": codecs,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 4]}},
+        },
+    }
     tensorstore.open(spec, create=True, open=True).result().write(arr).result()
-    tree = {str(("w",)): {"key_metadata": [{"key": "w", "key_type": 2}],
-                          "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False}}}
-    (root / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": True,
-                                                "store_array_data_equal_to_fill_value": True}))
+    tree = {
+        str(("w",)): {
+            "key_metadata": [{"key": "w", "key_type": 2}],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+        }
+    }
+    (root / "_METADATA").write_text(
+        json.dumps(
+            {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": True, "store_array_data_equal_to_fill_value": True}
+        )
+    )
     return _dir_seed("orbax", "zarr3-json", root, "w/zarr.json", text=True)
 
 
@@ -579,7 +718,7 @@ class Workspace:
 
     def place(self, i: int, seed: Seed, data: bytes | dict[str, bytes]) -> Path:
         copy = self.copies[i]
-        for rel, b in (data.items() if isinstance(data, dict) else [(seed.target, data)]):
+        for rel, b in data.items() if isinstance(data, dict) else [(seed.target, data)]:
             (copy / rel if rel else copy).write_bytes(b)
         return copy / seed.entry if seed.entry else copy
 
@@ -738,11 +877,22 @@ def worker(parser: str, start: int, n: int, seed: int, out: Path) -> None:
                     save_input(p, data)
                     p.with_suffix(".txt").write_text(
                         f"parser {parser} seed {seeds[k].name} input {i}\n{key}\n"
-                        + "".join(traceback.format_exception(e)))
+                        + "".join(traceback.format_exception(e))
+                    )
     cur.write_text(f"done\t\t\t{json.dumps(tally)}")
     with open(out / f"{parser}.log", "a") as f:
-        f.write(json.dumps({"start": start, "end": n, **tally, "wall": round(time.monotonic() - t0, 1),
-                            "cpu": round(time.process_time() - c0, 1)}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "start": start,
+                    "end": n,
+                    **tally,
+                    "wall": round(time.monotonic() - t0, 1),
+                    "cpu": round(time.process_time() - c0, 1),
+                }
+            )
+            + "\n"
+        )
 
 
 def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.0) -> dict:
@@ -760,8 +910,11 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
     while start < n:
         cur.write_text("")
         cmd = [sys.executable, __file__, "worker", parser, str(start), str(n), str(seed), str(out)]
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])},
+            start_new_session=True,
+        )
         last, last_t = None, time.monotonic()
         now_killed = False
         while proc.poll() is None:
@@ -785,9 +938,15 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
         i_s, copy, seed_name, _ = now.split("\t")
         i = int(i_s)
         rc = proc.returncode or 0
-        what = ("hang (5 s of CPU on one input, SIGXCPU)" if rc == -signal.SIGXCPU else
-                f"died of {signal.Signals(-rc).name}" if rc < 0 and now_killed is False else
-                f"hang (no progress for {wall_limit:.0f} s, killed)" if now_killed else f"exit status {rc}")
+        what = (
+            "hang (5 s of CPU on one input, SIGXCPU)"
+            if rc == -signal.SIGXCPU
+            else f"died of {signal.Signals(-rc).name}"
+            if rc < 0 and now_killed is False
+            else f"hang (no progress for {wall_limit:.0f} s, killed)"
+            if now_killed
+            else f"exit status {rc}"
+        )
         p = out / "findings" / f"{parser}-crash-{i}"
         if Path(copy).is_dir():  # the input the worker died on, as it placed it
             shutil.copytree(copy, p.with_suffix(".dir"), dirs_exist_ok=True)
@@ -797,10 +956,15 @@ def campaign(parser: str, n: int, seed: int, out: Path, wall_limit: float = 120.
         crashes.append({"input": i, "what": what})
         start = i + 1
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    summary = {"parser": parser, "inputs": n, **{k: totals.get(k, 0) for k in ("ok", "error", "caught")},
-               "findings": totals.get("finding", 0), "crashes": crashes,
-               "wall_s": round(time.monotonic() - t0, 1),
-               "cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 1)}
+    summary = {
+        "parser": parser,
+        "inputs": n,
+        **{k: totals.get(k, 0) for k in ("ok", "error", "caught")},
+        "findings": totals.get("finding", 0),
+        "crashes": crashes,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 1),
+    }
     with open(out / "summary.jsonl", "a") as f:
         f.write(json.dumps(summary) + "\n")
     return summary

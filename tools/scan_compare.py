@@ -25,8 +25,12 @@ REAL = REPO.parent / "shared" / "fixtures" / "real" / "malicious"
 
 
 def ckptctl(path: Path) -> str:
-    p = subprocess.run([sys.executable, "-m", "ckptctl", "scan", str(path), "--format", "json"],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "ckptctl", "scan", str(path), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         return json.loads(p.stdout)[0]["verdict"]
     except (ValueError, IndexError, KeyError):

@@ -21,18 +21,32 @@ HELP = (
 
 # Global flags also accepted after the command (`ckptctl convert ... -q`), unless that command
 # has an option of the same name.
-GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose",
-                "--no-color": "no_color"}
+GLOBAL_FLAGS = {"--quiet": "quiet", "-q": "quiet", "--verbose": "verbose", "-v": "verbose", "--no-color": "no_color"}
 # Global options with a value, also accepted after the command (`ckptctl inspect s3://b/x
 # --storage-option anon=true`): they configure remote storage for every path of the command.
 GLOBAL_VALUE_OPTIONS = ("--storage-option",)
 _STORAGE_META = "ckptctl.storage_options"
 # words people type for a command that is called something else here
 SYNONYMS = {
-    "list": "ls", "info": "inspect", "show": "inspect", "stat": "inspect", "cat": "inspect",
-    "compare": "diff", "cmp": "diff", "export": "convert", "save": "convert", "mean": "average",
-    "avg": "average", "merge": "average", "soup": "average", "rm": "prune", "clean": "prune",
-    "gc": "prune", "check": "scan", "audit": "scan", "sample": "demo",
+    "list": "ls",
+    "info": "inspect",
+    "show": "inspect",
+    "stat": "inspect",
+    "cat": "inspect",
+    "compare": "diff",
+    "cmp": "diff",
+    "export": "convert",
+    "save": "convert",
+    "mean": "average",
+    "avg": "average",
+    "merge": "average",
+    "soup": "average",
+    "rm": "prune",
+    "clean": "prune",
+    "gc": "prune",
+    "check": "scan",
+    "audit": "scan",
+    "sample": "demo",
 }
 _GLOBAL_META = "ckptctl.global_flags"
 
@@ -73,8 +87,13 @@ class CkptctlGroup(TyperGroup):
 
 
 # What the help's type column shows for repeatable options (Typer would say <list[str]>)
-LIST_TYPES = {"--include": "<glob>", "--exclude": "<glob>", "--filter": "<glob>", "--strip-prefix": "<prefix>",
-              "--rename": "<old=new>"}
+LIST_TYPES = {
+    "--include": "<glob>",
+    "--exclude": "<glob>",
+    "--filter": "<glob>",
+    "--strip-prefix": "<prefix>",
+    "--rename": "<old=new>",
+}
 
 
 def plain_types(cmd) -> None:
@@ -86,6 +105,7 @@ def plain_types(cmd) -> None:
     cmd._plain_types = True
     get_help_option = getattr(cmd, "get_help_option", None)
     if get_help_option is not None:  # -h/--help is made when help is shown, not in cmd.params
+
         def help_option(ctx, _orig=get_help_option):
             opt = _orig(ctx)
             if opt is not None:
@@ -120,8 +140,11 @@ def hoist_global_flags(cmd, args: list[str]) -> tuple[list[str], set[str]]:
     for p in getattr(cmd, "params", ()):
         opts = [*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ())]
         own.update(opts)
-        if getattr(p, "param_type_name", "") == "option" and not getattr(p, "is_flag", False) \
-                and not getattr(p, "count", False):
+        if (
+            getattr(p, "param_type_name", "") == "option"
+            and not getattr(p, "is_flag", False)
+            and not getattr(p, "count", False)
+        ):
             takes_value.update(getattr(p, "opts", ()))
     rest: list[str] = []
     found: set[str] = set()
@@ -218,10 +241,13 @@ def main_callback(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")] = False,
     storage_option: Annotated[
         list[str] | None,
-        typer.Option("--storage-option", metavar="<key=value>",
-                     help="Option for remote storage (s3://, gs://, az://, hf://, https://), repeatable; "
-                          "e.g. anon=true, endpoint_url=http://host:9000. Credentials come from each "
-                          "SDK's usual environment (AWS_PROFILE, AWS_ENDPOINT_URL, HF_TOKEN, ...)."),
+        typer.Option(
+            "--storage-option",
+            metavar="<key=value>",
+            help="Option for remote storage (s3://, gs://, az://, hf://, https://), repeatable; "
+            "e.g. anon=true, endpoint_url=http://host:9000. Credentials come from each "
+            "SDK's usual environment (AWS_PROFILE, AWS_ENDPOINT_URL, HF_TOKEN, ...).",
+        ),
     ] = None,
 ) -> None:
     after = ctx.meta.get(_GLOBAL_META, set())  # the same flags given after the command

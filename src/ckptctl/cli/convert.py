@@ -37,45 +37,106 @@ class MetadataMode(str, Enum):
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("convert", help=HELP, short_help="Convert between PyTorch, safetensors and HDF5, exactly.",
-                 epilog=EXAMPLES)
+    @app.command(
+        "convert", help=HELP, short_help="Convert between PyTorch, safetensors and HDF5, exactly.", epilog=EXAMPLES
+    )
     @handle_errors
     def convert_cmd(
         src: Annotated[Path, typer.Argument(help="Checkpoint file or folder (sharded, DCP, checkpoint-N/).")],
-        dst: Annotated[Path, typer.Argument(help="Output file (.safetensors, .pt/.pth/.bin/.ckpt, .h5/.hdf5), "
-                                                 "or a folder with --max-shard-size.")],
-        to: Annotated[str | None, typer.Option("--to", help="Output format: safetensors, pt or h5 "
-                                                            "(default: from DST's suffix).")] = None,
-        key: Annotated[str | None, typer.Option("--key", autocompletion=complete_key_paths, help="Write only the sub-tree PATH, without the "
-                                                              "PATH/ prefix (e.g. optimizer_states/0).")] = None,
-        all_: Annotated[bool, typer.Option("--all", help="Write every tensor of a training checkpoint "
-                                                         "under its '/'-joined name.")] = False,
-        include: Annotated[list[str] | None, typer.Option("--include", "-k", autocompletion=complete_tensor_names, help="Only tensors matching "
-                                                          "this glob (or module prefix); repeatable.")] = None,
-        exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", autocompletion=complete_tensor_names, help="Leave out tensors matching "
-                                                          "this glob; repeatable.")] = None,
-        strip_prefix: Annotated[list[str] | None, typer.Option("--strip-prefix", autocompletion=complete_name_prefixes, help="Remove this prefix "
-                                                               "from names (e.g. module.); repeatable.")] = None,
+        dst: Annotated[
+            Path,
+            typer.Argument(
+                help="Output file (.safetensors, .pt/.pth/.bin/.ckpt, .h5/.hdf5), or a folder with --max-shard-size."
+            ),
+        ],
+        to: Annotated[
+            str | None, typer.Option("--to", help="Output format: safetensors, pt or h5 (default: from DST's suffix).")
+        ] = None,
+        key: Annotated[
+            str | None,
+            typer.Option(
+                "--key",
+                autocompletion=complete_key_paths,
+                help="Write only the sub-tree PATH, without the PATH/ prefix (e.g. optimizer_states/0).",
+            ),
+        ] = None,
+        all_: Annotated[
+            bool, typer.Option("--all", help="Write every tensor of a training checkpoint under its '/'-joined name.")
+        ] = False,
+        include: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--include",
+                "-k",
+                autocompletion=complete_tensor_names,
+                help="Only tensors matching this glob (or module prefix); repeatable.",
+            ),
+        ] = None,
+        exclude: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--exclude",
+                "-x",
+                autocompletion=complete_tensor_names,
+                help="Leave out tensors matching this glob; repeatable.",
+            ),
+        ] = None,
+        strip_prefix: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--strip-prefix",
+                autocompletion=complete_name_prefixes,
+                help="Remove this prefix from names (e.g. module.); repeatable.",
+            ),
+        ] = None,
         add_prefix: Annotated[str | None, typer.Option("--add-prefix", help="Prepend this to every name.")] = None,
-        rename: Annotated[list[str] | None, typer.Option("--rename", help="OLD=NEW: regex substitution on "
-                                                         "names (applied after --strip-prefix); repeatable.")] = None,
-        dtype: Annotated[str | None, typer.Option("--dtype", help="Cast floating tensors to this dtype "
-                                                  "(bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2); ints and "
-                                                  "bools are kept.")] = None,
-        max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write HF-style shards "
-                                                           "of at most this size (5GB, 500MiB) plus the "
-                                                           "index into the folder DST.")] = None,
-        dedupe_tied: Annotated[bool, typer.Option("--dedupe-tied", help="Store tied weights once and record "
-                                                  "the aliases in the file's metadata (safetensors).")] = False,
-        verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Re-read the output and compare "
-                                             "every tensor's bytes with the source.")] = True,
+        rename: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--rename", help="OLD=NEW: regex substitution on names (applied after --strip-prefix); repeatable."
+            ),
+        ] = None,
+        dtype: Annotated[
+            str | None,
+            typer.Option(
+                "--dtype",
+                help="Cast floating tensors to this dtype "
+                "(bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2); ints and "
+                "bools are kept.",
+            ),
+        ] = None,
+        max_shard_size: Annotated[
+            str | None,
+            typer.Option(
+                "--max-shard-size",
+                help="Write HF-style shards of at most this size (5GB, 500MiB) plus the index into the folder DST.",
+            ),
+        ] = None,
+        dedupe_tied: Annotated[
+            bool,
+            typer.Option(
+                "--dedupe-tied",
+                help="Store tied weights once and record the aliases in the file's metadata (safetensors).",
+            ),
+        ] = False,
+        verify: Annotated[
+            bool,
+            typer.Option(
+                "--verify/--no-verify", help="Re-read the output and compare every tensor's bytes with the source."
+            ),
+        ] = True,
         force: Annotated[bool, typer.Option("--force", help="Overwrite DST if it exists.")] = False,
-        metadata: Annotated[MetadataMode, typer.Option(
-            "--metadata", case_sensitive=False,
-            help="The source's file metadata (training state, hyper-parameters, ...): keep copies it with "
-                 "every absolute local path's folders replaced by <redacted>/ (the file name is kept); all "
-                 "copies it verbatim; drop copies none (the format's own entries, e.g. safetensors' "
-                 "format=pt, are still written).")] = MetadataMode.keep,
+        metadata: Annotated[
+            MetadataMode,
+            typer.Option(
+                "--metadata",
+                case_sensitive=False,
+                help="The source's file metadata (training state, hyper-parameters, ...): keep copies it with "
+                "every absolute local path's folders replaced by <redacted>/ (the file name is kept); all "
+                "copies it verbatim; drop copies none (the format's own entries, e.g. safetensors' "
+                "format=pt, are still written).",
+            ),
+        ] = MetadataMode.keep,
         raw_names: RawNamesOpt = False,
     ) -> None:
         check_paths(src)  # first: a typo says so
@@ -89,9 +150,22 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 raise UsageError(f"--max-shard-size {max_shard_size!r}: expected a size like 5GB or 500MiB") from None
         plan = plan_convert(
-            src, dst, to=to, key=key, all_=all_, include=include, exclude=exclude, strip_prefix=strip_prefix,
-            add_prefix=add_prefix, rename=rename, dtype=dtype, max_shard_size=shard, dedupe_tied=dedupe_tied,
-            verify=verify, force=force, metadata=metadata.value,
+            src,
+            dst,
+            to=to,
+            key=key,
+            all_=all_,
+            include=include,
+            exclude=exclude,
+            strip_prefix=strip_prefix,
+            add_prefix=add_prefix,
+            rename=rename,
+            dtype=dtype,
+            max_shard_size=shard,
+            dedupe_tied=dedupe_tied,
+            verify=verify,
+            force=force,
+            metadata=metadata.value,
         )
         with plan.reader:
             for g in plan.dangerous:
@@ -117,8 +191,10 @@ def register(app: typer.Typer) -> None:
         files = f" in {len(plan.files)} shards" if len(plan.files) > 1 else ""
         cast = f", cast to {plan.cast_to}" if plan.cast_to else ""
         plural = "" if result.num_tensors == 1 else "s"
-        msg = (f"wrote {plan.dst}: {result.num_tensors} tensor{plural}, {human_bytes(plan.total_bytes)}{cast}, "
-               f"{result.fmt}{files}")
+        msg = (
+            f"wrote {plan.dst}: {result.num_tensors} tensor{plural}, {human_bytes(plan.total_bytes)}{cast}, "
+            f"{result.fmt}{files}"
+        )
         if result.verified:
             msg += f"; verified {result.verified_tensors} tensor{plural} bit-exact"
             if plan.cast_to:
@@ -137,8 +213,10 @@ def left_out(sel) -> str:
     if sel.outside_root:
         n = sel.outside_root
         if sel.training_default:
-            parts.append(f"{n} tensor{'s' if n != 1 else ''} left out (optimizer state and the rest "
-                         "of the training checkpoint; --all to keep them)")
+            parts.append(
+                f"{n} tensor{'s' if n != 1 else ''} left out (optimizer state and the rest "
+                "of the training checkpoint; --all to keep them)"
+            )
         else:
             parts.append(f"{n} tensor{'s' if n != 1 else ''} outside --key {sel.root} left out")
     if sel.filtered_out:

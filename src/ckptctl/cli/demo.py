@@ -9,11 +9,7 @@ import typer
 
 from ckptctl.cli.common import handle_errors
 
-EXAMPLES = (
-    "[bold]Examples[/]\n\n"
-    "  ckptctl demo ./demo-run\n\n"
-    "  ckptctl demo ./demo-run && ckptctl ls ./demo-run/hf-run"
-)
+EXAMPLES = "[bold]Examples[/]\n\n  ckptctl demo ./demo-run\n\n  ckptctl demo ./demo-run && ckptctl ls ./demo-run/hf-run"
 
 
 def register(app: typer.Typer) -> None:

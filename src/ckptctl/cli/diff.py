@@ -82,9 +82,27 @@ COLUMNS = [
 ]
 ONLY_IN_LIMIT = 20  # rows per side in a table (--all, csv and json list every one)
 META_LIMIT = 8  # metadata lines in a table
-CSV_COLUMNS = [Column(k, k) for k in (
-    "name", "change", "dtype_a", "dtype_b", "shape_a", "shape_b", "numel", "num_diff", "max_abs_diff",
-    "mean_abs_diff", "rel_l2", "cosine", "nan_a", "nan_b", "inf_a", "inf_b")]
+CSV_COLUMNS = [
+    Column(k, k)
+    for k in (
+        "name",
+        "change",
+        "dtype_a",
+        "dtype_b",
+        "shape_a",
+        "shape_b",
+        "numel",
+        "num_diff",
+        "max_abs_diff",
+        "mean_abs_diff",
+        "rel_l2",
+        "cosine",
+        "nan_a",
+        "nan_b",
+        "inf_a",
+        "inf_b",
+    )
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -102,31 +120,85 @@ def register(app: typer.Typer) -> None:
         a: Annotated[Path, typer.Argument(help="Checkpoint A (file or folder), or a run folder.")],
         b: Annotated[Path | None, typer.Argument(help="Checkpoint B, or a second run folder.")] = None,
         atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance for floats.", min=0)] = None,
-        rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance (of |b|) for floats.", min=0)] = None,
-        no_values: Annotated[bool, typer.Option("--no-values", help="Compare names, dtypes and shapes only "
-                                                "(metadata only: instant on any size).")] = False,
-        key: Annotated[str | None, typer.Option("--key", autocompletion=complete_key_paths, help="Compare only the sub-tree PATH "
-                                                "(e.g. optimizer_states/0 of a Lightning .ckpt), on each side that "
-                                                "has it.")] = None,
-        all_: Annotated[bool, typer.Option("--all", help="Compare every tensor of a training checkpoint "
-                                           "(optimizer state, callbacks, ...) under its '/'-joined name, "
-                                           "not just the model weights.")] = False,
-        strip: Annotated[list[str] | None, typer.Option("--strip-prefix", autocompletion=complete_name_prefixes, help="Remove this name prefix "
-                                                        "(e.g. module.) where present; repeatable.")] = None,
-        rename: Annotated[list[str] | None, typer.Option("--rename", help="OLD=NEW regex applied to names on "
-                                                         "both sides (e.g. '/=.'); repeatable.")] = None,
-        include: Annotated[list[str] | None, typer.Option("--include", "--filter", "-k", autocompletion=complete_tensor_names, help="Only tensors matching "
-                                                          "this glob (or module prefix); repeatable.")] = None,
-        exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", autocompletion=complete_tensor_names, help="Leave out tensors matching "
-                                                          "this glob; repeatable.")] = None,
-        ignore_dtype: Annotated[bool, typer.Option("--ignore-dtype", help="A dtype change alone is no difference: "
-                                                   "compare values across the cast, within --atol/--rtol "
-                                                   "or, without them, within the cast's rounding (rtol = "
-                                                   "epsilon of the less precise dtype, e.g. 9.8e-4 for fp16).")] = False,
-        along: Annotated[bool, typer.Option("--along", help="A is a run folder: walk its checkpoints in step "
-                                            "order (update size, weight norm, first NaN/Inf).")] = False,
-        show_all: Annotated[bool, typer.Option("--show-identical", help="List identical tensors too, and every "
-                                               "name only one side has.")] = False,
+        rtol: Annotated[
+            float | None, typer.Option("--rtol", help="Relative tolerance (of |b|) for floats.", min=0)
+        ] = None,
+        no_values: Annotated[
+            bool,
+            typer.Option(
+                "--no-values", help="Compare names, dtypes and shapes only (metadata only: instant on any size)."
+            ),
+        ] = False,
+        key: Annotated[
+            str | None,
+            typer.Option(
+                "--key",
+                autocompletion=complete_key_paths,
+                help="Compare only the sub-tree PATH "
+                "(e.g. optimizer_states/0 of a Lightning .ckpt), on each side that "
+                "has it.",
+            ),
+        ] = None,
+        all_: Annotated[
+            bool,
+            typer.Option(
+                "--all",
+                help="Compare every tensor of a training checkpoint "
+                "(optimizer state, callbacks, ...) under its '/'-joined name, "
+                "not just the model weights.",
+            ),
+        ] = False,
+        strip: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--strip-prefix",
+                autocompletion=complete_name_prefixes,
+                help="Remove this name prefix (e.g. module.) where present; repeatable.",
+            ),
+        ] = None,
+        rename: Annotated[
+            list[str] | None,
+            typer.Option("--rename", help="OLD=NEW regex applied to names on both sides (e.g. '/=.'); repeatable."),
+        ] = None,
+        include: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--include",
+                "--filter",
+                "-k",
+                autocompletion=complete_tensor_names,
+                help="Only tensors matching this glob (or module prefix); repeatable.",
+            ),
+        ] = None,
+        exclude: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--exclude",
+                "-x",
+                autocompletion=complete_tensor_names,
+                help="Leave out tensors matching this glob; repeatable.",
+            ),
+        ] = None,
+        ignore_dtype: Annotated[
+            bool,
+            typer.Option(
+                "--ignore-dtype",
+                help="A dtype change alone is no difference: "
+                "compare values across the cast, within --atol/--rtol "
+                "or, without them, within the cast's rounding (rtol = "
+                "epsilon of the less precise dtype, e.g. 9.8e-4 for fp16).",
+            ),
+        ] = False,
+        along: Annotated[
+            bool,
+            typer.Option(
+                "--along",
+                help="A is a run folder: walk its checkpoints in step order (update size, weight norm, first NaN/Inf).",
+            ),
+        ] = False,
+        show_all: Annotated[
+            bool, typer.Option("--show-identical", help="List identical tensors too, and every name only one side has.")
+        ] = False,
         fmt: FormatOpt = Fmt.table,
         wide: WideOpt = False,
         raw_names: RawNamesOpt = False,
@@ -140,8 +212,9 @@ def register(app: typer.Typer) -> None:
         from ckptctl.ops.runs import is_run_dir
 
         output.STATE.wide = output.STATE.wide or wide
-        kw: dict[str, Any] = dict(key=key, strip=tuple(strip or ()), rename=rename, all_=all_, include=include,
-                                  exclude=exclude)
+        kw: dict[str, Any] = dict(
+            key=key, strip=tuple(strip or ()), rename=rename, all_=all_, include=include, exclude=exclude
+        )
         if key is not None and all_:
             raise UsageError("--key and --all do not go together")
         if along:
@@ -166,10 +239,14 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(0 if runs_res.equal else 1)
         if run_a or run_b:
             which = a if run_a else b
-            raise UsageError(f"{which} is a run folder and the other is one checkpoint: give two checkpoints "
-                             "or two run folders (or name the step's checkpoint inside the run)")
+            raise UsageError(
+                f"{which} is a run folder and the other is one checkpoint: give two checkpoints "
+                "or two run folders (or name the step's checkpoint inside the run)"
+            )
         res = ops.diff_checkpoints(a, b, progress_factory=_bar("diff"), **vkw)
-        _left_out_note(*res.left_out, (res.side_a.root if res.side_a else "") or (res.side_b.root if res.side_b else ""))
+        _left_out_note(
+            *res.left_out, (res.side_a.root if res.side_a else "") or (res.side_b.root if res.side_b else "")
+        )
         _show_pair(res, fmt, show_all)
         raise typer.Exit(0 if res.equal else 1)
 
@@ -243,25 +320,36 @@ def _casts(ds) -> str:
 
 def _summary(res) -> list[str]:
     exact = res.atol is None and res.rtol is None
-    how = ("structure only, --no-values" if not res.values else
-           "bit-exact" if exact else f"atol={res.atol or 0:g}, rtol={res.rtol or 0:g}")
+    how = (
+        "structure only, --no-values"
+        if not res.values
+        else "bit-exact"
+        if exact
+        else f"atol={res.atol or 0:g}, rtol={res.rtol or 0:g}"
+    )
     if res.ignore_dtype and res.values:
-        how = ("same dtype bit-exact, across dtypes within the cast's rounding" if exact
-               else how + ", across dtypes too")
+        how = "same dtype bit-exact, across dtypes within the cast's rounding" if exact else how + ", across dtypes too"
     same = len(res.identical)
     lines = []
     recast = [d for d in res.changed if d.dtype_changed]
     if recast and not res.ignore_dtype:
         only = [d for d in recast if d.dtype_only]
         if res.values and len(only) == len(recast):
-            lines.append(f"{len(recast)} tensor{'s' if len(recast) != 1 else ''} changed dtype only "
-                         f"({_casts(recast)}), values equal ({how}): --ignore-dtype counts them as equal")
+            lines.append(
+                f"{len(recast)} tensor{'s' if len(recast) != 1 else ''} changed dtype only "
+                f"({_casts(recast)}), values equal ({how}): --ignore-dtype counts them as equal"
+            )
         else:
-            lines.append(f"{len(recast)} tensor{'s' if len(recast) != 1 else ''} changed dtype ({_casts(recast)}): "
-                         "--ignore-dtype compares their values across the cast (within its rounding, "
-                         "or --atol/--rtol)")
-    cast = (f" ({len(res.dtype_only)} of them across a dtype change: {_casts(res.dtype_only)})"
-            if res.ignore_dtype and res.dtype_only else "")
+            lines.append(
+                f"{len(recast)} tensor{'s' if len(recast) != 1 else ''} changed dtype ({_casts(recast)}): "
+                "--ignore-dtype compares their values across the cast (within its rounding, "
+                "or --atol/--rtol)"
+            )
+    cast = (
+        f" ({len(res.dtype_only)} of them across a dtype change: {_casts(res.dtype_only)})"
+        if res.ignore_dtype and res.dtype_only
+        else ""
+    )
     for side, key in (("A", res.key_a), ("B", res.key_b)):
         if key:
             lines.append(f"{side}: compared the {key}/ sub-tree")
@@ -276,8 +364,10 @@ def _summary(res) -> list[str]:
         na = sum(1 for m in changes if m["only_in"] == "a")
         nb = sum(1 for m in changes if m["only_in"] == "b")
         if na or nb:
-            lines.append(f"metadata: {na} keys only in A, {nb} only in B ({res.format_a} vs {res.format_b}; "
-                         "--format json lists them)")
+            lines.append(
+                f"metadata: {na} keys only in A, {nb} only in B ({res.format_a} vs {res.format_b}; "
+                "--format json lists them)"
+            )
         changes = [m for m in changes if m["only_in"] is None]
     if len(changes) > META_LIMIT and not output.STATE.wide:
         lines.append(f"metadata: {len(changes)} keys differ (first {META_LIMIT} below; --format json lists all)")
@@ -292,8 +382,10 @@ def _summary(res) -> list[str]:
     if res.equal:
         lines.append(f"equal ({how}): {same} tensors{cast}")
     else:
-        parts = [f"{len(res.changed)} changed" + (f" ({len(res.dtype_only)} in dtype only)"
-                                                  if res.dtype_only and not res.ignore_dtype else "")]
+        parts = [
+            f"{len(res.changed)} changed"
+            + (f" ({len(res.dtype_only)} in dtype only)" if res.dtype_only and not res.ignore_dtype else "")
+        ]
         if res.only_in_a:
             parts.append(f"{len(res.only_in_a)} only in A")
         if res.only_in_b:
@@ -337,6 +429,7 @@ METRICS_SHOWN = 3  # metrics side by side in a table (--wide or -v: all)
 def table_metrics(names: list[str]) -> list[str]:
     """The metrics a table shows side by side: evaluation metrics first, then losses and
     accuracies; bookkeeping (runtime, flos, learning rate, ...) only with --wide or -v."""
+
     def rank(k: str) -> tuple[int, int]:
         low = k.lower()
         if low.startswith(("eval", "val", "test")) or "/" in low:
@@ -368,17 +461,38 @@ def _show_runs(res, fmt: Fmt) -> None:
             extra.append(f"{s.num_dtype_only} in dtype only")
         if extra:
             r["result"] += f" ({', '.join(extra)})"
-        r["nonfinite_text"] = (", ".join(s.nonfinite) if output.STATE.verbose or len(s.nonfinite) <= 2
-                               else ", ".join(s.nonfinite[:2]) + f" +{len(s.nonfinite) - 2} more (-v)")
+        r["nonfinite_text"] = (
+            ", ".join(s.nonfinite)
+            if output.STATE.verbose or len(s.nonfinite) <= 2
+            else ", ".join(s.nonfinite[:2]) + f" +{len(s.nonfinite) - 2} more (-v)"
+        )
         for m in metrics:
             r[f"{m}_a"], r[f"{m}_b"] = s.metrics_a.get(m), s.metrics_b.get(m)
         rows.append(r)
-    mcols = [Column(f"{m}_{side}", f"{m} {side.upper()}", human=_g, justify="right")
-             for m in metrics for side in ("a", "b")]
+    mcols = [
+        Column(f"{m}_{side}", f"{m} {side.upper()}", human=_g, justify="right") for m in metrics for side in ("a", "b")
+    ]
     if fmt == Fmt.csv:
-        output.render_rows(rows, [Column(k, k) for k in ("step", "a", "b", "result", "num_changed", "num_identical",
-                                                         "only_in_a", "only_in_b", "max_rel_l2",
-                                                         "max_rel_l2_tensor")] + mcols, "csv")
+        output.render_rows(
+            rows,
+            [
+                Column(k, k)
+                for k in (
+                    "step",
+                    "a",
+                    "b",
+                    "result",
+                    "num_changed",
+                    "num_identical",
+                    "only_in_a",
+                    "only_in_b",
+                    "max_rel_l2",
+                    "max_rel_l2_tensor",
+                )
+            ]
+            + mcols,
+            "csv",
+        )
         return
     if rows:
         output.render_rows(rows, RUN_COLUMNS[:1] + mcols + RUN_COLUMNS[1:], fmt.value)
@@ -445,9 +559,23 @@ def _show_along(res, fmt: Fmt) -> None:
         r["nonfinite_tensors"] = ", ".join(s.nonfinite_tensors)
         rows.append(r)
     if fmt == Fmt.csv:
-        output.render_rows(rows, [Column(k, k) for k in ("step", "path", "update_rel_l2", "update_norm",
-                                                         "weight_norm", "num_nonfinite", "top_tensor",
-                                                         "nonfinite_tensors")], "csv")
+        output.render_rows(
+            rows,
+            [
+                Column(k, k)
+                for k in (
+                    "step",
+                    "path",
+                    "update_rel_l2",
+                    "update_norm",
+                    "weight_norm",
+                    "num_nonfinite",
+                    "top_tensor",
+                    "nonfinite_tensors",
+                )
+            ],
+            "csv",
+        )
         return
     cols = ALONG_COLUMNS if fmt == Fmt.table else [c for c in ALONG_COLUMNS if c.key != "bar"]
     if output.STATE.verbose and any(s.nonfinite_tensors for s in res.steps):
@@ -460,8 +588,10 @@ def _show_along(res, fmt: Fmt) -> None:
         lines.append(f"{len(res.not_in_all)} tensors not in every checkpoint were skipped ({_listed(res.not_in_all)})")
     f = res.first_nonfinite
     if f is not None:
-        lines.append(f"first NaN/Inf at step {f.step} ({Path(f.path).name}): {f.nonfinite} elements in "
-                     f"{_listed(f.nonfinite_tensors)}")
+        lines.append(
+            f"first NaN/Inf at step {f.step} ({Path(f.path).name}): {f.nonfinite} elements in "
+            f"{_listed(f.nonfinite_tensors)}"
+        )
     else:
         lines.append("no NaN/Inf in any checkpoint")
     _lines(lines, fmt, blank=True)

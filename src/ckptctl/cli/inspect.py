@@ -35,10 +35,15 @@ def _set_raw_names(ctx: typer.Context, value: bool) -> bool:
     return value
 
 
-RawNamesOpt = Annotated[bool, typer.Option(
-    "--raw-names", callback=_set_raw_names,
-    help="Name a pickled nn.Module (or optimizer) by its pickle paths (_modules/0/_parameters/weight) "
-    "instead of its state_dict() names (0.weight).")]
+RawNamesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--raw-names",
+        callback=_set_raw_names,
+        help="Name a pickled nn.Module (or optimizer) by its pickle paths (_modules/0/_parameters/weight) "
+        "instead of its state_dict() names (0.weight).",
+    ),
+]
 
 
 class SortKey(str, Enum):
@@ -58,9 +63,11 @@ TENSOR_COLUMNS = [
 
 FOLD_ABOVE = 1000  # tables of more rows are folded unless --no-fold (--fold: at any size)
 # a folded table: a row may stand for many tensors (ops/inspect.py fold); params and bytes are its totals
-FOLDED_COLUMNS = [TENSOR_COLUMNS[0],
-                  Column("count", "tensors", human=lambda n: f"{n:,}", justify="right"),
-                  *TENSOR_COLUMNS[1:]]
+FOLDED_COLUMNS = [
+    TENSOR_COLUMNS[0],
+    Column("count", "tensors", human=lambda n: f"{n:,}", justify="right"),
+    *TENSOR_COLUMNS[1:],
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -81,20 +88,40 @@ def register(app: typer.Typer) -> None:
         ] = InspectFmt.table,
         filters: Annotated[
             list[str] | None,
-            typer.Option("--filter", "-k", help="Only tensors whose name matches this glob (repeatable).",
-                         autocompletion=complete_tensor_names),
+            typer.Option(
+                "--filter",
+                "-k",
+                help="Only tensors whose name matches this glob (repeatable).",
+                autocompletion=complete_tensor_names,
+            ),
         ] = None,
         sort: Annotated[SortKey, typer.Option("--sort", help="order (as stored), name or size.")] = SortKey.order,
-        key: Annotated[str | None, typer.Option("--key", autocompletion=complete_key_paths, metavar="PATH",
-                                                help="Show only the sub-tree PATH (e.g. optimizer_states/0).")] = None,
-        all_: Annotated[bool, typer.Option("--all", help="Training checkpoints: show every tensor (optimizer "
-                                           "state, ...), not just the model weights.")] = False,
-        fold: Annotated[bool | None, typer.Option(
-            "--fold/--no-fold",
-            help="Table and markdown: one row for tensors whose names differ only in numbers "
-            "(layers.{0..59}.experts.{0..255}.w1) and that share dtype and shape; params and bytes are "
-            f"the row's totals. Default: folded above {FOLD_ABOVE:,} rows. JSON and CSV always list "
-            "every tensor.")] = None,
+        key: Annotated[
+            str | None,
+            typer.Option(
+                "--key",
+                autocompletion=complete_key_paths,
+                metavar="PATH",
+                help="Show only the sub-tree PATH (e.g. optimizer_states/0).",
+            ),
+        ] = None,
+        all_: Annotated[
+            bool,
+            typer.Option(
+                "--all",
+                help="Training checkpoints: show every tensor (optimizer state, ...), not just the model weights.",
+            ),
+        ] = False,
+        fold: Annotated[
+            bool | None,
+            typer.Option(
+                "--fold/--no-fold",
+                help="Table and markdown: one row for tensors whose names differ only in numbers "
+                "(layers.{0..59}.experts.{0..255}.w1) and that share dtype and shape; params and bytes are "
+                f"the row's totals. Default: folded above {FOLD_ABOVE:,} rows. JSON and CSV always list "
+                "every tensor.",
+            ),
+        ] = None,
         wide: WideOpt = False,
         raw_names: RawNamesOpt = False,
     ) -> None:
@@ -112,22 +139,27 @@ def register(app: typer.Typer) -> None:
                 output.note(f"showing --key {result.root}: {n} of {total} tensors; --all for every tensor")
             else:
                 where = f" under {result.root}/" if result.root else ""
-                output.note(f"showing model weights{where}: {n} of {total} tensors; --all for optimizer "
-                            "state and the rest")
+                output.note(
+                    f"showing model weights{where}: {n} of {total} tensors; --all for optimizer state and the rest"
+                )
         if result.dangerous:  # one loud line naming every dangerous call; a warning, not an error:
             # inspect did its job (nothing was run); `scan` is the command whose exit code reports danger.
             # Printed even with -q: it is the one thing about this file the user must not miss.
-            output.err_console().print("[bold yellow]warning:[/] " + output.markup_safe(
-                f"{info.path}: UNSAFE pickle: it asks for {', '.join(result.dangerous)}, which can run code "
-                "when loaded with pickle or torch.load. Nothing was run; do not torch.load this file "
-                "(`ckptctl scan` exits 1 on it; `ckptctl convert` to safetensors gets the weights)."
-            ))
+            output.err_console().print(
+                "[bold yellow]warning:[/] "
+                + output.markup_safe(
+                    f"{info.path}: UNSAFE pickle: it asks for {', '.join(result.dangerous)}, which can run code "
+                    "when loaded with pickle or torch.load. Nothing was run; do not torch.load this file "
+                    "(`ckptctl scan` exits 1 on it; `ckptctl convert` to safetensors gets the weights)."
+                )
+            )
         for w in info.warnings:
             output.warn(f"{info.path}: {w}")
         if filters and not result.tensors:
             output.warn(f"no tensor matches {', '.join(filters)}")
         if fmt in (InspectFmt.table, InspectFmt.markdown) and (
-                fold or (fold is None and len(result.tensors) > FOLD_ABOVE)):
+            fold or (fold is None and len(result.tensors) > FOLD_ABOVE)
+        ):
             from ckptctl.ops.inspect import fold as fold_rows
 
             folds = fold_rows(result.tensors)
@@ -141,14 +173,25 @@ def register(app: typer.Typer) -> None:
             # part is the whole file (the same TensorInfo objects in the same order, no tied weights),
             # the file's totals just computed are the part's (10^5 tensors: each is a pass over them)
             file_totals = (doc["num_tensors"], doc["num_params"], doc["total_bytes"], doc["dtypes"])
-            same = (len(result.part) == len(info.tensors) and all(map(operator.is_, result.part, info.tensors))
-                    and not any(t.alias_of is not None for t in info.tensors))
-            doc.update(num_tensors=result.num_tensors, num_params=file_totals[1] if same else result.num_params,
-                       total_bytes=file_totals[2] if same else result.total_bytes,
-                       dtypes=dict(file_totals[3]) if same else result.dtype_mix)
-            doc["part"] = {"kind": result.part_kind, "root": result.root, "left_out": result.left_out,
-                           "file_num_tensors": file_totals[0], "file_num_params": file_totals[1],
-                           "file_total_bytes": file_totals[2]}
+            same = (
+                len(result.part) == len(info.tensors)
+                and all(map(operator.is_, result.part, info.tensors))
+                and not any(t.alias_of is not None for t in info.tensors)
+            )
+            doc.update(
+                num_tensors=result.num_tensors,
+                num_params=file_totals[1] if same else result.num_params,
+                total_bytes=file_totals[2] if same else result.total_bytes,
+                dtypes=dict(file_totals[3]) if same else result.dtype_mix,
+            )
+            doc["part"] = {
+                "kind": result.part_kind,
+                "root": result.root,
+                "left_out": result.left_out,
+                "file_num_tensors": file_totals[0],
+                "file_num_params": file_totals[1],
+                "file_total_bytes": file_totals[2],
+            }
             doc["tensors"] = output.TensorRows(result.tensors)  # written from the fields, row by row
             if filters:
                 doc["filter"] = filters
@@ -186,8 +229,13 @@ def _summary(info, result, markdown: bool, rows: int | None = None) -> None:
     if len(result.tensors) != result.num_tensors:
         lines.append(("shown", f"{len(result.tensors)} of {result.num_tensors}"))
     if rows is not None:
-        lines.append(("rows", f"{rows:,} for {len(result.tensors):,} tensors (names that differ only in numbers, "
-                      "with one dtype and shape, share a row; --no-fold for one row per tensor)"))
+        lines.append(
+            (
+                "rows",
+                f"{rows:,} for {len(result.tensors):,} tensors (names that differ only in numbers, "
+                "with one dtype and shape, share a row; --no-fold for one row per tensor)",
+            )
+        )
     for k, v in info.metadata.items():
         text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
         if len(text) > 200 and not output.STATE.wide:
@@ -226,7 +274,9 @@ def _tree(result) -> None:
             if t.alias_of is not None:
                 return f"{clean(node.name)}  {t.dtype} {shape}  tied to {clean(t.alias_of)}"
             return f"{clean(node.name)}  {t.dtype} {shape}  {human_bytes(t.nbytes)}"
-        return f"{clean(node.name)}/  ({node.count} tensors, {human_count(node.numel)} params, {human_bytes(node.nbytes)})"
+        return (
+            f"{clean(node.name)}/  ({node.count} tensors, {human_count(node.numel)} params, {human_bytes(node.nbytes)})"
+        )
 
     if output.color_enabled(sys.stdout):
         from rich.markup import escape

@@ -124,8 +124,10 @@ def _dumps_indent2(obj: Any) -> str:
                     raise _Unusual
                 numel *= d
             shape_text = shape_open + shape_sep.join(map(int.__repr__, shape)) + shape_close if shape else "[]"
-            text = (f"{sep}{pre_name}{enc(name)}{pre_dtype}{enc(dtype)}{pre_shape}{shape_text}"
-                    f"{pre_nbytes}{int.__repr__(nbytes)}{pre_numel}{int.__repr__(numel)}")
+            text = (
+                f"{sep}{pre_name}{enc(name)}{pre_dtype}{enc(dtype)}{pre_shape}{shape_text}"
+                f"{pre_nbytes}{int.__repr__(nbytes)}{pre_numel}{int.__repr__(numel)}"
+            )
             if alias is not None:
                 if type(alias) is not str:
                     raise _Unusual

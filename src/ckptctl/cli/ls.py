@@ -34,6 +34,7 @@ KEEP = 9  # Column.priority of what a narrow terminal must still show whole
 
 def fmt_metrics(metrics: dict[str, float], limit: int | None = 4) -> str:
     """`eval_loss=0.512 loss=0.61`: evaluation metrics first, bookkeeping (runtime, flos) left out."""
+
     def rank(k: str) -> tuple[int, str]:
         low = k.lower()
         if low.startswith(("eval", "val", "test")) or "/" in low:
@@ -112,24 +113,39 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def ls_cmd(
         run_dirs: Annotated[
-            list[Path], typer.Argument(help="Run folders (or checkpoint files/folders) to list; paths or URLs (s3://bucket/run).")
+            list[Path],
+            typer.Argument(help="Run folders (or checkpoint files/folders) to list; paths or URLs (s3://bucket/run)."),
         ],
         fmt: FormatOpt = Fmt.table,
         sort: Annotated[
-            str, typer.Option("--sort", "-s", autocompletion=metric_completer("step", "mtime", "size", "name"), help="step, mtime, size, name or a METRIC name (e.g. eval_loss).")
+            str,
+            typer.Option(
+                "--sort",
+                "-s",
+                autocompletion=metric_completer("step", "mtime", "size", "name"),
+                help="step, mtime, size, name or a METRIC name (e.g. eval_loss).",
+            ),
         ] = "step",
         reverse: Annotated[bool, typer.Option("--reverse", "-r", help="Reverse the order.")] = False,
         recursive: Annotated[
             bool, typer.Option("--recursive", "-R", help="Also look in sub-folders (lightning_logs/version_0/...).")
         ] = False,
         best: Annotated[
-            str | None, typer.Option("--best", autocompletion=metric_completer(), metavar="METRIC",
-                                     help="Only the best checkpoint of each run by METRIC (e.g. eval_loss); "
-                                     "NaN/Inf never count as best.")
+            str | None,
+            typer.Option(
+                "--best",
+                autocompletion=metric_completer(),
+                metavar="METRIC",
+                help="Only the best checkpoint of each run by METRIC (e.g. eval_loss); NaN/Inf never count as best.",
+            ),
         ] = None,
         mode: Annotated[
-            Mode | None, typer.Option("--mode", help="min or max for --best (default: the Lightning "
-                                      "ModelCheckpoint mode, else guessed from the name: loss is min).")
+            Mode | None,
+            typer.Option(
+                "--mode",
+                help="min or max for --best (default: the Lightning "
+                "ModelCheckpoint mode, else guessed from the name: loss is min).",
+            ),
         ] = None,
         wide: WideOpt = False,
     ) -> None:
@@ -211,28 +227,37 @@ def _best_rows(rows: list[dict], metric: str, mode: str | None, metrics: set[str
     from ckptctl.ops.prune import _MAX_METRIC, _MIN_METRIC, _callback_mode, guess_mode
 
     if metric not in metrics:
-        raise UsageError(f"--best {metric!r}: no checkpoint has a metric of that name"
-                         + (f" (metrics found: {', '.join(sorted(metrics))})" if metrics
-                            else " (no checkpoint carries metrics)"))
+        raise UsageError(
+            f"--best {metric!r}: no checkpoint has a metric of that name"
+            + (f" (metrics found: {', '.join(sorted(metrics))})" if metrics else " (no checkpoint carries metrics)")
+        )
     if mode is None:
         mode = _callback_mode([d["_c"] for d in rows], metric)
     if mode is None:
         mode = guess_mode(metric)
         if not (_MIN_METRIC.search(metric) or _MAX_METRIC.search(metric)):
-            output.note(f"--best {metric}: {'lower' if mode == 'min' else 'higher'} is better "
-                        "(guessed from the name; set --mode min|max to be sure)")
+            output.note(
+                f"--best {metric}: {'lower' if mode == 'min' else 'higher'} is better "
+                "(guessed from the name; set --mode min|max to be sure)"
+            )
     sign = 1.0 if mode == "min" else -1.0
     groups: dict[tuple[str, str], list[dict]] = {}
     for d in rows:  # a run: a folder given, and within it (--recursive) each folder of checkpoints
         groups.setdefault((d["run"], os.fspath(d["_c"].run or d["run"])), []).append(d)
     picked = []
     for (_, folder), group in groups.items():
-        scored = [d for d in group if isinstance(d["_c"].metrics.get(metric), float)
-                  and math.isfinite(d["_c"].metrics[metric])]
+        scored = [
+            d
+            for d in group
+            if isinstance(d["_c"].metrics.get(metric), float) and math.isfinite(d["_c"].metrics[metric])
+        ]
         if not scored:
             bad = sum(1 for d in group if metric in d["_c"].metrics)
-            output.warn(f"{folder}: " + (f"every {metric} is NaN or Inf" if bad else f"no checkpoint has {metric}")
-                        + "; no best shown for it")
+            output.warn(
+                f"{folder}: "
+                + (f"every {metric} is NaN or Inf" if bad else f"no checkpoint has {metric}")
+                + "; no best shown for it"
+            )
             continue
         picked.append(min(scored, key=lambda d: (sign * d["_c"].metrics[metric], -(d["_c"].step or 0))))
     if not picked:
@@ -240,8 +265,9 @@ def _best_rows(rows: list[dict], metric: str, mode: str | None, metrics: set[str
     return picked, f"best {metric} ({'lowest' if mode == 'min' else 'highest'}) of each run"
 
 
-def _render(rows: list[dict], fmt: str, multi: bool, heading: str | None = None,
-            run_order: list[str] | None = None) -> None:
+def _render(
+    rows: list[dict], fmt: str, multi: bool, heading: str | None = None, run_order: list[str] | None = None
+) -> None:
     from ckptctl.ops.runs import bytes_on_disk
 
     wide = output.STATE.wide
@@ -268,14 +294,21 @@ def _render(rows: list[dict], fmt: str, multi: bool, heading: str | None = None,
         cols.append(Column("run", "run", name_like=True, priority=KEEP))
     cols.append(Column("step", "step", human=lambda s: "-" if s is None else str(s), justify="right", priority=KEEP))
     if any(d["epoch"] is not None and d["step"] is None for d in rows):  # Keras ModelCheckpoint: epochs only
-        cols.append(Column("epoch", "epoch", human=lambda e: "-" if e is None else str(e), justify="right",
-                           priority=KEEP))
+        cols.append(
+            Column("epoch", "epoch", human=lambda e: "-" if e is None else str(e), justify="right", priority=KEEP)
+        )
     cols += [
         Column("shown" if fmt != "csv" else "path", "path", name_like=True, priority=KEEP),
         Column("format", "format", human=lambda f: f or "?", priority=3, drop=True),
         Column("total_bytes", "size", human=human_bytes, justify="right", priority=7),
-        Column("num_tensors", "tensors", human=lambda n: "-" if n is None else str(n), justify="right",
-               priority=2, drop=True),
+        Column(
+            "num_tensors",
+            "tensors",
+            human=lambda n: "-" if n is None else str(n),
+            justify="right",
+            priority=2,
+            drop=True,
+        ),
         Column("num_params", "params", human=human_count, justify="right", priority=4, drop=True),
         Column("dtypes_text", "dtypes", priority=0, drop=True),
         Column("optim", "optim", priority=1, drop=True),
@@ -289,9 +322,27 @@ def _render(rows: list[dict], fmt: str, multi: bool, heading: str | None = None,
             d["aliases"] = " ".join(d["aliases"])
             d["best"] = "yes" if d["best_of_run"] else ""
         cols = ([Column("run", "run")] if multi else []) + [
-            Column(k, k) for k in ("step", "epoch", "path", "format", "total_bytes", "num_files", "num_tensors", "num_params",
-                                   "dtypes", "has_optimizer", "metrics", "mtime", "aliases", "role", "best",
-                                   "incomplete", "error")]
+            Column(k, k)
+            for k in (
+                "step",
+                "epoch",
+                "path",
+                "format",
+                "total_bytes",
+                "num_files",
+                "num_tensors",
+                "num_params",
+                "dtypes",
+                "has_optimizer",
+                "metrics",
+                "mtime",
+                "aliases",
+                "role",
+                "best",
+                "incomplete",
+                "error",
+            )
+        ]
         output.render_rows(rows, cols, "csv")
         return
     # on disk as du counts it: a last.ckpt copy folded into its twin too, each inode once
@@ -306,11 +357,15 @@ def _render(rows: list[dict], fmt: str, multi: bool, heading: str | None = None,
     n = len(rows)
     total = bytes_on_disk([c for cs in ckpts.values() for c in cs])
     broken = sum(1 for d in rows if d["error"])
-    footer = [(f"{heading}: " if heading else "") + f"{n} checkpoint{'s' if n != 1 else ''}, "
-              f"{human_bytes(total)} on disk" + (f", {broken} unreadable or incomplete" if broken else "")]
+    footer = [
+        (f"{heading}: " if heading else "") + f"{n} checkpoint{'s' if n != 1 else ''}, "
+        f"{human_bytes(total)} on disk" + (f", {broken} unreadable or incomplete" if broken else "")
+    ]
     if multi:
-        footer += [f"  {r}: {len(cs)} checkpoint{'s' if len(cs) != 1 else ''}, {human_bytes(bytes_on_disk(cs))}"
-                   for r, cs in ckpts.items()]
+        footer += [
+            f"  {r}: {len(cs)} checkpoint{'s' if len(cs) != 1 else ''}, {human_bytes(bytes_on_disk(cs))}"
+            for r, cs in ckpts.items()
+        ]
     if fmt == "markdown":
         output.render_rows(rows, cols, "markdown")
         import sys

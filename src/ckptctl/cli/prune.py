@@ -57,13 +57,22 @@ def register(app: typer.Typer) -> None:
     )
     @handle_errors
     def prune_cmd(
-        run_dirs: Annotated[list[Path], typer.Argument(help="Run folder(s) holding the checkpoints (a path or a URL such as s3://bucket/run).")],
+        run_dirs: Annotated[
+            list[Path],
+            typer.Argument(help="Run folder(s) holding the checkpoints (a path or a URL such as s3://bucket/run)."),
+        ],
         keep_last: Annotated[int | None, typer.Option("--keep-last", min=1, help="Keep the N highest steps.")] = None,
         keep_every: Annotated[
             int | None, typer.Option("--keep-every", min=1, help="Keep steps divisible by K.")
         ] = None,
         keep_best: Annotated[
-            str | None, typer.Option("--keep-best", autocompletion=complete_metric_names, metavar="METRIC", help="Keep the best by METRIC (e.g. eval_loss).")
+            str | None,
+            typer.Option(
+                "--keep-best",
+                autocompletion=complete_metric_names,
+                metavar="METRIC",
+                help="Keep the best by METRIC (e.g. eval_loss).",
+            ),
         ] = None,
         mode: Annotated[
             Mode | None, typer.Option("--mode", help="min or max for --keep-best (default: guessed from the name).")
@@ -73,7 +82,10 @@ def register(app: typer.Typer) -> None:
             list[str] | None, typer.Option("--keep-steps", metavar="S,S,...", help="Keep these steps (e.g. 1000,5000).")
         ] = None,
         keep_since: Annotated[
-            str | None, typer.Option("--keep-since", metavar="DURATION", help="Keep those modified within DURATION (7d, 12h, 30m).")
+            str | None,
+            typer.Option(
+                "--keep-since", metavar="DURATION", help="Keep those modified within DURATION (7d, 12h, 30m)."
+            ),
         ] = None,
         exp_spacing: Annotated[
             bool, typer.Option("--exp-spacing", help="Keep exponentially spaced steps (first at/after s, 2s, 4s, ...).")
@@ -82,11 +94,13 @@ def register(app: typer.Typer) -> None:
             str, typer.Option("--min-age", metavar="DURATION", help="Never touch checkpoints modified more recently.")
         ] = "2m",
         include_broken: Annotated[
-            bool, typer.Option("--include-broken", help="Also delete unreadable or incomplete checkpoints no policy keeps.")
+            bool,
+            typer.Option("--include-broken", help="Also delete unreadable or incomplete checkpoints no policy keeps."),
         ] = False,
         yes: Annotated[bool, typer.Option("--yes", "-y", help="Really delete (or move, with --trash).")] = False,
         trash: Annotated[
-            Path | None, typer.Option("--trash", metavar="DIR", help="Move checkpoints into DIR instead of deleting them.")
+            Path | None,
+            typer.Option("--trash", metavar="DIR", help="Move checkpoints into DIR instead of deleting them."),
         ] = None,
         recursive: Annotated[
             bool, typer.Option("--recursive", "-R", help="Also prune runs in sub-folders (each folder on its own).")
@@ -103,11 +117,18 @@ def register(app: typer.Typer) -> None:
 
         output.STATE.wide = output.STATE.wide or wide
         policy = Policy(
-            keep_last=keep_last, keep_every=keep_every, keep_best=keep_best,
-            mode=mode.value if mode else None, best_n=best_n, keep_steps=_steps(keep_steps),
+            keep_last=keep_last,
+            keep_every=keep_every,
+            keep_best=keep_best,
+            mode=mode.value if mode else None,
+            best_n=best_n,
+            keep_steps=_steps(keep_steps),
             keep_since=parse_duration(keep_since) if keep_since is not None else None,
-            keep_since_text=keep_since, exp_spacing=exp_spacing, min_age=parse_duration(min_age),
-            min_age_text=min_age, include_broken=include_broken,
+            keep_since_text=keep_since,
+            exp_spacing=exp_spacing,
+            min_age=parse_duration(min_age),
+            min_age_text=min_age,
+            include_broken=include_broken,
         )
         validate(policy)
         remote = [p for p in roots if is_remote(p)]
@@ -123,9 +144,7 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("prune takes a run folder; to delete one file, use rm", p)
             run = scan_run(p, recursive=recursive)
             if run.path != p:
-                raise UsageError(
-                    "this folder is one checkpoint, not a run; prune its parent folder instead", p
-                )
+                raise UsageError("this folder is one checkpoint, not a run; prune its parent folder instead", p)
             if not run.checkpoints:
                 hint = " (try --recursive)" if run.subdirs and not recursive else ""
                 raise NotFound(f"no checkpoints found{hint}; nothing to prune", p)
@@ -139,37 +158,49 @@ def register(app: typer.Typer) -> None:
             check_trash(trash, plan)
         outcome = execute(plan, trash) if yes and plan.to_delete else None
         if fmt == Fmt.json:
-            output.print_json({
-                "runs": [os.fspath(r.path) for r in runs],
-                "dry_run": not yes,
-                "trash": os.fspath(trash) if trash else None,
-                "policy": policy.to_json(),
-                "checkpoints": [d.to_json() for d in plan.decisions],
-                "summary": {"checkpoints": len(plan.decisions), "keep": len(plan.to_keep),
-                            "delete": len(plan.to_delete), "bytes_freed": plan.bytes_freed},
-                "result": outcome.to_json() if outcome else None,
-            })
+            output.print_json(
+                {
+                    "runs": [os.fspath(r.path) for r in runs],
+                    "dry_run": not yes,
+                    "trash": os.fspath(trash) if trash else None,
+                    "policy": policy.to_json(),
+                    "checkpoints": [d.to_json() for d in plan.decisions],
+                    "summary": {
+                        "checkpoints": len(plan.decisions),
+                        "keep": len(plan.to_keep),
+                        "delete": len(plan.to_delete),
+                        "bytes_freed": plan.bytes_freed,
+                    },
+                    "result": outcome.to_json() if outcome else None,
+                }
+            )
         else:
             _render_plan(plan, runs, fmt.value, yes, trash)
             if outcome is not None:
                 _render_outcome(outcome, trash)
         for sf in outcome.state_files if outcome is not None else []:
             if sf.done:
-                output.note(f"{clean(sf.path)}: dropped {', '.join(map(clean, sf.dropped))} from the TensorFlow "
-                            "checkpoint state (rewritten atomically)")
+                output.note(
+                    f"{clean(sf.path)}: dropped {', '.join(map(clean, sf.dropped))} from the TensorFlow "
+                    "checkpoint state (rewritten atomically)"
+                )
         for msg in outcome.skipped_messages if outcome is not None else []:
             output.warn(msg)  # one line per checkpoint left alone because an object changed
         if outcome is not None and outcome.failed is not None:
             raise CkptError(_failure_line(outcome, trash))
         if outcome is not None and outcome.skipped:
             n_skipped = len(outcome.skipped)
-            raise CkptError(f"{n_skipped} checkpoint{'s' if n_skipped != 1 else ''} skipped (see above); "
-                            f"{len(outcome.done)} deleted")
+            raise CkptError(
+                f"{n_skipped} checkpoint{'s' if n_skipped != 1 else ''} skipped (see above); "
+                f"{len(outcome.done)} deleted"
+            )
         bad = [sf for sf in (outcome.state_files if outcome is not None else []) if sf.error]
         if bad:
             sf = bad[0]
-            raise CkptError(f"{sf.path}: could not drop {', '.join(sf.dropped)} from the TensorFlow checkpoint "
-                            f"state ({sf.error}); the checkpoints were {'moved' if trash else 'deleted'}")
+            raise CkptError(
+                f"{sf.path}: could not drop {', '.join(sf.dropped)} from the TensorFlow checkpoint "
+                f"state ({sf.error}); the checkpoints were {'moved' if trash else 'deleted'}"
+            )
 
 
 def _check_remote_run(p) -> None:
@@ -193,12 +224,22 @@ def _render_plan(plan, runs, fmt: str, yes: bool, trash: Path | None) -> None:
             shown = c.path.name
         if c.dirs:
             shown += "/"
-        rows.append({
-            "action": d.action, "step": c.step, "epoch": c.epoch, "path": shown if fmt != "csv" else os.fspath(c.path),
-            "run": os.fspath(d.root), "total_bytes": c.size, "why": "; ".join(d.reasons),
-        })
-    epochs = [Column("epoch", "epoch", human=lambda e: "-" if e is None else str(e), justify="right")] if any(
-        r["epoch"] is not None and r["step"] is None for r in rows) else []  # Keras ModelCheckpoint folders
+        rows.append(
+            {
+                "action": d.action,
+                "step": c.step,
+                "epoch": c.epoch,
+                "path": shown if fmt != "csv" else os.fspath(c.path),
+                "run": os.fspath(d.root),
+                "total_bytes": c.size,
+                "why": "; ".join(d.reasons),
+            }
+        )
+    epochs = (
+        [Column("epoch", "epoch", human=lambda e: "-" if e is None else str(e), justify="right")]
+        if any(r["epoch"] is not None and r["step"] is None for r in rows)
+        else []
+    )  # Keras ModelCheckpoint folders
     cols = ([Column("run", "run", name_like=True)] if multi else []) + [
         Column("action", "action"),
         Column("step", "step", human=lambda s: "-" if s is None else str(s), justify="right"),
@@ -214,9 +255,10 @@ def _render_plan(plan, runs, fmt: str, yes: bool, trash: Path | None) -> None:
     elif yes:
         footer = [f"{len(rows)} checkpoints: keep {len(plan.to_keep)}, {verb} {n_del} ({human_bytes(freed)})"]
     else:
-        footer = [f"{len(rows)} checkpoints: keep {len(plan.to_keep)}, would {verb} {n_del} "
-                  f"(frees {human_bytes(freed)})",
-                  f"dry run: nothing was changed; add --yes to {verb} them"]
+        footer = [
+            f"{len(rows)} checkpoints: keep {len(plan.to_keep)}, would {verb} {n_del} (frees {human_bytes(freed)})",
+            f"dry run: nothing was changed; add --yes to {verb} them",
+        ]
     if fmt == "csv":
         output.render_rows(rows, cols, "csv")
         return
@@ -230,13 +272,17 @@ def _render_plan(plan, runs, fmt: str, yes: bool, trash: Path | None) -> None:
 def _render_outcome(outcome, trash: Path | None) -> None:
     verb = "moved" if trash else "deleted"
     if outcome.done:
-        output.note(f"{verb} {len(outcome.done)} checkpoint{'s' if len(outcome.done) != 1 else ''}, "
-                    f"{human_bytes(outcome.bytes_freed)}" + (f" into {trash}" if trash else " freed"))
+        output.note(
+            f"{verb} {len(outcome.done)} checkpoint{'s' if len(outcome.done) != 1 else ''}, "
+            f"{human_bytes(outcome.bytes_freed)}" + (f" into {trash}" if trash else " freed")
+        )
     if outcome.failed is not None:
         lines = [f"{verb}: {clean(d.ckpt.path)}" for d in outcome.done]
         if outcome.partial:
-            lines.append(f"PARTLY {verb} ({len(outcome.partial)} of {len(outcome.failed.ckpt.files)} files): "
-                         f"{clean(outcome.failed.ckpt.path)}")
+            lines.append(
+                f"PARTLY {verb} ({len(outcome.partial)} of {len(outcome.failed.ckpt.files)} files): "
+                f"{clean(outcome.failed.ckpt.path)}"
+            )
         else:
             lines.append(f"not {verb} (failed): {clean(outcome.failed.ckpt.path)}")
         lines += [f"not {verb}: {clean(d.ckpt.path)}" for d in outcome.not_attempted]
@@ -247,5 +293,7 @@ def _failure_line(outcome, trash: Path | None) -> str:
     verb = "moved" if trash else "deleted"
     done, rest = len(outcome.done), len(outcome.not_attempted) + 1
     part = f" ({len(outcome.partial)} of its files were already {verb})" if outcome.partial else ""
-    return (f"stopped at {outcome.failed.ckpt.path}: {outcome.failed_message}{part}; "
-            f"{done} checkpoint(s) {verb}, {rest} not {verb}")
+    return (
+        f"stopped at {outcome.failed.ckpt.path}: {outcome.failed_message}{part}; "
+        f"{done} checkpoint(s) {verb}, {rest} not {verb}"
+    )

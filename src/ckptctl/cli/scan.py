@@ -78,13 +78,16 @@ def register(app: typer.Typer) -> None:
     @app.command("scan", help=HELP, short_help="Security verdict for pickle-based checkpoints.", epilog=EXAMPLES)
     @handle_errors
     def scan_cmd(
-        paths: Annotated[
-            list[Path], typer.Argument(help="Checkpoint files or folders (walked for checkpoint files).")
-        ],
+        paths: Annotated[list[Path], typer.Argument(help="Checkpoint files or folders (walked for checkpoint files).")],
         fmt: FormatOpt = Fmt.table,
         all_globals: Annotated[
-            bool, typer.Option("--all-globals", "-a", help="List safe globals too (tables list only unknown and "
-                               "dangerous ones; csv and json always list all).")
+            bool,
+            typer.Option(
+                "--all-globals",
+                "-a",
+                help="List safe globals too (tables list only unknown and "
+                "dangerous ones; csv and json always list all).",
+            ),
         ] = False,
     ) -> None:
         check_paths(paths)  # first: a typo says so

@@ -46,8 +46,7 @@ NAME_KEEP_WIDTH = 24  # names shrink below this only when nothing else can give
 SHORT_COLUMN = 10  # columns this narrow (numbers, sizes, dtypes) are cut last
 
 
-def fit_widths(columns: Sequence[Column], cells: Sequence[Sequence[str]], total: int,
-               wide: bool = False) -> list[int]:
+def fit_widths(columns: Sequence[Column], cells: Sequence[Sequence[str]], total: int, wide: bool = False) -> list[int]:
     """Column widths for a terminal `total` cells wide; 0 for a column left out.
 
     Columns give way by Column.priority, lowest first: a priority level is shrunk (or dropped)
@@ -87,8 +86,9 @@ def _fits(widths: list[int], alive: list[bool], total: int) -> bool:
     return sum(widths) + 2 * (sum(alive) - 1) <= total  # Table(box=None): two spaces between columns
 
 
-def _shrink(columns: Sequence[Column], nat: list[int], alive: list[bool], upto: int, total: int,
-            cut_short: bool = True) -> list[int]:
+def _shrink(
+    columns: Sequence[Column], nat: list[int], alive: list[bool], upto: int, total: int, cut_short: bool = True
+) -> list[int]:
     """Natural widths cut down by the stages of fit_widths(), level by level up to `upto`
     (short columns last of all: a number cut to '10.…' says nothing)."""
     from rich.cells import cell_len
@@ -97,10 +97,14 @@ def _shrink(columns: Sequence[Column], nat: list[int], alive: list[bool], upto: 
     excess = sum(out) - (total - 2 * (sum(alive) - 1))
     header = [max(cell_len(c.header), 6) for c in columns]
     stages = [
-        [min(n, NAME_KEEP_WIDTH) if c.name_like else n if n <= SHORT_COLUMN else min(n, h)
-         for c, n, h in zip(columns, nat, header)],
-        [min(n, NAME_MIN_WIDTH) if c.name_like else n if n <= SHORT_COLUMN else min(n, h)
-         for c, n, h in zip(columns, nat, header)],
+        [
+            min(n, NAME_KEEP_WIDTH) if c.name_like else n if n <= SHORT_COLUMN else min(n, h)
+            for c, n, h in zip(columns, nat, header)
+        ],
+        [
+            min(n, NAME_MIN_WIDTH) if c.name_like else n if n <= SHORT_COLUMN else min(n, h)
+            for c, n, h in zip(columns, nat, header)
+        ],
         [min(n, NAME_MIN_WIDTH) if c.name_like else min(n, h) for c, n, h in zip(columns, nat, header)],
     ]
     levels = sorted({c.priority for c in columns if c.priority <= upto})
@@ -108,8 +112,7 @@ def _shrink(columns: Sequence[Column], nat: list[int], alive: list[bool], upto: 
     for n, level in [(n, lv) for n in (0, 1) for lv in levels] + [(2, lv) for lv in levels if cut_short]:
         if excess <= 0:
             break
-        if n == 2 and level == levels[0] and excess > sum(
-                o - f for o, f, m in zip(out, stages[2], may) if m and o > f):
+        if n == 2 and level == levels[0] and excess > sum(o - f for o, f, m in zip(out, stages[2], may) if m and o > f):
             break  # it will not fit anyway: keep the short columns whole
         floor = [f if m and c.priority == level else o for f, m, c, o in zip(stages[n], may, columns, out)]
         while excess > 0:  # shave the widest column of this level that may still give, a cell at a time
@@ -234,8 +237,13 @@ def render_rows(
 
         body = [[_cell(c, r, human=True).replace("|", "\\|") for c in columns] for r in rows]
         sys.stdout.write(
-            tabulate(body, headers=[c.header for c in columns], tablefmt="github",
-                     colalign=[c.justify for c in columns] if rows else None) + "\n"
+            tabulate(
+                body,
+                headers=[c.header for c in columns],
+                tablefmt="github",
+                colalign=[c.justify for c in columns] if rows else None,
+            )
+            + "\n"
         )
         return
     if color_enabled(sys.stdout):
@@ -244,8 +252,11 @@ def render_rows(
         con = out_console()
         cells = [[_cell(c, r, human=True) for c in columns] for r in rows]
         if rows:  # on a terminal, a column with nothing in it ("tied to" with no ties) gives its room away
-            keep = [i for i in range(len(columns)) if any(row[i].strip() not in ("", "-") for row in cells)
-                    or columns[i].name_like]
+            keep = [
+                i
+                for i in range(len(columns))
+                if any(row[i].strip() not in ("", "-") for row in cells) or columns[i].name_like
+            ]
             columns = [columns[i] for i in keep]
             cells = [[row[i] for i in keep] for row in cells]
         term_width = con.width
@@ -258,8 +269,9 @@ def render_rows(
         need = sum(widths) + 2 * (len(columns) - 1)
         if need > con.width and not STATE.wide:
             con.width = need  # too many columns for this terminal even cut down: Rich must not squeeze
-        table = Table(title=markup_safe(title) if title else None, show_lines=False,
-                      header_style="bold", box=None, pad_edge=False)
+        table = Table(
+            title=markup_safe(title) if title else None, show_lines=False, header_style="bold", box=None, pad_edge=False
+        )
         for c, w in zip(columns, widths):
             kw: dict[str, Any] = {"justify": c.justify}
             if c.name_like and STATE.wide:
@@ -278,8 +290,9 @@ def render_rows(
         for line in footer or ():
             con.print(markup_safe(line))
         if hidden:
-            con.print(f"[dim]hidden to fit {term_width} columns: {markup_safe(', '.join(hidden))} "
-                      "(--wide shows all)[/]")
+            con.print(
+                f"[dim]hidden to fit {term_width} columns: {markup_safe(', '.join(hidden))} (--wide shows all)[/]"
+            )
         return
     from tabulate import tabulate
 
@@ -287,8 +300,14 @@ def render_rows(
         sys.stdout.write(clean(title) + "\n")
     body = [[_cell(c, r, human=True) for c in columns] for r in rows]
     sys.stdout.write(
-        tabulate(body, headers=[c.header for c in columns], tablefmt="simple",
-                 colalign=[c.justify for c in columns] if rows else None, disable_numparse=True) + "\n"
+        tabulate(
+            body,
+            headers=[c.header for c in columns],
+            tablefmt="simple",
+            colalign=[c.justify for c in columns] if rows else None,
+            disable_numparse=True,
+        )
+        + "\n"
     )
     for line in footer or ():
         sys.stdout.write(clean(line) + "\n")

@@ -156,8 +156,13 @@ def progress(total_bytes: int, description: str) -> Iterator[Any]:
     )
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=err_console(), transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console(),
+        transient=True,
     ) as p:
         task = p.add_task(markup_safe(description), total=total_bytes)
         yield _RichProgress(p, task)

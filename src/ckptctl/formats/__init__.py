@@ -45,14 +45,30 @@ class FormatSpec:
 
 
 FORMATS: tuple[FormatSpec, ...] = (
-    FormatSpec("safetensors", "ckptctl.formats.safetensors", "SafetensorsReader",
-               ("ckptctl.formats.write_safetensors", "SafetensorsWriter"), suffixes=(".safetensors",)),
-    FormatSpec("torch-zip", "ckptctl.formats.torch_zip", "TorchZipReader", ("ckptctl.formats.write_torch", "TorchZipWriter"),
-               suffixes=(".pt", ".pth", ".bin", ".ckpt")),
+    FormatSpec(
+        "safetensors",
+        "ckptctl.formats.safetensors",
+        "SafetensorsReader",
+        ("ckptctl.formats.write_safetensors", "SafetensorsWriter"),
+        suffixes=(".safetensors",),
+    ),
+    FormatSpec(
+        "torch-zip",
+        "ckptctl.formats.torch_zip",
+        "TorchZipReader",
+        ("ckptctl.formats.write_torch", "TorchZipWriter"),
+        suffixes=(".pt", ".pth", ".bin", ".ckpt"),
+    ),
     FormatSpec("torch-legacy", "ckptctl.formats.torch_legacy", "TorchLegacyReader", suffixes=(".pt", ".pth", ".bin")),
     FormatSpec("pickle", "ckptctl.formats.torch_legacy", "PickleReader", suffixes=(".pkl",)),
-    FormatSpec("hdf5", "ckptctl.formats.hdf5", "HDF5Reader", ("ckptctl.formats.write_hdf5", "HDF5Writer"),
-               magic=(HDF5_MAGIC,), suffixes=(".h5", ".hdf5")),
+    FormatSpec(
+        "hdf5",
+        "ckptctl.formats.hdf5",
+        "HDF5Reader",
+        ("ckptctl.formats.write_hdf5", "HDF5Writer"),
+        magic=(HDF5_MAGIC,),
+        suffixes=(".h5", ".hdf5"),
+    ),
     FormatSpec("sharded", "ckptctl.formats.sharded", "ShardedReader"),
     FormatSpec("dcp", "ckptctl.formats.dcp", "DCPReader", suffixes=(".distcp",)),
     FormatSpec("keras", "ckptctl.formats.keras_zip", "KerasZipReader", suffixes=(".keras",)),
@@ -202,8 +218,9 @@ def _zip_kind(path: Path | RemotePath, names: list[str]) -> str:
         return "torchscript"  # torch.jit.save: weights from data.pkl; its code/ is never run
     if "data.pkl" in base:
         return "torch-zip"
-    if "config.json" in names and ("metadata.json" in names or any(
-            n.endswith((".weights.h5", ".weights.npz", ".weights.json")) for n in names)):
+    if "config.json" in names and (
+        "metadata.json" in names or any(n.endswith((".weights.h5", ".weights.npz", ".weights.json")) for n in names)
+    ):
         return "keras"  # a Keras 3 .keras archive (its reader says what is wrong inside)
     if any(n.endswith(".pkl") for n in names):
         raise UnknownFormat("a zip archive holding a pickle, but not PyTorch's layout", path)
@@ -229,8 +246,9 @@ def _sniff_dir(path: Path | RemotePath) -> tuple[str, Path | RemotePath]:
     if len(keras_idx) == 1:
         return "keras-sharded", path / keras_idx[0]
     if keras_idx:
-        raise UnknownFormat(f"a folder with {len(keras_idx)} Keras shard indexes ({KERAS_INDEX_SUFFIX}); "
-                            "name one of them", path)
+        raise UnknownFormat(
+            f"a folder with {len(keras_idx)} Keras shard indexes ({KERAS_INDEX_SUFFIX}); name one of them", path
+        )
     tf = _tf_dir(path)
     if tf is not None:
         return "tf-bundle", tf[0]
@@ -249,8 +267,21 @@ def _sniff_dir(path: Path | RemotePath) -> tuple[str, Path | RemotePath]:
 
 
 # formats whose readers read through ckptctl.sources, so also from s3://, https://, ...
-REMOTE_FORMATS = ("safetensors", "torch-zip", "torch-legacy", "pickle", "hdf5", "sharded", "dcp", "keras",
-                  "keras-sharded", "torchscript", "tf-bundle", "gguf", "orbax")
+REMOTE_FORMATS = (
+    "safetensors",
+    "torch-zip",
+    "torch-legacy",
+    "pickle",
+    "hdf5",
+    "sharded",
+    "dcp",
+    "keras",
+    "keras-sharded",
+    "torchscript",
+    "tf-bundle",
+    "gguf",
+    "orbax",
+)
 
 
 def _remote_not_yet(what: str, path) -> UsageError:
@@ -443,4 +474,3 @@ __all__ = [
     "sniff",
     "writer_class",
 ]
-

@@ -110,8 +110,18 @@ class Reader:
         self.close()
 
 
-_SCALAR_FORMATS = {"float32": "<f", "float64": "<d", "float16": "<e", "bfloat16": "<f", "int8": "<b", "uint8": "<B",
-                   "int16": "<h", "int32": "<i", "int64": "<q", "bool": "<?"}
+_SCALAR_FORMATS = {
+    "float32": "<f",
+    "float64": "<d",
+    "float16": "<e",
+    "bfloat16": "<f",
+    "int8": "<b",
+    "uint8": "<B",
+    "int16": "<h",
+    "int32": "<i",
+    "int64": "<q",
+    "bool": "<?",
+}
 
 
 class Writer:

@@ -62,8 +62,18 @@ class DCPLoc:
     itemsize: int
 
     def describe(self) -> dict[str, Any]:
-        return {"chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes), "file": os.path.basename(c.file),
-                            "offset": c.offset, "length": c.length} for c in self.chunks]}
+        return {
+            "chunks": [
+                {
+                    "offsets": list(c.offsets),
+                    "sizes": list(c.sizes),
+                    "file": os.path.basename(c.file),
+                    "offset": c.offset,
+                    "length": c.length,
+                }
+                for c in self.chunks
+            ]
+        }
 
 
 def _fields(obj: Any) -> dict:
@@ -115,8 +125,14 @@ class DCPReader(PickleBasedReader):
             off = mf.get("offset")
             rel = sf.get("relative_path")
             o, ln = sf.get("offset"), sf.get("length")
-            if not isinstance(fqn, str) or not isinstance(rel, str) or type(o) is not int or type(ln) is not int \
-                    or o < 0 or ln < 0:
+            if (
+                not isinstance(fqn, str)
+                or not isinstance(rel, str)
+                or type(o) is not int
+                or type(ln) is not int
+                or o < 0
+                or ln < 0
+            ):
                 raise CorruptFile(".metadata: a storage entry without fqn, file, offset or length", md_path)
             full = self._item_path(folder, rel, md_path)
             files[full] = None
@@ -136,7 +152,9 @@ class DCPReader(PickleBasedReader):
             if o + ln > sizes[full]:
                 raise CorruptFile(
                     f"{fqn!r}: item at {o}+{ln} runs past the end of {os.path.basename(full)} "
-                    f"({sizes[full]} bytes; truncated?)", folder)
+                    f"({sizes[full]} bytes; truncated?)",
+                    folder,
+                )
 
         tensors: list[TensorInfo] = []
         meta: dict[str, Any] = {}
@@ -172,8 +190,11 @@ class DCPReader(PickleBasedReader):
                 cf = _fields(ch)
                 offs = _shape(cf.get("offsets"), f"{fqn!r} chunk offsets", md_path)
                 szs = _shape(cf.get("sizes"), f"{fqn!r} chunk sizes", md_path)
-                if len(offs) != len(shape) or len(szs) != len(shape) or any(
-                        o + s > d for o, s, d in zip(offs, szs, shape)):
+                if (
+                    len(offs) != len(shape)
+                    or len(szs) != len(shape)
+                    or any(o + s > d for o, s, d in zip(offs, szs, shape))
+                ):
                     raise CorruptFile(f".metadata: a chunk of {fqn!r} lies outside its size {list(shape)}", md_path)
                 item = index.get((fqn, offs))
                 if item is None:
@@ -182,16 +203,25 @@ class DCPReader(PickleBasedReader):
                 covered += math.prod(szs)
             if covered != math.prod(shape):
                 raise CorruptFile(
-                    f".metadata: the chunks of {fqn!r} cover {covered} of {math.prod(shape)} elements", md_path)
+                    f".metadata: the chunks of {fqn!r} cover {covered} of {math.prod(shape)} elements", md_path
+                )
             d = dtypes.BY_NAME[dtype]
-            tensors.append(TensorInfo(fqn, dtype, shape, dtypes.nbytes(d, shape),
-                                      loc=DCPLoc(tuple(chunks), d.itemsize)))
+            tensors.append(
+                TensorInfo(fqn, dtype, shape, dtypes.nbytes(d, shape), loc=DCPLoc(tuple(chunks), d.itemsize))
+            )
         version = top.get("version")
         if isinstance(version, (str, int)):
             meta.setdefault("version", version)
         return CheckpointInfo(
-            path=os.fspath(self.path), format=self.format, tensors=tensors, metadata=meta, objects=objects,
-            globals=list(dict.fromkeys(globals_)), kind="dcp", files=list(files), warnings=warnings,
+            path=os.fspath(self.path),
+            format=self.format,
+            tensors=tensors,
+            metadata=meta,
+            objects=objects,
+            globals=list(dict.fromkeys(globals_)),
+            kind="dcp",
+            files=list(files),
+            warnings=warnings,
         )
 
     @staticmethod
@@ -236,13 +266,18 @@ class DCPReader(PickleBasedReader):
         if loc is not None:
             return loc
         if ch.transforms:
-            raise CorruptFile(f"{name!r} is stored with transforms ({', '.join(ch.transforms)}) that ckptctl "
-                              "does not read", self.path)
+            raise CorruptFile(
+                f"{name!r} is stored with transforms ({', '.join(ch.transforms)}) that ckptctl does not read", self.path
+            )
         d = dtypes.BY_NAME[dtype]
         head = self._pread(ch.file, ch.offset, min(4, ch.length)) if ch.length else b""
         if head == b"PK\x03\x04":
-            arch = TorchArchive(ch.file, base=ch.offset, length=ch.length,
-                                label=f"{self.path}: {name} ({os.path.basename(ch.file)}@{ch.offset})")
+            arch = TorchArchive(
+                ch.file,
+                base=ch.offset,
+                length=ch.length,
+                label=f"{self.path}: {name} ({os.path.basename(ch.file)}@{ch.offset})",
+            )
             try:
                 root, _g, _w, _st = arch.unpickle()
                 if not isinstance(root, pickles.TensorRecord) or root.storage is None:
@@ -250,29 +285,39 @@ class DCPReader(PickleBasedReader):
                 if root.dtype != dtype or root.shape != ch.sizes:
                     raise CorruptFile(
                         f"item of {name!r} holds {root.dtype}{list(root.shape)}, .metadata says "
-                        f"{dtype}{list(ch.sizes)}", self.path)
+                        f"{dtype}{list(ch.sizes)}",
+                        self.path,
+                    )
                 st = root.storage
                 blob = arch.blob(st)
                 blob.file_offset(self)  # resolve now: the archive is closed below
                 from ckptctl.formats.strided import swap_unit
 
-                loc = TensorLoc(blob, st.view_offset * dtypes.BY_NAME[st.dtype].itemsize + root.offset * d.itemsize,
-                                root.stride, d.itemsize, swap_unit(dtype, arch.big_endian), key=st.key,
-                                storage_dtype=st.dtype)
+                loc = TensorLoc(
+                    blob,
+                    st.view_offset * dtypes.BY_NAME[st.dtype].itemsize + root.offset * d.itemsize,
+                    root.stride,
+                    d.itemsize,
+                    swap_unit(dtype, arch.big_endian),
+                    key=st.key,
+                    storage_dtype=st.dtype,
+                )
             finally:
                 arch.close()
         else:
             need = math.prod(ch.sizes) * d.itemsize
             if ch.length != need:
-                raise CorruptFile(f"item of {name!r} is {ch.length} bytes, {dtype}{list(ch.sizes)} needs {need}",
-                                  self.path)
+                raise CorruptFile(
+                    f"item of {name!r} is {ch.length} bytes, {dtype}{list(ch.sizes)} needs {need}", self.path
+                )
             stride: tuple[int, ...] = ()
             acc = 1
             for s in reversed(ch.sizes):
                 stride = (acc,) + stride
                 acc *= s
-            loc = TensorLoc(FileBlob(ch.file, ch.length, offset=ch.offset, what=f"item of {name!r}"), 0, stride,
-                            d.itemsize)
+            loc = TensorLoc(
+                FileBlob(ch.file, ch.length, offset=ch.offset, what=f"item of {name!r}"), 0, stride, d.itemsize
+            )
         self._items[key] = loc
         return loc
 
@@ -305,8 +350,10 @@ class DCPReader(PickleBasedReader):
                 sub_off = sum((a - o) * st for a, o, st in zip(ilo, ch.offsets, cl.stride))
                 sl = tuple(slice(a - l, b - l) for a, b, l in zip(ilo, ihi, lo))
                 target = out[sl] if sl else out
+
                 def read(off: int, n: int, cl=cl) -> bytes:
                     return cl.blob.read(self, off, n)
+
                 if cl.swap:
                     tmp = np.empty(sub_shape, dtype=vdt)
                     fill(read, cl.byte_base, isz, sub_off, sub_shape, cl.stride, tmp, min_elems)
@@ -344,8 +391,12 @@ class DCPReader(PickleBasedReader):
                 if self._pread(ch.file, ch.offset, min(4, ch.length)) != b"PK\x03\x04":
                     continue
                 try:
-                    arch = TorchArchive(ch.file, base=ch.offset, length=ch.length,
-                                        label=f"{t.name} ({os.path.basename(ch.file)}@{ch.offset})")
+                    arch = TorchArchive(
+                        ch.file,
+                        base=ch.offset,
+                        length=ch.length,
+                        label=f"{t.name} ({os.path.basename(ch.file)}@{ch.offset})",
+                    )
                 except CorruptFile as e:
                     errors.append(str(e))
                     continue

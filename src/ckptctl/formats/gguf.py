@@ -75,11 +75,27 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     41: ("Q1_0", 128, 18),
 }
 # ids ggml once used and has removed (llama.cpp refuses them too)
-REMOVED_TYPES = {4: "Q4_2", 5: "Q4_3", 31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8",
-                 36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8"}
+REMOVED_TYPES = {
+    4: "Q4_2",
+    5: "Q4_3",
+    31: "Q4_0_4_4",
+    32: "Q4_0_4_8",
+    33: "Q4_0_8_8",
+    36: "IQ4_NL_4_4",
+    37: "IQ4_NL_4_8",
+    38: "IQ4_NL_8_8",
+}
 # unquantized ggml types -> ckptctl dtype names (bytes are the plain little-endian values)
-PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-         "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+PLAIN = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+}
 BY_TYPE_NAME = {name: (tid, blk, size) for tid, (name, blk, size) in GGML_TYPES.items()}
 
 
@@ -100,9 +116,19 @@ def ggml_type_of(dtype: str) -> str | None:
 
 # metadata value types: id -> (name, struct code or None for string/array)
 VALUE_TYPES: dict[int, tuple[str, str | None]] = {
-    0: ("uint8", "B"), 1: ("int8", "b"), 2: ("uint16", "H"), 3: ("int16", "h"), 4: ("uint32", "I"),
-    5: ("int32", "i"), 6: ("float32", "f"), 7: ("bool", "?"), 8: ("string", None), 9: ("array", None),
-    10: ("uint64", "Q"), 11: ("int64", "q"), 12: ("float64", "d"),
+    0: ("uint8", "B"),
+    1: ("int8", "b"),
+    2: ("uint16", "H"),
+    3: ("int16", "h"),
+    4: ("uint32", "I"),
+    5: ("int32", "i"),
+    6: ("float32", "f"),
+    7: ("bool", "?"),
+    8: ("string", None),
+    9: ("array", None),
+    10: ("uint64", "Q"),
+    11: ("int64", "q"),
+    12: ("float64", "d"),
 }
 T_STRING, T_ARRAY, T_UINT32 = 8, 9, 4
 _U64 = struct.Struct("<Q")
@@ -163,7 +189,7 @@ class _Cursor:
             self.win_start = start
             lo = self.pos - start
         self.pos += n
-        return self.win[lo: lo + n]
+        return self.win[lo : lo + n]
 
     def _read(self, offset: int, n: int) -> bytes:
         parts = []
@@ -246,8 +272,11 @@ class GGUFHeader:
         if raw_version & 0xFFFF == 0 and raw_version:
             raise CorruptFile(f"big-endian GGUF (version {raw_version >> 24}) is not supported", path)
         if raw_version == 1:
-            raise CorruptFile("GGUF version 1 (llama.cpp before Oct 2023) is not supported; "
-                              "convert it again with a current llama.cpp", path)
+            raise CorruptFile(
+                "GGUF version 1 (llama.cpp before Oct 2023) is not supported; "
+                "convert it again with a current llama.cpp",
+                path,
+            )
         if raw_version not in (2, 3):
             raise CorruptFile(f"unsupported GGUF version {raw_version} (ckptctl reads versions 2 and 3)", path)
         self.version = raw_version
@@ -293,8 +322,10 @@ class GGUFHeader:
             offset = c.u64(f"tensor {name!r}: the data offset")
             if tid not in GGML_TYPES:
                 if tid in REMOVED_TYPES:
-                    c.fail(f"tensor {name!r}: ggml type {REMOVED_TYPES[tid]} ({tid}) was removed from ggml; "
-                           "convert the model again with a current llama.cpp")
+                    c.fail(
+                        f"tensor {name!r}: ggml type {REMOVED_TYPES[tid]} ({tid}) was removed from ggml; "
+                        "convert the model again with a current llama.cpp"
+                    )
                 c.fail(f"tensor {name!r}: unknown ggml type {tid}")
             tname, blk, tsize = GGML_TYPES[tid]
             numel = 1
@@ -316,17 +347,23 @@ class GGUFHeader:
         path, size, start = self.path, self.size, self.data_start
         misaligned = [n for n, _t, _ne, off, _nb in self.tensors if off % self.alignment]
         if misaligned:
-            self.warnings.append(f"{len(misaligned)} tensor(s) not aligned to {self.alignment} bytes "
-                                 f"(llama.cpp refuses this file), e.g. {misaligned[0]!r}")
+            self.warnings.append(
+                f"{len(misaligned)} tensor(s) not aligned to {self.alignment} bytes "
+                f"(llama.cpp refuses this file), e.g. {misaligned[0]!r}"
+            )
         prev_end, prev_name = 0, None
         for name, _tname, _ne, off, nbytes in sorted(self.tensors, key=lambda t: (t[3], t[4])):
             if start + off + nbytes > size:
                 raise CorruptFile(
                     f"tensor {name!r}: data [{start + off}, {start + off + nbytes}) runs past the end of the "
-                    f"{size}-byte file (truncated?)", path)
+                    f"{size}-byte file (truncated?)",
+                    path,
+                )
             if off < prev_end and nbytes:
-                raise CorruptFile(f"tensor {name!r}: data at offset {off} overlaps tensor {prev_name!r} "
-                                  f"(which ends at {prev_end})", path)
+                raise CorruptFile(
+                    f"tensor {name!r}: data at offset {off} overlaps tensor {prev_name!r} (which ends at {prev_end})",
+                    path,
+                )
             if nbytes:
                 prev_end, prev_name = off + nbytes, name
 
@@ -385,7 +422,7 @@ class GGUFHeader:
         for ws, wb in [*c.kept, (c.win_start, c.win)]:  # the header windows read since `start`: no re-read
             if ws <= pos < ws + len(wb):
                 take = min(end, ws + len(wb)) - pos
-                h.update(memoryview(wb)[pos - ws:pos - ws + take])
+                h.update(memoryview(wb)[pos - ws : pos - ws + take])
                 pos += take
         if pos >= end:
             return h.hexdigest()[:12]
@@ -429,11 +466,17 @@ class GGUFReader(Reader):
         tensors = []
         for name, tname, ne, off, nbytes in h.tensors:
             shape = tuple(reversed(ne))
-            tensors.append(TensorInfo(name, dtype_of(tname), shape, nbytes,
-                                      loc=_Loc(h.data_start + off, nbytes, tname, ne)))
+            tensors.append(
+                TensorInfo(name, dtype_of(tname), shape, nbytes, loc=_Loc(h.data_start + off, nbytes, tname, ne))
+            )
         return CheckpointInfo(
-            path=str(self.path), format=self.format, kind=f"v{h.version}", tensors=tensors,
-            metadata=dict(h.metadata), files=[str(self.path)], warnings=list(h.warnings),
+            path=str(self.path),
+            format=self.format,
+            kind=f"v{h.version}",
+            tensors=tensors,
+            metadata=dict(h.metadata),
+            files=[str(self.path)],
+            warnings=list(h.warnings),
         )
 
     def _loc(self, name: str) -> _Loc:

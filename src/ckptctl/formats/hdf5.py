@@ -246,12 +246,20 @@ class HDF5Reader(Reader):
 
             from ckptctl.formats.write_hdf5 import unquote_path
 
-            tensors = [replace(t, name=unquote_path(t.name),
-                               alias_of=unquote_path(t.alias_of) if t.alias_of else None) for t in tensors]
+            tensors = [
+                replace(t, name=unquote_path(t.name), alias_of=unquote_path(t.alias_of) if t.alias_of else None)
+                for t in tensors
+            ]
             objects = [replace(o, name=unquote_path(o.name)) for o in objects]
         return CheckpointInfo(
-            path=str(self.path), format=self.format, tensors=tensors, metadata=meta, objects=objects,
-            kind=kind, files=[str(self.path)], warnings=warnings,
+            path=str(self.path),
+            format=self.format,
+            tensors=tensors,
+            metadata=meta,
+            objects=objects,
+            kind=kind,
+            files=[str(self.path)],
+            warnings=warnings,
         )
 
     def _walk(self, group, prefix: str, found: dict, ancestors: set, warnings: list[str], h5py) -> None:
@@ -380,8 +388,9 @@ class HDF5Reader(Reader):
             mapping = json.loads(_decode(raw))
         except (ValueError, TypeError):
             mapping = None
-        if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                     for k, v in mapping.items()):
+        if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+        ):
             warnings.append(f"ignored root attribute {ALIASES_ATTR!r}: not a JSON object of names")
             return {}
         return mapping
@@ -396,8 +405,11 @@ class HDF5Reader(Reader):
 
         def layer_names_keys(obj) -> set[str]:
             # h5py gives a name that is not UTF-8 as bytes
-            return {k for k in obj.attrs.keys()
-                    if isinstance(k, str) and (k == "layer_names" or re.fullmatch(r"layer_names\d+", k))}
+            return {
+                k
+                for k in obj.attrs.keys()
+                if isinstance(k, str) and (k == "layer_names" or re.fullmatch(r"layer_names\d+", k))
+            }
 
         if "model_config" in attrs or "training_config" in attrs:
             kind = "keras2-model"

@@ -64,16 +64,22 @@ def crash_guard(path, walk: Callable[[], object]) -> None:
         os.waitpid(pid, 0)
         raise
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _GUARD_NO_MEMORY:
-        raise CorruptFile(f"damaged HDF5 structure: libhdf5 asked for more than {GUARD_MEMORY >> 30} GiB of memory "
-                          "reading its metadata; refused", path)
+        raise CorruptFile(
+            f"damaged HDF5 structure: libhdf5 asked for more than {GUARD_MEMORY >> 30} GiB of memory "
+            "reading its metadata; refused",
+            path,
+        )
     if os.WIFSIGNALED(status):
         try:
             sig = signal.Signals(os.WTERMSIG(status)).name
         except ValueError:
             sig = f"signal {os.WTERMSIG(status)}"
         if sig == "SIGXCPU":
-            raise CorruptFile("damaged HDF5 structure: libhdf5 did not finish reading its metadata (stopped "
-                              "after a CPU budget far above what the file needs); refused", path)
+            raise CorruptFile(
+                "damaged HDF5 structure: libhdf5 did not finish reading its metadata (stopped "
+                "after a CPU budget far above what the file needs); refused",
+                path,
+            )
         raise CorruptFile(f"damaged HDF5 structure: libhdf5 crashed reading it ({sig}); refused", path)
 
 

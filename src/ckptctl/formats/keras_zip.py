@@ -42,11 +42,25 @@ if TYPE_CHECKING:
 
 WEIGHTS_MEMBER = "model.weights.h5"
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json / metadata.json / a shard index larger than this is not read
-_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
-               OverflowError, RuntimeError, struct.error, KeyError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    OverflowError,
+    RuntimeError,
+    struct.error,
+    KeyError,
+)
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's structFileHeader: 30 bytes
-_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
-            zipfile.ZIP_LZMA: "lzma"}
+_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
 
 
 class _Window(Seekable):
@@ -75,8 +89,9 @@ class _Inflating(io.RawIOBase):
         self._s, self._member, self._path = stream, member, path
 
     def _fail(self, e: BaseException):
-        return CorruptFile(f"zip member {self._member}: cannot decompress it ({type(e).__name__}: {e})"[:300],
-                           self._path)
+        return CorruptFile(
+            f"zip member {self._member}: cannot decompress it ({type(e).__name__}: {e})"[:300], self._path
+        )
 
     def readable(self) -> bool:
         return True
@@ -213,7 +228,9 @@ def _member_start(src, zinfo: zipfile.ZipInfo, file_size: int, path) -> int:
     if start + zinfo.compress_size > file_size:
         raise CorruptFile(
             f"zip member {zinfo.filename} runs past the end of the file ({start + zinfo.compress_size} > "
-            f"{file_size} bytes; truncated?)", path)
+            f"{file_size} bytes; truncated?)",
+            path,
+        )
     return start
 
 
@@ -286,8 +303,10 @@ def config_code(path) -> list[str]:
             return
         if isinstance(obj, dict):
             if obj.get("class_name") == "__lambda__":
-                found.append(f"config.json{where}: __lambda__ (marshalled Python bytecode, run by "
-                             "keras load_model(safe_mode=False))")
+                found.append(
+                    f"config.json{where}: __lambda__ (marshalled Python bytecode, run by "
+                    "keras load_model(safe_mode=False))"
+                )
                 return
             for k, v in obj.items():
                 walk(v, f"{where}/{k}", depth + 1)
@@ -336,11 +355,14 @@ class KerasZipReader(HDF5Reader):
         if len(h5) == 1:
             return zf.getinfo(h5[0])
         if any(n.endswith(".weights.npz") for n in names):
-            raise UnknownFormat("a .keras archive with npz weights (model.weights.npz); only HDF5 weights "
-                                "are supported", self.path)
+            raise UnknownFormat(
+                "a .keras archive with npz weights (model.weights.npz); only HDF5 weights are supported", self.path
+            )
         if any(n.endswith(".weights.json") for n in names):
-            raise UnknownFormat("a .keras archive with sharded weights inside; not supported (unzip it and "
-                                "inspect its .weights.json)", self.path)
+            raise UnknownFormat(
+                "a .keras archive with sharded weights inside; not supported (unzip it and inspect its .weights.json)",
+                self.path,
+            )
         if h5:
             raise CorruptFile(f"a .keras archive with {len(h5)} .h5 members and no {WEIGHTS_MEMBER}", self.path)
         raise CorruptFile(f"a .keras archive with no weights: no {WEIGHTS_MEMBER} member", self.path)
@@ -353,8 +375,11 @@ class KerasZipReader(HDF5Reader):
             raise UnknownFormat(f"{zinfo.filename} in the archive is encrypted", self.path)
         if zinfo.compress_type == zipfile.ZIP_STORED:
             if zinfo.compress_size != zinfo.file_size:
-                raise CorruptFile(f"zip member {zinfo.filename}: stored with {zinfo.compress_size} bytes but "
-                                  f"{zinfo.file_size} declared", self.path)
+                raise CorruptFile(
+                    f"zip member {zinfo.filename}: stored with {zinfo.compress_size} bytes but "
+                    f"{zinfo.file_size} declared",
+                    self.path,
+                )
             fd = self._source()
             start = _member_start(fd, zinfo, fd.size, self.path)
             self.base_offset = start
@@ -369,12 +394,14 @@ class KerasZipReader(HDF5Reader):
                 try:
                     self._stream = _Inflating(zf.open(zinfo), zinfo.filename, self.path)
                 except _ZIP_ERRORS as e:
-                    raise CorruptFile(f"zip member {zinfo.filename} ({method}) cannot be read ({e})",
-                                      self.path) from None
+                    raise CorruptFile(
+                        f"zip member {zinfo.filename} ({method}) cannot be read ({e})", self.path
+                    ) from None
             self.base_offset = None  # no file offsets: every read goes through the decompressor
             self._zip_warnings = [
                 f"{zinfo.filename} is compressed ({method}), not stored as Keras writes it: read through the "
-                "decompressor (slower; no zero-copy convert)"]
+                "decompressor (slower; no zero-copy convert)"
+            ]
         return h5py.File(self._stream, "r")
 
     def _file(self):
@@ -398,8 +425,9 @@ class KerasZipReader(HDF5Reader):
                 raise
             raise CorruptFile(f"{self._member} in the archive: {e.message}", self.path) from None
         except _ZIP_ERRORS as e:  # a damaged compressed member fails while h5py reads it
-            raise CorruptFile(f"{self._member} in the archive cannot be read ({type(e).__name__}: {e})"[:300],
-                              self.path) from None
+            raise CorruptFile(
+                f"{self._member} in the archive cannot be read ({type(e).__name__}: {e})"[:300], self.path
+            ) from None
         km = keras_metadata(config, meta)
         rest = dict(info.metadata)
         if "layers" in rest and "layers" in km:  # the HDF5 reader counts layer groups: those with state
@@ -448,8 +476,12 @@ class KerasShardedReader(Reader):
         self._where: dict[str, str] = {}
 
     def _index(self) -> tuple[dict, dict[str, str]]:
-        return read_weight_map(self.path, MAX_JSON_BYTES, "Keras shard index",
-                               '{"weight_map": {"/layers/<name>/vars": "<base>_00000.weights.h5", ...}}')
+        return read_weight_map(
+            self.path,
+            MAX_JSON_BYTES,
+            "Keras shard index",
+            '{"weight_map": {"/layers/<name>/vars": "<base>_00000.weights.h5", ...}}',
+        )
 
     def _shard_names(self, wm: dict[str, str]) -> list[str]:
         """Shards the index names, then any `<base>_NNNNN.weights.h5` beside it, by number."""
@@ -457,9 +489,11 @@ class KerasShardedReader(Reader):
         base = shard_base(self.path)
         folder = self.path.parent
         try:
-            beside = [e.name for e in folder.iterdir()
-                      if e.name.startswith(base + "_") and _SHARD_RE.search(e.name)
-                      and e.name[len(base):].count("_") == 1]
+            beside = [
+                e.name
+                for e in folder.iterdir()
+                if e.name.startswith(base + "_") and _SHARD_RE.search(e.name) and e.name[len(base) :].count("_") == 1
+            ]
         except OSError:
             beside = []
         names += [n for n in beside if n not in names]
@@ -508,8 +542,15 @@ class KerasShardedReader(Reader):
                 warnings.append(f"the index maps {group} to {shard}, which holds none of its variables")
         metadata: dict[str, Any] = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
         metadata["shards"] = len(files)
-        return CheckpointInfo(path=str(self.path), format=self.format, tensors=tensors, metadata=metadata,
-                              kind="keras3", files=files + [str(self.path)], warnings=warnings)
+        return CheckpointInfo(
+            path=str(self.path),
+            format=self.format,
+            tensors=tensors,
+            metadata=metadata,
+            kind="keras3",
+            files=files + [str(self.path)],
+            warnings=warnings,
+        )
 
     def _delegate(self, name: str) -> HDF5Reader:
         self.info()

@@ -120,8 +120,9 @@ def zstd_decompress(data: bytes, what: str, path, max_size: int | None = None) -
     try:
         import zstandard
     except ImportError:
-        raise CorruptFile(f"{what} is zstd-compressed: install the zstandard package "
-                          "(pip install zstandard)", path) from None
+        raise CorruptFile(
+            f"{what} is zstd-compressed: install the zstandard package (pip install zstandard)", path
+        ) from None
     try:
         d = zstandard.ZstdDecompressor().decompressobj()
         out = d.decompress(data)
@@ -222,8 +223,9 @@ class OcdbtStore:
             src.close()
         if len(data) != length:
             raise CorruptFile(
-                f"data file {os.path.relpath(path, self.root)} ends before byte {offset + length} "
-                f"({what}; truncated?)", self.root)
+                f"data file {os.path.relpath(path, self.root)} ends before byte {offset + length} ({what}; truncated?)",
+                self.root,
+            )
         return data
 
     def _manifest(self) -> list[tuple[int, str, int, int]]:
@@ -239,16 +241,23 @@ class OcdbtStore:
         buf = _Buf(body, "manifest.ocdbt", mpath)
         buf.take(16)  # uuid
         kind = buf.byte()
-        self.config = {"manifest_kind": kind, "max_inline_value_bytes": buf.varint(),
-                       "max_decoded_node_bytes": buf.varint(), "version_tree_arity_log2": buf.byte()}
+        self.config = {
+            "manifest_kind": kind,
+            "max_inline_value_bytes": buf.varint(),
+            "max_decoded_node_bytes": buf.varint(),
+            "version_tree_arity_log2": buf.byte(),
+        }
         method = buf.varint()
         if method == 1:
             buf.take(4)  # zstd level
         elif method != 0:
             buf.fail(f"unknown compression method {method}")
         if kind == 1:  # numbered manifests: the newest manifest.<16 hex digits> holds the versions
-            nums = sorted(n for n in _listdir(self.root) if len(n) == 25 and n.startswith("manifest.")
-                          and all(c in "0123456789abcdef" for c in n[9:]))
+            nums = sorted(
+                n
+                for n in _listdir(self.root)
+                if len(n) == 25 and n.startswith("manifest.") and all(c in "0123456789abcdef" for c in n[9:])
+            )
             if not nums:
                 raise CorruptFile("numbered OCDBT manifest without any manifest.<generation> file", self.root)
             mp = self.root / nums[-1]
@@ -324,8 +333,9 @@ class OcdbtStore:
                     if fids[i] >= len(table) or scp[i] > len(keys[i]):
                         buf.fail("bad child reference")
                     base, rel = table[fids[i]]
-                    stack.append((node_h - 1, base + rel, offs[i], lens[i], base, prefix + keys[i][: scp[i]],
-                                  depth + 1))
+                    stack.append(
+                        (node_h - 1, base + rel, offs[i], lens[i], base, prefix + keys[i][: scp[i]], depth + 1)
+                    )
                 continue
             lens = buf.varints(n)
             kinds = list(buf.take(n))
@@ -359,14 +369,21 @@ class OcdbtStore:
             size = sizes.get(ref.file)
             if size is None:
                 try:
-                    size = sizes[ref.file] = (as_path(ref.file).stat() if is_remote(ref.file)
-                                              else os.stat(ref.file)).st_size
+                    size = sizes[ref.file] = (
+                        as_path(ref.file).stat() if is_remote(ref.file) else os.stat(ref.file)
+                    ).st_size
                 except (OSError, NoSuchObject):
-                    raise CorruptFile(f"data file {os.path.relpath(ref.file, self.root)} is missing "
-                                      f"(holds {key.decode(errors='replace')!r})", self.root) from None
+                    raise CorruptFile(
+                        f"data file {os.path.relpath(ref.file, self.root)} is missing "
+                        f"(holds {key.decode(errors='replace')!r})",
+                        self.root,
+                    ) from None
             if ref.offset + ref.length > size:
-                raise CorruptFile(f"data file {os.path.relpath(ref.file, self.root)} ends at byte {size}, before "
-                                  f"the value of {key.decode(errors='replace')!r} (truncated?)", self.root)
+                raise CorruptFile(
+                    f"data file {os.path.relpath(ref.file, self.root)} ends at byte {size}, before "
+                    f"the value of {key.decode(errors='replace')!r} (truncated?)",
+                    self.root,
+                )
 
     # -- access ---------------------------------------------------------------------------------
     @property

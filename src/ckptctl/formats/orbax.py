@@ -66,8 +66,9 @@ def is_item_dir(p: Path | RemotePath) -> bool:
         names = set(listdir(p))
     except OSError:
         return False
-    return "_METADATA" in names or "manifest.ocdbt" in names or (
-        "_CHECKPOINT_METADATA" in names and "_sharding" in names)
+    return (
+        "_METADATA" in names or "manifest.ocdbt" in names or ("_CHECKPOINT_METADATA" in names and "_sharding" in names)
+    )
 
 
 def item_dirs(step: Path | RemotePath) -> list[Path | RemotePath]:
@@ -76,8 +77,7 @@ def item_dirs(step: Path | RemotePath) -> list[Path | RemotePath]:
         entries = sorted(listdir(step))
     except OSError:
         return []
-    items = [step / n for n in entries if (step / n).is_dir() and not (step / n).is_symlink()
-             and is_item_dir(step / n)]
+    items = [step / n for n in entries if (step / n).is_dir() and not (step / n).is_symlink() and is_item_dir(step / n)]
     items.sort(key=lambda p: (p.name != "default", p.name))
     return items
 
@@ -104,8 +104,10 @@ def run_hint(p: Path | RemotePath) -> str | None:
     if not steps:
         return None
     shown = ", ".join(s + "/" for s in steps[:3]) + (", ..." if len(steps) > 3 else "")
-    return (f"an Orbax run folder with {len(steps)} step folder{'s' if len(steps) != 1 else ''} ({shown}): "
-            f"name one of them, or list the run with `ckptctl ls`")
+    return (
+        f"an Orbax run folder with {len(steps)} step folder{'s' if len(steps) != 1 else ''} ({shown}): "
+        f"name one of them, or list the run with `ckptctl ls`"
+    )
 
 
 def _read_json(path: Path | RemotePath, what: str) -> Any:
@@ -227,8 +229,11 @@ class OrbaxReader(Reader):
         else:
             found = item_dirs(p)
             handlers = _read_json(p / "_CHECKPOINT_METADATA", "_CHECKPOINT_METADATA")
-            order = list(handlers.get("item_handlers") or {}) if isinstance(handlers, dict) and isinstance(
-                handlers.get("item_handlers"), dict) else []
+            order = (
+                list(handlers.get("item_handlers") or {})
+                if isinstance(handlers, dict) and isinstance(handlers.get("item_handlers"), dict)
+                else []
+            )
             # the order the manager saved them in (default first), then the rest by name
             found.sort(key=lambda d: (d.name != "default", order.index(d.name) if d.name in order else len(order)))
             if not found:
@@ -243,8 +248,9 @@ class OrbaxReader(Reader):
             if (item.path / "manifest.ocdbt").is_file():
                 item.store = OcdbtStore(item.path)
             elif any(n.startswith("ocdbt.process_") for n in listdir(item.path)):
-                raise CorruptFile("no manifest.ocdbt beside the ocdbt.process_* folders "
-                                  "(the save did not finish?)", item.path)
+                raise CorruptFile(
+                    "no manifest.ocdbt beside the ocdbt.process_* folders (the save did not finish?)", item.path
+                )
             else:
                 item.store = _DirStore(item.path)
         return item.store
@@ -281,8 +287,16 @@ class OrbaxReader(Reader):
             if kind is None:
                 kind = meta.pop("_kind", None)
             meta.pop("_kind", None)
-        return CheckpointInfo(path=os.fspath(self.path), format=self.format, tensors=tensors, metadata=meta,
-                              objects=objects, kind=kind, files=files, warnings=warnings)
+        return CheckpointInfo(
+            path=os.fspath(self.path),
+            format=self.format,
+            tensors=tensors,
+            metadata=meta,
+            objects=objects,
+            kind=kind,
+            files=files,
+            warnings=warnings,
+        )
 
     def _item_info(self, idx: int, item: _Item, tensors, objects, meta, files, warnings) -> None:
         md_path = item.path / "_METADATA"
@@ -329,8 +343,11 @@ class OrbaxReader(Reader):
             ref = ref_v2 or store.ref(key + "/zarr.json")
             if ref is None:
                 if vtype in ("jax.Array", "np.ndarray", "scalar", "array"):
-                    raise CorruptFile(f"array {full!r}: no Zarr metadata ({key}/.zarray) in the store "
-                                      "(a missing or incomplete data file?)", item.path)
+                    raise CorruptFile(
+                        f"array {full!r}: no Zarr metadata ({key}/.zarray) in the store "
+                        "(a missing or incomplete data file?)",
+                        item.path,
+                    )
                 objects.append(ObjectInfo(full, vtype))
                 continue
             za = parse_zarr_meta(store.read(ref, f"{key} metadata"), key, item.path, full)
@@ -338,8 +355,9 @@ class OrbaxReader(Reader):
             tensors.append(TensorInfo(full, za.dtype, za.shape, dtypes.nbytes(d, za.shape), loc=OrbaxLoc(idx, za)))
         if isinstance(store, OcdbtStore):
             store.check_files()
-        files.extend(sorted(os.fspath(item.path / n) for n in ("manifest.ocdbt", "_sharding")
-                            if (item.path / n).is_file()))
+        files.extend(
+            sorted(os.fspath(item.path / n) for n in ("manifest.ocdbt", "_sharding") if (item.path / n).is_file())
+        )
         files.extend(sorted(getattr(store, "files", ())))
 
     # -- data -----------------------------------------------------------------------------------
@@ -373,7 +391,12 @@ class OrbaxReader(Reader):
             cid = None if comp is None else str(comp.get("id")) if isinstance(comp, dict) else "?"
         else:
             names = [_codec_name(c) for c in za.codecs]
-            if not names or names[0] != "bytes" or len(names) > 2 or (len(names) == 2 and names[1] not in ("zstd", "gzip")):
+            if (
+                not names
+                or names[0] != "bytes"
+                or len(names) > 2
+                or (len(names) == 2 and names[1] not in ("zstd", "gzip"))
+            ):
                 return None
             cfg = za.codecs[0].get("configuration") if isinstance(za.codecs[0], dict) else None
             if isz > 1 and (cfg or {}).get("endian", "little") != "little":
@@ -390,8 +413,9 @@ class OrbaxReader(Reader):
             return None
         if ref is None:
             if item.all_chunks:
-                raise CorruptFile(f"{name!r} chunk {key} is missing from the store (Orbax writes every chunk)",
-                                  item.path)
+                raise CorruptFile(
+                    f"{name!r} chunk {key} is missing from the store (Orbax writes every chunk)", item.path
+                )
             return _fill_pieces(za.fill, want, size)
         return _stream_decode(ref, cid, expect, want, size, f"{name!r} chunk {key}", item.path)
 
@@ -410,15 +434,25 @@ class OrbaxReader(Reader):
         if len(data) < ilen:
             raise CorruptFile(f"{what}: shard smaller than its index (truncated?)", where)
         at_start = cfg.get("index_location", "end") == "start"
-        ibytes = data[:ilen] if at_start else data[len(data) - ilen:]
+        ibytes = data[:ilen] if at_start else data[len(data) - ilen :]
         if "crc32c" in index_codecs:
             want = _crc32c(ibytes[:-4])
             if want is not None and want != struct.unpack("<I", ibytes[-4:])[0]:
                 raise CorruptFile(f"{what}: shard index checksum mismatch (corrupt)", where)
             ibytes = ibytes[:-4]
         index = np.frombuffer(ibytes, dtype="<u8").reshape(n, 2)
-        inner_za = ZarrArray(za.key, za.dtype, za.shape, inner, False, tuple(cfg.get("codecs") or [{"name": "bytes"}]),
-                             3, za.separator, za.v3_default_keys, za.fill_value)
+        inner_za = ZarrArray(
+            za.key,
+            za.dtype,
+            za.shape,
+            inner,
+            False,
+            tuple(cfg.get("codecs") or [{"name": "bytes"}]),
+            3,
+            za.separator,
+            za.v3_default_keys,
+            za.fill_value,
+        )
         isz = dtypes.BY_NAME[za.dtype].itemsize
         out = np.empty(za.chunks, dtype=np.dtype(f"V{isz}"))
         for flat in range(n):
@@ -430,7 +464,7 @@ class OrbaxReader(Reader):
             else:
                 if off + nb > len(data):
                     raise CorruptFile(f"{what}: inner chunk past the end of the shard (truncated?)", where)
-                piece = decode_chunk(inner_za, data[off:off + nb], inner, what, where)
+                piece = decode_chunk(inner_za, data[off : off + nb], inner, what, where)
             out[sl] = np.frombuffer(piece, dtype=out.dtype).reshape(inner)
         return out.tobytes()
 
@@ -484,8 +518,11 @@ class OrbaxReader(Reader):
             try:
                 slab = np.empty((rows,) + tuple(shape[1:]), dtype=vdt)
             except (MemoryError, ValueError):  # a shape (mostly fill value) far larger than memory
-                raise CorruptFile(f"tensor {name!r}: a row of chunks is {rows * math.prod(shape[1:]) * isz} bytes, "
-                                  "too large to assemble in memory", self.path) from None
+                raise CorruptFile(
+                    f"tensor {name!r}: a row of chunks is {rows * math.prod(shape[1:]) * isz} bytes, "
+                    "too large to assemble in memory",
+                    self.path,
+                ) from None
             for rest in itertools.product(*[range(g) for g in grid[1:]]):
                 idx = (i,) + rest
                 data = self._chunk(loc, idx, name)

@@ -55,8 +55,10 @@ class PickleBasedReader(Reader):
         src = self._src(path)
         if src.remote:  # read-ahead window for small tensors, several requests in flight for big ones
             if offset + n > src.size:
-                raise CorruptFile(f"file ends at byte {src.size}, expected data up to byte {offset + n} "
-                                  "(truncated?)", path if path != os.fspath(self.path) else self.path)
+                raise CorruptFile(
+                    f"file ends at byte {src.size}, expected data up to byte {offset + n} (truncated?)",
+                    path if path != os.fspath(self.path) else self.path,
+                )
             return b"".join(src.iter_range(offset, n, n or 1))
         parts = []
         got = 0
@@ -130,8 +132,15 @@ def tensor_infos(desc: pickles.Described, storage_blob, big_endian: bool, path) 
                 loc: Any = MissingLoc(rec.note or "no storage")
             else:
                 sisz = dtypes.BY_NAME[st.dtype].itemsize
-                loc = TensorLoc(storage_blob(st), st.view_offset * sisz + rec.offset * itemsize, rec.stride, itemsize,
-                                swap, st.key, st.dtype)
+                loc = TensorLoc(
+                    storage_blob(st),
+                    st.view_offset * sisz + rec.offset * itemsize,
+                    rec.stride,
+                    itemsize,
+                    swap,
+                    st.key,
+                    st.dtype,
+                )
             append(TensorInfo(name, dtype, rec.shape, nbytes, alias, loc))
         else:  # NumpyArray
             append(numpy_info(name, rec, alias, path))
@@ -199,9 +208,18 @@ def storage_dtype(storage_type: Any, label) -> str:
     raise CorruptFile(f"unknown storage type {getattr(storage_type, 'full', name)!r:.80}", label)
 
 
-def checkpoint_info(path, fmt: str, root: Any, globals_: list[str], warnings: list[str], blob_of,
-                    big_endian: bool, metadata: dict[str, Any], raw_names: bool = False,
-                    torchscript: dict | None = None) -> CheckpointInfo:
+def checkpoint_info(
+    path,
+    fmt: str,
+    root: Any,
+    globals_: list[str],
+    warnings: list[str],
+    blob_of,
+    big_endian: bool,
+    metadata: dict[str, Any],
+    raw_names: bool = False,
+    torchscript: dict | None = None,
+) -> CheckpointInfo:
     with pickles.no_gc():
         desc = pickles.describe(root, path, raw_names=raw_names, torchscript=torchscript)
         tensors = tensor_infos(desc, blob_of, big_endian, path)

@@ -106,8 +106,16 @@ def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict
         if not ok:
             raise CorruptFile(f"tensor {name!r}: bad shape {shape!r} (expected a list of non-negative integers)", path)
         offs = e["data_offsets"]
-        if (type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int
-                or offs[0] < 0 or offs[1] < 0 or offs[0] > U64_MAX or offs[1] > U64_MAX):
+        if (
+            type(offs) is not list
+            or len(offs) != 2
+            or type(offs[0]) is not int
+            or type(offs[1]) is not int
+            or offs[0] < 0
+            or offs[1] < 0
+            or offs[0] > U64_MAX
+            or offs[1] > U64_MAX
+        ):
             raise CorruptFile(
                 f"tensor {name!r}: bad data_offsets {offs!r} (expected [begin, end], non-negative integers)", path
             )
@@ -137,9 +145,7 @@ def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict
         if numel > U64_MAX or nbits > U64_MAX:
             raise CorruptFile(f"tensor {name!r}: shape {list(shape)} overflows", path)
         if nbits % 8:
-            raise CorruptFile(
-                f"tensor {name!r}: {numel} elements of {dt.st} is not a whole number of bytes", path
-            )
+            raise CorruptFile(f"tensor {name!r}: {numel} elements of {dt.st} is not a whole number of bytes", path)
         if e - b != nbits // 8:
             raise CorruptFile(
                 f"tensor {name!r}: data_offsets [{b}, {e}] hold {_fmt(e - b)} bytes, but {dt.st} {list(shape)} "
@@ -193,7 +199,7 @@ class SafetensorsReader(Reader):
         n = int.from_bytes(head, "little")
         raw = head
         if n <= MAX_HEADER and 8 + n <= size:
-            raw = first[:8 + n] if len(first) >= 8 + n else head + self._pread_exact(src, n, 8)
+            raw = first[: 8 + n] if len(first) >= 8 + n else head + self._pread_exact(src, n, 8)
         n, entries, metadata = parse_header(raw, size, self.path)
         base = 8 + n
         tensors: list[TensorInfo] = []
@@ -205,8 +211,12 @@ class SafetensorsReader(Reader):
         if aliases is not None:
             tensors += self._aliases(aliases, tensors, warnings)
         return CheckpointInfo(
-            path=str(self.path), format=self.format, tensors=tensors, metadata=meta,
-            files=[str(self.path)], warnings=warnings,
+            path=str(self.path),
+            format=self.format,
+            tensors=tensors,
+            metadata=meta,
+            files=[str(self.path)],
+            warnings=warnings,
         )
 
     def _pread_exact(self, src, n: int, offset: int) -> bytes:
@@ -227,8 +237,9 @@ class SafetensorsReader(Reader):
             mapping = json.loads(text)
         except json.JSONDecodeError:
             mapping = None
-        if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                     for k, v in mapping.items()):
+        if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+        ):
             warnings.append(f"ignored __metadata__[{ALIASES_KEY!r}]: not a JSON object of names")
             return []
         by_name = {t.name: t for t in tensors}

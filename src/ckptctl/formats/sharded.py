@@ -34,8 +34,9 @@ class ShardedReader(Reader):
 
     # -- index ---------------------------------------------------------------------------------
     def _read_index(self) -> tuple[dict, dict[str, str]]:
-        return read_weight_map(self.path, MAX_INDEX_BYTES, "shard index",
-                               '{"metadata": ..., "weight_map": {tensor: shard file}}')
+        return read_weight_map(
+            self.path, MAX_INDEX_BYTES, "shard index", '{"metadata": ..., "weight_map": {tensor: shard file}}'
+        )
 
     def _shard_path(self, shard: str) -> Path | RemotePath:
         return self.path.parent / shard
@@ -49,8 +50,9 @@ class ShardedReader(Reader):
             try:
                 exists = p.exists()
             except OSError as e:  # a name too long for the file system, ...
-                raise NotFound(f"shard {shard!r:.100} named in the index cannot be looked up ({e.strerror})",
-                               self.path) from None
+                raise NotFound(
+                    f"shard {shard!r:.100} named in the index cannot be looked up ({e.strerror})", self.path
+                ) from None
             if not exists:
                 raise NotFound(f"shard {shard} named in the index is missing", self.path)
             if p.is_dir():
@@ -80,8 +82,11 @@ class ShardedReader(Reader):
             except KeyError:
                 raise CorruptFile(f"the index maps {name!r} to {shard}, which does not hold it", self.path) from None
             # dataclasses.replace costs ~10 µs: too much at 10^5 tensors (issue 13)
-            tensors.append(TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.alias_of, (shard, t.loc))
-                           if type(t) is TensorInfo else replace(t, loc=(shard, t.loc)))
+            tensors.append(
+                TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.alias_of, (shard, t.loc))
+                if type(t) is TensorInfo
+                else replace(t, loc=(shard, t.loc))
+            )
             self._where[name] = shard
 
         formats = []

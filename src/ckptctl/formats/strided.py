@@ -82,8 +82,12 @@ class TensorLoc:
     storage_dtype: str = ""
 
     def describe(self) -> dict[str, Any]:
-        return {"storage": self.key, "storage_dtype": self.storage_dtype, "byte_offset": self.byte_base,
-                "stride": list(self.stride)}
+        return {
+            "storage": self.key,
+            "storage_dtype": self.storage_dtype,
+            "byte_offset": self.byte_base,
+            "stride": list(self.stride),
+        }
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,9 @@ def boxes(shape: tuple[int, ...], itemsize: int, budget: int) -> Iterator[tuple[
             yield lo, hi
 
 
-def fill(read, byte_base: int, itemsize: int, off: int, shape: tuple[int, ...], stride: tuple[int, ...],
-         out, min_elems: int) -> None:
+def fill(
+    read, byte_base: int, itemsize: int, off: int, shape: tuple[int, ...], stride: tuple[int, ...], out, min_elems: int
+) -> None:
     """Copy the strided view (element offset off, shape, stride) into `out` (C-order, void dtype)."""
     import numpy as np
     from numpy.lib.stride_tricks import as_strided
@@ -146,8 +151,9 @@ def fill(read, byte_base: int, itemsize: int, off: int, shape: tuple[int, ...], 
     sub_shape = shape[:d] + (1,) + shape[d + 1 :]
     lead = (slice(None),) * d
     for i in range(shape[d]):
-        fill(read, byte_base, itemsize, off + i * stride[d], sub_shape, stride, out[lead + (slice(i, i + 1),)],
-             min_elems)
+        fill(
+            read, byte_base, itemsize, off + i * stride[d], sub_shape, stride, out[lead + (slice(i, i + 1),)], min_elems
+        )
 
 
 def _swap(buf: bytearray | bytes, unit: int) -> bytes:
@@ -162,7 +168,9 @@ def _pieces(buf, size: int) -> Iterator[memoryview]:
         yield mv[i : i + size]
 
 
-def iter_view(read, loc: TensorLoc, shape: tuple[int, ...], size: int, min_read: int = MIN_READ) -> Iterator[bytes | memoryview]:
+def iter_view(
+    read, loc: TensorLoc, shape: tuple[int, ...], size: int, min_read: int = MIN_READ
+) -> Iterator[bytes | memoryview]:
     """The logical C-order bytes of a (possibly strided) view, in pieces of at most `size` bytes."""
     isz = loc.itemsize
     numel = math.prod(shape)

@@ -70,13 +70,39 @@ MAX_INDEX = 1 << 31  # an index bigger than 2 GiB is not a checkpoint index
 
 # TF DataType enum -> ckptctl dtype name
 DTYPES = {
-    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string",
-    8: "complex64", 9: "int64", 10: "bool", 11: "qint8", 12: "quint8", 13: "qint32", 14: "bfloat16",
-    17: "uint16", 18: "complex128", 19: "float16", 22: "uint32", 23: "uint64", 24: "float8_e5m2",
-    25: "float8_e4m3fn", 26: "float8_e4m3fnuz", 28: "float8_e5m2fnuz",
+    1: "float32",
+    2: "float64",
+    3: "int32",
+    4: "uint8",
+    5: "int16",
+    6: "int8",
+    7: "string",
+    8: "complex64",
+    9: "int64",
+    10: "bool",
+    11: "qint8",
+    12: "quint8",
+    13: "qint32",
+    14: "bfloat16",
+    17: "uint16",
+    18: "complex128",
+    19: "float16",
+    22: "uint32",
+    23: "uint64",
+    24: "float8_e5m2",
+    25: "float8_e4m3fn",
+    26: "float8_e4m3fnuz",
+    28: "float8_e5m2fnuz",
 }
-UNSUPPORTED = {15: "qint16", 16: "quint16", 20: "resource", 21: "variant", 27: "float8_e4m3b11fnuz",
-               29: "int4", 30: "uint4"}
+UNSUPPORTED = {
+    15: "qint16",
+    16: "quint16",
+    20: "resource",
+    21: "variant",
+    27: "float8_e4m3b11fnuz",
+    29: "int4",
+    30: "uint4",
+}
 
 
 # ---- entries -------------------------------------------------------------------------------------
@@ -139,8 +165,13 @@ def _entry(value: bytes, key: str) -> dict:
         slices.append(ext)
     crc = _int(f, 6) if 6 in f else None
     return {
-        "dtype": code, "shape": tuple(dims), "shard": _int(f, 3), "offset": _int(f, 4),
-        "size": _int(f, 5), "crc": crc, "slices": slices,
+        "dtype": code,
+        "shape": tuple(dims),
+        "shard": _int(f, 3),
+        "offset": _int(f, 4),
+        "size": _int(f, 5),
+        "crc": crc,
+        "slices": slices,
     }
 
 
@@ -184,8 +215,9 @@ class TFBundleReader(Reader):
         try:
             with open_source(self.index_path) as src:
                 if src.size > MAX_INDEX:
-                    raise CorruptFile(f"index is {src.size} bytes: too large for a TF checkpoint index",
-                                      self.index_path)
+                    raise CorruptFile(
+                        f"index is {src.size} bytes: too large for a TF checkpoint index", self.index_path
+                    )
                 return src.pread(0, src.size) if src.size else b""
         except FileNotFoundError:
             raise NotFound("no such file (a TF checkpoint prefix P needs P.index)", self.index_path) from None
@@ -201,8 +233,9 @@ class TFBundleReader(Reader):
         except _Bad as e:
             raise CorruptFile(str(e), self.index_path) from None
         if not entries or entries[0][0] != b"":
-            raise CorruptFile("no bundle header (the first key must be empty): not a TF checkpoint index",
-                              self.index_path)
+            raise CorruptFile(
+                "no bundle header (the first key must be empty): not a TF checkpoint index", self.index_path
+            )
         try:
             header = proto_fields(entries[0][1])
             num_shards = _int(header, 1)
@@ -220,8 +253,9 @@ class TFBundleReader(Reader):
 
         def shard_size(k: int, key: str) -> int:
             if not 0 <= k < num_shards:
-                raise CorruptFile(f"tensor {key!r} points at shard {k}, but the header says {num_shards}",
-                                  self.index_path)
+                raise CorruptFile(
+                    f"tensor {key!r} points at shard {k}, but the header says {num_shards}", self.index_path
+                )
             if k not in shard_sizes:
                 try:
                     shard_sizes[k] = self._shards[k].stat().st_size
@@ -253,7 +287,9 @@ class TFBundleReader(Reader):
                 if ent["offset"] + ent["size"] > size:
                     raise CorruptFile(
                         f"tensor {name!r} points past the end of its data shard "
-                        f"({ent['offset']} + {ent['size']} > {size} bytes): truncated?", self._shards[ent["shard"]])
+                        f"({ent['offset']} + {ent['size']} > {size} bytes): truncated?",
+                        self._shards[ent["shard"]],
+                    )
 
         graph = self._object_graph(raw.get(OBJECT_GRAPH_KEY.encode()))
         keys = [k.decode("utf-8", "replace") for k in order if k != OBJECT_GRAPH_KEY.encode()]
@@ -270,8 +306,9 @@ class TFBundleReader(Reader):
             name = display[key]
             code = ent["dtype"]
             if code in UNSUPPORTED:
-                raise Incompatible(f"tensor {name!r} has TF dtype {UNSUPPORTED[code]}, which ckptctl does not read",
-                                   self.index_path)
+                raise Incompatible(
+                    f"tensor {name!r} has TF dtype {UNSUPPORTED[code]}, which ckptctl does not read", self.index_path
+                )
             if code not in DTYPES:
                 raise CorruptFile(f"tensor {name!r}: unknown TF dtype number {code}", self.index_path)
             dt = DTYPES[code]
@@ -283,13 +320,25 @@ class TFBundleReader(Reader):
             else:
                 nbytes = dtypes.nbytes(d, ent["shape"])
                 if loc.problem is None and sum(p.size for p in loc.pieces) != nbytes:
-                    raise CorruptFile(f"tensor {name!r}: {sum(p.size for p in loc.pieces)} bytes stored, "
-                                      f"{dt}{list(ent['shape'])} needs {nbytes}", self.index_path)
+                    raise CorruptFile(
+                        f"tensor {name!r}: {sum(p.size for p in loc.pieces)} bytes stored, "
+                        f"{dt}{list(ent['shape'])} needs {nbytes}",
+                        self.index_path,
+                    )
             g = graph.get(key, {})
-            tensors.append(TFTensorInfo(name, dt, ent["shape"], nbytes, loc=loc, key=key,
-                                        full_name=g.get("full_name"),
-                                        slot_of=display.get(g["slot_of"], g["slot_of"]) if g.get("slot_of") else None,
-                                        slot=g.get("slot")))
+            tensors.append(
+                TFTensorInfo(
+                    name,
+                    dt,
+                    ent["shape"],
+                    nbytes,
+                    loc=loc,
+                    key=key,
+                    full_name=g.get("full_name"),
+                    slot_of=display.get(g["slot_of"], g["slot_of"]) if g.get("slot_of") else None,
+                    slot=g.get("slot"),
+                )
+            )
         meta: dict[str, object] = {"tf.num_shards": str(num_shards)}
         if version:
             meta["tf.bundle_version"] = str(_one(version[-1], 1))
@@ -299,18 +348,32 @@ class TFBundleReader(Reader):
         if self.note:
             warnings.append(self.note)
         if strings:
-            warnings.append(f"{len(strings)} string tensor(s) ({', '.join(strings[:3])}"
-                            f"{' ...' if len(strings) > 3 else ''}): listed, not convertible "
-                            "(convert --exclude them)")
+            warnings.append(
+                f"{len(strings)} string tensor(s) ({', '.join(strings[:3])}"
+                f"{' ...' if len(strings) > 3 else ''}): listed, not convertible "
+                "(convert --exclude them)"
+            )
         problems = [t.name for t in tensors if t.loc.problem]
         if problems:
-            warnings.append(f"{len(problems)} partitioned variable(s) split on more than the first axis "
-                            f"({', '.join(problems[:3])}): listed with their full shape, not readable")
-        kind = "savedmodel" if self.prefix.name == "variables" and self.prefix.parent.name == "variables" \
+            warnings.append(
+                f"{len(problems)} partitioned variable(s) split on more than the first axis "
+                f"({', '.join(problems[:3])}): listed with their full shape, not readable"
+            )
+        kind = (
+            "savedmodel"
+            if self.prefix.name == "variables" and self.prefix.parent.name == "variables"
             else ("tf2" if OBJECT_GRAPH_KEY.encode() in raw else "tf1")
+        )
         files = [str(self.index_path)] + [str(p) for p in self._shards]
-        return CheckpointInfo(path=str(self.prefix), format=self.format, tensors=tensors, metadata=meta,
-                              kind=kind, files=files, warnings=warnings)
+        return CheckpointInfo(
+            path=str(self.prefix),
+            format=self.format,
+            tensors=tensors,
+            metadata=meta,
+            kind=kind,
+            files=files,
+            warnings=warnings,
+        )
 
     def _locate(self, kb: bytes, e: dict, raw: dict, d, name: str) -> _Loc:
         swap = d.itemsize if self.big_endian and d.kind not in ("bool", "string") and d.bits >= 16 else 0
@@ -362,7 +425,7 @@ class TFBundleReader(Reader):
         try:
             n, pos = _varint(blob, 0)
             pos += 4  # masked crc32c of the lengths
-            graph = proto_fields(blob[pos:pos + n])
+            graph = proto_fields(blob[pos : pos + n])
             nodes = _sub(graph, 1)
             out: dict[str, dict] = {}
             node_key: dict[int, str] = {}
@@ -388,8 +451,7 @@ class TFBundleReader(Reader):
             return {}
 
     # -- data ----------------------------------------------------------------------------------
-    def _read_piece(self, p: _Piece, name: str, swap: int, size: int = CHUNK,
-                    check: bool = True) -> Iterator[bytes]:
+    def _read_piece(self, p: _Piece, name: str, swap: int, size: int = CHUNK, check: bool = True) -> Iterator[bytes]:
         src = self._src(p.shard)
         size = max(16, size - size % 16)
         pos, end = p.offset, p.offset + p.size
@@ -399,16 +461,21 @@ class TFBundleReader(Reader):
             want = min(size, end - pos)
             chunk = next(ranged, b"") if ranged is not None else src.pread(pos, want)
             if not chunk:
-                raise CorruptFile(f"tensor {name!r}: data shard ends at byte {pos}, expected data up to "
-                                  f"byte {end} (truncated?)", self._shards[p.shard])
+                raise CorruptFile(
+                    f"tensor {name!r}: data shard ends at byte {pos}, expected data up to byte {end} (truncated?)",
+                    self._shards[p.shard],
+                )
             pos += len(chunk)
             crc = crc_extend(crc, chunk)
             if swap:
                 chunk = _swap(chunk, swap)
             yield chunk
         if check and p.crc is not None and p.size and mask(crc) != p.crc:
-            raise CorruptFile(f"tensor {name!r}: CRC32C mismatch (stored {p.crc:#010x}, data gives "
-                              f"{mask(crc):#010x}): the data shard is corrupt", self._shards[p.shard])
+            raise CorruptFile(
+                f"tensor {name!r}: CRC32C mismatch (stored {p.crc:#010x}, data gives "
+                f"{mask(crc):#010x}): the data shard is corrupt",
+                self._shards[p.shard],
+            )
 
     def _read_string(self, p: _Piece, name: str, count: int) -> bytes:
         """A string tensor's whole record (lengths, their checksum, the strings), CRC checked."""
@@ -420,15 +487,21 @@ class TFBundleReader(Reader):
         except _Bad as e:
             raise CorruptFile(f"tensor {name!r}: corrupt string record ({e})", self._shards[p.shard]) from None
         if mask(crc) != p.crc:
-            raise CorruptFile(f"tensor {name!r}: CRC32C mismatch (stored {p.crc:#010x}, data gives "
-                              f"{mask(crc):#010x}): the data shard is corrupt", self._shards[p.shard])
+            raise CorruptFile(
+                f"tensor {name!r}: CRC32C mismatch (stored {p.crc:#010x}, data gives "
+                f"{mask(crc):#010x}): the data shard is corrupt",
+                self._shards[p.shard],
+            )
         return blob
 
     def _loc(self, name: str) -> _Loc:
         loc = self.tensor_info(name).loc
         if loc.problem:
-            raise Incompatible(f"tensor {name!r} is a partitioned variable whose {loc.problem}; "
-                               "ckptctl reads only slices along the first axis", self.path)
+            raise Incompatible(
+                f"tensor {name!r} is a partitioned variable whose {loc.problem}; "
+                "ckptctl reads only slices along the first axis",
+                self.path,
+            )
         return loc
 
     def iter_chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes]:
@@ -436,7 +509,7 @@ class TFBundleReader(Reader):
         if loc.string:
             blob = self._read_string(loc.pieces[0], name, loc.count)
             for i in range(0, len(blob), size):
-                yield blob[i:i + size]
+                yield blob[i : i + size]
             return
         for p in loc.pieces:
             yield from self._read_piece(p, name, loc.itemsize, size)
@@ -465,6 +538,20 @@ def _swap(chunk: bytes, itemsize: int) -> bytes:
     return np.frombuffer(chunk, dtype=f">u{itemsize}").astype(f"<u{itemsize}").tobytes()
 
 
-__all__ = ["TFBundleReader", "TFTensorInfo", "resolve_dir", "resolve_path", "is_index", "read_state_file",
-           "masked_crc", "mask", "crc_extend", "table_entries", "proto_fields", "slice_key", "DTYPES",
-           "string_values", "_py_extend"]  # the last ones from tf_table, for the tests
+__all__ = [
+    "TFBundleReader",
+    "TFTensorInfo",
+    "resolve_dir",
+    "resolve_path",
+    "is_index",
+    "read_state_file",
+    "masked_crc",
+    "mask",
+    "crc_extend",
+    "table_entries",
+    "proto_fields",
+    "slice_key",
+    "DTYPES",
+    "string_values",
+    "_py_extend",
+]  # the last ones from tf_table, for the tests

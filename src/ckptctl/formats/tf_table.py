@@ -96,18 +96,18 @@ def proto_fields(buf: bytes) -> dict[int, list]:
         elif wt == 1:
             if pos + 8 > end:
                 raise _Bad("truncated fixed64")
-            v = int.from_bytes(buf[pos:pos + 8], "little")
+            v = int.from_bytes(buf[pos : pos + 8], "little")
             pos += 8
         elif wt == 2:
             n, pos = _varint(buf, pos)
             if pos + n > end:
                 raise _Bad("truncated length-delimited field")
-            v = bytes(buf[pos:pos + n])
+            v = bytes(buf[pos : pos + n])
             pos += n
         elif wt == 5:
             if pos + 4 > end:
                 raise _Bad("truncated fixed32")
-            v = int.from_bytes(buf[pos:pos + 4], "little")
+            v = int.from_bytes(buf[pos : pos + 4], "little")
             pos += 4
         else:
             raise _Bad(f"unsupported wire type {wt}")
@@ -149,10 +149,10 @@ def _str(v) -> str:
 def _block(data: bytes, offset: int, size: int, what: str) -> bytes:
     if offset + size + TRAILER > len(data) or size < 4:
         raise _Bad(f"{what} at byte {offset} (size {size}) lies past the end of the file ({len(data)} bytes)")
-    block = data[offset:offset + size]
+    block = data[offset : offset + size]
     ctype = data[offset + size]
-    stored = int.from_bytes(data[offset + size + 1:offset + size + 5], "little")
-    if masked_crc(data[offset:offset + size + 1]) != stored:
+    stored = int.from_bytes(data[offset + size + 1 : offset + size + 5], "little")
+    if masked_crc(data[offset : offset + size + 1]) != stored:
         raise _Bad(f"{what} at byte {offset}: CRC32C mismatch in the block trailer: the index is corrupt")
     if ctype == 1:
         raise _Bad(f"{what} at byte {offset} is snappy-compressed, which TF's bundle writer never does")
@@ -167,7 +167,7 @@ def _block_entries(block: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
     if n < 1 or limit < 0:
         raise _Bad(f"{what}: bad restart array ({n} restarts in {len(block)} bytes)")
     for i in range(n):
-        r = int.from_bytes(block[limit + 4 * i:limit + 4 * i + 4], "little")
+        r = int.from_bytes(block[limit + 4 * i : limit + 4 * i + 4], "little")
         if r > limit or (i == 0 and r != 0):
             raise _Bad(f"{what}: restart point {r} outside the block")
     pos = 0
@@ -178,9 +178,9 @@ def _block_entries(block: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
         vlen, pos = _varint(block, pos, limit)
         if shared > len(key) or pos + non_shared + vlen > limit:
             raise _Bad(f"{what}: entry at byte {pos} runs past the block")
-        key = key[:shared] + block[pos:pos + non_shared]
+        key = key[:shared] + block[pos : pos + non_shared]
         pos += non_shared
-        yield key, block[pos:pos + vlen]
+        yield key, block[pos : pos + vlen]
         pos += vlen
 
 
@@ -220,8 +220,19 @@ def table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
 
 
 # ---- OrderedCode keys of partitioned-variable slices -------------------------------------------
-_HEADER_BITS = [(0, 0), (0x80, 0), (0xC0, 0), (0xE0, 0), (0xF0, 0), (0xF8, 0), (0xFC, 0), (0xFE, 0),
-                (0xFF, 0), (0xFF, 0x80), (0xFF, 0xC0)]
+_HEADER_BITS = [
+    (0, 0),
+    (0x80, 0),
+    (0xC0, 0),
+    (0xE0, 0),
+    (0xF0, 0),
+    (0xF8, 0),
+    (0xFC, 0),
+    (0xFE, 0),
+    (0xFF, 0),
+    (0xFF, 0x80),
+    (0xFF, 0xC0),
+]
 
 
 def _num_increasing(v: int) -> bytes:
@@ -276,6 +287,6 @@ def string_values(record: bytes, count: int) -> list[bytes]:
     pos += 4
     out = []
     for n in lens:
-        out.append(record[pos:pos + n])
+        out.append(record[pos : pos + n])
         pos += n
     return out

@@ -57,8 +57,15 @@ _LOCAL = struct.Struct("<4s5H3L2H")
 class TorchArchive:
     """One torch.save zip: at the start of `path` or at [base, base+length) inside it."""
 
-    def __init__(self, path: str | os.PathLike, base: int = 0, length: int | None = None, label=None,
-                 torchscript: bool = False, opened=None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        base: int = 0,
+        length: int | None = None,
+        label=None,
+        torchscript: bool = False,
+        opened=None,
+    ):
         """`opened`: the whole-file archive the registry's sniffer already opened and parsed
         (formats.OpenedZip), taken over here: its central directory is not read a second time."""
         self.path = os.fspath(path)
@@ -80,14 +87,23 @@ class TorchArchive:
                 length = size - base
             if base + length > size:
                 self.close()
-                raise CorruptFile(f"the archive runs past the end of the file ({base + length} > {size} bytes)",
-                                  self.label)
+                raise CorruptFile(
+                    f"the archive runs past the end of the file ({base + length} > {size} bytes)", self.label
+                )
             self.length = length
             src = self._f if (base == 0 and length == size) else _Window(self._f, base, length)
             try:
                 self.zip = zipfile.ZipFile(src)  # reads the central directory only
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
-                    NotImplementedError, OverflowError) as e:
+            except (
+                zipfile.BadZipFile,
+                zipfile.LargeZipFile,
+                OSError,
+                EOFError,
+                ValueError,
+                struct.error,
+                NotImplementedError,
+                OverflowError,
+            ) as e:
                 self.close()
                 raise CorruptFile(f"not a complete zip archive ({e}); truncated or damaged?", self.label) from None
         self.members: dict[str, zipfile.ZipInfo] = {}
@@ -140,15 +156,20 @@ class TorchArchive:
             raise CorruptFile(f"zip member {zi.filename!r}: bad local header signature", self.label)
         off = self.base + zi.header_offset + _LOCAL.size + nlen + xlen
         if off + zi.compress_size > self.base + self.length:
-            raise CorruptFile(
-                f"zip member {zi.filename!r} runs past the end of the file (truncated?)", self.label)
+            raise CorruptFile(f"zip member {zi.filename!r} runs past the end of the file (truncated?)", self.label)
         self._payload[zi.filename] = off
         return off
 
     def check_fits(self, zi: zipfile.ZipInfo) -> None:
         """Cheap check from the central directory: the member's bytes end before the directory."""
-        if zi.header_offset < 0 or zi.header_offset + _LOCAL.size + len(zi.filename.encode("utf-8", "replace")) + zi.compress_size > self._cd_start:
-            raise CorruptFile(f"zip member {zi.filename!r} overlaps the central directory (damaged archive)", self.label)
+        if (
+            zi.header_offset < 0
+            or zi.header_offset + _LOCAL.size + len(zi.filename.encode("utf-8", "replace")) + zi.compress_size
+            > self._cd_start
+        ):
+            raise CorruptFile(
+                f"zip member {zi.filename!r} overlaps the central directory (damaged archive)", self.label
+            )
 
     def read_small(self, name: str, limit: int = 4096) -> bytes | None:
         zi = self.member(name)
@@ -173,15 +194,19 @@ class TorchArchive:
             except zlib.error as e:
                 raise CorruptFile(f"zip member {zi.filename!r}: bad deflate data ({e})", self.label) from None
             return out
-        raise CorruptFile(f"zip member {zi.filename!r} uses compression method {zi.compress_type}, "
-                          "which ckptctl does not read", self.label)
+        raise CorruptFile(
+            f"zip member {zi.filename!r} uses compression method {zi.compress_type}, which ckptctl does not read",
+            self.label,
+        )
 
     @property
     def big_endian(self) -> bool:
         bo = self.read_small("byteorder", 16)
         return bo is not None and bo.strip() == b"big"
 
-    def unpickle(self, member: str = "data.pkl", folder: str = "data") -> tuple[Any, list[str], list[str], dict[str, pickles.StorageRef]]:
+    def unpickle(
+        self, member: str = "data.pkl", folder: str = "data"
+    ) -> tuple[Any, list[str], list[str], dict[str, pickles.StorageRef]]:
         """(root object, globals, warnings, storages by key) of data.pkl (or of another pickle whose
         storages are `<folder>/<key>`: TorchScript's constants.pkl). Raises PickleError."""
         zi = self.member(member)
@@ -194,8 +219,9 @@ class TorchArchive:
         if zi.compress_type == zipfile.ZIP_STORED:
             self.check_fits(zi)
             start = self.payload_offset(zi)
-            m = pickles.Machine(self._f, start=start, end=start + zi.file_size,
-                                persistent_load=persistent_load, path=self.label)
+            m = pickles.Machine(
+                self._f, start=start, end=start + zi.file_size, persistent_load=persistent_load, path=self.label
+            )
         else:
             m = pickles.Machine(self._member_bytes(zi), persistent_load=persistent_load, path=self.label)
         try:
@@ -233,7 +259,9 @@ class TorchArchive:
         need = numel * dtypes.BY_NAME[dtype].itemsize
         if zi.file_size < need:
             raise CorruptFile(
-                f"storage {folder}/{key} holds {zi.file_size} bytes, but {numel} {dtype} elements need {need}", self.label)
+                f"storage {folder}/{key} holds {zi.file_size} bytes, but {numel} {dtype} elements need {need}",
+                self.label,
+            )
         ref = pickles.StorageRef(key=key, dtype=dtype, numel=numel, location=str(_location))
         ref.extra = zi
         storages[key] = ref
@@ -242,11 +270,17 @@ class TorchArchive:
     def blob(self, ref: pickles.StorageRef) -> FileBlob:
         zi = ref.extra
         if zi.compress_type != zipfile.ZIP_STORED:
+
             def bad() -> int:
-                raise CorruptFile(f"storage {zi.filename!r} is compressed; ckptctl reads stored (uncompressed) "
-                                  "storages only", self.label)
+                raise CorruptFile(
+                    f"storage {zi.filename!r} is compressed; ckptctl reads stored (uncompressed) storages only",
+                    self.label,
+                )
+
             return FileBlob(self.path, zi.file_size, resolve=bad, what=f"storage {zi.filename!r}")
-        return FileBlob(self.path, zi.file_size, resolve=lambda: self.payload_offset(zi), what=f"storage {zi.filename!r}")
+        return FileBlob(
+            self.path, zi.file_size, resolve=lambda: self.payload_offset(zi), what=f"storage {zi.filename!r}"
+        )
 
 
 def scan_zip_pickles(path: str | os.PathLike) -> tuple[list[str], list[str]]:

@@ -92,7 +92,8 @@ class TorchLegacyReader(PickleBasedReader):
                 if start + nbytes > size:
                     raise CorruptFile(
                         f"storage {key!r} needs bytes {start}..{start + nbytes}, but the file ends at {size} (truncated?)",
-                        self.path)
+                        self.path,
+                    )
                 ref.extra = FileBlob(path, nbytes, offset=start, what=f"storage {key!r}")
                 pos = start + nbytes
             missing = [k for k, r in roots.items() if r.extra is None]
@@ -115,8 +116,9 @@ class TorchLegacyReader(PickleBasedReader):
             return root_ref.extra
 
         # legacy storages are always written little-endian
-        return checkpoint_info(self.path, self.format, root, globals_, warnings, blob_of, False, meta,
-                               raw_names=self.raw_names)
+        return checkpoint_info(
+            self.path, self.format, root, globals_, warnings, blob_of, False, meta, raw_names=self.raw_names
+        )
 
     def _storage(self, pid: Any, roots: dict, views: dict) -> Any:
         if not isinstance(pid, (tuple, list)) or not pid:
@@ -147,14 +149,20 @@ class TorchLegacyReader(PickleBasedReader):
         if not isinstance(view, (tuple, list)) or len(view) != 3:
             raise CorruptFile(f"storage {key!r}: bad view metadata", self.path)
         view_key, offset, view_size = view
-        if type(offset) is not int or type(view_size) is not int or offset < 0 or view_size < 0 \
-                or offset + view_size > numel:
+        if (
+            type(offset) is not int
+            or type(view_size) is not int
+            or offset < 0
+            or view_size < 0
+            or offset + view_size > numel
+        ):
             raise CorruptFile(f"storage view {view_key!r} lies outside storage {key!r}", self.path)
         vk = (key, str(view_key))
         v = views.get(vk)
         if v is None:
-            v = pickles.StorageRef(key=key, dtype=dtype, numel=numel, location=str(location),
-                                   view_offset=offset, view_numel=view_size)
+            v = pickles.StorageRef(
+                key=key, dtype=dtype, numel=numel, location=str(location), view_offset=offset, view_numel=view_size
+            )
             views[vk] = v
         return v
 
@@ -186,8 +194,9 @@ class PickleReader(PickleBasedReader):
                 elif err:
                     what += " (not a pickle)"
                 warnings.append(what)
-        return checkpoint_info(self.path, self.format, root, globals_, warnings, _no_blob, False, {},
-                               raw_names=self.raw_names)
+        return checkpoint_info(
+            self.path, self.format, root, globals_, warnings, _no_blob, False, {}, raw_names=self.raw_names
+        )
 
 
 def _no_blob(ref: pickles.StorageRef):  # pragma: no cover - plain pickles have no storages

@@ -65,8 +65,9 @@ class TorchZipReader(PickleBasedReader):
             if arch.prefix:
                 meta["archive"] = arch.prefix.rstrip("/")
             big = arch.big_endian
-            return checkpoint_info(self.path, self.format, root, globals_, warnings, arch.blob, big, meta,
-                                   raw_names=self.raw_names)
+            return checkpoint_info(
+                self.path, self.format, root, globals_, warnings, arch.blob, big, meta, raw_names=self.raw_names
+            )
         finally:
             self._archive_close = arch.close
 
@@ -111,17 +112,19 @@ class TorchScriptReader(TorchZipReader):
             for name, zi in arch.members.items():
                 if not name.startswith(pre) or zi.filename.endswith("/"):
                     continue
-                rel = name[len(pre):]
+                rel = name[len(pre) :]
                 if rel.startswith("code/"):
                     code[rel] = zi.file_size
                     if rel.endswith(".py") and zi.file_size <= budget and not self.raw_names:
                         budget -= zi.file_size
                         texts[rel] = arch._member_bytes(zi).decode("utf-8", "replace")
                 elif rel.startswith("extra/"):
-                    extra[rel[len("extra/"):]] = zi.file_size
+                    extra[rel[len("extra/") :]] = zi.file_size
             if budget <= 0 or any(r.endswith(".py") and r not in texts for r in code) and not self.raw_names:
-                warnings.append("some TorchScript code files are too large to read their declarations: "
-                                "every tensor attribute of their classes is listed")
+                warnings.append(
+                    "some TorchScript code files are too large to read their declarations: "
+                    "every tensor attribute of their classes is listed"
+                )
             if arch.member("constants.pkl") is not None:
                 try:
                     consts, cglobals, cwarn, _ = arch.unpickle("constants.pkl", "constants")
@@ -147,8 +150,18 @@ class TorchScriptReader(TorchZipReader):
             if extra:
                 meta["extra_files"] = extra
             decls = pickles.torchscript_decls(texts)
-            return checkpoint_info(self.path, self.format, root, globals_, warnings, arch.blob, arch.big_endian,
-                                   meta, raw_names=self.raw_names, torchscript=None if self.raw_names else decls)
+            return checkpoint_info(
+                self.path,
+                self.format,
+                root,
+                globals_,
+                warnings,
+                arch.blob,
+                arch.big_endian,
+                meta,
+                raw_names=self.raw_names,
+                torchscript=None if self.raw_names else decls,
+            )
         finally:
             self._archive_close = arch.close
 
@@ -172,7 +185,7 @@ def _other_pickle_globals(arch: TorchArchive) -> tuple[list[str], list[str]]:
     found: list[str] = []
     errors: list[str] = []
     for name, zi in arch.members.items():
-        rel = name[len(arch.prefix):] if name.startswith(arch.prefix) else name
+        rel = name[len(arch.prefix) :] if name.startswith(arch.prefix) else name
         if rel in ("data.pkl", "constants.pkl") or not rel.endswith(("pkl", ".pickle")):
             continue
         if zi.file_size > MAX_PICKLE_IN_MEMORY:
@@ -195,5 +208,20 @@ def _other_pickle_globals(arch: TorchArchive) -> tuple[list[str], list[str]]:
 
 
 # re-exported from their new homes for the importers of before the split (ops/scan.py, tests)
-__all__ = ["TorchZipReader", "TorchScriptReader", "TorchArchive", "PickleBasedReader", "TensorLoc", "FileBlob", "BytesBlob",
-           "iter_view", "fill", "boxes", "c_contiguous", "scan_zip_pickles", "Path", "_LOCAL", "_Window"]
+__all__ = [
+    "TorchZipReader",
+    "TorchScriptReader",
+    "TorchArchive",
+    "PickleBasedReader",
+    "TensorLoc",
+    "FileBlob",
+    "BytesBlob",
+    "iter_view",
+    "fill",
+    "boxes",
+    "c_contiguous",
+    "scan_zip_pickles",
+    "Path",
+    "_LOCAL",
+    "_Window",
+]

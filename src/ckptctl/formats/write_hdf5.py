@@ -39,8 +39,22 @@ ALIASES_ATTR = "ckptctl.aliases"
 ESCAPING_ATTR = "ckptctl.name_escaping"  # value "percent": names are mapped as in the docstring
 ESCAPING = "percent"
 _SEPARATOR = re.compile(r"(?<=[^/])/(?=[^/])")  # a '/' between two non-empty parts
-NATIVE = {"float64", "float32", "float16", "complex64", "complex128", "bool",
-          "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+NATIVE = {
+    "float64",
+    "float32",
+    "float16",
+    "complex64",
+    "complex128",
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+}
 
 
 def storage_dtype(t: TensorInfo):
@@ -74,7 +88,7 @@ def hdf5_paths(names: list[str]) -> dict[str, str]:
             for j in range(1, len(ps)):
                 prefix = (prefix + "/" if j > 1 else "") + _quote(ps[j - 1])
                 if prefix in leaves:  # a dataset of that name exists: do not make it a group too
-                    parts[n] = ps[: j - 1] + [ps[j - 1] + "/" + ps[j]] + ps[j + 1:]
+                    parts[n] = ps[: j - 1] + [ps[j - 1] + "/" + ps[j]] + ps[j + 1 :]
                     changed = True
                     break
         if not changed:
@@ -129,8 +143,14 @@ class HDF5Writer(StreamingWriter):
                         space = h5py.h5s.create_simple(tuple(int(s) for s in t.shape))
                     else:
                         space = h5py.h5s.create(h5py.h5s.SCALAR)
-                    did = h5py.h5d.create(f.id, paths[t.name].encode("utf-8", "surrogatepass"),
-                                          h5py.h5t.py_create(dt, logical=True), space, dcpl=dcpl, lcpl=lcpl)
+                    did = h5py.h5d.create(
+                        f.id,
+                        paths[t.name].encode("utf-8", "surrogatepass"),
+                        h5py.h5t.py_create(dt, logical=True),
+                        space,
+                        dcpl=dcpl,
+                        lcpl=lcpl,
+                    )
                     off = did.get_offset() if t.nbytes else None
                     if t.nbytes and (off is None or did.get_storage_size() != t.nbytes):
                         raise Incompatible(f"tensor {t.name!r}: HDF5 did not allocate its {t.nbytes} bytes")
@@ -138,11 +158,16 @@ class HDF5Writer(StreamingWriter):
                     if attr is not None:
                         h5py.Dataset(did).attrs["dtype"] = attr
                 for alias, root in self.root.items():
-                    f.id.links.create_hard(paths[alias].encode("utf-8", "surrogatepass"), f.id,
-                                           paths[root].encode("utf-8", "surrogatepass"), lcpl=lcpl)
+                    f.id.links.create_hard(
+                        paths[alias].encode("utf-8", "surrogatepass"),
+                        f.id,
+                        paths[root].encode("utf-8", "surrogatepass"),
+                        lcpl=lcpl,
+                    )
                 if self.root:  # {alias path: target path}, as stored in the file
-                    f.attrs[ALIASES_ATTR] = json.dumps({paths[a]: paths[r] for a, r in self.root.items()},
-                                                       ensure_ascii=False, sort_keys=True)
+                    f.attrs[ALIASES_ATTR] = json.dumps(
+                        {paths[a]: paths[r] for a, r in self.root.items()}, ensure_ascii=False, sort_keys=True
+                    )
                 if escaped:
                     f.attrs[ESCAPING_ATTR] = ESCAPING
         except BaseException:

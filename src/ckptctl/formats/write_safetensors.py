@@ -26,9 +26,13 @@ ALIASES_KEY = "ckptctl.aliases"
 MAX_HEADER = 100_000_000  # the reference refuses larger headers
 # the reference's Dtype enum order; it lays data out by dtype (descending), then name, which
 # also puts larger items first so every tensor is aligned to its item size
-ST_ORDER = {code: i for i, code in enumerate(
-    "BOOL F4 F6_E2M3 F6_E3M2 U8 I8 F8_E5M2 F8_E4M3 F8_E8M0 F8_E4M3FNUZ F8_E5M2FNUZ "
-    "I16 U16 F16 BF16 I32 U32 F32 C64 F64 I64 U64".split())}
+ST_ORDER = {
+    code: i
+    for i, code in enumerate(
+        "BOOL F4 F6_E2M3 F6_E3M2 U8 I8 F8_E5M2 F8_E4M3 F8_E8M0 F8_E4M3FNUZ F8_E5M2FNUZ "
+        "I16 U16 F16 BF16 I32 U32 F32 C64 F64 I64 U64".split()
+    )
+}
 
 
 def st_code(t: TensorInfo) -> str:
@@ -40,8 +44,10 @@ def st_code(t: TensorInfo) -> str:
 
 def header_metadata(metadata: dict | None) -> dict[str, str]:
     """safetensors metadata is str -> str; transformers wants a "format" entry."""
-    meta = {str(k): v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
-            for k, v in (metadata or {}).items()}
+    meta = {
+        str(k): v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+        for k, v in (metadata or {}).items()
+    }
     meta.setdefault("format", "pt")
     return meta
 
@@ -76,8 +82,10 @@ class SafetensorsWriter(StreamingWriter):
         head = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
         head += b" " * (-len(head) % 8)
         if len(head) > MAX_HEADER:
-            raise Incompatible(f"safetensors header would be {len(head)} bytes (limit {MAX_HEADER}): "
-                               "too many tensors or too much metadata for one file; use --max-shard-size")
+            raise Incompatible(
+                f"safetensors header would be {len(head)} bytes (limit {MAX_HEADER}): "
+                "too many tensors or too much metadata for one file; use --max-shard-size"
+            )
         self.header = len(head).to_bytes(8, "little") + head
         self.base = len(self.header)
         self._file = AtomicFile(self.path)
@@ -88,8 +96,7 @@ class SafetensorsWriter(StreamingWriter):
             raise
 
     def _write_chunks(self, t: TensorInfo, chunks) -> None:
-        write_chunks(self._file.fileno(), self.base + self.offsets[t.name], chunks, t.nbytes, t.name,
-                     self.on_progress)
+        write_chunks(self._file.fileno(), self.base + self.offsets[t.name], chunks, t.nbytes, t.name, self.on_progress)
 
     def _write_range(self, t: TensorInfo, src, offset: int, length: int) -> None:
         copy_range(src, offset, self._file.fileno(), self.base + self.offsets[t.name], length, self.on_progress)

@@ -184,8 +184,18 @@ class _Member:
         pad = -(start + 4) % ALIGN
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # 'FB': torch's alignment padding
         head = struct.pack(
-            "<IHHHHHIIIHH", 0x04034B50, 45 if self.zip64 else 20, 0, 0, _DOS_TIME, _DOS_DATE,
-            crc, csize, usize, len(self.name), len(extra),
+            "<IHHHHHIIIHH",
+            0x04034B50,
+            45 if self.zip64 else 20,
+            0,
+            0,
+            _DOS_TIME,
+            _DOS_DATE,
+            crc,
+            csize,
+            usize,
+            len(self.name),
+            len(extra),
         )
         return head + self.name + extra
 
@@ -201,10 +211,30 @@ class _Member:
             off = _U32
         extra = struct.pack("<HH", 1, 8 * len(fields)) + struct.pack(f"<{len(fields)}Q", *fields) if fields else b""
         need = 45 if fields else 20
-        return struct.pack(
-            "<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | need, need, 0, 0, _DOS_TIME, _DOS_DATE,
-            self.crc, csize, usize, len(self.name), len(extra), 0, 0, 0, (0o100644 << 16), off,
-        ) + self.name + extra
+        return (
+            struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                (3 << 8) | need,
+                need,
+                0,
+                0,
+                _DOS_TIME,
+                _DOS_DATE,
+                self.crc,
+                csize,
+                usize,
+                len(self.name),
+                len(extra),
+                0,
+                0,
+                0,
+                (0o100644 << 16),
+                off,
+            )
+            + self.name
+            + extra
+        )
 
 
 class TorchZipWriter(StreamingWriter):
@@ -221,8 +251,12 @@ class TorchZipWriter(StreamingWriter):
         self.keys = {t.name: str(i) for i, t in enumerate(self.primaries)}
         pkl = build_pickle(tensors, self.keys, self.root)
         sid = str(int.from_bytes(hashlib.sha256(pkl).digest()[:16], "little")).encode()
-        small_before = [("data.pkl", pkl), (".format_version", b"1"), (".storage_alignment", b"64"),
-                        ("byteorder", b"little")]
+        small_before = [
+            ("data.pkl", pkl),
+            (".format_version", b"1"),
+            (".storage_alignment", b"64"),
+            ("byteorder", b"little"),
+        ]
         small_after = [("version", b"3\n"), (".data/serialization_id", sid)]
         self.small: dict[int, bytes] = {}
         self.members: list[_Member] = []
@@ -290,8 +324,9 @@ class TorchZipWriter(StreamingWriter):
             z64 = cd_off + len(cd)
             tail += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, len(cd), cd_off)
             tail += struct.pack("<IIQI", 0x07064B50, 0, z64, 1)
-            tail += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-                                min(len(cd), _U32), _U32, 0)
+            tail += struct.pack(
+                "<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF), min(len(cd), _U32), _U32, 0
+            )
         else:
             tail += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, len(cd), cd_off, 0)
         pwrite_all(fd, cd + tail, cd_off)

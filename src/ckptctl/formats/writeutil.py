@@ -41,11 +41,15 @@ def writable_dtype(t: TensorInfo, target: str) -> dtypes.DType:
     if d is None:
         raise Incompatible(f"tensor {t.name!r} has unknown dtype {t.dtype}")
     if d.kind == "string":
-        raise Incompatible(f"tensor {t.name!r} is a TensorFlow string tensor, which {target} cannot hold "
-                           f"(leave it out: --exclude {t.name!r})")
+        raise Incompatible(
+            f"tensor {t.name!r} is a TensorFlow string tensor, which {target} cannot hold "
+            f"(leave it out: --exclude {t.name!r})"
+        )
     if d.kind == "quant":
-        raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}: its quantization scale and zero point "
-                           "are not kept, so ckptctl does not write quantized tensors")
+        raise Incompatible(
+            f"tensor {t.name!r} has dtype {t.dtype}: its quantization scale and zero point "
+            "are not kept, so ckptctl does not write quantized tensors"
+        )
     if d.bits % 8:
         raise Incompatible(f"tensor {t.name!r} has dtype {t.dtype}, which {target} cannot hold")
     return d
@@ -131,7 +135,7 @@ def clean_stale_temps(target: str | os.PathLike) -> list[str]:
     except OSError:
         return removed
     for e in entries:
-        if not e.name.startswith(prefix) or not _RANDOM.fullmatch(e.name[len(prefix):]):
+        if not e.name.startswith(prefix) or not _RANDOM.fullmatch(e.name[len(prefix) :]):
             continue
         try:
             st = e.stat(follow_symlinks=False)
@@ -418,12 +422,12 @@ def copy_range(
                 n = os.copy_file_range(sfd, fd, want, src_offset + done, dst_offset + done)
             except OSError as e:
                 if e.errno in (18, 22, 38, 95, 1):  # EXDEV EINVAL ENOSYS EOPNOTSUPP EPERM
-                    return _copy_pread(sfd, src_offset + done, fd, dst_offset + done,
-                                       length - done, progress, False)
+                    return _copy_pread(sfd, src_offset + done, fd, dst_offset + done, length - done, progress, False)
                 raise
             if n == 0:
-                raise CorruptFile(f"file ends at byte {src_offset + done}, expected data up to byte "
-                                  f"{src_offset + length}")
+                raise CorruptFile(
+                    f"file ends at byte {src_offset + done}, expected data up to byte {src_offset + length}"
+                )
             write_behind(fd, dst_offset + done, n)
             done += n
             if progress:
@@ -452,14 +456,20 @@ def _pread_pieces(fd: int, offset: int, length: int, short: Callable[[int], str]
         done += n
 
 
-def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int,
-                progress: Progress, crc: bool) -> int:
+def _copy_pread(sfd: int, src_offset: int, fd: int, dst_offset: int, length: int, progress: Progress, crc: bool) -> int:
     def short(at: int) -> str:
         return f"file ends at byte {at}, expected data up to byte {src_offset + length}"
 
     # _pread_pieces yields exactly `length` bytes or raises, so write_chunks' length checks hold
-    return write_chunks(fd, dst_offset, _pread_pieces(sfd, src_offset, length, short), length,
-                        f"bytes {src_offset}..{src_offset + length}", progress, crc)
+    return write_chunks(
+        fd,
+        dst_offset,
+        _pread_pieces(sfd, src_offset, length, short),
+        length,
+        f"bytes {src_offset}..{src_offset + length}",
+        progress,
+        crc,
+    )
 
 
 def crc_of_range(fd: int, offset: int, length: int) -> int:

@@ -20,14 +20,43 @@ from ckptctl.formats.ocdbt import ValueRef, zstd_decompress
 from ckptctl.sources import RemoteSource, open_source
 
 # Zarr v2 dtype strings (numpy typestr without byte order) and v3 data_type names -> project dtype
-_V2 = {"f8": "float64", "f4": "float32", "f2": "float16", "i8": "int64", "i4": "int32", "i2": "int16",
-       "i1": "int8", "u8": "uint64", "u4": "uint32", "u2": "uint16", "u1": "uint8", "b1": "bool",
-       "c8": "complex64", "c16": "complex128"}
-_V3 = {"float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-       "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint64": "uint64",
-       "uint32": "uint32", "uint16": "uint16", "uint8": "uint8", "bool": "bool", "complex64": "complex64",
-       "complex128": "complex128", "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
-       "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz"}
+_V2 = {
+    "f8": "float64",
+    "f4": "float32",
+    "f2": "float16",
+    "i8": "int64",
+    "i4": "int32",
+    "i2": "int16",
+    "i1": "int8",
+    "u8": "uint64",
+    "u4": "uint32",
+    "u2": "uint16",
+    "u1": "uint8",
+    "b1": "bool",
+    "c8": "complex64",
+    "c16": "complex128",
+}
+_V3 = {
+    "float64": "float64",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "int64": "int64",
+    "int32": "int32",
+    "int16": "int16",
+    "int8": "int8",
+    "uint64": "uint64",
+    "uint32": "uint32",
+    "uint16": "uint16",
+    "uint8": "uint8",
+    "bool": "bool",
+    "complex64": "complex64",
+    "complex128": "complex128",
+    "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e5m2",
+    "float8_e4m3fnuz": "float8_e4m3fnuz",
+    "float8_e5m2fnuz": "float8_e5m2fnuz",
+}
 
 
 # ---- Zarr ---------------------------------------------------------------------------------------
@@ -113,8 +142,9 @@ def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> Za
         sep = m.get("dimension_separator") or "."
         if sep not in (".", "/"):
             raise CorruptFile(f"array {key!r}: Zarr dimension_separator {sep!r:.40} is not '.' or '/'", where)
-        za = ZarrArray(store_key, dtype, shape, chunks, swap, (m.get("compressor"),), 2,
-                       sep, False, m.get("fill_value"), order)
+        za = ZarrArray(
+            store_key, dtype, shape, chunks, swap, (m.get("compressor"),), 2, sep, False, m.get("fill_value"), order
+        )
     elif fmt == 3:
         dt = m.get("data_type")
         if not isinstance(dt, str) or dt not in _V3:
@@ -138,16 +168,17 @@ def parse_zarr_meta(raw: bytes, key: str, where, label: str | None = None) -> Za
             raise CorruptFile(f"array {key!r}: Zarr codecs missing", where)
         if not _codecs_ok(codecs):
             raise CorruptFile(f"array {key!r}: Zarr codecs {codecs!r:.80} are malformed", where)
-        za = ZarrArray(store_key, dtype, shape, chunks, False, tuple(codecs), 3, sep, default,
-                       m.get("fill_value"))
+        za = ZarrArray(store_key, dtype, shape, chunks, False, tuple(codecs), 3, sep, default, m.get("fill_value"))
     else:
         raise CorruptFile(f"array {key!r}: unknown zarr_format {fmt!r}", where)
     if len(za.chunks) != len(za.shape) or any(c == 0 for c in za.chunks) and math.prod(za.shape) != 0:
         raise CorruptFile(f"array {key!r}: chunk shape {list(za.chunks)} does not fit shape {list(za.shape)}", where)
     isz = dtypes.BY_NAME[za.dtype].itemsize
     if max(math.prod(za.shape), math.prod(za.chunks)) * isz >= 1 << 63:  # no file or numpy array can be this big
-        raise CorruptFile(f"array {key!r}: shape {list(za.shape)!s:.80} / chunks {list(za.chunks)!s:.80} "
-                          "claim more than 2^63 bytes", where)
+        raise CorruptFile(
+            f"array {key!r}: shape {list(za.shape)!s:.80} / chunks {list(za.chunks)!s:.80} claim more than 2^63 bytes",
+            where,
+        )
     return za
 
 
@@ -258,8 +289,10 @@ def decode_chunk(za: ZarrArray, data: bytes, cshape: tuple[int, ...], what: str,
             if order != list(range(len(cshape))):
                 transpose = tuple(order)
     if len(data) != expect:
-        raise CorruptFile(f"{what}: decodes to {len(data)} bytes, {za.dtype}{list(cshape)} needs {expect} "
-                          "(truncated or corrupt)", where)
+        raise CorruptFile(
+            f"{what}: decodes to {len(data)} bytes, {za.dtype}{list(cshape)} needs {expect} (truncated or corrupt)",
+            where,
+        )
     if not swap and transpose is None:
         return data
     import numpy as np
@@ -361,8 +394,7 @@ def _stream_decode(ref: ValueRef, cid: str | None, expect: int, want: int, size:
                     yield mv[o : o + size]
             got += len(piece)
         if got != expect:
-            raise CorruptFile(f"{what}: decodes to {got} bytes, the chunk needs {expect} (truncated or corrupt)",
-                              where)
+            raise CorruptFile(f"{what}: decodes to {got} bytes, the chunk needs {expect} (truncated or corrupt)", where)
     finally:
         if src is not None:
             src.close()

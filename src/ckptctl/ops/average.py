@@ -157,8 +157,13 @@ def parse_weights(text: str) -> list[float]:
 
 
 def resolve_inputs(
-    paths: list[Path | RemotePath], *, last: int | None = None, steps: list[int] | None = None,
-    best_n: int | None = None, metric: str | None = None, maximize: bool = False,
+    paths: list[Path | RemotePath],
+    *,
+    last: int | None = None,
+    steps: list[int] | None = None,
+    best_n: int | None = None,
+    metric: str | None = None,
+    maximize: bool = False,
 ) -> tuple[list[AvgInput], list[str]]:
     """The checkpoints to average, in step order when a run folder is given."""
     from ckptctl.ops.runs import discover, is_run_dir, scan_run
@@ -171,8 +176,11 @@ def resolve_inputs(
         usable = [c for c in cks if c.step is not None and c.error is None and not c.incomplete]
         skipped = [c for c in cks if c not in usable]
         if skipped:
-            notes.append("skipped (no step, broken or incomplete): " + ", ".join(c.path.name for c in skipped[:5])
-                         + (" ..." if len(skipped) > 5 else ""))
+            notes.append(
+                "skipped (no step, broken or incomplete): "
+                + ", ".join(c.path.name for c in skipped[:5])
+                + (" ..." if len(skipped) > 5 else "")
+            )
         if not usable:
             raise UsageError("no checkpoint with a step in this run folder", run)
         chosen = usable
@@ -188,17 +196,24 @@ def resolve_inputs(
             names = sorted({k for c in pool for k in c.metrics})
             if metric is None:
                 if len(names) != 1:
-                    raise UsageError("--best-n needs --metric NAME" + (f" (metrics here: {', '.join(names)})" if names
-                                                                      else "; no checkpoint here records a metric"))
+                    raise UsageError(
+                        "--best-n needs --metric NAME"
+                        + (f" (metrics here: {', '.join(names)})" if names else "; no checkpoint here records a metric")
+                    )
                 metric = names[0]
             scored = [c for c in pool if metric in c.metrics and math.isfinite(c.metrics[metric])]
             if not scored:
-                raise UsageError(f"--metric {metric}: no checkpoint records it"
-                                 + (f" (metrics here: {', '.join(names)})" if names else ""), run)
+                raise UsageError(
+                    f"--metric {metric}: no checkpoint records it"
+                    + (f" (metrics here: {', '.join(names)})" if names else ""),
+                    run,
+                )
             scored.sort(key=lambda c: (-c.metrics[metric] if maximize else c.metrics[metric], c.step))
             chosen = sorted(scored[:best_n], key=lambda c: cast(int, c.step))  # usable: a step each
-            notes.append(f"best {len(chosen)} by {metric} ({'highest' if maximize else 'lowest'}): "
-                         + ", ".join(f"step {c.step} ({c.metrics[metric]:g})" for c in chosen))
+            notes.append(
+                f"best {len(chosen)} by {metric} ({'highest' if maximize else 'lowest'}): "
+                + ", ".join(f"step {c.step} ({c.metrics[metric]:g})" for c in chosen)
+            )
         if last is not None:
             chosen = chosen[-last:] if last > 0 else []
         return [AvgInput(c.path, c.step, str(c.path)) for c in chosen], notes
@@ -207,8 +222,9 @@ def resolve_inputs(
     out = []
     for p in paths:
         if is_run_dir(p):
-            raise UsageError(f"{p} is a run folder: give it alone (with --last N, --steps or --best-n) "
-                             "or name its checkpoints")
+            raise UsageError(
+                f"{p} is a run folder: give it alone (with --last N, --steps or --best-n) or name its checkpoints"
+            )
         step = None
         try:
             found = scan_run(p).checkpoints
@@ -291,8 +307,14 @@ def plan_average(
     check_writable_target(dst)
     dst = as_path(dst) if is_remote(dst) else Path(dst)
     fmt = target_format(dst, to, False)
-    inputs, notes = resolve_inputs([as_path(p) if is_remote(p) else Path(p) for p in paths], last=last, steps=steps, best_n=best_n,
-                                   metric=metric, maximize=maximize)
+    inputs, notes = resolve_inputs(
+        [as_path(p) if is_remote(p) else Path(p) for p in paths],
+        last=last,
+        steps=steps,
+        best_n=best_n,
+        metric=metric,
+        maximize=maximize,
+    )
     if len(inputs) < 2:
         raise UsageError(f"need at least two checkpoints to average, got {len(inputs)}")
     if weights is not None and len(weights) != len(inputs):
@@ -305,13 +327,25 @@ def plan_average(
         inputs = [inputs[k] for k in order]
         if raw is not None:
             raw = [raw[k] for k in order]
-        notes.append("inputs taken in step order: " + ", ".join(str(i.step) for i in inputs)
-                     + (" (each weight stays with its checkpoint)" if raw is not None else ""))
+        notes.append(
+            "inputs taken in step order: "
+            + ", ".join(str(i.step) for i in inputs)
+            + (" (each weight stays with its checkpoint)" if raw is not None else "")
+        )
     elif ema is not None and not all(i.step is not None for i in inputs):
         notes.append("EMA in the order given (not every step is known): oldest first")
-    plan = AveragePlan(inputs=inputs, method="ema" if ema is not None else ("weighted" if raw else "mean"),
-                       weights=[], raw_weights=raw, decay=ema, accumulate=acc, dtype=out_dtype, dst=dst, fmt=fmt,
-                       notes=notes)
+    plan = AveragePlan(
+        inputs=inputs,
+        method="ema" if ema is not None else ("weighted" if raw else "mean"),
+        weights=[],
+        raw_weights=raw,
+        decay=ema,
+        accumulate=acc,
+        dtype=out_dtype,
+        dst=dst,
+        fmt=fmt,
+        notes=notes,
+    )
     try:
         sels = []
         for i in inputs:
@@ -327,9 +361,11 @@ def plan_average(
         plan.root = sels[0].root
         if sels[0].training_default:
             outside = sels[0].outside_root
-            plan.notes.append("training checkpoints: averaging the model weights"
-                              + (f" under {plan.root}/" if plan.root else "")
-                              + (f" ({outside} other tensors left out; --all keeps them)" if outside else ""))
+            plan.notes.append(
+                "training checkpoints: averaging the model weights"
+                + (f" under {plan.root}/" if plan.root else "")
+                + (f" ({outside} other tensors left out; --all keeps them)" if outside else "")
+            )
         _preflight(inputs)
         plan.weights = _effective_weights(len(inputs), raw, ema)
         plan.tensors = _plan_tensors(inputs, out_dtype, acc)
@@ -337,8 +373,10 @@ def plan_average(
         _check_destination(dst, inputs, force)
         plan.metadata = _provenance(plan)
         if fmt == "torch-zip":
-            plan.notes.append("a PyTorch zip has no file metadata: provenance is not recorded in the output "
-                              "(write .safetensors or .h5 to keep it)")
+            plan.notes.append(
+                "a PyTorch zip has no file metadata: provenance is not recorded in the output "
+                "(write .safetensors or .h5 to keep it)"
+            )
         return plan
     except BaseException:
         plan.close()
@@ -366,7 +404,9 @@ def _preflight(inputs: list[AvgInput]) -> None:
     if problems:
         raise PreflightError(
             f"the inputs do not line up ({len(problems)} mismatch{'es' if len(problems) != 1 else ''}: "
-            "same tensor names, shapes and dtypes needed); nothing written", problems)
+            "same tensor names, shapes and dtypes needed); nothing written",
+            problems,
+        )
 
 
 def _effective_weights(n: int, raw: list[float] | None, ema: float | None) -> list[float]:
@@ -458,8 +498,14 @@ def run_average(plan: AveragePlan, progress: Callable[[int], None] | None = None
         if items is not None:
             items.close()  # (workers finish before the inputs close)
         plan.close()
-    return AverageResult(plan.dst, plan.fmt, len(plan.tensors), len(plan.averaged),
-                         [t.out.name for t in plan.copied], plan.dst.stat().st_size)
+    return AverageResult(
+        plan.dst,
+        plan.fmt,
+        len(plan.tensors),
+        len(plan.averaged),
+        [t.out.name for t in plan.copied],
+        plan.dst.stat().st_size,
+    )
 
 
 def _copy_last(w, plan: AveragePlan, t: AvgTensor, progress) -> None:

@@ -108,8 +108,12 @@ class MeanItems:
             for k, ((f, off, _len), s) in enumerate(zip(self.rngs[id(t)], t.srcs)):
                 isz = itemsize(s.dtype)
                 views.append(FileView(self.fds[f], f, off + lo * isz, m * isz, s.name, k))
-            combine.run([as_array(v.view, s.dtype) for v, s in zip(views, t.srcs)],
-                        np.frombuffer(obuf, dtype=dtypes.numpy_dtype(t.out.dtype), count=m), 0, m)
+            combine.run(
+                [as_array(v.view, s.dtype) for v, s in zip(views, t.srcs)],
+                np.frombuffer(obuf, dtype=dtypes.numpy_dtype(t.out.dtype), count=m),
+                0,
+                m,
+            )
         finally:
             for v in views:
                 v.close()
@@ -164,11 +168,13 @@ def mean_chunks(plan: AveragePlan, t: AvgTensor, progress) -> Iterator[memoryvie
     cursors = [Cursor(i.opened, s, elems * itemsize(s.dtype)) for i, s in zip(plan.inputs, t.srcs)]
     try:
         # buffers live as long as the plan: fresh ones would cost a page fault per 4 KiB per tensor
-        bufsets = [[plan.buffer(("in", j, k), elems * itemsize(s.dtype)) for k, s in enumerate(t.srcs)]
-                   for j in range(2)]
+        bufsets = [
+            [plan.buffer(("in", j, k), elems * itemsize(s.dtype)) for k, s in enumerate(t.srcs)] for j in range(2)
+        ]
         out_np = dtypes.numpy_dtype(t.out.dtype)
-        outs = [np.frombuffer(plan.buffer(("out", j), elems * out_np.itemsize), dtype=out_np, count=elems)
-                for j in range(2)]
+        outs = [
+            np.frombuffer(plan.buffer(("out", j), elems * out_np.itemsize), dtype=out_np, count=elems) for j in range(2)
+        ]
         combine = Combiner(plan, t)
         threads = stream.threads()
         nchunks = -(-numel // elems)

@@ -68,15 +68,27 @@ from ckptctl.sources import RemotePath, as_path, check_writable_target, is_remot
 
 # --to spellings -> writer format
 TARGETS = {
-    "safetensors": "safetensors", "st": "safetensors",
-    "pt": "torch-zip", "pth": "torch-zip", "torch": "torch-zip", "pytorch": "torch-zip", "bin": "torch-zip",
-    "torch-zip": "torch-zip", "ckpt": "torch-zip",
-    "h5": "hdf5", "hdf5": "hdf5", "keras": "hdf5",
+    "safetensors": "safetensors",
+    "st": "safetensors",
+    "pt": "torch-zip",
+    "pth": "torch-zip",
+    "torch": "torch-zip",
+    "pytorch": "torch-zip",
+    "bin": "torch-zip",
+    "torch-zip": "torch-zip",
+    "ckpt": "torch-zip",
+    "h5": "hdf5",
+    "hdf5": "hdf5",
+    "keras": "hdf5",
 }
 SUFFIXES = {
     ".safetensors": "safetensors",
-    ".pt": "torch-zip", ".pth": "torch-zip", ".bin": "torch-zip", ".ckpt": "torch-zip",
-    ".h5": "hdf5", ".hdf5": "hdf5",
+    ".pt": "torch-zip",
+    ".pth": "torch-zip",
+    ".bin": "torch-zip",
+    ".ckpt": "torch-zip",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
 }
 # HF names for sharded output: (single file, shard stem, shard suffix)
 SHARD_NAMES = {
@@ -99,8 +111,10 @@ def target_format(dst: Path | RemotePath, to: str | None, sharded: bool) -> str:
     if sharded:
         return "safetensors"
     if dst.is_dir() or str(dst).endswith(os.sep):
-        raise UsageError(f"{dst} is a folder: give an output file (e.g. {dst / 'model.safetensors'}), "
-                         "or --max-shard-size to write shards into it")
+        raise UsageError(
+            f"{dst} is a folder: give an output file (e.g. {dst / 'model.safetensors'}), "
+            "or --max-shard-size to write shards into it"
+        )
     what = f"unknown suffix {dst.suffix!r}" if dst.suffix else "no suffix"
     raise UsageError(f"{dst}: {what}; use .safetensors, .pt/.pth/.bin/.ckpt or .h5/.hdf5, or --to")
 
@@ -136,8 +150,10 @@ def refuse_gguf_quantized(tensors: list[TensorInfo]) -> None:
     kinds = ", ".join(f"{d.removeprefix('gguf:')} ×{n}" for d, n in Counter(t.dtype for t in q).most_common())
     names = ", ".join(repr(t.name) for t in q[:3]) + (f" and {len(q) - 3} more" if len(q) > 3 else "")
     it = "it" if len(q) == 1 else "them"
-    raise Incompatible(f"{len(q)} tensor{'s are' if len(q) > 1 else ' is'} GGUF-quantized ({kinds}), which ckptctl "
-                       f"does not dequantize: {names}; leave {it} out with --exclude (e.g. --exclude {q[0].name!r})")
+    raise Incompatible(
+        f"{len(q)} tensor{'s are' if len(q) > 1 else ' is'} GGUF-quantized ({kinds}), which ckptctl "
+        f"does not dequantize: {names}; leave {it} out with --exclude (e.g. --exclude {q[0].name!r})"
+    )
 
 
 # ---- shards -----------------------------------------------------------------------------------
@@ -215,7 +231,9 @@ def _same_file(a: Path | RemotePath, b: Path | RemotePath) -> bool:
         return False
 
 
-def _check_destination(src: Path | RemotePath, src_files: list[Path | RemotePath], dst: Path | RemotePath, sharded: bool, force: bool) -> None:
+def _check_destination(
+    src: Path | RemotePath, src_files: list[Path | RemotePath], dst: Path | RemotePath, sharded: bool, force: bool
+) -> None:
     if is_remote(dst):
         return _check_remote_destination(src, src_files, dst, sharded, force)
     if not dst.parent.is_dir():
@@ -288,15 +306,29 @@ def plan_convert(
         _check_destination(src, src_files, dst, sharded, force)
         if not info.tensors:
             danger = dangerous_globals(info)
-            why = (f"; it is a pickle that asks for {', '.join(danger[:3])}, which runs code when loaded: "
-                   "do not load it" if danger else "")
+            why = (
+                f"; it is a pickle that asks for {', '.join(danger[:3])}, which runs code when loaded: do not load it"
+                if danger
+                else ""
+            )
             raise Incompatible(f"no tensors in this checkpoint, nothing to convert{why}", src)
-        sel = select(info.tensors, key=key, all_=all_, include=include, exclude=exclude,
-                     strip_prefix=strip_prefix, add_prefix=add_prefix, rename=rename)
+        sel = select(
+            info.tensors,
+            key=key,
+            all_=all_,
+            include=include,
+            exclude=exclude,
+            strip_prefix=strip_prefix,
+            add_prefix=add_prefix,
+            rename=rename,
+        )
         notes = list(sel.notes)
         warnings = list(info.warnings)
-        scope = [o for o in info.objects
-                 if not sel.root or o.name == sel.root or o.name.startswith(sel.root.rstrip("/") + "/")]
+        scope = [
+            o
+            for o in info.objects
+            if not sel.root or o.name == sel.root or o.name.startswith(sel.root.rstrip("/") + "/")
+        ]
         if scope:
             shown = ", ".join(f"{o.name or '/'} ({o.type})" for o in scope[:3])
             more = f" and {len(scope) - 3} more" if len(scope) > 3 else ""
@@ -325,13 +357,29 @@ def plan_convert(
         if fmt == "torch-zip":
             lost = [k for k in meta if k != "format"]
             if lost:
-                notes.append(f"metadata not kept (a PyTorch state dict has no place for it): {', '.join(lost[:6])}"
-                             + (" ..." if len(lost) > 6 else ""))
+                notes.append(
+                    f"metadata not kept (a PyTorch state dict has no place for it): {', '.join(lost[:6])}"
+                    + (" ..." if len(lost) > 6 else "")
+                )
         files, index_name = _layout(fmt, dst, outs, meta, max_shard_size, dedupe_tied)
         return ConvertPlan(
-            src=src, dst=dst, fmt=fmt, reader=reader, info=info, selection=sel, out_dtype=out_dtype,
-            files=files, index_name=index_name, sharded=sharded, dedupe_tied=dedupe_tied, verify=verify,
-            force=force, notes=notes, warnings=warnings, dangerous=dangerous_globals(info), cast_to=cast_to,
+            src=src,
+            dst=dst,
+            fmt=fmt,
+            reader=reader,
+            info=info,
+            selection=sel,
+            out_dtype=out_dtype,
+            files=files,
+            index_name=index_name,
+            sharded=sharded,
+            dedupe_tied=dedupe_tied,
+            verify=verify,
+            force=force,
+            notes=notes,
+            warnings=warnings,
+            dangerous=dangerous_globals(info),
+            cast_to=cast_to,
         )
     except BaseException:
         reader.close()
@@ -347,8 +395,14 @@ def top_level_only(tensors: list[TensorInfo]) -> str | None:
     return None
 
 
-def _layout(fmt: str, dst: Path | RemotePath, outs: list[TensorInfo], metadata: dict[str, str],
-            max_shard_size: int | None, dedupe_tied: bool) -> tuple[list[OutputFile], str | None]:
+def _layout(
+    fmt: str,
+    dst: Path | RemotePath,
+    outs: list[TensorInfo],
+    metadata: dict[str, str],
+    max_shard_size: int | None,
+    dedupe_tied: bool,
+) -> tuple[list[OutputFile], str | None]:
     if max_shard_size is None:
         return [OutputFile(dst, outs, metadata)], None
     # tie groups stay in one shard; a group costs what the writer stores for it
@@ -368,8 +422,11 @@ def _layout(fmt: str, dst: Path | RemotePath, outs: list[TensorInfo], metadata: 
 
 
 # ---- running ----------------------------------------------------------------------------------
-def run_convert(plan: ConvertPlan, progress: Callable[[int], None] | None = None,
-                verify_progress: Callable[[int], None] | None = None) -> ConvertResult:
+def run_convert(
+    plan: ConvertPlan,
+    progress: Callable[[int], None] | None = None,
+    verify_progress: Callable[[int], None] | None = None,
+) -> ConvertResult:
     """Write the output beside DST, verify it (unless plan.verify is False), then move it in."""
     staged = write_output(plan, progress)
     try:

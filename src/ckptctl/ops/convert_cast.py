@@ -8,8 +8,16 @@ from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, UsageError
 
 # dtypes --dtype may name, and the floating dtypes that get cast (others are left as they are)
-CAST_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
-               "float8_e4m3fnuz", "float8_e5m2fnuz")
+CAST_DTYPES = (
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+)
 CAST_SHORT = ("bf16", "fp16", "fp32", "fp64", "fp8_e4m3", "fp8_e5m2")  # what help and errors suggest
 
 
@@ -138,8 +146,12 @@ def cast_chunks(chunks: Iterable, src: str, dst: str, out: list | None = None) -
         return
     sdt = dtypes.numpy_dtype(src)
     odt = dtypes.numpy_dtype(dst)
-    direct = out is not None and sdt != odt and dst != "float8_e4m3fn" and not (
-        dst not in ("float64", "float32") and sdt == np.float64)
+    direct = (
+        out is not None
+        and sdt != odt
+        and dst != "float8_e4m3fn"
+        and not (dst not in ("float64", "float32") and sdt == np.float64)
+    )
     for c in aligned_chunks(chunks, sdt.itemsize):
         x = np.frombuffer(c, dtype=sdt)
         if direct and out is not None:  # (direct implies out)

@@ -9,15 +9,26 @@ from ckptctl.errors import UsageError
 
 MAX_META_VALUE = 65536  # longer metadata values are not carried over
 # metadata keys that describe the source container, not the weights: not carried over
-CONTAINER_KEYS = {"byteorder", ".format_version", ".storage_alignment", "archive", "version",
-                  ".data/serialization_id", "serialization_id", "total_size", "protocol"}
+CONTAINER_KEYS = {
+    "byteorder",
+    ".format_version",
+    ".storage_alignment",
+    "archive",
+    "version",
+    ".data/serialization_id",
+    "serialization_id",
+    "total_size",
+    "protocol",
+}
 
 METADATA_MODES = ("keep", "all", "drop")
 REDACTED = "<redacted>"
 # an absolute local path inside a text: POSIX (/home/u/x, two parts at least, not the '//' of a URL),
 # Windows (C:\x, C:/x) or a file: URL; it starts the text or follows a space, quote, '=', ':', ',', '(' or '['
-_ABS_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s"'=,(\[]))(?:file://)?(?:/(?!/)[^\s"',)\]/]+(?:/[^\s"',)\]]*)+|"""
-                       r"""[A-Za-z]:[\\/][^\s"',)\]]*)""")
+_ABS_PATH = re.compile(
+    r"""(?:(?<=^)|(?<=[\s"'=,(\[]))(?:file://)?(?:/(?!/)[^\s"',)\]/]+(?:/[^\s"',)\]]*)+|"""
+    r"""[A-Za-z]:[\\/][^\s"',)\]]*)"""
+)
 
 
 def redact_paths(text: str) -> tuple[str, int]:
@@ -76,6 +87,8 @@ def carry_metadata(meta: dict, notes: list[str], mode: str = "keep") -> dict[str
     if dropped:
         notes.append(f"metadata not carried over (values over {MAX_META_VALUE // 1024} KiB): {', '.join(dropped)}")
     if redacted[0]:
-        notes.append(f"metadata: {redacted[0]} absolute local path{'s' if redacted[0] != 1 else ''} redacted "
-                     f"to {REDACTED}/<file name> (--metadata all copies them, --metadata drop copies no metadata)")
+        notes.append(
+            f"metadata: {redacted[0]} absolute local path{'s' if redacted[0] != 1 else ''} redacted "
+            f"to {REDACTED}/<file name> (--metadata all copies them, --metadata drop copies no metadata)"
+        )
     return out

@@ -20,7 +20,15 @@ from ckptctl.ops.stream import MAP_WINDOW, compare_mapped, first_difference, pre
 from ckptctl.sources import is_remote
 
 same_bytes = first_difference  # its old name here (convert re-exports it)
-__all__ = ["MAP_WINDOW", "VERIFY_BUF", "VERIFY_PIECE", "VERIFY_WORKERS", "compare_mapped", "same_bytes", "verify_output"]
+__all__ = [
+    "MAP_WINDOW",
+    "VERIFY_BUF",
+    "VERIFY_PIECE",
+    "VERIFY_WORKERS",
+    "compare_mapped",
+    "same_bytes",
+    "verify_output",
+]
 
 if TYPE_CHECKING:
     from ckptctl.ops.convert import ConvertPlan
@@ -41,12 +49,24 @@ def _compare_piece(got: tuple[str, int, int], src: tuple[str, int, int]) -> int 
         return first_difference(read_range(*got, tls_buffer(1, VERIFY_BUF)), read_range(*src, buf))
 
 
-def _compare_tensor(plan: ConvertPlan, reader: Reader, name: str, s: TensorInfo, e: TensorInfo,
-                    out_rng: tuple[str, int, int] | None, bufs: tuple[bytearray, bytearray]) -> int | None:
+def _compare_tensor(
+    plan: ConvertPlan,
+    reader: Reader,
+    name: str,
+    s: TensorInfo,
+    e: TensorInfo,
+    out_rng: tuple[str, int, int] | None,
+    bufs: tuple[bytearray, bytearray],
+) -> int | None:
     """None when output tensor `name` holds the bytes expected from source tensor `s`."""
     crcs = plan.cast_crcs.get(name)
-    if crcs is not None and out_rng is not None and out_rng[2] == e.nbytes \
-            and sum(n for n, _c in crcs) == e.nbytes and _crcs_match(out_rng, crcs, bufs[0]):
+    if (
+        crcs is not None
+        and out_rng is not None
+        and out_rng[2] == e.nbytes
+        and sum(n for n, _c in crcs) == e.nbytes
+        and _crcs_match(out_rng, crcs, bufs[0])
+    ):
         return None
     # no checksums, or they do not match: compare with the source (cast again) for the offset
     want = _expected_chunks(plan, s, e, bufs[1])
@@ -97,6 +117,7 @@ def _expected_chunks(plan: ConvertPlan, src: TensorInfo, out: TensorInfo, buf: b
 def _in_data_order(items: list, locs: dict) -> list:
     """items (name, info) sorted by where each tensor's bytes lie (shard, offset) when the reader
     knows it (safetensors, HDF5, shards of them); others keep their place."""
+
     def key(i_item):
         i, (name, _e) = i_item
         loc = locs.get(name)
@@ -109,8 +130,9 @@ def _in_data_order(items: list, locs: dict) -> list:
     return [it for _i, it in sorted(enumerate(items), key=key)]
 
 
-def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
-                  progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+def verify_output(
+    plan: ConvertPlan, at: Path | RemotePath | None = None, progress: Callable[[int], None] | None = None
+) -> tuple[int, int]:
     """Re-read the output (at `at`, default DST) with ckptctl's readers and compare names, dtypes,
     shapes and every byte with the source (cast again when --dtype was given)."""
     where = plan.dst
@@ -127,13 +149,14 @@ def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
         extra = [n for n in got if n not in expected]
         if missing or extra:
             what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-            raise CorruptFile(f"verify failed: output has {len(got)} tensors, expected {len(expected)} ({what})",
-                              where)
+            raise CorruptFile(f"verify failed: output has {len(got)} tensors, expected {len(expected)} ({what})", where)
         for name, e in expected.items():  # the structure first, in one pass
             g = got[name]
             if g.dtype != e.dtype or tuple(g.shape) != tuple(e.shape):
-                raise CorruptFile(f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, "
-                                  f"expected {e.dtype}{list(e.shape)}", where)
+                raise CorruptFile(
+                    f"verify failed: tensor {name!r} is {g.dtype}{list(g.shape)}, expected {e.dtype}{list(e.shape)}",
+                    where,
+                )
         n = nbytes = 0
         bufs: tuple[bytearray, bytearray] | None = None  # reused for every tensor compared on this thread
         # (name, bytes, a Future or the result: None or the offset of the first difference, piece start)
@@ -145,8 +168,9 @@ def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
                 name, size, res, base = pending.popleft()
                 diff = res.result() if isinstance(res, Future) else res
                 if diff is not None:
-                    raise CorruptFile(f"verify failed: tensor {name!r} differs from the source at byte "
-                                      f"{base + diff}", where)
+                    raise CorruptFile(
+                        f"verify failed: tensor {name!r} differs from the source at byte {base + diff}", where
+                    )
                 nbytes += size
                 if progress:
                     progress(size)
@@ -166,13 +190,20 @@ def verify_output(plan: ConvertPlan, at: Path | RemotePath | None = None,
                 n += 1
                 out_rng = reader.byte_range(name)
                 src_rng = plan.reader.byte_range(s.name) if s.dtype == e.dtype else None
-                if out_rng is not None and src_rng is not None and out_rng[2] == src_rng[2] == e.nbytes \
-                        and VERIFY_WORKERS > 1 and e.nbytes >= VERIFY_PIECE // 4:
+                if (
+                    out_rng is not None
+                    and src_rng is not None
+                    and out_rng[2] == src_rng[2] == e.nbytes
+                    and VERIFY_WORKERS > 1
+                    and e.nbytes >= VERIFY_PIECE // 4
+                ):
                     # plain bytes on both sides: pieces compared on every core (preadv, mmap and
                     # memcmp release the GIL), results taken in order so the first difference is reported
                     for k in range(0, e.nbytes, VERIFY_PIECE):
                         m = min(VERIFY_PIECE, e.nbytes - k)
-                        fut = stream.submit(_compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m))
+                        fut = stream.submit(
+                            _compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m)
+                        )
                         pending.append((name, m, fut, k))
                     settle(False)
                     continue

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 CHUNK = 16 * 1024 * 1024
 CAST_CHUNK = 16 * 1024 * 1024  # source bytes per cast step (a few arrays of this size live at once)
 
+
 @dataclass
 class ConvertResult:
     dst: Path | RemotePath
@@ -87,8 +88,9 @@ def _recording_crcs(chunks: Iterable, sink: list[tuple[int, int]]) -> Iterator:
         yield c
 
 
-def _write_file(plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, TensorInfo],
-                progress: Callable[[int], None] | None) -> None:
+def _write_file(
+    plan: ConvertPlan, f: OutputFile, path: Path, srcs: dict[str, TensorInfo], progress: Callable[[int], None] | None
+) -> None:
     W = writer_class(plan.fmt)
     # every registered writer is a StreamingWriter (on_progress, durable, add_range)
     w = cast("StreamingWriter", W(path, f.tensors, f.metadata, dedupe_tied=plan.dedupe_tied))
@@ -203,8 +205,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
                 _write_file(plan, f, tmp / f.path.name, srcs, progress)
             if plan.index_name:
                 weight_map = {t.name: f.path.name for f in plan.files for t in f.tensors}
-                index = {"metadata": {"total_size": plan.total_bytes},
-                         "weight_map": dict(sorted(weight_map.items()))}
+                index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
                 data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
                 with open(tmp / plan.index_name, "wb") as fh:
                     fh.write(data)
@@ -235,8 +236,9 @@ def _upload_staged(plan: ConvertPlan, staged: Staged) -> None:
     staged.release()
 
 
-def _commit_remote(plan: ConvertPlan, staged: Staged, tmp: RemotePath,
-                   verified: tuple[int, int] | None) -> ConvertResult:
+def _commit_remote(
+    plan: ConvertPlan, staged: Staged, tmp: RemotePath, verified: tuple[int, int] | None
+) -> ConvertResult:
     """Server-side copies from the uploaded temporary to DST (shards first, the index last, so a
     reader never finds an index naming a shard not yet there); the temporary is removed by discard."""
     from ckptctl.sources import remote_copy
@@ -252,8 +254,14 @@ def _commit_remote(plan: ConvertPlan, staged: Staged, tmp: RemotePath,
         remote_copy(tmp, dst)
         outputs = [dst]
     staged.committed = True
-    result = ConvertResult(dst=dst, fmt=plan.fmt, outputs=outputs, num_tensors=plan.num_tensors,
-                           bytes_written=sum(p.stat().st_size for p in outputs), verified=verified is not None)
+    result = ConvertResult(
+        dst=dst,
+        fmt=plan.fmt,
+        outputs=outputs,
+        num_tensors=plan.num_tensors,
+        bytes_written=sum(p.stat().st_size for p in outputs),
+        verified=verified is not None,
+    )
     if verified is not None:
         result.verified_tensors, result.verified_bytes = verified
     return result
@@ -278,8 +286,14 @@ def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] |
     if not plan.sharded:
         shutil.rmtree(staged.tmp, ignore_errors=True)
     staged.release()
-    result = ConvertResult(dst=dst, fmt=plan.fmt, outputs=outputs, num_tensors=plan.num_tensors,
-                           bytes_written=sum(p.stat().st_size for p in outputs), verified=verified is not None)
+    result = ConvertResult(
+        dst=dst,
+        fmt=plan.fmt,
+        outputs=outputs,
+        num_tensors=plan.num_tensors,
+        bytes_written=sum(p.stat().st_size for p in outputs),
+        verified=verified is not None,
+    )
     if verified is not None:
         result.verified_tensors, result.verified_bytes = verified
     return result

@@ -109,15 +109,24 @@ def write_demo(root: str | os.PathLike, force: bool = False) -> list[Path]:
         bad = step >= NAN_FROM
         ck = nan_run / f"checkpoint-{step}"
         ck.mkdir(exist_ok=True)
-        save_file({k: (torch.full_like(v, float("nan")) if bad and k.startswith("blocks.1.attn.") else v)
-                   for k, v in weights.items()}, ck / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {
+                k: (torch.full_like(v, float("nan")) if bad and k.startswith("blocks.1.attn.") else v)
+                for k, v in weights.items()
+            },
+            ck / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         loss = float("nan") if bad else EVAL_LOSS[step]
         nan_history.append({"step": step, "epoch": i + 1.0, "loss": loss + 0.2 if not bad else loss})
         nan_history.append({"step": step, "epoch": i + 1.0, "eval_loss": loss})
         # json.dumps writes NaN bare, as the HF Trainer's own trainer_state.json does
-        (ck / "trainer_state.json").write_text(json.dumps(
-            {"global_step": step, "epoch": i + 1.0, "log_history": list(nan_history), "max_steps": STEPS[-1]},
-            indent=2))
+        (ck / "trainer_state.json").write_text(
+            json.dumps(
+                {"global_step": step, "epoch": i + 1.0, "log_history": list(nan_history), "max_steps": STEPS[-1]},
+                indent=2,
+            )
+        )
         written.append(ck)
         # -- Lightning layout: epoch=E-step=S.ckpt ------------------------------------------
         ckpt = {
@@ -152,8 +161,11 @@ def write_demo(root: str | os.PathLike, force: bool = False) -> list[Path]:
     sd = model.state_dict()
     torch.save(sd, root / "model.pt")  # keeps the tied lm_head.weight as one tensor
     written.append(root / "model.pt")
-    half = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
-            for k, v in sd.items() if k != "lm_head.weight"}
+    half = {
+        k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+        for k, v in sd.items()
+        if k != "lm_head.weight"
+    }
     save_file(half, root / "model-bf16.safetensors", metadata={"format": "pt", "note": "bf16 copy"})
     written.append(root / "model-bf16.safetensors")
     import h5py

@@ -52,14 +52,25 @@ class Side:
     filtered_out: int = 0  # dropped by --include/--exclude
 
     def to_json(self) -> dict[str, Any]:
-        return {"root": self.root, "model_weights_only": self.training_default, "left_out": self.left_out,
-                "filtered_out": self.filtered_out, "num_tensors": len(self.names)}
+        return {
+            "root": self.root,
+            "model_weights_only": self.training_default,
+            "left_out": self.left_out,
+            "filtered_out": self.filtered_out,
+            "num_tensors": len(self.names),
+        }
 
 
 def pick(
-    info: CheckpointInfo, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
-    filters: list[str] | None = None, rename: list[str] | None = None, *, all_: bool = False,
-    include: list[str] | None = None, exclude: list[str] | None = None,
+    info: CheckpointInfo,
+    key: str | None = None,
+    strip: tuple[str, ...] | list[str] = (),
+    filters: list[str] | None = None,
+    rename: list[str] | None = None,
+    *,
+    all_: bool = False,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
 ) -> Side:
     """The tensors of one side, chosen by the rule convert and average use (ops/select.py):
     `key` takes that sub-tree; `all_` every tensor under its '/'-joined name; by default the
@@ -93,8 +104,12 @@ def pick(
 
 
 def select(
-    info: CheckpointInfo, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
-    filters: list[str] | None = None, rename: list[str] | None = None, **kw: Any,
+    info: CheckpointInfo,
+    key: str | None = None,
+    strip: tuple[str, ...] | list[str] = (),
+    filters: list[str] | None = None,
+    rename: list[str] | None = None,
+    **kw: Any,
 ) -> dict[str, TensorInfo]:
     """pick(...).names: aligned name -> source TensorInfo."""
     return pick(info, key, strip, filters, rename, **kw).names
@@ -126,9 +141,9 @@ def _transform(names: list[str], prefix: str, dots: bool) -> set[str]:
         if key:
             if not n.startswith(key):
                 continue
-            n = n[len(key):]
+            n = n[len(key) :]
         if strip and n.startswith(strip):
-            n = n[len(strip):]
+            n = n[len(strip) :]
         out.add(n.replace("/", ".") if dots else n)
     return out
 
@@ -140,6 +155,7 @@ def name_hint(names_a: list[str], names_b: list[str]) -> str | None:
     small = min(len(set(names_a)), len(set(names_b)))
     if not names_a or not names_b or base == small:
         return None
+
     def n_opts(pa: str, pb: str, dots: int) -> int:
         parts = {_split_prefix(p)[0] for p in (pa, pb)} | {_split_prefix(p)[1] for p in (pa, pb)}
         return len(parts - {""}) + (1 if dots else 0)
@@ -208,8 +224,14 @@ def metadata_changes(ma: dict[str, Any], mb: dict[str, Any]) -> list[dict[str, A
     for k in list(ma) + [k for k in mb if k not in ma]:
         va, vb = ma.get(k, None), mb.get(k, None)
         if k not in mb or k not in ma or _plain(va) != _plain(vb):
-            out.append({"key": k, "a": _plain(va) if k in ma else None, "b": _plain(vb) if k in mb else None,
-                        "only_in": "a" if k not in mb else ("b" if k not in ma else None)})
+            out.append(
+                {
+                    "key": k,
+                    "a": _plain(va) if k in ma else None,
+                    "b": _plain(vb) if k in mb else None,
+                    "only_in": "a" if k not in mb else ("b" if k not in ma else None),
+                }
+            )
     return out
 
 
@@ -296,11 +318,25 @@ def diff_checkpoints(
         side_b = pick(ib, kb, strip, filters, rename, all_=all_, include=include, exclude=exclude)
         sa, sb = side_a.names, side_b.names
         if not sa and not sb and (side_a.filtered_out or side_b.filtered_out):
-            what = " ".join([f"--include {p}" for p in list(include or ()) + list(filters or ())]
-                            + [f"--exclude {p}" for p in exclude or ()])
+            what = " ".join(
+                [f"--include {p}" for p in list(include or ()) + list(filters or ())]
+                + [f"--exclude {p}" for p in exclude or ()]
+            )
             raise UsageError(f"no tensor left to compare in either checkpoint after {what}")
-        res = DiffResult(_shown(path_a), _shown(path_b), ia.format, ib.format, values, atol, rtol, key_a=ka, key_b=kb,
-                         ignore_dtype=ignore_dtype, side_a=side_a, side_b=side_b)
+        res = DiffResult(
+            _shown(path_a),
+            _shown(path_b),
+            ia.format,
+            ib.format,
+            values,
+            atol,
+            rtol,
+            key_a=ka,
+            key_b=kb,
+            ignore_dtype=ignore_dtype,
+            side_a=side_a,
+            side_b=side_b,
+        )
         res.only_in_a = [n for n in sa if n not in sb]
         res.only_in_b = [n for n in sb if n not in sa]
         res.metadata_changes = metadata_changes(ia.metadata, ib.metadata)
@@ -311,8 +347,9 @@ def diff_checkpoints(
         results: dict[str, TensorDiff] = {}
         for n in common:
             ta, tb = sa[n], sb[n]
-            d = TensorDiff(n, ta.dtype, tb.dtype, tuple(ta.shape), tuple(tb.shape), numel=ta.numel,
-                           ignore_dtype=ignore_dtype)
+            d = TensorDiff(
+                n, ta.dtype, tb.dtype, tuple(ta.shape), tuple(tb.shape), numel=ta.numel, ignore_dtype=ignore_dtype
+            )
             results[n] = d
             if not values or d.shape_changed:
                 continue
@@ -345,8 +382,7 @@ def _compare_all(ra, rb, sa, sb, todo, results, atol, rtol, progress_factory, re
     # tied weights: when both sides tie a name to the same partner, reuse that result
     names_a = {t.name: n for n, t in sa.items()}
     names_b = {t.name: n for n, t in sb.items()}
-    total = sum(ta.nbytes + tb.nbytes for _, ta, tb in todo
-                if not _tied_twin(ta, tb, names_a, names_b))
+    total = sum(ta.nbytes + tb.nbytes for _, ta, tb in todo if not _tied_twin(ta, tb, names_a, names_b))
     ctx = progress_factory(total) if progress_factory else nullcontext(None)
     with ctx as bar:
         try:

@@ -37,10 +37,16 @@ class AlongStep:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "step": self.step, "path": self.path, "weight_norm": json_float(self.weight_norm),
-            "update_rel_l2": json_float(self.update_rel_l2), "update_norm": json_float(self.update_norm),
-            "num_nonfinite": self.nonfinite, "nonfinite_tensors": self.nonfinite_tensors,
-            "top_tensor": self.top_tensor, "top_rel_l2": json_float(self.top_rel_l2), "error": self.error,
+            "step": self.step,
+            "path": self.path,
+            "weight_norm": json_float(self.weight_norm),
+            "update_rel_l2": json_float(self.update_rel_l2),
+            "update_norm": json_float(self.update_norm),
+            "num_nonfinite": self.nonfinite,
+            "nonfinite_tensors": self.nonfinite_tensors,
+            "top_tensor": self.top_tensor,
+            "top_rel_l2": json_float(self.top_rel_l2),
+            "error": self.error,
         }
 
 
@@ -91,9 +97,15 @@ ALONG_CHUNK = 1 << 21  # at most this many elements per chunk (a few float64 cop
 
 
 def along_run(
-    run_dir: str | os.PathLike, *, key: str | None = None, strip: tuple[str, ...] | list[str] = (),
-    filters: list[str] | None = None, rename: list[str] | None = None, all_: bool = False,
-    include: list[str] | None = None, exclude: list[str] | None = None,
+    run_dir: str | os.PathLike,
+    *,
+    key: str | None = None,
+    strip: tuple[str, ...] | list[str] = (),
+    filters: list[str] | None = None,
+    rename: list[str] | None = None,
+    all_: bool = False,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
     progress_factory: Callable[[int], Any] | None = None,
 ) -> Along:
     """Walk a run's checkpoints in step order: update size, weight norm, first NaN/Inf.
@@ -126,8 +138,9 @@ def along_run(
                 res.skipped.append(f"{c.path.name}: {e.message}")
                 continue
             try:
-                side = pick(info, resolve_key(info, key), strip, filters, rename, all_=all_, include=include,
-                            exclude=exclude)
+                side = pick(
+                    info, resolve_key(info, key), strip, filters, rename, all_=all_, include=include, exclude=exclude
+                )
             except BaseException:
                 r.close()
                 raise
@@ -139,10 +152,14 @@ def along_run(
         if len(readers) < 1:
             raise UsageError("no readable checkpoint in this run folder", run_dir)
         first = sels[0]
-        names = [n for n in first if all(n in s for s in sels[1:])
-                 and numeric_kind(first[n].dtype) in ("float", "complex")
-                 and all(s[n].shape == first[n].shape for s in sels[1:])
-                 and first[n].alias_of is None]
+        names = [
+            n
+            for n in first
+            if all(n in s for s in sels[1:])
+            and numeric_kind(first[n].dtype) in ("float", "complex")
+            and all(s[n].shape == first[n].shape for s in sels[1:])
+            and first[n].alias_of is None
+        ]
         every = set().union(*[set(s) for s in sels])
         res.not_in_all = sorted(n for n in every if not all(n in s for s in sels))
         res.num_tensors = len(names)
@@ -167,8 +184,10 @@ def along_run(
                 isz = max(itemsize(s[n].dtype) for s in sels)
                 elems = max(BLOCK, min(ALONG_CHUNK, ALONG_BUDGET // (n_ck * isz)))
                 elems -= elems % BLOCK
-                its = [iter(ChunkSource(r, s[n], elems * itemsize(s[n].dtype), bufs=h))
-                       for r, s, h in zip(readers, sels, holders)]
+                its = [
+                    iter(ChunkSource(r, s[n], elems * itemsize(s[n].dtype), bufs=h))
+                    for r, s, h in zip(readers, sels, holders)
+                ]
                 wdt = np.dtype(np.complex128 if numeric_kind(first[n].dtype) == "complex" else np.float64)
                 pair = scratch(wdt, min(elems, max(1, first[n].numel)))
                 t_d = [0.0] * n_ck

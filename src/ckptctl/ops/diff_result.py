@@ -62,8 +62,9 @@ class TensorDiff:
     @property
     def dtype_only(self) -> bool:
         """Only the dtype changed: the values were compared and all are within tolerance."""
-        return (self.dtype_changed and self.compared and not self.num_diff and not self.shape_changed
-                and self.error is None)
+        return (
+            self.dtype_changed and self.compared and not self.num_diff and not self.shape_changed and self.error is None
+        )
 
     @property
     def nonfinite(self) -> bool:
@@ -75,9 +76,14 @@ class TensorDiff:
         if self.shape_changed:
             parts.append(f"shape {list(self.shape_a)} -> {list(self.shape_b)}")
         if self.dtype_changed:
-            parts.append(f"dtype {self.dtype_a} -> {self.dtype_b}"
-                         + (" (values not comparable)" if self.ignore_dtype and not self.compared
-                            and not self.shape_changed else ""))
+            parts.append(
+                f"dtype {self.dtype_a} -> {self.dtype_b}"
+                + (
+                    " (values not comparable)"
+                    if self.ignore_dtype and not self.compared and not self.shape_changed
+                    else ""
+                )
+            )
         if self.compared and self.num_diff:
             parts.append("values")
         if self.error:
@@ -86,8 +92,20 @@ class TensorDiff:
 
     @classmethod
     def from_acc(cls, name: str, ta: TensorInfo, tb: TensorInfo, acc: Acc) -> TensorDiff:
-        d = cls(name, ta.dtype, tb.dtype, tuple(ta.shape), tuple(tb.shape), compared=True, numel=acc.numel,
-                num_diff=acc.n_diff, nan_a=acc.nan_a, nan_b=acc.nan_b, inf_a=acc.inf_a, inf_b=acc.inf_b)
+        d = cls(
+            name,
+            ta.dtype,
+            tb.dtype,
+            tuple(ta.shape),
+            tuple(tb.shape),
+            compared=True,
+            numel=acc.numel,
+            num_diff=acc.n_diff,
+            nan_a=acc.nan_a,
+            nan_b=acc.nan_b,
+            inf_a=acc.inf_a,
+            inf_b=acc.inf_b,
+        )
         if numeric_kind(ta.dtype) == "bytes":
             return d  # raw bytes: equal or not, no arithmetic
         if not acc.arith:
@@ -136,6 +154,7 @@ class TensorDiff:
             "rtol": self.rtol,
             "error": self.error,
         }
+
 
 def json_float(v: float | None) -> float | None:
     """Numbers for JSON stay floats, inf and nan included: the output layer (print_json) writes
@@ -210,8 +229,10 @@ class DiffResult:
             "num_changed": len(self.changed),
             "ignore_dtype": self.ignore_dtype,
             "num_dtype_only": len(self.dtype_only),
-            "selection": {"a": self.side_a.to_json() if self.side_a else None,
-                          "b": self.side_b.to_json() if self.side_b else None},
+            "selection": {
+                "a": self.side_a.to_json() if self.side_a else None,
+                "b": self.side_b.to_json() if self.side_b else None,
+            },
             "metadata_changes": self.metadata_changes,
             "hint": self.hint,
         }

@@ -36,14 +36,25 @@ class StepDiff:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "step": self.step, "a": self.path_a, "b": self.path_b, "equal": self.equal,
-            "metrics": {"a": {k: json_float(v) for k, v in self.metrics_a.items()},
-                        "b": {k: json_float(v) for k, v in self.metrics_b.items()}},
-            "num_changed": self.num_changed, "num_identical": self.num_identical,
+            "step": self.step,
+            "a": self.path_a,
+            "b": self.path_b,
+            "equal": self.equal,
+            "metrics": {
+                "a": {k: json_float(v) for k, v in self.metrics_a.items()},
+                "b": {k: json_float(v) for k, v in self.metrics_b.items()},
+            },
+            "num_changed": self.num_changed,
+            "num_identical": self.num_identical,
             "num_dtype_only": self.num_dtype_only,
-            "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
-            "max_rel_l2": json_float(self.max_rel_l2), "max_rel_l2_tensor": self.max_rel_name,
-            "nonfinite_tensors": self.nonfinite, "left_out": list(self.left_out), "hint": self.hint, "error": self.error,
+            "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b,
+            "max_rel_l2": json_float(self.max_rel_l2),
+            "max_rel_l2_tensor": self.max_rel_name,
+            "nonfinite_tensors": self.nonfinite,
+            "left_out": list(self.left_out),
+            "hint": self.hint,
+            "error": self.error,
         }
 
 
@@ -60,8 +71,7 @@ class RunDiff:
 
     @property
     def equal(self) -> bool:
-        return (not self.missing_in_a and not self.missing_in_b
-                and all(s.equal for s in self.steps))
+        return not self.missing_in_a and not self.missing_in_b and all(s.equal for s in self.steps)
 
     @property
     def metric_names(self) -> list[str]:
@@ -74,16 +84,22 @@ class RunDiff:
 
     @property
     def left_out(self) -> tuple[int, int]:
-        return (max((s.left_out[0] for s in self.steps), default=0),
-                max((s.left_out[1] for s in self.steps), default=0))
+        return (
+            max((s.left_out[0] for s in self.steps), default=0),
+            max((s.left_out[1] for s in self.steps), default=0),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "run_a": self.run_a, "run_b": self.run_b, "equal": self.equal,
+            "run_a": self.run_a,
+            "run_b": self.run_b,
+            "equal": self.equal,
             "metrics": self.metric_names,
             "steps": [s.to_json() for s in self.steps],
-            "missing_in_a": self.missing_in_a, "missing_in_b": self.missing_in_b,
-            "unstepped_a": self.unstepped_a, "unstepped_b": self.unstepped_b,
+            "missing_in_a": self.missing_in_a,
+            "missing_in_b": self.missing_in_b,
+            "unstepped_a": self.unstepped_a,
+            "unstepped_b": self.unstepped_b,
         }
 
 
@@ -101,8 +117,9 @@ def _run_checkpoints(run_dir: str | os.PathLike):
     return by_step, unstepped
 
 
-def diff_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, *, on_step: Callable[[StepDiff], None] | None = None,
-              **kw: Any) -> RunDiff:
+def diff_runs(
+    run_a: str | os.PathLike, run_b: str | os.PathLike, *, on_step: Callable[[StepDiff], None] | None = None, **kw: Any
+) -> RunDiff:
     """Align two runs by step and diff each common step's checkpoints."""
     a, ua = _run_checkpoints(run_a)
     b, ub = _run_checkpoints(run_b)
@@ -111,8 +128,9 @@ def diff_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, *, on_step: Ca
     res.missing_in_a = sorted(s for s in b if s not in a)
     for step in sorted(s for s in a if s in b):
         ca, cb = a[step], b[step]
-        sd = StepDiff(step, str(ca.path), str(cb.path), metrics_a=dict(ca.metrics or {}),
-                      metrics_b=dict(cb.metrics or {}))
+        sd = StepDiff(
+            step, str(ca.path), str(cb.path), metrics_a=dict(ca.metrics or {}), metrics_b=dict(cb.metrics or {})
+        )
         try:
             d = diff_checkpoints(ca.path, cb.path, **kw)
         except CkptError as e:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from ckptctl.formats.base import Reader
 
+
 def _tol(atol: float | None, rtol: float | None) -> tuple[bool, float, float]:
     """(is set, atol, rtol) as the Comparer holds a tolerance."""
     return (atol is not None or rtol is not None, float(atol or 0.0), float(rtol or 0.0))
@@ -160,7 +161,7 @@ class Comparer:
         per += -per % BLOCK
         futs = []
         for lo in range(0, n, per):
-            futs.append(self._submit(self._values_part, x[lo: lo + per], y[lo: lo + per], ka, kb, same))
+            futs.append(self._submit(self._values_part, x[lo : lo + per], y[lo : lo + per], ka, kb, same))
         return futs
 
     def _values_part(self, x, y, ka: str, kb: str, same: bool) -> Acc:
@@ -298,8 +299,15 @@ class Comparer:
                 if same and same_bytes(fa.view, fb.view):
                     return None
                 part = Acc()
-                self._values(part, as_array(fa.view, ta.dtype), as_array(fb.view, tb.dtype),
-                             numeric_kind(ta.dtype), numeric_kind(tb.dtype), same, tol)
+                self._values(
+                    part,
+                    as_array(fa.view, ta.dtype),
+                    as_array(fb.view, tb.dtype),
+                    numeric_kind(ta.dtype),
+                    numeric_kind(tb.dtype),
+                    same,
+                    tol,
+                )
                 return part
             finally:
                 fb.close()
@@ -343,8 +351,9 @@ class Comparer:
                 cancel_and_close(futs, ())
         return acc
 
-    def _compare_parallel(self, ra: Reader, ta: TensorInfo, rb: Reader, tb: TensorInfo, acc: Acc,
-                          progress: Progress) -> Acc | None:
+    def _compare_parallel(
+        self, ra: Reader, ta: TensorInfo, rb: Reader, tb: TensorInfo, acc: Acc, progress: Progress
+    ) -> Acc | None:
         """compare() of a pair for the item workers: its planned items, or items of its own;
         None when the pair cannot go to item workers."""
         k = self._planned.pop((id(ta), id(tb)), None)
@@ -378,7 +387,7 @@ class Comparer:
         b = self.bufs
         acc.arith = True
         for i in range(0, len(x), BLOCK):
-            xs = x[i: i + BLOCK]
+            xs = x[i : i + BLOCK]
             k = len(xs)
             X: np.ndarray
             if np.iscomplexobj(xs):
@@ -409,8 +418,16 @@ class Comparer:
             acc.inf_a += inf
             acc.inf_b += inf
 
-    def _values(self, acc: Acc, x: np.ndarray, y: np.ndarray, ka: str, kb: str, same: bool,
-                tol: tuple[bool, float, float] | None = None) -> None:
+    def _values(
+        self,
+        acc: Acc,
+        x: np.ndarray,
+        y: np.ndarray,
+        ka: str,
+        kb: str,
+        same: bool,
+        tol: tuple[bool, float, float] | None = None,
+    ) -> None:
         """Accumulate a chunk pair; `tol` (is_set, atol, rtol) overrides the Comparer's tolerance
         (item workers run ahead, while the Comparer is set for an earlier tensor)."""
         import numpy as np
@@ -425,7 +442,7 @@ class Comparer:
         b = self.bufs
         with np.errstate(all="ignore"):
             for i in range(0, len(x), BLOCK):
-                xs, ys = x[i: i + BLOCK], y[i: i + BLOCK]
+                xs, ys = x[i : i + BLOCK], y[i : i + BLOCK]
                 k = len(xs)
                 X, Y, D, B = b.X[:k], b.Y[:k], b.D[:k], b.B[:k]
                 np.copyto(X, xs, casting="unsafe")
@@ -497,7 +514,7 @@ class Comparer:
 
         with np.errstate(all="ignore"):
             for i in range(0, len(x), BLOCK):
-                xs, ys = x[i: i + BLOCK], y[i: i + BLOCK]
+                xs, ys = x[i : i + BLOCK], y[i : i + BLOCK]
                 X, Y = xs.astype(np.complex128), ys.astype(np.complex128)
                 D = X - Y
                 nan_x, nan_y = np.isnan(X), np.isnan(Y)
@@ -508,8 +525,11 @@ class Comparer:
                 elif not self.tol:
                     neq = (X != Y) & ~(nan_x & nan_y)
                 else:
-                    close = (((np.abs(D) <= self.atol + self.rtol * np.abs(Y)) & np.isfinite(X) & np.isfinite(Y))
-                             | (X == Y) | (nan_x & nan_y))
+                    close = (
+                        ((np.abs(D) <= self.atol + self.rtol * np.abs(Y)) & np.isfinite(X) & np.isfinite(Y))
+                        | (X == Y)
+                        | (nan_x & nan_y)
+                    )
                     neq = ~close
                 acc.n_diff += int(np.count_nonzero(neq))
                 fx, fy = np.isfinite(X), np.isfinite(Y)

@@ -55,8 +55,14 @@ def sort_tensors(tensors: list[TensorInfo], key: str) -> list[TensorInfo]:
     return list(tensors)
 
 
-def inspect(path: str | os.PathLike, filters: list[str] | None = None, sort: str = "order", *,
-            key: str | None = None, all_: bool = False) -> Inspection:
+def inspect(
+    path: str | os.PathLike,
+    filters: list[str] | None = None,
+    sort: str = "order",
+    *,
+    key: str | None = None,
+    all_: bool = False,
+) -> Inspection:
     """The part of the checkpoint convert/average would take (ops/select.py): the model weights of
     a training checkpoint by default, `key`'s sub-tree, or everything with `all_`; then --filter
     (on the full name or the name relative to the part) and --sort."""
@@ -72,10 +78,17 @@ def inspect(path: str | os.PathLike, filters: list[str] | None = None, sort: str
         part = [src for src, _out in sel.pairs]
         root = sel.root
         kind = "key" if key is not None else ("model" if len(part) < len(info.tensors) else "all")
-    tensors = [t for t in part
-               if match_any(t.name, filters) or (root and match_any(under(t.name, root) or "", filters))]
-    return Inspection(info=info, tensors=sort_tensors(tensors, sort), dangerous=dangerous_globals(info),
-                      part=part, part_kind=kind, root=root)
+    tensors = [
+        t for t in part if match_any(t.name, filters) or (root and match_any(under(t.name, root) or "", filters))
+    ]
+    return Inspection(
+        info=info,
+        tensors=sort_tensors(tensors, sort),
+        dangerous=dangerous_globals(info),
+        part=part,
+        part_kind=kind,
+        root=root,
+    )
 
 
 def _plain_model(tensors: list[TensorInfo]) -> bool:
@@ -153,9 +166,15 @@ class Fold:
         t = self.tensors[0]
         if len(self.tensors) == 1:
             return {**t.to_json(), "count": 1}
-        return {"name": self.name, "dtype": t.dtype, "shape": list(t.shape), "count": len(self.tensors),
-                "numel": sum(x.numel for x in self.tensors), "nbytes": sum(x.nbytes for x in self.tensors),
-                "alias_of": None}
+        return {
+            "name": self.name,
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "count": len(self.tensors),
+            "numel": sum(x.numel for x in self.tensors),
+            "nbytes": sum(x.nbytes for x in self.tensors),
+            "alias_of": None,
+        }
 
 
 def _index_sets_text(values: list[int]) -> str:

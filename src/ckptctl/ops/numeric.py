@@ -108,5 +108,8 @@ def dot(x: np.ndarray, y: np.ndarray) -> float:
 def uint_view(x: np.ndarray) -> np.ndarray:
     import numpy as np
 
-    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.itemsize]) if x.itemsize <= 8 \
+    return (
+        x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.itemsize])
+        if x.itemsize <= 8
         else x.view(np.uint64)
+    )

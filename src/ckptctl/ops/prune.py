@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 # metric names where bigger is better; everything else (losses, perplexity, error rates) is min
 _MAX_METRIC = re.compile(
     r"(acc|accuracy|f1|bleu|rouge|auc|auroc|precision|recall|map|score|exact|match|top\d|iou|dice|"
-    r"r2|corr|pearson|spearman|reward|return|meteor|chrf|sacrebleu|win_?rate|pass@)", re.I
+    r"r2|corr|pearson|spearman|reward|return|meteor|chrf|sacrebleu|win_?rate|pass@)",
+    re.I,
 )
 _MIN_METRIC = re.compile(r"(loss|err|error|perplexity|ppl|wer|cer|mse|mae|rmse|nll|fid)", re.I)
 
@@ -86,12 +87,15 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
             if policy.mode is None:
                 policy.mode = guess_mode(policy.keep_best)
                 better = "lower" if policy.mode == "min" else "higher"
-                plan.notes.append(f"--keep-best {policy.keep_best}: {better} is better "
-                                  "(guessed from the name; set --mode min|max to be sure)")
+                plan.notes.append(
+                    f"--keep-best {policy.keep_best}: {better} is better "
+                    "(guessed from the name; set --mode min|max to be sure)"
+                )
         missing = [c for c in all_ckpts if policy.keep_best not in c.metrics and c.error is None]
         if missing:
-            plan.warnings.append(f"{len(missing)} checkpoint(s) have no {policy.keep_best!r} metric; "
-                                 "--keep-best cannot keep them")
+            plan.warnings.append(
+                f"{len(missing)} checkpoint(s) have no {policy.keep_best!r} metric; --keep-best cannot keep them"
+            )
     for run in runs:
         plan.warnings.extend(run.warnings)
         plan.notes.extend(run.notes)
@@ -100,11 +104,16 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
             groups.setdefault(c.run, []).append(c)
         for group in groups.values():
             plan.decisions.extend(_decide_group(group, run.path, policy, now))
-    young_only = [d for d in plan.decisions if d.keep and not d.kept_by and len(d.protected_by) == 1
-                  and "--min-age" in d.protected_by[0]]
+    young_only = [
+        d
+        for d in plan.decisions
+        if d.keep and not d.kept_by and len(d.protected_by) == 1 and "--min-age" in d.protected_by[0]
+    ]
     if young_only:
-        plan.notes.append(f"{len(young_only)} checkpoint(s) kept only because they were modified within "
-                          f"--min-age {policy.min_age_text} (a save may be in progress); --min-age 0 includes them")
+        plan.notes.append(
+            f"{len(young_only)} checkpoint(s) kept only because they were modified within "
+            f"--min-age {policy.min_age_text} (a save may be in progress); --min-age 0 includes them"
+        )
     if policy.keep_steps:
         present = {c.step for c in all_ckpts} | {c.epoch for c in all_ckpts if c.layout == "keras" and c.step is None}
         absent = [s for s in policy.keep_steps if s not in present]
@@ -124,18 +133,25 @@ def make_plan(runs: list[Run], policy: Policy, now: float | None = None) -> Plan
         except OSError as e:
             d.keep = True
             d.reasons.append(f"could not stat its files ({e.strerror}); kept")
-    remote_tf = sorted({os.fspath(d.ckpt.path.parent) for d in plan.to_delete
-                        if _remote(d.ckpt.path) and d.ckpt.layout == "tf"})
+    remote_tf = sorted(
+        {os.fspath(d.ckpt.path.parent) for d in plan.to_delete if _remote(d.ckpt.path) and d.ckpt.layout == "tf"}
+    )
     for folder in remote_tf:
-        plan.warnings.append(f"{folder}: the TensorFlow `checkpoint` state file is not rewritten on remote storage; "
-                             "it will still name the deleted checkpoints")
+        plan.warnings.append(
+            f"{folder}: the TensorFlow `checkpoint` state file is not rewritten on remote storage; "
+            "it will still name the deleted checkpoints"
+        )
     for s in layouts.plan_prune([d.ckpt for d in plan.to_delete if not _remote(d.ckpt.path)]):
         if s.error:
-            plan.warnings.append(f"{s.path}: TensorFlow checkpoint state {s.error}; it will still name "
-                                 f"{', '.join(s.dropped)} once deleted")
+            plan.warnings.append(
+                f"{s.path}: TensorFlow checkpoint state {s.error}; it will still name "
+                f"{', '.join(s.dropped)} once deleted"
+            )
             continue
-        plan.notes.append(f"{s.path}: TensorFlow checkpoint state; {', '.join(s.dropped)} will be dropped from "
-                          "all_model_checkpoint_paths (with their timestamps) once deleted")
+        plan.notes.append(
+            f"{s.path}: TensorFlow checkpoint state; {', '.join(s.dropped)} will be dropped from "
+            "all_model_checkpoint_paths (with their timestamps) once deleted"
+        )
     return plan
 
 
@@ -156,8 +172,12 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
     protect: dict[int, list[str]] = {id(c): [] for c in group}
     healthy = [c for c in group if c.error is None and not c.incomplete]
     # Keras ModelCheckpoint folders number their files by epoch: with no step in the group, rank by epoch
-    by = "step" if any(c.step is not None for c in healthy) or not any(
-        c.epoch is not None and c.layout == "keras" for c in healthy) else "epoch"
+    by = (
+        "step"
+        if any(c.step is not None for c in healthy)
+        or not any(c.epoch is not None and c.layout == "keras" for c in healthy)
+        else "epoch"
+    )
 
     def pos(c: RunCheckpoint) -> int | None:
         return getattr(c, by)
@@ -166,7 +186,7 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
 
     # -- policies ---------------------------------------------------------------------------
     if policy.keep_last:
-        for c in ranked[-policy.keep_last:]:
+        for c in ranked[-policy.keep_last :]:
             reasons[id(c)].append(f"last {policy.keep_last}")
     if policy.keep_every:
         for c in ranked:
@@ -184,8 +204,9 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
         for rank, c in enumerate(sorted(scored, key=key)[: policy.best_n], 1):
             if math.isnan(c.metrics[m]):
                 break
-            label = f"best {m} ({_fmt(c.metrics[m])})" if policy.best_n == 1 else \
-                f"best {m} #{rank} ({_fmt(c.metrics[m])})"
+            label = (
+                f"best {m} ({_fmt(c.metrics[m])})" if policy.best_n == 1 else f"best {m} #{rank} ({_fmt(c.metrics[m])})"
+            )
             reasons[id(c)].append(label)
     if policy.keep_steps:
         wanted = set(policy.keep_steps)
@@ -241,8 +262,9 @@ def _decide_group(group: list[RunCheckpoint], root: Path, policy: Policy, now: f
                 why = [f"unreadable, --include-broken: {c.error}"]
             else:
                 why = ["no policy keeps it"]
-        out.append(Decision(ckpt=c, keep=keep, reasons=why, root=root,
-                            protected_by=protect[id(c)], kept_by=reasons[id(c)]))
+        out.append(
+            Decision(ckpt=c, keep=keep, reasons=why, root=root, protected_by=protect[id(c)], kept_by=reasons[id(c)])
+        )
     return out
 
 

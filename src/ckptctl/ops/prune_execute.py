@@ -199,7 +199,7 @@ def _execute(todo: list[Decision], trash: Path | None, outcome: Outcome) -> None
                 outcome.failed_message = f"{where}: {e.strerror or e}"
             else:
                 outcome.failed_message = e.message
-            outcome.not_attempted = todo[i + 1:]
+            outcome.not_attempted = todo[i + 1 :]
             return
         outcome.partial = []
         outcome.done.append(d)
@@ -207,8 +207,10 @@ def _execute(todo: list[Decision], trash: Path | None, outcome: Outcome) -> None
 
 
 # ---- deletion on object storage ----------------------------------------------------------------
-TRASH_REMOTE = ("--trash is not supported on remote storage (objects cannot be moved, only copied and "
-                "deleted); prune without --trash deletes them, after a dry run")
+TRASH_REMOTE = (
+    "--trash is not supported on remote storage (objects cannot be moved, only copied and "
+    "deleted); prune without --trash deletes them, after a dry run"
+)
 
 
 def _verify_remote(d: Decision) -> None:
@@ -225,14 +227,18 @@ def _verify_remote(d: Decision) -> None:
         except NoSuchObject:
             raise PruneError(f"{snap.path} disappeared since the plan was made") from None
         if not now.same_as(snap):
-            raise PruneError(f"{snap.path} changed since the plan was made (size or ETag); its checkpoint "
-                             f"{d.ckpt.path} was not deleted")
+            raise PruneError(
+                f"{snap.path} changed since the plan was made (size or ETag); its checkpoint "
+                f"{d.ckpt.path} was not deleted"
+            )
     if d.ckpt.dirs:
         planned = {os.fspath(s.path) for s in d.snapshot}
         extra = sorted(os.fspath(p) for p, _ in find(d.ckpt.path, fresh=True) if os.fspath(p) not in planned)
         if extra:
-            raise PruneError(f"{extra[0]} appeared since the plan was made (still being written?); its checkpoint "
-                             f"{d.ckpt.path} was not deleted")
+            raise PruneError(
+                f"{extra[0]} appeared since the plan was made (still being written?); its checkpoint "
+                f"{d.ckpt.path} was not deleted"
+            )
 
 
 def _execute_remote(todo: list[Decision]) -> Outcome:
@@ -251,7 +257,7 @@ def _execute_remote(todo: list[Decision]) -> Outcome:
             continue
         except CkptError as e:
             outcome.failed, outcome.failed_message = d, e.message
-            outcome.not_attempted = todo[i + 1:]
+            outcome.not_attempted = todo[i + 1 :]
             return outcome
         try:
             for snap in d.snapshot:
@@ -260,7 +266,7 @@ def _execute_remote(todo: list[Decision]) -> Outcome:
         except CkptError as e:
             outcome.failed = d
             outcome.failed_message = f"{e.path}: {e.message}" if e.path else e.message
-            outcome.not_attempted = todo[i + 1:]
+            outcome.not_attempted = todo[i + 1 :]
             return outcome
         outcome.partial = []
         outcome.done.append(d)

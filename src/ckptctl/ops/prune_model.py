@@ -34,18 +34,28 @@ class Policy:
     include_broken: bool = False
 
     def any(self) -> bool:
-        return bool(self.keep_last or self.keep_every or self.keep_best or self.keep_steps
-                    or self.keep_since is not None or self.exp_spacing)
+        return bool(
+            self.keep_last
+            or self.keep_every
+            or self.keep_best
+            or self.keep_steps
+            or self.keep_since is not None
+            or self.exp_spacing
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "keep_last": self.keep_last, "keep_every": self.keep_every, "keep_best": self.keep_best,
-            "mode": self.mode, "best_n": self.best_n if self.keep_best else None,
-            "keep_steps": self.keep_steps or None, "keep_since": self.keep_since_text,
-            "exp_spacing": self.exp_spacing, "min_age": self.min_age_text,
+            "keep_last": self.keep_last,
+            "keep_every": self.keep_every,
+            "keep_best": self.keep_best,
+            "mode": self.mode,
+            "best_n": self.best_n if self.keep_best else None,
+            "keep_steps": self.keep_steps or None,
+            "keep_since": self.keep_since_text,
+            "exp_spacing": self.exp_spacing,
+            "min_age": self.min_age_text,
             "include_broken": self.include_broken,
         }
-
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,12 @@ class FileSnap:
 
     def same_as(self, other: FileSnap) -> bool:
         return (self.dev, self.ino, self.size, self.mtime_ns, self.mode) == (
-            other.dev, other.ino, other.size, other.mtime_ns, other.mode)
+            other.dev,
+            other.ino,
+            other.size,
+            other.mtime_ns,
+            other.mode,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,8 +95,12 @@ class RemoteSnap:
     def of(cls, path, info: dict) -> RemoteSnap:
         etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
         gen = info.get("generation") or info.get("VersionId") or info.get("version_id")
-        return cls(path, int(info.get("size") or 0), str(etag).strip('"') if etag else None,
-                   str(gen) if gen is not None else None)
+        return cls(
+            path,
+            int(info.get("size") or 0),
+            str(etag).strip('"') if etag else None,
+            str(gen) if gen is not None else None,
+        )
 
     def same_as(self, other: RemoteSnap) -> bool:
         if self.size != other.size:
@@ -114,12 +133,21 @@ class Decision:
     def to_json(self) -> dict[str, Any]:
         c = self.ckpt
         return {
-            "path": os.fspath(c.path), "run": os.fspath(c.run) if c.run else None, "step": c.step,
+            "path": os.fspath(c.path),
+            "run": os.fspath(c.run) if c.run else None,
+            "step": c.step,
             "epoch": c.epoch,
-            "format": c.format, "action": self.action, "reasons": self.reasons,
-            "protected_by": self.protected_by, "kept_by": self.kept_by, "total_bytes": c.size,
-            "files": [os.fspath(f) for f in c.files], "metrics": c.metrics, "aliases": c.aliases,
-            "mtime": c.mtime, "error": c.error,
+            "format": c.format,
+            "action": self.action,
+            "reasons": self.reasons,
+            "protected_by": self.protected_by,
+            "kept_by": self.kept_by,
+            "total_bytes": c.size,
+            "files": [os.fspath(f) for f in c.files],
+            "metrics": c.metrics,
+            "aliases": c.aliases,
+            "mtime": c.mtime,
+            "error": c.error,
         }
 
 
@@ -163,8 +191,9 @@ class Outcome:
     def to_json(self) -> dict[str, Any]:
         out = self._json()
         if self.remote:
-            out["skipped"] = [{"path": os.fspath(d.ckpt.path), "why": m}
-                              for d, m in zip(self.skipped, self.skipped_messages)]
+            out["skipped"] = [
+                {"path": os.fspath(d.ckpt.path), "why": m} for d, m in zip(self.skipped, self.skipped_messages)
+            ]
         return out
 
     def _json(self) -> dict[str, Any]:

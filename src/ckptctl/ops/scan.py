@@ -73,8 +73,23 @@ NO_PICKLE_NOTES = {
 }
 # files a folder scan looks at (besides anything whose first bytes are a pickle or a zip); names
 # like .model/.data are left to the content check: tokenizers and TF shards use them too
-SCAN_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".joblib",
-                 ".zip", ".npz", ".npy", ".keras", ".gguf")
+SCAN_SUFFIXES = (
+    ".safetensors",
+    ".pt",
+    ".pth",
+    ".bin",
+    ".ckpt",
+    ".h5",
+    ".hdf5",
+    ".pkl",
+    ".pickle",
+    ".joblib",
+    ".zip",
+    ".npz",
+    ".npy",
+    ".keras",
+    ".gguf",
+)
 
 
 def scan_file(path: str | os.PathLike) -> ScanResult:
@@ -157,8 +172,10 @@ def _scan_format(path: str | os.PathLike) -> ScanResult:
         if fmt == "torchscript":
             code = info.metadata.get("code")
             n = sum(1 for f in code if f.endswith(".py")) if isinstance(code, dict) else 0
-            res.note = (f"a TorchScript archive: torch.jit.load compiles its code ({n} file(s) in code/) "
-                        "and runs it when the model is used; ckptctl read its weights without running any")
+            res.note = (
+                f"a TorchScript archive: torch.jit.load compiles its code ({n} file(s) in code/) "
+                "and runs it when the model is used; ckptctl read its weights without running any"
+            )
     except PickleError as e:
         more = _raw_globals(fmt, target) if fmt == "torchscript" else []  # its other pickles
         res.globals = _classified(e.globals + e.more_globals + more)
@@ -255,8 +272,11 @@ def _scan_sharded(p: str, res: ScanResult, index: Path | RemotePath) -> ScanResu
 def _scan_keras(res: ScanResult, fmt: str, target: Path | RemotePath) -> ScanResult:
     """A Keras archive or weights set holds no pickle; a .keras config may hold Lambda bytecode."""
     res.pickle = False
-    res.note = ("no pickle: a zip of JSON config and HDF5 weights" if fmt == "keras"
-                else "no pickle: a JSON index and HDF5 weight shards")
+    res.note = (
+        "no pickle: a zip of JSON config and HDF5 weights"
+        if fmt == "keras"
+        else "no pickle: a JSON index and HDF5 weight shards"
+    )
     if fmt == "keras":
         from ckptctl.formats.keras_zip import config_code
 
@@ -347,13 +367,15 @@ def _expand_remote(url) -> Iterator[tuple[Path, bool]]:
             else:
                 subs.append(e)
         for e in files:
-            if e.name.lower().endswith(SCAN_SUFFIXES) or (
-                    e.name.endswith(".index") and _looks_scannable(e)):
+            if e.name.lower().endswith(SCAN_SUFFIXES) or (e.name.endswith(".index") and _looks_scannable(e)):
                 yield e, False
             elif not e.name.endswith(".index"):
                 with open_source(e) as src:
                     head = src.pread(0, 4)
-                if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head in (b"PK\x03\x04", b"\x93NUM"):
+                if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head in (
+                    b"PK\x03\x04",
+                    b"\x93NUM",
+                ):
                     yield e, False
         todo[:0] = subs  # depth first, in name order, like os.walk with sorted dirs
 
@@ -528,8 +550,17 @@ def _zip(w: Walk, f, start: int, end: int, where: str, depth: int) -> None:
 
     try:
         z = zipfile.ZipFile(_Window(f, start, end - start))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error, KeyError,
-            NotImplementedError, UnicodeDecodeError):
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        struct.error,
+        KeyError,
+        NotImplementedError,
+        UnicodeDecodeError,
+    ):
         return
     pre = f"{where} > " if where else ""
     storage = re.compile(r"(^|/)data/\d+$")  # torch storages: raw tensor bytes, never unpickled
@@ -559,8 +590,16 @@ def _zip(w: Walk, f, start: int, end: int, where: str, depth: int) -> None:
                     continue
                 with z.open(zi) as fh:
                     raw = fh.read(IN_MEMORY + 1)
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError,
-                    RuntimeError, zlib.error) as e:
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                EOFError,
+                ValueError,
+                struct.error,
+                NotImplementedError,
+                RuntimeError,
+                zlib.error,
+            ) as e:
                 if named:
                     w.errors.append(f"{label}: {e}")
                 continue

@@ -29,9 +29,24 @@ from ckptctl.model import TensorInfo
 TRAINING_ROOT = "state_dict"
 # top-level names in a training checkpoint that are not the model
 NON_MODEL_HEADS = {
-    "optimizer", "optimizers", "optimizer_states", "optim", "last_optimizer_state",
-    "optimizer_history", "lr_scheduler", "lr_schedulers", "scheduler", "callbacks", "loops",
-    "rng_state", "rng_states", "scaler", "grad_scaler", "extra_state", "amp", "opt_state",
+    "optimizer",
+    "optimizers",
+    "optimizer_states",
+    "optim",
+    "last_optimizer_state",
+    "optimizer_history",
+    "lr_scheduler",
+    "lr_schedulers",
+    "scheduler",
+    "callbacks",
+    "loops",
+    "rng_state",
+    "rng_states",
+    "scaler",
+    "grad_scaler",
+    "extra_state",
+    "amp",
+    "opt_state",
 }
 
 
@@ -64,8 +79,9 @@ def match_any(name: str, patterns: list[str] | None) -> bool:
     for p in patterns:
         if fnmatch.fnmatchcase(name, p):
             return True
-        if not any(ch in p for ch in "*?[") and (name == p or name.startswith(p.rstrip("./") + ".")
-                                                 or name.startswith(p.rstrip("./") + "/")):
+        if not any(ch in p for ch in "*?[") and (
+            name == p or name.startswith(p.rstrip("./") + ".") or name.startswith(p.rstrip("./") + "/")
+        ):
             return True
     return False
 
@@ -123,14 +139,15 @@ def under(name: str, root: str) -> str | None:
     if not root:
         return name
     prefix = root.rstrip("/") + "/"
-    return name[len(prefix):] if name.startswith(prefix) and len(name) > len(prefix) else None
+    return name[len(prefix) :] if name.startswith(prefix) and len(name) > len(prefix) else None
 
 
-def rename_one(name: str, strip_prefix: list[str] | None, rename: list[tuple[re.Pattern, str]] | None,
-               add_prefix: str | None) -> str:
+def rename_one(
+    name: str, strip_prefix: list[str] | None, rename: list[tuple[re.Pattern, str]] | None, add_prefix: str | None
+) -> str:
     for p in strip_prefix or ():
         if p and name.startswith(p):
-            name = name[len(p):]
+            name = name[len(p) :]
             break
     for pat, repl in rename or ():
         try:
@@ -259,8 +276,12 @@ def select(
         sel.notes.append(
             f"training checkpoint: writing the {len(sel.pairs)} model weights"
             + (f" under {root}/ " if root else " ")
-            + (f"with their keys renamed ({renamed} of {len(sel.pairs)} changed by --strip-prefix/--rename/"
-               "--add-prefix)" if renamed else "with their original keys")
+            + (
+                f"with their keys renamed ({renamed} of {len(sel.pairs)} changed by --strip-prefix/--rename/"
+                "--add-prefix)"
+                if renamed
+                else "with their original keys"
+            )
             + (f"; {outside} other tensors (optimizer state, ...) left out" if outside else "")
             + " (--all keeps everything, --key PATH picks another part)"
         )

@@ -49,8 +49,14 @@ class ChunkSource:
     chunk k+2 is requested (so it can be worked on while the next one is read).
     """
 
-    def __init__(self, reader: Reader, t: TensorInfo, chunk_bytes: int, buf: bytearray | None = None,
-                 bufs: list[bytearray] | None = None):
+    def __init__(
+        self,
+        reader: Reader,
+        t: TensorInfo,
+        chunk_bytes: int,
+        buf: bytearray | None = None,
+        bufs: list[bytearray] | None = None,
+    ):
         self.reader = reader
         self.t = t
         self.chunk_bytes = max(1, chunk_bytes)
@@ -108,9 +114,7 @@ class ChunkSource:
                 yield bytes(pending[:size])
                 del pending[:size]
         if total != self.t.nbytes:
-            raise CorruptFile(
-                f"tensor {self.t.name!r}: got {total} bytes, expected {self.t.nbytes}", self.reader.path
-            )
+            raise CorruptFile(f"tensor {self.t.name!r}: got {total} bytes, expected {self.t.nbytes}", self.reader.path)
         if pending:
             yield bytes(pending)
 
@@ -200,8 +204,11 @@ def pread_into(fd: int, view: memoryview, offset: int, file: str, name: str | No
         n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
             what = f"tensor {name!r}: file" if name is not None else "file"
-            raise CorruptFile(f"{what} ends at byte {offset + got}, expected data up to byte "
-                              f"{offset + len(view) if end is None else end}", file)
+            raise CorruptFile(
+                f"{what} ends at byte {offset + got}, expected data up to byte "
+                f"{offset + len(view) if end is None else end}",
+                file,
+            )
         got += n
 
 
@@ -245,7 +252,7 @@ class FileView:
             self._mm = None
         if self._mm is not None:
             self._mv = memoryview(self._mm)
-            self.view = self._mv[offset - start: offset - start + length]
+            self.view = self._mv[offset - start : offset - start + length]
             return
         self.view = memoryview(tls_buffer(slot, length))[:length]
         pread_into(fd, self.view, offset, file, name)

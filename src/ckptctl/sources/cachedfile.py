@@ -89,7 +89,7 @@ class CachedFile(io.RawIOBase):
                 self._ahead = self.block
             data = self.src.pread(i * self.block, (j - i + 1) * self.block)
             for k in range(i, j + 1):
-                self._blocks[k] = data[(k - i) * self.block:(k - i + 1) * self.block]
+                self._blocks[k] = data[(k - i) * self.block : (k - i + 1) * self.block]
             self._seq_next = j + 1
             while len(self._blocks) > self.max_blocks:
                 self._blocks.popitem(last=False)
@@ -113,7 +113,7 @@ class CachedFile(io.RawIOBase):
                 parts = [self._blocks[i] for i in range(first, last + 1)]
                 buf = parts[0] if len(parts) == 1 else b"".join(parts)
                 off = start - first * self.block
-                data = buf[off:off + (end - start)]
+                data = buf[off : off + (end - start)]
         self.pos = start + len(data)
         return data
 

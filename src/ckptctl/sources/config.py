@@ -18,11 +18,17 @@ if TYPE_CHECKING:
 
 # protocol -> the ckptctl extra that installs its fsspec file system
 EXTRAS = {
-    "s3": "s3", "s3a": "s3",
-    "gs": "gcs", "gcs": "gcs",
-    "az": "azure", "abfs": "azure", "abfss": "azure", "adl": "azure",
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
     "hf": "hf",
-    "http": "http", "https": "http",
+    "http": "http",
+    "https": "http",
 }
 SECRET_KEYS = ("key", "secret", "token", "password", "passwd", "credential", "sas", "signature", "account_key")
 
@@ -111,15 +117,27 @@ def redact(message: str) -> str:
 
 
 _USERINFO = re.compile(r"(://[^/\s:@]+:)[^/\s@]+@")
-_SIGNED = re.compile(r"([?&](?:X-Amz-Signature|X-Amz-Security-Token|X-Amz-Credential|X-Goog-Signature|X-Goog-Credential"
-                     r"|sig|signature|token|access_token|api_key|key)=)[^&\s'\"]+", re.IGNORECASE)
+_SIGNED = re.compile(
+    r"([?&](?:X-Amz-Signature|X-Amz-Security-Token|X-Amz-Credential|X-Goog-Signature|X-Goog-Credential"
+    r"|sig|signature|token|access_token|api_key|key)=)[^&\s'\"]+",
+    re.IGNORECASE,
+)
 
 
 def _fs(path: RemotePath) -> tuple[Any, str]:
     """The fsspec file system of a URL (one per protocol and invocation) and the path inside it."""
     proto = path.protocol
-    env = tuple(os.environ.get(v) for v in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
-                                            "CKPTCTL_TIMEOUT", "HF_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"))
+    env = tuple(
+        os.environ.get(v)
+        for v in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_PROFILE",
+            "CKPTCTL_TIMEOUT",
+            "HF_TOKEN",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+        )
+    )
     cache_key = f"{proto}|{sorted(_options.items(), key=str)!r}|{env!r}"
     with _lock:
         fs = _fs_cache.get(cache_key)
@@ -167,5 +185,9 @@ def _default_timeouts(proto: str, opts: dict) -> None:
     elif proto in ("s3", "s3a") and "config_kwargs" not in opts:
         # 32 connections: ls reads 16 headers at once and a multipart upload keeps 8 parts in
         # flight; botocore's default pool of 10 capped ls at 10 requests in flight
-        opts["config_kwargs"] = {"connect_timeout": t, "read_timeout": t, "retries": {"max_attempts": 2},
-                                 "max_pool_connections": 32}
+        opts["config_kwargs"] = {
+            "connect_timeout": t,
+            "read_timeout": t,
+            "retries": {"max_attempts": 2},
+            "max_pool_connections": 32,
+        }

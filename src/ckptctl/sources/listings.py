@@ -56,8 +56,11 @@ def _listing(path: RemotePath) -> dict[str, dict] | None:
         return None
     out: dict[str, dict] | None = None
     pp = p.rstrip("/")
-    if entries and not (len(entries) == 1 and entries[0].get("type") != "directory"
-                        and str(entries[0].get("name", "")).rstrip("/") == pp):  # ls of a file: no folder
+    if entries and not (
+        len(entries) == 1
+        and entries[0].get("type") != "directory"
+        and str(entries[0].get("name", "")).rstrip("/") == pp
+    ):  # ls of a file: no folder
         out = {}
         for entry in entries:
             full = str(entry.get("name", "")).rstrip("/")

@@ -44,7 +44,7 @@ def _url_of(path) -> str | None:
             return text
         m = _COLLAPSED.match(text)
         if m and isinstance(path, Path):
-            return f"{m.group(1)}://{text[m.end():]}"
+            return f"{m.group(1)}://{text[m.end() :]}"
     return None
 
 
@@ -95,7 +95,7 @@ class RemotePath(os.PathLike):
         if not m:
             raise ValueError(f"not a URL: {url}")
         self.protocol = m.group(1).lower()
-        rest = url[m.end():]
+        rest = url[m.end() :]
         while rest.endswith("/") and rest.count("/") > 0 and len(rest) > 1:
             rest = rest[:-1]
         self.url = f"{m.group(1)}://{rest}"
@@ -197,7 +197,7 @@ class RemotePath(os.PathLike):
             return PurePosixPath(".")
         if not self.url.startswith(base + "/"):
             raise ValueError(f"{self.url} is not below {base}")
-        return PurePosixPath(self.url[len(base) + 1:])
+        return PurePosixPath(self.url[len(base) + 1 :])
 
     # -- questions answered from listings -------------------------------------------------------
     def _entry(self) -> dict | None:
@@ -286,8 +286,9 @@ class RemoteSource:
         self._wsize = BLOCK
         if self.path.protocol in ("http", "https") and self.size:
             # fsspec's HTTPFile checks each answer is the range asked for, without reading the body
-            self._http = _call(self.url, self.fs.open, self.key, "rb", block_size=BLOCK, cache_type="none",
-                               size=self.size)
+            self._http = _call(
+                self.url, self.fs.open, self.key, "rb", block_size=BLOCK, cache_type="none", size=self.size
+            )
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("a remote object has no file descriptor")
@@ -311,8 +312,11 @@ class RemoteSource:
             return b""
         data = _call(self.url, self._get, offset, end)
         if len(data) < end - offset:
-            raise CorruptFile(f"the server sent {len(data)} bytes for a {end - offset}-byte range "
-                              "(object changed or connection cut?)", self.url)
+            raise CorruptFile(
+                f"the server sent {len(data)} bytes for a {end - offset}-byte range "
+                "(object changed or connection cut?)",
+                self.url,
+            )
         return data
 
     def read_ahead(self, offset: int, n: int) -> bytes:
@@ -329,7 +333,7 @@ class RemoteSource:
         with self._wlock:
             ws, wb = self._wstart, self._wbuf
             if wb is not None and ws <= offset and end <= ws + len(wb):
-                return wb[offset - ws:end - ws]
+                return wb[offset - ws : end - ws]
             sequential = wb is not None and ws <= offset <= ws + len(wb) + BLOCK
             self._wsize = min(self._wsize * 4, WINDOW) if sequential else BLOCK
             stop = min(self.size, max(end, offset + self._wsize))
@@ -373,12 +377,12 @@ class RemoteSource:
         if length <= WINDOW:
             data = self.read_ahead(offset, length)
             for i in range(0, length, chunk):
-                yield data[i:i + chunk]
+                yield data[i : i + chunk]
             return
         piece = min(chunk, PIECE)
         for data in self._pieces(offset, end):
             for i in range(0, len(data), piece):
-                yield data[i:i + piece]
+                yield data[i : i + piece]
 
     def open(self) -> CachedFile:
         return CachedFile(self)

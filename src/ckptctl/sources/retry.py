@@ -43,9 +43,18 @@ def _transient(e: BaseException) -> bool:
     if st is not None:
         return st >= 500 or st == 429
     return isinstance(e, (TimeoutError, ConnectionError, OSError)) or type(e).__name__ in (
-        "ServerDisconnectedError", "ClientConnectionError", "ClientOSError", "ClientPayloadError",
-        "ServerTimeoutError", "ConnectionTimeoutError", "SocketTimeoutError", "ReadTimeoutError",
-        "ConnectTimeoutError", "EndpointConnectionError", "ConnectionClosedError")
+        "ServerDisconnectedError",
+        "ClientConnectionError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ServerTimeoutError",
+        "ConnectionTimeoutError",
+        "SocketTimeoutError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+    )
 
 
 def remote_error(e: BaseException, url) -> CkptError:
@@ -53,8 +62,12 @@ def remote_error(e: BaseException, url) -> CkptError:
     if isinstance(e, CkptError):
         return e
     cause = e.__cause__ or e.__context__
-    if isinstance(e, FileNotFoundError) and cause is not None and _status(cause) != 404 \
-            and not isinstance(cause, FileNotFoundError):
+    if (
+        isinstance(e, FileNotFoundError)
+        and cause is not None
+        and _status(cause) != 404
+        and not isinstance(cause, FileNotFoundError)
+    ):
         return remote_error(cause, url)  # fsspec's HTTP info says "not found" for 403s and timeouts too
     text = redact(str(e))
     low = text.lower()
@@ -64,19 +77,31 @@ def remote_error(e: BaseException, url) -> CkptError:
         what = "no such bucket" if "bucket" in low else "no such object (key or URL not found)"
         return NoSuchObject(what, url)
     if name in ("NoCredentialsError", "PartialCredentialsError"):
-        return NotFound("no credentials found (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                        "~/.aws/config; or --storage-option anon=true for a public bucket)", url)
+        return NotFound(
+            "no credentials found (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "~/.aws/config; or --storage-option anon=true for a public bucket)",
+            url,
+        )
     if isinstance(e, PermissionError) or st in (401, 403) or "accessdenied" in low or "forbidden" in low:
         return AccessDenied("access denied (check credentials: AWS_PROFILE, --storage-option ...)", url)
     if isinstance(e, TimeoutError) or "timeout" in name.lower() or "timed out" in low:
         return CkptError(f"timed out after {RETRIES} attempts (CKPTCTL_TIMEOUT={timeout_seconds():g}s)", url)
     if "range requests" in low:
-        return RangeIgnored("the server ignores HTTP Range requests (it sends the whole object); ckptctl "
-                            "reads only the bytes it needs and refuses to download it all", url)
-    if name in ("ClientPayloadError", "ContentLengthError", "IncompleteRead", "ResponseStreamingError") \
-            or isinstance(e, ConnectionResetError) or "connection reset" in low:
-        return CkptError(f"connection cut half way through a read, {RETRIES} attempts (server reset or closed "
-                         "it before the whole range arrived)", url)
+        return RangeIgnored(
+            "the server ignores HTTP Range requests (it sends the whole object); ckptctl "
+            "reads only the bytes it needs and refuses to download it all",
+            url,
+        )
+    if (
+        name in ("ClientPayloadError", "ContentLengthError", "IncompleteRead", "ResponseStreamingError")
+        or isinstance(e, ConnectionResetError)
+        or "connection reset" in low
+    ):
+        return CkptError(
+            f"connection cut half way through a read, {RETRIES} attempts (server reset or closed "
+            "it before the whole range arrived)",
+            url,
+        )
     if isinstance(e, (ConnectionError,)) or "connect" in name.lower() or "disconnect" in name.lower():
         return CkptError(f"connection failed after {RETRIES} attempts ({text or name})", url)
     if st is not None:

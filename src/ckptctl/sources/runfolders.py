@@ -45,7 +45,7 @@ def prefetch_tree(path) -> bool:
     base = rp.url.split("://", 1)[1]
     tree: dict[str, dict[str, dict]] = {}
     for obj, info in objects:
-        parts = obj.url.split("://", 1)[1][len(base) + 1:].split("/")
+        parts = obj.url.split("://", 1)[1][len(base) + 1 :].split("/")
         cur = base
         for i, part in enumerate(parts):
             child = f"{cur}/{part}"

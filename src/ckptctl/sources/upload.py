@@ -115,8 +115,16 @@ class Upload:
         self._parts.append(self._pool.submit(self._upload_part, number, data))
 
     def _upload_part(self, number: int, data: bytes) -> dict:
-        resp = _call(self.url, self.fs.call_s3, "upload_part", Bucket=self.bucket, Key=self.obj,
-                     UploadId=self._mpu, PartNumber=number, Body=data)
+        resp = _call(
+            self.url,
+            self.fs.call_s3,
+            "upload_part",
+            Bucket=self.bucket,
+            Key=self.obj,
+            UploadId=self._mpu,
+            PartNumber=number,
+            Body=data,
+        )
         with _lock:
             STATS["sent"] = STATS.get("sent", 0) + len(data)
             STATS["parts"] = STATS.get("parts", 0) + 1
@@ -147,8 +155,15 @@ class Upload:
                     self._send(bytes(self._buf))
                     self._buf = bytearray()
                 parts = [f.result() for f in self._parts]
-                _call(self.url, self.fs.call_s3, "complete_multipart_upload", Bucket=self.bucket, Key=self.obj,
-                      UploadId=self._mpu, MultipartUpload={"Parts": parts})
+                _call(
+                    self.url,
+                    self.fs.call_s3,
+                    "complete_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=self.obj,
+                    UploadId=self._mpu,
+                    MultipartUpload={"Parts": parts},
+                )
         except BaseException:
             self.abort()
             raise
@@ -172,8 +187,14 @@ class Upload:
                 pass
         if self._mpu is not None:
             try:
-                _call(self.url, self.fs.call_s3, "abort_multipart_upload", Bucket=self.bucket, Key=self.obj,
-                      UploadId=self._mpu)
+                _call(
+                    self.url,
+                    self.fs.call_s3,
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=self.obj,
+                    UploadId=self._mpu,
+                )
             except CkptError:
                 pass
             self._mpu = None

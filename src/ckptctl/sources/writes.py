@@ -109,7 +109,7 @@ def clean_stale_remote(target) -> list[str]:
     except CkptError:
         listing_ = {}
     for name, e in listing_.items():
-        if name.startswith(prefix) and _stale(name[len(prefix):], now - _mtime(e) if _mtime(e) else None):
+        if name.startswith(prefix) and _stale(name[len(prefix) :], now - _mtime(e) if _mtime(e) else None):
             url = rp.parent / name
             try:
                 fs2, k = _fs(url)
@@ -125,14 +125,15 @@ def clean_stale_remote(target) -> list[str]:
         except CkptError:
             resp = {}
         for u in resp.get("Uploads", []) or []:
-            rest = u["Key"][len(folder + prefix):].split("/", 1)[0]
+            rest = u["Key"][len(folder + prefix) :].split("/", 1)[0]
             started = u.get("Initiated")
             age = now - started.timestamp() if hasattr(started, "timestamp") else None
             if _stale(rest, age):
                 url = RemotePath(f"{rp.protocol}://{bucket}/{u['Key']}")
                 try:
-                    _call(url, fs.call_s3, "abort_multipart_upload", Bucket=bucket, Key=u["Key"],
-                          UploadId=u["UploadId"])
+                    _call(
+                        url, fs.call_s3, "abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]
+                    )
                 except CkptError:
                     continue
                 removed.append(f"{url} (unfinished upload)")

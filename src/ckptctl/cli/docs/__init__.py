@@ -34,9 +34,26 @@ from ckptctl.cli.docs.model import (
     split_epilog,
 )
 
-__all__ = ["HELP_COLUMNS", "PROG", "SHELLS", "SNAPSHOT_DIR", "command_tree", "generate", "help_text", "main",
-           "md_markup", "plain", "render_man", "render_markdown", "roff_markup", "roff_text", "snapshot_name",
-           "split_epilog", "stale", "write"]
+__all__ = [
+    "HELP_COLUMNS",
+    "PROG",
+    "SHELLS",
+    "SNAPSHOT_DIR",
+    "command_tree",
+    "generate",
+    "help_text",
+    "main",
+    "md_markup",
+    "plain",
+    "render_man",
+    "render_markdown",
+    "roff_markup",
+    "roff_text",
+    "snapshot_name",
+    "split_epilog",
+    "stale",
+    "write",
+]
 
 
 # ---- help snapshots and completion scripts (through the CLI itself) -----------------------------
@@ -101,9 +118,7 @@ def _orphans(root: Path, files: dict[str, str]) -> list[str]:
     d = root / SNAPSHOT_DIR
     if not d.is_dir():
         return []
-    return sorted(
-        f"{SNAPSHOT_DIR}/{p.name}" for p in d.glob("help_*.txt") if f"{SNAPSHOT_DIR}/{p.name}" not in files
-    )
+    return sorted(f"{SNAPSHOT_DIR}/{p.name}" for p in d.glob("help_*.txt") if f"{SNAPSHOT_DIR}/{p.name}" not in files)
 
 
 def stale(root: Path, files: dict[str, str]) -> list[tuple[str, str]]:
@@ -161,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             if a.diff and rel in files:
                 p = root / rel
                 old = p.read_text(encoding="utf-8").splitlines(keepends=True) if p.is_file() else []
-                sys.stdout.writelines(difflib.unified_diff(old, files[rel].splitlines(keepends=True),
-                                                           f"a/{rel}", f"b/{rel}"))
+                sys.stdout.writelines(
+                    difflib.unified_diff(old, files[rel].splitlines(keepends=True), f"a/{rel}", f"b/{rel}")
+                )
         if bad:
-            print(f"{len(bad)} generated file(s) out of date in {root}: run `python -m ckptctl.cli.docs`",
-                  file=sys.stderr)
+            print(
+                f"{len(bad)} generated file(s) out of date in {root}: run `python -m ckptctl.cli.docs`", file=sys.stderr
+            )
             return 1
         print(f"all {len(files)} generated files are up to date", file=sys.stderr)
         return 0

@@ -23,7 +23,7 @@ def md_markup(markup: str) -> str:
     out = []
     for text, style in runs(markup):
         lead = text[: len(text) - len(text.lstrip())]
-        trail = text[len(text.rstrip()):]
+        trail = text[len(text.rstrip()) :]
         core = text.strip()
         if not core or style == "":
             out.append(text)
@@ -42,7 +42,9 @@ def _md_paragraphs(markup: str) -> list[str]:
     out = []
     for par in paragraphs(markup):
         if is_pre(par):
-            out.append("```\n" + "\n".join(ln.strip() for ln in plain(par).strip("\b").split("\n") if ln.strip()) + "\n```")
+            out.append(
+                "```\n" + "\n".join(ln.strip() for ln in plain(par).strip("\b").split("\n") if ln.strip()) + "\n```"
+            )
         else:
             out.append(md_markup(" ".join(ln.strip() for ln in par.split("\n"))))
     return out
@@ -73,8 +75,11 @@ def render_markdown(tree: CommandDoc, version: str) -> str:
     ]
     L += [p + "\n" for p in _md_paragraphs(tree.help)]
     L += ["```", tree.synopsis(), "```", ""]
-    L += ["Global options go before the command; `-q`, `-v` and `--no-color` also work after it. "
-          "Every command takes `-h`/`--help`.", ""]
+    L += [
+        "Global options go before the command; `-q`, `-v` and `--no-color` also work after it. "
+        "Every command takes `-h`/`--help`.",
+        "",
+    ]
     L += _md_params(tree.options, "Global options")
     L += ["## Commands", "", "| command | |", "|---|---|"]
     for c in tree.commands:

@@ -18,10 +18,12 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[@-Z\\-_]"
 
 ENVIRONMENT = [
     ("CKPTCTL_DEBUG", "Set to 1 to print the full traceback along with an error message."),
-    ("NO_COLOR", "When set (to anything but the empty string), no colour in any output; the same "
-                 "as --no-color. Tables are plain text whenever stdout is not a terminal."),
-    ("COLUMNS", "Width of the terminal in characters; tables elide long names to fit it "
-                "(--wide shows them in full)."),
+    (
+        "NO_COLOR",
+        "When set (to anything but the empty string), no colour in any output; the same "
+        "as --no-color. Tables are plain text whenever stdout is not a terminal.",
+    ),
+    ("COLUMNS", "Width of the terminal in characters; tables elide long names to fit it (--wide shows them in full)."),
     ("TERM", "With TERM=dumb there are no progress bars."),
     ("_CKPTCTL_COMPLETE", "Used by the shell completion scripts to ask ckptctl for completions."),
 ]
@@ -134,14 +136,26 @@ def _param_doc(p) -> ParamDoc | None:
         # --verify/--no-verify: say which one holds when neither is given
         longest = lambda opts: max(opts, key=len)  # noqa: E731
         default = longest(p.opts) if d else longest(p.secondary_opts)
-    if (not getattr(p, "required", False) and getattr(p, "show_default", True) is not False
-            and not callable(d) and d not in (None, False, (), []) and not is_flag):
+    if (
+        not getattr(p, "required", False)
+        and getattr(p, "show_default", True) is not False
+        and not callable(d)
+        and d not in (None, False, (), [])
+        and not is_flag
+    ):
         d = getattr(d, "value", d)
         default = ", ".join(str(getattr(x, "value", x)) for x in d) if isinstance(d, (list, tuple)) else str(d)
     return ParamDoc(
-        kind=kind, name=p.name, opts=list(p.opts), secondary_opts=list(getattr(p, "secondary_opts", [])),
-        metavar=metavar, help=getattr(p, "help", None) or "", default=default, choices=choices,
-        required=bool(getattr(p, "required", False)), multiple=bool(getattr(p, "multiple", False)),
+        kind=kind,
+        name=p.name,
+        opts=list(p.opts),
+        secondary_opts=list(getattr(p, "secondary_opts", [])),
+        metavar=metavar,
+        help=getattr(p, "help", None) or "",
+        default=default,
+        choices=choices,
+        required=bool(getattr(p, "required", False)),
+        multiple=bool(getattr(p, "multiple", False)),
         nargs=int(getattr(p, "nargs", 1) or 1),
     )
 
@@ -165,8 +179,12 @@ def _command_doc(cmd, name: str, path: str) -> CommandDoc:
     help_text = _clean_help(getattr(cmd, "help", None))
     short = getattr(cmd, "short_help", None) or (paragraphs(help_text)[0] if help_text else "")
     doc = CommandDoc(
-        name=name, path=path, help=help_text, short_help=_clean_help(short),
-        epilog=_clean_help(getattr(cmd, "epilog", None)), params=params,
+        name=name,
+        path=path,
+        help=help_text,
+        short_help=_clean_help(short),
+        epilog=_clean_help(getattr(cmd, "epilog", None)),
+        params=params,
     )
     subs = getattr(cmd, "commands", None)
     if isinstance(subs, dict):
@@ -295,17 +313,24 @@ def exit_status(tree: CommandDoc) -> list[tuple[str, str]]:
     names = {c.name for c in tree.commands}
     rows = [
         ("0", "Success."),
-        ("1", "Failure: a file that is missing, not a checkpoint, corrupt, unsafe to load, or inputs "
-              "that cannot be combined. One line on stderr says which file and why."),
+        (
+            "1",
+            "Failure: a file that is missing, not a checkpoint, corrupt, unsafe to load, or inputs "
+            "that cannot be combined. One line on stderr says which file and why.",
+        ),
         ("2", "Usage error: an unknown option, a bad value, or a contradictory request."),
         ("130", "Interrupted (Ctrl-C)."),
     ]
     if "diff" in names:
-        rows.append(("diff", "Like diff(1): 0 when the checkpoints are equal, 1 when they differ, "
-                             "2 on an error."))
+        rows.append(("diff", "Like diff(1): 0 when the checkpoints are equal, 1 when they differ, 2 on an error."))
     if "scan" in names:
-        rows.append(("scan", "1 when a file asks for a dangerous global (code that would run when it "
-                             "is loaded with pickle or torch.load)."))
+        rows.append(
+            (
+                "scan",
+                "1 when a file asks for a dangerous global (code that would run when it "
+                "is loaded with pickle or torch.load).",
+            )
+        )
     return rows
 
 

@@ -21,7 +21,9 @@ class Buffered:
 
     path: Any
 
-    def __init__(self, source: bytes | bytearray | memoryview | Any, start: int, end: int | None, preload: bytes) -> None:
+    def __init__(
+        self, source: bytes | bytearray | memoryview | Any, start: int, end: int | None, preload: bytes
+    ) -> None:
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._file = None
             buf = bytes(source)

@@ -136,8 +136,7 @@ class Machine(Buffered, Semantics):
             if "pop" in str(e) or "list index" in str(e):
                 self._fail("stack underflow (an opcode needs more objects than the pickle pushed)")
             self._fail(f"an opcode's argument runs past the end ({e})")
-        except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, AttributeError,
-                EOFError) as e:
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, AttributeError, EOFError) as e:
             self._fail(f"{type(e).__name__}: {e}")
 
     def _run(self) -> Any:  # noqa: C901 - one opcode loop

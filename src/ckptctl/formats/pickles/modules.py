@@ -11,10 +11,14 @@ from ckptctl.formats.pickles.records import Opaque
 
 _MODULE_KEYS = ("_parameters", "_buffers", "_modules")
 _COMPILE_WRAPPERS = {"torch._dynamo.eval_frame.OptimizedModule"}
-_DATA_PARALLEL = {"torch.nn.parallel.data_parallel.DataParallel",
-                  "torch.nn.parallel.distributed.DistributedDataParallel"}
-_WRAPPER_PREFIXES = {"module.": "a DataParallel/DistributedDataParallel wrapper",
-                     "_orig_mod.": "a torch.compile wrapper"}
+_DATA_PARALLEL = {
+    "torch.nn.parallel.data_parallel.DataParallel",
+    "torch.nn.parallel.distributed.DistributedDataParallel",
+}
+_WRAPPER_PREFIXES = {
+    "module.": "a DataParallel/DistributedDataParallel wrapper",
+    "_orig_mod.": "a torch.compile wrapper",
+}
 MAX_MODULES = 500  # modules described in the metadata
 
 
@@ -99,8 +103,10 @@ class _ModuleView:
 
 
 def wrapper_hint(prefix: str, where: str = "") -> str:
-    return (f"{where}every name starts with {prefix!r} ({_WRAPPER_PREFIXES[prefix]}): names are kept as "
-            f"the wrapper's state_dict() gives them; --strip-prefix {prefix} gives the inner model's names")
+    return (
+        f"{where}every name starts with {prefix!r} ({_WRAPPER_PREFIXES[prefix]}): names are kept as "
+        f"the wrapper's state_dict() gives them; --strip-prefix {prefix} gives the inner model's names"
+    )
 
 
 # ---- TorchScript class declarations ------------------------------------------------------------

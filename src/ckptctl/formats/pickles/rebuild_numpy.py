@@ -17,10 +17,26 @@ from ckptctl.formats.pickles.records import (
 )
 
 _NUMPY_NAMES = {
-    "bool": "b1", "bool_": "b1", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2",
-    "int32": "i4", "uint32": "u4", "int64": "i8", "uint64": "u8", "float16": "f2",
-    "float32": "f4", "float64": "f8", "complex64": "c8", "complex128": "c16",
-    "half": "f2", "single": "f4", "double": "f8", "float": "f8", "int": "i8",
+    "bool": "b1",
+    "bool_": "b1",
+    "int8": "i1",
+    "uint8": "u1",
+    "int16": "i2",
+    "uint16": "u2",
+    "int32": "i4",
+    "uint32": "u4",
+    "int64": "i8",
+    "uint64": "u8",
+    "float16": "f2",
+    "float32": "f4",
+    "float64": "f8",
+    "complex64": "c8",
+    "complex128": "c16",
+    "half": "f2",
+    "single": "f4",
+    "double": "f8",
+    "float": "f8",
+    "int": "i8",
 }
 
 

@@ -33,7 +33,9 @@ def _dtype_of_global(g: Any, m: MachineLike) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def _tensor(m: MachineLike, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None, fn: str) -> TensorRecord:
+def _tensor(
+    m: MachineLike, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None, fn: str
+) -> TensorRecord:
     # what torch writes: tuples of non-negative ints, checked inline (this runs once per tensor:
     # 10^5 times in a mixture-of-experts checkpoint); anything else goes through _ints' messages
     shape, strides = size, stride
@@ -119,7 +121,9 @@ def _h_first_tensor(m: MachineLike, g: Global, a: tuple, kw) -> Any:
         if g.name == "_rebuild_device_tensor_from_cpu_tensor" and len(a) > 1 and isinstance(t, TensorRecord):
             want = _dtype_of_global(a[1], m)
             if want != t.dtype:
-                m.warnings.append(f"a tensor is cast from {t.dtype} to {want} when torch loads it; listed as stored ({t.dtype})")
+                m.warnings.append(
+                    f"a tensor is cast from {t.dtype} to {want} when torch loads it; listed as stored ({t.dtype})"
+                )
         return t
     return Opaque(g.full, a, kw)
 

@@ -18,8 +18,14 @@ class PickleError(CorruptFile):
     finds in the rest of the failing pickle: a loader more lenient than ours could reach them.
     """
 
-    def __init__(self, message: str, path=None, globals: list[str] | None = None, pos: int | None = None,
-                 more_globals: list[str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        path=None,
+        globals: list[str] | None = None,
+        pos: int | None = None,
+        more_globals: list[str] | None = None,
+    ):
         super().__init__(message, path)
         self.globals = list(globals or [])
         self.pos = pos
@@ -164,12 +170,35 @@ class PersistentRef:
 
 
 _NUMPY_CODES = {
-    "b1": "bool", "i1": "int8", "u1": "uint8", "i2": "int16", "u2": "uint16", "i4": "int32",
-    "u4": "uint32", "i8": "int64", "u8": "uint64", "f2": "float16", "f4": "float32",
-    "f8": "float64", "c8": "complex64", "c16": "complex128",
+    "b1": "bool",
+    "i1": "int8",
+    "u1": "uint8",
+    "i2": "int16",
+    "u2": "uint16",
+    "i4": "int32",
+    "u4": "uint32",
+    "i8": "int64",
+    "u8": "uint64",
+    "f2": "float16",
+    "f4": "float32",
+    "f8": "float64",
+    "c8": "complex64",
+    "c16": "complex128",
 }
-_STRUCT = {"b1": "?", "i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I", "i8": "q",
-           "u8": "Q", "f2": "e", "f4": "f", "f8": "d"}
+_STRUCT = {
+    "b1": "?",
+    "i1": "b",
+    "u1": "B",
+    "i2": "h",
+    "u2": "H",
+    "i4": "i",
+    "u4": "I",
+    "i8": "q",
+    "u8": "Q",
+    "f2": "e",
+    "f4": "f",
+    "f8": "d",
+}
 
 
 def numpy_torch_dtype(dt: NumpyDtype | None) -> str | None:

@@ -33,13 +33,35 @@ HANDLERS = _HANDLERS
 
 # Calls that unpickle data the pickle itself carries. Their argument, when a constant, is a whole
 # nested pickle (or torch archive) that `scan` walks; the calls themselves are classified by name.
-NESTED_LOADERS = frozenset({
-    "pickle.loads", "pickle.load", "pickle._loads", "pickle._load", "_pickle.loads", "_pickle.load",
-    "cPickle.loads", "cPickle.load", "dill.loads", "dill.load", "dill._dill.loads", "dill._dill.load",
-    "cloudpickle.loads", "cloudpickle.load", "cloudpickle.cloudpickle.loads", "torch.storage._load_from_bytes",
-    "torch.load", "torch.serialization.load", "numpy.loads", "numpy.load", "joblib.load",
-    "pandas.read_pickle", "pandas.io.pickle.read_pickle", "pickle.Unpickler", "_pickle.Unpickler",
-})
+NESTED_LOADERS = frozenset(
+    {
+        "pickle.loads",
+        "pickle.load",
+        "pickle._loads",
+        "pickle._load",
+        "_pickle.loads",
+        "_pickle.load",
+        "cPickle.loads",
+        "cPickle.load",
+        "dill.loads",
+        "dill.load",
+        "dill._dill.loads",
+        "dill._dill.load",
+        "cloudpickle.loads",
+        "cloudpickle.load",
+        "cloudpickle.cloudpickle.loads",
+        "torch.storage._load_from_bytes",
+        "torch.load",
+        "torch.serialization.load",
+        "numpy.loads",
+        "numpy.load",
+        "joblib.load",
+        "pandas.read_pickle",
+        "pandas.io.pickle.read_pickle",
+        "pickle.Unpickler",
+        "_pickle.Unpickler",
+    }
+)
 
 
 def nested_payload(arg: Any) -> bytes | Span | None:
@@ -77,8 +99,10 @@ class Semantics:
         if t is tuple or t is frozenset:
             _check_depth(k, 0, self)
             return
-        if isinstance(k, (Global, Opaque, TensorRecord, StorageRef, NumpyArray, NumpyScalar,
-                          NumpyDtype, Span, PersistentRef, slice)):
+        if isinstance(
+            k,
+            (Global, Opaque, TensorRecord, StorageRef, NumpyArray, NumpyScalar, NumpyDtype, Span, PersistentRef, slice),
+        ):
             return
         self._fail(f"unhashable {t.__name__} used as a dict key or set item")
 

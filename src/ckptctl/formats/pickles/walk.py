@@ -98,7 +98,9 @@ class _Walker:
         if self.nodes > MAX_WALK_NODES:
             raise CorruptFile(
                 f"the pickle's object graph is too large to list (over {MAX_WALK_NODES:,} objects "
-                "through shared references)", self.path)
+                "through shared references)",
+                self.path,
+            )
         if isinstance(obj, TENSORISH):
             if isinstance(obj, NumpyArray) and numpy_torch_dtype(obj.dtype) is None:
                 self.obj(parts, f"numpy.ndarray[{obj.dtype.code if obj.dtype else '?'}]", obj)
@@ -149,8 +151,10 @@ class _Walker:
                     if not _is_leaf(v):
                         self.walk(v, parts + [_key_str(k)], ancestors, depth + 1)
                 st = obj.state
-                if st is not None and not isinstance(st, dict) and not (
-                    isinstance(st, tuple) and len(st) == 2 and (st[0] is None or isinstance(st[0], dict))
+                if (
+                    st is not None
+                    and not isinstance(st, dict)
+                    and not (isinstance(st, tuple) and len(st) == 2 and (st[0] is None or isinstance(st[0], dict)))
                 ):
                     if not _is_leaf(st):
                         self.walk(st, parts + ["state"], ancestors, depth + 1)
@@ -202,8 +206,9 @@ class _Walker:
     def _full(self, view: _ModuleView, name: str) -> str:
         return "/".join(view.parts + [name]) if view.parts else name
 
-    def module(self, mod: Opaque, view: _ModuleView, prefix: str, ancestors: set[int], depth: int,
-               parent_training: Any) -> None:
+    def module(
+        self, mod: Opaque, view: _ModuleView, prefix: str, ancestors: set[int], depth: int, parent_training: Any
+    ) -> None:
         """What nn.Module.state_dict() does: own parameters (None skipped), persistent buffers,
         then each child under `name.`; a module reached twice is listed twice, like torch does."""
         self.nodes += 1
@@ -252,8 +257,9 @@ class _Walker:
         st = obj.state
         return isinstance(st, dict) and "training" in st
 
-    def ts_module(self, mod: Opaque, view: _ModuleView, prefix: str, ancestors: set[int], depth: int,
-                  parent_training: Any) -> None:
+    def ts_module(
+        self, mod: Opaque, view: _ModuleView, prefix: str, ancestors: set[int], depth: int, parent_training: Any
+    ) -> None:
         """A TorchScript module object of data.pkl: attributes in its state; which tensors are
         parameters and buffers comes from the class's `__parameters__`/`__buffers__` lines."""
         assert self.ts is not None  # only TorchScript archives have TorchScript modules
@@ -333,7 +339,8 @@ class _Walker:
             self.out.warnings.append(
                 f"{'/'.join(base) + ': ' if base else ''}a whole pickled optimizer: its state is listed under "
                 f"optimizer.state_dict() names (state/<i>/...); the {len(params)} parameters it also holds "
-                "are listed as params/<i>")
+                "are listed as params/<i>"
+            )
 
 
 def _names_note(names: list[str], limit: int = 5) -> str:
@@ -352,16 +359,19 @@ def _finish_view(out: Described, view: _ModuleView, names: list[str]) -> None:
     if view.nonpersistent:
         out.warnings.append(
             f"{where}{len(view.nonpersistent)} non-persistent buffer(s) left out, as state_dict() does: "
-            f"{_names_note(view.nonpersistent)} (--raw-names lists them)")
+            f"{_names_note(view.nonpersistent)} (--raw-names lists them)"
+        )
     if view.attributes:
         out.warnings.append(
             f"{where}{len(view.attributes)} tensor attribute(s) that are neither parameters nor buffers left "
-            f"out, as state_dict() does: {_names_note(view.attributes)} (--raw-names lists them)")
+            f"out, as state_dict() does: {_names_note(view.attributes)} (--raw-names lists them)"
+        )
     if view.user_buffers:
         out.warnings.append(
             f"{where}a TorchScript archive does not record whether a buffer is persistent: "
             f"{_names_note(view.user_buffers)} listed; if the model's state_dict() leaves one out "
-            "(register_buffer(..., persistent=False)), --exclude it")
+            "(register_buffer(..., persistent=False)), --exclude it"
+        )
     if view.odd:
         out.warnings.append(f"{where}parameters or buffers that are not tensors, not listed: {_names_note(view.odd)}")
     prefix = None
@@ -391,7 +401,7 @@ def describe(root: Any, path=None, *, raw_names: bool = False, torchscript: dict
     out = w.out
     for view in w.views:
         base = "/".join(view.parts) + "/" if view.parts else ""
-        names = [n[len(base):] for n, _r, _a in out.tensors if n.startswith(base)]
+        names = [n[len(base) :] for n, _r, _a in out.tensors if n.startswith(base)]
         _finish_view(out, view, names)
     if w.more_objects:
         out.warnings.append(f"{w.more_objects} more opaque objects are not listed")
@@ -449,7 +459,8 @@ def _has_tensor(v: Any, depth: int = 0, budget: list | None = None) -> bool:
         return any(_has_tensor(x, depth + 1, budget) for x in v)
     if isinstance(v, Opaque):
         return any(_has_tensor(x, depth + 1, budget) for x in v.fields().values()) or any(
-            _has_tensor(x, depth + 1, budget) for x in (v.args or ()))
+            _has_tensor(x, depth + 1, budget) for x in (v.args or ())
+        )
     return False
 
 
@@ -496,16 +507,27 @@ def render(v: Any, depth: int = 0, budget: list | None = None) -> Any:
                 fields[k] = x
             return {_key_str(k): render(x, depth + 1, budget) for k, x in list(fields.items())[:500]}
         if v.type in _PATH_TYPES and v.args and all(isinstance(a, str) for a in v.args):
-            return "/".join(a.rstrip("/") if i == 0 and a != "/" else a for i, a in enumerate(v.args)).replace("//", "/")
+            return "/".join(a.rstrip("/") if i == 0 and a != "/" else a for i, a in enumerate(v.args)).replace(
+                "//", "/"
+            )
         return f"<{v.type}>"
     return f"<{type(v).__name__}>"
 
 
-_RECORD_TYPES = {"argparse.Namespace", "lightning.fabric.utilities.data.AttributeDict",
-                 "pytorch_lightning.utilities.parsing.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
-                 "types.SimpleNamespace"}
-_PATH_TYPES = {"pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path", "pathlib.PurePosixPath",
-               "pathlib.PureWindowsPath"}
+_RECORD_TYPES = {
+    "argparse.Namespace",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "types.SimpleNamespace",
+}
+_PATH_TYPES = {
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "pathlib.Path",
+    "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath",
+}
 _META_DICTS = {"hyper_parameters", "hparams", "datamodule_hyper_parameters", "args", "config", "cfg", "hparams_name"}
 _META_MAX_CHARS = 16384
 

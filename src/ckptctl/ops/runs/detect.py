@@ -50,8 +50,10 @@ def _checkpoint_layout(path: Path) -> str | None:
         if e.is_dir():
             if _dir_layout(entry_path(e)) is not None or _holds_checkpoints(entry_path(e)):
                 return None
-        elif e.is_file() and (e.name.endswith(INDEX_SUFFIXES) or (
-                _is_checkpoint_file_name(e.name) and not SHARD_NAME.search(strip_suffix(e.name)))):
+        elif e.is_file() and (
+            e.name.endswith(INDEX_SUFFIXES)
+            or (_is_checkpoint_file_name(e.name) and not SHARD_NAME.search(strip_suffix(e.name)))
+        ):
             models += 1
     return None if models >= 2 else layout
 

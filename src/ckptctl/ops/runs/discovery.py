@@ -94,8 +94,11 @@ def _remote_root(root) -> bool:
     if root.protocol in ("http", "https"):
         if root.is_file():  # one HEAD
             return False
-        raise CkptError("http(s) has no listing, so a run folder cannot be listed there; name its checkpoint "
-                        "files (or use s3://, gs://, az://, hf://)", root)
+        raise CkptError(
+            "http(s) has no listing, so a run folder cannot be listed there; name its checkpoint "
+            "files (or use s3://, gs://, az://, hf://)",
+            root,
+        )
     if prefetch_tree(root):
         return True
     if root.is_file() or layouts.names_checkpoint(root):
@@ -127,8 +130,13 @@ def _enrich(c: RunCheckpoint, read_info: bool) -> None:
 def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
     """Read every checkpoint's step, metrics and info. Parsing pickles is CPU-bound pure Python
     (~5 ms for a Lightning .ckpt): with many of them, forked workers share it across cores."""
-    heavy = [c for c in cks if read_info and c.layout not in ("orbax", "tf") and (
-        c.path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl") or c.layout in ("dcp", "deepspeed"))]
+    heavy = [
+        c
+        for c in cks
+        if read_info
+        and c.layout not in ("orbax", "tf")
+        and (c.path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl") or c.layout in ("dcp", "deepspeed"))
+    ]
     if cks and is_remote(cks[0].path):
         _enrich_threads(cks, read_info)
         return
@@ -143,7 +151,7 @@ def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
     heavy_ids = {id(c) for c in heavy}
     light = [c for c in cks if id(c) not in heavy_ids]
     size = max(4, -(-len(heavy) // (jobs * 4)))
-    batches = [heavy[i:i + size] for i in range(0, len(heavy), size)]
+    batches = [heavy[i : i + size] for i in range(0, len(heavy), size)]
     finished: set[int] = set()
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -186,8 +194,14 @@ def _enrich_batch(batch: list[RunCheckpoint]) -> list[RunCheckpoint]:
 
 
 def sort_key(c: RunCheckpoint):
-    return (c.step is None, c.step if c.step is not None else 0, c.epoch is None, c.epoch or 0, c.mtime,
-            os.fspath(c.path))
+    return (
+        c.step is None,
+        c.step if c.step is not None else 0,
+        c.epoch is None,
+        c.epoch or 0,
+        c.mtime,
+        os.fspath(c.path),
+    )
 
 
 def _make_single(path: Path, run: Path) -> RunCheckpoint | None:
@@ -293,11 +307,22 @@ def _resolve_links(run: Run, root: Path) -> None:
 def _file_checkpoint(path: Path, run: Path) -> RunCheckpoint:
     mtime, size = _file_stats([path])
     layout = layouts.claim_file(path.name)  # lightning, keras, fairseq, ... else "file"
-    return RunCheckpoint(path=path, files=[path], step=None, step_source="none", format=None, size=size,
-                         mtime=mtime, run=run, layout=layout)
+    return RunCheckpoint(
+        path=path,
+        files=[path],
+        step=None,
+        step_source="none",
+        format=None,
+        size=size,
+        mtime=mtime,
+        run=run,
+        layout=layout,
+    )
 
 
-def _index_checkpoint(index: Path, folder: Path, claimed: set[str], warnings: list[str] | None = None) -> RunCheckpoint | None:
+def _index_checkpoint(
+    index: Path, folder: Path, claimed: set[str], warnings: list[str] | None = None
+) -> RunCheckpoint | None:
     doc = _read_json(index, 64 << 20)
     files = [index]
     claimed.add(index.name)
@@ -311,14 +336,33 @@ def _index_checkpoint(index: Path, folder: Path, claimed: set[str], warnings: li
                 if len(Path(shard).parts) == 1:
                     claimed.add(shard)
     mtime, size = _file_stats(files)
-    return RunCheckpoint(path=index, files=files, step=None, step_source="none", format=None, size=size,
-                         mtime=mtime, run=folder, layout="keras" if index.name.endswith(".weights.json") else "sharded")
+    return RunCheckpoint(
+        path=index,
+        files=files,
+        step=None,
+        step_source="none",
+        format=None,
+        size=size,
+        mtime=mtime,
+        run=folder,
+        layout="keras" if index.name.endswith(".weights.json") else "sharded",
+    )
 
 
 def _dir_checkpoint(path: Path, run: Path, layout: str) -> RunCheckpoint:
     files, dirs, mtime, size = _walk_files(path)
-    c = RunCheckpoint(path=path, files=files, step=None, step_source="none", format=None, size=size,
-                      mtime=mtime, run=run, layout=layout, dirs=dirs)
+    c = RunCheckpoint(
+        path=path,
+        files=files,
+        step=None,
+        step_source="none",
+        format=None,
+        size=size,
+        mtime=mtime,
+        run=run,
+        layout=layout,
+        dirs=dirs,
+    )
     names = {f.name for f in files if f.parent == path}
     if TMP_DIR.match(path.name):
         c.incomplete = True
@@ -330,7 +374,6 @@ def _dir_checkpoint(path: Path, run: Path, layout: str) -> RunCheckpoint:
         c.incomplete = True
         c.error = "incomplete: empty folder"
     return c
-
 
 
 # ---- copies and bests --------------------------------------------------------------------------

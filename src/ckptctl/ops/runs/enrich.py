@@ -67,8 +67,9 @@ def _read_info(c: RunCheckpoint) -> None:
 
 def primary_file(c: RunCheckpoint) -> Path | None:
     """The model file of a multi-file checkpoint folder whose reader cannot pick one itself."""
-    cands = [f for f in c.files if f.name.endswith(FILE_SUFFIXES) and not AUX_NAMES.match(f.name)
-             and not f.is_symlink()]
+    cands = [
+        f for f in c.files if f.name.endswith(FILE_SUFFIXES) and not AUX_NAMES.match(f.name) and not f.is_symlink()
+    ]
     if not cands:
         return None
     model = [f for f in cands if "model" in f.name]

@@ -16,8 +16,12 @@ from ckptctl.ops.runs.walk import entry_path, scandir
 def _explicit_step(name: str) -> bool:
     """The name says step/iter/epoch outright (`step_100`, `epoch=3`, `iter_0001000`)."""
     stem = strip_suffix(name)
-    return bool(STEP_PATTERNS[1].search(stem) or STEP_PATTERNS[2].search(stem) or EPOCH_PATTERN.search(stem)
-                or re.search(r"(?:^|[-_])(step|epoch)=", stem))
+    return bool(
+        STEP_PATTERNS[1].search(stem)
+        or STEP_PATTERNS[2].search(stem)
+        or EPOCH_PATTERN.search(stem)
+        or re.search(r"(?:^|[-_])(step|epoch)=", stem)
+    )
 
 
 def _has_checkpoint_file(path: Path, depth: int = 2) -> bool:

@@ -34,7 +34,9 @@ STEP_WORDS = {"step", "steps", "global_step", "batch", "iter", "iteration"}
 GENERIC_WORDS = {"w", "weights", "weight", "model", "ckpt", "checkpoint", "cp", "keras", "save", "saved", "run"}
 _METRIC_WORD = re.compile(
     r"^(val|train|test|eval|valid|validation)_|loss|acc|auc|mae|mse|rmse|mape|f1|precision|recall|iou|"
-    r"dice|ppl|perplexity|err|score|bleu|rouge|top\d|reward|crossentropy|kl", re.I)
+    r"dice|ppl|perplexity|err|score|bleu|rouge|top\d|reward|crossentropy|kl",
+    re.I,
+)
 
 
 def keras_stem(name: str) -> str | None:
@@ -77,7 +79,7 @@ def parse_keras_name(name: str) -> tuple[int | None, int | None, dict[str, float
         start = m.start()
         label = sep = None
         if prev_word is not None and (prev_num_end is None or prev_word[1] > prev_num_end):
-            gap = stem[prev_word[1]:start]
+            gap = stem[prev_word[1] : start]
             if re.fullmatch(r"[-_=:. ]?", gap):
                 label, sep = prev_word[0].rstrip("_"), gap
                 last = label.rsplit("_", 1)[-1]
@@ -99,8 +101,11 @@ def parse_keras_name(name: str) -> tuple[int | None, int | None, dict[str, float
             if not re.fullmatch(r"\d+", text):
                 continue
             low = (label or "").lower()
-            if label is None or low in GENERIC_WORDS or (sep and not _METRIC_WORD.search(low) and sep != "="
-                                                         and low not in STEP_WORDS):
+            if (
+                label is None
+                or low in GENERIC_WORDS
+                or (sep and not _METRIC_WORD.search(low) and sep != "=" and low not in STEP_WORDS)
+            ):
                 epoch, epoch_at = int(text), i
                 break
     metrics: dict[str, float] = {}
@@ -144,8 +149,11 @@ def keras_role(name: str) -> str | None:
         return None
     if _BEST.search(stem):
         return "best"
-    m = re.match(r"^(?:(?:model|weights|checkpoint|ckpt)[_-]?)?(last|latest|final)(?:[_-]?(?:model|weights|checkpoint|ckpt))?$",
-                 stem, re.I)
+    m = re.match(
+        r"^(?:(?:model|weights|checkpoint|ckpt)[_-]?)?(last|latest|final)(?:[_-]?(?:model|weights|checkpoint|ckpt))?$",
+        stem,
+        re.I,
+    )
     return m.group(1).lower() if m else None
 
 
@@ -171,8 +179,15 @@ def keras_twin(c: RunCheckpoint, cands: list[RunCheckpoint]) -> RunCheckpoint | 
     mine: list[tuple[str, int, int]] | None = None
     hits = []
     for s in cands:
-        if (s is c or s.layout != "keras" or s.run != c.run or s.size != c.size or s.error is not None
-                or not s.path.name.endswith(".keras") or len(s.files) != 1):
+        if (
+            s is c
+            or s.layout != "keras"
+            or s.run != c.run
+            or s.size != c.size
+            or s.error is not None
+            or not s.path.name.endswith(".keras")
+            or len(s.files) != 1
+        ):
             continue
         if mine is None:
             mine = _zip_members(c.path)

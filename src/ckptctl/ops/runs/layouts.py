@@ -17,10 +17,20 @@ if TYPE_CHECKING:
 
     from ckptctl.ops.runs.model import RunCheckpoint
 
-registry.register([
-    tf.LAYOUT, keras.LAYOUT, hf_trainer.LAYOUT, dcp.LAYOUT, orbax.LAYOUT, deepspeed.LAYOUT, lightning.LAYOUT,
-    fairseq.LAYOUT, generic.LAYOUT,
-], default=generic.LAYOUT)
+registry.register(
+    [
+        tf.LAYOUT,
+        keras.LAYOUT,
+        hf_trainer.LAYOUT,
+        dcp.LAYOUT,
+        orbax.LAYOUT,
+        deepspeed.LAYOUT,
+        lightning.LAYOUT,
+        fairseq.LAYOUT,
+        generic.LAYOUT,
+    ],
+    default=generic.LAYOUT,
+)
 LAYOUTS: list[Layout] = registry.LAYOUTS
 ALIAS_FILES = {n: lay for lay in LAYOUTS for n in lay.alias_files}
 for_layout = registry.for_layout  # the layout that owns a RunCheckpoint.layout value

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from ckptctl.ops.runs.model import RunCheckpoint
 
 
-_CB = re.compile(r"^callbacks/(?P<cb>ModelCheckpoint.*?)/(?P<field>monitor|best_model_score|best_model_path|current_score)$")
+_CB = re.compile(
+    r"^callbacks/(?P<cb>ModelCheckpoint.*?)/(?P<field>monitor|best_model_score|best_model_path|current_score)$"
+)
 
 
 def lightning_callbacks(c: RunCheckpoint, reader, info: CheckpointInfo, meta: dict[str, Any]) -> None:
@@ -44,8 +46,11 @@ def lightning_callbacks(c: RunCheckpoint, reader, info: CheckpointInfo, meta: di
             c.metrics[monitor] = cur
         best_path = d.get("best_model_path")
         if isinstance(best_path, str) and best_path:
-            ref: dict[str, Any] = {"source": f"Lightning ModelCheckpoint best_model_path ({monitor})",
-                                   "path": best_path, "monitor": monitor}
+            ref: dict[str, Any] = {
+                "source": f"Lightning ModelCheckpoint best_model_path ({monitor})",
+                "path": best_path,
+                "monitor": monitor,
+            }
             score = _as_float(d.get("best_model_score"))
             if score is not None:
                 ref["score"] = score

@@ -53,8 +53,11 @@ def _run_uses_markers(step_dir: Path) -> bool:
     parent = step_dir.parent
     try:
         for e in scandir(parent):
-            if e.is_dir(follow_symlinks=False) and ".orbax-checkpoint-tmp-" not in e.name \
-                    and isfile(entry_path(e) / COMMIT_MARKER):
+            if (
+                e.is_dir(follow_symlinks=False)
+                and ".orbax-checkpoint-tmp-" not in e.name
+                and isfile(entry_path(e) / COMMIT_MARKER)
+            ):
                 return True
     except OSError:
         return False

@@ -168,9 +168,19 @@ def scan_tf_groups(folder: Path, names: list[str], claimed: set[str], run: Run) 
         _, epoch, metrics = parse_name(prefix)
         if step is None:
             step = parse_name(prefix)[0]
-        c = RunCheckpoint(path=folder / prefix, files=files, step=step,
-                          step_source="name" if step is not None else "none", format=TF_FORMAT, size=size,
-                          mtime=mtime, metrics=metrics, run=folder, layout="tf", epoch=epoch)
+        c = RunCheckpoint(
+            path=folder / prefix,
+            files=files,
+            step=step,
+            step_source="name" if step is not None else "none",
+            format=TF_FORMAT,
+            size=size,
+            mtime=mtime,
+            metrics=metrics,
+            run=folder,
+            layout="tf",
+            epoch=epoch,
+        )
         shards: dict[int, int] = g["shards"]
         counts = set(shards.values())
         if g["index"] is None:
@@ -186,9 +196,11 @@ def scan_tf_groups(folder: Path, names: list[str], claimed: set[str], run: Run) 
             absent = [i for i in range(of) if i not in shards]
             if absent:
                 c.incomplete = True
-                c.error = ("incomplete: missing data shard(s) "
-                           + ", ".join(f"{prefix}.data-{i:05d}-of-{of:05d}" for i in absent[:3])
-                           + ("…" if len(absent) > 3 else ""))
+                c.error = (
+                    "incomplete: missing data shard(s) "
+                    + ", ".join(f"{prefix}.data-{i:05d}-of-{of:05d}" for i in absent[:3])
+                    + ("…" if len(absent) > 3 else "")
+                )
         run.checkpoints.append(c)
 
 
@@ -339,8 +351,13 @@ def plan_state(ckpts: list[RunCheckpoint]) -> list[StateRewrite]:
             continue
         dropped = [p for _, p in st.paths if _resolve_in(folder, p) in removed]
         if dropped:
-            out.append(StateRewrite(path=st.path, dropped=dropped,
-                                    error=None if st.problem is None else f"cannot be rewritten: {st.problem}"))
+            out.append(
+                StateRewrite(
+                    path=st.path,
+                    dropped=dropped,
+                    error=None if st.problem is None else f"cannot be rewritten: {st.problem}",
+                )
+            )
     return out
 
 
@@ -355,8 +372,12 @@ def rewrite_state(folder: Path, removed: set[str]) -> StateRewrite | None:
     st = read_state(folder)
     if st is None:
         return None
-    drop_idx = [k for k, (_, p) in enumerate(st.paths) if _resolve_in(folder, p) in removed
-                and not (st.latest is not None and _resolve_in(folder, st.latest) == _resolve_in(folder, p))]
+    drop_idx = [
+        k
+        for k, (_, p) in enumerate(st.paths)
+        if _resolve_in(folder, p) in removed
+        and not (st.latest is not None and _resolve_in(folder, st.latest) == _resolve_in(folder, p))
+    ]
     if not drop_idx:
         return None
     res = StateRewrite(path=st.path, dropped=[st.paths[k][1] for k in drop_idx])
