@@ -332,7 +332,7 @@ def test_fuzzed_malicious_pickles_never_run(tmp_path):
     payloads = _payloads(marker)
     f = tmp_path / "m.pkl"
     from ckptctl.formats import open_reader, pickles
-    from ckptctl.ops import scan as scan_mod
+    from ckptctl.ops import scan_walk as scan_mod
 
     @settings(
         max_examples=100,

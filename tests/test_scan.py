@@ -16,7 +16,8 @@ from conftest import REAL, cli, real_manifest
 
 from ckptctl.formats import open_reader
 from ckptctl.formats.pickles import PickleError
-from ckptctl.ops.scan import classify, scan
+from ckptctl.formats.pickles.safety import classify
+from ckptctl.ops.scan import scan
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

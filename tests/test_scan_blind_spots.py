@@ -23,7 +23,7 @@ import torch
 from conftest import cli
 
 from ckptctl.errors import CkptError
-from ckptctl.ops.scan import classify_pair
+from ckptctl.formats.pickles.safety import classify_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -386,7 +386,7 @@ def test_attribute_chains(module, name, cls):
 def test_module_reached_through_another_module(name, cls):
     """The 'module.name' strings inspect and ls classify: a known module's attribute reached
     through another module is dangerous; a package's own submodule names are not guessed at."""
-    from ckptctl.ops.scan import classify
+    from ckptctl.formats.pickles.safety import classify
 
     assert classify(name) == cls
 
@@ -416,7 +416,7 @@ def test_random_opcode_streams_fail_cleanly_and_run_nothing(tmp_path):
     from hypothesis import strategies as st
 
     from ckptctl.formats import pickles
-    from ckptctl.ops import scan as scan_mod
+    from ckptctl.ops import scan_walk as scan_mod
 
     mod = type(sys)(PROBE)
     mod.boom = _probe_call
@@ -558,7 +558,7 @@ def test_mutated_checkpoints_fail_cleanly(tmp_path):
     from hypothesis import strategies as st
 
     from ckptctl.formats import open_reader
-    from ckptctl.ops import scan as scan_mod
+    from ckptctl.ops import scan_walk as scan_mod
 
     sd = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16)}
     seeds = [
@@ -611,7 +611,7 @@ def test_random_pickle_programs_fail_cleanly_and_run_nothing():
     from hypothesis import strategies as st
 
     from ckptctl.formats import pickles
-    from ckptctl.ops import scan as scan_mod
+    from ckptctl.ops import scan_walk as scan_mod
 
     mod = type(sys)(PROBE)
     mod.boom = _probe_call
