@@ -254,17 +254,7 @@ def _commit_remote(
         remote_copy(tmp, dst)
         outputs = [dst]
     staged.committed = True
-    result = ConvertResult(
-        dst=dst,
-        fmt=plan.fmt,
-        outputs=outputs,
-        num_tensors=plan.num_tensors,
-        bytes_written=sum(p.stat().st_size for p in outputs),
-        verified=verified is not None,
-    )
-    if verified is not None:
-        result.verified_tensors, result.verified_bytes = verified
-    return result
+    return _result(plan, dst, outputs, verified)
 
 
 def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] | None = None) -> ConvertResult:
@@ -286,17 +276,7 @@ def commit_output(plan: ConvertPlan, staged: Staged, verified: tuple[int, int] |
     if not plan.sharded:
         shutil.rmtree(staged.tmp, ignore_errors=True)
     staged.release()
-    result = ConvertResult(
-        dst=dst,
-        fmt=plan.fmt,
-        outputs=outputs,
-        num_tensors=plan.num_tensors,
-        bytes_written=sum(p.stat().st_size for p in outputs),
-        verified=verified is not None,
-    )
-    if verified is not None:
-        result.verified_tensors, result.verified_bytes = verified
-    return result
+    return _result(plan, dst, outputs, verified)
 
 
 def _umask() -> int:
@@ -324,3 +304,18 @@ def _swap_in(tmp: Path, dst: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def _result(plan: ConvertPlan, dst, outputs: list, verified: tuple[int, int] | None) -> ConvertResult:
+    """What a committed conversion reports: the files at DST, their sizes, what verify checked."""
+    result = ConvertResult(
+        dst=dst,
+        fmt=plan.fmt,
+        outputs=outputs,
+        num_tensors=plan.num_tensors,
+        bytes_written=sum(p.stat().st_size for p in outputs),
+        verified=verified is not None,
+    )
+    if verified is not None:
+        result.verified_tensors, result.verified_bytes = verified
+    return result
