@@ -26,7 +26,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Candidate, cell, interleave, machine, md_table, parse_size
+from timing import Candidate, cell, interleave, machine, md_table, parse_size, record
 
 PY = sys.executable
 CKPTCTL = [PY, "-m", "ckptctl", "-q"]
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         table = []
         for title, res in rows:
             base = res["cp + sync"]
+            for n, r in res.items():
+                if r.ok:
+                    record("convert", title, n, r.wall, r.cpu, r.rss_mb)
             table.append(
                 [title, *[cell(res[n], None if n == "cp + sync" else base) if n in res else "" for n in names]]
             )

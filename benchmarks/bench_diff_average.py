@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import record  # noqa: E402 - beside this file, on the path above
+
 PIECE = 1 << 24  # elements generated at a time
 
 NAIVE_DIFF = r"""
@@ -362,6 +365,7 @@ def main() -> None:
         fl = next((c.best[0] for c in cands if c.label.startswith("floor")), None)
         for i, c in enumerate(cands):
             w, cpu, r = c.best
+            record("diff-average", task, c.label, w, cpu, r)
             xf = f"{w / fl:.2f}" if fl else ""
             print(f"| {task if i == 0 else ''} | {c.label} | {w:.2f} | {cpu:.2f} | {r:.0f} | {w / base:.2f} | {xf} |")
 

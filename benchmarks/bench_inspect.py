@@ -31,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Candidate, interleave  # noqa: E402
+from timing import Candidate, interleave, record  # noqa: E402
 
 PY = sys.executable
 
@@ -341,6 +341,8 @@ def main() -> int:
         print("| format | file | command | wall | CPU | peak RSS | imports | time vs inspect | RSS vs inspect |")
         print("|---|---|---|---|---|---|---|---|---|")
         for fmt, size, name, r, imp, ref in rows:
+            if r["ok"]:
+                record("inspect", fmt, name, r["wall"], r["cpu"], r["rss"] * 2**20 / 1e6)
             if not r["ok"]:
                 print(f"| {fmt} | {size / 1e9:.2f} GB | {name} | failed: {r['error']} | | | {imp} | | |")
                 continue

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import machine, run
+from timing import machine, record, run
 
 GB = 1000**3
 
@@ -466,6 +466,7 @@ def main() -> None:
         )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, label, wall, cpu, rss, rate, rchar, vn, vf, _app in rows:
+            record("ls", name, label, wall, cpu, rss)
             print(
                 f"| {name} ({human(_app)}) | {label} | {wall:.3f} | {cpu:.2f} | {rss:.0f} | {rate:.0f} | "
                 f"{human(rchar)} | {vn:.2f}× | {vf:.1f}× |"

@@ -27,6 +27,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import record  # noqa: E402 - beside this file, on the path above
+
 PY = sys.executable
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -167,6 +170,7 @@ def main() -> None:
         print("|---|---:|---:|---:|")
         for label, _cmd, _env in cands:
             cpu, wall, rss = best[label]
+            record("scale", label, "ckptctl" if "reference" not in label else "reference", wall, cpu, rss)
             print(f"| {label} | {cpu:.2f} | {wall:.2f} | {rss:.0f} |")
     finally:
         if not args.keep and not args.dir:

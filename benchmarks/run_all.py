@@ -23,16 +23,19 @@ makes the ratios to `cp && sync` meaningful.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from timing import PY, machine, parse_size  # noqa: E402 - beside this file, on the path above
+from timing import PY, RECORD_ENV, machine, parse_size  # noqa: E402 - beside this file, on the path above
 
 README = HERE.parent / "README.md"
 
@@ -42,7 +45,7 @@ def _gb(size: str) -> str:
 
 
 # name -> (script, full-size arguments, quick arguments); `size` (e.g. "1G") is substituted
-BENCHES: dict[str, tuple[str, callable, callable]] = {
+BENCHES: dict[str, tuple[str, Callable[[str | None], list[str]], Callable[[str | None], list[str]]]] = {
     "convert": (
         "bench_convert.py",
         lambda size: ["--markdown", "--size", size or "4G"],
@@ -71,6 +74,126 @@ BENCHES: dict[str, tuple[str, callable, callable]] = {
     ),
     "remote": ("bench_remote.py", lambda size: [], lambda size: ["--size-gb", "0.1", "--repeat", "1"]),
 }
+
+
+# The targets of issue 13, checked against the figures the benchmarks record (timing.record):
+# (job, measured (bench, row prefix, candidate), floor (same) or None, limit, peak RSS limit MB).
+# limit: a ratio of wall times to the floor when there is a floor, else seconds of wall time.
+Key = tuple[str, str, str]
+TARGETS: list[tuple[str, Key, Key | None, float, float | None]] = [
+    (
+        "convert `.pt` → safetensors (verify on)",
+        ("convert", "`.pt` → safetensors", "convert"),
+        ("convert", "`.pt` → safetensors", "cp + sync"),
+        1.3,
+        150,
+    ),
+    (
+        "convert safetensors → `.pt` (verify on)",
+        ("convert", "safetensors → `.pt`", "convert"),
+        ("convert", "safetensors → `.pt`", "cp + sync"),
+        1.3,
+        150,
+    ),
+    (
+        "convert `.pt` → `.h5` (verify on)",
+        ("convert", "`.pt` → `.h5`", "convert"),
+        ("convert", "`.pt` → `.h5`", "cp + sync"),
+        1.3,
+        150,
+    ),
+    (
+        "convert `--dtype bf16` (verify on)",
+        ("convert", "`.pt` → safetensors, cast to bf16", "convert"),
+        ("convert", "`.pt` → safetensors, cast to bf16", "cp + sync"),
+        1.5,
+        150,
+    ),
+    (
+        "diff of two equal files (`.pt` vs its safetensors)",
+        ("diff-average", "diff 2 x ", "ckptctl diff A.safetensors A.pt (equal)"),
+        ("diff-average", "diff 2 x ", "cat A B > /dev/null"),
+        1.5,
+        400,
+    ),
+    (
+        "diff, every byte different",
+        ("diff-average", "diff 2 x ", "ckptctl diff A B (safetensors, every byte differs)"),
+        ("diff-average", "diff 2 x ", "cat A B > /dev/null"),
+        2.5,
+        400,
+    ),
+    (
+        "average of 5 inputs → safetensors",
+        ("diff-average", "average ", "ckptctl average -> safetensors"),
+        ("diff-average", "average ", "floor: cat inputs + cp one input + sync (the output must be written too)"),
+        1.2,
+        400,
+    ),
+    ("`ls` of 200 Lightning `.ckpt`", ("ls", "lightning", "`ckptctl ls`"), None, 0.5, None),
+    (
+        "inspect 100k tensors, safetensors, JSON",
+        ("scale", "inspect --format json, safetensors", "ckptctl"),
+        None,
+        1.0,
+        None,
+    ),
+    ("inspect 100k tensors, `.pt`, JSON", ("scale", "inspect --format json, .pt", "ckptctl"), None, 2.0, None),
+    (
+        "inspect 100k tensors, 128 shards, JSON",
+        ("scale", "inspect --format json, 128 shards", "ckptctl"),
+        None,
+        1.0,
+        None,
+    ),
+    (
+        "inspect of a 4 GB safetensors (whole process)",
+        ("inspect", "safetensors", "`ckptctl inspect`"),
+        None,
+        0.25,
+        None,
+    ),
+    ("inspect of a 4 GB `.pt` (whole process)", ("inspect", "torch-zip", "`ckptctl inspect`"), None, 0.25, None),
+    ("inspect of a 4 GB `.h5` (whole process)", ("inspect", "hdf5", "`ckptctl inspect`"), None, 0.5, None),
+]
+
+
+def _find(records: list[dict], key: Key) -> dict | None:
+    """The record of `key`; a row ending in a space is a prefix (the rest is the size measured)."""
+    bench, row, cand = key
+    for r in reversed(records):  # the last measurement wins
+        same_row = r["row"].startswith(row) if row.endswith(" ") else r["row"] == row
+        if r["bench"] == bench and same_row and r["candidate"] == cand:
+            return r
+    return None
+
+
+def targets_table(records: list[dict]) -> str:
+    """The markdown table of TARGETS against the recorded figures (wall, CPU seconds, ratio, met)."""
+    lines = [
+        "| job | ckptctl: wall / CPU s, peak RSS | the floor: wall / CPU s | ratio | target | met |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for job, key, floor_key, limit, rss_limit in TARGETS:
+        m = _find(records, key)
+        f = _find(records, floor_key) if floor_key else None
+        if m is None or (floor_key and f is None):
+            lines.append(f"| {job} | not measured in this run | | | | |")
+            continue
+        cell = f"{m['wall']:.2f} s / {m['cpu']:.2f} s, {m['rss_mb']:.0f} MB"
+        if f is not None:
+            ratio = m["wall"] / f["wall"]
+            ok = ratio <= limit
+            floor = f"{f['wall']:.2f} s / {f['cpu']:.2f} s"
+            ratio_s, target = f"{ratio:.2f}×", f"≤ {limit:g}×"
+        else:
+            ok = m["wall"] <= limit
+            floor, ratio_s, target = "", "", f"≤ {limit:g} s"
+        if rss_limit is not None:
+            ok = ok and m["rss_mb"] < rss_limit
+            target += f", RSS < {rss_limit:g} MB"
+        lines.append(f"| {job} | {cell} | {floor} | {ratio_s} | {target} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines)
 
 
 def run_bench(name: str, quick: bool, size: str | None, timeout: float | None) -> tuple[str, float, int]:
@@ -124,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     started = machine()
     sections: dict[str, str] = {}
     failed = []
+    fd, record_path = tempfile.mkstemp(prefix="ckptctl-bench-", suffix=".jsonl")
+    os.close(fd)
+    os.environ[RECORD_ENV] = record_path  # the benchmarks append their figures (timing.record)
     for name in names:
         out, secs, code = run_bench(name, args.quick, args.size, args.timeout)
         print(f"== {name}: {secs:.0f} s, exit {code}", file=sys.stderr, flush=True)
@@ -131,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             out = (out + "\n\n" if out else "") + f"(`{BENCHES[name][0]}` failed: exit {code}; see its stderr)"
         sections[name] = out
+    with open(record_path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    os.unlink(record_path)
+    needed = sorted({k[0] for _j, k, _f, _l, _r in TARGETS})
+    if all(n in names for n in needed):
+        sections = {"targets": targets_table(records), **sections}
+    else:
+        print(f"the table of targets needs {', '.join(needed)}: not built in this run", file=sys.stderr)
     stamp = f"Measured {started}{' (--quick sizes)' if args.quick else ''} with `python benchmarks/run_all.py`."
 
     if args.write_readme:

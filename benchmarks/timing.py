@@ -128,6 +128,24 @@ class Result:
         return [s.wall for s in self.samples]
 
 
+RECORD_ENV = "CKPTCTL_BENCH_RECORD"
+
+
+def record(bench: str, row: str, candidate: str, wall: float, cpu: float, rss_mb: float) -> None:
+    """Append one measured figure to the file named by $CKPTCTL_BENCH_RECORD (JSON lines), if set.
+
+    benchmarks/run_all.py sets it and builds the README's table of targets from these records
+    (run_all.TARGETS names them by bench, row and candidate, the labels the bench prints)."""
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    import json
+
+    line = {"bench": bench, "row": row, "candidate": candidate, "wall": wall, "cpu": cpu, "rss_mb": rss_mb}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
