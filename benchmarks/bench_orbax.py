@@ -151,7 +151,12 @@ def main() -> int:
             generate(root, args.size_gb)
         disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
         n = len(json.load(open(os.path.join(root, "_METADATA")))["tree_metadata"])
-        print(f"{n} arrays, {disk / 1e9:.2f} GB on disk; `ckptctl inspect` imported: {imported(root)}\n")
+        print(
+            f"**Orbax** (`benchmarks/bench_orbax.py`): a {args.size_gb:g} GB Orbax-shaped checkpoint written with "
+            f"TensorStore as Orbax writes it, {n} float32 arrays in one OCDBT database, zstd Zarr v2 chunks, "
+            f"{disk / 1e9:.2f} GB on disk; candidates in turns, inspect best of {args.repeat}, values one run each. "
+            f"`ckptctl inspect` imported: {imported(root)}.\n"
+        )
         rows = [
             ("inspect", "`ckptctl inspect --format json`", [PY, "-m", "ckptctl", "inspect", root, "--format", "json"]),
             ("inspect", "TensorStore: list keys, open every array", [PY, "-c", TS_LIST, root]),

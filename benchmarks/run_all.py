@@ -265,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         sections = {"targets": targets_table(records), **sections}
     else:
         print(f"the table of targets needs {', '.join(needed)}: not built in this run", file=sys.stderr)
-    stamp = f"Measured {started}{' (--quick sizes)' if args.quick else ''} with `python benchmarks/run_all.py`."
+    end_load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    stamp = (
+        f"Measured {started}{' (--quick sizes)' if args.quick else ''}, {end_load} at the end, "
+        "with `python benchmarks/run_all.py`."
+    )
 
     if args.write_readme:
         text = args.readme.read_text(encoding="utf-8")
