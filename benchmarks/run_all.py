@@ -257,14 +257,17 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             out = (out + "\n\n" if out else "") + f"(`{BENCHES[name][0]}` failed: exit {code}; see its stderr)"
         sections[name] = out
-    with open(record_path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    os.unlink(record_path)
     needed = sorted({k[0] for _j, k, _f, _l, _r in TARGETS})
-    if all(n in names for n in needed):
-        sections = {"targets": targets_table(records), **sections}
-    else:
-        print(f"the table of targets needs {', '.join(needed)}: not built in this run", file=sys.stderr)
+    try:  # a failure here must not lose the tables measured above
+        with open(record_path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        os.unlink(record_path)
+        if all(n in names for n in needed):
+            sections = {"targets": targets_table(records), **sections}
+        else:
+            print(f"the table of targets needs {', '.join(needed)}: not built in this run", file=sys.stderr)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"the table of targets was not built ({type(e).__name__}: {e}); records: {record_path}", file=sys.stderr)
     end_load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     stamp = (
         f"Measured {started}{' (--quick sizes)' if args.quick else ''}, {end_load} at the end, "
