@@ -80,81 +80,52 @@ BENCHES: dict[str, tuple[str, Callable[[str | None], list[str]], Callable[[str |
 # (job, measured (bench, row prefix, candidate), floor (same) or None, limit, peak RSS limit MB).
 # limit: a ratio of wall times to the floor when there is a floor, else seconds of wall time.
 Key = tuple[str, str, str]
-TARGETS: list[tuple[str, Key, Key | None, float, float | None]] = [
-    (
-        "convert `.pt` → safetensors (verify on)",
-        ("convert", "`.pt` → safetensors", "convert"),
-        ("convert", "`.pt` → safetensors", "cp + sync"),
-        1.3,
-        150,
-    ),
-    (
-        "convert safetensors → `.pt` (verify on)",
-        ("convert", "safetensors → `.pt`", "convert"),
-        ("convert", "safetensors → `.pt`", "cp + sync"),
-        1.3,
-        150,
-    ),
-    (
-        "convert `.pt` → `.h5` (verify on)",
-        ("convert", "`.pt` → `.h5`", "convert"),
-        ("convert", "`.pt` → `.h5`", "cp + sync"),
-        1.3,
-        150,
-    ),
-    (
-        "convert `--dtype bf16` (verify on)",
-        ("convert", "`.pt` → safetensors, cast to bf16", "convert"),
-        ("convert", "`.pt` → safetensors, cast to bf16", "cp + sync"),
-        1.5,
-        150,
-    ),
+Target = tuple[str, Key, Key | None, float, float | None]
+DIFF, AVG = "diff 2 x ", "average "  # row prefixes: the rest is the size measured
+AVG_FLOOR = "floor: cat inputs + cp one input + sync (the output must be written too)"
+
+
+def _convert(job: str, row: str, limit: float) -> Target:
+    return (f"convert {job} (verify on)", ("convert", row, "convert"), ("convert", row, "cp + sync"), limit, 150)
+
+
+def _alone(job: str, bench: str, row: str, cand: str, seconds: float) -> Target:
+    return (job, (bench, row, cand), None, seconds, None)
+
+
+TARGETS: list[Target] = [
+    _convert("`.pt` → safetensors", "`.pt` → safetensors", 1.3),
+    _convert("safetensors → `.pt`", "safetensors → `.pt`", 1.3),
+    _convert("`.pt` → `.h5`", "`.pt` → `.h5`", 1.3),
+    _convert("`--dtype bf16`", "`.pt` → safetensors, cast to bf16", 1.5),
     (
         "diff of two equal files (`.pt` vs its safetensors)",
-        ("diff-average", "diff 2 x ", "ckptctl diff A.safetensors A.pt (equal)"),
-        ("diff-average", "diff 2 x ", "cat A B > /dev/null"),
+        ("diff-average", DIFF, "ckptctl diff A.safetensors A.pt (equal)"),
+        ("diff-average", DIFF, "cat A B > /dev/null"),
         1.5,
         400,
     ),
     (
         "diff, every byte different",
-        ("diff-average", "diff 2 x ", "ckptctl diff A B (safetensors, every byte differs)"),
-        ("diff-average", "diff 2 x ", "cat A B > /dev/null"),
+        ("diff-average", DIFF, "ckptctl diff A B (safetensors, every byte differs)"),
+        ("diff-average", DIFF, "cat A B > /dev/null"),
         2.5,
         400,
     ),
     (
         "average of 5 inputs → safetensors",
-        ("diff-average", "average ", "ckptctl average -> safetensors"),
-        ("diff-average", "average ", "floor: cat inputs + cp one input + sync (the output must be written too)"),
+        ("diff-average", AVG, "ckptctl average -> safetensors"),
+        ("diff-average", AVG, AVG_FLOOR),
         1.2,
         400,
     ),
-    ("`ls` of 200 Lightning `.ckpt`", ("ls", "lightning", "`ckptctl ls`"), None, 0.5, None),
-    (
-        "inspect 100k tensors, safetensors, JSON",
-        ("scale", "inspect --format json, safetensors", "ckptctl"),
-        None,
-        1.0,
-        None,
-    ),
-    ("inspect 100k tensors, `.pt`, JSON", ("scale", "inspect --format json, .pt", "ckptctl"), None, 2.0, None),
-    (
-        "inspect 100k tensors, 128 shards, JSON",
-        ("scale", "inspect --format json, 128 shards", "ckptctl"),
-        None,
-        1.0,
-        None,
-    ),
-    (
-        "inspect of a 4 GB safetensors (whole process)",
-        ("inspect", "safetensors", "`ckptctl inspect`"),
-        None,
-        0.25,
-        None,
-    ),
-    ("inspect of a 4 GB `.pt` (whole process)", ("inspect", "torch-zip", "`ckptctl inspect`"), None, 0.25, None),
-    ("inspect of a 4 GB `.h5` (whole process)", ("inspect", "hdf5", "`ckptctl inspect`"), None, 0.5, None),
+    _alone("`ls` of 200 Lightning `.ckpt`", "ls", "lightning", "`ckptctl ls`", 0.5),
+    _alone("inspect 100k tensors, safetensors, JSON", "scale", "inspect --format json, safetensors", "ckptctl", 1.0),
+    _alone("inspect 100k tensors, `.pt`, JSON", "scale", "inspect --format json, .pt", "ckptctl", 2.0),
+    _alone("inspect 100k tensors, 128 shards, JSON", "scale", "inspect --format json, 128 shards", "ckptctl", 1.0),
+    _alone("inspect of a 4 GB safetensors (whole process)", "inspect", "safetensors", "`ckptctl inspect`", 0.25),
+    _alone("inspect of a 4 GB `.pt` (whole process)", "inspect", "torch-zip", "`ckptctl inspect`", 0.25),
+    _alone("inspect of a 4 GB `.h5` (whole process)", "inspect", "hdf5", "`ckptctl inspect`", 0.5),
 ]
 
 
