@@ -28,6 +28,8 @@ import re
 import struct
 from typing import Any
 
+from ckptctl.formats.pickles.records import Global
+
 _INT = rb"(?:K.|M..|J....)"  # BININT1, BININT2, BININT
 _GET = rb"(h.|j....)"  # BINGET, LONG_BINGET
 _PUT = rb"(q.|r....)"  # BINPUT, LONG_BINPUT
@@ -76,10 +78,21 @@ def _tuple_of(body: bytes | None, cache: dict) -> tuple | None:
     return t
 
 
-def torch_tensor_args(m: Any, data: bytes, pos: int, memo: dict, stack: list, cache: dict) -> int:
+def _call(m: Any, func: Any, args: tuple, handlers: dict) -> Any:
+    """m._call(func, args), the handler looked up once per global."""
+    if type(func) is not Global:
+        return m._call(func, args)
+    h = handlers.get(func)
+    if h is None:
+        h = handlers[func] = m._handler(func) or False
+    return h(m, func, args, None) if h else m._call(func, args)
+
+
+def torch_tensor_args(m: Any, data: bytes, pos: int, memo: dict, stack: list, cache: dict, handlers: dict) -> int:
     """At the MARK of a REDUCE's arguments (data[pos] is the next MARK): run the whole tensor
     sequence, leaving the result in stack[-1]; returns the position after it, or -1 when the
-    bytes are not that sequence (then nothing was done)."""
+    bytes are not that sequence (then nothing was done). `cache`: sizes and strides parsed, by
+    their bytes; `handlers`: the machine's rebuild handler of each global called (_call's lookup)."""
     mt = _ENTRY.match(data, pos)
     if mt is None or not stack:
         return -1
@@ -120,10 +133,10 @@ def torch_tensor_args(m: Any, data: bytes, pos: int, memo: dict, stack: list, ca
         memo[k_shape] = shape
     if k_stride is not None:
         memo[k_stride] = stride
-    hooks = m._call(od, ())
+    hooks = _call(m, od, (), handlers)
     memo[p_hooks[1] if len(p_hooks) == 2 else u32(p_hooks, 1)[0]] = hooks
     args = (storage, offset, shape, stride, rg == b"\x88", hooks)
     memo[p_args[1] if len(p_args) == 2 else u32(p_args, 1)[0]] = args
-    v = stack[-1] = m._call(stack[-1], args)
+    v = stack[-1] = _call(m, stack[-1], args, handlers)
     memo[p_res[1] if len(p_res) == 2 else u32(p_res, 1)[0]] = v
     return mt.end()

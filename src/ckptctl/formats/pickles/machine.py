@@ -152,6 +152,7 @@ class Machine(Buffered, Semantics):
         n = len(data)
         tensor_args = torch_tensor_args  # fastpath.py
         tuples: dict[bytes, tuple] = {}  # the sizes/strides it parsed, by their bytes
+        handlers: dict = {}  # its rebuild handler of each global
         v: Any  # the value just pushed (memoized in the same turn when a PUT follows)
         while True:
             if pos + 16 > n:
@@ -215,7 +216,7 @@ class Machine(Buffered, Semantics):
                         pos += 2
             elif op == 0x28:  # MARK
                 if pos < n and data[pos] == 0x28:  # a tensor's arguments as torch.save writes them?
-                    end = tensor_args(self, data, pos, memo, stack, tuples)
+                    end = tensor_args(self, data, pos, memo, stack, tuples, handlers)
                     if end >= 0:
                         pos = end
                         continue
