@@ -82,7 +82,7 @@ def _call(m: Any, func: Any, args: tuple, handlers: dict) -> Any:
     """m._call(func, args), the handler looked up once per global."""
     if type(func) is not Global:
         return m._call(func, args)
-    h = handlers.get(func)
+    h: Any = handlers.get(func)
     if h is None:
         h = handlers[func] = m._handler(func) or False
     return h(m, func, args, None) if h else m._call(func, args)
