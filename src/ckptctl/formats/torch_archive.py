@@ -20,6 +20,7 @@ from ckptctl.formats import pickles
 from ckptctl.formats.base import Seekable
 from ckptctl.formats.pickle_reader import pickle_failure, storage_dtype
 from ckptctl.formats.strided import FileBlob
+from ckptctl.formats.zipdir import FastZipFile
 from ckptctl.sources import file_size, is_remote, open_file
 
 MAX_PICKLE_IN_MEMORY = 1 << 30  # a compressed data.pkl larger than this is refused
@@ -99,7 +100,7 @@ class TorchArchive:
             self.length = length
             src = self._f if (base == 0 and length == size) else _Window(self._f, base, length)
             try:
-                self.zip = zipfile.ZipFile(src)  # reads the central directory only
+                self.zip = FastZipFile(src)  # reads the central directory only
             except (
                 zipfile.BadZipFile,
                 zipfile.LargeZipFile,
