@@ -128,7 +128,8 @@ def torch_tensor_args(m: Any, data: bytes, pos: int, memo: dict, stack: list, ca
     memo[k_key] = key
     pid = (storage_s, cls, key, loc, numel)
     memo[k_pid] = pid
-    storage = m._persistent(pid)
+    load = m.persistent_load
+    storage = load(pid) if load is not None else m._persistent(pid)
     if k_shape is not None:
         memo[k_shape] = shape
     if k_stride is not None:
