@@ -18,6 +18,7 @@ from conftest import run
 
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader, pickles
+from ckptctl.formats.pickles import fastpath as fastpath_mod
 from ckptctl.formats.pickles import machine as machine_mod
 from ckptctl.formats.torch_zip import TorchZipReader
 
@@ -67,14 +68,14 @@ def zoo_file(tmp_path_factory):
 
 def _count_fast(monkeypatch) -> list[int]:
     hits = [0]
-    real = machine_mod.torch_tensor_args
+    real = fastpath_mod.torch_tensor_args
 
     def counting(*a):
         end = real(*a)
         hits[0] += end >= 0
         return end
 
-    monkeypatch.setattr(machine_mod, "torch_tensor_args", counting)
+    monkeypatch.setattr(fastpath_mod, "torch_tensor_args", counting)
     return hits
 
 
@@ -164,18 +165,19 @@ def test_damaged_pickles_end_as_the_opcode_loop_ends(zoo_file, monkeypatch):
                 buf[at] = rnd.choice(special) if rnd.random() < 0.7 else rnd.randrange(256)
             damaged = bytes(buf)
             hits = [0]
-            real = machine_mod.torch_tensor_args
+            real = fastpath_mod.torch_tensor_args
 
             def counting(*a, real=real, hits=hits):
                 end = real(*a)
                 hits[0] += end >= 0
                 return end
 
-            monkeypatch.setattr(machine_mod, "torch_tensor_args", counting)
+            monkeypatch.setattr(fastpath_mod, "torch_tensor_args", counting)
             fast = _outcome(damaged, arch)
-            monkeypatch.setattr(machine_mod, "torch_tensor_args", lambda *a: -1)
-            slow = _outcome(damaged, arch)
-            monkeypatch.setattr(machine_mod, "torch_tensor_args", real)
+            monkeypatch.setattr(fastpath_mod, "torch_tensor_args", real)
+            with monkeypatch.context() as off:
+                off.setattr(machine_mod, "torch_entries", lambda *a: -1)
+                slow = _outcome(damaged, arch)
             assert fast == slow, f"mutation {i}"
             fast_seen += hits[0] > 0
         assert fast_seen > 300  # the damaged pickles did go through the fast path
@@ -214,6 +216,11 @@ def _last_entry(raw: bytes) -> int:
             "storage not in the archive",
             lambda raw, at: raw[:at] + raw[at:].replace(b"X\x03\x00\x00\x00299", b"X\x03\x00\x00\x00999", 1),
             "storage data/999 is missing from the archive",
+        ),
+        (
+            "the rebuild function from a memo entry that was never written",
+            lambda raw, at: raw[:at] + raw[at:].replace(b"h\x02((", b"j\xff\xff\x00\x00((", 1),
+            "memo key 65535 not found",
         ),
         (
             "numel larger than the storage member",

@@ -40,6 +40,7 @@ _ENTRY = re.compile(
     re.DOTALL,
 )
 _MISSING = object()
+MAX_KEY = 1 << 16  # a state_dict key longer than this is left to the loop
 u32 = struct.Struct("<I").unpack_from
 
 
@@ -141,3 +142,54 @@ def torch_tensor_args(m: Any, data: bytes, pos: int, memo: dict, stack: list, ca
     v = stack[-1] = _call(m, stack[-1], args, handlers)
     memo[p_res[1] if len(p_res) == 2 else u32(p_res, 1)[0]] = v
     return mt.end()
+
+
+def torch_entries(m: Any, data: bytes, pos: int, memo: dict, stack: list, cache: dict, handlers: dict) -> int:
+    """torch_tensor_args at `pos`, then as long as the next bytes are another entry of a
+    state_dict (its key: BINUNICODE and BINPUT; the rebuild function: BINGET; then MARK MARK),
+    that entry too, opcode by opcode as the loop would run them. Returns the position the loop
+    goes on from (every opcode before it done), or -1 when nothing was done."""
+    end = torch_tensor_args(m, data, pos, memo, stack, cache, handlers)
+    if end < 0:
+        return -1
+    n = len(data)
+    while end + 5 <= n and data[end] == 0x58:  # BINUNICODE
+        ln = u32(data, end + 1)[0]
+        q = end + 5 + ln
+        if ln > MAX_KEY or q + 7 > n:  # long (or cut by the buffer's end): the loop's business
+            return end
+        try:
+            key = str(data[end + 5 : q], "utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return end
+        stack.append(key)
+        c = data[q]
+        if c == 0x72:  # LONG_BINPUT
+            memo[u32(data, q + 1)[0]] = key
+            q += 5
+        elif c == 0x71:  # BINPUT
+            memo[data[q + 1]] = key
+            q += 2
+        else:
+            return q
+        if q + 5 > n:
+            return q
+        c = data[q]
+        if c == 0x6A:  # LONG_BINGET
+            k = u32(data, q + 1)[0]
+            r = q + 5
+        elif c == 0x68:  # BINGET
+            k = data[q + 1]
+            r = q + 2
+        else:
+            return q
+        v = memo.get(k, _MISSING)
+        if v is _MISSING:
+            return q
+        stack.append(v)
+        if r + 2 > n or data[r] != 0x28 or data[r + 1] != 0x28:
+            return r
+        end = torch_tensor_args(m, data, r + 1, memo, stack, cache, handlers)
+        if end < 0:
+            return r
+    return end
