@@ -158,7 +158,7 @@ def test_damaged_pickles_end_as_the_opcode_loop_ends(zoo_file, monkeypatch):
         rnd = random.Random(13)
         special = b"hjqrKMJt()Q\x85\x86\x87\x88\x89RX\xff\x00\x01"
         fast_seen = 0
-        for i in range(400):
+        for i in range(200):
             buf = bytearray(data)
             for _ in range(1 + i % 3):
                 at = rnd.randrange(start, len(data) - 1)
@@ -180,7 +180,7 @@ def test_damaged_pickles_end_as_the_opcode_loop_ends(zoo_file, monkeypatch):
                 slow = _outcome(damaged, arch)
             assert fast == slow, f"mutation {i}"
             fast_seen += hits[0] > 0
-        assert fast_seen > 300  # the damaged pickles did go through the fast path
+        assert fast_seen > 150  # the damaged pickles did go through the fast path
     finally:
         arch.close()
 
