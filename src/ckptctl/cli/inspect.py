@@ -216,12 +216,13 @@ def _summary(info, result, markdown: bool, rows: int | None = None) -> None:
     if result.left_out:
         what = f"--key {result.root}" if result.part_kind == "key" else "model weights"
         of = f" {what}, of {info.num_tensors} in the file (--all for every tensor)"
+    num_params, total_bytes = result.num_params, result.total_bytes  # each a pass over the tensors
     lines = [
         ("path", info.path),
         ("format", info.format + (f" ({info.kind})" if info.kind and info.kind != info.format else "")),
         ("tensors", f"{result.num_tensors}" + (f" ({tied} tied)" if tied else "") + of),
-        ("params", f"{human_count(result.num_params)} ({result.num_params:,})"),
-        ("size", f"{human_bytes(result.total_bytes)} ({result.total_bytes:,} bytes)"),
+        ("params", f"{human_count(num_params)} ({num_params:,})"),
+        ("size", f"{human_bytes(total_bytes)} ({total_bytes:,} bytes)"),
         ("dtypes", dtype_mix),
     ]
     if len(info.files) > 1:

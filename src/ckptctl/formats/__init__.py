@@ -194,10 +194,12 @@ def _sniff_zip_opened(path: Path | RemotePath) -> tuple[str, OpenedZip]:
     """(format, the opened archive) of a zip file; the caller owns (closes) the archive."""
     import zipfile
 
+    from ckptctl.formats.zipdir import FastZipFile  # a zipfile.ZipFile, its directory read in one pass
+
     f = None
     try:
         f = open_file(path)
-        z = zipfile.ZipFile(f)
+        z = FastZipFile(f)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, OverflowError) as e:
         if f is not None:
             f.close()

@@ -131,10 +131,10 @@ def tensor_infos(desc: pickles.Described, storage_blob, big_endian: bool, path) 
             if st is None:
                 loc: Any = MissingLoc(rec.note or "no storage")
             else:
-                sisz = dtypes.BY_NAME[st.dtype].itemsize
+                view_offset = st.view_offset  # elements of the storage's dtype (legacy views)
                 loc = TensorLoc(
                     storage_blob(st),
-                    st.view_offset * sisz + rec.offset * itemsize,
+                    (view_offset * dtypes.BY_NAME[st.dtype].itemsize if view_offset else 0) + rec.offset * itemsize,
                     rec.stride,
                     itemsize,
                     swap,

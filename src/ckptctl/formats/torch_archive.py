@@ -6,6 +6,7 @@ storages `data/<key>`. Also the semantics-free scan of every pickle member of an
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -19,6 +20,7 @@ from ckptctl.formats import pickles
 from ckptctl.formats.base import Seekable
 from ckptctl.formats.pickle_reader import pickle_failure, storage_dtype
 from ckptctl.formats.strided import FileBlob
+from ckptctl.formats.zipdir import FastZipFile
 from ckptctl.sources import file_size, is_remote, open_file
 
 MAX_PICKLE_IN_MEMORY = 1 << 30  # a compressed data.pkl larger than this is refused
@@ -52,6 +54,11 @@ class _Window(Seekable):
 
 
 _LOCAL = struct.Struct("<4s5H3L2H")
+
+
+def _name_len(name: str) -> int:
+    """Bytes of a member name in its header."""
+    return len(name) if name.isascii() else len(name.encode("utf-8", "replace"))
 
 
 class TorchArchive:
@@ -93,7 +100,7 @@ class TorchArchive:
             self.length = length
             src = self._f if (base == 0 and length == size) else _Window(self._f, base, length)
             try:
-                self.zip = zipfile.ZipFile(src)  # reads the central directory only
+                self.zip = FastZipFile(src)  # reads the central directory only
             except (
                 zipfile.BadZipFile,
                 zipfile.LargeZipFile,
@@ -128,6 +135,7 @@ class TorchArchive:
             self.prefix = cands[0][: -len("data.pkl")]
         self._cd_start = getattr(self.zip, "start_dir", length)
         self._payload: dict[str, int] = {}
+        self._storage_dtypes: dict[pickles.Global, tuple[str, int]] = {}  # storage class -> (dtype, itemsize)
 
     def close(self) -> None:
         z = getattr(self, "zip", None)
@@ -164,8 +172,7 @@ class TorchArchive:
         """Cheap check from the central directory: the member's bytes end before the directory."""
         if (
             zi.header_offset < 0
-            or zi.header_offset + _LOCAL.size + len(zi.filename.encode("utf-8", "replace")) + zi.compress_size
-            > self._cd_start
+            or zi.header_offset + _LOCAL.size + _name_len(zi.filename) + zi.compress_size > self._cd_start
         ):
             raise CorruptFile(
                 f"zip member {zi.filename!r} overlaps the central directory (damaged archive)", self.label
@@ -213,8 +220,7 @@ class TorchArchive:
         assert zi is not None
         storages: dict[str, pickles.StorageRef] = {}
 
-        def persistent_load(pid: Any) -> Any:
-            return self._storage(pid, storages, folder)
+        persistent_load = functools.partial(self._storage, storages=storages, folder=folder)
 
         if zi.compress_type == zipfile.ZIP_STORED:
             self.check_fits(zi)
@@ -231,39 +237,42 @@ class TorchArchive:
         return root, m.globals, m.warnings, storages
 
     def _storage(self, pid: Any, storages: dict[str, pickles.StorageRef], folder: str = "data") -> pickles.StorageRef:
-        if not isinstance(pid, (tuple, list)) or not pid:
-            raise CorruptFile(f"a persistent id that is not a tuple ({type(pid).__name__})", self.label)
-        typename = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
-        if typename != "storage" or len(pid) < 5:
-            raise CorruptFile(f"unknown persistent id {str(typename)[:40]!r}", self.label)
-        storage_type, key, _location, numel = pid[1], pid[2], pid[3], pid[4]
-        key = str(key)
+        # once per tensor (10^5 times at MoE scale): the common case checked first, the same checks
+        if type(pid) is not tuple or len(pid) < 5 or pid[0] != "storage":
+            if not isinstance(pid, (tuple, list)) or not pid:
+                raise CorruptFile(f"a persistent id that is not a tuple ({type(pid).__name__})", self.label)
+            typename = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
+            if typename != "storage" or len(pid) < 5:
+                raise CorruptFile(f"unknown persistent id {str(typename)[:40]!r}", self.label)
+        storage_type, key, location, numel = pid[1], pid[2], pid[3], pid[4]
+        if type(key) is not str:
+            key = str(key)
         if type(numel) is not int or numel < 0:
             raise CorruptFile(f"storage {key!r}: bad size {numel!r:.40}", self.label)
-        # one storage class global serves every storage of its dtype (10^5 of them at MoE scale)
-        known = self.__dict__.setdefault("_storage_dtypes", {})  # storage class global -> dtype
-        dtype = known.get(storage_type) if type(storage_type) is pickles.Global else None
-        if dtype is None:
+        # one storage class global serves every storage of its dtype
+        known = self._storage_dtypes.get(storage_type) if type(storage_type) is pickles.Global else None
+        if known is None:
             dtype = storage_dtype(storage_type, self.label)
+            known = (dtype, dtypes.BY_NAME[dtype].itemsize)
             if type(storage_type) is pickles.Global:
-                known[storage_type] = dtype
+                self._storage_dtypes[storage_type] = known
+        dtype, itemsize = known
         ref = storages.get(key)
         if ref is not None:
             if ref.dtype != dtype:
                 raise CorruptFile(f"storage {key!r} is named with two dtypes ({ref.dtype}, {dtype})", self.label)
             return ref
-        zi = self.member(f"{folder}/{key}")
+        zi = self.members.get(f"{self.prefix}{folder}/{key}")
         if zi is None:
             raise CorruptFile(f"storage {folder}/{key} is missing from the archive", self.label)
         self.check_fits(zi)
-        need = numel * dtypes.BY_NAME[dtype].itemsize
+        need = numel * itemsize
         if zi.file_size < need:
             raise CorruptFile(
                 f"storage {folder}/{key} holds {zi.file_size} bytes, but {numel} {dtype} elements need {need}",
                 self.label,
             )
-        ref = pickles.StorageRef(key=key, dtype=dtype, numel=numel, location=str(_location))
-        ref.extra = zi
+        ref = pickles.StorageRef(key, dtype, numel, location if type(location) is str else str(location), 0, None, zi)
         storages[key] = ref
         return ref
 
@@ -278,9 +287,27 @@ class TorchArchive:
                 )
 
             return FileBlob(self.path, zi.file_size, resolve=bad, what=f"storage {zi.filename!r}")
-        return FileBlob(
-            self.path, zi.file_size, resolve=lambda: self.payload_offset(zi), what=f"storage {zi.filename!r}"
-        )
+        return _MemberBlob(self, zi)
+
+
+class _MemberBlob(FileBlob):
+    """A stored member's bytes, found through its local header when first read. One per storage
+    (10^5 at MoE scale): no closure, and its name for messages is made only when one is needed."""
+
+    def __init__(self, arch: TorchArchive, zi: zipfile.ZipInfo):
+        self.path = arch.path
+        self.nbytes = zi.file_size
+        self._offset = None
+        self._arch = arch
+        self._zi = zi
+
+    def _resolve(self) -> int:  # FileBlob's resolve callable, as a method
+        return self._arch.payload_offset(self._zi)
+
+    def _what(self) -> str:
+        return f"storage {self._zi.filename!r}"
+
+    what = property(_what)  # FileBlob.what (an attribute there), computed when a message needs it
 
 
 def scan_zip_pickles(path: str | os.PathLike) -> tuple[list[str], list[str]]:

@@ -234,18 +234,18 @@ def fold(tensors: list[TensorInfo]) -> list[Fold]:
     if _NUMBER is None:
         import re
 
-        _NUMBER = re.compile(r"(?:(?<=[./])|^)(?:0|[1-9][0-9]*)(?=[./]|$)")
-    sub, findall = _NUMBER.sub, _NUMBER.findall
+        _NUMBER = re.compile(r"(?:(?<=[./])|^)(0|[1-9][0-9]*)(?=[./]|$)")
+    split = _NUMBER.split  # one pass: [text, number, text, number, ..., text]
     groups: dict[tuple, list[tuple[tuple[int, ...], int]]] = {}
     slots: list[tuple | None] = []  # per position: its group's key, or None for a row of its own
     for pos, t in enumerate(tensors):
         name = t.name
-        tpl = sub("\0", name) if t.alias_of is None and "\0" not in name else name
-        if tpl is name or tpl == name:  # no number (or tied, or a NUL in the name): a row of its own
+        parts = split(name) if t.alias_of is None and "\0" not in name else None
+        if parts is None or len(parts) == 1:  # no number (or tied, or a NUL in the name): a row of its own
             slots.append(None)
             continue
-        key = (tpl, t.dtype, t.shape)
-        groups.setdefault(key, []).append((tuple(map(int, findall(name))), pos))
+        key = ("\0".join(parts[0::2]), t.dtype, t.shape)
+        groups.setdefault(key, []).append((tuple(map(int, parts[1::2])), pos))
         slots.append(key)
     first: dict[int, Fold] = {}  # position of a row's first member -> the row
     for key, members in groups.items():

@@ -10,6 +10,7 @@ from typing import Any
 
 from ckptctl.errors import CorruptFile, UnsafeFile
 from ckptctl.formats.pickles.buffer import Buffered, _NeedBytes
+from ckptctl.formats.pickles.fastpath import torch_entries
 from ckptctl.formats.pickles.listing import opcode_global_pairs
 from ckptctl.formats.pickles.records import Global, Opaque, PickleError, Span
 from ckptctl.formats.pickles.semantics import Semantics
@@ -149,6 +150,9 @@ class Machine(Buffered, Semantics):
         unpack_from = struct.unpack_from
         u32, i32, u16 = _U32, _I32, _U16
         n = len(data)
+        tensor_entries = torch_entries  # fastpath.py
+        tuples: dict[bytes, tuple] = {}  # the sizes/strides it parsed, by their bytes
+        handlers: dict = {}  # its rebuild handler of each global
         v: Any  # the value just pushed (memoized in the same turn when a PUT follows)
         while True:
             if pos + 16 > n:
@@ -211,6 +215,11 @@ class Machine(Buffered, Semantics):
                         memo[data[pos + 1]] = v
                         pos += 2
             elif op == 0x28:  # MARK
+                if pos < n and data[pos] == 0x28:  # a tensor's arguments as torch.save writes them?
+                    end = tensor_entries(self, data, pos, memo, stack, tuples, handlers)
+                    if end >= 0:  # those and the entries after them done
+                        pos = end
+                        continue
                 metastack.append(stack)
                 stack = []
                 append = stack.append

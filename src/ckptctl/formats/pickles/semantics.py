@@ -154,6 +154,13 @@ class Semantics:
         else:
             self._fail(f"BUILD on a {_kind(inst)}")
 
+    def _handler(self, func: Any) -> Any:
+        """The rebuild handler `_call(func, args)` comes down to, when that is all it does (a global
+        with a handler, not a loader of nested pickles): handler(self, func, args, None); else None."""
+        if type(func) is Global and func.full not in NESTED_LOADERS:
+            return _HANDLERS.get(func.full)
+        return None
+
     def _call(self, func: Any, args: Any) -> Any:
         if type(args) is not tuple:
             self._fail(f"REDUCE with {_kind(args)} arguments")

@@ -35,6 +35,7 @@ from ckptctl.formats.pickles.records import (
 MAX_WALK_DEPTH = 400  # nesting of containers that describe() follows
 MAX_WALK_NODES = 5_000_000  # objects describe() visits (shared references can explode)
 MAX_OBJECTS = 500  # opaque objects listed in CheckpointInfo.objects
+_SEVERAL = object()  # a storage with more than one tensor: its views are in _Walker.seen_view
 
 
 @dataclass
@@ -71,6 +72,7 @@ class _Walker:
         self.out = Described()
         self.seen_tensor: dict[int, str] = {}  # id(record) -> first name
         self.seen_view: dict[tuple, str] = {}  # (storage, dtype, offset, shape, stride) -> first name
+        self.storage_first: dict[int, Any] = {}  # id(storage) -> (name, record) of its first tensor, or _SEVERAL
         self.seen_obj: set[int] = set()
         self.nodes = 0
         self.more_objects = 0
@@ -79,10 +81,21 @@ class _Walker:
     def tensor(self, name: str, rec: Any) -> None:
         alias = self.seen_tensor.get(id(rec))
         if alias is None and isinstance(rec, TensorRecord) and rec.storage is not None:
-            key = (id(rec.storage), rec.dtype, rec.offset, rec.shape, rec.stride)
-            alias = self.seen_view.get(key)
-            if alias is None:
-                self.seen_view[key] = name
+            # a storage's first tensor is only remembered; views are compared from its second on
+            # (10^5 storages of one tensor each at MoE scale: no 5-tuple key for them)
+            sid = id(rec.storage)
+            first = self.storage_first.get(sid)
+            if first is None:
+                self.storage_first[sid] = (name, rec)
+            else:
+                if first is not _SEVERAL:
+                    fname, frec = first
+                    self.seen_view[(sid, frec.dtype, frec.offset, frec.shape, frec.stride)] = fname
+                    self.storage_first[sid] = _SEVERAL
+                key = (sid, rec.dtype, rec.offset, rec.shape, rec.stride)
+                alias = self.seen_view.get(key)
+                if alias is None:
+                    self.seen_view[key] = name
         if alias is None:
             self.seen_tensor[id(rec)] = name
         if name in self.names:  # two paths that print the same ('a/b' key vs nested a -> b)
