@@ -5,6 +5,7 @@ measure; bench_orbax.py once imported a function bench_inspect.py no longer had)
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,15 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted([*BENCH.glob("bench_*.py"), BENCH / "run_all.py"])
+
+
+@pytest.fixture(autouse=True)
+def _keep_environment(monkeypatch):
+    """timing.py changes the environment of the process that imports it (bytecode caches on for
+    the processes it measures): undo that for the rest of the suite."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", sys.dont_write_bytecode)
+    if "PYTHONDONTWRITEBYTECODE" in os.environ:
+        monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", os.environ["PYTHONDONTWRITEBYTECODE"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
