@@ -50,6 +50,23 @@ def threads(monkeypatch, n: int, block: int = 256, read_bytes: int = 4096) -> No
     monkeypatch.setattr(diff_values.Comparer, "__init__", lambda self, *a, **k: init(self, *a, threads=n))
 
 
+class Bar:
+    """A progress_factory's bar: records the total, then every advance."""
+
+    def __init__(self, total, seen):
+        self.seen = seen
+        seen.append(total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, n):
+        self.seen.append(n)
+
+
 # ---- the verdict and the exit code -------------------------------------------------------------
 def test_exit_code_is_1_for_each_kind_of_difference_alone(tmp_path):
     w = {"a": np.arange(6, dtype=np.float32), "b": np.ones(3, np.int64)}
@@ -102,6 +119,7 @@ def test_statistics_against_zero_and_sign_and_all_nonfinite(tmp_path):
         "nan_vs_num": np.array([np.nan, np.inf, np.nan], np.float32),
         "pythagoras": np.array([3.0, 4.0, 0.0, np.nan], np.float32),
         "one_vs_zero": np.ones(2, np.float64),
+        "small": np.array([0.5], np.float32),
     }
     b = {
         "zero_vs_one": np.ones(4, np.float32),
@@ -109,6 +127,7 @@ def test_statistics_against_zero_and_sign_and_all_nonfinite(tmp_path):
         "nan_vs_num": np.array([1.0, 2.0, np.nan], np.float32),
         "pythagoras": np.array([0.0, 4.0, 12.0, 1.0], np.float32),
         "one_vs_zero": np.zeros(2, np.float64),
+        "small": np.array([0.25], np.float32),
     }
     res = ops.diff_checkpoints(save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b))
     by = {d.name: d for d in res.changed}
@@ -131,6 +150,8 @@ def test_statistics_against_zero_and_sign_and_all_nonfinite(tmp_path):
     assert (d.nan_a, d.nan_b, d.num_diff) == (1, 0, 3)
     d = by["one_vs_zero"]
     assert (d.norm_a, d.norm_b, d.rel_l2, d.cosine) == (math.sqrt(2), 0.0, 1.0, 0.0)
+    d = by["small"]  # norms under 1 are still norms
+    assert (d.norm_a, d.norm_b, d.rel_l2, d.cosine, d.max_abs_diff) == (0.5, 0.25, 0.5, 1.0, 0.25)
 
 
 def test_cosine_stays_within_minus_one_and_one(tmp_path):
@@ -165,6 +186,9 @@ def test_dtypes_without_arithmetic_compare_bytes(tmp_path, monkeypatch):
     assert by["c"].max_abs_diff is None and by["c"].rel_l2 is None and by["c"].cosine is None
     assert by["cast"].compared is False and by["cast"].num_diff is None  # no arithmetic across that cast
     assert res.bytes_compared == 2 * (64 + 64)
+    seen: list[int] = []
+    ops.diff_checkpoints(pa, pb, progress_factory=lambda total: Bar(total, seen))
+    assert seen == [256] + [seen[1]] * (len(seen) - 1) and sum(seen[1:]) == 256  # total, then the advances
     r = cli("diff", pa, pb, "--ignore-dtype")
     assert r.exit_code == 1 and "values not comparable" in r.stdout
     # many chunks of 8 bytes: the differences in later chunks are still counted
@@ -314,6 +338,7 @@ def _pair(rng, n=6000):
         "ints": rng.integers(-50, 50, n).astype(np.int32),
         "same": rng.standard_normal(n).astype(np.float32),
         "cast": rng.standard_normal(n).astype(np.float32),
+        "two": rng.standard_normal(n).astype(np.float32),
     }
     b = {k: v.copy() for k, v in a.items()}
     b["late"][n - 10 :] += np.float32(0.5)  # every chunk but the last identical
@@ -322,6 +347,7 @@ def _pair(rng, n=6000):
     b["ints"][[100, 4000]] += 1
     b["cast"] = a["cast"].astype(np.float64)
     b["cast"][2000] += 1.0
+    b["two"][[3500, 5500]] -= np.float32(2)  # identical chunks, a difference, identical, a difference
     return a, b
 
 
@@ -347,19 +373,21 @@ def test_non_contiguous_tensors_stream_in_chunks_and_match_numpy(tmp_path, monke
     res = ops.diff_checkpoints(pa, pb)
     assert res.identical == ["same"]
     by = {d.name: d for d in res.changed}
-    assert set(by) == {"late", "early", "ints", "cast"}
-    for name in ("late", "early", "ints", "cast"):
+    assert set(by) == {"late", "early", "ints", "cast", "two"}
+    for name in ("late", "early", "ints", "cast", "two"):
         mx, mean, rel = _ref(a[name], b[name])
         d = by[name]
         assert d.max_abs_diff == pytest.approx(mx, rel=1e-12), name
         assert d.mean_abs_diff == pytest.approx(mean, rel=1e-9), name
         assert d.rel_l2 == pytest.approx(rel, rel=1e-9), name
+        both = np.isfinite(a[name].astype(np.float64)) & np.isfinite(b[name].astype(np.float64))
+        assert d.norm_a == pytest.approx(np.linalg.norm(a[name][both].astype(np.float64)), rel=1e-12), name
     assert by["late"].num_diff == 10 and by["late"].inf_b == 1 and by["late"].inf_a == 0
     assert by["early"].num_diff == 1 and by["ints"].num_diff == 2 and by["cast"].num_diff == 1
     assert by["late"].numel == 6000 and by["early"].norm_b == pytest.approx(
         np.linalg.norm(b["early"].astype(np.float64)), rel=1e-12
     )
-    assert res.bytes_compared == 2 * 4 * 6000 * 4 + 4 * 6000 + 8 * 6000
+    assert res.bytes_compared == 2 * 5 * 6000 * 4 + 4 * 6000 + 8 * 6000
     # and the same against safetensors (one side mapped, one side streamed)
     ps = save(tmp_path / "b.safetensors", b)
     res2 = ops.diff_checkpoints(pa, ps)
@@ -371,7 +399,8 @@ def test_non_contiguous_tensors_stream_in_chunks_and_match_numpy(tmp_path, monke
 def test_identical_non_contiguous_files_need_no_arithmetic(tmp_path, monkeypatch, n_threads):
     threads(monkeypatch, n_threads)
     calls = []
-    monkeypatch.setattr(diff_values.Comparer, "_values", lambda self, *a, **k: calls.append(a))
+    for name in ("_values", "_self_stats", "_prefix_stats"):
+        monkeypatch.setattr(diff_values.Comparer, name, lambda self, *a, **k: calls.append(a))
     a, _b = _pair(np.random.default_rng(8))
     a["nan"] = np.full(3000, np.nan, np.float32)
     paths = []
@@ -396,3 +425,72 @@ def test_a_short_difference_among_identical_chunks_in_a_big_tensor(tmp_path, mon
     d = res.changed[0]
     assert d.num_diff == 1 and d.max_abs_diff == pytest.approx(2.0 - float(x[4_999_990]), rel=1e-12)
     assert d.norm_a == pytest.approx(float(np.linalg.norm(x.astype(np.float64))), rel=1e-9)
+
+
+def test_an_unreadable_input_is_its_own_error_and_nothing_stays_open(tmp_path):
+    from ckptctl.errors import CkptError
+
+    good = save(tmp_path / "a.safetensors", {"w": np.ones(2, np.float32)})
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    before = open_fds()
+    for pair in ((bad, good), (good, bad), (tmp_path / "missing.safetensors", good), (good, tmp_path / "nope")):
+        with pytest.raises(CkptError) as e:
+            ops.diff_checkpoints(*pair)
+        assert e.value.message  # the reader's error, not an AttributeError from the clean-up
+    assert open_fds() == before
+
+
+def test_rename_and_all_apply_to_both_sides(tmp_path):
+    a = {"enc.w": np.ones(3, np.float32), "enc.b": np.zeros(2, np.float32)}
+    b = {"encoder.w": np.ones(3, np.float32), "encoder.b": np.zeros(2, np.float32)}
+    pa, pb = save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b)
+    assert ops.diff_checkpoints(pa, pb).only_in_a == ["enc.b", "enc.w"]
+    res = ops.diff_checkpoints(pa, pb, rename=["^encoder\\.=enc."])
+    assert res.equal and sorted(res.identical) == ["enc.b", "enc.w"]
+    res = ops.diff_checkpoints(pb, pa, rename=["^encoder\\.=enc."])
+    assert res.equal
+    sd = {"w": torch.ones(3)}
+    opt = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    pt1 = save_pt(tmp_path / "t1.pt", {"state_dict": sd, "optimizer": opt})
+    opt2 = {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    pt2 = save_pt(tmp_path / "t2.pt", {"state_dict": sd, "optimizer": opt2})
+    assert ops.diff_checkpoints(pt1, pt2).equal  # the model weights only, by default
+    res = ops.diff_checkpoints(pt1, pt2, all_=True)
+    assert not res.equal and [d.name for d in res.changed] == ["optimizer/state/0/exp_avg"]
+    assert "state_dict/w" in res.identical
+
+
+def test_filters_that_empty_one_side_only(tmp_path):
+    pa = save(tmp_path / "a.safetensors", {"x": np.ones(2, np.float32)})
+    pb = save(tmp_path / "b.safetensors", {"y": np.ones(2, np.float32)})
+    res = ops.diff_checkpoints(pa, pb, include=["x"])  # A keeps x, B keeps nothing: not an error
+    assert res.only_in_a == ["x"] and res.only_in_b == [] and not res.equal
+    empty = save(tmp_path / "empty.safetensors", {})
+    with pytest.raises(UsageError, match="no tensor left to compare in either checkpoint after --exclude y"):
+        ops.diff_checkpoints(pb, empty, exclude=["y"])  # only A had something to filter
+
+
+def test_same_bytes_under_another_dtype_are_not_the_same_values(tmp_path):
+    f = np.array([1.0, 2.0, -3.5, 0.0], np.float32)
+    pa = save(tmp_path / "f.safetensors", {"w": f})
+    pb = save(tmp_path / "i.safetensors", {"w": f.view(np.int32)})
+    res = ops.diff_checkpoints(pa, pb, ignore_dtype=True, atol=1.0)
+    assert [d.name for d in res.changed] == ["w"] and res.changed[0].num_diff == 3  # 0.0 is 0 in both
+    assert cli("diff", pa, pb, "--ignore-dtype").exit_code == 1
+
+
+def test_item_workers_count_progress_too(tmp_path, monkeypatch):
+    threads(monkeypatch, 2)
+    rng = np.random.default_rng(6)
+    a = {"w": rng.standard_normal(5000).astype(np.float32)}
+    b = {"w": a["w"].copy()}
+    b["w"][4000] += 1
+    seen: list[int] = []
+    res = ops.diff_checkpoints(
+        save(tmp_path / "a.safetensors", a),
+        save(tmp_path / "b.safetensors", b),
+        progress_factory=lambda total: Bar(total, seen),
+    )
+    assert seen[0] == 40000 and sum(seen[1:]) == 40000 and len(seen) > 2
+    assert res.changed[0].num_diff == 1
