@@ -486,3 +486,73 @@ def test_time_is_read_once_when_not_given(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "time", lambda: NOW)
     p = make_plan([run], Policy(keep_since=DAY + 1, keep_since_text="1d"))
     assert by_step(p)[200].kept_by == ["modified within 1d"] and by_step(p)[100].keep is False
+
+
+def test_a_tensorflow_state_file_that_cannot_be_rewritten_is_warned(tmp_path):
+    root = tf_manager_run(tmp_path / "tf", steps=(1, 2, 3))
+    state = root / "checkpoint"
+    state.write_text(state.read_text() + "this line is not a field\n")
+    age_tree(root)
+    p = make_plan([scan_run(root)], Policy(keep_last=1))
+    assert deleted(p) == [1, 2]
+    n = len(state.read_text().splitlines())
+    assert p.warnings == [
+        f"{state}: TensorFlow checkpoint state cannot be rewritten: line {n} is not `field: value`; "
+        "it will still name ckpt-1, ckpt-2 once deleted"
+    ]
+    assert p.notes == []
+
+
+def test_remote_checkpoints_are_planned_from_the_listing(tmp_path, monkeypatch):
+    """Objects on a bucket: each one's size and ETag as the listing gave them (no local stat),
+    a TensorFlow folder warned about its state file, an object that cannot be listed kept."""
+    from ckptctl.errors import NotFound
+    from ckptctl.ops.prune import RemoteSnap
+    from ckptctl.sources import RemotePath
+
+    listing = {}
+
+    def info(self):
+        if self.url not in listing:
+            raise NotFound("no such object", self.url)
+        return listing[self.url]
+
+    monkeypatch.setattr(RemotePath, "info", info)
+
+    def rck(step, layout="tf", age=DAY * 5, n_files=2):
+        base = f"s3://bucket/run/ckpt-{step}"
+        files = [RemotePath(f"{base}.index")] + [RemotePath(f"{base}.data-{k}") for k in range(n_files - 1)]
+        for k, f in enumerate(files):
+            listing[f.url] = {"size": 100 + step + k, "ETag": f'"e{step}-{k}"'}
+        return RunCheckpoint(
+            path=RemotePath(f"{base}.index"),
+            files=files,
+            step=step,
+            step_source="name",
+            format="tf",
+            size=sum(100 + step + k for k in range(n_files)),
+            mtime=NOW - age + step,
+            run=RemotePath("s3://bucket/run"),
+            layout=layout,
+        )
+
+    cks = [rck(1), rck(2), rck(3), rck(4)]
+    del listing[cks[1].files[1].url]  # gone from the listing: kept, and said why
+    p = plan(Run(path=RemotePath("s3://bucket/run"), checkpoints=cks), keep_last=1)
+    d = by_step(p)
+    assert d[1].keep is False and d[1].snapshot == [
+        RemoteSnap(cks[0].files[0], 101, "e1-0", None),
+        RemoteSnap(cks[0].files[1], 102, "e1-1", None),
+    ]
+    assert d[3].keep is False and [s.etag for s in d[3].snapshot] == ["e3-0", "e3-1"]
+    assert d[2].keep is True and d[2].reasons[-1].startswith("could not stat its objects (")
+    assert d[2].reasons[-1].endswith("); kept")
+    assert p.warnings == [
+        "s3://bucket/run: the TensorFlow `checkpoint` state file is not rewritten on remote storage; "
+        "it will still name the deleted checkpoints"
+    ]
+    assert p.notes == []
+    # not TensorFlow: no such warning
+    other = [rck(5, layout="hf-trainer"), rck(6, layout="hf-trainer")]
+    p = plan(Run(path=RemotePath("s3://bucket/run"), checkpoints=other), keep_last=1)
+    assert [x.ckpt.step for x in p.to_delete] == [5] and p.warnings == []
