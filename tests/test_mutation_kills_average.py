@@ -280,11 +280,42 @@ def test_folders_and_missing_parents_are_refused(tmp_path):
     with pytest.raises(Incompatible) as e:
         ops.plan_average(paths, tmp_path / "no" / "o.safetensors", force=True)
     assert e.value.message == f"folder {tmp_path / 'no'} does not exist"
+    assert e.value.path == str(tmp_path / "no" / "o.safetensors")
     (tmp_path / "o.safetensors").write_bytes(b"old")
     with pytest.raises(Incompatible) as e:
         ops.plan_average(paths, tmp_path / "o.safetensors")
     assert e.value.message == "already exists (--force to overwrite)"
+    assert e.value.path == str(tmp_path / "o.safetensors")
     assert (tmp_path / "o.safetensors").read_bytes() == b"old"
     ops.run_average(ops.plan_average(paths, tmp_path / "o.safetensors", force=True))
     assert set(load(tmp_path / "o.safetensors")) == {"w", "m", "e"}
     assert sorted(os.listdir(tmp_path)) == ["o.safetensors", "out", "s0.safetensors", "s1.safetensors"]
+
+
+def test_a_bucket_destination_gets_the_same_checks(tmp_path, monkeypatch):
+    """s3:// output: the bucket is checked, and a folder or an existing object is refused as
+    locally (the bucket's listing simulated in-process: no server, nothing uploaded)."""
+    from ckptctl import sources
+    from ckptctl.sources import RemotePath
+
+    checked: list[str] = []
+    objects = {"s3://b/exists.safetensors": "file", "s3://b/folder.safetensors": "directory"}
+    monkeypatch.setattr(sources, "check_bucket", lambda p: checked.append(str(p)))
+    monkeypatch.setattr(RemotePath, "is_file", lambda self: objects.get(self.url) == "file")
+    monkeypatch.setattr(RemotePath, "is_dir", lambda self: objects.get(self.url) == "directory")
+    paths = [save(tmp_path / f"s{i}.safetensors", s) for i, s in enumerate(states(2))]
+    plan = ops.plan_average(paths, "s3://b/new.safetensors")
+    assert checked == ["s3://b/new.safetensors"] and str(plan.dst) == "s3://b/new.safetensors"
+    plan.close()
+    with pytest.raises(UsageError) as e:
+        ops.plan_average(paths, "s3://b/folder.safetensors", force=True)
+    assert e.value.message == (
+        "s3://b/folder.safetensors is a folder: give an output file such as s3://b/folder.safetensors/averaged.safetensors"
+    )
+    with pytest.raises(Incompatible) as e:
+        ops.plan_average(paths, "s3://b/exists.safetensors")
+    assert (
+        e.value.message == "already exists (--force to overwrite)" and str(e.value.path) == "s3://b/exists.safetensors"
+    )
+    ops.plan_average(paths, "s3://b/exists.safetensors", force=True).close()
+    assert checked[-1] == "s3://b/exists.safetensors"
