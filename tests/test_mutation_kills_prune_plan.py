@@ -79,13 +79,17 @@ def test_no_policy_is_refused_with_the_reason(tmp_path):
     run = steps_run(tmp_path / "r")
     with pytest.raises(UsageError) as e:
         plan(run)
-    assert "no retention policy given" in e.value.message and "nothing was deleted" in e.value.message
-    for flag in ("--keep-last N", "--keep-every K", "--keep-best METRIC", "--keep-since DURATION", "--exp-spacing"):
-        assert flag in e.value.message
-    with pytest.raises(UsageError, match="--mode only applies to --keep-best METRIC"):
+    assert e.value.message == (
+        "no retention policy given, so nothing can be decided: add at least one of --keep-last N, "
+        "--keep-every K, --keep-best METRIC, --keep-steps S,..., --keep-since DURATION, --exp-spacing "
+        "(every checkpoint not kept by a policy would be deleted; nothing was deleted)"
+    )
+    with pytest.raises(UsageError) as e:
         plan(run, keep_last=1, mode="min")
-    with pytest.raises(UsageError, match="--best-n only applies to --keep-best METRIC"):
+    assert e.value.message == "--mode only applies to --keep-best METRIC"
+    with pytest.raises(UsageError) as e:
         plan(run, keep_last=1, best_n=2)
+    assert e.value.message == "--best-n only applies to --keep-best METRIC"
     # each policy alone is enough, and --keep-since 0 is a policy (is not None)
     for pol in (
         {"keep_last": 1},
@@ -556,3 +560,42 @@ def test_remote_checkpoints_are_planned_from_the_listing(tmp_path, monkeypatch):
     other = [rck(5, layout="hf-trainer"), rck(6, layout="hf-trainer")]
     p = plan(Run(path=RemotePath("s3://bucket/run"), checkpoints=other), keep_last=1)
     assert [x.ckpt.step for x in p.to_delete] == [5] and p.warnings == []
+
+
+def test_keras_epochs_with_exponential_spacing_and_a_step_that_is_not_an_epoch(tmp_path):
+    root = tmp_path / "r"
+    cks = [
+        ck(root, None, age=(20 - e) * DAY, name=f"weights.{e:02d}.keras", layout="keras", epoch=e)
+        for e in (1, 2, 3, 5, 8, 9)
+    ]
+    p = plan(Run(path=root, checkpoints=cks), exp_spacing=True)
+    kept_epochs = {x.ckpt.epoch: x.kept_by for x in p.decisions if x.keep}
+    assert kept_epochs == {
+        1: ["exponential spacing (first at/after epoch 1)"],
+        2: ["exponential spacing (first at/after epoch 2)"],
+        5: ["exponential spacing (first at/after epoch 4)"],
+        8: ["exponential spacing (first at/after epoch 8)"],
+        9: [],
+    }
+    # a keras checkpoint that knows its step: its epoch is not a step --keep-steps can name
+    root = tmp_path / "s"
+    cks = [ck(root, 50, layout="keras", epoch=3), ck(root, 60, layout="keras", epoch=4, age=DAY / 2)]
+    p = plan(Run(path=root, checkpoints=cks), keep_steps=[3, 50])
+    assert p.warnings == ["--keep-steps: no checkpoint at step 3"]
+
+
+def test_every_tensorflow_folder_gets_its_note_even_after_one_that_cannot_be_rewritten(tmp_path):
+    a = tf_manager_run(tmp_path / "run" / "a", steps=(1, 2))
+    (a / "checkpoint").write_text((a / "checkpoint").read_text() + "garbage\n")
+    b = tf_manager_run(tmp_path / "run" / "b", steps=(1, 2))
+    age_tree(tmp_path / "run")
+    p = make_plan([scan_run(tmp_path / "run", recursive=True)], Policy(keep_last=1))
+    assert sorted(os.fspath(d.ckpt.path.relative_to(tmp_path / "run")) for d in p.to_delete) == [
+        "a/ckpt-1",
+        "b/ckpt-1",
+    ]
+    assert [w.split(":")[0] for w in p.warnings] == [str(a / "checkpoint")]
+    assert p.notes == [
+        f"{b / 'checkpoint'}: TensorFlow checkpoint state; ckpt-1 will be dropped from "
+        "all_model_checkpoint_paths (with their timestamps) once deleted"
+    ]
