@@ -319,3 +319,25 @@ def test_a_bucket_destination_gets_the_same_checks(tmp_path, monkeypatch):
     )
     ops.plan_average(paths, "s3://b/exists.safetensors", force=True).close()
     assert checked[-1] == "s3://b/exists.safetensors"
+
+
+def test_weights_with_spaces_inside_a_number():
+    assert ops.parse_weights("1 000, 2") == [1000.0, 2.0]
+
+
+def test_infinities_average_without_numpy_warnings(tmp_path, monkeypatch):
+    """inf + -inf is NaN in the mean: said in the output's values, not as numpy RuntimeWarnings."""
+    import warnings
+
+    small_chunks(monkeypatch)
+    a = {"w": np.array([np.inf, 1.0, np.inf, 3e38] * 100, np.float32)}
+    b = {"w": np.array([-np.inf, 2.0, np.inf, 3e38] * 100, np.float32)}
+    paths = [save_h5(tmp_path / "a.h5", a), save_h5(tmp_path / "b.h5", b)]
+    out = tmp_path / "o.safetensors"
+    for kw in ({}, {"weights": [1.0, 3.0]}, {"ema": 0.5}, {"accumulate": "fp32"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a RuntimeWarning from the arithmetic fails the test
+            ops.run_average(ops.plan_average(paths, out, force=True, **kw))
+        got = load(out)["w"].reshape(100, 4)
+        assert np.isnan(got[:, 0]).all() and (got[:, 2] == np.inf).all(), kw
+    assert load(out)["w"][3] == np.inf  # 3e38 + 3e38 overflows float32 in fp32 accumulation
