@@ -494,3 +494,32 @@ def test_item_workers_count_progress_too(tmp_path, monkeypatch):
     )
     assert seen[0] == 40000 and sum(seen[1:]) == 40000 and len(seen) > 2
     assert res.changed[0].num_diff == 1
+
+
+def test_bytes_are_compared_exactly_whatever_the_tolerance(tmp_path):
+    raw_a = np.arange(64, dtype=np.uint8)
+    raw_b = raw_a.copy()
+    raw_b[[5, 6, 40]] += 1  # each byte off by one: "close" for any tolerance, but not the same bytes
+    ta = torch.frombuffer(bytearray(raw_a.tobytes()), dtype=torch.complex32)
+    tb = torch.frombuffer(bytearray(raw_b.tobytes()), dtype=torch.complex32)
+    pa, pb = save_pt(tmp_path / "a.pt", {"c": ta.clone()}), save_pt(tmp_path / "b.pt", {"c": tb.clone()})
+    res = ops.diff_checkpoints(pa, pb, atol=1000.0, rtol=1.0)
+    assert [d.num_diff for d in res.changed] == [3] and not res.equal
+    assert cli("diff", pa, pb, "--atol", "1000").exit_code == 1
+
+
+def test_the_comparer_refuses_values_it_cannot_compare(tmp_path):
+    pa = save_pt(tmp_path / "a.pt", {"c": torch.zeros(4, dtype=torch.complex32)})
+    pb = save_pt(tmp_path / "b.pt", {"c": torch.zeros(4, dtype=torch.complex64)})
+    ra, rb = ops.open_checkpoint(pa), ops.open_checkpoint(pb)
+    cmp = diff_values.Comparer()
+    try:
+        (ta,), (tb,) = ra.info().tensors, rb.info().tensors
+        for x, y, rx, ry in ((ta, tb, ra, rb), (tb, ta, rb, ra)):
+            with pytest.raises(ValueError) as e:
+                cmp.compare(rx, x, ry, y)
+            assert str(e.value) == "cannot compare values of these dtypes"
+    finally:
+        cmp.close()
+        ra.close()
+        rb.close()
