@@ -523,3 +523,61 @@ def test_the_comparer_refuses_values_it_cannot_compare(tmp_path):
         cmp.close()
         ra.close()
         rb.close()
+
+
+def test_the_arithmetic_of_big_tensors_runs_on_worker_threads(tmp_path, monkeypatch):
+    """compare() with two threads: the arithmetic of a real-valued tensor of more than two blocks
+    runs on worker threads while the main thread reads on; small, complex and one-thread
+    compares stay on the calling thread. (Both cores in use is the point of the design; a
+    regression would only show as a slower diff.)"""
+    import threading
+
+    where: dict[str, set[str]] = {}
+    real = diff_values.Comparer._values
+
+    def spy(self, acc, x, *a, **k):
+        name = threading.current_thread().name
+        where.setdefault(self._tag, set()).add("worker" if name.startswith("ckptctl-diff") else "main")
+        return real(self, acc, x, *a, **k)
+
+    monkeypatch.setattr(diff_values.Comparer, "_values", spy)
+    rng = np.random.default_rng(1)
+    sizes = {"exactly_two_blocks": 512, "just_over": 513, "three_blocks": 768, "small": 100}
+    a = {k: rng.standard_normal(n).astype(np.float32) for k, n in sizes.items()}
+    a["cplx"] = (rng.standard_normal(2000) + 1j).astype(np.complex64)
+    b = {k: v + np.ones_like(v) for k, v in a.items()}
+    pa, pb = tmp_path / "a.h5", tmp_path / "b.h5"
+    for p, w in ((pa, a), (pb, b)):
+        with h5py.File(p, "w") as f:
+            for k, v in w.items():
+                f.create_dataset(k, data=v, chunks=(50,), compression="gzip")
+    ra, rb = ops.open_checkpoint(pa), ops.open_checkpoint(pb)
+    try:
+        tens_a = {t.name: t for t in ra.info().tensors}
+        tens_b = {t.name: t for t in rb.info().tensors}
+        monkeypatch.setattr(diff_values, "READ_BYTES", 4096)
+        monkeypatch.setattr(diff_values, "BLOCK", 256)
+        for n_threads in (1, 2):
+            for name in [*sizes, "cplx"]:
+                cmp = diff_values.Comparer(threads=n_threads)
+                cmp._tag = f"{n_threads}:{name}"
+                try:
+                    acc = cmp.compare(ra, tens_a[name], rb, tens_b[name])
+                finally:
+                    cmp.close()
+                assert acc.n_diff == a[name].size, name
+    finally:
+        ra.close()
+        rb.close()
+    assert where == {
+        "1:exactly_two_blocks": {"main"},
+        "1:just_over": {"main"},
+        "1:three_blocks": {"main"},
+        "1:small": {"main"},
+        "2:exactly_two_blocks": {"main"},
+        "2:just_over": {"worker"},
+        "2:three_blocks": {"worker"},
+        "2:small": {"main"},
+        "1:cplx": {"main"},
+        "2:cplx": {"main"},
+    }
