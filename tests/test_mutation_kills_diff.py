@@ -339,6 +339,7 @@ def _pair(rng, n=6000):
         "same": rng.standard_normal(n).astype(np.float32),
         "cast": rng.standard_normal(n).astype(np.float32),
         "two": rng.standard_normal(n).astype(np.float32),
+        "zeros": np.zeros(n, np.float32),
     }
     b = {k: v.copy() for k, v in a.items()}
     b["late"][n - 10 :] += np.float32(0.5)  # every chunk but the last identical
@@ -348,6 +349,7 @@ def _pair(rng, n=6000):
     b["cast"] = a["cast"].astype(np.float64)
     b["cast"][2000] += 1.0
     b["two"][[3500, 5500]] -= np.float32(2)  # identical chunks, a difference, identical, a difference
+    b["zeros"][[10, 5000]] = np.float32(-0.0)  # a bit difference, not a value difference
     return a, b
 
 
@@ -373,7 +375,8 @@ def test_non_contiguous_tensors_stream_in_chunks_and_match_numpy(tmp_path, monke
     res = ops.diff_checkpoints(pa, pb)
     assert res.identical == ["same"]
     by = {d.name: d for d in res.changed}
-    assert set(by) == {"late", "early", "ints", "cast", "two"}
+    assert set(by) == {"late", "early", "ints", "cast", "two", "zeros"}
+    assert by["zeros"].num_diff == 2 and by["zeros"].max_abs_diff == 0.0
     for name in ("late", "early", "ints", "cast", "two"):
         mx, mean, rel = _ref(a[name], b[name])
         d = by[name]
@@ -387,7 +390,10 @@ def test_non_contiguous_tensors_stream_in_chunks_and_match_numpy(tmp_path, monke
     assert by["late"].numel == 6000 and by["early"].norm_b == pytest.approx(
         np.linalg.norm(b["early"].astype(np.float64)), rel=1e-12
     )
-    assert res.bytes_compared == 2 * 5 * 6000 * 4 + 4 * 6000 + 8 * 6000
+    assert res.bytes_compared == 2 * 6 * 6000 * 4 + 4 * 6000 + 8 * 6000
+    # integers stay exact under a tolerance; -0.0 is 0.0 as a value
+    tol = {d.name: d.num_diff for d in ops.diff_checkpoints(pa, pb, atol=5.0).changed}
+    assert tol == {"late": 1, "early": 1, "ints": 2, "cast": 0}  # (cast: a dtype change, values within)
     # and the same against safetensors (one side mapped, one side streamed)
     ps = save(tmp_path / "b.safetensors", b)
     res2 = ops.diff_checkpoints(pa, ps)
@@ -581,3 +587,20 @@ def test_the_arithmetic_of_big_tensors_runs_on_worker_threads(tmp_path, monkeypa
         "1:cplx": {"main"},
         "2:cplx": {"main"},
     }
+
+
+def test_statistics_from_an_accumulator():
+    from ckptctl.model import TensorInfo
+
+    f32 = TensorInfo(name="t", dtype="float32", shape=(3,), nbytes=12)
+    none = TensorInfo(name="t", dtype="float32", shape=(0,), nbytes=0)
+    # identical through the fast path: no arithmetic was needed
+    d = TensorDiff.from_acc("t", f32, f32, diff_values.Acc(numel=3, arith=False))
+    assert (d.max_abs_diff, d.mean_abs_diff, d.rel_l2, d.cosine, d.compared) == (0.0, 0.0, 0.0, 1.0, True)
+    # an empty tensor that went through the arithmetic: zeros, not a division by zero
+    d = TensorDiff.from_acc("t", none, none, diff_values.Acc(numel=0, arith=True))
+    assert (d.max_abs_diff, d.mean_abs_diff, d.rel_l2, d.cosine) == (0.0, 0.0, 0.0, 1.0)
+    # no pair with both sides finite
+    d = TensorDiff.from_acc("t", f32, f32, diff_values.Acc(numel=3, n_diff=3, arith=True, nan_a=3))
+    assert all(math.isnan(v) for v in (d.max_abs_diff, d.mean_abs_diff, d.rel_l2, d.cosine))
+    assert (d.num_diff, d.nan_a, d.numel) == (3, 3, 3)
