@@ -604,3 +604,38 @@ def test_statistics_from_an_accumulator():
     d = TensorDiff.from_acc("t", f32, f32, diff_values.Acc(numel=3, n_diff=3, arith=True, nan_a=3))
     assert all(math.isnan(v) for v in (d.max_abs_diff, d.mean_abs_diff, d.rel_l2, d.cosine))
     assert (d.num_diff, d.nan_a, d.numel) == (3, 3, 3)
+
+
+def test_every_selection_applies_to_both_sides(tmp_path):
+    def pt(name, scale):
+        sd = {"w": torch.arange(4, dtype=torch.float32) * scale}
+        ema = {"w": torch.arange(4, dtype=torch.float32) * 10}
+        return save_pt(tmp_path / name, {"state_dict": sd, "ema": ema, "step": 1})
+
+    pa, pb = pt("a.pt", 1), pt("b.pt", 2)
+    res = ops.diff_checkpoints(pa, pb, key="ema")  # the EMA weights agree, the model weights do not
+    assert (res.key_a, res.key_b) == ("ema", "ema") and res.equal and res.identical == ["w"]
+    assert not ops.diff_checkpoints(pa, pb).equal
+    with pytest.raises(UsageError) as e:
+        ops.diff_checkpoints(pa, pb, key="emaX/")
+    assert e.value.message == "--key emaX/: neither checkpoint has tensors under emaX/"
+    w = {"enc.w": np.ones(2, np.float32), "dec.w": np.ones(2, np.float32)}
+    sa = save(tmp_path / "a.safetensors", w)
+    sb = save(tmp_path / "b.safetensors", {"enc.w": w["enc.w"], "dec.w": w["dec.w"] * 2})
+    for kw in ({"filters": ["enc.*"]}, {"include": ["enc.*"]}, {"exclude": ["dec.*"]}):
+        res = ops.diff_checkpoints(sa, sb, **kw)
+        assert res.equal and res.identical == ["enc.w"] and res.only_in_a == res.only_in_b == [], kw
+    ddp = save(tmp_path / "ddp.safetensors", {"module." + k: v for k, v in w.items()})
+    res = ops.diff_checkpoints(ddp, sa)
+    assert res.hint is not None and "--strip-prefix module." in res.hint
+    assert ops.diff_checkpoints(sa, sa).hint is None
+
+
+def test_a_values_pair_after_one_that_cannot_be_compared_is_still_compared(tmp_path):
+    c32 = torch.zeros(4, dtype=torch.complex32)
+    pa = save_pt(tmp_path / "a.pt", {"c": torch.zeros(4, dtype=torch.complex64), "z": torch.ones(3)})
+    pb = save_pt(tmp_path / "b.pt", {"c": c32, "z": torch.ones(3) * 2})
+    for x, y in ((pa, pb), (pb, pa)):  # the bytes dtype on either side
+        res = ops.diff_checkpoints(x, y)
+        by = {d.name: d for d in res.changed}
+        assert by["c"].compared is False and by["z"].compared is True and by["z"].num_diff == 3
