@@ -55,9 +55,7 @@ class TensorDiff:
 
     @property
     def identical(self) -> bool:
-        if self.dtype_changed and not (self.ignore_dtype and self.compared):
-            return False  # (values of dtypes without arithmetic cannot be compared across a cast)
-        return not self.shape_changed and self.error is None and (not self.compared or not self.num_diff)
+        return tensor_identical(self)
 
     @property
     def dtype_only(self) -> bool:
@@ -156,6 +154,21 @@ class TensorDiff:
         }
 
 
+# The verdicts, as plain functions (the properties above call them): `diff`'s exit code is
+# `0 if DiffResult.equal else 1`, and mutation testing (docs/testing.md) cannot mutate a property.
+def tensor_identical(d: TensorDiff) -> bool:
+    """No difference in this pair: same shape, no read error, and the values (when compared) all
+    equal within tolerance; a dtype change counts unless --ignore-dtype compared the values."""
+    if d.dtype_changed and not (d.ignore_dtype and d.compared):
+        return False  # (values of dtypes without arithmetic cannot be compared across a cast)
+    return not d.shape_changed and d.error is None and (not d.compared or not d.num_diff)
+
+
+def result_equal(res: DiffResult) -> bool:
+    """Two checkpoints are equal: no tensor only on one side, none changed."""
+    return not (res.only_in_a or res.only_in_b or res.changed)
+
+
 def json_float(v: float | None) -> float | None:
     """Numbers for JSON stay floats, inf and nan included: the output layer (print_json) writes
     the non-finite ones in its one documented, strict-JSON form."""
@@ -199,7 +212,7 @@ class DiffResult:
     def equal(self) -> bool:
         """Same tensor names, dtypes, shapes and (when compared) values. File metadata is shown
         but does not count: a .pt and its safetensors conversion are equal."""
-        return not (self.only_in_a or self.only_in_b or self.changed)
+        return result_equal(self)
 
     @property
     def nonfinite(self) -> list[str]:

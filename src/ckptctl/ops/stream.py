@@ -314,6 +314,17 @@ _POOL = None
 _POOL_LOCK = threading.Lock()
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of its parent's threads: the pool it inherited would queue work
+    that no thread ever runs (and its lock may have been held at the fork). Start afresh."""
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def threads() -> int:
     """Worker threads for item-parallel work: the cores, at most two."""
     return max(1, min(2, os.cpu_count() or 1))
