@@ -805,3 +805,37 @@ def test_convert_from_s3_in_process_verifies_what_it_wrote(s3, src, tmp_path, mo
     assert r.exit_code == 1
     assert error_line(r) == f"error: {dst2}: verify failed: tensor 'layer1.w' differs from the source at byte 17"
     assert not dst2.exists()
+
+
+def test_verify_in_a_forked_child_of_a_process_that_already_verified(tmp_path, src, small_pieces):
+    """The shared worker pool, started by a first verify, must not be inherited threadless by a
+    forked child (mutmut's workers, ls's fork pool): there a submitted piece never ran and verify
+    waited forever."""
+    import signal
+    import time
+
+    big = tmp_path / "big.safetensors"
+    stnp.save_file({"a": np.arange(4096, dtype=np.float32), "b": np.ones(3000, np.float32)}, str(big))
+    plan, staged = _staged(tmp_path, big)
+    try:
+        assert cv.verify_output(plan, staged.out) == (2, 7096 * 4)  # the pool is running now
+        pid = os.fork()
+        if pid == 0:  # the child: verify again, on the parallel path
+            code = 1
+            try:
+                code = 0 if cv.verify_output(plan, staged.out) == (2, 7096 * 4) else 1
+            finally:
+                os._exit(code)
+        for _ in range(600):  # a hang guard, not a speed check: 60 s for 28 KB
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("verify in a forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        staged.discard()
+        plan.close()
