@@ -320,7 +320,7 @@ def test_a_read_only_url_destination_is_refused_before_anything_is_read(tmp_path
 def test_max_shard_size_must_be_positive_and_one_byte_gives_a_shard_per_tensor(tmp_path, src):
     # mutants: `< 0` / `<= 1` for `<= 0`
     r = cli("convert", src, tmp_path / "zero", "--max-shard-size", "0")
-    assert r.exit_code == 2 and "--max-shard-size must be positive" in error_line(r)
+    assert r.exit_code == 2 and error_line(r) == "error: --max-shard-size must be positive"
     assert not (tmp_path / "zero").exists()
     r = cli("convert", src, tmp_path / "one", "--max-shard-size", "1B")
     assert r.exit_code == 0, r.stderr
@@ -839,3 +839,67 @@ def test_verify_in_a_forked_child_of_a_process_that_already_verified(tmp_path, s
     finally:
         staged.discard()
         plan.close()
+
+
+# ---- written after the run, from its survivors (planted by hand: red) -----------------------------
+@pytest.mark.parametrize("shards", [False, True])
+def test_a_full_disk_while_writing_names_dst_and_leaves_nothing(tmp_path, src, monkeypatch, shards):
+    # mutants: write_output's OSError message (strerror, the path) and its cleanup
+    import errno
+
+    from ckptctl.formats import writeutil
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writeutil, "_COPY_FILE_RANGE", False)
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "write", full)
+    dst = tmp_path / ("sh" if shards else "out.pt")
+    r = cli("convert", src, dst, *(["--max-shard-size", "600B"] if shards else []))
+    assert r.exit_code == 1, r.stderr
+    assert (
+        flat(r.stderr[r.stderr.index("error:") :])
+        == f"error: {dst}: cannot write the output: No space left on device; nothing was written"
+    )
+    assert not dst.exists() and leftovers(tmp_path) == []
+
+
+def test_a_conversion_leaves_no_descriptor_open(tmp_path, src):
+    # mutants: Staged.release (the staging folder's lock descriptor never closed)
+    before = sorted(os.listdir("/proc/self/fd"))
+    for i, extra in enumerate(([], ["--max-shard-size", "600B"], ["--no-verify"])):
+        r = cli(
+            "convert",
+            src,
+            tmp_path / f"o{i}.safetensors" if not extra or extra[0] != "--max-shard-size" else tmp_path / f"o{i}",
+            *extra,
+        )
+        assert r.exit_code == 0, r.stderr
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("mode", ["all", "drop"])
+def test_metadata_mode_reaches_the_written_file(tmp_path, mode):
+    # mutant: carry_metadata called without the mode (always "keep")
+    p = tmp_path / "m.safetensors"
+    stnp.save_file(TENSORS, str(p), metadata={"resume_from": "/home/alice/runs/7/last.ckpt", "lr": "0.1"})
+    dst = tmp_path / "out.safetensors"
+    r = cli("convert", p, dst, "--metadata", mode)
+    assert r.exit_code == 0, r.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(dst), "np") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "format"}
+    assert meta == ({"resume_from": "/home/alice/runs/7/last.ckpt", "lr": "0.1"} if mode == "all" else {})
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("shards", [False, True])
+def test_a_conversion_says_nothing_on_stderr_but_its_lines(tmp_path, src, shards):
+    # mutants: the background fsync thread dying of a TypeError (fsync(None), fsync_dir(None)):
+    # the files were never fsynced and Python printed the thread's traceback
+    dst = tmp_path / ("sh" if shards else "out.safetensors")
+    r = cli("convert", src, dst, *(["--max-shard-size", "600B"] if shards else []))
+    assert r.exit_code == 0, r.stderr
+    assert "Traceback" not in r.stderr and "Exception in thread" not in r.stderr, r.stderr
