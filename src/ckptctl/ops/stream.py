@@ -341,17 +341,6 @@ def submit(fn, *args):
     return _POOL.submit(fn, *args)
 
 
-def _forget_pool() -> None:
-    """In a forked child: the pool's threads did not come along (fork copies only the calling
-    thread), so a task submitted there would wait forever; the child starts its own pool."""
-    global _POOL, _POOL_LOCK
-    _POOL = None
-    _POOL_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool)
-
-
 class Ahead:
     """fn(*item) for each item of `items` on worker threads, up to `depth` items ahead of the
     consumer; `pop` hands the results back in item order.
