@@ -42,6 +42,19 @@ def st_code(t: TensorInfo) -> str:
     return d.st
 
 
+def check_utf8_names(names, where: str = "a safetensors header (UTF-8 JSON)") -> None:
+    """Refuse a name that is not text: a name read from bytes that are not UTF-8 (a pickle
+    string, an HDF5 name) holds lone surrogates, which no UTF-8 JSON header or index can store."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Incompatible(
+                f"tensor {name!r} has a name that is not valid UTF-8 (the source stores bytes that are not "
+                f"text), which {where} cannot store; one .pt file keeps it"
+            ) from None
+
+
 def header_metadata(metadata: dict | None) -> dict[str, str]:
     """safetensors metadata is str -> str; transformers wants a "format" entry."""
     meta = {
@@ -52,6 +65,14 @@ def header_metadata(metadata: dict | None) -> dict[str, str]:
     return meta
 
 
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class SafetensorsWriter(StreamingWriter):
     format = "safetensors"
 
@@ -59,6 +80,7 @@ class SafetensorsWriter(StreamingWriter):
         super().__init__(path, tensors, metadata, dedupe_tied=dedupe_tied)
         for t in tensors:
             st_code(t)
+        check_utf8_names(t.name for t in tensors)
         # what gets bytes in the file: every name, or only primaries when deduplicating
         stored = [t for t in tensors if not (dedupe_tied and t.alias_of is not None)]
         order = sorted(stored, key=lambda t: (-ST_ORDER[st_code(t)], t.name))
@@ -79,7 +101,11 @@ class SafetensorsWriter(StreamingWriter):
             if name == "__metadata__":
                 raise Incompatible("a tensor named '__metadata__' cannot be stored in safetensors")
             doc[name] = e
-        head = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        try:
+            head = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except UnicodeEncodeError:  # the names were checked: a metadata key or value
+            bad = next(f"{k!r}: {v!r}" for k, v in meta.items() if not _is_text(k) or not _is_text(v))
+            raise Incompatible(f"metadata {bad} is not valid UTF-8; safetensors keeps metadata as UTF-8 JSON") from None
         head += b" " * (-len(head) % 8)
         if len(head) > MAX_HEADER:
             raise Incompatible(

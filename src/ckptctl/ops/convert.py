@@ -122,10 +122,11 @@ def target_format(dst: Path | RemotePath, to: str | None, sharded: bool) -> str:
 def check_target(fmt: str, tensors: list[TensorInfo]) -> None:
     """Raise Incompatible naming the first tensor the target format cannot hold."""
     if fmt == "safetensors":
-        from ckptctl.formats.write_safetensors import st_code
+        from ckptctl.formats.write_safetensors import check_utf8_names, st_code
 
         for t in tensors:
             st_code(t)
+        check_utf8_names(t.name for t in tensors)
     elif fmt == "torch-zip":
         from ckptctl.formats.write_torch import torch_dtype_ok
 
@@ -133,10 +134,12 @@ def check_target(fmt: str, tensors: list[TensorInfo]) -> None:
             torch_dtype_ok(t)
     elif fmt == "hdf5":
         from ckptctl.formats.write_hdf5 import check_paths, storage_dtype
+        from ckptctl.formats.write_safetensors import check_utf8_names
 
         for t in tensors:
             storage_dtype(t)
         check_paths([t.name for t in tensors])
+        check_utf8_names((t.name for t in tensors), "an HDF5 file written through h5py")
 
 
 def refuse_gguf_quantized(tensors: list[TensorInfo]) -> None:
@@ -362,6 +365,10 @@ def plan_convert(
                     + (" ..." if len(lost) > 6 else "")
                 )
         files, index_name = _layout(fmt, dst, outs, meta, max_shard_size, dedupe_tied)
+        if index_name:
+            from ckptctl.formats.write_safetensors import check_utf8_names
+
+            check_utf8_names((t.name for t in outs), f"the shard index {index_name} (UTF-8 JSON)")
         return ConvertPlan(
             src=src,
             dst=dst,

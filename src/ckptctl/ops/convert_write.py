@@ -206,7 +206,7 @@ def write_output(plan: ConvertPlan, progress: Callable[[int], None] | None = Non
             if plan.index_name:
                 weight_map = {t.name: f.path.name for f in plan.files for t in f.tensors}
                 index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-                data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+                data = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")  # names checked
                 with open(tmp / plan.index_name, "wb") as fh:
                     fh.write(data)
         if remote:
