@@ -1,0 +1,190 @@
+"""Tests written to kill mutants of `tools/mutation.sh pickles` (docs/testing.md, "Mutation
+testing"): the restricted machine's record of globals, the loaders whose payload it hands to
+`scan` (pickle.loads, torch.load of a BytesIO, ... called by REDUCE, NEWOBJ or NEWOBJ_EX), the
+opcode listing after a failure and the scan of pickles back to back. Effects are checked through
+`scan_file`, `open_reader(...).info()` and the CLI in-process; nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from conftest import cli
+from test_scan_blind_spots import _bytes, _call4, _p4, _s, system
+
+from ckptctl.formats import open_reader
+from ckptctl.ops.scan import scan_file
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+PAYLOAD_WHERE = "pickle > pickle.loads payload (depth 1)"
+
+
+def _where(res, name: str) -> list[str]:
+    return res.where.get(name, [])
+
+
+def _newobj_ex(module: str, name: str, args: bytes, kwargs: dict[str, bytes]) -> bytes:
+    """cls.__new__(cls, *args, **kwargs) by NEWOBJ_EX (protocol 4)."""
+    body = _s(module) + _s(name) + b"\x93" + b"(" + args + b"t" + b"}"
+    for k, v in kwargs.items():
+        body += _s(k) + v + b"s"
+    return body + b"\x92"
+
+
+@pytest.mark.parametrize("key", ["data", "b", "f", "file", "str", "s"])
+def test_loader_payload_passed_by_keyword_is_walked(tmp_path, key):
+    ev = system(tmp_path / "M")
+    p = tmp_path / "kw.pkl"
+    p.write_bytes(_p4(_newobj_ex("pickle", "loads", b"", {key: _bytes(ev)})))
+    res = scan_file(p)
+    assert res.verdict == "dangerous"
+    assert dict(res.globals).get("os.system") == "dangerous", res.globals
+    assert _where(res, "os.system") == [PAYLOAD_WHERE]
+
+
+def test_keyword_that_is_not_a_payload_is_not_walked(tmp_path):
+    ev = system(tmp_path / "M")
+    p = tmp_path / "kw.pkl"
+    p.write_bytes(_p4(_newobj_ex("pickle", "loads", b"", {"fix_imports": _bytes(ev)})))
+    res = scan_file(p)
+    assert dict(res.globals) == {"pickle.loads": "dangerous"}
+
+
+def test_positional_payload_wins_over_keywords(tmp_path):
+    ev = system(tmp_path / "M")
+    p = tmp_path / "kw.pkl"
+    p.write_bytes(_p4(_newobj_ex("pickle", "loads", _bytes(ev), {"data": _bytes(b"\x80\x02N.")})))
+    res = scan_file(p)
+    assert _where(res, "os.system") == [PAYLOAD_WHERE]
+
+
+def test_newobj_of_a_loader_walks_its_payload(tmp_path):
+    ev = system(tmp_path / "M")
+    p = tmp_path / "newobj.pkl"
+    p.write_bytes(_p4(_s("pickle") + _s("loads") + b"\x93" + b"(" + _bytes(ev) + b"t" + b"\x81"))
+    res = scan_file(p)
+    assert _where(res, "os.system") == [PAYLOAD_WHERE]
+
+
+def test_python2_text_payload_is_walked_as_latin1(tmp_path):
+    """pickle.loads of a str (a python-2 pickle's byte string read as latin-1 text)."""
+    ev = system(tmp_path / "M")  # starts with \x80\x02: not ASCII
+    text = ev.decode("latin1")
+    p = tmp_path / "py2.pkl"
+    p.write_bytes(_p4(_call4("pickle", "loads", _s(text))))
+    res = scan_file(p)
+    assert _where(res, "os.system") == [PAYLOAD_WHERE]
+    assert res.error is None
+
+
+def test_text_payload_with_a_wide_character_is_read_not_fatal(tmp_path):
+    """A payload text that latin-1 cannot encode: the character becomes '?' (0x3f, not an opcode),
+    the nested pickle fails there, and the outer pickle is still read to its end."""
+    p = tmp_path / "wide.pkl"
+    body = _call4("pickle", "loads", _s("\u0100 not a pickle")) + b"0" + _s("os") + _s("system") + b"\x93"
+    p.write_bytes(_p4(body))
+    res = scan_file(p)
+    assert dict(res.globals)["os.system"] == "dangerous"
+    assert _where(res, "os.system") == ["pickle"]
+    assert res.error == "pickle > pickle.loads payload (depth 1): malformed pickle at byte 0: unknown opcode 0x3f"
+
+
+def test_torch_load_of_a_file_name_is_not_a_payload(tmp_path):
+    p = tmp_path / "tl.pkl"
+    p.write_bytes(_p4(_call4("torch", "load", _s("\x80\x02cos\nsystem\n."))))  # a (weird) file name
+    res = scan_file(p)
+    assert dict(res.globals) == {"torch.load": "dangerous"}
+
+
+@pytest.mark.parametrize("module", ["io", "_io"])
+def test_bytesio_payload_by_either_module_name(tmp_path, module):
+    ev = system(tmp_path / "M")
+    p = tmp_path / "bio.pkl"
+    p.write_bytes(_p4(_call4("torch", "load", _call4(module, "BytesIO", _bytes(ev)))))
+    res = scan_file(p)
+    assert _where(res, "os.system") == ["pickle > torch.load payload (depth 1)"]
+
+
+def test_other_calls_do_not_walk_their_bytes(tmp_path):
+    ev = system(tmp_path / "M")
+    p = tmp_path / "other.pkl"
+    p.write_bytes(_p4(_call4("mylib", "decode", _bytes(ev))))
+    res = scan_file(p)
+    assert dict(res.globals) == {"mylib.decode": "unknown"}
+    assert res.verdict == "unknown"
+
+
+def test_globals_named_after_a_failure_are_still_listed(tmp_path):
+    """BUILD on a list fails the machine; os.system comes after: the opcode listing finds it."""
+    p = tmp_path / "fail.pkl"
+    p.write_bytes(b"\x80\x02]}b0cos\nsystem\n0N.")
+    res = scan_file(p)
+    assert dict(res.globals).get("os.system") == "dangerous", res.globals
+    r = cli("inspect", p)
+    assert r.exit_code == 1
+    assert "BUILD on a list" in r.stderr and "os.system" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_reduce_with_bad_arguments_is_one_clean_error(tmp_path):
+    p = tmp_path / "bad.pkl"
+    p.write_bytes(b"\x80\x02cmylib\nf\n]R.")  # REDUCE with a list, not a tuple
+    r = cli("inspect", p)
+    assert r.exit_code == 1
+    assert "REDUCE with a list arguments" in r.stderr or "REDUCE with list" in r.stderr, r.stderr
+    p.write_bytes(b"\x80\x02K\x05)R.")  # REDUCE calls an int
+    r = cli("inspect", p)
+    assert r.exit_code == 1 and "REDUCE calls a" in r.stderr, r.stderr
+
+
+def test_newobj_with_bad_arguments_is_one_clean_error(tmp_path):
+    p = tmp_path / "bad.pkl"
+    p.write_bytes(b"\x80\x04" + _s("mylib") + _s("C") + b"\x93]\x81.")  # NEWOBJ with a list
+    r = cli("inspect", p)
+    assert r.exit_code == 1 and "NEWOBJ with" in r.stderr, r.stderr
+    p.write_bytes(b"\x80\x04" + _s("mylib") + _s("C") + b"\x93)]\x92.")  # NEWOBJ_EX, list kwargs
+    r = cli("inspect", p)
+    assert r.exit_code == 1 and "NEWOBJ_EX with non-dict keyword arguments" in r.stderr, r.stderr
+    p.write_bytes(b"\x80\x04K\x05)\x81.")  # NEWOBJ on an int
+    r = cli("inspect", p)
+    assert r.exit_code == 1 and "NEWOBJ on a" in r.stderr, r.stderr
+
+
+def test_pickles_after_the_first_are_listed_by_inspect(tmp_path):
+    """A plain pickle followed by another: the reader lists the second one's globals and says so."""
+    first = pickle.dumps({"a": 1}, protocol=2)
+    ev = system(tmp_path / "M")
+    p = tmp_path / "two.pkl"
+    p.write_bytes(first + ev + ev)
+    with open_reader(p) as r:
+        info = r.info()
+    assert info.globals == ["os.system"], info.globals  # the first pickle names none
+    assert any(f"{2 * len(ev)} bytes follow the pickle's end (more pickles, asking for os.system)" in w
+               for w in info.warnings), info.warnings
+    p.write_bytes(first + b"garbage!")
+    with open_reader(p) as r:
+        info = r.info()
+    assert any("8 bytes follow the pickle's end (not a pickle)" in w for w in info.warnings), info.warnings
+
+
+def test_globals_are_recorded_in_order_once_each(tmp_path):
+    p = tmp_path / "g.pkl"
+    p.write_bytes(b"\x80\x02cmylib\nA\n0cmylib\nB\n0cmylib\nA\n0N.")
+    with open_reader(p) as r:
+        info = r.info()
+    assert list(info.globals) == ["mylib.A", "mylib.B"]
+    r = cli("scan", p, "--format", "json")
+    assert r.exit_code == 0
+    assert [g["name"] for g in json.loads(r.stdout)[0]["globals"]] == ["mylib.A", "mylib.B"]
+
+
+def test_stack_global_built_from_memo_strings_is_resolved_after_a_failure(tmp_path):
+    """The opcode listing tracks strings through the memo (BINPUT/BINGET) like picklescan."""
+    body = _s("os") + b"q\x00" + _s("system") + b"q\x01" + b"]}b"  # fail: BUILD on a list
+    body += b"0h\x00h\x01\x93"
+    p = tmp_path / "memo.pkl"
+    p.write_bytes(b"\x80\x04" + body + b".")
+    res = scan_file(p)
+    assert dict(res.globals).get("os.system") == "dangerous", res.globals

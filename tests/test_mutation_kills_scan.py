@@ -1,0 +1,184 @@
+"""Tests written to kill mutants of `tools/mutation.sh scan` (docs/testing.md, "Mutation
+testing"): the verdicts of `ckptctl.formats.pickles.safety` and the walk over every pickle a
+file holds (`ckptctl.ops.scan_walk`), through `scan_file` and the `scan` command in-process.
+
+The attack corpus of test_scan_blind_spots.py is checked there through `python -m ckptctl`, which
+mutmut cannot tie to a function; here every file of it is scanned in-process, one test per file
+(a mutant of the .npy walk then runs only the .npy cases)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli
+from test_scan_blind_spots import _bytes, _call4, _p4, _s, _torch_bytes, build_corpus, system
+
+from ckptctl.ops.scan import scan_file
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+with tempfile.TemporaryDirectory() as _d:
+    CORPUS_NAMES = sorted(build_corpus(Path(_d), Path(_d) / "MARKER"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("attacks")
+    marker = d / "MARKER"
+    return d, marker, build_corpus(d, marker)
+
+
+def _globals(res) -> dict[str, tuple[str, list[str]]]:
+    return {n: (c, res.where.get(n, [])) for n, c in res.globals}
+
+
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_every_attack_is_dangerous_in_process(corpus, name):
+    """scan_file names the dangerous global, classes it dangerous, and says where it was."""
+    d, marker, expected = corpus
+    glob, where = expected[name]
+    res = scan_file(d / name)
+    assert res.verdict == "dangerous", (name, res)
+    g = _globals(res)
+    assert glob in g, (name, list(g))
+    assert g[glob][0] == "dangerous", (name, g[glob])
+    if where is not None:
+        assert any(where in w for w in g[glob][1]), (name, g[glob])
+    assert not marker.exists()
+
+
+def test_benign_checkpoints_are_safe_and_list_only_what_they_hold(tmp_path):
+    sd = {"w": torch.randn(4, 4), "b": torch.zeros(4, dtype=torch.bfloat16)}
+    torch.save(sd, tmp_path / "zip.pt")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for f in ("zip.pt", "legacy.pt"):
+        res = scan_file(tmp_path / f)
+        assert res.verdict == "safe", res
+        assert res.error is None and res.pickle
+        assert all(c == "safe" for _n, c in res.globals)
+        assert "torch._utils._rebuild_tensor_v2" in dict(res.globals)
+
+
+def test_plain_npy_and_npz_have_no_pickle(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(6.0))
+    np.savez(tmp_path / "a.npz", x=np.ones(3), y=np.zeros(2, dtype=np.int8))
+    for f in ("a.npy", "a.npz"):
+        res = scan_file(tmp_path / f)
+        assert res.verdict == "safe", res
+        assert res.globals == [], res
+        assert res.error is None
+
+
+def test_two_clean_pickles_back_to_back_are_both_read(tmp_path):
+    p = tmp_path / "two.pkl"
+    p.write_bytes(pickle.dumps({"a": 1}, protocol=2) + pickle.dumps(np.arange(3), protocol=2))
+    res = scan_file(p)
+    names = dict(res.globals)
+    # the second pickle's globals are found: the walk went on after the first STOP
+    assert "numpy.core.multiarray._reconstruct" in names or "numpy._core.multiarray._reconstruct" in names
+    assert res.verdict != "dangerous"
+    assert res.error is None
+
+
+def test_payload_after_a_benign_pickle_is_located_by_byte(tmp_path):
+    first = pickle.dumps([1, 2, 3], protocol=2)
+    p = tmp_path / "c.pkl"
+    p.write_bytes(first + system(tmp_path / "M"))
+    res = scan_file(p)
+    assert res.verdict == "dangerous"
+    where = _globals(res)["os.system"][1]
+    assert where == [f"pickle #2 (byte {len(first)})"], where
+
+
+def test_nested_payload_location_names_loader_and_depth(tmp_path):
+    ev = system(tmp_path / "M")
+    p = tmp_path / "n.pkl"
+    p.write_bytes(_p4(_call4("pickle", "loads", _bytes(_p4(_call4("pickle", "loads", _bytes(ev)))))))
+    res = scan_file(p)
+    g = _globals(res)
+    assert g["os.system"][1] == ["pickle > pickle.loads payload (depth 1) > pickle.loads payload (depth 2)"]
+    assert g["pickle.loads"][0] == "dangerous"
+
+
+def test_nested_depth_limit_is_exactly_eight(tmp_path):
+    ev = system(tmp_path / "M")
+    payload = ev
+    for _ in range(8):
+        payload = _p4(_call4("pickle", "loads", _bytes(payload)))
+    p = tmp_path / "eight.pkl"
+    p.write_bytes(payload)
+    g = _globals(scan_file(p))
+    assert "os.system" in g and "<pickles nested deeper than 8>" not in g  # depth 8 is still walked
+    p.write_bytes(_p4(_call4("pickle", "loads", _bytes(payload))))
+    g = _globals(scan_file(p))
+    assert "<pickles nested deeper than 8>" in g and "os.system" not in g
+    assert g["<pickles nested deeper than 8>"][0] == "dangerous"
+
+
+def test_zip_member_names_and_compression(tmp_path):
+    """Stored and deflated pickle members, by name and by content; torch storages are not pickles."""
+    ev = system(tmp_path / "M")
+    p = tmp_path / "z.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("a/stored.pkl", ev, compress_type=zipfile.ZIP_STORED)
+        z.writestr("a/deflated.pickle", ev, compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("a/sniffed", ev, compress_type=zipfile.ZIP_STORED)
+        z.writestr("a/data/0", ev, compress_type=zipfile.ZIP_STORED)  # a storage: raw bytes
+        z.writestr("a/readme.txt", b"hello", compress_type=zipfile.ZIP_DEFLATED)
+    res = scan_file(p)
+    assert res.verdict == "dangerous"
+    where = _globals(res)["os.system"][1]
+    assert sorted(where) == ["member a/deflated.pickle", "member a/sniffed", "member a/stored.pkl"], where
+
+
+def test_zip_inside_a_pickle_file_after_it(tmp_path):
+    """A zip appended to a pickle: both are walked (the zip's members by their own names)."""
+    ev = system(tmp_path / "M")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("x/hook.pkl", ev)
+    p = tmp_path / "pz.bin"
+    p.write_bytes(pickle.dumps({"ok": 1}, protocol=2) + buf.getvalue())
+    res = scan_file(p)
+    assert res.verdict == "dangerous"
+    assert _globals(res)["os.system"][1] == ["member x/hook.pkl"]
+
+
+def test_npy_object_payload_version_2_header(tmp_path):
+    """An .npy of format version 2 (4-byte header length) holding objects."""
+    ev = system(tmp_path / "M")
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    header += b" " * (-(12 + len(header) + 1) % 64) + b"\n"
+    p = tmp_path / "v2.npy"
+    p.write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header + ev)
+    res = scan_file(p)
+    assert res.verdict == "dangerous", res
+    assert _globals(res)["os.system"][1] == ["npy object payload"]
+    # the same header with a numeric dtype: its data is not a pickle
+    p.write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header.replace(b"|O", b"<f8") + ev[:8])
+    res = scan_file(p)
+    assert res.verdict != "dangerous" and "os.system" not in dict(res.globals)
+
+
+def test_cli_scan_exit_codes_in_process(tmp_path):
+    ev = system(tmp_path / "M")
+    (tmp_path / "evil.pkl").write_bytes(ev)
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    r = cli("scan", tmp_path / "ok.pt")
+    assert r.exit_code == 0, r.output
+    r = cli("scan", tmp_path / "evil.pkl", "--format", "json")
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc[0]["verdict"] == "dangerous"
+    assert {g["name"]: g["class"] for g in doc[0]["globals"]} == {"os.system": "dangerous"}
+    assert not (tmp_path / "M").exists()
