@@ -188,3 +188,22 @@ def test_stack_global_built_from_memo_strings_is_resolved_after_a_failure(tmp_pa
     p.write_bytes(b"\x80\x04" + body + b".")
     res = scan_file(p)
     assert dict(res.globals).get("os.system") == "dangerous", res.globals
+
+
+def test_load_from_bytes_of_latin1_text_is_walked(tmp_path):
+    """torch.storage._load_from_bytes given a str (a python-2 byte string): still a payload."""
+    ev = system(tmp_path / "M")
+    p = tmp_path / "lfb.pkl"
+    p.write_bytes(_p4(_call4("torch.storage", "_load_from_bytes", _s(ev.decode("latin1")))))
+    res = scan_file(p)
+    assert res.where.get("os.system") == ["pickle > torch.storage._load_from_bytes payload (depth 1)"], res.where
+
+
+def test_bytesio_whose_state_is_not_its_getstate_tuple(tmp_path):
+    """A BytesIO rebuilt with a dict as its BUILD state carries no payload: nothing to walk, no error."""
+    bio = _s("_io") + _s("BytesIO") + b"\x93)\x81" + b"}" + _s("x") + b"K\x01sb"  # NEWOBJ, BUILD {'x': 1}
+    p = tmp_path / "bio_state.pkl"
+    p.write_bytes(_p4(_call4("torch", "load", bio)))
+    res = scan_file(p)
+    assert dict(res.globals) == {"torch.load": "dangerous", "_io.BytesIO": "unknown"}, res.globals
+    assert res.error is None, res.error
