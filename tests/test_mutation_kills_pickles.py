@@ -207,3 +207,44 @@ def test_bytesio_whose_state_is_not_its_getstate_tuple(tmp_path):
     res = scan_file(p)
     assert dict(res.globals) == {"torch.load": "dangerous", "_io.BytesIO": "unknown"}, res.globals
     assert res.error is None, res.error
+
+
+FAIL = b"\x80\x02]}b"  # BUILD on a list: the machine stops here, the opcode listing goes on
+
+
+def test_inst_after_a_failure_is_listed(tmp_path):
+    p = tmp_path / "inst.pkl"
+    p.write_bytes(FAIL + b"0(ios\nsystem\n0N.")
+    res = scan_file(p)
+    assert dict(res.globals).get("os.system") == "dangerous", res.globals
+
+
+@pytest.mark.parametrize(
+    "put,get",
+    [
+        (b"p7\n", b"g7\n"),  # PUT / GET (protocol 0)
+        (b"q\x07", b"h\x07"),  # BINPUT / BINGET
+        (b"r\x07\x00\x00\x00", b"j\x07\x00\x00\x00"),  # LONG_BINPUT / LONG_BINGET
+    ],
+    ids=["put", "binput", "long_binput"],
+)
+def test_stack_global_from_memoized_strings_after_a_failure(tmp_path, put, get):
+    """The listing follows strings through the memo, whichever opcode stored and fetched them."""
+    mod = _s("os") + put
+    name = _s("system") + put.replace(b"7", b"8").replace(b"\x07", b"\x08")
+    getm = get
+    getn = get.replace(b"7", b"8").replace(b"\x07", b"\x08")
+    p = tmp_path / "memo.pkl"
+    p.write_bytes(b"\x80\x04" + mod + b"0" + name + b"0" + b"]}b0" + getm + getn + b"\x93.")
+    res = scan_file(p)
+    assert dict(res.globals).get("os.system") == "dangerous", res.globals
+
+
+def test_stack_global_from_bytes_after_a_failure_is_unresolved(tmp_path):
+    """Only text names a module: bytes pushed for STACK_GLOBAL give '<unresolved>', dangerous."""
+    p = tmp_path / "bytes_sg.pkl"
+    p.write_bytes(b"\x80\x04]}b0" + _bytes(b"os") + _bytes(b"system") + b"\x93.")
+    res = scan_file(p)
+    names = dict(res.globals)
+    assert names.get("<unresolved>.<unresolved>") == "dangerous", names
+    assert res.verdict == "dangerous"
