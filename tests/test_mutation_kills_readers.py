@@ -446,3 +446,102 @@ def test_gguf_misaligned_tensor_is_a_warning(tmp_path):
     with open_reader(p) as r:
         info = r.info()
     assert info.warnings == ["1 tensor(s) not aligned to 32 bytes (llama.cpp refuses this file), e.g. 'wb'"]
+
+
+# ---- safetensors: the header's integer bounds (parse_header) ---------------------------------------
+U64 = (1 << 64) - 1
+
+
+def _st(tmp_path, header, data: bytes = b"", length=None):
+    import json as _json
+
+    hb = header if isinstance(header, bytes) else _json.dumps(header).encode()
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", len(hb) if length is None else length) + hb + data)
+    return p
+
+
+def _st_error(p) -> str:
+    from ckptctl.formats.safetensors import SafetensorsReader
+
+    with pytest.raises(CorruptFile) as e:
+        SafetensorsReader(p).info()
+    assert str(p) in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        # the largest u64 is a valid dimension: the element count then overflows
+        ({"dtype": "U8", "shape": [U64], "data_offsets": [0, 1]}, "overflows"),
+        ({"dtype": "U8", "shape": [U64 + 1], "data_offsets": [0, 1]}, "bad shape"),
+        # an end offset of 2^64-1 is a valid integer: the size check refuses it
+        ({"dtype": "U8", "shape": [1], "data_offsets": [0, U64]}, "needs 1"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": [0, U64 + 1]}, "expected [begin, end]"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": [U64, U64]}, "a hole: bytes 0..18446744073709551615"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": [U64 + 1, 0]}, "expected [begin, end]"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": [0, -1]}, "expected [begin, end]"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": [0]}, "expected [begin, end]"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": [0, 1.0]}, "expected [begin, end]"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": [False, 1]}, "expected [begin, end]"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": {"0": 0}}, "expected [begin, end]"),
+        ({"dtype": "U8", "shape": {"a": 1}, "data_offsets": [0, 1]}, "bad shape"),
+        ({"dtype": 5, "shape": [1], "data_offsets": [0, 1]}, "unknown dtype 5"),
+        ({"shape": [1], "data_offsets": [0, 1]}, "missing 'dtype'"),
+        ({"dtype": "U8", "data_offsets": [0, 1]}, "missing 'shape'"),
+        ({"dtype": "U8", "shape": [1]}, "missing 'data_offsets'"),
+    ],
+)
+def test_header_integer_bounds_and_types(tmp_path, entry, message):
+    p = _st(tmp_path, {"t": entry}, b"\0")
+    msg = _st_error(p)
+    assert "tensor 't'" in msg and message in msg, msg
+
+
+def test_header_length_limits(tmp_path):
+    from ckptctl.formats.safetensors import MAX_HEADER, SafetensorsReader
+
+    # exactly at the limit (and past the file's end): refused for running past the end, not the limit
+    p = _st(tmp_path, {}, b"", length=MAX_HEADER)
+    assert "runs past the end of the" in _st_error(p)
+    p = _st(tmp_path, {}, b"", length=MAX_HEADER + 1)
+    assert f"exceeds the safetensors limit of {MAX_HEADER} bytes" in _st_error(p)
+    # a header that ends exactly at the end of the file (no data): read
+    p = _st(tmp_path, {})
+    assert SafetensorsReader(p).info().tensors == []
+    p = _st(tmp_path, b"{}", length=3)
+    assert "header length 3 runs past the end of the 10-byte file" in _st_error(p)
+    # 8 bytes: a length and nothing else; 7: too short
+    p = tmp_path / "eight.safetensors"
+    p.write_bytes(struct.pack("<Q", 0))
+    assert "header is not valid JSON" in _st_error(p)
+    p.write_bytes(b"\0" * 7)
+    assert "file is 7 bytes, too short for a safetensors header" in _st_error(p)
+
+
+def test_metadata_values_must_all_be_strings(tmp_path):
+    from ckptctl.formats.safetensors import SafetensorsReader
+
+    p = _st(tmp_path, {"__metadata__": {"a": "x", "b": 2}, "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    assert "__metadata__ must map strings to strings" in _st_error(p)
+    p = _st(tmp_path, {"__metadata__": {"a": "x"}, "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    assert SafetensorsReader(p).info().metadata == {"a": "x"}
+
+
+def test_unsorted_header_with_empty_tensors_between(tmp_path):
+    """Entries out of data order, zero-size tensors at the same offset as a real one: listed in
+    data order (begin, then end), bytes exact."""
+    from ckptctl.formats.safetensors import SafetensorsReader
+
+    header = {
+        "c": {"dtype": "U8", "shape": [2], "data_offsets": [3, 5]},
+        "z2": {"dtype": "U8", "shape": [0], "data_offsets": [3, 3]},
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "z0": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]},
+    }
+    p = _st(tmp_path, header, b"abcde")
+    with SafetensorsReader(p) as r:
+        info = r.info()
+        assert [t.name for t in info.tensors] == ["z0", "a", "z2", "c"]
+        assert b"".join(r.iter_chunks("c")) == b"de" and b"".join(r.iter_chunks("a")) == b"abc"
