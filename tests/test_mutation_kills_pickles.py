@@ -248,3 +248,19 @@ def test_stack_global_from_bytes_after_a_failure_is_unresolved(tmp_path):
     names = dict(res.globals)
     assert names.get("<unresolved>.<unresolved>") == "dangerous", names
     assert res.verdict == "dangerous"
+
+
+def test_stack_global_from_memoize_after_a_failure(tmp_path):
+    """Protocol 4's MEMOIZE stores the string just pushed (memo index = memo size)."""
+    p = tmp_path / "memoize.pkl"
+    p.write_bytes(b"\x80\x04" + _s("os") + b"\x940" + _s("system") + b"\x940" + b"]}b0" + b"h\x00h\x01\x93.")
+    res = scan_file(p)
+    assert dict(res.globals).get("os.system") == "dangerous", res.globals
+
+
+def test_put_on_an_empty_stack_does_not_end_the_listing(tmp_path):
+    """The machine fails at once (PUT with nothing pushed); the listing goes on to the GLOBAL."""
+    p = tmp_path / "put_first.pkl"
+    p.write_bytes(b"\x80\x02p0\ncos\nsystem\n0N.")
+    res = scan_file(p)
+    assert dict(res.globals).get("os.system") == "dangerous", res.globals
