@@ -182,3 +182,39 @@ def test_cli_scan_exit_codes_in_process(tmp_path):
     assert doc[0]["verdict"] == "dangerous"
     assert {g["name"]: g["class"] for g in doc[0]["globals"]} == {"os.system": "dangerous"}
     assert not (tmp_path / "M").exists()
+
+
+def test_payload_built_at_load_time_is_named_where_it_is_called(tmp_path):
+    p = tmp_path / "computed.pkl"
+    p.write_bytes(_p4(_call4("torch.storage", "_load_from_bytes", _call4("mylib", "make_bytes"))))
+    res = scan_file(p)
+    g = _globals(res)
+    assert g["torch.storage._load_from_bytes(<bytes built at load time>)"] == ("dangerous", ["pickle"]), g
+
+
+def _big_system_pickle(marker) -> bytes:
+    """os.system(<a 1.1 MiB bytes argument>): over the machine's 1 MiB inline limit, so a loader's
+    payload holding it stays in the file (a Span) instead of being read into memory."""
+    return _p4(_call4("os", "system", _bytes(b"\0" * (1100 * 1024))))
+
+
+def test_large_nested_payload_is_walked_in_place(tmp_path):
+    p = tmp_path / "big.pkl"
+    p.write_bytes(_p4(_call4("pickle", "loads", _bytes(_big_system_pickle(tmp_path / "M")))))
+    res = scan_file(p)
+    g = _globals(res)
+    assert g["os.system"] == ("dangerous", ["pickle > pickle.loads payload (depth 1)"]), g
+    assert res.error is None, res.error
+
+
+def test_large_nested_payloads_count_towards_the_depth_limit(tmp_path):
+    payload = _big_system_pickle(tmp_path / "M")
+    for _ in range(8):
+        payload = _p4(_call4("pickle", "loads", _bytes(payload)))
+    p = tmp_path / "big8.pkl"
+    p.write_bytes(payload)
+    g = _globals(scan_file(p))
+    assert "os.system" in g and "<pickles nested deeper than 8>" not in g
+    p.write_bytes(_p4(_call4("pickle", "loads", _bytes(payload))))
+    g = _globals(scan_file(p))
+    assert "<pickles nested deeper than 8>" in g and "os.system" not in g
