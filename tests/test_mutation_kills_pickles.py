@@ -264,3 +264,14 @@ def test_put_on_an_empty_stack_does_not_end_the_listing(tmp_path):
     p.write_bytes(b"\x80\x02p0\ncos\nsystem\n0N.")
     res = scan_file(p)
     assert dict(res.globals).get("os.system") == "dangerous", res.globals
+
+
+def test_mark_frame_and_proto_between_the_names_push_nothing(tmp_path):
+    """MARK, FRAME and PROTO push no value: the listing still pairs 'os' with 'system'."""
+    frame = b"\x95" + (20).to_bytes(8, "little")
+    p = tmp_path / "frame.pkl"
+    p.write_bytes(b"\x80\x04]}b0" + _s("os") + b"(" + frame + b"\x80\x04" + _s("system") + b"\x93.")
+    res = scan_file(p)
+    names = dict(res.globals)
+    assert names.get("os.system") == "dangerous", names
+    assert not any("<unresolved>" in n for n in names), names
