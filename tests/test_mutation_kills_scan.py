@@ -218,3 +218,25 @@ def test_large_nested_payloads_count_towards_the_depth_limit(tmp_path):
     p.write_bytes(_p4(_call4("pickle", "loads", _bytes(payload))))
     g = _globals(scan_file(p))
     assert "<pickles nested deeper than 8>" in g and "os.system" not in g
+
+
+def test_unnamed_zip_members_are_sniffed_for_a_zip_or_an_npy(tmp_path):
+    """Members whose names say nothing: a zip inside (stored) and an object .npy (deflated) are
+    recognised by their first bytes and walked."""
+    from test_scan_blind_spots import Evil
+
+    ev = system(tmp_path / "M")
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("hook.pkl", ev)
+    arr = io.BytesIO()
+    np.save(arr, np.array([Evil(tmp_path / "M")], dtype=object), allow_pickle=True)
+    p = tmp_path / "outer.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x/inner.dat", inner.getvalue(), compress_type=zipfile.ZIP_STORED)
+        z.writestr("x/arr.dat", arr.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+    res = scan_file(p)
+    g = _globals(res)
+    assert g["os.system"][1] == ["member x/inner.dat > member hook.pkl"], g
+    sysname = "posix.system" if os.name == "posix" else "nt.system"
+    assert g[sysname][1] == ["member x/arr.dat > npy object payload"], g
