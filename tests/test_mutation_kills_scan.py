@@ -240,3 +240,48 @@ def test_unnamed_zip_members_are_sniffed_for_a_zip_or_an_npy(tmp_path):
     assert g["os.system"][1] == ["member x/inner.dat > member hook.pkl"], g
     sysname = "posix.system" if os.name == "posix" else "nt.system"
     assert g[sysname][1] == ["member x/arr.dat > npy object payload"], g
+
+
+def _set_central_usize(path, member: str, value: int) -> None:
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        pos = z.start_dir
+    while data[pos : pos + 4] == b"PK\x01\x02":
+        nlen, xlen, clen = struct.unpack_from("<3H", data, pos + 28)
+        if data[pos + 46 : pos + 46 + nlen].decode() == member:
+            struct.pack_into("<I", data, pos + 24, value)
+            path.write_bytes(bytes(data))
+            return
+        pos += 46 + nlen + xlen + clen
+    raise AssertionError(member)
+
+
+def test_compressed_member_too_large_to_scan_is_unknown_and_said(tmp_path):
+    from ckptctl.ops.scan_walk import IN_MEMORY
+
+    p = tmp_path / "big.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x/hook.pkl", system(tmp_path / "M"), compress_type=zipfile.ZIP_DEFLATED)
+    _set_central_usize(p, "x/hook.pkl", IN_MEMORY + 1)
+    res = scan_file(p)
+    g = _globals(res)
+    assert g == {"<unscanned pickle member x/hook.pkl>": ("unknown", ["member x/hook.pkl"])}, g
+    assert res.verdict == "unknown"
+    assert res.error == f"member x/hook.pkl: compressed and too large to scan ({IN_MEMORY + 1} bytes)", res.error
+
+
+def test_named_member_with_a_bad_local_header_is_an_error(tmp_path):
+    """A torch archive with an extra pickle member whose local header is damaged: the weights list,
+    the member's failure is the scan's error (not silently skipped)."""
+    p = tmp_path / "badlocal.pt"
+    torch.save({"w": torch.ones(2)}, p)
+    with zipfile.ZipFile(p, "a") as z:
+        z.writestr("badlocal/extra/hook.pkl", system(tmp_path / "M"), compress_type=zipfile.ZIP_STORED)
+    data = bytearray(p.read_bytes())
+    with zipfile.ZipFile(p) as z:
+        off = z.getinfo("badlocal/extra/hook.pkl").header_offset
+    data[off : off + 4] = b"XXXX"
+    p.write_bytes(bytes(data))
+    res = scan_file(p)
+    assert "os.system" not in dict(res.globals)
+    assert res.error == "member badlocal/extra/hook.pkl: bad local header", res.error
