@@ -13,6 +13,7 @@ import pytest
 from conftest import cli
 from test_scan_blind_spots import _bytes, _call4, _p4, _s, system
 
+from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader
 from ckptctl.ops.scan import scan_file
 
@@ -275,3 +276,18 @@ def test_mark_frame_and_proto_between_the_names_push_nothing(tmp_path):
     names = dict(res.globals)
     assert names.get("os.system") == "dangerous", names
     assert not any("<unresolved>" in n for n in names), names
+
+
+def test_globals_after_a_failure_in_a_compressed_data_pkl(tmp_path):
+    """A torch archive whose data.pkl is deflated (unpickled from memory, not from the file)
+    fails part-way; the refusal still names os.system, found after the failure."""
+    import zipfile
+
+    p = tmp_path / "defl.pt"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("archive/data.pkl", FAIL + b"0cos\nsystem\n0N.", compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("archive/version", b"3\n")
+    with pytest.raises(CorruptFile) as e, open_reader(p) as r:
+        r.info()
+    assert "BUILD on a list" in str(e.value)
+    assert "it asks for os.system, which can run code (nothing was run)" in str(e.value), str(e.value)

@@ -285,3 +285,31 @@ def test_named_member_with_a_bad_local_header_is_an_error(tmp_path):
     res = scan_file(p)
     assert "os.system" not in dict(res.globals)
     assert res.error == "member badlocal/extra/hook.pkl: bad local header", res.error
+
+
+@pytest.mark.parametrize(
+    "module,name,cls",
+    [
+        # a builtin or a listed module reached through an attribute chain classify() alone misses
+        ("mylib", "tools.eval", "dangerous"),
+        ("mylib", "helpers.pickle.loads", "dangerous"),
+        ("mylib", "a.b.exec", "dangerous"),
+        # no chain: a library's own function that happens to be called eval is not builtins.eval
+        ("mylib", "eval", "unknown"),
+        ("mylib", "Outer.Inner", "unknown"),
+        ("builtins", "eval", "dangerous"),
+        ("torch._utils", "_rebuild_tensor_v2", "safe"),
+    ],
+)
+def test_classify_pair_follows_attribute_chains(module, name, cls):
+    from ckptctl.formats.pickles.safety import classify_pair
+
+    assert classify_pair(module, name) == cls
+
+
+def test_a_builtin_reached_through_a_chain_is_dangerous_in_a_file(tmp_path):
+    p = tmp_path / "chain.pkl"
+    p.write_bytes(_p4(_call4("mylib", "tools.eval", _s("1+1"))))
+    res = scan_file(p)
+    assert dict(res.globals) == {"mylib.tools.eval": "dangerous"}
+    assert res.verdict == "dangerous"
