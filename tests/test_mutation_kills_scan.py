@@ -313,3 +313,50 @@ def test_a_builtin_reached_through_a_chain_is_dangerous_in_a_file(tmp_path):
     res = scan_file(p)
     assert dict(res.globals) == {"mylib.tools.eval": "dangerous"}
     assert res.verdict == "dangerous"
+
+
+NONE = pickle.dumps(None, protocol=2)  # 4 bytes
+
+
+def test_second_pickle_of_a_zip_member_is_located_within_the_member(tmp_path):
+    p = tmp_path / "two.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("pad.txt", b"x" * 100)
+        z.writestr("x/two.pkl", NONE + system(tmp_path / "M"), compress_type=zipfile.ZIP_STORED)
+    g = _globals(scan_file(p))
+    assert g["os.system"][1] == [f"member x/two.pkl #2 (byte {len(NONE)})"], g
+
+
+def test_concatenated_pickles_up_to_the_limit_are_walked_and_more_is_dangerous(tmp_path):
+    from ckptctl.ops.scan_walk import MAX_CONCAT
+
+    ev = system(tmp_path / "M")
+    p = tmp_path / "many.pkl"
+    p.write_bytes(NONE * (MAX_CONCAT - 1) + ev)  # the payload is pickle number MAX_CONCAT
+    g = _globals(scan_file(p))
+    assert g["os.system"][1] == [f"pickle #{MAX_CONCAT} (byte {4 * (MAX_CONCAT - 1)})"], g
+    assert not any(n.startswith("<more than") for n in g), g
+    p.write_bytes(NONE * MAX_CONCAT + ev)  # one more: not walked, and not called safe
+    res = scan_file(p)
+    g = _globals(res)
+    assert "os.system" not in g
+    assert g[f"<more than {MAX_CONCAT} pickles back to back: the rest not walked>"][0] == "dangerous", g
+    assert res.verdict == "dangerous"
+
+
+def test_pickles_past_the_per_file_limit_are_not_called_safe(tmp_path):
+    from ckptctl.ops.scan_walk import MAX_CONCAT, MAX_PICKLES
+
+    ev = system(tmp_path / "M")
+    members = MAX_PICKLES // MAX_CONCAT
+    p = tmp_path / "limit.zip"
+    with zipfile.ZipFile(p, "w") as z:  # exactly MAX_PICKLES pickles, the payload the last
+        for i in range(members):
+            body = NONE * (MAX_CONCAT - 1) + (ev if i == members - 1 else NONE)
+            z.writestr(f"m{i:03d}.pkl", body)
+    g = _globals(scan_file(p))
+    assert "os.system" in g and not any(n.startswith("<more than") for n in g), list(g)
+    with zipfile.ZipFile(p, "a") as z:  # one pickle more
+        z.writestr("zz.pkl", ev)
+    g = _globals(scan_file(p))
+    assert g[f"<more than {MAX_PICKLES} pickles in the file: the rest not walked>"] == ("dangerous", ["member zz.pkl"])
