@@ -360,3 +360,18 @@ def test_pickles_past_the_per_file_limit_are_not_called_safe(tmp_path):
         z.writestr("zz.pkl", ev)
     g = _globals(scan_file(p))
     assert g[f"<more than {MAX_PICKLES} pickles in the file: the rest not walked>"] == ("dangerous", ["member zz.pkl"])
+
+
+def test_failing_pickles_in_a_zip_member_are_still_listed(tmp_path):
+    """No reader lists a plain zip: only the walk's opcode listing after a failure finds these.
+    A protocol-2 pickle second in its member (its header says a pickle starts there), and a
+    protocol-0 pickle first in a member named like a pickle."""
+    fail_then_system = b"]}b0cos\nsystem\n0N."
+    p = tmp_path / "fail.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x/a.pkl", NONE + b"\x80\x02" + fail_then_system)
+        z.writestr("x/b.pkl", fail_then_system)
+    res = scan_file(p)
+    g = _globals(res)
+    assert sorted(g["os.system"][1]) == [f"member x/a.pkl #2 (byte {len(NONE)})", "member x/b.pkl"], g
+    assert g["os.system"][0] == "dangerous"
