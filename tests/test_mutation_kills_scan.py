@@ -375,3 +375,35 @@ def test_failing_pickles_in_a_zip_member_are_still_listed(tmp_path):
     g = _globals(res)
     assert sorted(g["os.system"][1]) == [f"member x/a.pkl #2 (byte {len(NONE)})", "member x/b.pkl"], g
     assert g["os.system"][0] == "dangerous"
+
+
+def test_too_deep_marker_says_where(tmp_path):
+    payload = system(tmp_path / "M")
+    for _ in range(9):
+        payload = _p4(_call4("pickle", "loads", _bytes(payload)))
+    p = tmp_path / "nine.pkl"
+    p.write_bytes(payload)
+    where = _globals(scan_file(p))["<pickles nested deeper than 8>"][1]
+    assert len(where) == 1 and where[0].startswith("pickle > pickle.loads payload (depth 1) > "), where
+    assert where[0].endswith("pickle.loads payload (depth 9)"), where
+
+
+def test_a_zip_named_like_a_pickle_inside_a_checkpoint_is_walked_as_a_zip(tmp_path):
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("hook.pkl", system(tmp_path / "M"))
+    p = tmp_path / "nested.pt"
+    torch.save({"w": torch.ones(2)}, p)
+    with zipfile.ZipFile(p, "a") as z:
+        z.writestr("nested/extra/inner.pkl", inner.getvalue())
+    res = scan_file(p)
+    assert _globals(res)["os.system"][1] == ["member nested/extra/inner.pkl > member hook.pkl"]
+    assert res.error is None, res.error  # not also read as a (broken) pickle
+
+
+def test_zip_with_the_longest_comment_is_found(tmp_path):
+    p = tmp_path / "comment.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x/hook.pkl", system(tmp_path / "M"))
+        z.comment = b"c" * 65535
+    assert _globals(scan_file(p))["os.system"][1] == ["member x/hook.pkl"]
