@@ -407,3 +407,12 @@ def test_zip_with_the_longest_comment_is_found(tmp_path):
         z.writestr("x/hook.pkl", system(tmp_path / "M"))
         z.comment = b"c" * 65535
     assert _globals(scan_file(p))["os.system"][1] == ["member x/hook.pkl"]
+
+
+def test_globals_before_and_after_a_failure_in_a_zip_member_are_both_kept(tmp_path):
+    p = tmp_path / "both.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x/c.pkl", b"\x80\x02cos\nsystem\n0]}b0csubprocess\nPopen\n0N.")
+    g = _globals(scan_file(p))
+    assert g["os.system"] == ("dangerous", ["member x/c.pkl"]), g
+    assert g["subprocess.Popen"] == ("dangerous", ["member x/c.pkl"]), g
