@@ -416,3 +416,21 @@ def test_globals_before_and_after_a_failure_in_a_zip_member_are_both_kept(tmp_pa
     g = _globals(scan_file(p))
     assert g["os.system"] == ("dangerous", ["member x/c.pkl"]), g
     assert g["subprocess.Popen"] == ("dangerous", ["member x/c.pkl"]), g
+
+
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        # a listed name of a module listed by names, followed by attributes: the first part decides
+        ("builtins.eval.x", "dangerous"),
+        ("builtins.eval.a.b", "dangerous"),
+        ("torch.load.a", "dangerous"),
+        # the shortest dunder is five characters; four underscores are not one
+        ("mylib.Foo.__a__", "dangerous"),
+        ("mylib.____", "unknown"),
+    ],
+)
+def test_classify_listed_names_with_attributes_and_dunder_edges(name, cls):
+    from ckptctl.formats.pickles.safety import classify
+
+    assert classify(name) == cls
