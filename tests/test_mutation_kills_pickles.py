@@ -291,3 +291,23 @@ def test_globals_after_a_failure_in_a_compressed_data_pkl(tmp_path):
         r.info()
     assert "BUILD on a list" in str(e.value)
     assert "it asks for os.system, which can run code (nothing was run)" in str(e.value), str(e.value)
+
+
+def test_stack_global_with_too_few_names_pushed_is_listed_unresolved(tmp_path):
+    """The listing pairs STACK_GLOBAL with the last two values pushed, whatever there is: nothing
+    (both unresolved), or one name and a failed memo fetch (the module kept)."""
+    p = tmp_path / "short.pkl"
+    p.write_bytes(b"\x80\x04\x93cos\nsystem\n0N.")  # STACK_GLOBAL first: the machine underflows
+    names = dict(scan_file(p).globals)
+    assert names.get("<unresolved>.<unresolved>") == "dangerous", names
+    assert names.get("os.system") == "dangerous", names
+    p.write_bytes(b"\x80\x04" + _s("os") + b"h\x05\x93cos\nsystem\n0N.")  # BINGET of nothing: fails
+    names = dict(scan_file(p).globals)
+    assert names.get("os.<unresolved>") == "dangerous", names
+    assert names.get("os.system") == "dangerous", names
+
+
+def test_memoize_on_an_empty_stack_does_not_end_the_listing(tmp_path):
+    p = tmp_path / "memoize_first.pkl"
+    p.write_bytes(b"\x80\x04\x94cos\nsystem\n0N.")
+    assert dict(scan_file(p).globals).get("os.system") == "dangerous"
