@@ -162,8 +162,9 @@ def test_pickles_after_the_first_are_listed_by_inspect(tmp_path):
     with open_reader(p) as r:
         info = r.info()
     assert info.globals == ["os.system"], info.globals  # the first pickle names none
-    assert any(f"{2 * len(ev)} bytes follow the pickle's end (more pickles, asking for os.system)" in w
-               for w in info.warnings), info.warnings
+    assert any(
+        f"{2 * len(ev)} bytes follow the pickle's end (more pickles, asking for os.system)" in w for w in info.warnings
+    ), info.warnings
     p.write_bytes(first + b"garbage!")
     with open_reader(p) as r:
         info = r.info()

@@ -41,7 +41,10 @@ class _Tensor:
         self.stride = tuple(stride)
 
     def __reduce__(self):
-        return (torch._utils._rebuild_tensor_v2, (_Storage(self.pid), self.offset, self.size, self.stride, False, OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (_Storage(self.pid), self.offset, self.size, self.stride, False, OrderedDict()),
+        )
 
 
 class _Pickler(pickle.Pickler):
@@ -55,8 +58,15 @@ def _data_pkl(obj) -> bytes:
     return buf.getvalue()
 
 
-def write_archive(path, obj, storages: dict[str, bytes], *, pkl_compress=zipfile.ZIP_STORED,
-                  storage_compress=zipfile.ZIP_STORED, storages_last: bool = False) -> None:
+def write_archive(
+    path,
+    obj,
+    storages: dict[str, bytes],
+    *,
+    pkl_compress=zipfile.ZIP_STORED,
+    storage_compress=zipfile.ZIP_STORED,
+    storages_last: bool = False,
+) -> None:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", _data_pkl(obj), compress_type=pkl_compress)
         if not storages_last:
@@ -102,7 +112,10 @@ def test_hand_written_archive_reads_like_torch(tmp_path):
         (("storage", torch.FloatStorage, "0", "cpu", 4.0), "storage '0': bad size 4.0"),
         (("storage", torch.FloatStorage, "0", "cpu", True), "storage '0': bad size True"),
         (("storage", torch.FloatStorage, "9", "cpu", 4), "storage data/9 is missing from the archive"),
-        (("storage", torch.FloatStorage, "0", "cpu", 5), "storage data/0 holds 16 bytes, but 5 float32 elements need 20"),
+        (
+            ("storage", torch.FloatStorage, "0", "cpu", 5),
+            "storage data/0 holds 16 bytes, but 5 float32 elements need 20",
+        ),
         (("storage", pickle.Pickler, "0", "cpu", 4), "unknown storage type 'pickle.Pickler'"),
     ],
 )
@@ -149,7 +162,12 @@ def test_shared_storage_and_several_storage_types(tmp_path):
     write_archive(p, obj, {"0": F4, "1": h, "2": h, "3": b"\x01\x02\x03\x04\x05", "4": b"\xfe\xff"})
     info = _info(p)
     assert {t.name: t.dtype for t in info.tensors} == {
-        "a": "float32", "a2": "float32", "h": "float16", "h2": "float16", "u": "uint8", "u8": "uint8"
+        "a": "float32",
+        "a2": "float32",
+        "h": "float16",
+        "h2": "float16",
+        "u": "uint8",
+        "u8": "uint8",
     }
     assert _bytes_of(p, "a2") == F4[8:]
     assert _bytes_of(p, "h2") == h
@@ -159,8 +177,9 @@ def test_shared_storage_and_several_storage_types(tmp_path):
 def test_storage_ending_exactly_at_the_central_directory(tmp_path):
     """zipfile writes no extra fields: the last storage's bytes end at the directory's first byte."""
     p = tmp_path / "last.pt"
-    write_archive(p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4},
-                  storages_last=True)
+    write_archive(
+        p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4}, storages_last=True
+    )
     with zipfile.ZipFile(p) as z:
         zi = z.getinfo("archive/data/0")
         assert zi.header_offset + 30 + len(zi.filename) + zi.compress_size == z.start_dir  # the boundary
@@ -188,8 +207,9 @@ def _patch_central(path, member: str, field: str, value: int) -> None:
 
 def test_storage_overlapping_the_central_directory_is_refused(tmp_path):
     p = tmp_path / "over.pt"
-    write_archive(p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4},
-                  storages_last=True)
+    write_archive(
+        p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4}, storages_last=True
+    )
     _patch_central(p, "archive/data/0", "csize", 17)  # one byte into the directory
     with pytest.raises(CorruptFile, match="zip member 'archive/data/0' overlaps the central directory"):
         _info(p)
@@ -234,8 +254,12 @@ def test_deflated_data_pkl_is_read(tmp_path):
 
 def test_deflated_storage_is_listed_but_its_bytes_are_refused(tmp_path):
     p = tmp_path / "dstor.pt"
-    write_archive(p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4},
-                  storage_compress=zipfile.ZIP_DEFLATED)
+    write_archive(
+        p,
+        {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))},
+        {"0": F4},
+        storage_compress=zipfile.ZIP_DEFLATED,
+    )
     assert _info(p).tensor("w").shape == (4,)
     with pytest.raises(CorruptFile, match="is compressed; ckptctl reads stored"):
         _bytes_of(p, "w")
@@ -243,13 +267,21 @@ def test_deflated_storage_is_listed_but_its_bytes_are_refused(tmp_path):
 
 def test_other_compression_methods_and_bad_deflate_data(tmp_path):
     p = tmp_path / "bz.pt"
-    write_archive(p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4},
-                  pkl_compress=zipfile.ZIP_BZIP2)
+    write_archive(
+        p,
+        {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))},
+        {"0": F4},
+        pkl_compress=zipfile.ZIP_BZIP2,
+    )
     with pytest.raises(CorruptFile, match="uses compression method 12, which ckptctl does not read"):
         _info(p)
     p = tmp_path / "baddefl.pt"
-    write_archive(p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4},
-                  pkl_compress=zipfile.ZIP_DEFLATED)
+    write_archive(
+        p,
+        {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))},
+        {"0": F4},
+        pkl_compress=zipfile.ZIP_DEFLATED,
+    )
     data = bytearray(p.read_bytes())
     with zipfile.ZipFile(p) as z:
         zi = z.getinfo("archive/data.pkl")
@@ -262,8 +294,12 @@ def test_other_compression_methods_and_bad_deflate_data(tmp_path):
 
 def test_deflated_data_pkl_too_large_to_list(tmp_path):
     p = tmp_path / "huge.pt"
-    write_archive(p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4},
-                  pkl_compress=zipfile.ZIP_DEFLATED)
+    write_archive(
+        p,
+        {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))},
+        {"0": F4},
+        pkl_compress=zipfile.ZIP_DEFLATED,
+    )
     _patch_central(p, "archive/data.pkl", "usize", (1 << 30) + 1)
     with pytest.raises(CorruptFile, match="is compressed and too large to list"):
         _info(p)
@@ -525,7 +561,11 @@ def test_header_length_limits(tmp_path):
 def test_metadata_values_must_all_be_strings(tmp_path):
     from ckptctl.formats.safetensors import SafetensorsReader
 
-    p = _st(tmp_path, {"__metadata__": {"a": "x", "b": 2}, "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    p = _st(
+        tmp_path,
+        {"__metadata__": {"a": "x", "b": 2}, "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}},
+        b"\0",
+    )
     assert "__metadata__ must map strings to strings" in _st_error(p)
     p = _st(tmp_path, {"__metadata__": {"a": "x"}, "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
     assert SafetensorsReader(p).info().metadata == {"a": "x"}

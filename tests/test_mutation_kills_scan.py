@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import cli
-from test_scan_blind_spots import _bytes, _call4, _p4, _s, _torch_bytes, build_corpus, system
+from test_scan_blind_spots import _bytes, _call4, _p4, _s, build_corpus, system
 
 from ckptctl.ops.scan import scan_file
 
