@@ -81,8 +81,14 @@ def _stream(w: Walk, f, start: int, end: int, where: str, depth: int, strict: bo
     from ckptctl.formats.pickles import Machine, PickleError
 
     pos = start
-    for k in range(1, MAX_CONCAT + 1):
-        if pos >= end or w.walked >= MAX_PICKLES:
+    for k in range(1, MAX_CONCAT + 2):
+        if pos >= end:
+            return
+        if k > MAX_CONCAT or w.walked >= MAX_PICKLES:
+            # bytes left that scan does not walk: like pickles nested too deeply, they cannot be
+            # called safe (padding with benign pickles must not hide a payload behind the limit)
+            limit = f"{MAX_CONCAT} pickles back to back" if k > MAX_CONCAT else f"{MAX_PICKLES} pickles in the file"
+            w.add(f"<more than {limit}: the rest not walked>", "dangerous", where)
             return
         w.walked += 1
         label = where if k == 1 else f"{where} #{k} (byte {pos - start})"
