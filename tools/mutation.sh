@@ -164,8 +164,11 @@ run_scope() {
     # the folder must exist before Python starts: a PYTHONPATH entry that is missing at start-up
     # is cached as "nothing here", and the tests would import the unmutated package instead
     mkdir -p "$dir/mutants/src"
-    # subprocess tests (`python -m ckptctl`) import the mutated copy too
-    (cd "$dir" && PYTHONPATH="$dir/mutants/src" nice -n "$NICE" "$MUTMUT" run --max-children "$JOBS" "${names[@]}" \
+    # subprocess tests (`python -m ckptctl`) import the mutated copy too. One OpenMP/MKL thread:
+    # mutmut forks each mutant's worker from a process that already ran torch ops, and a forked
+    # child of a process with an OpenMP pool deadlocks in its first parallel torch op (seen:
+    # workers asleep in futex_do_wait with 0 s of CPU until mutmut's timeout, counted as kills)
+    (cd "$dir" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH="$dir/mutants/src" nice -n "$NICE" "$MUTMUT" run --max-children "$JOBS" "${names[@]}" \
         > "$dir/run.log" 2>&1) || { echo "mutmut failed for $scope, see $dir/run.log"; tail -20 "$dir/run.log"; return 1; }
     [[ $mode == rerun ]] && py restore "$ROOT" "$scope" "$dir/before-rerun.json" "$dir/rerun.txt"
     echo "   $((SECONDS - t0)) s wall; log $dir/run.log"
