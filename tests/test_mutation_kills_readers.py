@@ -116,7 +116,10 @@ def test_hand_written_archive_reads_like_torch(tmp_path):
             ("storage", torch.FloatStorage, "0", "cpu", 5),
             "storage data/0 holds 16 bytes, but 5 float32 elements need 20",
         ),
-        (("storage", pickle.Pickler, "0", "cpu", 4), "unknown storage type 'pickle.Pickler'"),
+        (
+            ("storage", pickle.Pickler, "0", "cpu", 4),
+            "unknown storage type 'pickle.Pickler'; it asks for pickle.Pickler, which can run code (nothing was run)",
+        ),
     ],
 )
 def test_bad_persistent_ids_and_storages_are_refused(tmp_path, pid, message):
@@ -125,6 +128,8 @@ def test_bad_persistent_ids_and_storages_are_refused(tmp_path, pid, message):
     with pytest.raises(CorruptFile) as e:
         _info(p)
     assert message in str(e.value), str(e.value)
+    assert e.value.path is not None and str(e.value.path) == str(p)  # the refusal names the file
+    assert e.value.message.endswith(message), e.value.message  # nothing after it
     r = cli("inspect", p)
     assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

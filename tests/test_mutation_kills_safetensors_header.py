@@ -1,0 +1,111 @@
+"""safetensors.parse_header, refusal by refusal, with the whole one-line message (the readers
+mutation scope: a mutant that garbles a number or drops the path in a message survived tests
+that matched only key words). Headers are built as bytes here, not by ckptctl's writer."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from ckptctl.errors import CorruptFile
+from ckptctl.formats.safetensors import parse_header
+
+PATH = "/data/m.safetensors"
+
+
+def blob(header, data_len: int = 0, *, raw: bytes | None = None) -> bytes:
+    body = raw if raw is not None else json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<Q", len(body)) + body + b"\0" * data_len
+
+
+def refused(b: bytes, size: int | None = None) -> str:
+    with pytest.raises(CorruptFile) as ei:
+        parse_header(b, len(b) if size is None else size, PATH)
+    assert str(ei.value.path) == PATH  # every refusal names the file
+    return ei.value.message
+
+
+def test_json_errors_say_where():
+    assert refused(blob(None, raw=b'{"a": }')) == "header is not valid JSON (Expecting value at line 1 column 7)"
+    deep = b"[" * 100000 + b"]" * 100000
+    assert refused(blob(None, raw=deep)) == "header is not valid JSON (too deeply nested)"
+
+
+def test_duplicate_key_names_it():
+    assert refused(blob(None, raw=b'{"w": {}, "w": {}}')) == "header JSON has the key 'w' twice"
+
+
+def test_not_an_object_and_bad_metadata():
+    assert refused(blob([1, 2])) == "header is a JSON list, expected an object"
+    assert refused(blob({"__metadata__": {"a": 1}})) == "__metadata__ must map strings to strings"
+    assert refused(blob({"__metadata__": ["a"]})) == "__metadata__ must map strings to strings"
+
+
+def test_offsets_refusals_name_the_numbers():
+    e = lambda b, e_, shape=(1,): {"dtype": "F32", "shape": list(shape), "data_offsets": [b, e_]}  # noqa: E731
+    assert refused(blob({"a": e(0, 4), "b": e(8, 12)}, 12)) == (
+        "tensor 'b': bad data_offsets [8, 12]: a hole: bytes 4..8 of the data belong to no tensor"
+    )
+    # end before begin, at the current position
+    assert (
+        refused(blob({"a": e(0, 4), "b": e(4, 2, (0,))}, 4))
+        == "tensor 'b': bad data_offsets [4, 2]: end 2 is before begin 4"
+    )
+    assert refused(blob({"a": e(0, 8, (2,)), "b": e(4, 8)}, 8)) == (
+        "tensor 'b': bad data_offsets [4, 8]: overlaps the previous tensor (begins at 4, previous ends at 8)"
+    )
+    assert refused(blob({"a": e(0, 8)}, 8)) == "tensor 'a': data_offsets [0, 8] hold 8 bytes, but F32 [1] needs 4"
+
+
+def test_size_mismatch_spells_the_sum():
+    h = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    b = blob(h, 8)
+    n = len(b) - 8 - 8
+    assert (
+        refused(b + b"\0") == f"file is {len(b) + 1} bytes, but its header describes {len(b)} (8 + {n} header + 8 data)"
+    )
+
+
+def test_overflow_boundaries():
+    # (numel == 2^64-1 makes nbits overflow anyway: `numel >= U64_MAX` is an equivalent mutant)
+    e2 = {"dtype": "U8", "shape": [2**32, 2**32], "data_offsets": [0, 0]}
+    assert refused(blob({"a": e2})) == "tensor 'a': shape [4294967296, 4294967296] overflows"
+    # bits: 2^61 float64 elements are 2^67 bits
+    e3 = {"dtype": "F64", "shape": [2**61], "data_offsets": [0, 0]}
+    assert refused(blob({"a": e3})) == "tensor 'a': shape [2305843009213693952] overflows"
+
+
+def test_out_of_order_entries_come_back_in_data_order():
+    h = {
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "z": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+    }
+    b = blob(h, 8)
+    n, entries, meta = parse_header(b, len(b), PATH)
+    assert list(entries) == ["a", "b", "z"]
+    assert [(v[2], v[3]) for v in entries.values()] == [(0, 4), (4, 8), (8, 8)]
+    assert meta is None and n == len(b) - 16
+    # in order already: the same order back
+    h2 = dict(sorted(h.items()))
+    b2 = blob(h2, 8)
+    assert list(parse_header(b2, len(b2), PATH)[1]) == ["a", "b", "z"]
+
+
+def test_the_first_offset_is_checked_on_its_own():
+    e = {"dtype": "F32", "shape": [1], "data_offsets": [-1, 3]}
+    assert refused(blob({"a": e}, 4)) == (
+        "tensor 'a': bad data_offsets [-1, 3] (expected [begin, end], non-negative integers)"
+    )
+
+
+def test_the_header_is_read_exactly():
+    h = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    b = blob(h, 4)
+    n, entries, _ = parse_header(b, len(b), PATH)
+    assert n == len(b) - 12 and list(entries) == ["a"]
+    # one more byte of header than declared would break the JSON: declared length is used exactly
+    body = json.dumps(h).encode()
+    assert refused(struct.pack("<Q", len(body)) + body + b"}" + b"\0" * 4).startswith("file is ")
