@@ -15,6 +15,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 from conftest import cli
+from zip_patch import patch_central
 
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import open_reader
@@ -192,30 +193,12 @@ def test_storage_ending_exactly_at_the_central_directory(tmp_path):
     assert torch.load(p, weights_only=True)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
-def _patch_central(path, member: str, field: str, value: int) -> None:
-    """Set a central-directory field of one member: 'csize' | 'usize' | 'offset'."""
-    data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as z:
-        start = z.start_dir
-    pos = start
-    while data[pos : pos + 4] == b"PK\x01\x02":
-        nlen, xlen, clen = struct.unpack_from("<3H", data, pos + 28)
-        name = data[pos + 46 : pos + 46 + nlen].decode()
-        if name == member:
-            at = {"csize": 20, "usize": 24, "offset": 42}[field]
-            struct.pack_into("<I", data, pos + at, value)
-            path.write_bytes(bytes(data))
-            return
-        pos += 46 + nlen + xlen + clen
-    raise AssertionError(member)
-
-
 def test_storage_overlapping_the_central_directory_is_refused(tmp_path):
     p = tmp_path / "over.pt"
     write_archive(
         p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4}, storages_last=True
     )
-    _patch_central(p, "archive/data/0", "csize", 17)  # one byte into the directory
+    patch_central(p, "archive/data/0", "csize", 17)  # one byte into the directory
     with pytest.raises(CorruptFile, match="zip member 'archive/data/0' overlaps the central directory"):
         _info(p)
 
@@ -225,10 +208,10 @@ def test_member_header_offset_outside_the_file(tmp_path):
     p = tmp_path / "off.pt"
     write_archive(p, {"w": _Tensor(("storage", torch.FloatStorage, "0", "cpu", 4), (4,))}, {"0": F4})
     size = p.stat().st_size
-    _patch_central(p, "archive/byteorder", "offset", size - 29)  # a 30-byte local header cannot fit
+    patch_central(p, "archive/byteorder", "offset", size - 29)  # a 30-byte local header cannot fit
     with pytest.raises(CorruptFile, match="zip member 'archive/byteorder': its header offset lies outside the file"):
         _info(p)
-    _patch_central(p, "archive/byteorder", "offset", size - 30)  # fits, but is no local header
+    patch_central(p, "archive/byteorder", "offset", size - 30)  # fits, but is no local header
     with pytest.raises(CorruptFile, match="zip member 'archive/byteorder': bad local header signature"):
         _info(p)
 
@@ -240,9 +223,9 @@ def test_member_running_past_the_end_of_the_file(tmp_path):
         zi = z.getinfo("archive/byteorder")
     size = p.stat().st_size
     end = zi.header_offset + 30 + len(zi.filename)
-    _patch_central(p, "archive/byteorder", "csize", size - end)  # ends exactly at the end: fine
+    patch_central(p, "archive/byteorder", "csize", size - end)  # ends exactly at the end: fine
     _info(p)
-    _patch_central(p, "archive/byteorder", "csize", size - end + 1)
+    patch_central(p, "archive/byteorder", "csize", size - end + 1)
     with pytest.raises(CorruptFile, match="zip member 'archive/byteorder' runs past the end of the file"):
         _info(p)
 
@@ -305,7 +288,7 @@ def test_deflated_data_pkl_too_large_to_list(tmp_path):
         {"0": F4},
         pkl_compress=zipfile.ZIP_DEFLATED,
     )
-    _patch_central(p, "archive/data.pkl", "usize", (1 << 30) + 1)
+    patch_central(p, "archive/data.pkl", "usize", (1 << 30) + 1)
     with pytest.raises(CorruptFile, match="is compressed and too large to list"):
         _info(p)
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import cli
 from test_scan_blind_spots import _bytes, _call4, _p4, _s, build_corpus, system
+from zip_patch import patch_central
 
 from ckptctl.ops.scan import scan_file
 
@@ -29,6 +30,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 with tempfile.TemporaryDirectory() as _d:
     CORPUS_NAMES = sorted(build_corpus(Path(_d), Path(_d) / "MARKER"))
+
+
+def nest_in_loads(payload: bytes, depth: int) -> bytes:
+    """`payload` handed to pickle.loads by a pickle, `depth` times over."""
+    for _ in range(depth):
+        payload = _p4(_call4("pickle", "loads", _bytes(payload)))
+    return payload
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +121,7 @@ def test_nested_payload_location_names_loader_and_depth(tmp_path):
 def test_nested_depth_limit_is_exactly_eight(tmp_path):
     ev = system(tmp_path / "M")
     payload = ev
-    for _ in range(8):
-        payload = _p4(_call4("pickle", "loads", _bytes(payload)))
+    payload = nest_in_loads(payload, 8)
     p = tmp_path / "eight.pkl"
     p.write_bytes(payload)
     g = _globals(scan_file(p))
@@ -209,8 +216,7 @@ def test_large_nested_payload_is_walked_in_place(tmp_path):
 
 def test_large_nested_payloads_count_towards_the_depth_limit(tmp_path):
     payload = _big_system_pickle(tmp_path / "M")
-    for _ in range(8):
-        payload = _p4(_call4("pickle", "loads", _bytes(payload)))
+    payload = nest_in_loads(payload, 8)
     p = tmp_path / "big8.pkl"
     p.write_bytes(payload)
     g = _globals(scan_file(p))
@@ -242,27 +248,13 @@ def test_unnamed_zip_members_are_sniffed_for_a_zip_or_an_npy(tmp_path):
     assert g[sysname][1] == ["member x/arr.dat > npy object payload"], g
 
 
-def _set_central_usize(path, member: str, value: int) -> None:
-    data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as z:
-        pos = z.start_dir
-    while data[pos : pos + 4] == b"PK\x01\x02":
-        nlen, xlen, clen = struct.unpack_from("<3H", data, pos + 28)
-        if data[pos + 46 : pos + 46 + nlen].decode() == member:
-            struct.pack_into("<I", data, pos + 24, value)
-            path.write_bytes(bytes(data))
-            return
-        pos += 46 + nlen + xlen + clen
-    raise AssertionError(member)
-
-
 def test_compressed_member_too_large_to_scan_is_unknown_and_said(tmp_path):
     from ckptctl.ops.scan_walk import IN_MEMORY
 
     p = tmp_path / "big.zip"
     with zipfile.ZipFile(p, "w") as z:
         z.writestr("x/hook.pkl", system(tmp_path / "M"), compress_type=zipfile.ZIP_DEFLATED)
-    _set_central_usize(p, "x/hook.pkl", IN_MEMORY + 1)
+    patch_central(p, "x/hook.pkl", "usize", IN_MEMORY + 1)
     res = scan_file(p)
     g = _globals(res)
     assert g == {"<unscanned pickle member x/hook.pkl>": ("unknown", ["member x/hook.pkl"])}, g
@@ -379,8 +371,7 @@ def test_failing_pickles_in_a_zip_member_are_still_listed(tmp_path):
 
 def test_too_deep_marker_says_where(tmp_path):
     payload = system(tmp_path / "M")
-    for _ in range(9):
-        payload = _p4(_call4("pickle", "loads", _bytes(payload)))
+    payload = nest_in_loads(payload, 9)
     p = tmp_path / "nine.pkl"
     p.write_bytes(payload)
     where = _globals(scan_file(p))["<pickles nested deeper than 8>"][1]
