@@ -312,3 +312,32 @@ def test_memoize_on_an_empty_stack_does_not_end_the_listing(tmp_path):
     p = tmp_path / "memoize_first.pkl"
     p.write_bytes(b"\x80\x04\x94cos\nsystem\n0N.")
     assert dict(scan_file(p).globals).get("os.system") == "dangerous"
+
+
+def _newobj(module: str, name: str, args: bytes) -> bytes:
+    """A protocol-2 pickle: NEWOBJ of module.name with the given argument-tuple opcodes."""
+    return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + args + b"\x81."
+
+
+@pytest.mark.parametrize(
+    "module,name,args,expected",
+    [
+        # NEWOBJ of a class ckptctl rebuilds goes to its handler, like REDUCE does (pickle calls
+        # cls.__new__(cls, *args)): a real set, a real OrderedDict, a torch.Size
+        ("builtins", "set", b"(K\x01K\x02l\x85", {1, 2}),  # set([1, 2])
+        ("builtins", "frozenset", b"(K\x03l\x85", frozenset({3})),
+        ("collections", "OrderedDict", b")", {}),
+    ],
+)
+def test_newobj_of_a_rebuilt_class_goes_to_its_handler(module, name, args, expected):
+    from ckptctl.formats import pickles
+
+    got = pickles.Machine(_newobj(module, name, args)).load()
+    assert not isinstance(got, pickles.Opaque) and isinstance(got, type(expected)) and got == expected, got
+
+
+def test_newobj_of_an_unknown_class_is_opaque_and_names_it():
+    from ckptctl.formats import pickles
+
+    got = pickles.Machine(_newobj("argparse", "Namespace", b")")).load()
+    assert isinstance(got, pickles.Opaque) and got.type == "argparse.Namespace", got
