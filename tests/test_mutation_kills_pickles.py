@@ -341,3 +341,20 @@ def test_newobj_of_an_unknown_class_is_opaque_and_names_it():
 
     got = pickles.Machine(_newobj("argparse", "Namespace", b")")).load()
     assert isinstance(got, pickles.Opaque) and got.type == "argparse.Namespace", got
+
+
+def test_calling_an_opaque_object_is_opaque_with_its_arguments():
+    """REDUCE on what an unknown class returned: recorded, never called (the type says so)."""
+    from ckptctl.formats import pickles
+
+    got = pickles.Machine(b"\x80\x02cargparse\nNamespace\n)RK\x01\x85R.").load()
+    assert isinstance(got, pickles.Opaque)
+    assert got.type == "argparse.Namespace(...)" and got.args == (1,)
+
+
+def test_reduce_on_a_plain_value_names_what_it_is():
+    from ckptctl.formats import pickles
+
+    with pytest.raises(CorruptFile) as e:
+        pickles.Machine(b"\x80\x02K\x01)R.").load()
+    assert e.value.message == "malformed pickle: REDUCE calls a int"
