@@ -425,3 +425,16 @@ def test_classify_listed_names_with_attributes_and_dunder_edges(name, cls):
     from ckptctl.formats.pickles.safety import classify
 
     assert classify(name) == cls
+
+
+def test_a_global_found_in_many_places_lists_the_first_eight(tmp_path):
+    """One line per dangerous global, however often it occurs: its first 8 places, in order."""
+    p = tmp_path / "many.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        for i in range(10):
+            z.writestr(f"x/{i}.pkl", system(tmp_path / "M"))
+    res = scan_file(p)
+    cls, where = _globals(res)["os.system"]
+    assert cls == "dangerous"
+    assert where == [f"member x/{i}.pkl" for i in range(8)], where
+    assert not (tmp_path / "M").exists()
