@@ -575,3 +575,40 @@ def test_unsorted_header_with_empty_tensors_between(tmp_path):
         info = r.info()
         assert [t.name for t in info.tensors] == ["z0", "a", "z2", "c"]
         assert b"".join(r.iter_chunks("c")) == b"de" and b"".join(r.iter_chunks("a")) == b"abc"
+
+
+@pytest.mark.parametrize(
+    "storage_type,dtype",
+    [
+        (("torch", "FloatStorage"), "float32"),
+        (("torch", "UntypedStorage"), "uint8"),
+        (("torch.storage", "_UntypedStorage"), "uint8"),  # torch 1.x's spelling
+        (("torch", "ByteStorage"), "uint8"),
+        (("torch", "a.b.UntypedStorage"), "uint8"),  # a dotted name: its last part counts
+        ("torch.HalfStorage", "float16"),  # a class named by a string, not a global
+    ],
+)
+def test_storage_class_names_map_to_dtypes(storage_type, dtype):
+    from ckptctl.formats import pickles
+    from ckptctl.formats.pickle_reader import storage_dtype
+
+    st = pickles.Global(*storage_type) if isinstance(storage_type, tuple) else storage_type
+    assert storage_dtype(st, "f.pt") == dtype
+
+
+@pytest.mark.parametrize(
+    "storage_type,shown",
+    [
+        (("pickle", "Pickler"), "pickle.Pickler"),
+        ("weird.Thing", "Thing"),
+        (("torch", "Untyped Storage"), "torch.Untyped Storage"),
+    ],
+)
+def test_unknown_storage_class_is_refused_naming_it_and_the_file(storage_type, shown):
+    from ckptctl.formats import pickles
+    from ckptctl.formats.pickle_reader import storage_dtype
+
+    st = pickles.Global(*storage_type) if isinstance(storage_type, tuple) else storage_type
+    with pytest.raises(CorruptFile) as e:
+        storage_dtype(st, "f.pt")
+    assert e.value.message == f"unknown storage type {shown!r}" and str(e.value.path) == "f.pt"
