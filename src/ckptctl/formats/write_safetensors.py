@@ -42,17 +42,23 @@ def st_code(t: TensorInfo) -> str:
     return d.st
 
 
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_utf8_names(names, where: str = "a safetensors header (UTF-8 JSON)") -> None:
     """Refuse a name that is not text: a name read from bytes that are not UTF-8 (a pickle
     string, an HDF5 name) holds lone surrogates, which no UTF-8 JSON header or index can store."""
     for name in names:
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
+        if not _is_text(name):
             raise Incompatible(
                 f"tensor {name!r} has a name that is not valid UTF-8 (the source stores bytes that are not "
                 f"text), which {where} cannot store; one .pt file keeps it"
-            ) from None
+            )
 
 
 def header_metadata(metadata: dict | None) -> dict[str, str]:
@@ -63,14 +69,6 @@ def header_metadata(metadata: dict | None) -> dict[str, str]:
     }
     meta.setdefault("format", "pt")
     return meta
-
-
-def _is_text(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class SafetensorsWriter(StreamingWriter):
