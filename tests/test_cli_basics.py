@@ -106,3 +106,27 @@ def test_demo_run_that_went_nan_is_the_debugging_tour(tmp_path):
     r = run("diff", nan_run, "--along")
     assert r.returncode == 1, r.stderr
     assert "first NaN/Inf at step 300" in r.stdout and "blocks.1.attn.weight" in r.stdout
+
+
+def test_name_selection_options_are_the_same_on_convert_diff_and_average(tmp_path):
+    """--include/--filter/-k, --exclude/-x and --strip-prefix are one shared declaration: each
+    spelling selects the same tensors in convert (read back with safetensors) and in diff."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "a.safetensors"
+    t = {
+        "module.enc.w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "module.enc.b": np.ones(3, np.float16),
+        "module.head.w": np.zeros((1, 2), np.int64),
+    }
+    save_file(t, str(src))
+    for i, sel in enumerate((["--include", "*enc*"], ["--filter", "*enc*"], ["-k", "*enc*"])):
+        dst = tmp_path / f"o{i}.safetensors"
+        r = cli("convert", src, dst, *sel, "-x", "*.b", "--strip-prefix", "module.")
+        assert r.exit_code == 0, r.output
+        out = load_file(str(dst))
+        assert list(out) == ["enc.w"] and out["enc.w"].tobytes() == t["module.enc.w"].tobytes()
+    other = tmp_path / "b.safetensors"
+    save_file({**t, "module.head.w": np.ones((1, 2), np.int64)}, str(other))
+    assert cli("diff", src, other, "--filter", "*enc*").exit_code == 0
+    assert cli("diff", src, other, "-k", "*head*").exit_code == 1

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import check_paths, handle_errors
-from ckptctl.cli.complete import complete_key_paths, complete_metric_names, complete_name_prefixes
+from ckptctl.cli.common import StripPrefixOpt, check_paths, handle_errors
+from ckptctl.cli.complete import complete_key_paths, complete_metric_names
 from ckptctl.cli.output import Fmt, clean, human_bytes
 
 EXAMPLES = (
@@ -79,14 +79,7 @@ def register(app: typer.Typer) -> None:
         all_: Annotated[
             bool, typer.Option("--all", help="Training checkpoints: every tensor, not just the model weights.")
         ] = False,
-        strip: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--strip-prefix",
-                autocompletion=complete_name_prefixes,
-                help="Remove this name prefix (e.g. module.); repeatable.",
-            ),
-        ] = None,
+        strip: StripPrefixOpt = None,
         dtype: Annotated[
             str | None, typer.Option("--dtype", help="Output dtype of floating tensors (e.g. bf16, fp16, fp32).")
         ] = None,

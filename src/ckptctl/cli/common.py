@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
+from ckptctl.cli.complete import complete_name_prefixes, complete_tensor_names
 from ckptctl.errors import CkptError, UsageError
 from ckptctl.sources import as_path, is_remote, redact
 
@@ -127,3 +128,32 @@ FormatOpt = Annotated[
     typer.Option("--format", "-f", help="Output format: table, json, csv or markdown.", case_sensitive=False),
 ]
 WideOpt = Annotated[bool, typer.Option("--wide", help="Show long names in full instead of eliding them.")]
+
+# Name selection, the same on every command that picks tensors (convert, diff, average).
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include",
+        "--filter",
+        "-k",
+        autocompletion=complete_tensor_names,
+        help="Only tensors matching this glob (or module prefix); repeatable.",
+    ),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        "-x",
+        autocompletion=complete_tensor_names,
+        help="Leave out tensors matching this glob; repeatable.",
+    ),
+]
+StripPrefixOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--strip-prefix",
+        autocompletion=complete_name_prefixes,
+        help="Remove this name prefix (e.g. module.) where present; repeatable.",
+    ),
+]

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import check_paths, handle_errors
-from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
+from ckptctl.cli.common import ExcludeOpt, IncludeOpt, StripPrefixOpt, check_paths, handle_errors
+from ckptctl.cli.complete import complete_key_paths
 from ckptctl.cli.inspect import RawNamesOpt
 from ckptctl.cli.output import human_bytes
 
@@ -63,32 +63,9 @@ def register(app: typer.Typer) -> None:
         all_: Annotated[
             bool, typer.Option("--all", help="Write every tensor of a training checkpoint under its '/'-joined name.")
         ] = False,
-        include: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--include",
-                "-k",
-                autocompletion=complete_tensor_names,
-                help="Only tensors matching this glob (or module prefix); repeatable.",
-            ),
-        ] = None,
-        exclude: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--exclude",
-                "-x",
-                autocompletion=complete_tensor_names,
-                help="Leave out tensors matching this glob; repeatable.",
-            ),
-        ] = None,
-        strip_prefix: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--strip-prefix",
-                autocompletion=complete_name_prefixes,
-                help="Remove this prefix from names (e.g. module.); repeatable.",
-            ),
-        ] = None,
+        include: IncludeOpt = None,
+        exclude: ExcludeOpt = None,
+        strip_prefix: StripPrefixOpt = None,
         add_prefix: Annotated[str | None, typer.Option("--add-prefix", help="Prepend this to every name.")] = None,
         rename: Annotated[
             list[str] | None,

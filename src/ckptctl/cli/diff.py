@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from ckptctl.cli import output
-from ckptctl.cli.common import FormatOpt, WideOpt, handle_errors
-from ckptctl.cli.complete import complete_key_paths, complete_name_prefixes, complete_tensor_names
+from ckptctl.cli.common import ExcludeOpt, FormatOpt, IncludeOpt, StripPrefixOpt, WideOpt, handle_errors
+from ckptctl.cli.complete import complete_key_paths
 from ckptctl.cli.inspect import RawNamesOpt
 from ckptctl.cli.output import Column, Fmt, clean
 from ckptctl.errors import UsageError
@@ -148,37 +148,13 @@ def register(app: typer.Typer) -> None:
                 "not just the model weights.",
             ),
         ] = False,
-        strip: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--strip-prefix",
-                autocompletion=complete_name_prefixes,
-                help="Remove this name prefix (e.g. module.) where present; repeatable.",
-            ),
-        ] = None,
+        strip: StripPrefixOpt = None,
         rename: Annotated[
             list[str] | None,
             typer.Option("--rename", help="OLD=NEW regex applied to names on both sides (e.g. '/=.'); repeatable."),
         ] = None,
-        include: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--include",
-                "--filter",
-                "-k",
-                autocompletion=complete_tensor_names,
-                help="Only tensors matching this glob (or module prefix); repeatable.",
-            ),
-        ] = None,
-        exclude: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--exclude",
-                "-x",
-                autocompletion=complete_tensor_names,
-                help="Leave out tensors matching this glob; repeatable.",
-            ),
-        ] = None,
+        include: IncludeOpt = None,
+        exclude: ExcludeOpt = None,
         ignore_dtype: Annotated[
             bool,
             typer.Option(
