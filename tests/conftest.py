@@ -102,14 +102,6 @@ def every_tensor(args: tuple) -> list:
 
 
 # ---- remote storage on loopback (tests/test_remote.py) --------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class CountingProxy:
     """A TCP relay on 127.0.0.1 in front of a server: counts connections and bytes sent back."""
 
@@ -184,9 +176,12 @@ def s3_server():
     """
     server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed (dev extra)")
     pytest.importorskip("s3fs", reason="s3fs is not installed (dev extra)")
-    port = _free_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # port 0: the kernel picks a free port as the server binds it. A port found free beforehand
+    # can be taken by another process (another pytest-xdist worker) before the server binds it,
+    # and then ThreadedMotoServer.start() waits forever for a server that never came up.
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    port = server.get_host_and_port()[1]
     proxy = CountingProxy(port)
     try:
         yield f"http://127.0.0.1:{proxy.port}", proxy

@@ -64,6 +64,14 @@ def _no_process_left():
             p.communicate(timeout=TIMEOUT)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt as it does for a user's Ctrl-C. A process started with SIGINT ignored (a
+    background job of a non-interactive shell, nohup, some CI runners) passes SIG_IGN on, and
+    Python keeps an inherited SIG_IGN: the Ctrl-C tests would see the signal ignored (exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Paused:
     """`python -m ckptctl ARGS` stopped at `stage`; then .kill() or .resume()."""
 
@@ -73,6 +81,7 @@ class Paused:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env_with(CKPTCTL_TEST_PAUSE_AT=stage),
+            preexec_fn=_default_sigint,
         )
         _STARTED.append(self.p)
         self.err = b""
