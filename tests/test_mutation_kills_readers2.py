@@ -273,3 +273,64 @@ def test_tf_index_block_of_four_bytes_is_read_and_its_restart_array_refused(tmp_
         r.info()
     assert "bad restart array (0 restarts in 4 bytes)" in str(e.value), str(e.value)
     assert "past the end" not in str(e.value)
+
+
+# ---- HDF5: a file range only for little-endian (or one-byte) contiguous data -----------------------
+def test_hdf5_two_byte_big_endian_data_has_no_file_range(tmp_path):
+    """Big-endian int16/float16 must be swapped (no zero-copy range, the bytes read are
+    little-endian); one-byte and little-endian contiguous data is one range, the bytes h5py wrote."""
+    h5py = pytest.importorskip("h5py")
+    p = tmp_path / "be.h5"
+    arrays = {
+        "be_i2": np.arange(-3, 4, dtype=">i2"),
+        "be_f2": np.array([1.5, -2.0, 65504.0], dtype=">f2"),
+        "u1": np.arange(5, dtype="u1"),
+        "le_i2": np.arange(-3, 4, dtype="<i2"),
+    }
+    with h5py.File(p, "w") as f:
+        for k, a in arrays.items():
+            f[k] = a
+        offsets = {k: f[k].id.get_offset() for k in arrays}
+    with open_reader(p) as r:
+        for k, a in arrays.items():
+            got = b"".join(bytes(c) for c in r.iter_chunks(k))
+            assert got == a.astype(a.dtype.newbyteorder("<")).tobytes(), k
+        assert r.byte_range("be_i2") is None and r.byte_range("be_f2") is None
+        assert r.byte_range("u1") == (str(p), offsets["u1"], 5)
+        assert r.byte_range("le_i2") == (str(p), offsets["le_i2"], 14)
+
+
+# ---- persistent ids: how their parts are shown -----------------------------------------------------
+@pytest.mark.parametrize(
+    "pid,message",
+    [
+        # a bytes type name that is not ASCII: shown with U+FFFD, never a decoding error
+        ((b"\xffstorage", "FloatStorage", "0", "cpu", 4), "unknown persistent id '\ufffdstorage'"),
+        # a long type name: its first 40 characters
+        (("s" * 50, "FloatStorage", "0", "cpu", 4), "unknown persistent id '" + "s" * 40 + "'"),
+        # a key that is not a string is named as one
+        (("storage", "FloatStorage", 0, "cpu", -1), "storage '0': bad size -1"),
+        # a list of five is a persistent id like a tuple; a list of four is too short
+        (["storage", "FloatStorage", "0", "cpu"], "unknown persistent id 'storage'"),
+    ],
+)
+def test_persistent_id_parts_in_refusals(tmp_path, pid, message):
+    p = tmp_path / "pid.pt"
+    if isinstance(pid, (tuple, list)) and pid[1] == "FloatStorage":
+        pid = type(pid)([pid[0], torch.FloatStorage, *pid[2:]])
+    write_archive(p, {"w": _Tensor(pid, (4,))}, {"0": F4})
+    with pytest.raises(CorruptFile) as e:
+        with open_reader(p) as r:
+            r.info()
+    assert e.value.message == f"data.pkl: {message}", e.value.message
+    assert str(e.value.path) == str(p)
+
+
+@pytest.mark.parametrize("pid", [("storage", "FS", 0, "cpu", 4), ["storage", "FS", "0", "cpu", 4]])
+def test_an_int_key_and_a_list_persistent_id_are_read(tmp_path, pid):
+    p = tmp_path / "ok.pt"
+    pid = type(pid)([pid[0], torch.FloatStorage, *pid[2:]])
+    write_archive(p, {"w": _Tensor(pid, (4,))}, {"0": F4})
+    with open_reader(p) as r:
+        assert r.info().tensor("w").dtype == "float32"
+        assert b"".join(bytes(c) for c in r.iter_chunks("w")) == F4
