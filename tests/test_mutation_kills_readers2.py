@@ -20,6 +20,8 @@ from conftest import cli
 from test_mutation_kills_readers import (
     F4,
     _data_pkl,
+    _st,
+    _st_error,
     _Tensor,
     _tf_bundle,
     _tf_footer,
@@ -334,3 +336,58 @@ def test_an_int_key_and_a_list_persistent_id_are_read(tmp_path, pid):
     with open_reader(p) as r:
         assert r.info().tensor("w").dtype == "float32"
         assert b"".join(bytes(c) for c in r.iter_chunks("w")) == F4
+
+
+# ---- safetensors: entries out of order, the numbers in the refusals ----------------------------------
+def test_safetensors_entries_sorted_by_begin_not_by_end(tmp_path):
+    """Header order: an empty tensor at 3, then the 3-byte tensor before it. Their ends are in
+    order (3, 3), their begins are not: the file is valid, listed in data order."""
+    from ckptctl.formats.safetensors import SafetensorsReader
+
+    header = {
+        "z": {"dtype": "U8", "shape": [0], "data_offsets": [3, 3]},
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+    }
+    p = _st(tmp_path, header, b"abc")
+    with SafetensorsReader(p) as r:
+        assert [t.name for t in r.info().tensors] == ["a", "z"]
+        assert b"".join(r.iter_chunks("a")) == b"abc" and b"".join(r.iter_chunks("z")) == b""
+
+
+@pytest.mark.parametrize(
+    "header,data,message",
+    [
+        # an empty tensor inside the previous one overlaps it (it does not end before it begins)
+        (
+            {"a": ("U8", [4], [0, 4]), "z": ("U8", [0], [2, 2])},
+            4,
+            "tensor 'z': bad data_offsets [2, 2]: overlaps the previous tensor (begins at 2, previous ends at 4)",
+        ),
+        # the byte count of a tensor that does not begin at 0
+        (
+            {"a": ("U8", [1], [0, 1]), "t": ("U8", [1], [1, 3])},
+            3,
+            "tensor 't': data_offsets [1, 3] hold 2 bytes, but U8 [1] needs 1",
+        ),
+        # 2^53 + 1 bytes: exact integers, not floats (the size is right; the file is too short)
+        (
+            {"t": ("U8", [2**53 + 1], [0, 2**53 + 1])},
+            0,
+            "file is {size} bytes, but its header describes {want} (8 + {n} header + 9007199254740993 data)",
+        ),
+        # the key named twice is the one in the message, not the first key
+        ('{"a": 1, "b": 2, "b": 3}', 0, "header JSON has the key 'b' twice"),
+    ],
+)
+def test_safetensors_refusals_name_the_right_numbers(tmp_path, header, data, message):
+    import json as _json
+
+    if isinstance(header, str):
+        hb = header.encode()
+    else:
+        hb = _json.dumps({k: {"dtype": d, "shape": s, "data_offsets": o} for k, (d, s, o) in header.items()}).encode()
+    p = _st(tmp_path, hb, b"\0" * data)
+    size = p.stat().st_size
+    want = message.format(size=size, n=len(hb), want=8 + len(hb) + 2**53 + 1)
+    msg = _st_error(p)
+    assert msg == f"{p}: {want}", msg
