@@ -312,6 +312,8 @@ def test_hdf5_two_byte_big_endian_data_has_no_file_range(tmp_path):
         (("s" * 50, "FloatStorage", "0", "cpu", 4), "unknown persistent id '" + "s" * 40 + "'"),
         # a key that is not a string is named as one
         (("storage", "FloatStorage", 0, "cpu", -1), "storage '0': bad size -1"),
+        # neither a tuple nor a list (nor anything with a length)
+        (7, "a persistent id that is not a tuple (int)"),
         # a list of five is a persistent id like a tuple; a list of four is too short
         (["storage", "FloatStorage", "0", "cpu"], "unknown persistent id 'storage'"),
     ],
