@@ -383,3 +383,23 @@ def test_items_ahead_across_tensors_match_reference(tmp_path, monkeypatch):
         acc = states[0][n].astype(np.float64) + states[1][n].astype(np.float64) + states[2][n].astype(np.float64)
         assert bits(got[n]) == bits(to_dtype(acc / 3, np.float32)), n
     assert got["layer7.steps"].tolist() == [2, 12]
+
+
+@pytest.mark.parametrize("weights", [None, "1,1"])
+def test_a_16_bit_output_rounds_through_float32_like_torch(tmp_path, weights):
+    """The mean of float64 inputs written as float16 rounds twice, float64 -> float32 -> float16,
+    as torch's `.to(float16)` does: 1 + 2^-11 + 2^-40 becomes 1 + 2^-11 in float32, a tie that
+    goes to even (1.0), where one rounding straight to float16 would give 1 + 2^-10. (The
+    division may write a float32 or float64 output itself; a 16-bit one must not skip the step.)"""
+    torch = pytest.importorskip("torch")
+    a = np.array([1 + 2**-11, 3.0, -(1 + 2**-11)] * 50_000, np.float64)  # past one block
+    b = np.array([1 + 2**-11 + 2**-39, 5.0, -(1 + 2**-11 + 2**-39)] * 50_000, np.float64)
+    paths = [save(tmp_path / "a.safetensors", {"w": a}), save(tmp_path / "b.safetensors", {"w": b})]
+    out = tmp_path / "avg.safetensors"
+    extra = ["--weights", weights] if weights else []
+    r = cli("average", *paths, "-o", out, "--dtype", "fp16", *extra)
+    assert r.exit_code == 0, r.output
+    got, _ = load(out)
+    exp = torch.from_numpy((a + b) / 2).to(torch.float16).numpy()
+    assert exp[0] == 1.0 and exp[2] == -1.0  # the tie went to even
+    assert got["w"].dtype == np.float16 and bits(got["w"]) == bits(exp)

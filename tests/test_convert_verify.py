@@ -252,3 +252,64 @@ def test_stream_read_range_pieces_and_a_short_file(tmp_path):
     assert stream.first_difference(stream.read_range(str(f), 17, 5000, buf), [data[17:5017]]) is None
     with pytest.raises(CorruptFile, match=r": file ends at byte 10240, expected data up to byte 11000$"):
         list(stream.read_range(str(f), 9500, 1500, buf))  # the first piece already runs short
+
+
+@pytest.mark.parametrize("item", [2, 4096, 1 << 20])
+def test_cast_items_on_workers_give_torch_bytes_and_record_the_pieces(tmp_path, monkeypatch, item):
+    """The cast runs on the worker threads in items (CAST_ITEM source bytes, whole elements),
+    ahead of the writer across tensors: the bytes written are torch's `.to(bfloat16)` /
+    `.to(float16)`, tensor by tensor, whatever the item size, and each item's (length, CRC-32C)
+    is recorded in file order for verify."""
+    import google_crc32c
+    from safetensors.torch import load_file
+
+    from ckptctl.ops import convert_write, stream
+
+    monkeypatch.setattr(stream, "threads", lambda: 2)  # the parallel path even on one core
+    monkeypatch.setattr(convert_write, "CAST_ITEM", item)
+    src, sd = _pt(tmp_path)
+    for dtype, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        dst = tmp_path / f"out_{dtype}.safetensors"
+        plan = cv.plan_convert(src, dst, dtype=dtype)
+        staged = cv.write_output(plan)
+        raw = staged.out.read_bytes()
+        for name, t in sd.items():
+            want = t.to(tdt).view(torch.int16).numpy().tobytes()
+            off = _st_data_offset(staged.out, name)
+            assert raw[off : off + len(want)] == want, (dtype, name)
+            pieces = plan.cast_crcs[name]
+            step = max(4, item - item % 4) // 2  # output bytes per item: half the source's
+            assert [n for n, _c in pieces] == [min(step, len(want) - k) for k in range(0, len(want), step)]
+            pos = 0
+            for n, c in pieces:
+                assert c == google_crc32c.value(want[pos : pos + n])
+                pos += n
+        cv.commit_output(plan, staged, cv.verify_output(plan, staged.out))
+        staged.discard()
+        plan.close()
+        got = load_file(dst)
+        assert all(torch.equal(got[k].view(torch.int16), sd[k].to(tdt).view(torch.int16)) for k in sd)
+
+
+@pytest.mark.parametrize("at", [0, 777, 4999])
+def test_cast_output_damaged_in_a_later_crc_batch_names_the_byte(tmp_path, monkeypatch, at):
+    """The recorded CRC-32Cs are checked in batches on the worker threads; a damaged byte in any
+    batch (the first, a middle one, the last) makes verify cast the tensor again and name the
+    exact byte, and an intact tensor before it passes."""
+    from ckptctl.ops import convert_write
+
+    monkeypatch.setattr(convert_verify, "VERIFY_WORKERS", 2)
+    monkeypatch.setattr(convert_verify, "VERIFY_PIECE", 1024)  # a batch per few pieces
+    monkeypatch.setattr(convert_write, "CAST_ITEM", 512)  # 256 output bytes per piece
+    src, _sd = _pt(tmp_path)
+    plan = cv.plan_convert(src, tmp_path / "out.safetensors", dtype="bf16")
+    staged = cv.write_output(plan)
+    assert len(plan.cast_crcs["b.weight"]) == 40  # 10,000 bytes of bf16 in pieces of 256
+    off = _st_data_offset(staged.out, "b.weight")
+    data = bytearray(staged.out.read_bytes())
+    data[off + at] ^= 0x01
+    staged.out.write_bytes(bytes(data))
+    with pytest.raises(CorruptFile, match=rf"tensor 'b.weight' differs from the source at byte {at}$"):
+        cv.verify_output(plan, staged.out)
+    staged.discard()
+    plan.close()

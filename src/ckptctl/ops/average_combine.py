@@ -237,6 +237,21 @@ class Combiner:
         self.take = at(1.0 - plan.decay) if plan.decay is not None else None
         self.count = at(self.n)
         self.out_dtype = t.out.dtype
+        odt = dtypes.numpy_dtype(t.out.dtype)
+        # the division can write the output itself when the cast after it is one plain rounding
+        # (float64 -> float32, or none): cast_array does just that for these, other targets
+        # (16- and 8-bit floats) round through float32 first, as torch does
+        self.direct_out = not complex_ and odt in (np.dtype(np.float32), np.dtype(np.float64))
+        # the first two inputs added in one call when converting them to the accumulator is exact
+        # (float16/32 -> float64, float16 -> float32): the same sum as copy, then add
+        src = dtypes.numpy_dtype(t.srcs[0].dtype) if t.srcs else None
+        self.fuse_first = (
+            not complex_
+            and src is not None
+            and src in (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+            and np.can_cast(src, self.adt, "safe")
+            and all(dtypes.numpy_dtype(x.dtype) == src for x in t.srcs)
+        )
 
     def _bufs(self):
         """Two accumulator blocks for this thread, kept across tensors (no page faults per tensor)."""
@@ -261,15 +276,27 @@ class Combiner:
                 e = min(hi, b + BLOCK)
                 A, T = A0[: e - b], T0[: e - b]
                 if self.method == "mean":
-                    np.copyto(A, xs[0][b:e], casting="unsafe")
-                    for x in xs[1:]:
+                    if self.fuse_first and len(xs) > 1:
+                        np.add(xs[0][b:e], xs[1][b:e], out=A, dtype=self.adt)
+                        rest = xs[2:]
+                    else:
+                        np.copyto(A, xs[0][b:e], casting="unsafe")
+                        rest = xs[1:]
+                    for x in rest:
                         np.add(A, x[b:e], out=A, casting="unsafe")
+                    if self.direct_out:  # divide in the accumulator's dtype, rounded once into out
+                        np.divide(A, self.count, out=out[b:e], casting="unsafe")
+                        continue
                     A /= self.count
                 elif self.method == "weighted":
                     np.multiply(xs[0][b:e], self.ws[0], out=A, casting="unsafe")
                     for x, w in zip(xs[1:], self.ws[1:]):
                         np.multiply(x[b:e], w, out=T, casting="unsafe")
                         A += T
+                    assert self.total is not None  # weighted: raw_weights is set
+                    if self.direct_out:
+                        np.divide(A, self.total, out=out[b:e], casting="unsafe")
+                        continue
                     A /= self.total
                 else:  # ema, oldest first
                     assert self.keep is not None and self.take is not None  # set from --ema's decay

@@ -49,6 +49,45 @@ def _compare_piece(got: tuple[str, int, int], src: tuple[str, int, int]) -> int 
         return first_difference(read_range(*got, tls_buffer(1, VERIFY_BUF)), read_range(*src, buf))
 
 
+def _crc_piece(file: str, offset: int, crcs: list[tuple[int, int]]) -> bool:
+    """True when the file's bytes from `offset`, cut in the recorded pieces, have the recorded
+    CRC-32Cs (a verify worker's task: the output is mapped, not copied)."""
+    import numpy as np
+
+    crc = _crc32c()
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        pos = offset
+        for n, want in crcs:  # one piece mapped at a time (a few MB): RSS stays flat
+            try:
+                v = stream.FileView(fd, file, pos, n, "", 0)
+            except CorruptFile:  # the file ends early
+                return False
+            try:
+                if crc(np.frombuffer(v.view, dtype=np.uint8)) != want:
+                    return False
+            finally:
+                v.close()  # (the array went with the call above)
+            pos += n
+        return True
+    finally:
+        os.close(fd)
+
+
+def _crc_batches(crcs: list[tuple[int, int]], size: int):
+    """(start, pieces) of consecutive recorded pieces, about `size` bytes each."""
+    start = pos = 0
+    batch: list[tuple[int, int]] = []
+    for n, c in crcs:
+        if batch and pos + n - start > size:
+            yield start, batch
+            start, batch = pos, []
+        batch.append((n, c))
+        pos += n
+    if batch:
+        yield start, batch
+
+
 def _compare_tensor(
     plan: ConvertPlan,
     reader: Reader,
@@ -57,9 +96,10 @@ def _compare_tensor(
     e: TensorInfo,
     out_rng: tuple[str, int, int] | None,
     bufs: tuple[bytearray, bytearray],
+    use_crcs: bool = True,
 ) -> int | None:
     """None when output tensor `name` holds the bytes expected from source tensor `s`."""
-    crcs = plan.cast_crcs.get(name)
+    crcs = plan.cast_crcs.get(name) if use_crcs else None
     if (
         crcs is not None
         and out_rng is not None
@@ -159,14 +199,22 @@ def verify_output(
                 )
         n = nbytes = 0
         bufs: tuple[bytearray, bytearray] | None = None  # reused for every tensor compared on this thread
-        # (name, bytes, a Future or the result: None or the offset of the first difference, piece start)
+        # (name, bytes, a Future or the result: None or the offset of the first difference, piece
+        # start, what compares the whole tensor when a CRC batch does not match: its task says False)
         pending: collections.deque = collections.deque()
+        recompared: dict[str, int | None] = {}
 
         def settle(block: bool) -> None:
             nonlocal nbytes
             while pending and (block or not isinstance(pending[0][2], Future) or pending[0][2].done()):
-                name, size, res, base = pending.popleft()
+                name, size, res, base, whole = pending.popleft()
                 diff = res.result() if isinstance(res, Future) else res
+                if diff is False:  # a CRC batch: the bytes on disk are not those written
+                    if name not in recompared:
+                        recompared[name] = whole()
+                    diff, base = recompared[name], 0
+                elif diff is True:
+                    diff = None
                 if diff is not None:
                     raise CorruptFile(
                         f"verify failed: tensor {name!r} differs from the source at byte {base + diff}", where
@@ -204,14 +252,33 @@ def verify_output(
                         fut = stream.submit(
                             _compare_piece, (out_rng[0], out_rng[1] + k, m), (src_rng[0], src_rng[1] + k, m)
                         )
-                        pending.append((name, m, fut, k))
+                        pending.append((name, m, fut, k, None))
                     settle(False)
                     continue
                 if bufs is None:
                     bufs = (tls_buffer(0, VERIFY_BUF), tls_buffer(1, VERIFY_BUF))  # small: RSS stays flat
-                pending.append((name, e.nbytes, _compare_tensor(plan, reader, name, s, e, out_rng, bufs), 0))
+                crcs = plan.cast_crcs.get(name)
+                if (
+                    crcs is not None
+                    and out_rng is not None
+                    and out_rng[2] == e.nbytes
+                    and VERIFY_WORKERS > 1
+                    and sum(n for n, _c in crcs) == e.nbytes
+                ):
+                    # checksums of what was written (a cast): batches checked on every core, the
+                    # output mapped; a batch that does not match compares the tensor with the source
+
+                    def whole(name=name, s=s, e=e, out_rng=out_rng, bufs=bufs):
+                        return _compare_tensor(plan, reader, name, s, e, out_rng, bufs, use_crcs=False)
+
+                    for k, batch in _crc_batches(crcs, VERIFY_PIECE):
+                        fut = stream.submit(_crc_piece, out_rng[0], out_rng[1] + k, batch)
+                        pending.append((name, sum(n for n, _c in batch), fut, k, whole))
+                    settle(False)
+                    continue
+                pending.append((name, e.nbytes, _compare_tensor(plan, reader, name, s, e, out_rng, bufs), 0, None))
                 settle(False)
             settle(True)
         finally:  # leaving early: pieces not started are cancelled, running ones waited for
-            stream.cancel_and_close([r for _n, _s, r, _b in pending if isinstance(r, Future)], ())
+            stream.cancel_and_close([p[2] for p in pending if isinstance(p[2], Future)], ())
     return n, nbytes
