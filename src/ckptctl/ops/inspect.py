@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from itertools import repeat
 from math import prod
-from operator import attrgetter, is_not
+from operator import attrgetter, is_not, itemgetter
 
 from ckptctl.formats import open_reader
 from ckptctl.model import CheckpointInfo, TensorInfo
@@ -14,6 +14,7 @@ from ckptctl.ops.select import match_any  # noqa: F401 - re-exported: defined wi
 
 _NAME, _SHAPE, _NBYTES = attrgetter("name"), attrgetter("shape"), attrgetter("nbytes")
 _DTYPE, _ALIAS_OF = attrgetter("dtype"), attrgetter("alias_of")
+_FIRST = itemgetter(0)
 
 
 @dataclass
@@ -182,8 +183,8 @@ class Fold:
             "dtype": t.dtype,
             "shape": list(t.shape),
             "count": len(self.tensors),
-            "numel": sum(x.numel for x in self.tensors),
-            "nbytes": sum(x.nbytes for x in self.tensors),
+            "numel": sum(map(prod, map(_SHAPE, self.tensors))),  # TensorInfo.numel of each
+            "nbytes": sum(map(_NBYTES, self.tensors)),
             "alias_of": None,
         }
 
@@ -209,7 +210,8 @@ def _fold_group(members: list[tuple[tuple[int, ...], int]], k: int) -> list[tupl
     whose index tuples are exactly the product of the sets: split on the first position that
     varies when the whole is not a product, fold each part, and merge the parts that came out
     alike."""
-    sets = [sorted({m[0][i] for m in members}) for i in range(k)]
+    tuples = list(map(_FIRST, members))
+    sets = [sorted(set(map(itemgetter(i), tuples))) for i in range(k)]  # (C loops: 10^5 members)
     size = 1
     for s in sets:
         size *= len(s)
