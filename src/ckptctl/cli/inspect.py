@@ -6,6 +6,7 @@ import json
 import operator
 import sys
 from enum import Enum
+from itertools import repeat
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +62,7 @@ TENSOR_COLUMNS = [
     Column("alias_of", "tied to", human=lambda a: clean(a) if a else ""),
 ]
 
+_ALIAS_OF = operator.attrgetter("alias_of")
 FOLD_ABOVE = 1000  # tables of more rows are folded unless --no-fold (--fold: at any size)
 # a folded table: a row may stand for many tensors (ops/inspect.py fold); params and bytes are its totals
 FOLDED_COLUMNS = [
@@ -176,7 +178,7 @@ def register(app: typer.Typer) -> None:
             same = (
                 len(result.part) == len(info.tensors)
                 and all(map(operator.is_, result.part, info.tensors))
-                and not any(t.alias_of is not None for t in info.tensors)
+                and not any(map(operator.is_not, map(_ALIAS_OF, info.tensors), repeat(None)))
             )
             doc.update(
                 num_tensors=result.num_tensors,

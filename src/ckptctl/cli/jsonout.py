@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+from itertools import chain, repeat
+from math import prod
+from operator import attrgetter
 from typing import Any
 
 from ckptctl.model import TensorInfo
@@ -108,6 +111,22 @@ def _dumps_indent2(obj: Any) -> str:
         pre_nbytes, pre_numel, pre_alias = f',\n{i2}"nbytes": ', f',\n{i2}"numel": ', f',\n{i2}"alias_of": '
         shape_open, shape_sep, shape_close = "[\n" + i3, ",\n" + i3, "\n" + i2 + "]"
         end = "\n" + inner + "}"
+        if bulk_rows(
+            o,
+            inner,
+            pre_name,
+            pre_dtype,
+            pre_shape,
+            pre_nbytes,
+            pre_numel,
+            pre_alias,
+            shape_open,
+            shape_sep,
+            shape_close,
+            end,
+        ):
+            add("\n" + ind + "]")
+            return
         sep = "[\n" + inner
         for r in o:
             if type(r) is not TensorInfo:  # a format's own row (TF: key, full_name, slot_of): its to_json()
@@ -136,8 +155,71 @@ def _dumps_indent2(obj: Any) -> str:
             sep = ",\n" + inner
         add("\n" + ind + "]")
 
+    def bulk_rows(o: TensorRows, inner: str, *pre: str) -> bool:
+        """rows() when every row is a TensorInfo of str names and int dimensions, each column read
+        and formatted by C loops (map), each kind of shape, dtype and tie written once (10^5 rows,
+        issue 13); False, nothing written, for anything else."""
+        pre_name, pre_dtype, pre_shape, pre_nbytes, pre_numel, pre_alias, shape_open, shape_sep, shape_close, end = pre
+        if set(map(type, o)) != _TENSOR_INFO:  # a format's own row (TF): its to_json(), in rows()
+            return False
+        names, dts, shapes, nbytes = (
+            list(map(_NAME, o)),
+            list(map(_DTYPE, o)),
+            list(map(_SHAPE, o)),
+            list(map(_NBYTES, o)),
+        )
+        aliases = list(map(_ALIAS_OF, o))
+        if (
+            set(map(type, names)) != _STR
+            or set(map(type, dts)) != _STR
+            or set(map(type, nbytes)) != _INT
+            or not set(map(type, aliases)) <= _STR_NONE
+        ):
+            return False
+        try:  # (type int, not bool: then equal shapes are equal tuples of the same ints, written alike)
+            if not set(map(type, chain.from_iterable(shapes))) <= _INT:
+                return False
+            kinds = dict.fromkeys(shapes)
+        except TypeError:  # a shape that is a list, or not a sequence: rows() says what to do
+            return False
+        numel_of, text_of = {}, {}
+        for shape in kinds:
+            numel_of[shape] = prod(shape)
+            text_of[shape] = shape_open + shape_sep.join(map(int.__repr__, shape)) + shape_close if shape else "[]"
+        dt_text = {d: enc(d) for d in set(dts)}
+        tie_text = {a: "" if a is None else pre_alias + enc(a) for a in set(aliases)}
+        add(
+            "[\n"
+            + inner
+            + (",\n" + inner).join(
+                map(
+                    "".join,
+                    zip(
+                        repeat(pre_name),
+                        map(enc, names),
+                        repeat(pre_dtype),
+                        map(dt_text.__getitem__, dts),
+                        repeat(pre_shape),
+                        map(text_of.__getitem__, shapes),
+                        repeat(pre_nbytes),
+                        map(int.__repr__, nbytes),
+                        repeat(pre_numel),
+                        map(int.__repr__, map(numel_of.__getitem__, shapes)),
+                        map(tie_text.__getitem__, aliases),
+                        repeat(end),
+                    ),
+                )
+            )
+        )
+        return True
+
     value(obj, "", 0)
     return "".join(parts)
+
+
+_NAME, _DTYPE, _SHAPE = attrgetter("name"), attrgetter("dtype"), attrgetter("shape")
+_NBYTES, _ALIAS_OF = attrgetter("nbytes"), attrgetter("alias_of")
+_STR, _INT, _STR_NONE, _TENSOR_INFO = {str}, {int}, {str, type(None)}, {TensorInfo}
 
 
 def print_json(obj: Any) -> None:

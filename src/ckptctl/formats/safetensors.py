@@ -7,8 +7,12 @@ CorruptFile naming what is wrong. Tensor bytes are read with os.pread in bounded
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator
+from itertools import chain, repeat
+from math import prod
+from operator import add, itemgetter, sub
 from typing import NamedTuple
 
 from ckptctl import dtypes
@@ -20,6 +24,29 @@ from ckptctl.sources import is_remote, open_source
 MAX_HEADER = 100_000_000  # the reference's limit on N
 U64_MAX = (1 << 64) - 1
 ALIASES_KEY = "ckptctl.aliases"  # __metadata__ key written by `ckptctl convert --dedupe`
+
+
+class paused_gc:
+    """The cyclic garbage collector paused while a header's objects are built, and those objects
+    then moved to its oldest generation without a look. At 10^5 tensors the TensorInfo records
+    are ~4 * 10^5 tracked objects (json.loads' are freed before the end); the collections they
+    set off walked them again and again, about a third of `inspect`'s CPU (issue 13). A pause
+    alone only postpones that: every object made meanwhile is young when the collector is back
+    on, and the first allocation walks them all (0.15-0.2 s). gc.freeze() + gc.unfreeze() moves
+    them to the oldest generation in O(1), where only a full collection looks at them (they
+    hold no cycles; reference counting frees them as before). Not done when someone else froze
+    objects (unfreeze would thaw theirs too); pauses nest (only the outermost does this)."""
+
+    def __enter__(self) -> None:
+        self._was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc) -> None:
+        if self._was:
+            if not gc.get_freeze_count():
+                gc.freeze()
+                gc.unfreeze()
+            gc.enable()
 
 
 class _Loc(NamedTuple):  # a tuple: built once per tensor (10^5 at MoE scale), a frozen dataclass cost 10x
@@ -55,6 +82,16 @@ def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict
 
     Returns (N, {name: entry} in the order of the data, __metadata__). Raises CorruptFile with a precise message.
     """
+    n, (names, codes, shapes, begins, ends, _nbytes), metadata = _parse(raw, file_size, path)
+    return n, dict(zip(names, zip(map(dtypes.BY_ST.__getitem__, codes), shapes, begins, ends))), metadata
+
+
+_Columns = tuple[list[str], list[str], list[tuple[int, ...]], list[int], list[int], list[int]]
+# (names, safetensors dtype codes, shapes, begins, ends, nbytes), one item per tensor, in data order
+
+
+def _parse(raw: bytes, file_size: int, path) -> tuple[int, _Columns, dict[str, str] | None]:
+    """parse_header's work as columns: _bulk() when it can vouch for the header, else _exact()."""
     if file_size < 8:
         raise CorruptFile(f"file is {file_size} bytes, too short for a safetensors header (8-byte length)", path)
     n = int.from_bytes(raw[:8], "little")
@@ -67,6 +104,107 @@ def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
         raise CorruptFile(f"header is not valid UTF-8 (byte {err.start} of the header)", path) from None
+    got = _bulk(text, n, file_size)
+    if got is not None:
+        return n, got[0], got[1]
+    entries, metadata = _exact(text, n, file_size, path)
+    vals = list(entries.values())
+    columns = (
+        list(entries),
+        [v[0].st or "" for v in vals],  # (every BY_ST entry has its code)
+        [v[1] for v in vals],
+        [v[2] for v in vals],
+        [v[3] for v in vals],
+        [v[3] - v[2] for v in vals],
+    )
+    return n, columns, metadata
+
+
+# ---- the bulk path: every check over whole columns (C loops), no Python code per tensor -----------
+# At 10^5 tensors (issue 13) a Python loop over the entries cost more than json.loads itself. _bulk
+# accepts exactly what _exact accepts and returns the same tensors in the same order; anything it
+# cannot vouch for (an error, an extra key in an entry, a hole, a colon it cannot account for) it
+# leaves to _exact, which finds the problem and words it as before.
+_CODES = frozenset(dtypes.BY_ST)
+assert not any(":" in c for c in _CODES)  # the duplicate-key count below relies on it
+_DTYPE, _SHAPE, _OFFSETS = itemgetter("dtype"), itemgetter("shape"), itemgetter("data_offsets")
+_INT, _STR = {int}, {str}
+_ST_NAME = {code: d.name for code, d in dtypes.BY_ST.items()}
+
+
+def _bulk(text: str, n: int, file_size: int) -> tuple[_Columns, dict[str, str] | None] | None:
+    try:
+        header = json.loads(text)  # no object_pairs_hook: a Python call per object cost ~20%
+    except (ValueError, RecursionError):
+        return None
+    if type(header) is not dict:
+        return None
+    # Duplicate keys, without a Python call per object: json.loads keeps one value of a key given
+    # twice, so the document then holds fewer entries (D, summed over every object) than the text
+    # has key: value pairs (P); always D <= P. Each pair has one ':' outside strings; any other
+    # ':' is inside a string, where it stays a ':' of the decoded string. S counts the ':' of the
+    # document's strings: at most the raw ones inside strings plus the \u003a escapes (E). So
+    # P <= text.count(':') - S + E, and when that bound is <= D, then P == D: no key came twice.
+    entries = len(header)
+    colons = "".join(header).count(":")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None:
+        if type(metadata) is not dict or not set(map(type, metadata.values())) <= _STR:
+            return None
+        entries += len(metadata)
+        colons += "".join(metadata).count(":") + "".join(metadata.values()).count(":")
+    vals = list(header.values())
+    if not vals or set(map(type, vals)) != {dict} or set(map(len, vals)) != {3}:
+        return None  # (no tensor: nothing to gain; an entry with another key than the three: _exact)
+    try:
+        codes = list(map(_DTYPE, vals))  # the three keys: then no other key (len 3)
+        shapes = list(map(_SHAPE, vals))
+        offsets = list(map(_OFFSETS, vals))
+        if not set(codes) <= _CODES:  # (a list or an object is unhashable: TypeError)
+            return None
+    except (KeyError, TypeError):
+        return None
+    entries += 3 * len(vals)  # and no ':' in the keys, the codes (asserted above), nor in numbers
+    escapes = text.count("\\u003a") + text.count("\\u003A") if "\\" in text else 0
+    if text.count(":") - colons + escapes > entries:
+        return None  # a duplicate key, or a ':' inside a string somewhere else: _exact decides
+    if set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
+        return None
+    flat = list(chain.from_iterable(shapes))
+    if flat and (set(map(type, flat)) != _INT or min(flat) < 0 or max(flat) > U64_MAX):
+        return None  # (type is int: not a bool)
+    flat = list(chain.from_iterable(offsets))
+    if set(map(type, flat)) != _INT or min(flat) < 0 or max(flat) > U64_MAX:
+        return None
+    begins, ends = flat[0::2], flat[1::2]
+    shapes_t = list(map(tuple, shapes))
+    sizes = {}  # (code, shape) -> bytes: few kinds of tensor among many
+    for code, shape in set(zip(codes, shapes_t)):
+        numel = prod(shape)
+        nbits = numel * dtypes.BY_ST[code].bits
+        if numel > U64_MAX or nbits > U64_MAX or nbits % 8:
+            return None
+        sizes[code, shape] = nbits // 8
+    nbytes = list(map(sizes.__getitem__, zip(codes, shapes_t)))
+    if nbytes != list(map(sub, ends, begins)):  # (so no end is before its begin)
+        return None
+    names = list(header)
+    if begins[0] != 0 or begins[1:] != ends[:-1]:  # not in data order (the reference sorts names)
+        # stable by begin; tiled, that is _exact's stable sort by (begin, end) (a zero-byte tensor
+        # and the next share a begin: ordered by end when tiled), else _exact says what is wrong
+        order = sorted(range(len(begins)), key=begins.__getitem__)
+        names, codes, shapes_t, begins, ends, nbytes = (
+            list(map(col.__getitem__, order)) for col in (names, codes, shapes_t, begins, ends, nbytes)
+        )
+        if begins[0] != 0 or begins[1:] != ends[:-1]:
+            return None
+    if 8 + n + ends[-1] != file_size:
+        return None
+    return (names, codes, shapes_t, begins, ends, nbytes), metadata
+
+
+def _exact(text: str, n: int, file_size: int, path) -> tuple[dict, dict[str, str] | None]:
+    """Every check entry by entry, in order, and the first failure worded: the reference for _bulk."""
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as err:
@@ -159,7 +297,7 @@ def parse_header(raw: bytes, file_size: int, path=None) -> tuple[int, dict, dict
             f"(8 + {_fmt(n)} header + {_fmt(pos)} data)",
             path,
         )
-    return n, entries if in_order else dict(ordered), metadata  # in the order of the data (sorted once, here)
+    return (entries if in_order else dict(ordered)), metadata  # in the order of the data (sorted once, here)
 
 
 class SafetensorsReader(Reader):
@@ -189,6 +327,10 @@ class SafetensorsReader(Reader):
 
     # -- metadata ------------------------------------------------------------------------------
     def _load_info(self) -> CheckpointInfo:
+        with paused_gc():
+            return self._load_info_now()
+
+    def _load_info_now(self) -> CheckpointInfo:
         src = self._open()
         size = src.size
         # remote: one request for the length and (usually) the whole header; local: exact preads
@@ -200,11 +342,10 @@ class SafetensorsReader(Reader):
         raw = head
         if n <= MAX_HEADER and 8 + n <= size:
             raw = first[: 8 + n] if len(first) >= 8 + n else head + self._pread_exact(src, n, 8)
-        n, entries, metadata = parse_header(raw, size, self.path)
-        base = 8 + n
-        tensors: list[TensorInfo] = []
-        for name, (dt, shape, b, e) in entries.items():  # parse_header gives them in data order
-            tensors.append(TensorInfo(name, dt.name, shape, e - b, None, _Loc(base + b, e - b)))
+        n, (names, codes, shapes, begins, _ends, nbytes), metadata = _parse(raw, size, self.path)
+        # in data order; built by C loops (map), one TensorInfo and one _Loc per tensor
+        locs = map(tuple.__new__, repeat(_Loc), zip(map(add, begins, repeat(8 + n)), nbytes))
+        tensors = list(map(TensorInfo, names, map(_ST_NAME.__getitem__, codes), shapes, nbytes, repeat(None), locs))
         meta = dict(metadata or {})
         warnings: list[str] = []
         aliases = meta.pop(ALIASES_KEY, None)

@@ -11,17 +11,22 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import replace
+from itertools import compress, repeat
+from operator import attrgetter, is_, ne
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ckptctl.errors import CkptError, CorruptFile, NotFound
 from ckptctl.formats.base import CHUNK, Reader
+from ckptctl.formats.safetensors import paused_gc
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
 
 if TYPE_CHECKING:
     from ckptctl.sources import RemotePath
 
 MAX_INDEX_BYTES = 256 * 1024 * 1024
+_NAME, _DTYPE, _SHAPE, _NBYTES = attrgetter("name"), attrgetter("dtype"), attrgetter("shape"), attrgetter("nbytes")
+_ALIAS_OF, _LOC = attrgetter("alias_of"), attrgetter("loc")
 
 
 class ShardedReader(Reader):
@@ -66,35 +71,54 @@ class ShardedReader(Reader):
 
     # -- metadata ------------------------------------------------------------------------------
     def _load_info(self) -> CheckpointInfo:
+        with paused_gc():  # 10^5 names and records: see safetensors.paused_gc
+            return self._load_info_now()
+
+    def _load_info_now(self) -> CheckpointInfo:
         meta, wm = self._read_index()
         order: list[str] = list(dict.fromkeys(wm.values()))  # shard files, first mention first
         infos: dict[str, CheckpointInfo] = {}
         for shard in order:
             infos[shard] = self._shard(shard).info()
 
-        tensors: list[TensorInfo] = []
+        # Each name's tensor: the first of that name in its shard, looked up in one dict of
+        # (shard, name) for all shards, by C loops (map, zip): 10^5 names (issue 13)
+        names, shard_of = list(wm), list(wm.values())
+        held: dict[tuple[str, str], TensorInfo] = {}
+        for shard in order:
+            ts = infos[shard].tensors[::-1]  # backwards: the first of a name is the one kept
+            held.update(zip(zip(repeat(shard), map(_NAME, ts)), ts))
+        got = list(map(held.get, zip(shard_of, names)))
+        if any(map(is_, got, repeat(None))):
+            i = list(map(is_, got, repeat(None))).index(True)
+            raise CorruptFile(f"the index maps {names[i]!r} to {shard_of[i]}, which does not hold it", self.path)
+        found = cast("list[TensorInfo]", got)  # (no None: checked just above)
+        if set(map(type, found)) <= {TensorInfo}:  # dataclasses.replace costs ~10 µs: built directly
+            tensors = list(
+                map(
+                    TensorInfo,
+                    map(_NAME, found),
+                    map(_DTYPE, found),
+                    map(_SHAPE, found),
+                    map(_NBYTES, found),
+                    map(_ALIAS_OF, found),
+                    zip(shard_of, map(_LOC, found)),
+                )
+            )
+        else:  # a format's own records (TF): replaced, keeping their extra fields
+            tensors = [replace(t, loc=(shard, t.loc)) for t, shard in zip(found, shard_of)]
+        self._where.update(zip(names, shard_of))
+
         warnings: list[str] = []
         objects: list[ObjectInfo] = []
         glob: list[str] = []
-        for name, shard in wm.items():
-            try:
-                t = infos[shard].tensor(name)
-            except KeyError:
-                raise CorruptFile(f"the index maps {name!r} to {shard}, which does not hold it", self.path) from None
-            # dataclasses.replace costs ~10 µs: too much at 10^5 tensors (issue 13)
-            tensors.append(
-                TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.alias_of, (shard, t.loc))
-                if type(t) is TensorInfo
-                else replace(t, loc=(shard, t.loc))
-            )
-            self._where[name] = shard
-
         formats = []
         shard_meta: list[dict] = []
         for shard in order:
             info = infos[shard]
             formats.append(info.format + (f" ({info.kind})" if info.kind else ""))
-            extra = [t.name for t in info.tensors if wm.get(t.name) != shard]
+            held_names = list(map(_NAME, info.tensors))
+            extra = list(compress(held_names, map(ne, map(wm.get, held_names), repeat(shard))))
             if extra:
                 listed = ", ".join(repr(n) for n in extra[:5]) + (", ..." if len(extra) > 5 else "")
                 warnings.append(f"shard {shard} holds {len(extra)} tensor(s) the index does not map to it: {listed}")
@@ -191,7 +215,13 @@ def read_weight_map(path, limit: int, what: str, shape: str) -> tuple[dict, dict
     if not isinstance(meta, dict):
         raise CorruptFile('index "metadata" is not an object', path)
     wm = doc["weight_map"]
-    checked: set[str] = set()  # 10^5 entries name ~10^2 shards: check each name once
+    if set(map(type, wm.values())) <= {str}:  # the usual: 10^5 entries name ~10^2 shards, each checked once
+        shards = dict.fromkeys(wm.values())  # in order of first mention, as the loop below
+        if "" not in shards:
+            for shard in shards:
+                check_shard_name(shard, path)
+            return meta, wm
+    checked: set[str] = set()
     for name, shard in wm.items():
         if not isinstance(shard, str) or not shard:
             raise CorruptFile(f"weight_map entry {name!r} names no shard file ({shard!r})", path)

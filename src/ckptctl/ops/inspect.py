@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from itertools import repeat
+from math import prod
+from operator import attrgetter, is_not, itemgetter
 
 from ckptctl.formats import open_reader
 from ckptctl.model import CheckpointInfo, TensorInfo
 from ckptctl.ops.select import match_any  # noqa: F401 - re-exported: defined with the selection rules
+
+_NAME, _SHAPE, _NBYTES = attrgetter("name"), attrgetter("shape"), attrgetter("nbytes")
+_DTYPE, _ALIAS_OF = attrgetter("dtype"), attrgetter("alias_of")
+_FIRST = itemgetter(0)
 
 
 @dataclass
@@ -30,26 +37,29 @@ class Inspection:
     @property
     def num_params(self) -> int:
         """Elements of distinct tensors of the part (tied weights count once), like `ls`."""
-        return sum(t.numel for t in self._unique())
+        return sum(map(prod, map(_SHAPE, self._unique())))  # TensorInfo.numel of each
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self._unique())
+        return sum(map(_NBYTES, self._unique()))
 
     @property
     def dtype_mix(self) -> dict[str, int]:
         from collections import Counter
 
-        return dict(Counter(t.dtype for t in self.part).most_common())
+        return dict(Counter(map(_DTYPE, self.part)).most_common())
 
     def _unique(self) -> list[TensorInfo]:
-        names = {t.name for t in self.part}
-        return [t for t in self.part if t.alias_of is None or t.alias_of not in names]
+        part = self.part
+        if not any(map(is_not, map(_ALIAS_OF, part), repeat(None))):
+            return part  # no tied weight (10^5 tensors: no set of their names)
+        names = {t.name for t in part}
+        return [t for t in part if t.alias_of is None or t.alias_of not in names]
 
 
 def sort_tensors(tensors: list[TensorInfo], key: str) -> list[TensorInfo]:
     if key == "name":
-        return sorted(tensors, key=lambda t: t.name)
+        return sorted(tensors, key=_NAME)
     if key == "size":
         return sorted(tensors, key=lambda t: (-t.nbytes, t.name))
     return list(tensors)
@@ -78,9 +88,11 @@ def inspect(
         part = [src for src, _out in sel.pairs]
         root = sel.root
         kind = "key" if key is not None else ("model" if len(part) < len(info.tensors) else "all")
-    tensors = [
-        t for t in part if match_any(t.name, filters) or (root and match_any(under(t.name, root) or "", filters))
-    ]
+    tensors = (
+        [t for t in part if match_any(t.name, filters) or (root and match_any(under(t.name, root) or "", filters))]
+        if filters
+        else part  # (match_any without patterns: every name)
+    )
     return Inspection(
         info=info,
         tensors=sort_tensors(tensors, sort),
@@ -96,7 +108,7 @@ def _plain_model(tensors: list[TensorInfo]) -> bool:
     (state_dict/, optimizer state) and no name twice (select() would refuse a clash)."""
     from ckptctl.ops.select import default_part
 
-    names = [t.name for t in tensors]
+    names = list(map(_NAME, tensors))
     root, left = default_part(names)
     return not root and not left and len(set(names)) == len(names)
 
@@ -171,8 +183,8 @@ class Fold:
             "dtype": t.dtype,
             "shape": list(t.shape),
             "count": len(self.tensors),
-            "numel": sum(x.numel for x in self.tensors),
-            "nbytes": sum(x.nbytes for x in self.tensors),
+            "numel": sum(map(prod, map(_SHAPE, self.tensors))),  # TensorInfo.numel of each
+            "nbytes": sum(map(_NBYTES, self.tensors)),
             "alias_of": None,
         }
 
@@ -198,7 +210,8 @@ def _fold_group(members: list[tuple[tuple[int, ...], int]], k: int) -> list[tupl
     whose index tuples are exactly the product of the sets: split on the first position that
     varies when the whole is not a product, fold each part, and merge the parts that came out
     alike."""
-    sets = [sorted({m[0][i] for m in members}) for i in range(k)]
+    tuples = list(map(_FIRST, members))
+    sets = [sorted(set(map(itemgetter(i), tuples))) for i in range(k)]  # (C loops: 10^5 members)
     size = 1
     for s in sets:
         size *= len(s)
