@@ -241,6 +241,7 @@ def _enrich_share(share: list[RunCheckpoint]) -> list[dict[str, Any]]:
     for c in share:
         _enrich(c, True)
         state = dict(c.__dict__)
+        state.pop("_model_cache", None)  # RunCheckpoint's cache: rebuilt in the parent if asked
         info = c.info
         if info is not None:
             info = state["info"] = copy.copy(info)
