@@ -87,7 +87,9 @@ class FastZipFile(zipfile.ZipFile):
                 raise _Irregular
             raw = data[at : at + nlen]
             try:
-                name = raw.decode("ascii") if plain and raw.isascii() else str(raw, "utf-8" if flags & _UTF8 else encoding)
+                name = (
+                    raw.decode("ascii") if plain and raw.isascii() else str(raw, "utf-8" if flags & _UTF8 else encoding)
+                )
             except UnicodeDecodeError:
                 raise _Irregular from None
             if "\0" in name:

@@ -52,9 +52,11 @@ def _tensor(
                 sdt = storage.dtype
                 if dtype is None:
                     dtype = sdt
-                if not numel or (last + 1) * _ITEMSIZE[dtype] <= (
-                    storage.view_numel if storage.view_numel is not None else storage.numel
-                ) * _ITEMSIZE[sdt]:
+                if (
+                    not numel
+                    or (last + 1) * _ITEMSIZE[dtype]
+                    <= (storage.view_numel if storage.view_numel is not None else storage.numel) * _ITEMSIZE[sdt]
+                ):
                     return TensorRecord(storage, offset, size, stride, dtype, None, None)
     # what torch writes: tuples of non-negative ints, checked inline; anything else goes
     # through _ints' messages
