@@ -68,3 +68,38 @@ def test_lightning_run_parsed_in_workers_equals_serial_and_skips_numpy(tmp_path)
     for i in range(4):
         want = float(torch.tensor(1.0 / (i + 1), dtype=torch.float32 if i % 2 else torch.bfloat16).float())
         assert serial[i]["metrics"] == {"val_loss": want}, (i, serial[i]["metrics"])
+
+
+@pytest.mark.parametrize("how", ["raise RuntimeError('boom')", "os._exit(3)"])
+def test_a_child_that_fails_or_dies_leaves_its_share_to_the_parent(tmp_path, how):
+    """A forked child that raises, or dies without sending anything back: the parent lists its
+    checkpoints itself, the listing equals a serial one, and POOL_STATE says the pool failed."""
+    root = tmp_path / "run"
+    n = runs.PARALLEL_MIN + 4
+    _lightning_run(root, n)
+    code = (
+        "import json, os, sys; from ckptctl.ops.runs import discover, POOL_STATE, discovery\n"
+        "if sys.argv[2] == 'break':\n"
+        f"    def broken(share):\n        {how}\n"
+        "    discovery._enrich_share = broken\n"
+        "print(json.dumps([c.to_json() for c in discover(sys.argv[1])]))\n"
+        "print(POOL_STATE['used'], POOL_STATE['error'], file=sys.stderr)"
+    )
+    outs = []
+    for jobs, mode in (("1", "serial"), ("2", "break")):
+        env = dict(os.environ, CKPTCTL_JOBS=jobs)
+        p = subprocess.run(
+            [sys.executable, "-c", code, str(root), mode],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert p.returncode == 0, p.stderr
+        outs.append((json.loads(p.stdout), p.stderr.strip()))
+    (serial, _), (broken, state) = outs
+    assert state == ("False RuntimeError: boom" if "boom" in how else "False a worker ended without its results")
+    assert broken == serial
+    assert [r["step"] for r in broken] == [10 * i for i in range(n)]
+    assert all(r["num_tensors"] == 2 and r["error"] is None for r in broken)

@@ -110,30 +110,57 @@ class PickleBasedReader(Reader):
 
 
 # ---- building TensorInfos from the unpickled object ------------------------------------------
+def _fast_new(cls: type, names: tuple[str, ...]) -> Any:
+    """A maker of frozen dataclass `cls` that fills its __dict__ directly: the generated __init__
+    sets each field through object.__setattr__ (twice the time: 10^5 objects at MoE scale). The
+    same object, field for field; `cls` itself when it is not the plain dataclass this expects
+    (other fields, __slots__, a __post_init__)."""
+    fields = getattr(cls, "__dataclass_fields__", {})
+    if tuple(fields) != names or "__slots__" in vars(cls) or hasattr(cls, "__post_init__"):
+        return cls
+    # the fresh object's own __dict__ (sharing its keys with the class's other objects, as
+    # __init__'s would), filled in field order
+    src = f"def make({', '.join(names)}):\n    obj = new(cls)\n    d = obj.__dict__\n"
+    src += "".join(f"    d[{n!r}] = {n}\n" for n in names) + "    return obj\n"
+    scope: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    exec(src, scope)  # noqa: S102 - our own source text, built from the dataclass's field names
+    return scope["make"]
+
+
+new_tensor_info = _fast_new(TensorInfo, ("name", "dtype", "shape", "nbytes", "alias_of", "loc"))
+_new_loc = _fast_new(TensorLoc, ("blob", "byte_base", "stride", "itemsize", "swap", "key", "storage_dtype"))
+
+
 def tensor_infos(desc: pickles.Described, storage_blob, big_endian: bool, path) -> list[TensorInfo]:
-    """TensorInfo (with TensorLoc) for each described tensor; storage_blob(StorageRef) -> Blob."""
+    """TensorInfo (with TensorLoc) for each described tensor; storage_blob(StorageRef) -> Blob
+    (asked once per storage: the tensors of a storage share its blob)."""
     out: list[TensorInfo] = []
     append = out.append
     per_dtype: dict[str, tuple[int, int, int]] = {}  # dtype -> (bits, itemsize, swap unit): 10^5 tensors, few dtypes
+    blobs: dict[int, Any] = {}  # id(StorageRef) -> its blob (the refs live as long as desc)
+    make_info, make_loc, record = new_tensor_info, _new_loc, pickles.TensorRecord
     for name, rec, alias in desc.tensors:
-        if type(rec) is pickles.TensorRecord or isinstance(rec, pickles.TensorRecord):
+        if type(rec) is record or isinstance(rec, record):
             dtype = rec.dtype
             known = per_dtype.get(dtype)
             if known is None:
                 d = dtypes.BY_NAME[dtype]
                 known = per_dtype[dtype] = (d.bits, d.itemsize, swap_unit(dtype, big_endian))
             bits, itemsize, swap = known
+            shape = rec.shape
             numel = 1
-            for s in rec.shape:
+            for s in shape:
                 numel *= int(s)
-            nbytes = (numel * bits + 7) // 8  # dtypes.nbytes
             st = rec.storage
             if st is None:
                 loc: Any = MissingLoc(rec.note or "no storage")
             else:
+                blob = blobs.get(id(st))
+                if blob is None:
+                    blob = blobs[id(st)] = storage_blob(st)
                 view_offset = st.view_offset  # elements of the storage's dtype (legacy views)
-                loc = TensorLoc(
-                    storage_blob(st),
+                loc = make_loc(
+                    blob,
                     (view_offset * dtypes.BY_NAME[st.dtype].itemsize if view_offset else 0) + rec.offset * itemsize,
                     rec.stride,
                     itemsize,
@@ -141,7 +168,7 @@ def tensor_infos(desc: pickles.Described, storage_blob, big_endian: bool, path) 
                     st.key,
                     st.dtype,
                 )
-            append(TensorInfo(name, dtype, rec.shape, nbytes, alias, loc))
+            append(make_info(name, dtype, shape, (numel * bits + 7) // 8, alias, loc))  # nbytes: dtypes.nbytes
         else:  # NumpyArray
             append(numpy_info(name, rec, alias, path))
     return out

@@ -6,7 +6,6 @@ storages `data/<key>`. Also the semantics-free scan of every pickle member of an
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import struct
@@ -61,6 +60,21 @@ def _name_len(name: str) -> int:
     return len(name) if name.isascii() else len(name.encode("utf-8", "replace"))
 
 
+def _is_torchscript(names: list[str]) -> bool:
+    """A member `constants.pkl` at the top or one folder down, or any `.../code/__torch__.py`:
+    one pass of C over the names joined by NUL (a name never holds one: zipfile cuts it there)."""
+    joined = "\0" + "\0".join(names) + "\0"
+    if "/code/__torch__.py\0" in joined:
+        return True
+    at = joined.find("constants.pkl\0")
+    while at >= 0:
+        head = joined[joined.rfind("\0", 0, at) + 1 : at]  # the name up to constants.pkl
+        if head == "" or (head.endswith("/") and head.count("/") == 1):
+            return True
+        at = joined.find("constants.pkl\0", at + 1)
+    return False
+
+
 class TorchArchive:
     """One torch.save zip: at the start of `path` or at [base, base+length) inside it."""
 
@@ -113,15 +127,19 @@ class TorchArchive:
             ) as e:
                 self.close()
                 raise CorruptFile(f"not a complete zip archive ({e}); truncated or damaged?", self.label) from None
-        self.members: dict[str, zipfile.ZipInfo] = {}
-        for zi in self.zip.infolist():
-            self.members.setdefault(zi.filename, zi)
+        infos = self.zip.infolist()
+        by_name = getattr(self.zip, "NameToInfo", None)
+        if type(by_name) is dict and len(by_name) == len(infos):  # no name twice: zipfile's own index, in order
+            self.members: dict[str, zipfile.ZipInfo] = dict(by_name)
+        else:
+            self.members = {}
+            for zi in infos:
+                self.members.setdefault(zi.filename, zi)
         names = list(self.members)
         if not names:
             self.close()
             raise CorruptFile("an empty zip archive", self.label)
-        bases = {n.split("/", 1)[-1] if "/" in n else n for n in names}
-        self.torchscript = "constants.pkl" in bases or any(n.endswith("/code/__torch__.py") for n in names)
+        self.torchscript = _is_torchscript(names)
         if self.torchscript and not torchscript:
             self.close()
             raise UnknownFormat("a TorchScript archive, not a checkpoint: it holds code, not only weights", self.label)
@@ -170,10 +188,12 @@ class TorchArchive:
 
     def check_fits(self, zi: zipfile.ZipInfo) -> None:
         """Cheap check from the central directory: the member's bytes end before the directory."""
+        name = zi.filename
         if (
             zi.header_offset < 0
-            or zi.header_offset + _LOCAL.size + _name_len(zi.filename) + zi.compress_size > self._cd_start
-        ):
+            or zi.header_offset + 30 + (len(name) if name.isascii() else _name_len(name)) + zi.compress_size
+            > self._cd_start
+        ):  # 30: _LOCAL.size
             raise CorruptFile(
                 f"zip member {zi.filename!r} overlaps the central directory (damaged archive)", self.label
             )
@@ -220,7 +240,10 @@ class TorchArchive:
         assert zi is not None
         storages: dict[str, pickles.StorageRef] = {}
 
-        persistent_load = functools.partial(self._storage, storages=storages, folder=folder)
+        storage = self._storage
+
+        def persistent_load(pid: Any) -> pickles.StorageRef:  # a closure: a partial with keywords costs twice as much
+            return storage(pid, storages, folder)
 
         if zi.compress_type == zipfile.ZIP_STORED:
             self.check_fits(zi)

@@ -64,7 +64,7 @@ class TorchZipReader(PickleBasedReader):
                 meta[".format_version"] = fv.decode("ascii", "replace").strip()
             if arch.prefix:
                 meta["archive"] = arch.prefix.rstrip("/")
-            big = arch.big_endian
+            big = bo is not None and bo.strip() == b"big"  # arch.big_endian, without reading the member again
             return checkpoint_info(
                 self.path, self.format, root, globals_, warnings, arch.blob, big, meta, raw_names=self.raw_names
             )

@@ -21,6 +21,10 @@ from typing import Any
 _ZF: Any = zipfile  # its private names (3.11): the end-record reader and the directory's layout
 _CENTRAL = struct.Struct(_ZF.structCentralDir)
 _SIZE = _CENTRAL.size
+# the fields the loop sets, the others skipped as pad bytes: signature, extract version, flags,
+# method, (time, date, CRC), sizes, name/extra/comment lengths, (disk, attributes), offset
+_NEEDED = struct.Struct("<4s2xBxHH8xLLHHH8xL")
+assert _NEEDED.size == _SIZE and _ZF.structCentralDir == "<4s4B4HL2L5H2L"
 _SIGNATURE = _ZF.stringCentralDir
 _MAX_VERSION = _ZF.MAX_EXTRACT_VERSION
 _UTF8 = 0x800  # flag bit: the name is UTF-8
@@ -62,7 +66,9 @@ class FastZipFile(zipfile.ZipFile):
         self._comment = endrec[_ZF._ECD_COMMENT]
         self.start_dir = start_dir
         encoding = getattr(self, "metadata_encoding", None) or "cp437"
-        unpack_from = _CENTRAL.unpack_from
+        # an ASCII name reads the same in cp437 and UTF-8: decoded as ASCII (C, no codec lookup)
+        plain = encoding in ("cp437", "utf-8", "utf8", "ascii")
+        unpack_from = _NEEDED.unpack_from
         new: Any = object.__new__
         info_cls = zipfile.ZipInfo
         filelist = self.filelist
@@ -72,16 +78,18 @@ class FastZipFile(zipfile.ZipFile):
         while pos < size_cd:  # zipfile's `total`: bytes of the directory taken so far
             if pos + _SIZE > n:
                 raise _Irregular
-            (sig, create_version, create_system, extract_version, reserved, flags, compress_type, t, d, crc, csize,
-             usize, nlen, xlen, clen, volume, internal_attr, external_attr, offset) = unpack_from(data, pos)  # fmt: skip
+            sig, extract_version, flags, compress_type, csize, usize, nlen, xlen, clen, offset = unpack_from(data, pos)
             if sig != _SIGNATURE or extract_version > _MAX_VERSION:
                 raise _Irregular
             at = pos + _SIZE
             pos = at + nlen + xlen + clen
             if pos > n:
                 raise _Irregular
+            raw = data[at : at + nlen]
             try:
-                name = str(data[at : at + nlen], "utf-8" if flags & _UTF8 else encoding)
+                name = (
+                    raw.decode("ascii") if plain and raw.isascii() else str(raw, "utf-8" if flags & _UTF8 else encoding)
+                )
             except UnicodeDecodeError:
                 raise _Irregular from None
             if "\0" in name:
@@ -93,13 +101,16 @@ class FastZipFile(zipfile.ZipFile):
             else:
                 x = new(_Member)
                 x.filename = name
-                x.header_offset = offset
+                x.header_offset = offset + concat
                 x.compress_size = csize
                 x.file_size = usize
                 x.compress_type = compress_type
                 x.flag_bits = flags
                 x._at = at - _SIZE
                 x._directory = data
+                filelist.append(x)
+                by_name[name] = x
+                continue
             x.header_offset += concat
             filelist.append(x)
             by_name[name] = x

@@ -36,8 +36,30 @@ def _dtype_of_global(g: Any, m: MachineLike) -> str:
 def _tensor(
     m: MachineLike, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None, fn: str
 ) -> TensorRecord:
-    # what torch writes: tuples of non-negative ints, checked inline (this runs once per tensor:
-    # 10^5 times in a mixture-of-experts checkpoint); anything else goes through _ints' messages
+    # what torch writes, in one pass (this runs once per tensor: 10^5 times in a mixture-of-experts
+    # checkpoint): a storage, an int offset, size and stride tuples of non-negative ints of one
+    # length. Anything else (or a view past the storage's end) takes the checks below, in their
+    # order, with their messages.
+    if type(storage) is StorageRef and type(offset) is int and offset >= 0 and type(size) is tuple:
+        if type(stride) is tuple and len(size) == len(stride):
+            numel, last = 1, offset
+            for s, st in zip(size, stride):
+                if type(s) is not int or s < 0 or type(st) is not int or st < 0:
+                    break
+                numel *= s
+                last += (s - 1) * st
+            else:
+                sdt = storage.dtype
+                if dtype is None:
+                    dtype = sdt
+                if (
+                    not numel
+                    or (last + 1) * _ITEMSIZE[dtype]
+                    <= (storage.view_numel if storage.view_numel is not None else storage.numel) * _ITEMSIZE[sdt]
+                ):
+                    return TensorRecord(storage, offset, size, stride, dtype, None, None)
+    # what torch writes: tuples of non-negative ints, checked inline; anything else goes
+    # through _ints' messages
     shape, strides = size, stride
     if type(size) is tuple:
         for v in size:

@@ -4,6 +4,7 @@ the run's best pointers."""
 
 from __future__ import annotations
 
+import copy
 import os
 import stat
 import sys
@@ -129,7 +130,7 @@ def _enrich(c: RunCheckpoint, read_info: bool) -> None:
 
 def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
     """Read every checkpoint's step, metrics and info. Parsing pickles is CPU-bound pure Python
-    (~5 ms for a Lightning .ckpt): with many of them, forked workers share it across cores."""
+    (~3 ms for a Lightning .ckpt): with many of them, forked children share it across cores."""
     heavy = [
         c
         for c in cks
@@ -145,31 +146,118 @@ def _enrich_all(cks: list[RunCheckpoint], read_info: bool) -> None:
         for c in cks:
             _enrich(c, read_info)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    _fork_enrich(cks, heavy, jobs, read_info)
 
+
+def _warm_imports() -> None:
+    """The readers' modules, imported here before forking: once, not once in every child."""
+    import ckptctl.formats.pickle_reader
+    import ckptctl.formats.pickles
+    import ckptctl.formats.safetensors
+    import ckptctl.formats.torch_zip
+    import ckptctl.ops.select  # noqa: F401 - what enrichment and the rows use afterwards
+
+
+def _fork_enrich(cks: list[RunCheckpoint], heavy: list[RunCheckpoint], jobs: int, read_info: bool) -> None:
+    """`jobs - 1` forked children and this process share the heavy checkpoints (this one also
+    takes the light ones and reads the children's results, so it takes a smaller share). A child
+    sends its checkpoints back through a pipe, pickled, tensors as plain tuples; whatever a child
+    does not send back (it failed, was killed, the fork failed) is read here instead."""
+    import pickle
+
+    _warm_imports()
+    n = len(heavy)
+    mine = max(0, n // jobs - n // (jobs * 6))  # this process's share: a sixth less than a child's
+    rest = heavy[mine:]
+    per = -(-len(rest) // (jobs - 1))
+    shares = [rest[i : i + per] for i in range(0, len(rest), per)]
+    children: list[tuple[int, int, list[RunCheckpoint]]] = []  # (pid, read end, share)
+    error = None
+    for share in shares:
+        try:
+            r, w = os.pipe()
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+            break
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            error = f"{type(e).__name__}: {e}"
+            break
+        if pid == 0:  # the child: its share, sent back, then gone without running any exit handler
+            code = 1
+            try:
+                os.close(r)
+                import gc
+
+                gc.disable()  # a short-lived process: nothing to gain from collecting
+                try:
+                    payload = pickle.dumps(("ok", _enrich_share(share)), protocol=pickle.HIGHEST_PROTOCOL)
+                except BaseException as e:  # noqa: BLE001 - reported to the parent, which redoes the share
+                    payload = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
+                with os.fdopen(w, "wb") as out:
+                    out.write(payload)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        children.append((pid, r, share))
+    todo = heavy[:mine] + [c for share in shares[len(children) :] for c in share]
     heavy_ids = {id(c) for c in heavy}
-    light = [c for c in cks if id(c) not in heavy_ids]
-    size = max(4, -(-len(heavy) // (jobs * 4)))
-    batches = [heavy[i : i + size] for i in range(0, len(heavy), size)]
-    finished: set[int] = set()
-    try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(_enrich_batch, b) for b in batches]
-            for c in light:  # meanwhile, here
+    for c in cks:  # this process's share and the light ones, meanwhile
+        if id(c) not in heavy_ids:
+            _enrich(c, read_info)
+    for c in todo:
+        _enrich(c, read_info)
+    used = bool(children)
+    for pid, r, share in children:
+        try:
+            with os.fdopen(r, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raw, error = b"", f"{type(e).__name__}: {e}"
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        status, results = ("error", "a worker ended without its results") if not raw else pickle.loads(raw)
+        if status != "ok":
+            error, used = str(results), False
+            for c in share:
                 _enrich(c, read_info)
-                finished.add(id(c))
-            done = [f.result() for f in futures]
-    except Exception as e:  # noqa: BLE001 - no pool (sandbox, pickling): do it here instead
-        POOL_STATE.update(used=False, error=f"{type(e).__name__}: {e}")
-        for c in cks:
-            if id(c) not in finished:
-                _enrich(c, read_info)
-        return
-    POOL_STATE.update(used=True, error=None)
-    for batch, results in zip(batches, done):
-        for c, r in zip(batch, results):
-            c.__dict__.update(r.__dict__)
+            continue
+        for c, state in zip(share, results):
+            _receive(c, state)
+    POOL_STATE.update(used=used and error is None, error=error)
+
+
+def _enrich_share(share: list[RunCheckpoint]) -> list[dict[str, Any]]:
+    """In a child: each checkpoint enriched, as the attributes to send back. `TensorInfo.loc` is
+    reader-private (it holds the open archive): the tensors go as (name, dtype, shape, nbytes,
+    alias_of) tuples, cheaper to pickle and to rebuild than the objects."""
+    out = []
+    for c in share:
+        _enrich(c, True)
+        state = dict(c.__dict__)
+        state.pop("_model_cache", None)  # RunCheckpoint's cache: rebuilt in the parent if asked
+        info = c.info
+        if info is not None:
+            info = state["info"] = copy.copy(info)
+            info.tensors = [(t.name, t.dtype, t.shape, t.nbytes, t.alias_of) for t in info.tensors]  # type: ignore[misc]
+        out.append(state)
+    return out
+
+
+def _receive(c: RunCheckpoint, state: dict[str, Any]) -> None:
+    """In the parent: a checkpoint's attributes as a child sent them, its tensors rebuilt."""
+    from ckptctl.formats.pickle_reader import new_tensor_info
+
+    info = state.get("info")
+    if info is not None:
+        info.tensors = [new_tensor_info(n, d, s, b, a, None) for n, d, s, b, a in info.tensors]
+    c.__dict__.update(state)
 
 
 def _enrich_threads(cks: list[RunCheckpoint], read_info: bool) -> None:
@@ -180,17 +268,6 @@ def _enrich_threads(cks: list[RunCheckpoint], read_info: bool) -> None:
     with ThreadPoolExecutor(max_workers=max(1, min(REMOTE_WORKERS, len(cks)))) as pool:
         for _ in pool.map(lambda c: _enrich(c, read_info), cks):
             pass
-
-
-def _enrich_batch(batch: list[RunCheckpoint]) -> list[RunCheckpoint]:
-    """In a worker. `TensorInfo.loc` is reader-private (and may hold closures): it stays here."""
-    from dataclasses import replace
-
-    for c in batch:
-        _enrich(c, True)
-        if c.info is not None:
-            c.info.tensors = [replace(t, loc=None) if t.loc is not None else t for t in c.info.tensors]
-    return batch
 
 
 def sort_key(c: RunCheckpoint):

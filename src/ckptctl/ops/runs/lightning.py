@@ -28,6 +28,8 @@ def lightning_callbacks(c: RunCheckpoint, reader, info: CheckpointInfo, meta: di
         if m:
             found.setdefault(m.group("cb"), {})[m.group("field")] = v
     for t in info.tensors:
+        if not t.name.startswith("callbacks/"):  # what _CB needs first, without a regex per tensor
+            continue
         m = _CB.match(t.name)
         if m and m.group("field") == "current_score" and t.numel == 1 and t.nbytes <= 16:  # the one read
             try:
