@@ -7,7 +7,6 @@ CorruptFile naming what is wrong. Tensor bytes are read with os.pread in bounded
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Iterator
 from itertools import chain, repeat
@@ -18,35 +17,13 @@ from typing import NamedTuple
 from ckptctl import dtypes
 from ckptctl.errors import CorruptFile, NotFound
 from ckptctl.formats.base import CHUNK, Reader
+from ckptctl.formats.gcpause import paused_gc
 from ckptctl.model import CheckpointInfo, TensorInfo
 from ckptctl.sources import is_remote, open_source
 
 MAX_HEADER = 100_000_000  # the reference's limit on N
 U64_MAX = (1 << 64) - 1
 ALIASES_KEY = "ckptctl.aliases"  # __metadata__ key written by `ckptctl convert --dedupe`
-
-
-class paused_gc:
-    """The cyclic garbage collector paused while a header's objects are built, and those objects
-    then moved to its oldest generation without a look. At 10^5 tensors the TensorInfo records
-    are ~4 * 10^5 tracked objects (json.loads' are freed before the end); the collections they
-    set off walked them again and again, about a third of `inspect`'s CPU (issue 13). A pause
-    alone only postpones that: every object made meanwhile is young when the collector is back
-    on, and the first allocation walks them all (0.15-0.2 s). gc.freeze() + gc.unfreeze() moves
-    them to the oldest generation in O(1), where only a full collection looks at them (they
-    hold no cycles; reference counting frees them as before). Not done when someone else froze
-    objects (unfreeze would thaw theirs too); pauses nest (only the outermost does this)."""
-
-    def __enter__(self) -> None:
-        self._was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc) -> None:
-        if self._was:
-            if not gc.get_freeze_count():
-                gc.freeze()
-                gc.unfreeze()
-            gc.enable()
 
 
 class _Loc(NamedTuple):  # a tuple: built once per tensor (10^5 at MoE scale), a frozen dataclass cost 10x

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ckptctl.errors import CkptError, CorruptFile, NotFound
 from ckptctl.formats.base import CHUNK, Reader
-from ckptctl.formats.safetensors import paused_gc
+from ckptctl.formats.gcpause import paused_gc
 from ckptctl.model import CheckpointInfo, ObjectInfo, TensorInfo
 
 if TYPE_CHECKING:
