@@ -15,6 +15,7 @@ from ckptctl import dtypes
 from ckptctl.errors import CorruptFile
 from ckptctl.formats import pickles
 from ckptctl.formats.base import CHUNK, Reader
+from ckptctl.formats.gcpause import paused_gc
 from ckptctl.formats.strided import (
     MIN_READ,
     Blob,
@@ -247,7 +248,7 @@ def checkpoint_info(
     raw_names: bool = False,
     torchscript: dict | None = None,
 ) -> CheckpointInfo:
-    with pickles.no_gc():
+    with paused_gc():
         desc = pickles.describe(root, path, raw_names=raw_names, torchscript=torchscript)
         tensors = tensor_infos(desc, blob_of, big_endian, path)
     meta = dict(desc.metadata)

@@ -46,7 +46,6 @@ from ckptctl.formats.pickles.machine import (
     LENIENT_MAX,
     MAX_STRING,
     Machine,
-    no_gc,
 )
 from ckptctl.formats.pickles.modules import (
     MAX_MODULES,
@@ -121,7 +120,6 @@ __all__ = [
     "is_module",
     "is_optimizer",
     "nested_payload",
-    "no_gc",
     "numpy_torch_dtype",
     "opcode_global_pairs",
     "opcode_globals",

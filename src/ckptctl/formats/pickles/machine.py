@@ -9,6 +9,7 @@ import struct
 from typing import Any
 
 from ckptctl.errors import CorruptFile, UnsafeFile
+from ckptctl.formats.gcpause import paused_gc
 from ckptctl.formats.pickles.buffer import Buffered, _NeedBytes
 from ckptctl.formats.pickles.fastpath import torch_entries
 from ckptctl.formats.pickles.listing import opcode_global_pairs
@@ -21,22 +22,6 @@ LENIENT_MAX = 64 << 20  # bytes of a failed pickle that the opcode listing looks
 _U32 = struct.Struct("<I").unpack_from
 _I32 = struct.Struct("<i").unpack_from
 _U16 = struct.Struct("<H").unpack_from
-
-
-class no_gc:
-    """Pause the cyclic garbage collector while building many objects (it rescans them all)."""
-
-    def __enter__(self):
-        import gc
-
-        self._was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc):
-        import gc
-
-        if self._was:
-            gc.enable()
 
 
 class Machine(Buffered, Semantics):
@@ -107,7 +92,7 @@ class Machine(Buffered, Semantics):
     def load(self) -> Any:
         """Run until STOP; returns the object. Raises PickleError (a CorruptFile)."""
         try:
-            with no_gc():
+            with paused_gc():
                 return self._load()
         except PickleError as e:
             if not e.more_globals and self.lenient:
