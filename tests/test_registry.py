@@ -104,3 +104,32 @@ def test_a_magic_declared_in_formats_is_sniffed(tmp_path):
     g = tmp_path / "x.bin"
     g.write_bytes(b"GGUF" + b"\0" * 60)
     assert sniff(g) == "gguf"
+
+
+@pytest.mark.parametrize(
+    ("names", "kind"),
+    [
+        (["archive/data.pkl", "archive/data/0", "archive/version"], "torch-zip"),
+        (["data.pkl"], "torch-zip"),  # no top folder
+        (["m/data.pkl", "m/constants.pkl"], "torchscript"),
+        (["m/data.pkl", "m/code/__torch__.py"], "torchscript"),
+        (["m/data.pkl", "m/code/deep/code/__torch__.py"], "torchscript"),
+        (["m/data.pkl", "code/__torch__.py"], "torch-zip"),  # not `<folder>/code/...`
+        (["m/constants.pkl", "m/code/__torch__.py"], "TorchScript archive without data.pkl"),
+        (["a/b/data.pkl"], "not PyTorch's layout"),  # two folders deep: not the layout
+        (["a/xdata.pkl"], "not PyTorch's layout"),
+        (["a/data.pkl.bak"], "not a PyTorch checkpoint"),
+        (["config.json", "metadata.json", "model.weights.h5"], "keras"),
+    ],
+)
+def test_zip_kind_by_member_names(tmp_path, names, kind):
+    """What a zip is, from its member names alone (a torch.save archive: `<folder>/data.pkl`)."""
+    p = tmp_path / "x.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        for n in names:
+            z.writestr(n, b"")
+    if kind in ("torch-zip", "torchscript", "keras"):
+        assert sniff(p) == kind
+    else:
+        with pytest.raises(formats.UnknownFormat, match=kind):
+            sniff(p)

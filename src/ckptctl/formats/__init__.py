@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -213,12 +214,19 @@ def _sniff_zip_opened(path: Path | RemotePath) -> tuple[str, OpenedZip]:
 
 
 def _zip_kind(path: Path | RemotePath, names: list[str]) -> str:
-    base = {n.split("/", 1)[-1] for n in names}
-    if "constants.pkl" in base or any(n.endswith("/code/__torch__.py") for n in names):
-        if "data.pkl" not in base:
+    # 10^5 members at MoE scale: the names searched as one NUL-separated text (zipfile cuts a
+    # name at a NUL, so none holds one), not split one by one into a set (50 ms at 10^5)
+    joined = "\0".join(names) + "\0"
+
+    def at_top(base: str) -> bool:  # a member named `base` or `<folder>/base`
+        return re.search(r"(?:^|\0)(?:[^/\0]*/)?" + re.escape(base) + "\0", joined) is not None
+
+    has_data = at_top("data.pkl")
+    if at_top("constants.pkl") or "/code/__torch__.py\0" in joined:
+        if not has_data:
             raise UnknownFormat("a TorchScript archive without data.pkl: no weights to list", path)
         return "torchscript"  # torch.jit.save: weights from data.pkl; its code/ is never run
-    if "data.pkl" in base:
+    if has_data:
         return "torch-zip"
     if "config.json" in names and (
         "metadata.json" in names or any(n.endswith((".weights.h5", ".weights.npz", ".weights.json")) for n in names)
