@@ -118,7 +118,10 @@ def test_a_magic_declared_in_formats_is_sniffed(tmp_path):
         (["m/constants.pkl", "m/code/__torch__.py"], "TorchScript archive without data.pkl"),
         (["a/b/data.pkl"], "not PyTorch's layout"),  # two folders deep: not the layout
         (["a/xdata.pkl"], "not PyTorch's layout"),
+        (["a/b/data.pkl", "m/data.pkl"], "torch-zip"),  # a deep one first, then the real one
         (["a/data.pkl.bak"], "not a PyTorch checkpoint"),
+        (["data.pkl.bak"], "not a PyTorch checkpoint"),
+        (["x/y", "data.pkl.bak"], "not a PyTorch checkpoint"),
         (["config.json", "metadata.json", "model.weights.h5"], "keras"),
     ],
 )
