@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from timing import PY, RECORD_ENV, compile_tree, machine, parse_size  # noqa: E402 - beside this file, on the path above
+from timing import PY, RECORD_ENV, compile_tree, machine, parse_size, speed_probe  # noqa: E402 - beside this file, on the path above
 
 README = HERE.parent / "README.md"
 
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compile_tree(str(HERE.parent / "src"))  # measured as installed (timing.py: bytecode caches)
     started = machine()
+    probe_start = speed_probe()
     sections: dict[str, str] = {}
     failed = []
     fd, record_path = tempfile.mkstemp(prefix="ckptctl-bench-", suffix=".jsonl")
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     end_load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     stamp = (
         f"Measured {started}{' (--quick sizes)' if args.quick else ''}, {end_load} at the end, "
-        "with `python benchmarks/run_all.py`."
+        f"with `python benchmarks/run_all.py`. Speed probe (timing.speed_probe): {probe_start} at the "
+        f"start; {speed_probe()} at the end."
     )
 
     if args.write_readme:
