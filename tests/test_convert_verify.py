@@ -45,6 +45,19 @@ def _st_data_offset(path: Path, name: str) -> int:
     return 8 + n + json.loads(raw[8 : 8 + n])[name]["data_offsets"][0]
 
 
+def _flip_and_expect_mismatch(plan, staged, at: int, mask: int) -> None:
+    """Flip bits `mask` of byte `at` of tensor b.weight in the staged output: verify must name that
+    byte; then the staged file and the plan are let go."""
+    off = _st_data_offset(staged.out, "b.weight")
+    data = bytearray(staged.out.read_bytes())
+    data[off + at] ^= mask
+    staged.out.write_bytes(bytes(data))
+    with pytest.raises(CorruptFile, match=rf"tensor 'b.weight' differs from the source at byte {at}$"):
+        cv.verify_output(plan, staged.out)
+    staged.discard()
+    plan.close()
+
+
 def test_intact_output_verifies_every_byte(tmp_path, small_pieces):
     src, sd = _pt(tmp_path)
     plan = cv.plan_convert(src, tmp_path / "out.safetensors")
@@ -63,14 +76,7 @@ def test_a_flipped_byte_is_found_at_its_offset(tmp_path, small_pieces, at):
     src, _sd = _pt(tmp_path)
     plan = cv.plan_convert(src, tmp_path / "out.safetensors")
     staged = cv.write_output(plan)
-    off = _st_data_offset(staged.out, "b.weight")
-    data = bytearray(staged.out.read_bytes())
-    data[off + at] ^= 0x10
-    staged.out.write_bytes(bytes(data))
-    with pytest.raises(CorruptFile, match=rf"tensor 'b.weight' differs from the source at byte {at}$"):
-        cv.verify_output(plan, staged.out)
-    staged.discard()
-    plan.close()
+    _flip_and_expect_mismatch(plan, staged, at, 0x10)
 
 
 @pytest.mark.parametrize("parallel", [True, False])
@@ -92,14 +98,7 @@ def test_without_mmap_both_sides_are_read_and_the_byte_is_found(tmp_path, monkey
     plan = cv.plan_convert(src, tmp_path / "out.safetensors")
     staged = cv.write_output(plan)
     assert cv.verify_output(plan, staged.out) == (3, sum(t.numel() * 4 for t in sd.values()))
-    off = _st_data_offset(staged.out, "b.weight")
-    data = bytearray(staged.out.read_bytes())
-    data[off + at] ^= 0x40
-    staged.out.write_bytes(bytes(data))
-    with pytest.raises(CorruptFile, match=rf"tensor 'b.weight' differs from the source at byte {at}$"):
-        cv.verify_output(plan, staged.out)
-    staged.discard()
-    plan.close()
+    _flip_and_expect_mismatch(plan, staged, at, 0x40)
 
 
 def test_the_first_damaged_tensor_in_file_order_is_named(tmp_path, small_pieces):
@@ -305,11 +304,4 @@ def test_cast_output_damaged_in_a_later_crc_batch_names_the_byte(tmp_path, monke
     plan = cv.plan_convert(src, tmp_path / "out.safetensors", dtype="bf16")
     staged = cv.write_output(plan)
     assert len(plan.cast_crcs["b.weight"]) == 40  # 10,000 bytes of bf16 in pieces of 256
-    off = _st_data_offset(staged.out, "b.weight")
-    data = bytearray(staged.out.read_bytes())
-    data[off + at] ^= 0x01
-    staged.out.write_bytes(bytes(data))
-    with pytest.raises(CorruptFile, match=rf"tensor 'b.weight' differs from the source at byte {at}$"):
-        cv.verify_output(plan, staged.out)
-    staged.discard()
-    plan.close()
+    _flip_and_expect_mismatch(plan, staged, at, 0x01)
