@@ -109,3 +109,23 @@ def test_the_header_is_read_exactly():
     # one more byte of header than declared would break the JSON: declared length is used exactly
     body = json.dumps(h).encode()
     assert refused(struct.pack("<Q", len(body)) + body + b"}" + b"\0" * 4).startswith("file is ")
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["column-checks", "entry-by-entry"])
+def test_an_empty_tensor_listed_before_the_one_it_follows(extra):
+    """Ends in order but begins not: an empty tensor at byte 4 listed before the tensor at 0..4.
+    The file is valid and comes back in data order. An extra key in the entries (which the reader
+    allows) sends the header past the column checks to the entry-by-entry ones: both must agree
+    (readers scope survivor _exact 146: order judged by the ends alone refused this file)."""
+    h = {
+        "z": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+    }
+    if extra:
+        for e in h.values():
+            e["note"] = "x"
+    b = blob(h, 4)
+    n, entries, meta = parse_header(b, len(b), PATH)
+    assert list(entries) == ["a", "z"]
+    assert [(v[2], v[3]) for v in entries.values()] == [(0, 4), (4, 4)]
+    assert meta is None and n == len(b) - 12
