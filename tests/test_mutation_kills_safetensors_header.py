@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from ckptctl.errors import CorruptFile
-from ckptctl.formats.safetensors import parse_header
+from ckptctl.formats.safetensors import MAX_HEADER, parse_header
 
 PATH = "/data/m.safetensors"
 
@@ -129,3 +129,45 @@ def test_an_empty_tensor_listed_before_the_one_it_follows(extra):
     assert list(entries) == ["a", "z"]
     assert [(v[2], v[3]) for v in entries.values()] == [(0, 4), (4, 4)]
     assert meta is None and n == len(b) - 12
+
+
+def test_an_overflow_whose_offsets_match_its_bytes():
+    """2^62 one-byte elements in a range of 2^62 bytes (a file size given, not written): the
+    element count fits in 64 bits, the bit count does not. Refused whichever path reads it
+    (st_header survivor _bulk 178: the column checks refused only when both overflowed)."""
+    e = {"dtype": "U8", "shape": [2**62], "data_offsets": [0, 2**62]}
+    b = blob({"a": e})
+    assert refused(b, len(b) + 2**62) == "tensor 'a': shape [4611686018427387904] overflows"
+
+
+def test_the_first_refusals_word_the_numbers_and_name_the_file():
+    """Before the JSON is read (st_header survivors in _parse: messages, paths, boundaries)."""
+    assert refused(b"\x01\x00\x00", 3) == "file is 3 bytes, too short for a safetensors header (8-byte length)"
+    # exactly 8 bytes: long enough for the length; a header of 0 bytes is not JSON
+    assert refused(struct.pack("<Q", 0), 8) == "header is not valid JSON (Expecting value at line 1 column 1)"
+    too_long = struct.pack("<Q", MAX_HEADER + 1)
+    assert refused(too_long, 10**9) == "header length 100000001 exceeds the safetensors limit of 100000000 bytes"
+    at_limit = struct.pack("<Q", MAX_HEADER)  # the limit itself is allowed: then it must fit the file
+    assert refused(at_limit, 1000) == "header length 100000000 runs past the end of the 1000-byte file"
+    assert refused(struct.pack("<Q", 1000) + b"{}", 88) == "header length 1000 runs past the end of the 88-byte file"
+    assert refused(blob(None, raw=b'{"a\xff": 1}')) == "header is not valid UTF-8 (byte 3 of the header)"
+
+
+def test_a_header_only_the_entry_checks_take_reads_each_tensors_own_bytes(tmp_path):
+    """An extra key in an entry (allowed) sends the header to the entry-by-entry checks; the
+    tensors read from it must be each its own bytes, sized from its offsets (st_header survivors
+    _parse 72, 74: the byte counts of that path)."""
+    from ckptctl.formats import open_reader
+
+    data = bytes(range(12))
+    h = {
+        "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4], "note": "x"},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12], "note": "y"},
+    }
+    p = tmp_path / "extra.safetensors"
+    p.write_bytes(blob(h) + data)
+    with open_reader(p) as r:
+        info = r.info()
+        assert [(t.name, t.nbytes) for t in info.tensors] == [("a", 4), ("b", 8)]
+        assert b"".join(bytes(c) for c in r.iter_chunks("a")) == data[:4]
+        assert b"".join(bytes(c) for c in r.iter_chunks("b")) == data[4:]

@@ -127,7 +127,8 @@ def _header(rng: random.Random) -> tuple[str, int, str]:
         twice = body.replace(f'"dtype":{v}', f'"dtype":{v},"dtype":{v}', 1)
         text = text.replace(f'"{t[0]}":{body}', f'"{t[0]}":{twice}', 1)
     if "escaped_colon" in faults:  # (the duplicate too: the same key, escaped alike)
-        text = text.replace(f'"{t[0]}"', '"' + t[0].replace("esc", "e\\u003as") + '"')
+        esc = rng.choice(["\\u003a", "\\u003A"])  # JSON allows either case
+        text = text.replace(f'"{t[0]}"', '"' + t[0].replace("esc", f"e{esc}s") + '"')
     size_fault = 1 if "file_size" in faults else 0
     return text, data_len + size_fault, ",".join(sorted(faults))
 
@@ -157,7 +158,7 @@ def _bulk(text: str, data_len: int):
     if got is None:
         return None
     (names, codes, shapes, begins, ends, nbytes), meta = got
-    assert nbytes == [e - b for b, e in zip(begins, ends)]
+    assert nbytes == [e - b for b, e in zip(begins, ends)] and all(type(x) is int for x in nbytes)
     return ("ok", names, codes, shapes, begins, ends, meta)
 
 
@@ -179,6 +180,8 @@ def test_what_the_column_checks_accept_the_entry_checks_accept_alike(rnd):
     else:
         n, entries, meta = stf.parse_header(raw, size, "f")
         assert list(entries) == exact[1] and meta == exact[6]
+        assert [v[0].st for v in entries.values()] == exact[2]
+        assert [v[1] for v in entries.values()] == exact[3]
         assert [(v[2], v[3]) for v in entries.values()] == list(zip(exact[4], exact[5]))
 
 
@@ -194,4 +197,4 @@ def test_the_generator_makes_both_kinds():
         seen[_exact(text, data_len)[0]] += 1
         seen["bulk"] += _bulk(text, data_len) is not None
     assert faults == set(FAULTS)
-    assert seen["ok"] > 100 and seen["refused"] > 200 and seen["bulk"] > 100, seen
+    assert seen["ok"] > 80 and seen["refused"] > 200 and seen["bulk"] > 80, seen
