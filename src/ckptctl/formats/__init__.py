@@ -213,23 +213,11 @@ def _sniff_zip_opened(path: Path | RemotePath) -> tuple[str, OpenedZip]:
 
 
 def _zip_kind(path: Path | RemotePath, names: list[str]) -> str:
-    # 10^5 members at MoE scale: the names searched as one NUL-separated text (zipfile cuts a
-    # name at a NUL, so none holds one), not split one by one into a set (50 ms at 10^5)
-    joined = "\0".join(names) + "\0"
+    from ckptctl.formats.zipdir import at_top, joined_names, torchscript_layout
 
-    def at_top(base: str) -> bool:  # a member named `base` or `<folder>/base` (str.find: C speed)
-        if joined.startswith(base + "\0") or f"\0{base}\0" in joined:
-            return True
-        tail = f"/{base}\0"
-        i = joined.find(tail)
-        while i >= 0:
-            if "/" not in joined[joined.rfind("\0", 0, i) + 1 : i]:
-                return True
-            i = joined.find(tail, i + 1)
-        return False
-
-    has_data = at_top("data.pkl")
-    if at_top("constants.pkl") or "/code/__torch__.py\0" in joined:
+    joined = joined_names(names)
+    has_data = at_top(joined, "data.pkl")
+    if torchscript_layout(joined):
         if not has_data:
             raise UnknownFormat("a TorchScript archive without data.pkl: no weights to list", path)
         return "torchscript"  # torch.jit.save: weights from data.pkl; its code/ is never run

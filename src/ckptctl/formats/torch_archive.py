@@ -19,7 +19,7 @@ from ckptctl.formats import pickles
 from ckptctl.formats.base import Seekable
 from ckptctl.formats.pickle_reader import pickle_failure, storage_dtype
 from ckptctl.formats.strided import FileBlob
-from ckptctl.formats.zipdir import FastZipFile
+from ckptctl.formats.zipdir import FastZipFile, joined_names, torchscript_layout
 from ckptctl.sources import file_size, is_remote, open_file
 
 MAX_PICKLE_IN_MEMORY = 1 << 30  # a compressed data.pkl larger than this is refused
@@ -58,21 +58,6 @@ _LOCAL = struct.Struct("<4s5H3L2H")
 def _name_len(name: str) -> int:
     """Bytes of a member name in its header."""
     return len(name) if name.isascii() else len(name.encode("utf-8", "replace"))
-
-
-def _is_torchscript(names: list[str]) -> bool:
-    """A member `constants.pkl` at the top or one folder down, or any `.../code/__torch__.py`:
-    one pass of C over the names joined by NUL (a name never holds one: zipfile cuts it there)."""
-    joined = "\0" + "\0".join(names) + "\0"
-    if "/code/__torch__.py\0" in joined:
-        return True
-    at = joined.find("constants.pkl\0")
-    while at >= 0:
-        head = joined[joined.rfind("\0", 0, at) + 1 : at]  # the name up to constants.pkl
-        if head == "" or (head.endswith("/") and head.count("/") == 1):
-            return True
-        at = joined.find("constants.pkl\0", at + 1)
-    return False
 
 
 class TorchArchive:
@@ -139,7 +124,7 @@ class TorchArchive:
         if not names:
             self.close()
             raise CorruptFile("an empty zip archive", self.label)
-        self.torchscript = _is_torchscript(names)
+        self.torchscript = torchscript_layout(joined_names(names))
         if self.torchscript and not torchscript:
             self.close()
             raise UnknownFormat("a TorchScript archive, not a checkpoint: it holds code, not only weights", self.label)
